@@ -1,0 +1,194 @@
+"""Loading FLUX.1 / Chroma models from users' files, and latent packing helpers.
+
+The function names and parameters are sd-scripts' (``library/flux_utils.py``), because tools
+built on sd-scripts import them. Every loader reads the key names and shapes first, so a
+wrong, truncated or mismatched file is reported before any weights are read, then builds the
+model on the meta device and assigns the loaded tensors (weights are never allocated twice).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint
+from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
+from library.errors import CheckpointError
+from library.flux_ae import AutoEncoder, infer_ae_params
+from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
+from library.flux_models import Flux, infer_flux_params
+from library.safetensors_io import dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, load_safetensors, read_header
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPES = ("flux", "chroma")
+
+
+def checkpoint_files(ckpt_path: str) -> list[str]:
+    """The safetensors file(s) behind a path: a file, a sharded file's first shard, or a diffusers folder."""
+    if os.path.isdir(ckpt_path):
+        for folder in (os.path.join(ckpt_path, "transformer"), ckpt_path):
+            files = sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors")))
+            if files:
+                return files
+        raise CheckpointError(
+            f"{ckpt_path}: a folder without diffusion_pytorch_model*.safetensors (or transformer/ holding them); "
+            "give a .safetensors file or a diffusers model folder"
+        )
+    shard = re.search(r"-(\d{5})-of-(\d{5})\.safetensors$", ckpt_path)
+    if shard:
+        total = int(shard.group(2))
+        stem = ckpt_path[: shard.start()]
+        return [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    return [ckpt_path]
+
+
+def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    shapes, metadata = {}, {}
+    for file in files:
+        header, file_metadata, _ = read_header(file)
+        shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()})
+        metadata.update(file_metadata)
+    return shapes, metadata
+
+
+def _load_tensors(files: list[str], device, dtype) -> dict[str, Tensor]:
+    sd: dict[str, Tensor] = {}
+    for file in files:
+        sd.update(load_safetensors(file, device=device, dtype=None))
+    if is_comfy_scaled_fp8(sd):
+        sd = dequantize_comfy_scaled_fp8(sd, dtype or torch.float32)
+    if dtype is not None:
+        for key, tensor in sd.items():
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                sd[key] = tensor.to(dtype)
+    return sd
+
+
+def _strip(sd: dict, prefix: str = FLUX_PREFIX) -> dict:
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def assign_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """Assigns tensors to a meta-device model; missing keys stop with their names, extra keys warn once."""
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - sd.keys())
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise CheckpointError(f"{source}: missing keys: {shown}. The file is incomplete or not the model it was given as")
+    unexpected = sorted(sd.keys() - expected)
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
+        logger.warning("%s: ignoring unexpected keys: %s", source, shown)
+    model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=True)
+
+
+def load_flow_model(
+    ckpt_path: str,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    disable_mmap: bool = False,
+    model_type: str = "flux",
+) -> tuple[bool, Flux]:
+    """Loads a FLUX.1 (dev, schnell, pruned) or Chroma DiT; returns ``(is_schnell, model)``.
+
+    BFL single files (with or without the ``model.diffusion_model.`` prefix), sharded files and
+    diffusers folders or files are accepted; hyper-parameters come from the weights.
+    ``dtype=None`` keeps the file's dtype (fp8 files stay fp8).
+    """
+    del disable_mmap  # the reader never memory-maps
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
+    files = checkpoint_files(ckpt_path)
+    shapes, metadata = _read_shapes(files)
+    shapes = _strip(shapes)
+    kind = describe_checkpoint(shapes)
+    diffusers = is_diffusers_state_dict(shapes)
+    if not diffusers and "img_in.weight" not in shapes:
+        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file is {kind}")
+    chroma = is_chroma_state_dict(shapes)
+    if chroma and model_type != "chroma":
+        raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
+    if not chroma and model_type == "chroma":
+        raise CheckpointError(f"{ckpt_path} is {kind}, not Chroma: use --model_type flux (the default)")
+
+    sd = _strip(_load_tensors(files, device, dtype))
+    if diffusers:
+        sd = diffusers_to_bfl(sd)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    params = infer_chroma_params(shapes, metadata) if chroma else infer_flux_params(shapes, metadata)
+    with torch.device("meta"):
+        model = Chroma(params) if chroma else Flux(params)
+    assign_state_dict(model, sd, ckpt_path)
+    is_schnell = not chroma and not params.guidance_embed
+    logger.info(
+        "loaded %s from %s: %d double + %d single blocks, hidden %d, %d heads",
+        "Chroma" if chroma else ("FLUX.1 schnell" if is_schnell else "FLUX.1 dev"),
+        ckpt_path,
+        params.depth,
+        params.depth_single_blocks,
+        params.hidden_size,
+        params.num_heads,
+    )
+    return is_schnell, model
+
+
+def load_ae(
+    ckpt_path: str, dtype: torch.dtype | None, device: str | torch.device, disable_mmap: bool = False
+) -> AutoEncoder:
+    """Loads ``ae.safetensors`` (BFL keys), widths and depths read from the file."""
+    del disable_mmap
+    shapes, _ = _read_shapes([ckpt_path])
+    if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
+        raise CheckpointError(
+            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), but this file is {describe_checkpoint(shapes)}"
+        )
+    try:
+        params = infer_ae_params(shapes)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_path}: unsupported autoencoder layout ({e})") from None
+    sd = _load_tensors([ckpt_path], device, dtype)
+    with torch.device("meta"):
+        ae = AutoEncoder(params)
+    assign_state_dict(ae, sd, ckpt_path)
+    return ae
+
+
+def load_clip_l(ckpt_path, dtype, device, disable_mmap=False, state_dict=None):
+    """CLIP-L text encoder from a single file (see :mod:`library.text_encoders`)."""
+    from library.text_encoders import load_clip_l as _load
+
+    return _load(ckpt_path, dtype, device, disable_mmap=disable_mmap, state_dict=state_dict)
+
+
+def load_t5xxl(ckpt_path, dtype, device, disable_mmap=False, state_dict=None):
+    """T5-XXL encoder from a single file (see :mod:`library.text_encoders`)."""
+    from library.text_encoders import load_t5xxl as _load
+
+    return _load(ckpt_path, dtype, device, disable_mmap=disable_mmap, state_dict=state_dict)
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, C * 4) tokens of 2x2 patches, channel order (c, ph, pw)."""
+    return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def unpack_latents(x: Tensor, packed_latent_height: int, packed_latent_width: int) -> Tensor:
+    """The inverse of :func:`pack_latents`; sizes are in patches (latent size / 2)."""
+    return rearrange(
+        x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=packed_latent_height, w=packed_latent_width, ph=2, pw=2
+    )
+
+
+def prepare_img_ids(batch_size: int, packed_latent_height: int, packed_latent_width: int) -> Tensor:
+    """Position ids (B, h * w, 3) of the image tokens: (0, row, column)."""
+    img_ids = torch.zeros(packed_latent_height, packed_latent_width, 3)
+    img_ids[..., 1] = torch.arange(packed_latent_height)[:, None]
+    img_ids[..., 2] = torch.arange(packed_latent_width)[None, :]
+    return img_ids.reshape(1, -1, 3).repeat(batch_size, 1, 1)

@@ -1,0 +1,157 @@
+"""Reading and writing `.safetensors` files.
+
+The reader parses the header itself and reads each tensor straight into its own buffer
+with ``readinto``: no memory map is touched, so loading a checkpoint grows the process by
+the size of the tensors kept and nothing more (a memory map would count the file's pages
+on top of the copies). Writes go to a temporary name and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from library.errors import CheckpointError
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
+    """Returns ``(tensor_entries, metadata, data_start)`` of a safetensors file.
+
+    Raises CheckpointError naming the file if it is missing, truncated or not safetensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CheckpointError(f"{path}: not a .safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{path}: not a .safetensors file (bad header length). "
+                "Give a .safetensors checkpoint; .ckpt/.pt pickles are not loaded for safety."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a .safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a .safetensors file (header is not a table)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_len = 0
+    for name, entry in header.items():
+        if entry.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        data_len = max(data_len, entry["data_offsets"][1])
+    if data_start + data_len > size:
+        raise CheckpointError(
+            f"{path}: file is truncated ({size} bytes, the header needs {data_start + data_len}); "
+            "download or copy it again"
+        )
+    return header, metadata, data_start
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` table of a safetensors file (empty if none)."""
+    return read_header(path)[1]
+
+
+def read_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names of a safetensors file, without reading any tensor data."""
+    return list(read_header(path)[0])
+
+
+def load_safetensors(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    disable_mmap: bool = False,
+    dtype: torch.dtype | None = None,
+    keys: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loads tensors (all, or ``keys``) from a safetensors file.
+
+    With ``dtype`` floating-point tensors are cast one at a time, so the peak stays near
+    the size of the result. ``disable_mmap`` is accepted for sd-scripts compatibility: this
+    reader never memory-maps.
+    """
+    del disable_mmap
+    header, _, data_start = read_header(path)
+    wanted = header.keys() if keys is None else list(keys)
+    device = torch.device(device)
+    result = {}
+    with open(path, "rb", buffering=0) as f:
+        for name in wanted:
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+            if end > begin:
+                f.seek(data_start + begin)
+                buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+                if f.readinto(memoryview(buffer)) != end - begin:
+                    raise CheckpointError(f"{path}: file is truncated while reading {name!r}")
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            result[name] = tensor.to(device) if device.type != "cpu" else tensor
+    return result
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Writes tensors under a temporary name, then renames: a crash never leaves a partial file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    try:
+        save_file(contiguous, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Applies ComfyUI's per-tensor fp8 scales (``<layer>.scale_weight``) in place.
+
+    Such files carry a ``scaled_fp8`` marker tensor; ``weight * scale_weight`` is the real
+    weight. ``scale_input`` entries only matter to fp8 matmul kernels and are dropped.
+    """
+    state_dict.pop("scaled_fp8", None)
+    for key in [k for k in state_dict if k.endswith(".scale_weight")]:
+        scale = state_dict.pop(key)
+        weight_key = key[: -len("scale_weight")] + "weight"
+        if weight_key in state_dict:
+            state_dict[weight_key] = state_dict[weight_key].to(dtype) * scale.to(dtype)
+    for key in [k for k in state_dict if k.endswith(".scale_input")]:
+        del state_dict[key]
+    return state_dict
+
+
+def is_comfy_scaled_fp8(keys: Iterable[str]) -> bool:
+    return any(k == "scaled_fp8" or k.endswith(".scale_weight") for k in keys)
