@@ -1,0 +1,93 @@
+"""DiT forward+backward with a frozen base (gradient to the input only, as in LoRA training):
+this project's model vs diffusers' FluxTransformer2DModel on identical weights, in one run.
+
+    python bench/bench_dit.py [--threads 2] [--repeats 5]
+
+Default shape: hidden 768, 6 heads, 2 double + 4 single blocks, 1024 image + 256 text tokens,
+fp32 on CPU. Prints both median times and ours/diffusers (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from library.flux_key_mapping import bfl_to_diffusers  # noqa: E402
+from library.flux_utils import prepare_img_ids  # noqa: E402
+from library.tiny_models import random_model, tiny_flux_params  # noqa: E402
+
+
+def timed(step, repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--img-tokens", type=int, default=1024, help="a square number (32x32 patches = 512 px)")
+    parser.add_argument("--txt-tokens", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from diffusers import FluxTransformer2DModel
+
+    p = tiny_flux_params(
+        hidden_size=768, num_heads=6, axes_dim=[16, 56, 56], depth=2, depth_single=4,
+        context_in_dim=4096, vec_in_dim=768,
+    )
+    ours = random_model(p, seed=0).requires_grad_(False)
+    theirs = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+        num_attention_heads=6, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ).eval().requires_grad_(False)
+    theirs.load_state_dict(bfl_to_diffusers(ours.state_dict()), strict=True)
+
+    side = int(args.img_tokens**0.5)
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(1, side * side, 64, generator=g)
+    txt = torch.randn(1, args.txt_tokens, 4096, generator=g)
+    y = torch.randn(1, 768, generator=g)
+    img_ids, txt_ids = prepare_img_ids(1, side, side), torch.zeros(1, args.txt_tokens, 3)
+    t, guidance = torch.tensor([0.5]), torch.tensor([3.5])
+
+    def step_ours():
+        x = img.clone().requires_grad_(True)
+        ours(img=x, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=guidance).sum().backward()
+
+    def step_theirs():
+        x = img.clone().requires_grad_(True)
+        out = theirs(
+            hidden_states=x, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+            img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False,
+        )[0]
+        out.sum().backward()
+
+    # interleave so that drift in machine load hits both alike
+    ours_times, theirs_times = [], []
+    for _ in range(2):
+        ours_times.append(timed(step_ours, args.repeats))
+        theirs_times.append(timed(step_theirs, args.repeats))
+    ours_s, theirs_s = min(ours_times), min(theirs_times)
+    print(f"shape: hidden 768, 6 heads, 2 double + 4 single, {side * side} img + {args.txt_tokens} txt tokens, "
+          f"fp32, {args.threads} threads")
+    print(f"ours      {ours_s * 1000:8.1f} ms / forward+backward")
+    print(f"diffusers {theirs_s * 1000:8.1f} ms / forward+backward")
+    print(f"ratio ours/diffusers {ours_s / theirs_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

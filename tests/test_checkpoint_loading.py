@@ -1,0 +1,212 @@
+"""Loading DiT and AE files in every layout users have, and the errors for files that cannot be used."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from library.errors import CheckpointError
+from library.flux_key_mapping import bfl_to_diffusers
+from library.flux_utils import load_ae, load_flow_model, pack_latents, prepare_img_ids, unpack_latents
+from library.safetensors_io import load_safetensors, save_safetensors
+from library.tiny_models import random_model, tiny_ae_params, tiny_chroma_params, tiny_flux_params, write_model
+
+
+@pytest.fixture
+def dev_model():
+    return random_model(tiny_flux_params(True), seed=11)
+
+
+def assert_same_weights(loaded, source):
+    sd = source.state_dict()
+    assert loaded.state_dict().keys() == sd.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+
+
+def test_bfl_file_loads_with_inferred_config(tmp_path, dev_model):
+    path = write_model(dev_model, str(tmp_path / "dev.safetensors"))
+    is_schnell, model = load_flow_model(path, torch.float32, "cpu")
+    assert not is_schnell
+    assert model.params == dev_model.params
+    assert_same_weights(model, dev_model)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_schnell_is_detected_from_missing_guidance_embedder(tmp_path):
+    source = random_model(tiny_flux_params(False), seed=12)
+    is_schnell, model = load_flow_model(write_model(source, str(tmp_path / "s.safetensors")), None, "cpu")
+    assert is_schnell and model.guidance_in is None
+
+
+def test_comfyui_prefix_is_stripped(tmp_path, dev_model):
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in dev_model.state_dict().items()}
+    save_safetensors(prefixed, tmp_path / "comfy.safetensors")
+    _, model = load_flow_model(str(tmp_path / "comfy.safetensors"), None, "cpu")
+    assert_same_weights(model, dev_model)
+
+
+def test_diffusers_file_folder_and_shards_load(tmp_path, dev_model):
+    diffusers_sd = bfl_to_diffusers(dev_model.state_dict())
+    save_safetensors(diffusers_sd, tmp_path / "flux_diffusers.safetensors")
+    _, from_file = load_flow_model(str(tmp_path / "flux_diffusers.safetensors"), None, "cpu")
+    assert_same_weights(from_file, dev_model)
+
+    folder = tmp_path / "FLUX.1-dev" / "transformer"
+    folder.mkdir(parents=True)
+    keys = sorted(diffusers_sd)
+    half = len(keys) // 2
+    for i, part in enumerate((keys[:half], keys[half:]), start=1):
+        save_safetensors({k: diffusers_sd[k] for k in part}, folder / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors")
+    _, from_folder = load_flow_model(str(tmp_path / "FLUX.1-dev"), None, "cpu")
+    assert_same_weights(from_folder, dev_model)
+    _, from_shard = load_flow_model(str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"), None, "cpu")
+    assert_same_weights(from_shard, dev_model)
+
+
+def test_chroma_file_loads(tmp_path):
+    source = random_model(tiny_chroma_params(), seed=13)
+    path = write_model(source, str(tmp_path / "chroma.safetensors"))
+    is_schnell, model = load_flow_model(path, None, "cpu", model_type="chroma")
+    assert not is_schnell
+    assert model.params == source.params
+    assert_same_weights(model, source)
+
+
+def test_fp8_file_is_cast_to_the_requested_dtype(tmp_path, dev_model):
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in dev_model.state_dict().items()}
+    save_safetensors(fp8, tmp_path / "fp8.safetensors")
+    _, model = load_flow_model(str(tmp_path / "fp8.safetensors"), torch.float32, "cpu")
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, fp8[key].to(torch.float32)), key
+    _, kept = load_flow_model(str(tmp_path / "fp8.safetensors"), None, "cpu")
+    assert kept.img_in.weight.dtype == torch.float8_e4m3fn
+
+
+def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model):
+    sd = {}
+    scales = {}
+    for key, value in dev_model.state_dict().items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max() / 448.0
+            sd[key] = (value / scale).to(torch.float8_e4m3fn)
+            sd[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+            sd[key[: -len("weight")] + "scale_input"] = torch.tensor(1.0)
+            scales[key] = scale
+        else:
+            sd[key] = value
+    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_safetensors(sd, tmp_path / "scaled.safetensors")
+    _, model = load_flow_model(str(tmp_path / "scaled.safetensors"), torch.float32, "cpu")
+    weight = model.double_blocks[0].img_attn.qkv.weight
+    original = dev_model.double_blocks[0].img_attn.qkv.weight
+    expected = sd["double_blocks.0.img_attn.qkv.weight"].to(torch.float32) * scales["double_blocks.0.img_attn.qkv.weight"]
+    assert torch.equal(weight, expected)
+    # ignoring the scale would leave weights hundreds of times too large
+    assert (weight - original).abs().max() < 0.1 * original.abs().max()
+
+
+def test_chroma_file_as_flux_says_which_model_type_to_use(tmp_path):
+    path = write_model(random_model(tiny_chroma_params()), str(tmp_path / "chroma.safetensors"))
+    with pytest.raises(CheckpointError, match=r"chroma\.safetensors is a Chroma model: add --model_type chroma"):
+        load_flow_model(path, None, "cpu", model_type="flux")
+
+
+def test_flux_file_as_chroma_says_which_model_type_to_use(tmp_path, dev_model):
+    path = write_model(dev_model, str(tmp_path / "dev.safetensors"))
+    with pytest.raises(CheckpointError, match=r"dev\.safetensors is a FLUX\.1 DiT, not Chroma: use --model_type flux"):
+        load_flow_model(path, None, "cpu", model_type="chroma")
+
+
+def test_truncated_file_is_named(tmp_path, dev_model):
+    path = write_model(dev_model, str(tmp_path / "dev.safetensors"))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CheckpointError, match=r"dev\.safetensors: file is truncated"):
+        load_flow_model(path, None, "cpu")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 a zip pickle" * 10, b"\xff" * 64], ids=["empty", "pickle", "junk"])
+def test_non_safetensors_file_is_named(tmp_path, content):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt: not a \.safetensors file"):
+        load_flow_model(str(path), None, "cpu")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nowhere\.safetensors: file not found"):
+        load_flow_model(str(tmp_path / "nowhere.safetensors"), None, "cpu")
+
+
+def test_missing_keys_are_listed(tmp_path, dev_model):
+    sd = dev_model.state_dict()
+    del sd["double_blocks.1.txt_mlp.2.bias"], sd["single_blocks.0.norm.key_norm.scale"]
+    save_safetensors(sd, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_flow_model(str(tmp_path / "partial.safetensors"), None, "cpu")
+    message = str(error.value)
+    assert "partial.safetensors: missing keys" in message
+    assert "double_blocks.1.txt_mlp.2.bias" in message and "single_blocks.0.norm.key_norm.scale" in message
+
+
+def test_unexpected_keys_are_warned_once(tmp_path, dev_model, caplog):
+    sd = dict(dev_model.state_dict(), **{"extra.one": torch.zeros(1), "extra.two": torch.zeros(1)})
+    save_safetensors(sd, tmp_path / "extra.safetensors")
+    with caplog.at_level(logging.WARNING):
+        _, model = load_flow_model(str(tmp_path / "extra.safetensors"), None, "cpu")
+    warnings = [r for r in caplog.records if "unexpected keys" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "extra.one" in warnings[0].getMessage() and "extra.two" in warnings[0].getMessage()
+    assert_same_weights(model, dev_model)
+
+
+def test_ae_loads_with_inferred_widths(tmp_path):
+    source = random_model(tiny_ae_params(), seed=14)
+    ae = load_ae(write_model(source, str(tmp_path / "ae.safetensors")), torch.float32, "cpu")
+    assert ae.params == source.params
+    assert_same_weights(ae, source)
+
+
+def test_text_encoder_file_given_as_ae_says_what_it_is(tmp_path):
+    t5_like = {"shared.weight": torch.zeros(8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}
+    save_safetensors(t5_like, tmp_path / "t5xxl_fp16.safetensors")
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16\.safetensors: expected the FLUX autoencoder.*T5-XXL"):
+        load_ae(str(tmp_path / "t5xxl_fp16.safetensors"), None, "cpu")
+
+
+def test_ae_file_given_as_dit_says_what_it_is(tmp_path):
+    path = write_model(random_model(tiny_ae_params()), str(tmp_path / "ae.safetensors"))
+    with pytest.raises(CheckpointError, match=r"expected a FLUX\.1 or Chroma DiT, but this file is a FLUX autoencoder"):
+        load_flow_model(path, None, "cpu")
+
+
+def test_pack_latents_uses_channel_then_patch_row_then_column_order():
+    latents = torch.arange(2 * 16 * 4 * 6, dtype=torch.float32).reshape(2, 16, 4, 6)
+    packed = pack_latents(latents)
+    assert packed.shape == (2, 2 * 3, 64)
+    token = 1 * 3 + 2  # patch row 1, patch column 2
+    expected = torch.stack(
+        [latents[1, c, 2 + ph, 4 + pw] for c in range(16) for ph in range(2) for pw in range(2)]
+    )
+    assert torch.equal(packed[1, token], expected)
+    assert torch.equal(unpack_latents(packed, 2, 3), latents)
+
+
+def test_img_ids_hold_row_and_column():
+    ids = prepare_img_ids(2, 3, 4)
+    assert ids.shape == (2, 12, 3)
+    assert torch.equal(ids[1, 7], torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.all(ids[..., 0] == 0)
+
+
+def test_loader_casts_tensors_one_at_a_time(tmp_path, dev_model):
+    path = tmp_path / "dev.safetensors"
+    write_model(dev_model, str(path))
+    half = load_safetensors(path, dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in half.values())
+    only = load_safetensors(path, keys=["img_in.weight"])
+    assert list(only) == ["img_in.weight"] and torch.equal(only["img_in.weight"], dev_model.img_in.weight)
