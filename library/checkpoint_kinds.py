@@ -3,7 +3,7 @@ is when it was given as something else (a T5 file passed as ``--ae``, Chroma as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 FLUX_PREFIX = "model.diffusion_model."
 
@@ -12,24 +12,25 @@ def strip_prefix(keys: Iterable[str], prefix: str = FLUX_PREFIX) -> list[str]:
     return [k[len(prefix) :] if k.startswith(prefix) else k for k in keys]
 
 
-def describe_checkpoint(keys: Iterable[str]) -> str:
-    """A short phrase naming the kind of model a state dict holds, e.g. "a T5-XXL text encoder"."""
-    keys = strip_prefix(keys)
-    has = lambda *prefixes: any(k.startswith(prefixes) for k in keys)  # noqa: E731
-    if has("lora_unet_", "lora_te", "transformer.single_transformer_blocks", "diffusion_model.") and any(
-        "lora" in k for k in keys
-    ):
-        return "a LoRA"
+def describe_checkpoint(keys: Sequence[str]) -> str:
+    """What a checkpoint looks like, from its key names, for error messages."""
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if has("lora_down") or has("lora_up") or has(".lora_A.") or has(".lora_B."):
+        return "a LoRA file, not a base model"
+    if has("embeddings.token_embedding.weight") or has("self_attn.q_proj.weight"):
+        return "a CLIP text encoder (give it as --clip_l)"
+    if has("SelfAttention.q.weight") or has("encoder.block.0."):
+        return "a T5 text encoder (give it as --t5xxl)"
+    if has("vision_model."):
+        return "a CLIP vision model, not a text encoder"
     if has("distilled_guidance_layer."):
-        return "a Chroma DiT"
-    if has("double_blocks.", "single_blocks."):
-        return "a FLUX.1 DiT"
-    if has("transformer_blocks.", "single_transformer_blocks."):
-        return "a diffusers-format FLUX/Chroma transformer"
-    if has("encoder.conv_in.", "decoder.conv_in."):
-        return "a FLUX autoencoder (ae.safetensors)"
-    if has("encoder.block.", "shared.weight"):
-        return "a T5-XXL text encoder"
-    if has("text_model.", "embeddings.token_embedding.", "encoder.layers."):
-        return "a CLIP-L text encoder"
-    return "not a recognised FLUX, Chroma, AE, CLIP-L or T5 checkpoint"
+        return "a Chroma DiT (the main model: --pretrained_model_name_or_path with --model_type chroma)"
+    if has("double_blocks.") or has("single_transformer_blocks."):
+        return "a FLUX DiT (the main model: --pretrained_model_name_or_path)"
+    if has("decoder.conv_in.") or has("decoder.up."):
+        return "an autoencoder (give it as --ae)"
+    shown = ", ".join(list(keys)[:3]) or "no tensors at all"
+    return f"no known model (first keys: {shown})"

@@ -111,12 +111,12 @@ def load_flow_model(
     kind = describe_checkpoint(shapes)
     diffusers = is_diffusers_state_dict(shapes)
     if not diffusers and "img_in.weight" not in shapes:
-        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file is {kind}")
+        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}")
     chroma = is_chroma_state_dict(shapes)
     if chroma and model_type != "chroma":
         raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
     if not chroma and model_type == "chroma":
-        raise CheckpointError(f"{ckpt_path} is {kind}, not Chroma: use --model_type flux (the default)")
+        raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
 
     sd = _strip(_load_tensors(files, device, dtype))
     if diffusers:
@@ -147,7 +147,7 @@ def load_ae(
     shapes, _ = _read_shapes([ckpt_path])
     if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
         raise CheckpointError(
-            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), but this file is {describe_checkpoint(shapes)}"
+            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), but this file looks like {describe_checkpoint(shapes)}"
         )
     try:
         params = infer_ae_params(shapes)

@@ -116,7 +116,7 @@ def test_chroma_file_as_flux_says_which_model_type_to_use(tmp_path):
 
 def test_flux_file_as_chroma_says_which_model_type_to_use(tmp_path, dev_model):
     path = write_model(dev_model, str(tmp_path / "dev.safetensors"))
-    with pytest.raises(CheckpointError, match=r"dev\.safetensors is a FLUX\.1 DiT, not Chroma: use --model_type flux"):
+    with pytest.raises(CheckpointError, match=r"dev\.safetensors is a FLUX\.1 model, not Chroma: use --model_type flux"):
         load_flow_model(path, None, "cpu", model_type="chroma")
 
 
@@ -174,13 +174,13 @@ def test_ae_loads_with_inferred_widths(tmp_path):
 def test_text_encoder_file_given_as_ae_says_what_it_is(tmp_path):
     t5_like = {"shared.weight": torch.zeros(8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}
     save_safetensors(t5_like, tmp_path / "t5xxl_fp16.safetensors")
-    with pytest.raises(CheckpointError, match=r"t5xxl_fp16\.safetensors: expected the FLUX autoencoder.*T5-XXL"):
+    with pytest.raises(CheckpointError, match=r"t5xxl_fp16\.safetensors: expected the FLUX autoencoder.*a T5 text encoder \(give it as --t5xxl\)"):
         load_ae(str(tmp_path / "t5xxl_fp16.safetensors"), None, "cpu")
 
 
 def test_ae_file_given_as_dit_says_what_it_is(tmp_path):
     path = write_model(random_model(tiny_ae_params()), str(tmp_path / "ae.safetensors"))
-    with pytest.raises(CheckpointError, match=r"expected a FLUX\.1 or Chroma DiT, but this file is a FLUX autoencoder"):
+    with pytest.raises(CheckpointError, match=r"expected a FLUX\.1 or Chroma DiT, but this file looks like an autoencoder \(give it as --ae\)"):
         load_flow_model(path, None, "cpu")
 
 
