@@ -1,0 +1,42 @@
+"""FLUX / Chroma command-line group, importable by GUIs without loading torch.
+
+``add_flux_train_arguments(parser)`` keeps sd-scripts' name, signature, dests, types and
+defaults (spec §b.1). The training math these options drive is in ``library.flow_matching``;
+the DiT options (text-encoder caching, ``--weighting_scheme``, ``--blocks_to_swap``) are added
+by ``library.train_args.add_flux_script_arguments``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from library.train_args import argument_adder
+
+
+def add_flux_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the FLUX / Chroma options: model files, T5 length and mask, guidance, timestep
+    sampling, prediction type, flow shift and model type."""
+    add = argument_adder(parser, "FLUX / Chroma")
+    add("--clip_l", type=str, help="CLIP-L text encoder .safetensors (needed for flux, ignored for chroma)")
+    add("--t5xxl", type=str, help="T5-XXL text encoder .safetensors (fp16, or fp8_e4m3fn)")
+    add("--ae", type=str, help="FLUX autoencoder .safetensors (ae.safetensors; the same for Chroma)")
+    add("--controlnet_model_name_or_path", type=str, default=None,
+        help="ControlNet checkpoint (not used by LoRA training)")
+    add("--t5xxl_max_token_length", type=int, default=None,
+        help="T5-XXL token length (default: 256 for schnell, 512 for dev and Chroma)")
+    add("--apply_t5_attn_mask", action="store_true",
+        help="mask T5 padding in T5 and in the DiT attention (required for Chroma)")
+    add("--guidance_scale", type=float, default=3.5,
+        help="embedded guidance value during training (default 3.5; the guide uses 1.0 for dev, 0.0 for Chroma)")
+    add("--timestep_sampling", choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"], default="sigma",
+        help="noise-level sampling: sigma (default; SD3 density over the shifted schedule), uniform, "
+        "sigmoid (of a normal), shift (sigmoid shifted by --discrete_flow_shift), flux_shift (shift by resolution)")
+    add("--sigmoid_scale", type=float, default=1.0,
+        help="scale of the normal sample before the sigmoid for sigmoid, shift and flux_shift (default 1.0)")
+    add("--model_prediction_type", choices=["raw", "additive", "sigma_scaled"], default="sigma_scaled",
+        help="loss space: raw (velocity; recommended), additive (noise estimate), sigma_scaled (clean-image "
+        "estimate, default); all train the model to predict the flow velocity")
+    add("--discrete_flow_shift", type=float, default=3.0,
+        help="flow shift S for --timestep_sampling shift and for the default sigma sampling (default 3.0)")
+    add("--model_type", type=str, choices=["flux", "chroma"], default="flux",
+        help="architecture: flux (FLUX.1 dev/schnell, default) or chroma")  # fmt: skip
