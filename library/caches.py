@@ -1,0 +1,484 @@
+"""Latent and text-encoder caches, in RAM or in sd-scripts' npz files beside the images.
+
+Public API:
+    LatentCacher(encoder, ae_fingerprint, to_disk, batch_size=1, skip_cache_check=False,
+                 process_index=0, num_processes=1).cache(groups) -> CacheStats
+        encoder.encode(x: (B, 3, H, W) in [-1, 1]) -> (B, 16, H/8, W/8) scaled latents; its device
+        and dtype are read from .device/.dtype or its parameters.
+    TextEncoderCacher(encode_captions, fingerprint, apply_t5_attn_mask, to_disk, batch_size=None,
+                      skip_cache_check=False, process_index=0, num_processes=1).cache(groups)
+        encode_captions(list[str]) -> list[{l_pooled, t5_out, txt_ids, t5_attn_mask}] (numpy).
+    check_disk_caches_complete(groups, latents=True, te=False)
+        after a barrier in multi-process runs: every entry's file is there.
+    load_latents(entry), load_te_outputs(npz_path), file_fingerprint(path), owned_paths(...)
+
+Files and keys are sd-scripts' (spec §f.4). Beyond sd-scripts, each file carries a JSON record
+(`cache_record_<h>x<w>` in latent files, `cache_record` in text-encoder files) of what it was
+made from: the image's size, mtime and SHA-256, the AE fingerprint, resize settings; the caption
+text and the text-encoder settings. An entry is re-cached when any of these changed. Latent files
+without a record (sd-scripts') get sd-scripts' key checks; text-encoder files without one are
+re-encoded once (sd-scripts encoded raw captions, with another CLIP activation).
+`--skip_cache_check` trusts any existing file that has the needed arrays.
+
+Disk caching is sharded by image file (all resolutions of one image go to one process, so no two
+processes write one file); every process caches in RAM everything it needs. Files are written
+to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from library.buckets import crop_ltrb
+from library.captions import caption_for_cache
+from library.datasets import DatasetGroup, ImageEntry
+from library.errors import UserError
+from library.images import prepare_image
+
+logger = logging.getLogger(__name__)
+
+LATENT_SUFFIX = "_flux.npz"
+TE_SUFFIX = "_flux_te.npz"
+TE_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")
+RECORD_VERSION = 1
+
+
+@dataclass
+class CacheStats:
+    encoded: int = 0
+    reused: int = 0
+    other_processes: int = 0
+    legacy_reencoded: int = 0
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def latent_npz_path(image_path: str, size: tuple[int, int]) -> str:
+    """`<stem>_<W:04d>x<H:04d>_flux.npz` with the original image size."""
+    return os.path.splitext(image_path)[0] + f"_{size[0]:04d}x{size[1]:04d}" + LATENT_SUFFIX
+
+
+def te_npz_path(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + TE_SUFFIX
+
+
+def reso_suffix(bucket: tuple[int, int]) -> str:
+    """`_<h>x<w>` of the latent (bucket / 8)."""
+    return f"_{bucket[1] // 8}x{bucket[0] // 8}"
+
+
+def file_fingerprint(path: str) -> str:
+    """A cheap identity of a model file (name, size, mtime) for cache records."""
+    st = os.stat(path)
+    return f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def _same_image(path: str, recorded: dict) -> bool:
+    st = os.stat(path)
+    if st.st_size != recorded.get("size"):
+        return False
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return True
+    return _sha256(path) == recorded.get("sha256")  # touched or copied, maybe not changed
+
+
+def _npz_keys(path: str) -> set[str]:
+    """Array names in an npz without reading the arrays."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile):
+        return set()
+
+
+def _read_record(npz, key: str) -> dict | None:
+    if key not in npz.files:
+        return None
+    try:
+        return json.loads(str(npz[key]))
+    except (ValueError, TypeError):
+        return None
+
+
+def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary name in the same folder, then os.replace."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"{path}: cannot write this cache file ({e}); make the folder writable and free "
+                "some space, or cache in RAM only (drop the *_to_disk option)."
+            ) from None
+        raise
+
+
+def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) -> set[str]:
+    """The image files this process caches: sorted unique paths dealt round-robin."""
+    unique = sorted(set(paths))
+    return {p for i, p in enumerate(unique) if i % num_processes == process_index}
+
+
+def _device_dtype(encoder) -> tuple[torch.device, torch.dtype]:
+    device, dtype = getattr(encoder, "device", None), getattr(encoder, "dtype", None)
+    if device is None or dtype is None:
+        p = next(encoder.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+    return torch.device(device), dtype
+
+
+def _all_entries(groups) -> list[ImageEntry]:
+    return [e for g in groups if g is not None for e in (g.entries() if isinstance(g, DatasetGroup) else g)]
+
+
+# --- latents ------------------------------------------------------------------------------------
+def load_latents(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(latents, flipped latents or None, alpha mask or None) of an entry's disk cache."""
+    sfx = reso_suffix(entry.bucket)
+    with np.load(entry.latents_npz) as npz:
+        if "latents" + sfx not in npz.files:
+            raise UserError(f"{entry.latents_npz}: has no latents{sfx}; delete the file to re-cache it.")
+        lat = torch.from_numpy(npz["latents" + sfx])
+        flipped = torch.from_numpy(npz["latents_flipped" + sfx]) if "latents_flipped" + sfx in npz.files else None
+        mask = torch.from_numpy(npz["alpha_mask" + sfx]) if "alpha_mask" + sfx in npz.files else None
+    return lat, flipped, mask
+
+
+class LatentCacher:
+    """Encodes every entry's image once (see the module docstring)."""
+
+    def __init__(
+        self,
+        encoder,
+        ae_fingerprint: str,
+        to_disk: bool,
+        batch_size: int = 1,
+        skip_cache_check: bool = False,
+        process_index: int = 0,
+        num_processes: int = 1,
+        num_workers: int | None = None,
+    ):
+        self.encoder = encoder
+        self.ae_fingerprint = ae_fingerprint
+        self.to_disk = to_disk
+        self.batch_size = max(1, batch_size)
+        self.skip_cache_check = skip_cache_check
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.num_workers = num_workers or min(4, os.cpu_count() or 1)
+
+    def _record(self, e: ImageEntry, identity: dict) -> dict:
+        s = e.subset
+        return {
+            "version": RECORD_VERSION,
+            "image": identity,
+            "ae": self.ae_fingerprint,
+            "interpolation": s.interpolation,
+            "resized": list(e.resized),
+            "bucket": list(e.bucket),
+            "flip_aug": s.flip_aug,
+            "alpha_mask": s.alpha_mask,
+        }
+
+    def is_valid(self, e: ImageEntry) -> bool:
+        """Whether e's disk cache can be used as it is."""
+        path, sfx = e.latents_npz, reso_suffix(e.bucket)
+        if not os.path.exists(path):
+            return False
+        keys = _npz_keys(path)
+        needed = (
+            {"latents" + sfx}
+            | ({"latents_flipped" + sfx} if e.subset.flip_aug else set())
+            | ({"alpha_mask" + sfx} if e.subset.alpha_mask else set())
+        )
+        if not needed <= keys:
+            return False
+        if self.skip_cache_check or "cache_record" + sfx not in keys:
+            return True  # sd-scripts' checks only: its files have no record
+        with np.load(path) as npz:
+            rec = _read_record(npz, "cache_record" + sfx)
+        if rec is None:
+            return False
+        want = self._record(e, {})
+        # flip/alpha arrays were checked above; extra ones from an earlier setting do no harm
+        if any(rec.get(k) != want[k] for k in want if k not in ("image", "flip_aug", "alpha_mask")):
+            return False
+        return _same_image(e.path, rec.get("image", {}))
+
+    def cache(self, groups: Iterable) -> CacheStats:
+        """Fills entries' `latents*` (RAM) or `latents_npz` (disk). Call on every process."""
+        entries = _all_entries(groups)
+        stats = CacheStats()
+        if self.to_disk:
+            for e in entries:
+                e.latents_npz = latent_npz_path(e.path, e.size)
+            mine = owned_paths((e.path for e in entries), self.process_index, self.num_processes)
+            todo = []
+            for e in tqdm(entries, desc="checking latent caches", unit="img", disable=len(entries) < 200):
+                if e.path not in mine:
+                    stats.other_processes += 1
+                elif self.is_valid(e):
+                    stats.reused += 1
+                else:
+                    todo.append(e)
+        else:
+            todo = list(entries)
+        # one encode per distinct (image, bucket, settings): the same image can sit in several subsets
+        same: dict[tuple, list[ImageEntry]] = {}
+        for e in todo:
+            same.setdefault(self._identity(e), []).append(e)
+        todo = [group[0] for group in same.values()]
+        # sorted so that a batch holds one bucket and one set of flags, as sd-scripts batches
+        todo.sort(key=lambda e: (e.bucket[0] * e.bucket[1], e.bucket, e.subset.flip_aug, e.subset.alpha_mask, e.path))
+        batches, batch = [], []
+        for e in todo:
+            if batch and self._condition(batch[0]) != self._condition(e) or len(batch) >= self.batch_size:
+                batches.append(batch)
+                batch = []
+            batch.append(e)
+        if batch:
+            batches.append(batch)
+        with (
+            tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo) as bar,
+            ThreadPoolExecutor(self.num_workers) as pool,
+        ):
+            for b in batches:
+                self._encode_batch(b, pool)
+                for e in b:
+                    for twin in same[self._identity(e)][1:]:
+                        twin.latents, twin.latents_flipped, twin.alpha_mask = e.latents, e.latents_flipped, e.alpha_mask
+                stats.encoded += len(b)
+                bar.update(len(b))
+        logger.info(
+            "latents: %d encoded, %d reused from disk, %d cached by other processes",
+            stats.encoded,
+            stats.reused,
+            stats.other_processes,
+        )
+        return stats
+
+    @staticmethod
+    def _identity(e: ImageEntry) -> tuple:
+        s = e.subset
+        return e.path, e.bucket, e.resized, s.interpolation, s.flip_aug, s.alpha_mask
+
+    @staticmethod
+    def _condition(e: ImageEntry):
+        return e.bucket, e.subset.flip_aug, e.subset.alpha_mask
+
+    def _encode_batch(self, batch: list[ImageEntry], pool: ThreadPoolExecutor) -> None:
+        loaded = list(
+            pool.map(
+                lambda e: prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation, None, e.subset.alpha_mask),
+                batch,
+            )
+        )
+        identities = list(pool.map(lambda e: image_identity(e.path), batch)) if self.to_disk else [None] * len(batch)
+        x = torch.stack([torch.from_numpy(rgb).permute(2, 0, 1) for rgb, *_ in loaded]).float() / 127.5 - 1.0
+        device, dtype = _device_dtype(self.encoder)
+        x = x.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            lat = self.encoder.encode(x).float().cpu()
+            flipped = self.encoder.encode(torch.flip(x, dims=[3])).float().cpu() if batch[0].subset.flip_aug else None
+        for i, e in enumerate(batch):
+            if torch.isnan(lat[i]).any() or (flipped is not None and torch.isnan(flipped[i]).any()):
+                raise RuntimeError(f"NaN in the latents of {e.path}; check the AE weights and --mixed_precision.")
+            mask = loaded[i][1]
+            if not self.to_disk:
+                e.latents = lat[i].clone()
+                e.latents_flipped = flipped[i].clone() if flipped is not None else None
+                e.alpha_mask = torch.from_numpy(mask) if mask is not None else None
+                continue
+            self._write(e, lat[i], flipped[i] if flipped is not None else None, mask, loaded[i][2], identities[i])
+
+    def _write(self, e, lat, flipped, mask, original, identity) -> None:
+        sfx = reso_suffix(e.bucket)
+        arrays = {}
+        if os.path.exists(e.latents_npz):
+            try:
+                with np.load(e.latents_npz) as old:
+                    arrays = {k: old[k] for k in old.files}
+            except (OSError, ValueError, zipfile.BadZipFile):
+                logger.warning("%s: unreadable, replacing it", e.latents_npz)
+            for k in ("latents_flipped", "alpha_mask", "cache_record"):
+                arrays.pop(k + sfx, None)  # stale companions of the array being replaced
+        arrays["latents" + sfx] = lat.numpy()
+        arrays["original_size" + sfx] = np.array(original)
+        arrays["crop_ltrb" + sfx] = np.array(crop_ltrb(e.bucket, original))
+        if flipped is not None:
+            arrays["latents_flipped" + sfx] = flipped.numpy()
+        if mask is not None:
+            arrays["alpha_mask" + sfx] = mask.astype(np.float32)
+        arrays["cache_record" + sfx] = np.array(json.dumps(self._record(e, identity), sort_keys=True))
+        write_npz_atomic(e.latents_npz, arrays)
+
+
+# --- text-encoder outputs -----------------------------------------------------------------------
+def load_te_outputs(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in TE_KEYS}
+
+
+def _te_arrays(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for k in TE_KEYS:
+        if k not in out:
+            raise ValueError(f"encode_captions returned no {k!r}")
+        a = np.asarray(out[k])
+        if k == "t5_attn_mask":
+            a = a.astype(np.int64)
+        elif a.dtype != np.float16:
+            a = a.astype(np.float32)  # bf16 arrives as float32 already; anything else becomes float32
+        arrays[k] = a
+    return arrays
+
+
+class TextEncoderCacher:
+    """Encodes every entry's (deterministically processed) caption once."""
+
+    def __init__(
+        self,
+        encode_captions: Callable[[list[str]], list[dict]],
+        fingerprint: dict,
+        apply_t5_attn_mask: bool,
+        to_disk: bool,
+        batch_size: int | None = None,
+        skip_cache_check: bool = False,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        self.encode_captions = encode_captions
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        self.apply_t5_attn_mask = bool(apply_t5_attn_mask)
+        self.to_disk = to_disk
+        self.batch_size = batch_size
+        self.skip_cache_check = skip_cache_check
+        self.process_index = process_index
+        self.num_processes = num_processes
+
+    def _record(self, caption: str) -> dict:
+        return {"version": RECORD_VERSION, "caption": caption, "fingerprint": self.fingerprint}
+
+    def check(self, path: str, caption: str) -> str:
+        """'valid', 'missing', 'stale' or 'legacy' (an sd-scripts file without a record)."""
+        if not os.path.exists(path):
+            return "missing"
+        keys = _npz_keys(path)
+        if not set(TE_KEYS) | {"apply_t5_attn_mask"} <= keys:
+            return "stale"
+        if self.skip_cache_check:
+            return "valid"
+        with np.load(path) as npz:
+            if bool(npz["apply_t5_attn_mask"]) != self.apply_t5_attn_mask:
+                return "stale"
+            rec = _read_record(npz, "cache_record")
+        if rec is None:
+            return "legacy"
+        return "valid" if rec == self._record(caption) else "stale"
+
+    def cache(self, groups: Iterable) -> CacheStats:
+        """Fills entries' `te_outputs` (RAM) or `te_npz` (disk). Call on every process."""
+        groups = list(groups)
+        entries = _all_entries(groups)
+        stats = CacheStats()
+        texts: dict[str, str] = {}  # unit of work (npz path, or caption in RAM) -> caption
+        users: dict[str, list[ImageEntry]] = {}
+        for e in entries:
+            cap = caption_for_cache(e.caption, e.subset.caption, e.path)
+            unit = te_npz_path(e.path) if self.to_disk else cap
+            if self.to_disk:
+                e.te_npz = unit
+                if unit in texts and texts[unit] != cap:
+                    raise UserError(
+                        f"{e.path} is used with two different captions ({texts[unit]!r} and {cap!r}, e.g. from two "
+                        f"subsets or datasets with different caption settings); {TE_SUFFIX} holds one per image. Use "
+                        "the same caption settings, or cache in RAM only (drop --cache_text_encoder_outputs_to_disk)."
+                    )
+            texts[unit] = cap
+            users.setdefault(unit, []).append(e)
+        todo = list(texts)
+        if self.to_disk:
+            mine = owned_paths(todo, self.process_index, self.num_processes)
+            stats.other_processes = len(todo) - len(mine)
+            todo = []
+            for unit in sorted(mine):
+                state = self.check(unit, texts[unit])
+                if state == "valid":
+                    stats.reused += 1
+                else:
+                    stats.legacy_reencoded += state == "legacy"
+                    todo.append(unit)
+            if stats.legacy_reencoded:
+                logger.info(
+                    "%d text-encoder cache files have no validity record (written by sd-scripts or an older "
+                    "version); re-encoding them once",
+                    stats.legacy_reencoded,
+                )
+        bs = self.batch_size or max(
+            (g_ds.batch_size for g in groups if g is not None for g_ds in getattr(g, "datasets", [])), default=1
+        )
+        with tqdm(total=len(todo), desc="caching text encoder outputs", unit="caption", disable=not todo) as bar:
+            for i in range(0, len(todo), bs):
+                chunk = todo[i : i + bs]
+                outs = self.encode_captions([texts[u] for u in chunk])
+                if len(outs) != len(chunk):
+                    raise ValueError(f"encode_captions returned {len(outs)} results for {len(chunk)} captions")
+                for unit, out in zip(chunk, outs, strict=True):
+                    arrays = _te_arrays(out)
+                    if self.to_disk:
+                        arrays["apply_t5_attn_mask"] = np.array(self.apply_t5_attn_mask)
+                        arrays["cache_record"] = np.array(json.dumps(self._record(texts[unit]), sort_keys=True))
+                        write_npz_atomic(unit, arrays)
+                    else:
+                        for e in users[unit]:
+                            e.te_outputs = arrays
+                stats.encoded += len(chunk)
+                bar.update(len(chunk))
+        logger.info(
+            "text encoder outputs: %d encoded, %d reused from disk, %d cached by other processes",
+            stats.encoded,
+            stats.reused,
+            stats.other_processes,
+        )
+        return stats
+
+
+def check_disk_caches_complete(groups: Iterable, latents: bool = True, te: bool = False) -> None:
+    """After every process has cached its share (and a barrier): stops naming the first missing file."""
+    for e in _all_entries(groups):
+        if latents and e.latents_npz is not None:
+            sfx = reso_suffix(e.bucket)
+            if "latents" + sfx not in _npz_keys(e.latents_npz):
+                raise UserError(
+                    f"{e.latents_npz}: latents{sfx} missing after caching; did a process fail? Run again to re-cache."
+                )
+        if te and e.te_npz is not None and not set(TE_KEYS) <= _npz_keys(e.te_npz):
+            raise UserError(f"{e.te_npz}: text-encoder outputs missing after caching; run again to re-cache.")

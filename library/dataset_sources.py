@@ -1,0 +1,183 @@
+"""Which images a subset holds, their raw captions and sizes, and the validation split.
+
+Public API:
+    scan_subset(sub: SubsetConfig) -> list[ImageRecord]
+    split_train_val(items, validation_split, seed) -> (train_items, val_items)
+    split_subset(records, sub, seed) -> (train_records, val_records)
+
+The split reproduces sd-scripts' procedure (`train_util.split_train_val`): the subset's image
+list, in sd-scripts' order (sorted paths), is shuffled by `random.Random(seed)`; the validation
+side is the last round(n * split) items. sd-scripts builds its training side separately as the
+first ceil(n * (1 - split)) items, which overlaps the validation side by one image whenever the
+rounding (or float error, e.g. 10 * 0.7 = 7.000000000000001) goes up; here the training side is
+everything else, so the sets never share an image. Fine-tuning subsets are split the same way
+(in metadata-file order); sd-scripts ignores the split there and validates on the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from library.captions import read_caption_file
+from library.dataset_config import SubsetConfig
+from library.errors import UserError
+from library.images import IMAGE_EXTENSIONS, list_images, read_image_size
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+INFO_CACHE_FILE = "metadata_cache.json"
+
+
+@dataclass
+class ImageRecord:
+    path: str  # absolute image path
+    caption: str  # raw caption (several lines when enable_wildcard)
+    size: tuple[int, int] | None = None  # (W, H) after EXIF orientation
+
+
+def split_train_val(items: list[T], validation_split: float, seed: int) -> tuple[list[T], list[T]]:
+    """(training items, validation items), disjoint; see the module docstring."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n_val = round(len(shuffled) * validation_split)
+    cut = len(shuffled) - n_val
+    return shuffled[:cut], shuffled[cut:]
+
+
+def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tuple[list, list]:
+    """Regularisation subsets are never split: all of them train, none validate."""
+    if sub.is_reg or sub.validation_split <= 0:
+        return list(records), []
+    return split_train_val(records, sub.validation_split, seed)
+
+
+def _fill_sizes(records: list[ImageRecord], desc: str) -> None:
+    todo = [r for r in records if r.size is None]
+    for r in tqdm(todo, desc=desc, unit="img", disable=len(todo) < 200):
+        r.size = read_image_size(r.path)
+
+
+def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:
+    where = f"{sub.label}.image_dir"
+    if not sub.image_dir or not os.path.isdir(sub.image_dir):
+        raise UserError(f"{where}: directory {sub.image_dir!r} not found; fix the path or remove the subset.")
+    info_file = os.path.join(sub.image_dir, INFO_CACHE_FILE)
+    if sub.cache_info and os.path.isfile(info_file):
+        with open(info_file, encoding="utf-8") as f:
+            metas = json.load(f)
+        records = [
+            ImageRecord(p, m.get("caption") or sub.class_tokens or "", tuple(m["resolution"])) for p, m in metas.items()
+        ]
+        if not records:
+            raise UserError(f"{info_file}: holds no images; delete it so the folder is scanned again.")
+        return records
+    paths, skipped = list_images(sub.image_dir)
+    for p in skipped:
+        logger.warning(
+            "%s: skipped %s: rename its extension to lower or upper case (sd-scripts ignores it too)", sub.label, p
+        )
+    if not paths:
+        raise UserError(
+            f"{where}: directory {sub.image_dir!r} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            "add images or remove the subset."
+        )
+    records, missing = [], []
+    for p in paths:
+        cap = read_caption_file(p, sub.caption_extension, sub.caption.enable_wildcard)
+        if cap is None:
+            missing.append(p)
+            cap = sub.class_tokens or ""
+        records.append(ImageRecord(p, cap))
+    if missing:
+        fallback = f"class_tokens {sub.class_tokens!r}" if sub.class_tokens else "an empty caption"
+        logger.warning(
+            "%s: %d images have no %s caption file; using %s (first: %s)",
+            sub.describe(),
+            len(missing),
+            sub.caption_extension,
+            fallback,
+            missing[0],
+        )
+    if sub.cache_info:
+        _fill_sizes(records, "image sizes")
+        data = {r.path: {"caption": r.caption, "resolution": list(r.size)} for r in records}
+        tmp = info_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+        os.replace(tmp, info_file)
+    return records
+
+
+def _read_metadata(path: str, label: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{label}.metadata_file: {path!r} not found; fix the path.")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            if path.endswith(".jsonl"):
+                metadata = {}
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    if "image_path" not in item:
+                        raise UserError(f'{path}: line {n} has no "image_path"; every line needs one.')
+                    metadata[item["image_path"]] = item
+                return metadata
+            metadata = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix the file.") from None
+    if not isinstance(metadata, dict):
+        raise UserError(f'{path}: expected an object {{"image key": {{"caption": ...}}}} at the top level.')
+    return metadata
+
+
+def _resolve_image_path(key: str, sub: SubsetConfig) -> str:
+    if os.path.isabs(key):
+        base = key
+    elif sub.image_dir:
+        base = os.path.join(sub.image_dir, key)
+    else:
+        raise UserError(
+            f"{sub.metadata_file}: image key {key!r} is a relative path; set image_dir in {sub.label} "
+            "to the folder it is relative to."
+        )
+    if os.path.isfile(base):
+        return base
+    for ext in IMAGE_EXTENSIONS:  # sd-scripts' older metadata files name images without extension
+        for cand in (base + ext, base + ext.upper()):
+            if os.path.isfile(cand):
+                return cand
+    raise UserError(f"{sub.metadata_file}: image {key!r} not found (looked for {base}); fix the entry or image_dir.")
+
+
+def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
+    metadata = _read_metadata(sub.metadata_file, sub.label)
+    if not metadata:
+        raise UserError(f"{sub.metadata_file}: holds no images; add entries or remove {sub.label}.")
+    sep = sub.caption.caption_separator
+    records = []
+    for key, md in metadata.items():
+        caption = md.get("caption") or ""
+        tags = md.get("tags")
+        if sub.caption.enable_wildcard and tags is not None:
+            tags = tags.replace("\n", sep)
+            caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
+        elif tags:
+            caption = (caption + sep if caption else "") + tags
+        size = md.get("image_size")
+        records.append(ImageRecord(_resolve_image_path(key, sub), caption, tuple(size) if size else None))
+    return records
+
+
+def scan_subset(sub: SubsetConfig) -> list[ImageRecord]:
+    """The subset's images with raw captions and sizes, in sd-scripts' order. Raises UserError."""
+    records = _scan_dreambooth(sub) if sub.kind == "dreambooth" else _scan_finetune(sub)
+    _fill_sizes(records, f"image sizes {sub.label}")
+    return records

@@ -1,0 +1,176 @@
+"""Image files: discovery, reading (any mode to RGB plus alpha), resize, crop and colour augmentation.
+
+Everything here works on Pillow images and numpy arrays (H, W, C) uint8; tensors are made by the
+dataset. Resizing uses Pillow, which antialiases when downscaling; `area` is Pillow's box filter.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from library.errors import UserError
+
+# sd-scripts globs exactly these (lower and upper case); matching them keeps the file list, and
+# with it the validation-split membership, identical to sd-scripts'.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_GLOB_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS))
+
+# Names accepted for `interpolation_type` (the guide) and `resize_interpolation` (sd-scripts).
+INTERPOLATIONS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "box": Image.Resampling.BOX,
+}
+CANONICAL_INTERPOLATION = {"linear": "bilinear", "cubic": "bicubic", "box": "area"}
+DEFAULT_INTERPOLATION = "bicubic"  # the guide's default (sd-scripts: area down, lanczos up)
+
+
+def canonical_interpolation(name: str) -> str:
+    """`linear` -> `bilinear`, `cubic` -> `bicubic`, `box` -> `area`; others unchanged."""
+    return CANONICAL_INTERPOLATION.get(name, name)
+
+
+def list_images(directory: str) -> tuple[list[str], list[str]]:
+    """(image paths sorted as sd-scripts sorts them, files skipped for a mixed-case extension)."""
+    images, skipped = [], []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        ext = os.path.splitext(name)[1]
+        if ext in _GLOB_EXTENSIONS:
+            if os.path.isfile(path):
+                images.append(path)
+        elif ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+            skipped.append(path)
+    images.sort()
+    return images, sorted(skipped)
+
+
+def read_image_size(path: str) -> tuple[int, int]:
+    """(W, H) after EXIF orientation, from the header only. Stops with the path if unreadable."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"{path}: cannot read this image ({e}); fix or remove the file.") from None
+    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+        w, h = h, w
+    if w <= 0 or h <= 0:
+        raise UserError(f"{path}: image has size {w}x{h}; fix or remove the file.")
+    return w, h
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255.0
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def load_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB uint8 array (H, W, 3), alpha uint8 array (H, W) or None).
+
+    EXIF orientation is applied; grayscale, palette, CMYK, 16-bit and float images become RGB;
+    an alpha channel (RGBA, LA, palette transparency) is returned separately.
+    """
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = _to_8bit(img)
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+                rgba = np.asarray(img.convert("RGBA"))
+                return np.array(rgba[:, :, :3]), np.array(rgba[:, :, 3])
+            return np.array(img.convert("RGB")), None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"{path}: cannot read this image ({e}); fix or remove the file.") from None
+
+
+def resize(arr: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """Resizes an (H, W[, C]) uint8 array to (W, H) = `size` with Pillow."""
+    if (arr.shape[1], arr.shape[0]) == tuple(size):
+        return arr
+    img = Image.fromarray(arr)
+    return np.array(img.resize(tuple(size), INTERPOLATIONS[interpolation]))
+
+
+@dataclass(frozen=True)
+class Crop:
+    left: int
+    top: int
+
+
+def choose_crop(resized: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None) -> Crop:
+    """Centre crop, or a uniform random window when `rng` is given (random_crop)."""
+    dw, dh = resized[0] - bucket[0], resized[1] - bucket[1]
+    if dw < 0 or dh < 0:
+        raise ValueError(f"resized size {resized} is smaller than bucket {bucket}")
+    left = rng.randint(0, dw) if rng is not None and dw else dw // 2
+    top = rng.randint(0, dh) if rng is not None and dh else dh // 2
+    return Crop(left, top)
+
+
+def crop(arr: np.ndarray, box: Crop, bucket: tuple[int, int]) -> np.ndarray:
+    return arr[box.top : box.top + bucket[1], box.left : box.left + bucket[0]]
+
+
+def color_aug(rgb: np.ndarray, rng: random.Random) -> np.ndarray:
+    """sd-scripts' colour augmentation: with p = 0.33, a hue shift of up to +-8 (OpenCV's 0-180
+    hue scale, i.e. +-16 degrees) or a gamma in [0.95, 1.05].
+
+    Gamma is applied to values normalised to [0, 1]; sd-scripts raises raw 0-255 values to the
+    power, which brightens or darkens far more than a gamma of 1.05 should.
+    """
+    if rng.random() > 0.33:
+        return rgb
+    if rng.random() > 0.5:
+        shift = rng.uniform(-8.0, 8.0) / 180.0 * 256.0  # to Pillow's 0-255 hue scale
+        hsv = np.asarray(Image.fromarray(rgb).convert("HSV")).copy()
+        hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.float32) + shift) % 256.0).astype(np.uint8)
+        return np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    gamma = rng.uniform(0.95, 1.05)
+    out = 255.0 * (rgb.astype(np.float32) / 255.0) ** gamma
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def prepare_image(
+    path: str,
+    bucket: tuple[int, int],
+    resized: tuple[int, int],
+    interpolation: str,
+    crop_rng: random.Random | None = None,
+    want_alpha: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], Crop]:
+    """Loads, resizes to `resized` and crops to `bucket`.
+
+    Returns (rgb (H, W, 3) uint8, alpha mask (H, W) float32 in [0, 1] or None, original (W, H), crop).
+    The mask is all ones when `want_alpha` and the image has no alpha channel.
+    """
+    rgb, alpha = load_image(path)
+    original = (rgb.shape[1], rgb.shape[0])
+    rgb = resize(rgb, resized, interpolation)
+    box = choose_crop((rgb.shape[1], rgb.shape[0]), bucket, crop_rng)
+    rgb = np.ascontiguousarray(crop(rgb, box, bucket))
+    mask = None
+    if want_alpha:
+        if alpha is None:
+            mask = np.ones((bucket[1], bucket[0]), np.float32)
+        else:
+            mask = crop(resize(alpha, resized, interpolation), box, bucket).astype(np.float32) / 255.0
+    return rgb, mask, original, box

@@ -1,0 +1,222 @@
+"""Buckets: the bucket list, per-image selection, resize-to-cover, no-upscale mode, batching per epoch.
+
+Every expected list is worked out by hand in the comments from spec §c.5's rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+
+from library.buckets import BucketSelector, adjust_min_max_reso, check_reso_steps, make_bucket_resolutions
+from library.dataset_config import load_dataset_configs
+from library.datasets import build_dataset_groups
+from library.errors import UserError
+from tests.dataset_helpers import make_args, make_folder, write_toml
+
+
+def test_bucket_list_256_area_steps_64():
+    # max_area = 65536; square side floor(256/64)*64 = 256.
+    # width 128: 65536//128 = 512 -> 512 (cap 512)  -> (128,512),(512,128)
+    # width 192: 341 -> 320                          -> (192,320),(320,192)
+    # width 256: 256                                 -> (256,256)
+    # width 320: 204 -> 192                          -> (320,192),(192,320)
+    # width 384: 170 -> 128; 448: 146 -> 128; 512: 128 -> (384,128),(448,128),(512,128) and transposes
+    expected = [
+        (128, 384),
+        (128, 448),
+        (128, 512),
+        (192, 320),
+        (256, 256),
+        (320, 192),
+        (384, 128),
+        (448, 128),
+        (512, 128),
+    ]
+    assert make_bucket_resolutions((256, 256), 128, 512, 64) == expected
+
+
+def test_bucket_list_64_area_steps_16():
+    # max_area = 4096; square 64. width 32: 128 -> (32,128); 48: 85 -> 80 -> (48,80); 64: 64;
+    # 80: 51 -> 48; 96: 42 -> 32; 112: 36 -> 32; 128: 32.
+    expected = [(32, 96), (32, 112), (32, 128), (48, 80), (64, 64), (80, 48), (96, 32), (112, 32), (128, 32)]
+    assert make_bucket_resolutions((64, 64), 32, 128, 16) == expected
+
+
+def test_bucket_list_non_square_resolution():
+    # (96, 64): max_area 6144; square floor(78.38/32)*32 = 64.
+    # width 32: 192 -> cap 128 -> (32,128),(128,32); 64: 96 -> (64,96),(96,64); 96: 64 -> (96,64),(64,96);
+    # 128: 48 -> 32 -> (128,32),(32,128)
+    assert make_bucket_resolutions((96, 64), 32, 128, 32) == [(32, 128), (64, 64), (64, 96), (96, 64), (128, 32)]
+
+
+@pytest.fixture
+def selector64():
+    return BucketSelector((64, 64), 16, make_bucket_resolutions((64, 64), 32, 128, 16))
+
+
+def test_select_nearest_aspect_and_resize_to_cover(selector64):
+    # 100x50, aspect 2.0: nearest bucket aspect is 80/48 = 1.667 (|error| 0.333 vs 1.0 for 96x32).
+    # Image wider than the bucket -> scale = 48/50 = 0.96 -> (int(96.5), int(48.5)) = (96, 48).
+    c = selector64.select(100, 50)
+    assert (c.bucket, c.resized) == ((80, 48), (96, 48))
+    # 30x100, aspect 0.3: 32/112 = 0.286 (|error| 0.014) beats 32/96 = 0.333 (0.033). The image is
+    # wider than that bucket -> scale = 112/100 -> (int(33.6 + 0.5), int(112.5)) = (34, 112).
+    c = selector64.select(30, 100)
+    assert (c.bucket, c.resized) == ((32, 112), (34, 112))
+
+
+def test_select_exact_bucket_keeps_size(selector64):
+    c = selector64.select(48, 80)
+    assert (c.bucket, c.resized, c.ar_error) == ((48, 80), (48, 80), 0.0)
+
+
+def test_select_upscales_small_images(selector64):
+    # 20x20 -> square bucket 64, scale 3.2
+    assert selector64.select(20, 20).resized == (64, 64)
+
+
+def test_no_upscale_large_image_is_downscaled_to_the_area_then_floored():
+    s = BucketSelector((64, 64), 16, None, no_upscale=True)
+    # 200x100 (area 20000 > 4096): width sqrt(8192) = 90.5 -> 80, height from it 40 -> 32 (aspect 2.5);
+    # height 45.25 -> 32, width from it 64 (aspect 2.0 exact) -> resized (64, 32), bucket (64, 32)
+    c = s.select(200, 100)
+    assert (c.bucket, c.resized) == ((64, 32), (64, 32))
+    # 40x30 fits: no resize, bucket floored to (32, 16)
+    c = s.select(40, 30)
+    assert (c.bucket, c.resized) == ((32, 16), (40, 30))
+
+
+def test_without_buckets_images_cover_the_single_resolution():
+    s = BucketSelector((64, 64), None, [(64, 64)])
+    c = s.select(100, 50)  # aspect 2 > 1 -> scale 64/50 -> (128, 64)
+    assert (c.bucket, c.resized) == ((64, 64), (128, 64))
+
+
+def test_reso_steps_must_be_a_multiple_of_16():
+    for ok in (16, 32, 48, 64):
+        check_reso_steps(ok, "x")
+    for bad in (8, 24, 0, 100):
+        with pytest.raises(UserError, match=rf"x: bucket_reso_steps = {bad} is not a positive multiple of 16"):
+            check_reso_steps(bad, "x")
+
+
+def test_min_max_are_rounded_to_steps_and_checked():
+    assert adjust_min_max_reso((1024, 1024), 250, 1000, 64, "d") == (192, 1024)
+    with pytest.raises(UserError, match="min_bucket_reso .512. is larger than the smaller side"):
+        adjust_min_max_reso((256, 1024), 512, 1024, 64, "d")
+    with pytest.raises(UserError, match="max_bucket_reso .512. is smaller than the larger side"):
+        adjust_min_max_reso((1024, 1024), 256, 512, 64, "d")
+
+
+def _group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5):
+    make_folder(tmp_path / "img", sizes)
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f"""
+        [[datasets]]
+        resolution = 64
+        enable_bucket = true
+        min_bucket_reso = 32
+        max_bucket_reso = 128
+        bucket_reso_steps = 16
+        batch_size = {batch}
+        {extra}
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+          num_repeats = {repeats}
+        """,
+    )
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
+    return train
+
+
+def test_dataset_assigns_each_image_its_bucket(tmp_path):
+    train = _group(tmp_path, {"wide.png": (100, 50), "tall.png": (30, 100), "sq.png": (20, 20)})
+    got = {os.path.basename(e.path): (e.bucket, e.resized) for e in train.entries()}
+    assert got == {"wide.png": ((80, 48), (96, 48)), "tall.png": ((32, 112), (34, 112)), "sq.png": ((64, 64), (64, 64))}
+
+
+def test_bucket_reso_steps_24_is_refused_at_build(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (64, 64)})
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f"""
+        [[datasets]]
+        resolution = 64
+        enable_bucket = true
+        bucket_reso_steps = 24
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+        """,
+    )
+    with pytest.raises(UserError, match=r"datasets\[0\]: bucket_reso_steps = 24 is not a positive multiple of 16"):
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+
+
+def test_resolution_not_multiple_of_16_without_buckets_is_refused(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (64, 64)})
+    cfg = write_toml(
+        tmp_path / "c.toml", f'[[datasets]]\nresolution = 60\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n'
+    )
+    with pytest.raises(UserError, match=r"datasets\[0\]: resolution \(60, 60\) is not a multiple of 16"):
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+
+
+SIZES = {
+    "w1.png": (100, 50),
+    "w2.png": (120, 60),
+    "w3.png": (90, 45),
+    "s1.png": (64, 64),
+    "s2.png": (70, 70),
+    "t1.png": (30, 100),
+}
+
+
+def test_batches_never_mix_buckets_and_each_sample_appears_num_repeats_times(tmp_path):
+    train = _group(tmp_path, SIZES, repeats=3, batch=2)
+    ds = train.datasets[0]
+    # buckets: 3 wide (80x48) x3 repeats = 9 -> 5 batches; 2 square x3 = 6 -> 3; 1 tall (32x112) x3 = 3 -> 2
+    assert len(train) == 10
+    for epoch in (1, 2):
+        batches = ds.epoch_batches(epoch)
+        assert all(len({e.bucket for e in b}) == 1 for b in batches)
+        assert Counter(os.path.basename(e.path) for b in batches for e in b) == {n: 3 for n in SIZES}
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch(tmp_path):
+    def order(seed, epoch, sub):
+        train = _group(tmp_path / sub, SIZES, repeats=2, batch=1, seed=seed)
+        train.set_current_epoch(epoch)
+        return [train[i]["image_keys"][0].rsplit("/", 1)[1] for i in range(len(train))]
+
+    assert order(5, 1, "a") == order(5, 1, "b")
+    assert order(5, 1, "a") != order(5, 2, "a")
+    assert order(5, 1, "a") != order(6, 1, "a")
+    assert sorted(order(5, 1, "a")) == sorted(order(5, 2, "a"))
+
+
+def test_multiple_datasets_interleave_and_keep_their_batch_sizes(tmp_path):
+    make_folder(tmp_path / "img", {f"{i}.png": (64, 64) for i in range(6)})
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f"""
+        [[datasets]]
+        resolution = 64
+        batch_size = 2
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+        [[datasets]]
+        resolution = 32
+        batch_size = 3
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+        """,
+    )
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=1)
+    train.set_current_epoch(1)
+    shapes = [tuple(train[i]["images"].shape) for i in range(len(train))]
+    assert sorted(shapes) == sorted([(2, 3, 64, 64)] * 3 + [(3, 3, 32, 32)] * 2)
+    assert shapes != sorted(shapes) and shapes != sorted(shapes, reverse=True)  # interleaved by the seed

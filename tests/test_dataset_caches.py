@@ -1,0 +1,451 @@
+"""Latent and text-encoder caches: round trips, sd-scripts' files, invalidation, sharding, atomic writes.
+
+The AE is a deterministic stand-in (tests/dataset_helpers.StandInEncoder) except in the last test,
+which uses the project's real AutoEncoder at a tiny width.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from library import caches
+from library.caches import (
+    LatentCacher,
+    TextEncoderCacher,
+    check_disk_caches_complete,
+    latent_npz_path,
+    owned_paths,
+    write_npz_atomic,
+)
+from library.dataset_config import load_dataset_configs
+from library.datasets import build_dataset_groups
+from library.errors import UserError
+from library.images import prepare_image
+from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
+
+
+def _group(tmp_path, extra_subset="", datasets=((32, 2),), names=("a.png", "b.png", "c.png"), seed=0, size=(32, 32)):
+    folder = tmp_path / "img"
+    if not folder.exists():
+        make_folder(folder, {n: size for n in names}, {n: f"caption {n[0]}" for n in names})
+    text = ""
+    for res, bs in datasets:
+        text += f"""
+        [[datasets]]
+        resolution = {res}
+        batch_size = {bs}
+          [[datasets.subsets]]
+          image_dir = "{folder}"
+          caption_extension = ".txt"
+          {extra_subset}
+        """
+    cfg = write_toml(tmp_path / "c.toml", text)
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
+    return train
+
+
+def _expected_latents(enc, e):
+    rgb, *_ = prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    saved = list(enc.calls)
+    out = enc.encode(x)[0]
+    enc.calls[:] = saved
+    return out
+
+
+def test_ram_cache_round_trip(tmp_path):
+    train = _group(tmp_path, "flip_aug = true")
+    enc = StandInEncoder()
+    stats = LatentCacher(enc, "ae", to_disk=False, batch_size=2).cache([train])
+    assert stats.encoded == 3 and enc.calls == [2, 2, 1, 1]  # two batches, each also encoded flipped
+    assert not [f for f in os.listdir(tmp_path / "img") if f.endswith(".npz")]
+    for e in train.entries():
+        assert torch.allclose(e.latents, _expected_latents(enc, e), atol=1e-6)
+        assert e.latents_flipped.shape == (16, 4, 4)
+    b = train[0]
+    assert b["images"] is None and b["latents"].shape == (2, 16, 4, 4)
+
+
+def test_disk_cache_file_names_keys_and_dtypes(tmp_path):
+    train = _group(tmp_path, "flip_aug = true\nalpha_mask = true", size=(40, 32))
+    enc = StandInEncoder()
+    LatentCacher(enc, "ae", to_disk=True).cache([train])
+    # bucket 32x32 -> latent 4x4; file named with the original 40x32 size
+    path = tmp_path / "img" / "a_0040x0032_flux.npz"
+    with np.load(path) as npz:
+        assert sorted(npz.files) == ["alpha_mask_4x4", "cache_record_4x4", "crop_ltrb_4x4", "latents_4x4",
+                                     "latents_flipped_4x4", "original_size_4x4"]
+        assert npz["latents_4x4"].dtype == np.float32 and npz["latents_4x4"].shape == (16, 4, 4)
+        assert npz["latents_flipped_4x4"].dtype == np.float32
+        assert npz["alpha_mask_4x4"].dtype == np.float32 and npz["alpha_mask_4x4"].shape == (32, 32)
+        assert npz["original_size_4x4"].tolist() == [40, 32]
+        assert npz["crop_ltrb_4x4"].tolist() == [0, 3, 32, 28.6]  # sd-scripts' formula: 32/1.25 = 25.6 high
+        record = json.loads(str(npz["cache_record_4x4"]))
+    assert record["ae"] == "ae" and record["image"]["size"] == os.path.getsize(tmp_path / "img" / "a.png")
+    e = next(iter(train.entries()))
+    with np.load(e.latents_npz) as npz:
+        assert torch.allclose(torch.from_numpy(npz["latents_4x4"]), _expected_latents(enc, e), atol=1e-6)
+    assert not [f for f in os.listdir(tmp_path / "img") if f.endswith(".tmp")]
+
+
+def test_disk_cache_is_reused_and_loaded_into_batches(tmp_path):
+    train = _group(tmp_path)
+    enc = StandInEncoder()
+    LatentCacher(enc, "ae", True).cache([train])
+    enc2 = StandInEncoder()
+    stats = LatentCacher(enc2, "ae", True).cache([_group(tmp_path)])
+    assert (stats.encoded, stats.reused, enc2.calls) == (0, 3, [])
+    b = train[0]
+    assert b["latents"].shape == (2, 16, 4, 4)
+    for key, lat in zip(b["image_keys"], b["latents"], strict=True):
+        e = next(x for x in train.entries() if x.path == key)
+        assert torch.allclose(lat, _expected_latents(enc, e), atol=1e-6)
+
+
+def test_several_resolutions_share_one_file(tmp_path):
+    train = _group(tmp_path, datasets=((32, 1), (16, 1)))
+    LatentCacher(StandInEncoder(), "ae", True, batch_size=4).cache([train])
+    with np.load(tmp_path / "img" / "a_0032x0032_flux.npz") as npz:
+        assert {"latents_4x4", "latents_2x2", "cache_record_4x4", "cache_record_2x2"} <= set(npz.files)
+    stats = LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, datasets=((32, 1), (16, 1)))])
+    assert (stats.encoded, stats.reused) == (0, 6)
+
+
+def test_sd_scripts_latent_file_without_record_is_reused(tmp_path):
+    train = _group(tmp_path, "flip_aug = true")
+    stored = {}
+    for e in train.entries():  # what sd-scripts writes: np.savez, no record
+        lat = np.full((16, 4, 4), 0.5, np.float32) + len(stored)
+        stored[e.path] = lat
+        np.savez(latent_npz_path(e.path, e.size), latents_4x4=lat, latents_flipped_4x4=-lat,
+                 original_size_4x4=np.array([32, 32]), crop_ltrb_4x4=np.array([0, 0, 32, 32]))
+    enc = StandInEncoder()
+    stats = LatentCacher(enc, "ae", True).cache([train])
+    assert (stats.encoded, stats.reused, enc.calls) == (0, 3, [])
+    train.set_current_epoch(1)
+    for i in range(len(train)):
+        b = train[i]
+        for key, lat, flipped in zip(b["image_keys"], b["latents"], b["flippeds"], strict=True):
+            assert np.array_equal(lat.numpy(), -stored[key] if flipped else stored[key])
+
+
+def test_sd_scripts_latent_file_missing_flipped_latents_is_recached(tmp_path):
+    train = _group(tmp_path, "flip_aug = true")
+    for e in train.entries():
+        np.savez(latent_npz_path(e.path, e.size), latents_4x4=np.zeros((16, 4, 4), np.float32),
+                 original_size_4x4=np.array([32, 32]), crop_ltrb_4x4=np.array([0, 0, 32, 32]))
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([train]).encoded == 3
+
+
+def _cache_then(tmp_path, change, fingerprint="ae", extra=""):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, extra)])
+    change()
+    enc = StandInEncoder()
+    train = _group(tmp_path, extra)
+    stats = LatentCacher(enc, fingerprint, True).cache([train])
+    return stats, enc, train
+
+
+def test_edited_image_recaches_exactly_that_entry(tmp_path):
+    def edit():
+        make_image(tmp_path / "img" / "b.png", (32, 32), seed=99)
+    stats, enc, train = _cache_then(tmp_path, edit)
+    assert (stats.encoded, stats.reused, enc.calls) == (1, 2, [1])
+    e = next(e for e in train.entries() if e.path.endswith("b.png"))
+    with np.load(e.latents_npz) as npz:
+        assert torch.allclose(torch.from_numpy(npz["latents_4x4"]), _expected_latents(enc, e), atol=1e-6)
+
+
+def test_touched_but_unchanged_image_is_reused(tmp_path):
+    def touch():
+        t = time.time() + 100
+        os.utime(tmp_path / "img" / "a.png", (t, t))
+    stats, _, _ = _cache_then(tmp_path, touch)
+    assert (stats.encoded, stats.reused) == (0, 3)
+
+
+def test_different_ae_recaches_everything(tmp_path):
+    stats, _, _ = _cache_then(tmp_path, lambda: None, fingerprint="other-ae")
+    assert (stats.encoded, stats.reused) == (3, 0)
+
+
+def test_changed_interpolation_recaches(tmp_path):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, size=(48, 48))])
+    stats = LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, 'interpolation_type = "nearest"')])
+    assert stats.encoded == 3
+
+
+def test_skip_cache_check_trusts_existing_files(tmp_path):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
+    make_image(tmp_path / "img" / "b.png", (32, 32), seed=99)
+    stats = LatentCacher(StandInEncoder(), "other", True, skip_cache_check=True).cache([_group(tmp_path)])
+    assert (stats.encoded, stats.reused) == (0, 3)
+
+
+def test_vae_batch_size_batches_within_a_bucket(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (32, 32), "c.png": (32, 32), "w.png": (96, 32)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+        enable_bucket = true
+        min_bucket_reso = 16
+        max_bucket_reso = 64
+        bucket_reso_steps = 16
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+        """)
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    assert {e.bucket for e in train.entries()} == {(32, 32), (48, 16)}
+    enc = StandInEncoder()
+    LatentCacher(enc, "ae", False, batch_size=2).cache([train])
+    # sorted by bucket area: (48, 16) alone, then the three squares as 2 + 1; never mixed
+    assert enc.calls == [1, 2, 1]
+
+
+def test_progress_bar_shows_counts(tmp_path, capsys):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
+    err = capsys.readouterr().err
+    assert "caching latents" in err and "3/3" in err
+
+
+def test_sharded_caching_each_process_does_its_share_then_all_see_everything(tmp_path):
+    names = tuple(f"{i}.png" for i in range(5))
+    groups = [_group(tmp_path, names=names, datasets=((32, 1), (16, 1))) for _ in range(2)]
+    encs = [StandInEncoder(), StandInEncoder()]
+    stats = [LatentCacher(encs[p], "ae", True, process_index=p, num_processes=2).cache([groups[p]])
+             for p in range(2)]
+    # 5 images x 2 resolutions; images dealt round-robin in sorted order: 3 to process 0, 2 to process 1
+    assert [s.encoded for s in stats] == [6, 4] and [s.other_processes for s in stats] == [4, 6]
+    assert owned_paths(["b", "a", "c", "a"], 0, 2) == {"a", "c"} and owned_paths(["b", "a", "c"], 1, 2) == {"b"}
+    for g in groups:  # after the barrier every process finds every entry
+        check_disk_caches_complete([g])
+        assert all(g[i]["latents"] is not None for i in range(len(g)))
+    again = LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, names=names,
+                                                                     datasets=((32, 1), (16, 1)))])
+    assert (again.encoded, again.reused) == (0, 10)
+
+
+def test_missing_share_is_reported_after_the_barrier(tmp_path):
+    g = _group(tmp_path)
+    LatentCacher(StandInEncoder(), "ae", True, process_index=0, num_processes=2).cache([g])
+    with pytest.raises(UserError, match=r"_flux\.npz: latents_4x4 missing after caching"):
+        check_disk_caches_complete([g])
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "x_flux.npz")
+    write_npz_atomic(path, {"a": np.ones(3)})
+
+    def broken(f, **arrays):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(caches.np, "savez", broken)
+    with pytest.raises(UserError, match=r"x_flux\.npz: cannot write this cache file \(disk full\)"):
+        write_npz_atomic(path, {"a": np.zeros(3)})
+    monkeypatch.undo()
+    with np.load(path) as npz:
+        assert npz["a"].tolist() == [1, 1, 1]
+    assert os.listdir(tmp_path) == ["x_flux.npz"]
+
+
+def test_nan_latents_name_the_image(tmp_path):
+    class NaNEncoder(StandInEncoder):
+        def encode(self, x):
+            return super().encode(x) * float("nan")
+
+    with pytest.raises(RuntimeError, match=r"NaN in the latents of .*a\.png"):
+        LatentCacher(NaNEncoder(), "ae", False).cache([_group(tmp_path)])
+
+
+# --- text-encoder outputs ------------------------------------------------------------------------
+FP = {"t5xxl_max_token_length": 8, "apply_t5_attn_mask": False, "encoders": "clip:1|t5:1"}
+
+
+def _te(tmp_path, te, extra="", fp=FP, mask=False, **kw):
+    g = _group(tmp_path, extra)
+    stats = TextEncoderCacher(te, fp, mask, to_disk=kw.pop("to_disk", True), **kw).cache([g])
+    return g, stats
+
+
+def test_te_disk_cache_keys_and_dtypes(tmp_path):
+    te = FakeTextEncoder()
+    _te(tmp_path, te, 'caption_prefix = "photo of"')
+    assert sorted(te.seen) == ["photo of caption a", "photo of caption b", "photo of caption c"]
+    with np.load(tmp_path / "img" / "a_flux_te.npz") as npz:
+        assert sorted(npz.files) == ["apply_t5_attn_mask", "cache_record", "l_pooled", "t5_attn_mask", "t5_out",
+                                     "txt_ids"]
+        assert npz["l_pooled"].dtype == np.float32 and npz["t5_out"].dtype == np.float32
+        assert npz["txt_ids"].dtype == np.float32 and npz["t5_attn_mask"].dtype == np.int64
+        assert npz["apply_t5_attn_mask"].dtype == np.bool_ and npz["apply_t5_attn_mask"].shape == ()
+        assert npz["t5_out"].shape == (8, 16)
+        ref = FakeTextEncoder()(["photo of caption a"])[0]
+        assert np.array_equal(npz["t5_out"], ref["t5_out"])
+
+
+def test_te_fp16_outputs_stay_fp16(tmp_path):
+    _te(tmp_path, FakeTextEncoder(dtype=np.float16))
+    with np.load(tmp_path / "img" / "b_flux_te.npz") as npz:
+        assert npz["t5_out"].dtype == np.float16 and npz["t5_attn_mask"].dtype == np.int64
+
+
+def test_te_cache_round_trip_into_batches(tmp_path):
+    for to_disk in (False, True):
+        g, _ = _te(tmp_path, FakeTextEncoder(), to_disk=to_disk)
+        b = g[0]
+        te = b["text_encoder_outputs"]
+        assert te["t5_out"].shape == (2, 8, 16) and te["t5_attn_mask"].dtype == torch.int64
+        refs = FakeTextEncoder()(b["captions"])
+        for k in ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask"):
+            assert np.array_equal(te[k].numpy(), np.stack([r[k] for r in refs]))
+
+
+def test_te_edited_caption_reencodes_exactly_that_entry(tmp_path):
+    _te(tmp_path, FakeTextEncoder())
+    (tmp_path / "img" / "c.txt").write_text("a new caption", encoding="utf-8")
+    te = FakeTextEncoder()
+    _, stats = _te(tmp_path, te)
+    assert te.seen == ["a new caption"] and (stats.encoded, stats.reused) == (1, 2)
+
+
+@pytest.mark.parametrize("change", ["t5_length", "mask", "encoder"])
+def test_te_settings_change_reencodes_everything(tmp_path, change):
+    _te(tmp_path, FakeTextEncoder())
+    fp, mask = dict(FP), False
+    if change == "t5_length":
+        fp["t5xxl_max_token_length"] = 512
+    elif change == "mask":
+        fp["apply_t5_attn_mask"], mask = True, True
+    else:
+        fp["encoders"] = "clip:2|t5:1"
+    te = FakeTextEncoder()
+    _, stats = _te(tmp_path, te, fp=fp, mask=mask)
+    assert stats.encoded == 3 and len(te.seen) == 3
+
+
+def test_te_file_without_record_is_reencoded_once_with_an_info_line(tmp_path, caplog):
+    g = _group(tmp_path)
+    for e in g.entries():  # sd-scripts' file: five keys, no record
+        np.savez(os.path.splitext(e.path)[0] + "_flux_te.npz", l_pooled=np.zeros(16, np.float32),
+                 t5_out=np.zeros((8, 16), np.float32), txt_ids=np.zeros((8, 3), np.float32),
+                 t5_attn_mask=np.ones(8, np.int64), apply_t5_attn_mask=False)
+    te = FakeTextEncoder()
+    with caplog.at_level(logging.INFO):
+        _, stats = _te(tmp_path, te)
+    assert stats.legacy_reencoded == 3 and len(te.seen) == 3
+    assert "3 text-encoder cache files have no validity record" in caplog.text
+    te2 = FakeTextEncoder()
+    _, stats = _te(tmp_path, te2)
+    assert te2.seen == [] and stats.reused == 3
+
+
+def test_te_skip_cache_check_trusts_files_without_record(tmp_path):
+    g = _group(tmp_path)
+    for e in g.entries():
+        np.savez(os.path.splitext(e.path)[0] + "_flux_te.npz", l_pooled=np.zeros(16, np.float32),
+                 t5_out=np.zeros((8, 16), np.float32), txt_ids=np.zeros((8, 3), np.float32),
+                 t5_attn_mask=np.ones(8, np.int64), apply_t5_attn_mask=False)
+    te = FakeTextEncoder()
+    _, stats = _te(tmp_path, te, skip_cache_check=True)
+    assert te.seen == [] and stats.reused == 3
+
+
+def test_te_batches_use_text_encoder_batch_size_and_dedupe_in_ram(tmp_path):
+    calls = []
+
+    def encode(captions):
+        calls.append(len(captions))
+        return FakeTextEncoder()(captions)
+
+    make_folder(tmp_path / "img", {n: (32, 32) for n in ("a.png", "b.png", "c.png")},
+                {"a.png": "same", "b.png": "same", "c.png": "other"})
+    _te(tmp_path, encode, to_disk=False, batch_size=1)
+    assert calls == [1, 1]  # two distinct captions
+    calls.clear()
+    _te(tmp_path, encode, to_disk=True, batch_size=2)
+    assert calls == [2, 1]
+
+
+def test_te_same_image_with_two_captions_on_disk_is_refused(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)}, {"a.png": "cap"})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          caption_extension = ".txt"
+        [[datasets]]
+        resolution = 16
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          caption_extension = ".txt"
+          caption_prefix = "x"
+        """)
+    g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    with pytest.raises(UserError, match=r"a\.png is used with two different captions \('cap' and 'x cap'"):
+        TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+
+
+def test_te_sharding(tmp_path):
+    groups = [_group(tmp_path, names=tuple(f"{i}.png" for i in range(5))) for _ in range(2)]
+    tes = [FakeTextEncoder(), FakeTextEncoder()]
+    for p in range(2):
+        TextEncoderCacher(tes[p], FP, False, True, process_index=p, num_processes=2).cache([groups[p]])
+    assert (len(tes[0].seen), len(tes[1].seen)) == (3, 2) and not set(tes[0].seen) & set(tes[1].seen)
+    for g in groups:
+        check_disk_caches_complete([g], latents=False, te=True)
+        assert all(g[i]["text_encoder_outputs"] is not None for i in range(len(g)))
+
+
+# --- the real AE ---------------------------------------------------------------------------------
+def test_real_autoencoder_caches_and_reloads(tmp_path):
+    flux_ae = pytest.importorskip("library.flux_ae")
+    tiny = pytest.importorskip("library.tiny_models")
+    torch.manual_seed(0)
+    ae = tiny.random_model(tiny.tiny_ae_params(), seed=0).eval()
+    ae.reg.sample = False  # the posterior mean, so the comparison below is exact
+    assert isinstance(ae, flux_ae.AutoEncoder)
+    fingerprint = caches.file_fingerprint(tiny.write_model(ae, str(tmp_path / "ae.safetensors")))
+    g = _group(tmp_path, datasets=((32, 2),))
+    LatentCacher(ae, fingerprint, True, batch_size=2).cache([g])
+    e = next(iter(g.entries()))
+    rgb, *_ = prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation)
+    with torch.no_grad():
+        ref = ae.encode(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1)[0]
+    with np.load(e.latents_npz) as npz:
+        lat = torch.from_numpy(npz["latents_4x4"])
+    assert lat.shape == (16, 4, 4) and torch.allclose(lat, ref, atol=1e-5)
+
+
+def test_same_image_in_two_subsets_is_encoded_once(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (32, 32)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          num_repeats = 2
+        """)
+    for to_disk in (False, True):
+        g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+        enc = StandInEncoder()
+        LatentCacher(enc, "ae", to_disk, batch_size=4).cache([g])
+        assert enc.calls == [2]
+        assert all(g[i]["latents"] is not None for i in range(len(g)))
+
+
+def test_turning_flip_aug_on_recaches_but_off_reuses(tmp_path):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, "flip_aug = true")]).encoded == 3
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)]).reused == 3

@@ -1,0 +1,139 @@
+"""Caption files and each caption transform (spec §c.6), deterministic under a seed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from library.captions import CaptionOptions, caption_for_cache, process_caption, read_caption_file
+from library.errors import UserError
+
+
+def run(caption, seed=0, epoch=1, step=0, max_steps=0, **opts):
+    return process_caption(caption, CaptionOptions(**opts), random.Random(seed), epoch, step, max_steps)
+
+
+def test_prefix_and_suffix_are_joined_with_spaces():
+    assert run("a cat", caption_prefix="photo of", caption_suffix="4k") == "photo of a cat 4k"
+
+
+def test_first_line_only_without_wildcard():
+    assert run("line one\nline two") == "line one"
+
+
+def test_wildcard_picks_a_line_and_alternatives_deterministically():
+    cap = "a {red|green|blue} ball\nthe {big|small} box"
+    outs = {run(cap, seed=s, enable_wildcard=True) for s in range(60)}
+    assert outs == {"a red ball", "a green ball", "a blue ball", "the big box", "the small box"}
+    assert run(cap, seed=7, enable_wildcard=True) == run(cap, seed=7, enable_wildcard=True)
+
+
+def test_wildcard_double_braces_are_literal():
+    assert run("{{x}} {a|a}", enable_wildcard=True) == "{x} a"
+
+
+def test_shuffle_keeps_first_keep_tokens_in_place():
+    cap = "sks, dog, red, blue, green, tall"
+    outs = [run(cap, seed=s, shuffle_caption=True, keep_tokens=2) for s in range(20)]
+    assert all(o.startswith("sks, dog, ") for o in outs)
+    assert all(sorted(o.split(", ")[2:]) == ["blue", "green", "red", "tall"] for o in outs)
+    assert len(set(outs)) > 1
+    assert run(cap, seed=3, shuffle_caption=True, keep_tokens=2) == run(
+        cap, seed=3, shuffle_caption=True, keep_tokens=2
+    )
+
+
+def test_keep_tokens_separator_fixes_prefix_and_suffix_parts():
+    cap = "sks, dog ||| red, blue, green ||| best quality, 4k"
+    outs = {run(cap, seed=s, shuffle_caption=True, keep_tokens_separator="|||") for s in range(30)}
+    for o in outs:
+        parts = o.split(", ")
+        assert parts[:2] == ["sks", "dog"] and parts[-2:] == ["best quality", "4k"]
+        assert sorted(parts[2:5]) == ["blue", "green", "red"]
+    assert len(outs) > 1
+
+
+def test_keep_tokens_separator_is_removed_even_without_shuffling():
+    assert run("sks ||| red, blue", keep_tokens_separator="|||") == "sks, red, blue"
+
+
+def test_custom_caption_separator_splits_but_rejoins_with_comma_space():
+    assert run("a;b;c", caption_separator=";", keep_tokens=1, caption_tag_dropout_rate=1.0) == "a"
+    assert run("a; b; c", caption_separator=";", shuffle_caption=True, seed=1).count(", ") == 2
+
+
+def test_secondary_separator_is_replaced_after_shuffle():
+    outs = {run("a;;;b, c, d", seed=s, shuffle_caption=True, secondary_separator=";;;") for s in range(30)}
+    assert all("a,b" in o for o in outs)  # `a;;;b` moved as one tag
+    assert run("a;;;b, c", secondary_separator=";;;") == "a,b, c"
+
+
+def test_tag_dropout_drops_only_flexible_tags():
+    assert run("x, y, z", keep_tokens=1, caption_tag_dropout_rate=1.0) == "x"
+    outs = {run("x, a, b, c, d", seed=s, keep_tokens=1, caption_tag_dropout_rate=0.5) for s in range(30)}
+    assert all(o.startswith("x") for o in outs) and len(outs) > 3
+
+
+def test_caption_dropout_rate():
+    assert run("a cat", caption_dropout_rate=1.0) == ""
+    outs = [run("a cat", seed=s, caption_dropout_rate=0.5) for s in range(40)]
+    assert 5 < outs.count("") < 35
+
+
+def test_caption_dropout_every_n_epochs_uses_1_based_epochs():
+    got = [run("a cat", epoch=e, caption_dropout_every_n_epochs=3) for e in range(1, 7)]
+    assert got == ["a cat", "a cat", "", "a cat", "a cat", ""]
+
+
+def test_token_warmup_grows_the_flexible_tags():
+    cap = "k, a, b, c, d, e, f, g, h"  # 1 fixed + 8 flexible
+    # n = floor(step * (8 - 2) / 6) + 2 while step < 6
+    got = [run(cap, step=s, keep_tokens=1, token_warmup_min=2, token_warmup_step=6) for s in (0, 3, 5, 6)]
+    assert got == ["k, a, b", "k, a, b, c, d, e", "k, a, b, c, d, e, f, g", cap]
+
+
+def test_token_warmup_fraction_of_max_train_steps():
+    cap = "a, b, c, d, e"
+    # 0.5 of 10 steps = 5; at step 0 -> min 1 tag, at step 5 -> all
+    assert run(cap, step=0, max_steps=10, token_warmup_step=0.5) == "a"
+    assert run(cap, step=5, max_steps=10, token_warmup_step=0.5) == cap
+
+
+def test_caption_for_cache_applies_only_deterministic_transforms():
+    opts = CaptionOptions(caption_prefix="photo of", secondary_separator=";;;", keep_tokens_separator="|||")
+    assert caption_for_cache("sks ||| a;;;b\nsecond line", opts, "k") == "photo of sks, a,b"
+    wild = CaptionOptions(enable_wildcard=True)
+    picks = {caption_for_cache("{a|b|c|d|e|f}", wild, f"img{i}.png") for i in range(20)}
+    assert len(picks) > 1  # chosen per image
+    assert caption_for_cache("{a|b|c|d|e|f}", wild, "img3.png") == caption_for_cache("{a|b|c|d|e|f}", wild, "img3.png")
+
+
+# --- caption files ---------------------------------------------------------------------------------
+def test_caption_file_first_line_or_all_lines_with_wildcard(tmp_path):
+    (tmp_path / "a.txt").write_text("  first  \n\nsecond\n", encoding="utf-8")
+    assert read_caption_file(str(tmp_path / "a.png"), ".txt", False) == "first"
+    assert read_caption_file(str(tmp_path / "a.png"), ".txt", True) == "first\nsecond"
+    assert read_caption_file(str(tmp_path / "b.png"), ".txt", False) is None
+
+
+def test_caption_file_bom_is_dropped(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\ufeffhello".encode())
+    assert read_caption_file(str(tmp_path / "a.png"), ".txt", False) == "hello"
+
+
+def test_face_crop_named_image_falls_back_to_base_caption(tmp_path):
+    (tmp_path / "person.txt").write_text("a person", encoding="utf-8")
+    assert read_caption_file(str(tmp_path / "person_10_20_30_40.png"), ".txt", False) == "a person"
+
+
+def test_non_utf8_caption_file_names_the_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match=r"a\.txt: caption file is not valid UTF-8 .*re-save it as UTF-8"):
+        read_caption_file(str(tmp_path / "a.png"), ".txt", False)
+
+
+def test_empty_caption_file_names_the_file(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"a\.txt: caption file is empty"):
+        read_caption_file(str(tmp_path / "a.png"), ".txt", False)

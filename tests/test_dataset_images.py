@@ -1,0 +1,132 @@
+"""Image reading (modes, EXIF, unreadable files), resize filters and colour augmentation."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from library.errors import UserError
+from library.images import color_aug, list_images, load_image, prepare_image, read_image_size, resize
+
+
+def _save(path, img, **kw):
+    img.save(str(path), **kw)
+    return str(path)
+
+
+def test_grayscale_palette_cmyk_become_rgb(tmp_path):
+    base = np.zeros((4, 6, 3), np.uint8)
+    base[:, :3] = (200, 30, 60)
+    rgb = Image.fromarray(base, "RGB")
+    for mode in ("L", "P", "CMYK"):
+        path = _save(tmp_path / f"x_{mode}.png" if mode != "CMYK" else tmp_path / "x.jpg", rgb.convert(mode))
+        arr, alpha = load_image(path)
+        assert arr.shape == (4, 6, 3) and arr.dtype == np.uint8 and alpha is None
+        assert arr.flags.writeable
+    gray, _ = load_image(str(tmp_path / "x_L.png"))
+    assert (gray[..., 0] == gray[..., 1]).all()  # grey replicated into three channels
+
+
+def test_rgba_la_and_palette_transparency_keep_alpha(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 128
+    rgba[0, 0, 3] = 0
+    arr, alpha = load_image(_save(tmp_path / "a.png", Image.fromarray(rgba, "RGBA")))
+    assert arr.shape == (4, 4, 3) and alpha[0, 0] == 0 and alpha[1, 1] == 128
+    _, alpha = load_image(_save(tmp_path / "la.png", Image.fromarray(rgba, "RGBA").convert("LA")))
+    assert alpha[0, 0] == 0 and alpha[3, 3] == 128
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.putpixel((0, 0), 0)
+    arr, alpha = load_image(_save(tmp_path / "p.png", pal, transparency=0))
+    assert alpha is not None and alpha[0, 0] == 0 and alpha[1, 1] == 255 and tuple(arr[1, 1]) == (255, 0, 0)
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bit(tmp_path):
+    arr16 = np.full((3, 3), 65535, np.uint16)
+    arr16[0, 0] = 0
+    path = _save(tmp_path / "g16.png", Image.fromarray(arr16))
+    arr, _ = load_image(path)
+    assert arr[0, 0, 0] == 0 and arr[1, 1, 0] == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (6, 4), (0, 0, 0))
+    img.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = _save(tmp_path / "r.jpg", img, exif=exif.tobytes(), quality=100)
+    assert read_image_size(path) == (4, 6)
+    arr, _ = load_image(path)
+    assert arr.shape == (6, 4, 3)
+    assert arr[0, 3].mean() > 200  # top-left pixel moved to the top-right corner
+
+
+def test_unreadable_image_stops_with_its_path(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UserError, match=r"bad\.png: cannot read this image"):
+        read_image_size(str(bad))
+    with pytest.raises(UserError, match=r"bad\.png: cannot read this image"):
+        load_image(str(bad))
+
+
+def test_image_listing_matches_sd_scripts_extensions(tmp_path):
+    for name in ("b.png", "a.JPG", "c.webp", "d.bmp", "e.jpeg", "f.Png", "g.gif", "h.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    images, skipped = list_images(str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in images] == ["a.JPG", "b.png", "c.webp", "d.bmp", "e.jpeg"]
+    assert [p.rsplit("/", 1)[1] for p in skipped] == ["f.Png"]
+
+
+def test_interpolation_aliases_resize_identically():
+    arr = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for a, b in (("bilinear", "linear"), ("bicubic", "cubic"), ("area", "box")):
+        assert np.array_equal(resize(arr, (20, 14), a), resize(arr, (20, 14), b))
+    assert not np.array_equal(resize(arr, (20, 14), "lanczos"), resize(arr, (20, 14), "nearest"))
+
+
+def test_area_is_a_box_average_when_downscaling_by_an_integer_factor():
+    arr = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    out = resize(arr, (4, 4), "area").astype(np.float64)
+    ref = arr.reshape(4, 2, 4, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(out - ref).max() <= 1.0
+
+
+def test_downscaling_is_antialiased():
+    # alternating one-pixel stripes average to grey, which a point sampler would miss
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[:, ::2] = 255
+    out = resize(arr, (4, 4), "bicubic")
+    assert 100 < out.mean() < 155 and out.std() < 20
+
+
+def test_prepare_image_resizes_crops_and_masks(tmp_path):
+    rgba = np.zeros((50, 100, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[:, :50, 3] = 0  # left half transparent
+    path = _save(tmp_path / "m.png", Image.fromarray(rgba, "RGBA"))
+    rgb, mask, original, box = prepare_image(path, (80, 48), (96, 48), "bicubic", None, True)
+    assert rgb.shape == (48, 80, 3) and mask.shape == (48, 80) and original == (100, 50)
+    assert (box.left, box.top) == (8, 0)
+    assert mask[:, :10].max() == 0.0 and mask[:, -10:].min() == 1.0
+    _, mask, _, _ = prepare_image(
+        _save(tmp_path / "o.png", Image.new("RGB", (64, 64))), (64, 64), (64, 64), "bicubic", None, True
+    )
+    assert mask.min() == 1.0  # no alpha channel: all ones
+    boxes = {prepare_image(path, (80, 48), (96, 48), "bicubic", random.Random(s))[3].left for s in range(30)}
+    assert boxes <= set(range(17)) and len(boxes) > 3  # random_crop: uniform window
+
+
+def test_color_aug_is_seeded_and_bounded():
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    outs = [color_aug(rgb, random.Random(s)) for s in range(60)]
+    unchanged = sum(np.array_equal(o, rgb) for o in outs)
+    assert 25 < unchanged < 55  # applied with probability 0.33
+    assert np.array_equal(color_aug(rgb, random.Random(4)), color_aug(rgb, random.Random(4)))
+    assert all(np.abs(o.astype(int) - rgb.astype(int)).mean() < 40 for o in outs)

@@ -1,0 +1,87 @@
+"""Where images and captions come from: fine-tuning metadata (.json/.jsonl), --in_json, cache_info."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from library.dataset_config import load_dataset_configs
+from library.datasets import build_dataset_groups
+from library.errors import UserError
+from tests.dataset_helpers import make_args, make_folder, write_toml
+
+
+def _ft(tmp_path, meta_name: str, image_dir: bool = True, wildcard: bool = False):
+    lines = [f'metadata_file = "{tmp_path / meta_name}"']
+    if image_dir:
+        lines.append(f'image_dir = "{tmp_path / "img"}"')
+    if wildcard:
+        lines.append("enable_wildcard = true")
+    cfg = write_toml(tmp_path / "c.toml", "[[datasets]]\nresolution = 32\n[[datasets.subsets]]\n" + "\n".join(lines))
+    return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+
+
+def test_jsonl_metadata_with_sizes_and_tags(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (48, 32)})
+    with open(tmp_path / "m.jsonl", "w") as f:
+        f.write(json.dumps({"image_path": "a.png", "caption": "a cat", "tags": "red, cute"}) + "\n\n")
+        f.write(json.dumps({"image_path": str(tmp_path / "img" / "b.png"), "caption": "a dog",
+                            "image_size": [48, 32]}) + "\n")
+    g = _ft(tmp_path, "m.jsonl")
+    got = {os.path.basename(e.path): (e.caption, e.size) for e in g.entries()}
+    assert got == {"a.png": ("a cat,red, cute", (32, 32)), "b.png": ("a dog", (48, 32))}
+
+
+def test_json_metadata_key_without_extension_and_wildcard_tags(tmp_path):
+    make_folder(tmp_path / "img", {"a.jpg": (32, 32)})
+    (tmp_path / "m.json").write_text(json.dumps({"a": {"caption": "one\ntwo", "tags": "t1"}}))
+    (e,) = _ft(tmp_path, "m.json", wildcard=True).entries()
+    assert e.path.endswith("a.jpg") and e.caption == "one,t1\ntwo,t1"
+
+
+def test_relative_key_without_image_dir_is_an_error(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "x"}}))
+    with pytest.raises(UserError, match=r"m\.json: image key 'a\.png' is a relative path; set image_dir in "
+                                        r"datasets\[0\]\.subsets\[0\]"):
+        _ft(tmp_path, "m.json", image_dir=False)
+
+
+def test_missing_metadata_image_is_named(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    (tmp_path / "m.json").write_text(json.dumps({"zz.png": {"caption": "x"}}))
+    with pytest.raises(UserError, match=r"m\.json: image 'zz\.png' not found"):
+        _ft(tmp_path, "m.json")
+
+
+def test_missing_and_malformed_metadata_files(tmp_path):
+    with pytest.raises(UserError, match=r"datasets\[0\]\.subsets\[0\]\.metadata_file: .*nope\.json' not found"):
+        _ft(tmp_path, "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"bad\.json: not valid JSON"):
+        _ft(tmp_path, "bad.json")
+
+
+def test_in_json_without_toml_builds_a_finetuning_dataset(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "hello"}}))
+    args = make_args("--in_json", str(tmp_path / "m.json"), "--train_data_dir", str(tmp_path / "img"),
+                     "--resolution", "32", "--dataset_repeats", "3")
+    (d,) = load_dataset_configs(args)
+    assert d.kind == "finetune" and d.subsets[0].num_repeats == 3
+    g, _ = build_dataset_groups([d], seed=0)
+    assert [(e.caption, e.num_repeats) for e in g.entries()] == [("hello", 3)]
+
+
+def test_cache_info_writes_and_reuses_metadata_cache_json(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (40, 32)}, {"a.png": "from file"})
+    cfg = write_toml(tmp_path / "c.toml", f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\n'
+                                          f'image_dir = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n'
+                                          "cache_info = true\n")
+    build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    info = json.loads((tmp_path / "img" / "metadata_cache.json").read_text())
+    assert info == {str(tmp_path / "img" / "a.png"): {"caption": "from file", "resolution": [40, 32]}}
+    os.remove(tmp_path / "img" / "a.txt")  # now only the cache knows the caption
+    g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    assert [(e.caption, e.size) for e in g.entries()] == [("from file", (40, 32))]
