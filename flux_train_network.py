@@ -1,0 +1,330 @@
+"""Train a LoRA for FLUX.1 (dev, schnell, pruned) or Chroma.
+
+    accelerate launch flux_train_network.py --pretrained_model_name_or_path flux1-dev.safetensors \\
+        --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \\
+        --dataset_config dataset.toml --network_module networks.lora_flux --output_dir out ...
+
+``FluxNetworkTrainer`` overrides only what is FLUX/Chroma-specific in ``NetworkTrainer``:
+loading the models, text encoding and its cache, the flow-matching loss of a batch, and sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+import train_network
+from library.errors import UserError
+from library.flux_train_utils import add_flux_train_arguments
+from library.train_args import add_flux_script_arguments, review_compat_flags
+
+logger = logging.getLogger(__name__)
+
+NOT_IMPLEMENTED_YET = ("fp8_base", "fp8_base_unet", "cpu_offload_checkpointing")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    """``train_network.setup_parser()`` plus the DiT and FLUX groups and the deprecated ``--split_mode``."""
+    parser = train_network.setup_parser()
+    parser.description = "Train a LoRA for FLUX.1 or Chroma (sd-scripts compatible command line)."
+    add_flux_script_arguments(parser)
+    add_flux_train_arguments(parser)
+    return parser
+
+
+class FluxNetworkTrainer(train_network.NetworkTrainer):
+    def __init__(self, parser: argparse.ArgumentParser | None = None):
+        self.parser = parser or setup_parser()
+        self.is_schnell = False
+        self.sample_conditions = None  # sample prompts encoded before the text encoders were freed
+
+    # ---- checks before any work ------------------------------------------------------------------
+    def check_args(self, args) -> None:
+        for message in review_compat_flags(args, self.parser):
+            logger.warning(message)
+        if args.split_mode:
+            if args.blocks_to_swap is None:
+                args.blocks_to_swap = 18
+            logger.warning("--split_mode is deprecated: using --blocks_to_swap %d instead", args.blocks_to_swap)
+        for flag in NOT_IMPLEMENTED_YET:
+            if getattr(args, flag, False):
+                raise UserError(f"--{flag} is not implemented yet in this version; remove it")
+        if args.blocks_to_swap:
+            raise UserError("--blocks_to_swap is not implemented yet in this version; remove it")
+        if not args.pretrained_model_name_or_path:
+            raise UserError("--pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file")
+        if not args.output_dir:
+            raise UserError("--output_dir is required: where to write the LoRA")
+        if not args.ae:
+            raise UserError("--ae is required: the FLUX autoencoder (ae.safetensors)")
+        if not args.t5xxl:
+            raise UserError("--t5xxl is required: the T5-XXL text encoder (t5xxl_fp16.safetensors)")
+        if args.model_type == "chroma":
+            if not args.apply_t5_attn_mask:
+                raise UserError("--model_type chroma needs --apply_t5_attn_mask (Chroma attends over the T5 mask)")
+            if args.clip_l:
+                logger.warning("--clip_l is ignored for Chroma, which has no CLIP-L")
+                args.clip_l = None
+            if args.guidance_scale != 0.0:
+                logger.warning("Chroma was distilled with guidance 0; --guidance_scale %s is passed to its "
+                               "approximator as given (the guide recommends 0.0)", args.guidance_scale)
+        elif not args.clip_l:
+            raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
+        if args.cache_text_encoder_outputs_to_disk:
+            args.cache_text_encoder_outputs = True
+        if args.cache_latents_to_disk:
+            args.cache_latents = True
+        if args.full_bf16 and args.mixed_precision != "bf16":
+            raise UserError("--full_bf16 needs --mixed_precision bf16")
+        if args.full_fp16 and args.mixed_precision != "fp16":
+            raise UserError("--full_fp16 needs --mixed_precision fp16")
+        from library.flow_matching import FlowMatchingConfig
+
+        self.flow_config = FlowMatchingConfig.from_args(args)  # validates the math options
+        self.validation_config = dataclasses.replace(self.flow_config, ip_noise_gamma=None)
+
+    # ---- models ----------------------------------------------------------------------------------
+    def load_target_model(self, args, accelerator, weight_dtype) -> train_network.TargetModels:
+        from library.flux_utils import load_ae, load_clip_l, load_flow_model, load_t5xxl
+
+        self.is_schnell, dit = load_flow_model(args.pretrained_model_name_or_path, weight_dtype, "cpu",
+                                               model_type=args.model_type)
+        clip_l = load_clip_l(args.clip_l, weight_dtype, "cpu") if args.model_type == "flux" else None
+        t5xxl = load_t5xxl(args.t5xxl, weight_dtype, "cpu")
+        ae = load_ae(args.ae, torch_float32() if args.no_half_vae else weight_dtype, "cpu")
+        for model in (dit, clip_l, t5xxl, ae):
+            if model is not None:
+                model.requires_grad_(False).eval()
+        device = accelerator.device
+        dit.to(device)
+        ae.to(device)
+        version = "chroma" if args.model_type == "chroma" else "flux1"
+        return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)
+
+    def check_dataset(self, args, train_group, val_group) -> None:
+        self.t5_max_length = args.t5xxl_max_token_length or (256 if self._checkpoint_is_schnell(args) else 512)
+
+    @staticmethod
+    def _checkpoint_is_schnell(args) -> bool:
+        from library.flux_utils import checkpoint_files
+        from library.safetensors_io import read_keys
+
+        if args.model_type == "chroma":
+            return False
+        keys = [k for f in checkpoint_files(args.pretrained_model_name_or_path) for k in read_keys(f)]
+        return not any(k.endswith(("guidance_in.in_layer.bias", "guidance_embedder.linear_1.bias")) for k in keys)
+
+    def sai_architecture(self, ctx) -> str:
+        if ctx.models.version == "chroma":
+            return "chroma"
+        return "flux-1-schnell" if self.is_schnell else "flux-1-dev"
+
+    # ---- caches and text encoding ----------------------------------------------------------------
+    def cache_latents(self, ctx, groups) -> None:
+        from library.caches import LatentCacher, check_disk_caches_complete, file_fingerprint
+
+        args, accelerator = ctx.args, ctx.accelerator
+        cacher = LatentCacher(ctx.models.ae, file_fingerprint(args.ae), args.cache_latents_to_disk,
+                              args.vae_batch_size or 1, args.skip_cache_check, accelerator.process_index,
+                              accelerator.num_processes)
+        with __import__("torch").no_grad():
+            cacher.cache(groups)
+        accelerator.wait_for_everyone()
+        if args.cache_latents_to_disk:
+            check_disk_caches_complete(groups, latents=True)
+
+    def can_train_text_encoder(self, ctx) -> bool:
+        return ctx.args.model_type == "flux"  # Chroma has no CLIP-L; T5 LoRA is opt-in (train_t5xxl)
+
+    def prepare_text_encoding(self, ctx, groups) -> None:
+        import torch
+
+        from library.text_encoders import FluxTextEncodingStrategy
+        from library.tokenizers_flux import FluxTokenizeStrategy
+
+        args = ctx.args
+        self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
+                                                      use_clip_l=args.model_type == "flux")
+        self.encoding_strategy = FluxTextEncodingStrategy(args.apply_t5_attn_mask)
+        device = ctx.accelerator.device
+        for encoder in ctx.models.text_encoders:
+            if encoder is not None:
+                encoder.to(device)
+        if not args.cache_text_encoder_outputs:
+            return
+        from library.caches import TextEncoderCacher, check_disk_caches_complete, file_fingerprint
+
+        fingerprint = {
+            "t5xxl": file_fingerprint(args.t5xxl),
+            "clip_l": file_fingerprint(args.clip_l) if args.clip_l else None,
+            "t5xxl_max_token_length": self.t5_max_length,
+            "model_type": args.model_type,
+        }
+        cacher = TextEncoderCacher(self.encode_captions_to_numpy, fingerprint, args.apply_t5_attn_mask,
+                                   args.cache_text_encoder_outputs_to_disk, args.text_encoder_batch_size,
+                                   args.skip_cache_check, ctx.accelerator.process_index,
+                                   ctx.accelerator.num_processes)
+        self._ctx = ctx
+        with torch.no_grad():
+            cacher.cache(groups)
+        ctx.accelerator.wait_for_everyone()
+        if args.cache_text_encoder_outputs_to_disk:
+            check_disk_caches_complete(groups, latents=False, te=True)
+        if ctx.sample_prompts and not ctx.train_text_encoder:
+            # the text encoders are freed after caching: encode the sample prompts now
+            from library.flux_sampling import encode_texts, texts_to_encode
+
+            with torch.no_grad():
+                texts = texts_to_encode(ctx.sample_prompts, args.model_type)
+                self.sample_conditions = encode_texts(texts, lambda t: self.encode_captions(ctx, t))
+
+    def encode_captions(self, ctx, captions: list[str]) -> list:
+        tokens = self.tokenize_strategy.tokenize(captions)
+        with ctx.accelerator.autocast():
+            return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders, tokens)
+
+    def encode_captions_to_numpy(self, captions: list[str]) -> list[dict]:
+        l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(self._ctx, captions)
+        arrays = {"l_pooled": l_pooled, "t5_out": t5_out, "txt_ids": txt_ids, "t5_attn_mask": t5_mask}
+        arrays = {k: v.float().cpu().numpy() if k != "t5_attn_mask" else v.cpu().numpy() for k, v in arrays.items()}
+        return [{k: v[i] for k, v in arrays.items()} for i in range(len(captions))]
+
+    def after_network_created(self, ctx, network) -> None:
+        if getattr(network, "train_t5xxl", False) and ctx.args.cache_text_encoder_outputs:
+            raise UserError("network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
+                            "a trained T5 must run every step. Drop one of them.")
+
+    def prepare_for_training(self, ctx, network) -> None:
+        args = ctx.args
+        dit = ctx.models.dit
+        if args.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+            for encoder in ctx.models.text_encoders:
+                if encoder is not None and ctx.train_text_encoder:
+                    encoder.gradient_checkpointing_enable()
+        dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
+        if args.cache_text_encoder_outputs and not ctx.train_text_encoder:
+            ctx.models.text_encoders = [None, None]  # not needed any more: free them
+
+    def text_conditions(self, ctx, batch: dict):
+        """(l_pooled, t5_out, txt_ids, t5_mask) for a batch: from the cache, or encoded now."""
+        device, dtype = ctx.accelerator.device, ctx.weight_dtype
+        cached = batch.get("text_encoder_outputs")
+        train_clip = ctx.train_text_encoder and ctx.args.model_type == "flux"
+        if cached is not None and not train_clip:
+            outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
+        else:
+            outs = self.encode_captions(ctx, batch["captions"])
+            if cached is not None:  # CLIP-L trained live, T5 from the cache
+                outs = [outs[0], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
+        l_pooled, t5_out, txt_ids, t5_mask = outs
+        return (l_pooled.to(device, dtype), t5_out.to(device, dtype), txt_ids.to(device, dtype), t5_mask.to(device))
+
+    # ---- the loss of one batch -------------------------------------------------------------------
+    def batch_loss(self, ctx, batch, step, sample_indices, fixed_sigma=None):
+        import torch
+        import torch.nn.functional as F
+
+        from library.flow_matching import (
+            TRAIN_STREAM,
+            VALIDATION_STREAM,
+            noisy_input,
+            per_sample_loss,
+            per_sample_seeds,
+            sample_noise_and_sigmas,
+        )
+        from library.flux_utils import pack_latents, prepare_img_ids, unpack_latents
+
+        args, device, dtype = ctx.args, ctx.accelerator.device, ctx.weight_dtype
+        models = ctx.models
+        if batch["latents"] is not None:
+            latents = batch["latents"].to(device, torch.float32)
+        else:
+            with torch.no_grad():
+                images = batch["images"].to(device, models.ae.dtype)
+                chunks = [models.ae.encode(c) for c in images.split(args.vae_batch_size or len(images))]
+            latents = torch.cat(chunks).float()
+        latents = torch.nan_to_num(latents, nan=0.0)
+        validation = fixed_sigma is not None
+        if validation:  # fixed noise levels, fixed noise, and no input perturbation
+            seed = args.validation_seed if args.validation_seed is not None else ctx.seed
+            config, stream = self.validation_config, VALIDATION_STREAM
+        else:
+            seed, config, stream = ctx.seed, self.flow_config, TRAIN_STREAM
+        seeds = per_sample_seeds(seed, step, sample_indices, stream=stream)
+        noise = sample_noise_and_sigmas(config, latents.shape[1:], seeds, fixed_sigma=fixed_sigma, device=device)
+        x_t = noisy_input(latents, noise)
+        l_pooled, t5_out, txt_ids, t5_mask = self.text_conditions(ctx, batch)
+
+        b, _, h, w = latents.shape
+        guidance = torch.full((b,), float(args.guidance_scale), device=device, dtype=dtype)
+        with self.network_multiplier(ctx, batch):
+            packed = models.dit(
+                img=pack_latents(x_t.to(dtype)),
+                img_ids=prepare_img_ids(b, h // 2, w // 2).to(device, dtype),
+                txt=t5_out,
+                txt_ids=txt_ids,
+                timesteps=noise.sigmas.to(dtype),
+                y=l_pooled,
+                guidance=guidance if (models.dit.params.guidance_embed or args.model_type == "chroma") else None,
+                txt_attention_mask=t5_mask if args.apply_t5_attn_mask else None,
+            )
+        prediction = unpack_latents(packed.float(), h // 2, w // 2)
+        mask = None
+        if batch.get("alpha_masks") is not None:
+            mask = F.interpolate(batch["alpha_masks"].to(device)[:, None], size=(h, w), mode="area")
+        return per_sample_loss(prediction, latents, noise, x_t, config, mask=mask)
+
+    def network_multiplier(self, ctx, batch):
+        """Applies the dataset's network_multiplier for the batch (1.0 unless a dataset sets it)."""
+        import contextlib
+
+        multipliers = batch.get("network_multipliers")
+        network = ctx.network
+        if multipliers is None or not hasattr(network, "set_multiplier") or bool((multipliers == 1.0).all()):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def applied():
+            network.set_multiplier(float(multipliers[0]))
+            try:
+                yield
+            finally:
+                network.set_multiplier(1.0)
+
+        return applied()
+
+    # ---- samples ---------------------------------------------------------------------------------
+    def sample_images(self, ctx, epoch, step) -> None:
+        from library.flux_sampling import sample_images
+
+        args, accelerator = ctx.args, ctx.accelerator
+        if self.sample_conditions is not None:
+            text = {"conditions": self.sample_conditions}
+        else:
+            text = {"encode_prompts": lambda texts: self.encode_captions(ctx, texts)}
+        sample_images(
+            ctx.models.dit, ctx.models.ae, ctx.sample_prompts, output_dir=args.output_dir,
+            output_name=args.output_name, epoch=epoch, steps=step, model_type=args.model_type,
+            is_schnell=self.is_schnell, apply_t5_attn_mask=args.apply_t5_attn_mask, device=accelerator.device,
+            dtype=ctx.weight_dtype, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes, eval_modules=[ctx.network], autocast=accelerator.autocast,
+            **text,
+        )
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = setup_parser()
+    return train_network.main(argv, parser, FluxNetworkTrainer(parser))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

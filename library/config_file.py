@@ -1,0 +1,109 @@
+"""``--config_file`` (a TOML of arguments) and ``--output_config``, as in sd-scripts.
+
+Sections of the TOML are flattened (``[training] max_train_steps = 10`` sets
+``--max_train_steps``), the command line overrides the file, and keys the parser does not know
+warn instead of failing, because GUIs write extra keys of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+_NOT_SAVED = {"config_file", "output_config"}
+
+
+def _config_path(path: str) -> str:
+    return path if path.endswith(".toml") else path + ".toml"
+
+
+def flatten(table: dict[str, Any]) -> dict[str, Any]:
+    """Nested sections -> one level; a key given in two sections keeps the later one."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _convert(action: argparse.Action, value: Any, path: str) -> Any:
+    def one(v: Any) -> Any:
+        if isinstance(v, str) and callable(action.type) and action.type is not str:
+            try:
+                return action.type(v)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise UserError(f"{path}: {action.dest} = {v!r}: {e}") from None
+        return v
+
+    if action.nargs in ("*", "+") and not isinstance(value, list):
+        value = [value]
+    return [one(v) for v in value] if isinstance(value, list) else one(value)
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The known arguments of a config TOML, converted to the parser's types; unknown keys warn."""
+    import toml
+
+    path = _config_path(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--config_file {path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = toml.load(f)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--config_file {path}: not valid TOML ({e})") from None
+    actions = {a.dest: a for a in parser._actions}
+    values = {}
+    for key, value in flatten(table).items():
+        if key in _NOT_SAVED:
+            continue
+        if key not in actions:
+            logger.warning("%s: unknown key %r ignored", path, key)
+            continue
+        values[key] = _convert(actions[key], value, path)
+    return values
+
+
+def write_config_file(path: str, args: argparse.Namespace) -> str:
+    """Writes every argument that has a value (sd-scripts' ``--output_config``)."""
+    import toml
+
+    path = _config_path(path)
+    values = {
+        k: (str(v) if isinstance(v, os.PathLike) else v)
+        for k, v in vars(args).items()
+        if v is not None and k not in _NOT_SAVED
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        toml.dump(values, f)
+    os.replace(tmp, path)
+    return path
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the command line on top of ``--config_file``; handles ``--output_config`` (writes, exits 0)."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config_file", None):
+        if getattr(args, "output_config", False):
+            raise UserError("--output_config needs --config_file to name the file to write")
+        return args
+    if args.output_config:
+        path = write_config_file(args.config_file, args)
+        print(f"wrote the arguments to {path}")
+        sys.exit(0)
+    defaults = read_config_file(args.config_file, parser)
+    originals = {k: parser.get_default(k) for k in defaults}
+    parser.set_defaults(**defaults)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**originals)

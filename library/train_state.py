@@ -1,0 +1,156 @@
+"""Saved-file names, old-save removal and the resumable training-state directory.
+
+Names are sd-scripts' (spec §h.2): ``{name}-{epoch:06d}.ext``, ``{name}-step{step:08d}.ext``,
+``{name}.ext`` and ``...-state/`` directories. A state directory holds the network weights
+(``model.safetensors``), ``optimizer.bin``, ``scheduler.bin``, ``random_states_<rank>.pkl``,
+``scaler.pt`` with fp16, and ``train_state.json``; it is written under a temporary name and
+renamed into place, so an interrupted save never leaves a half state that ``--resume`` would
+take for a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from library.errors import UserError
+
+TRAIN_STATE_FILE = "train_state.json"
+DEFAULT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}
+
+
+def model_file_name(output_name: str | None, kind: str, number: int | None = None, ext: str = ".safetensors") -> str:
+    """File name of an epoch save, a step save or the final file."""
+    if kind == "epoch":
+        return f"{output_name or DEFAULT_NAMES['epoch']}-{number:06d}{ext}"
+    if kind == "step":
+        return f"{output_name or DEFAULT_NAMES['step']}-step{number:08d}{ext}"
+    return f"{output_name or DEFAULT_NAMES['last']}{ext}"
+
+
+def state_dir_name(output_name: str | None, kind: str, number: int | None = None) -> str:
+    return model_file_name(output_name, kind, number, ext="") + "-state"
+
+
+def epoch_to_remove(epoch: int, save_every_n_epochs: int | None, keep_last_n: int | None) -> int | None:
+    """The epoch whose save falls out of ``--save_last_n_epochs`` when ``epoch`` is saved."""
+    if not keep_last_n or not save_every_n_epochs:
+        return None
+    old = epoch - save_every_n_epochs * keep_last_n
+    return old if old > 0 else None
+
+
+def step_to_remove(step: int, save_every_n_steps: int | None, keep_last_n_steps: int | None) -> int | None:
+    """The step save that falls out of ``--save_last_n_steps`` (a step count, as in sd-scripts)."""
+    if not keep_last_n_steps or not save_every_n_steps:
+        return None
+    old = step - keep_last_n_steps - 1
+    old -= old % save_every_n_steps
+    return old if old > 0 else None
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+@dataclass
+class TrainProgress:
+    """What ``train_state.json`` records: the epoch in progress and the number of steps done."""
+
+    current_epoch: int
+    current_step: int
+
+
+def capture_rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_training_state(
+    state_dir: str,
+    network_state: dict[str, torch.Tensor],
+    optimizer,
+    lr_scheduler,
+    progress: TrainProgress,
+    scaler=None,
+) -> None:
+    """Writes a complete state directory atomically (temporary directory, then rename)."""
+    from library.safetensors_io import save_safetensors
+
+    parent = os.path.dirname(os.path.abspath(state_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(state_dir)}.tmp-{os.getpid()}")
+    remove_path(tmp)
+    os.makedirs(tmp)
+    try:
+        save_safetensors(network_state, os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
+        with open(os.path.join(tmp, "random_states_0.pkl"), "wb") as f:
+            pickle.dump(capture_rng_states(), f)
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step}, f)
+        old = None
+        if os.path.exists(state_dir):  # replace an older state only once the new one is complete
+            old = tmp + ".old"
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        if old:
+            remove_path(old)
+    finally:
+        remove_path(tmp)
+
+
+def check_state_dir(state_dir: str) -> None:
+    """Stops before any work if ``--resume`` does not name a complete training state."""
+    if not os.path.isdir(state_dir):
+        raise UserError(f"--resume {state_dir}: no such directory. Give a '...-state' folder written by --save_state.")
+    needed = ("model.safetensors", "optimizer.bin", "scheduler.bin", TRAIN_STATE_FILE)
+    missing = [n for n in needed if not os.path.exists(os.path.join(state_dir, n))]
+    if missing:
+        raise UserError(
+            f"--resume {state_dir}: not a training state (missing {', '.join(missing)}). "
+            "Give a '...-state' folder written by --save_state."
+        )
+
+
+def load_training_state(state_dir: str, optimizer, lr_scheduler, scaler=None) -> tuple[dict, TrainProgress]:
+    """Restores optimizer, scheduler, RNG and scaler; returns the network weights and the progress."""
+    from library.safetensors_io import load_safetensors
+
+    check_state_dir(state_dir)
+    network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
+    optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
+    rng_file = os.path.join(state_dir, "random_states_0.pkl")
+    if os.path.exists(rng_file):
+        with open(rng_file, "rb") as f:
+            restore_rng_states(pickle.load(f))
+    scaler_file = os.path.join(state_dir, "scaler.pt")
+    if scaler is not None and os.path.exists(scaler_file):
+        scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
+    with open(os.path.join(state_dir, TRAIN_STATE_FILE), encoding="utf-8") as f:
+        data = json.load(f)
+    return network_state, TrainProgress(int(data["current_epoch"]), int(data["current_step"]))

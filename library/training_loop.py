@@ -1,0 +1,323 @@
+"""The step loop of ``NetworkTrainer.train``: micro-batches, optimizer steps, validation,
+sampling, saving and logging, in the order sd-scripts runs them (spec §a.2 steps 34-37)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from tqdm import tqdm
+
+from library.errors import UserError
+from library.flow_matching import VALIDATION_SIGMAS
+from library.sample_prompts import SampleTriggers
+from library.train_metadata import minimal_metadata, per_save_metadata
+from library.train_state import (
+    TrainProgress,
+    epoch_to_remove,
+    model_file_name,
+    remove_path,
+    save_training_state,
+    state_dir_name,
+    step_to_remove,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The batch indices this process visits in the current epoch (changed between epochs)."""
+
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        trainer,
+        ctx,
+        train_group,
+        val_group,
+        optimizer,
+        lr_scheduler,
+        lr_descriptions,
+        optimizer_train,
+        optimizer_eval,
+        process_batches,
+        steps_per_epoch,
+        num_epochs,
+        metadata,
+        save_dtype,
+    ):
+        self.trainer, self.ctx, self.args = trainer, ctx, ctx.args
+        self.accelerator, self.network = ctx.accelerator, ctx.network
+        self.train_group, self.val_group = train_group, val_group
+        self.optimizer, self.lr_scheduler, self.lr_descriptions = optimizer, lr_scheduler, lr_descriptions
+        self.optimizer_train, self.optimizer_eval = optimizer_train, optimizer_eval
+        self.process_batches = process_batches
+        self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
+        self.metadata, self.save_dtype = metadata, save_dtype
+        self.ext = "." + (self.args.save_model_as or "safetensors")
+        self.last_saved: str | None = None
+        self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
+        self.epoch_losses: list[float] = []
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self, first_step: int) -> str:
+        args, accelerator = self.args, self.accelerator
+        accum = args.gradient_accumulation_steps
+        global_step = first_step
+        first_epoch = first_step // self.steps_per_epoch
+        loader, sampler = self._data_loader()
+        progress = tqdm(
+            total=args.max_train_steps,
+            initial=first_step,
+            desc="steps",
+            smoothing=0,
+            disable=not accelerator.is_local_main_process,
+        )
+        self._set_train_mode()
+        if self.triggers.due(0, 0) and first_step == 0:
+            self._sample(epoch=0, step=0)
+
+        for epoch in range(first_epoch, self.num_epochs):
+            if global_step >= args.max_train_steps:
+                break
+            self.train_group.set_current_epoch(epoch + 1)
+            skip = (global_step - epoch * self.steps_per_epoch) * accum
+            sampler.indices = self.process_batches[skip:]
+            self.epoch_losses = []
+            window: list[float] = []
+            for position, batch in enumerate(loader, start=skip):
+                micro = position % accum
+                self.train_group.set_current_step(global_step)
+                loss = self._micro_step(batch, global_step, micro) / accum
+                accelerator.backward(loss)
+                window.append(loss.item())
+                if micro != accum - 1 and position != len(self.process_batches) - 1:
+                    continue
+                logs = self._optimizer_step()
+                global_step += 1
+                step_loss = sum(window) * accum / len(window)
+                window = []
+                self.epoch_losses.append(step_loss)
+                logs |= {"loss/current": step_loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
+                self._after_step(epoch, global_step, logs)
+                if global_step >= args.max_train_steps:
+                    break
+            self._after_epoch(epoch, global_step)
+        progress.close()
+        return self._save_final(global_step, min(self.num_epochs, global_step // max(self.steps_per_epoch, 1)))
+
+    def _micro_step(self, batch: dict, step: int, micro: int) -> torch.Tensor:
+        accelerator = self.accelerator
+        batch_size = len(batch["captions"])
+        first = (micro * accelerator.num_processes + accelerator.process_index) * batch_size
+        with accelerator.autocast():
+            losses = self.trainer.batch_loss(self.ctx, batch, step, list(range(first, first + batch_size)))
+        loss = (losses * batch["loss_weights"].to(losses.device)).mean()
+        if not torch.isfinite(loss):
+            last = self.last_saved or "nothing has been saved yet"
+            raise UserError(
+                f"the loss became {loss.item()} at step {step + 1}. Likely causes: fp16 overflow (use "
+                "--mixed_precision bf16), or a learning rate too high (lower --learning_rate / --unet_lr). "
+                f"No weights were written for this step; the last good file is: {last}"
+            )
+        return loss
+
+    def _optimizer_step(self) -> dict:
+        args, accelerator, network = self.args, self.accelerator, self.network
+        params = [p for p in network.parameters() if p.requires_grad]
+        if accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        logs = {}
+        if args.scale_weight_norms:
+            keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(
+                args.scale_weight_norms, accelerator.device
+            )
+            logs |= {
+                "max_norm/keys_scaled": keys_scaled,
+                "max_norm/average_key_norm": mean_norm,
+                "max_norm/max_key_norm": max_norm,
+            }
+        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr()):
+            logs[f"lr/{description}".rstrip()] = lr
+        return logs
+
+    # ---- between steps and epochs --------------------------------------------------------------
+    def _after_step(self, epoch: int, step: int, logs: dict) -> None:
+        args = self.args
+        if self.triggers.due(None, step):
+            self._sample(epoch=None, step=step)
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+            self._save_checkpoint("step", step, step, epoch + 1)
+            old = step_to_remove(step, args.save_every_n_steps, args.save_last_n_steps)
+            if old:
+                self._remove("step", old)
+            old_state = step_to_remove(
+                step, args.save_every_n_steps, args.save_last_n_steps_state or args.save_last_n_steps
+            )
+            if old_state:
+                self._remove_state("step", old_state)
+        if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+            logs |= self._validate("step")
+        self.accelerator.log(logs, step=step)
+
+    def _after_epoch(self, epoch: int, step: int) -> None:
+        args = self.args
+        logs = {}
+        if self.epoch_losses:
+            logs["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
+        every = args.validate_every_n_epochs or 1
+        if self.val_group and (epoch + 1) % every == 0:
+            logs |= self._validate("epoch")
+        if logs:
+            self.accelerator.log(logs, step=step)
+        n = args.save_every_n_epochs
+        if n and (epoch + 1) % n == 0 and epoch + 1 < self.num_epochs:
+            self._save_checkpoint("epoch", epoch + 1, step, epoch + 1)
+            old = epoch_to_remove(epoch + 1, n, args.save_last_n_epochs)
+            if old:
+                self._remove("epoch", old)
+            old_state = epoch_to_remove(epoch + 1, n, args.save_last_n_epochs_state or args.save_last_n_epochs)
+            if old_state:
+                self._remove_state("epoch", old_state)
+        if self.triggers.due(epoch + 1, step):
+            self._sample(epoch=epoch + 1, step=step)
+
+    def _validate(self, kind: str) -> dict:
+        """Mean loss over the validation batches at σ = 0.2, 0.4, 0.6, 0.8 with fixed noise."""
+        args = self.args
+        self._set_eval_mode()
+        self.val_group.set_current_epoch(1)
+        count = len(self.val_group)
+        if args.max_validation_steps is not None:
+            count = min(count, args.max_validation_steps)
+        total, n = 0.0, 0
+        with torch.no_grad(), self.accelerator.autocast():
+            for index in range(count):
+                batch = self.val_group[index]
+                indices = list(range(len(batch["captions"])))
+                for sigma in VALIDATION_SIGMAS:
+                    losses = self.trainer.batch_loss(self.ctx, batch, index, indices, fixed_sigma=sigma)
+                    total += (losses * batch["loss_weights"].to(losses.device)).mean().item()
+                    n += 1
+        self._set_train_mode()
+        average = total / max(n, 1)
+        train_average = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else average
+        logger.info("validation loss (%s): %.5f", kind, average)
+        return {
+            f"loss/validation/{kind}_average": average,
+            f"loss/validation/{kind}_divergence": average - train_average,
+        }
+
+    def _set_eval_mode(self) -> None:
+        self.optimizer_eval()
+        self.network.eval()
+
+    def _set_train_mode(self) -> None:
+        self.optimizer_train()
+        self.network.train()
+
+    def _sample(self, epoch: int | None, step: int) -> None:
+        self._set_eval_mode()
+        try:
+            self.trainer.sample_images(self.ctx, epoch, step)
+        finally:
+            self._set_train_mode()
+
+    # ---- files --------------------------------------------------------------------------------
+    def _metadata(self, steps: int, epoch: int) -> dict[str, str] | None:
+        if self.ext != ".safetensors":
+            return None
+        metadata = per_save_metadata(self.metadata, steps, epoch)
+        return minimal_metadata(metadata) if self.args.no_metadata else metadata
+
+    def _save_model(self, file_name: str, steps: int, epoch: int) -> str:
+        path = os.path.join(self.args.output_dir, file_name)
+        if self.accelerator.is_main_process:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self._set_eval_mode()
+            self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
+            self._set_train_mode()
+            logger.info("saved %s", path)
+        self.last_saved = path
+        return path
+
+    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
+        scaler = getattr(self.accelerator, "scaler", None)
+        save_training_state(
+            path,
+            self.network.state_dict(),
+            self.optimizer.optimizer,
+            self.lr_scheduler,
+            TrainProgress(epoch, steps),
+            scaler,
+        )
+        logger.info("saved the training state to %s", path)
+
+    def _save_checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
+        self._save_model(model_file_name(self.args.output_name, kind, number, self.ext), steps, epoch)
+        if self.args.save_state:
+            self._save_state(kind, number, steps, epoch)
+        self.accelerator.wait_for_everyone()
+
+    def _remove(self, kind: str, number: int) -> None:
+        if self.accelerator.is_main_process:
+            remove_path(
+                os.path.join(self.args.output_dir, model_file_name(self.args.output_name, kind, number, self.ext))
+            )
+
+    def _remove_state(self, kind: str, number: int) -> None:
+        if self.accelerator.is_main_process:
+            remove_path(os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number)))
+
+    def _save_final(self, steps: int, epoch: int) -> str:
+        epoch = max(epoch, math.ceil(steps / max(self.steps_per_epoch, 1)))
+        if self.args.save_state or self.args.save_state_on_train_end:
+            self._save_state("last", None, steps, epoch)
+        path = self._save_model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _data_loader(self):
+        args = self.args
+        sampler = EpochSampler(self.process_batches)
+        workers = min(args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
+        from library.datasets import collate_first
+
+        if workers > 0:
+            import multiprocessing
+
+            epoch_value, step_value = multiprocessing.Value("i", 1), multiprocessing.Value("i", 0)
+            self.train_group.use_shared_counters(epoch_value, step_value)
+        loader = torch.utils.data.DataLoader(
+            self.train_group,
+            batch_size=1,
+            sampler=sampler,
+            collate_fn=collate_first,
+            num_workers=workers,
+            persistent_workers=bool(args.persistent_data_loader_workers and workers > 0),
+        )
+        return loader, sampler

@@ -1,0 +1,175 @@
+"""The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
+config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import flux_train_network
+from library.config_file import parse_args_with_config
+from library.safetensors_io import load_safetensors, read_metadata
+from tests.training_helpers import base_argv, dataset
+
+
+def run(argv) -> int:
+    return flux_train_network.main(argv)
+
+
+def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_path):
+    data = dataset(tmp_path, batch_size=1)  # 6 steps per epoch: the resume point is mid-epoch
+    schedule = dict(lr_scheduler="cosine", lr_warmup_steps=2, cache_latents=True)
+    straight = str(tmp_path / "straight")
+    argv = base_argv(tiny_model_files, data, straight, steps=6, save_every_n_steps=3, save_state=True, **schedule)
+    assert run(argv) == 0
+    state = os.path.join(straight, "lora-step00000003-state")
+    assert sorted(os.listdir(state)) == [
+        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "train_state.json"
+    ]
+    resumed = str(tmp_path / "resumed")
+    assert run(base_argv(tiny_model_files, data, resumed, steps=6, resume=state, **schedule)) == 0
+    a = load_safetensors(os.path.join(straight, "lora.safetensors"))
+    b = load_safetensors(os.path.join(resumed, "lora.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    at_step_3 = load_safetensors(os.path.join(straight, "lora-step00000003.safetensors"))
+    assert any(not torch.equal(at_step_3[k], a[k]) for k in a)  # the last 3 steps did change the weights
+
+
+def fixed_noise_loss(models, lora_path, latents, te, sigma=0.5, seed=0):
+    """Velocity loss of the DiT with the LoRA merged, at one σ and one noise draw."""
+    import networks.lora_flux as lora_flux
+    from library.flux_utils import load_flow_model, pack_latents, prepare_img_ids, unpack_latents
+
+    _, dit = load_flow_model(models.flux_dev, torch.float32, "cpu")
+    if lora_path:
+        network, weights = lora_flux.create_network_from_weights(1.0, lora_path, None, [None, None], dit,
+                                                                 for_inference=True)
+        network.merge_to([None, None], dit, weights, torch.float32, "cpu")
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    x_t = (1 - sigma) * latents + sigma * noise
+    b, _, h, w = latents.shape
+    with torch.no_grad():
+        out = dit(img=pack_latents(x_t), img_ids=prepare_img_ids(b, h // 2, w // 2), txt=te["t5_out"],
+                  txt_ids=te["txt_ids"], timesteps=torch.full((b,), sigma), y=te["l_pooled"],
+                  guidance=torch.full((b,), 1.0))
+    return torch.mean((unpack_latents(out, h // 2, w // 2) - (noise - latents)) ** 2).item()
+
+
+def test_lora_lowers_the_loss_on_its_training_image(tiny_model_files, tmp_path):
+    data = dataset(tmp_path, batch_size=1, num_images=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=40, cache_latents_to_disk=True,
+                     cache_text_encoder_outputs_to_disk=True, network_train_unet_only=True, learning_rate="1e-2",
+                     network_dim=16, network_alpha=16, model_prediction_type="raw", guidance_scale="1.0",
+                     timestep_sampling="uniform")
+    assert run(argv) == 0
+    image = sorted(p for p in os.listdir(data.image_dir) if p.endswith(".png"))[0]
+    stem = os.path.join(data.image_dir, os.path.splitext(image)[0])
+    with np.load(_latent_file(stem)) as npz:
+        key = next(k for k in npz.files if k.startswith("latents_"))
+        latents = torch.from_numpy(npz[key]).float()[None]
+    with np.load(stem + "_flux_te.npz") as npz:
+        te = {k: torch.from_numpy(npz[k]).float()[None] for k in ("l_pooled", "t5_out", "txt_ids")}
+    before = np.mean([fixed_noise_loss(tiny_model_files, None, latents, te, s, i) for i, s in enumerate((0.3, 0.7))])
+    after = np.mean([fixed_noise_loss(tiny_model_files, os.path.join(out, "lora.safetensors"), latents, te, s, i)
+                     for i, s in enumerate((0.3, 0.7))])
+    # 40 steps move a tiny random DiT only part of the way (a full fine-tune of all its weights gets
+    # about 20% in 40 steps, 67% in 300): a 10% drop at fixed noise is far outside run-to-run noise,
+    # which is zero here (every draw is seeded).
+    assert after < 0.9 * before, (before, after)
+
+
+def _latent_file(stem: str) -> str:
+    folder = os.path.dirname(stem)
+    name = os.path.basename(stem)
+    matches = [f for f in os.listdir(folder) if f.startswith(name + "_") and f.endswith("_flux.npz")]
+    assert len(matches) == 1, matches
+    return os.path.join(folder, matches[0])
+
+
+def test_saved_file_has_training_metadata(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    assert run(base_argv(tiny_model_files, data, out, steps=2, training_comment="hello",
+                         timestep_sampling="shift", model_prediction_type="raw")) == 0
+    md = read_metadata(os.path.join(out, "lora.safetensors"))
+    assert md["ss_network_module"] == "networks.lora_flux"
+    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "4.0"
+    assert md["ss_base_model_version"] == "flux1"
+    assert md["ss_training_comment"] == "hello"
+    assert md["ss_timestep_sampling"] == "shift" and md["ss_model_prediction_type"] == "raw"
+    assert md["ss_max_train_steps"] == "2" and md["ss_steps"] == "2"
+    assert md["ss_seed"] == "7" and md["ss_num_train_images"] == "6"
+    assert md["ss_apply_t5_attn_mask"] == "False"
+    assert md["modelspec.architecture"] == "flux-1-dev/lora"
+    assert all(isinstance(v, str) for v in md.values())
+
+
+def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    assert run(base_argv(tiny_model_files, data, out, steps=1, no_metadata=True)) == 0
+    md = read_metadata(os.path.join(out, "lora.safetensors"))
+    ss = {k for k in md if k.startswith("ss_")}
+    assert ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                  "ss_network_args"}
+
+
+@pytest.mark.parametrize(
+    "drop, flags, message",
+    [
+        ("--output_dir", {}, "--output_dir is required"),
+        ("--clip_l", {}, "--clip_l is required for FLUX.1"),
+        (None, {"blocks_to_swap": 4}, "--blocks_to_swap is not implemented yet"),
+        (None, {"loss_type": "huber"}, "--huber_schedule snr (the default) cannot be used with --loss_type huber"),
+        (None, {"full_bf16": True}, "--full_bf16 needs --mixed_precision bf16"),
+        (None, {"network_args": ["img_attn_dim"]}, "--network_args 'img_attn_dim': expected key=value"),
+    ],
+)
+def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys, drop, flags, message):
+    data = dataset(tmp_path)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, **flags)
+    if drop:
+        i = argv.index(drop)
+        del argv[i : i + 2]
+    assert run(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "out" / "lora.safetensors")
+
+
+def test_chroma_without_t5_mask_is_refused(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), model_type="chroma")
+    argv.remove("--apply_t5_attn_mask")
+    assert run(argv) == 1
+    assert "--model_type chroma needs --apply_t5_attn_mask" in capsys.readouterr().err
+
+
+def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path, caplog):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        "[training]\nmax_train_steps = 77\nlearning_rate = 0.5\n[network]\nnetwork_dim = 8\n"
+        "network_args = ['img_attn_dim=4']\n[gui]\nsome_gui_setting = 3\n"
+    )
+    parser = flux_train_network.setup_parser()
+    args = parse_args_with_config(parser, ["--config_file", str(config), "--learning_rate", "0.1"])
+    assert args.max_train_steps == 77
+    assert args.learning_rate == 0.1  # the command line overrides the file
+    assert args.network_dim == 8 and args.network_args == ["img_attn_dim=4"]
+    assert "some_gui_setting" in caplog.text  # unknown keys warn instead of failing
+    assert parser.get_default("max_train_steps") == 1600  # the parser is left as it was
+
+
+def test_output_config_writes_the_arguments(tmp_path):
+    config = tmp_path / "saved.toml"
+    parser = flux_train_network.setup_parser()
+    with pytest.raises(SystemExit) as done:
+        parse_args_with_config(parser, ["--config_file", str(config), "--output_config", "--network_dim", "12"])
+    assert done.value.code == 0
+    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
+    assert args.network_dim == 12 and args.max_train_steps == 1600

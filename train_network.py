@@ -1,0 +1,418 @@
+"""Model-agnostic LoRA training: ``NetworkTrainer`` and the generic ``setup_parser()``.
+
+The loop reads top to bottom: arguments -> datasets -> models -> caches -> network ->
+optimizer -> (resume) -> steps -> saves. Model-specific work (loading, text encoding, the
+loss of one batch, sampling) lives in subclass hooks; ``flux_train_network.FluxNetworkTrainer``
+is the one this project ships.
+
+Determinism: batch order is a pure function of (seed, epoch), and noise and noise levels of
+(seed, step, global sample index), so a resumed run continues exactly and the result does not
+depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+from library.dataset_args import add_dataset_arguments
+from library.errors import UserError
+from library.train_args import add_train_network_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    """The generic LoRA trainer's parser (dataset, training, network, saving, logging ... groups)."""
+    parser = argparse.ArgumentParser(
+        description="Train a LoRA network (sd-scripts compatible command line).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataset_arguments(parser)
+    add_train_network_arguments(parser)
+    return parser
+
+
+@dataclass
+class TargetModels:
+    """What a model-specific trainer loads: the DiT, the AE and the text encoders."""
+
+    version: str
+    text_encoders: list
+    ae: object
+    dit: object
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """State shared by the hooks during one run."""
+
+    args: argparse.Namespace
+    accelerator: object
+    weight_dtype: object
+    models: TargetModels
+    network: object = None
+    seed: int = 0
+    train_text_encoder: bool = False
+    train_unet: bool = True
+    sample_prompts: list | None = None
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """``--network_args k=v ...`` -> dict (split on the first '=', values stay strings)."""
+    kwargs = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--network_args {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+def resolve_dtypes(args, device_type: str):
+    import torch
+
+    names = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    weight_dtype = names[args.mixed_precision]
+    if weight_dtype == torch.float16 and device_type == "cpu":
+        logger.warning("--mixed_precision fp16 on CPU computes in fp32 (CPU autocast has no fp16); use bf16 or no")
+        weight_dtype = torch.float32
+    save_dtype = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.save_precision
+    ]
+    return weight_dtype, save_dtype
+
+
+def setup_logging(args) -> None:
+    level = getattr(logging, (getattr(args, "console_log_level", None) or "INFO").upper())
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if getattr(args, "console_log_file", None):
+        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
+    fmt = "%(message)s" if getattr(args, "console_log_simple", False) else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class NetworkTrainer:
+    """The training loop; subclasses fill in the model-specific hooks below."""
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def check_args(self, args) -> None:
+        """Stops on option combinations that cannot work; called before any long work."""
+
+    def load_target_model(self, args, accelerator, weight_dtype) -> TargetModels:
+        raise NotImplementedError
+
+    def cache_latents(self, ctx: RunContext, groups) -> None:
+        raise NotImplementedError
+
+    def prepare_text_encoding(self, ctx: RunContext, groups) -> None:
+        """Tokenizers, text-encoder output caches and anything sampling will need."""
+        raise NotImplementedError
+
+    def batch_loss(self, ctx: RunContext, batch: dict, step: int, sample_indices: list[int], fixed_sigma=None):
+        """Per-sample losses (B,) of one batch."""
+        raise NotImplementedError
+
+    def sample_images(self, ctx: RunContext, epoch: int | None, step: int) -> None:
+        """Sample images if the prompts file asks for them (no-op by default)."""
+
+    def network_targets(self, ctx: RunContext) -> tuple[list, object]:
+        """(text encoders, DiT) as the network module receives them."""
+        return ctx.models.text_encoders, ctx.models.dit
+
+    def sai_architecture(self, ctx: RunContext) -> str:
+        return ctx.models.version
+
+    # ---- the run ---------------------------------------------------------------------------
+    def train(self, args) -> str:
+        """Trains and returns the path of the final LoRA file."""
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from library.dataset_config import check_caching, load_dataset_configs
+        from library.datasets import build_dataset_groups
+
+        self.check_args(args)
+        if args.seed is None:
+            args.seed = random.randint(0, 2**32 - 1)
+        set_seed(args.seed)
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            log_with=self._trackers(args),
+            project_dir=args.logging_dir,
+            cpu=not torch.cuda.is_available(),
+        )
+        weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
+
+        configs = load_dataset_configs(args)
+        check_caching(configs, args)
+        train_group, val_group = build_dataset_groups(configs, args.seed, args.validation_seed)
+        groups = [g for g in (train_group, val_group) if g is not None]
+        if len(train_group) == 0:
+            raise UserError("the dataset has no images to train on; check image_dir / --train_data_dir")
+        self.check_dataset(args, train_group, val_group)
+        sampling_prompts = self.load_sample_prompts(args)
+
+        models = self.load_target_model(args, accelerator, weight_dtype)
+        ctx = RunContext(args, accelerator, weight_dtype, models, seed=args.seed, sample_prompts=sampling_prompts)
+        if args.cache_latents:
+            self.cache_latents(ctx, groups)
+        ctx.train_unet = not args.network_train_text_encoder_only
+        ctx.train_text_encoder = not args.network_train_unet_only and self.can_train_text_encoder(ctx)
+        self.prepare_text_encoding(ctx, groups)
+
+        network = self.create_network(ctx)
+        ctx.network = network
+        params, lr_descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(
+            args.text_encoder_lr, args.unet_lr, args.learning_rate
+        )
+        from library.lr_schedulers import get_scheduler_fix
+        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn
+
+        optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
+        optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)
+
+        process_batches = list(range(accelerator.process_index, len(train_group), accelerator.num_processes))
+        accum = args.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(len(process_batches) / accum)
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * steps_per_epoch
+        num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        if args.save_n_epoch_ratio:
+            args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
+        train_group.set_max_train_steps(args.max_train_steps)
+        lr_scheduler = get_scheduler_fix(args, optimizer, 1)
+
+        if args.full_bf16 or args.full_fp16:
+            network.to(weight_dtype)
+        optimizer = accelerator.prepare(optimizer)
+        network.to(accelerator.device)
+        if hasattr(network, "prepare_grad_etc"):
+            network.prepare_grad_etc(*self.network_targets(ctx))
+
+        first_step = 0
+        if args.resume:
+            from library.train_state import load_training_state
+
+            network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler)
+            network.load_state_dict(network_state, strict=True)
+            first_step = progress.current_step
+            logger.info("resumed from %s at step %d", args.resume, first_step)
+
+        metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
+                                          steps_per_epoch)
+        if accelerator.is_main_process and self._trackers(args):
+            init_kwargs = self._tracker_init_kwargs(args)
+            config = self._loggable_config(args) if args.log_config else {}
+            accelerator.init_trackers(args.log_tracker_name or "network_train", config=config,
+                                      init_kwargs=init_kwargs)
+
+        from library.training_loop import TrainingLoop
+
+        loop = TrainingLoop(self, ctx, train_group, val_group, optimizer, lr_scheduler, lr_descriptions,
+                            optimizer_train, optimizer_eval, process_batches, steps_per_epoch, num_epochs,
+                            metadata, save_dtype)
+        final_path = loop.run(first_step)
+        accelerator.end_training()
+        return final_path
+
+    # ---- pieces of the run -------------------------------------------------------------------
+    def check_dataset(self, args, train_group, val_group) -> None:
+        """Model-specific dataset checks (bucket steps and the like)."""
+
+    def load_sample_prompts(self, args):
+        """Reads --sample_prompts at start, so a missing file stops the run before any work."""
+        from library.sample_prompts import prepare_sample_prompts
+
+        return prepare_sample_prompts(args)
+
+    def can_train_text_encoder(self, ctx: RunContext) -> bool:
+        return True
+
+    def create_network(self, ctx: RunContext):
+        args = ctx.args
+        try:
+            network_module = importlib.import_module(args.network_module or "networks.lora_flux")
+        except ImportError as e:
+            raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
+        text_encoders, dit = self.network_targets(ctx)
+        self.merge_base_weights(ctx, network_module)
+        net_kwargs = parse_network_args(args.network_args)
+        if args.network_dropout is not None:
+            net_kwargs.setdefault("dropout", args.network_dropout)
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise UserError("--dim_from_weights needs --network_weights")
+            network, _ = network_module.create_network_from_weights(
+                1.0, args.network_weights, ctx.models.ae, text_encoders, dit, **net_kwargs
+            )
+        else:
+            network = network_module.create_network(
+                1.0, args.network_dim, args.network_alpha, ctx.models.ae, text_encoders, dit,
+                neuron_dropout=args.network_dropout, **net_kwargs,
+            )
+        if network is None:
+            raise UserError(f"--network_module {args.network_module} created no network")
+        self.after_network_created(ctx, network)
+        if hasattr(network, "prepare_network"):
+            network.prepare_network(args)
+        if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
+            logger.warning("--scale_weight_norms: the network module has no max-norm support; ignored")
+            args.scale_weight_norms = None
+        network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
+        if args.network_weights and not args.dim_from_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded --network_weights %s: %s", args.network_weights, info)
+        self.prepare_for_training(ctx, network)
+        return network
+
+    def after_network_created(self, ctx: RunContext, network) -> None:
+        """Model-specific checks of the created network (e.g. T5 LoRA vs. cached outputs)."""
+
+    def prepare_for_training(self, ctx: RunContext, network) -> None:
+        """Freezes the base, enables gradient checkpointing, sets train/eval modes."""
+
+    def merge_base_weights(self, ctx: RunContext, network_module) -> None:
+        args = ctx.args
+        if not args.base_weights:
+            return
+        multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights)
+        if len(multipliers) != len(args.base_weights):
+            raise UserError(
+                f"--base_weights_multiplier has {len(multipliers)} values for {len(args.base_weights)} "
+                "--base_weights files; give one per file"
+            )
+        text_encoders, dit = self.network_targets(ctx)
+        for path, multiplier in zip(args.base_weights, multipliers):
+            if not os.path.isfile(path):
+                raise UserError(f"--base_weights {path}: file not found")
+            module, weights_sd = network_module.create_network_from_weights(
+                multiplier, path, ctx.models.ae, text_encoders, dit, for_inference=True
+            )
+            module.merge_to(text_encoders, dit, weights_sd, ctx.weight_dtype, ctx.accelerator.device)
+            logger.info("merged --base_weights %s at %s", path, multiplier)
+
+    def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
+                          steps_per_epoch) -> dict[str, str]:
+        from library.train_metadata import build_training_metadata
+
+        args, network = ctx.args, ctx.network
+        text_encoder_lr = args.text_encoder_lr
+        run = dict(
+            num_train_images=train_group.num_train_images,
+            num_validation_images=sum(1 for _ in val_group.entries()) if val_group else 0,
+            num_reg_images=train_group.num_reg_images,
+            num_batches_per_epoch=len(train_group),
+            num_epochs=num_epochs,
+            max_train_steps=args.max_train_steps,
+            optimizer=f"{optimizer_name}({optimizer_args})",
+            base_model_version=ctx.models.version,
+            network_dim=getattr(network, "lora_dim", args.network_dim),
+            network_alpha=getattr(network, "alpha", args.network_alpha),
+            network_args=parse_network_args(args.network_args) | (
+                {"dropout": args.network_dropout} if args.network_dropout is not None else {}
+            ),
+            text_encoder_lr=text_encoder_lr[0] if text_encoder_lr and len(text_encoder_lr) == 1 else text_encoder_lr,
+            model_file=args.pretrained_model_name_or_path,
+            batch_size_per_device=max(d.config.batch_size for d in train_group.datasets),
+            total_batch_size=max(d.config.batch_size for d in train_group.datasets)
+            * ctx.accelerator.num_processes * args.gradient_accumulation_steps,
+            num_processes=ctx.accelerator.num_processes,
+            datasets=self.dataset_metadata(train_group),
+        )
+        return build_training_metadata(args, run)
+
+    def dataset_metadata(self, train_group) -> list[dict]:
+        info = []
+        for ds in train_group.datasets:
+            cfg = ds.config
+            info.append({
+                "batch_size_per_device": cfg.batch_size,
+                "resolution": list(cfg.resolution) if cfg.resolution else None,
+                "enable_bucket": cfg.enable_bucket,
+                "num_train_images": sum(e.num_repeats for e in ds.entries if not e.is_reg),
+                "num_reg_images": sum(e.num_repeats for e in ds.entries if e.is_reg),
+                "bucket_info": ds.bucket_info(),
+                "subsets": [
+                    {"image_dir": os.path.basename(s.image_dir or ""), "num_repeats": s.num_repeats,
+                     "is_reg": s.is_reg, "class_tokens": s.class_tokens}
+                    for s in cfg.subsets
+                ],
+            })
+        return info
+
+    # ---- trackers ------------------------------------------------------------------------------
+    @staticmethod
+    def _trackers(args):
+        log_with = args.log_with
+        if log_with is None:
+            return "tensorboard" if args.logging_dir else None
+        if log_with in ("tensorboard", "all") and not args.logging_dir:
+            raise UserError(f"--log_with {log_with} needs --logging_dir")
+        if log_with in ("wandb", "all"):
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise UserError(f"--log_with {log_with} needs wandb: pip install wandb") from None
+        return ["tensorboard", "wandb"] if log_with == "all" else log_with
+
+    @staticmethod
+    def _tracker_init_kwargs(args) -> dict:
+        kwargs = {}
+        if args.log_tracker_config:
+            import toml
+
+            if not os.path.isfile(args.log_tracker_config):
+                raise UserError(f"--log_tracker_config {args.log_tracker_config}: file not found")
+            kwargs = toml.load(args.log_tracker_config)
+        if args.wandb_run_name:
+            kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+        if args.wandb_api_key:
+            import wandb
+
+            wandb.login(key=args.wandb_api_key)
+        if args.logging_dir:
+            run_name = f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
+            kwargs.setdefault("tensorboard", {})["logging_dir"] = run_name
+        return kwargs
+
+    @staticmethod
+    def _loggable_config(args) -> dict:
+        secret = ("wandb_api_key", "huggingface_token")
+        return {
+            k: (str(v) if not isinstance(v, (int, float, str, bool)) else v)
+            for k, v in vars(args).items()
+            if v is not None and k not in secret and not (isinstance(v, str) and os.path.sep in v)
+        }
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+         trainer: NetworkTrainer | None = None) -> int:
+    """Parses, trains, and returns the exit status; user errors print one message, no traceback."""
+    from library.config_file import parse_args_with_config
+
+    parser = parser or setup_parser()
+    try:
+        args = parse_args_with_config(parser, argv)
+        setup_logging(args)
+        path = (trainer or NetworkTrainer()).train(args)
+        print(f"saved the LoRA to {path}")
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
