@@ -150,7 +150,7 @@ class NetworkTrainer:
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=self._trackers(args),
-            project_dir=args.logging_dir,
+            project_dir=self._run_logging_dir(args),
             cpu=not torch.cuda.is_available(),
         )
         weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
@@ -368,6 +368,13 @@ class NetworkTrainer:
         return ["tensorboard", "wandb"] if log_with == "all" else log_with
 
     @staticmethod
+    def _run_logging_dir(args) -> str | None:
+        """sd-scripts' run folder: <logging_dir>/<log_prefix><YYYYmmddHHMMSS>."""
+        if not args.logging_dir:
+            return None
+        return os.path.join(args.logging_dir, f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+
+    @staticmethod
     def _tracker_init_kwargs(args) -> dict:
         kwargs = {}
         if args.log_tracker_config:
@@ -382,9 +389,6 @@ class NetworkTrainer:
             import wandb
 
             wandb.login(key=args.wandb_api_key)
-        if args.logging_dir:
-            run_name = f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}"
-            kwargs.setdefault("tensorboard", {})["logging_dir"] = run_name
         return kwargs
 
     @staticmethod
