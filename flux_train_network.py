@@ -116,10 +116,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         keys = [k for f in checkpoint_files(args.pretrained_model_name_or_path) for k in read_keys(f)]
         return not any(k.endswith(("guidance_in.in_layer.bias", "guidance_embedder.linear_1.bias")) for k in keys)
 
-    def sai_architecture(self, ctx) -> str:
+    def sai_model_type(self, ctx) -> str:
         if ctx.models.version == "chroma":
             return "chroma"
-        return "flux-1-schnell" if self.is_schnell else "flux-1-dev"
+        return "schnell" if self.is_schnell else "dev"
 
     # ---- caches and text encoding ----------------------------------------------------------------
     def cache_latents(self, ctx, groups) -> None:

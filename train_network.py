@@ -130,8 +130,9 @@ class NetworkTrainer:
         """(text encoders, DiT) as the network module receives them."""
         return ctx.models.text_encoders, ctx.models.dit
 
-    def sai_architecture(self, ctx: RunContext) -> str:
-        return ctx.models.version
+    def sai_model_type(self, ctx: RunContext) -> str:
+        """The model kind for ``modelspec.architecture`` (``dev``, ``schnell``, ``chroma``)."""
+        raise NotImplementedError
 
     # ---- the run ---------------------------------------------------------------------------
     def train(self, args) -> str:
@@ -147,6 +148,10 @@ class NetworkTrainer:
         if args.seed is None:
             args.seed = random.randint(0, 2**32 - 1)
         set_seed(args.seed)
+        # main(argv) may run several times in one process (GUIs, tests): let each run choose its precision
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=self._trackers(args),
@@ -177,6 +182,11 @@ class NetworkTrainer:
         params, lr_descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(
             args.text_encoder_lr, args.unet_lr, args.learning_rate
         )
+        if not any(group["params"] if isinstance(group, dict) else True for group in params):
+            raise UserError(
+                "nothing to train: every parameter group has learning rate 0 (check --learning_rate, "
+                "--unet_lr and --text_encoder_lr)"
+            )
         from library.lr_schedulers import get_scheduler_fix
         from library.optimizers import get_optimizer, get_optimizer_train_eval_fn
 
@@ -271,7 +281,7 @@ class NetworkTrainer:
             logger.warning("--scale_weight_norms: the network module has no max-norm support; ignored")
             args.scale_weight_norms = None
         network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
-        if args.network_weights and not args.dim_from_weights:
+        if args.network_weights:
             info = network.load_weights(args.network_weights)
             logger.info("loaded --network_weights %s: %s", args.network_weights, info)
         self.prepare_for_training(ctx, network)
@@ -318,8 +328,7 @@ class NetworkTrainer:
             max_train_steps=args.max_train_steps,
             optimizer=f"{optimizer_name}({optimizer_args})",
             base_model_version=ctx.models.version,
-            network_dim=getattr(network, "lora_dim", args.network_dim),
-            network_alpha=getattr(network, "alpha", args.network_alpha),
+            **self.network_rank_and_alpha(network, args),
             network_args=parse_network_args(args.network_args) | (
                 {"dropout": args.network_dropout} if args.network_dropout is not None else {}
             ),
@@ -331,7 +340,35 @@ class NetworkTrainer:
             num_processes=ctx.accelerator.num_processes,
             datasets=self.dataset_metadata(train_group),
         )
-        return build_training_metadata(args, run)
+        metadata = build_training_metadata(args, run)
+        metadata.update(self.modelspec(ctx))
+        return metadata
+
+    def modelspec(self, ctx) -> dict[str, str]:
+        """``modelspec.*`` keys from --metadata_* (the network module fills what is left out)."""
+        from library.model_hashes import build_modelspec
+
+        args = ctx.args
+        timesteps = None
+        if args.min_timestep is not None or args.max_timestep is not None:
+            timesteps = (args.min_timestep or 0, args.max_timestep or 1000)
+        return build_modelspec(
+            self.sai_model_type(ctx), title=args.metadata_title or args.output_name, resolution=args.resolution,
+            author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
+            tags=args.metadata_tags, trigger_phrase=args.metadata_trigger_phrase, usage_hint=args.metadata_usage_hint,
+            thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from, timesteps=timesteps,
+        )
+
+    @staticmethod
+    def network_rank_and_alpha(network, args) -> dict:
+        """The rank and alpha to record: read from the modules, so --dim_from_weights records the file's."""
+        modules = list(network.all_loras()) if hasattr(network, "all_loras") else []
+        if not modules:
+            return {"network_dim": getattr(network, "lora_dim", args.network_dim),
+                    "network_alpha": getattr(network, "alpha", args.network_alpha)}
+        top = max(modules, key=lambda m: m.lora_dim)
+        alpha = top.alpha.item() if hasattr(top.alpha, "item") else top.alpha
+        return {"network_dim": top.lora_dim, "network_alpha": alpha}
 
     def dataset_metadata(self, train_group) -> list[dict]:
         info = []

@@ -145,6 +145,9 @@ class TrainingLoop:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         if args.max_grad_norm:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms
+            network.update_grad_norms()
+            network.update_norms()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -158,6 +161,12 @@ class TrainingLoop:
                 "max_norm/average_key_norm": mean_norm,
                 "max_norm/max_key_norm": max_norm,
             }
+        if hasattr(network, "grad_norms"):
+            for key, values in (("norm/avg_key_norm", network.weight_norms()),
+                                ("norm/avg_grad_norm", network.grad_norms()),
+                                ("norm/avg_combined_norm", network.combined_weight_norms())):
+                if values is not None:
+                    logs[key] = values.mean().item()
         for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr()):
             logs[f"lr/{description}".rstrip()] = lr
         return logs

@@ -1,0 +1,734 @@
+"""The LoRA network for FLUX.1 and Chroma: ``--network_module networks.lora_flux``.
+
+Module names, file layout and the module-level API are sd-scripts' (spec §g), so files load
+in ComfyUI, diffusers and sd-scripts-style tools, and trainers written for sd-scripts' network
+modules drive this one. Differences from sd-scripts, on purpose (docs/flux_train_network.md):
+
+* ``network_reg_dims`` / ``network_reg_lrs``: the **last** matching pattern wins, as the guide
+  says (sd-scripts takes the first). An invalid pattern, a malformed pair, an unknown network
+  arg or a bad value stops with a message naming it (sd-scripts skips some with a warning).
+* Boolean args accept ``True``/``true``/``1``/``yes`` and ``False``/``false``/``0``/``no``; anything
+  else is an error (sd-scripts reads everything but the exact string ``True`` as False).
+* Block indices are checked against the loaded model's real depth (pruned models have fewer).
+* ``split_qkv`` works (sd-scripts crashes, #2220) and its files carry alpha x number of chunks,
+  so plain loaders apply the trained strength (sd-scripts' apply 1/3 or 1/4 of it, §k.7); the
+  convention is recorded under ``ss_split_qkv_convention``. Max-norm regularisation and GGPO
+  work on split modules too (§k.15, §k.17).
+* GGPO scales the update's norm by alpha/rank (sd-scripts computes and drops it, §k.15).
+* A module's scale always follows the alpha it holds, including after ``load_weights`` (§k.16).
+* ``create_network_from_weights`` honours the learning-rate, dropout and GGPO args and
+  ``split_qkv``; args that choose ranks are reported as having no effect there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from library.errors import CheckpointError, UserError
+from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
+from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+from networks.lora_flux_args import (
+    RANK_ARGS,
+    TYPE_DIM_KEYS,
+    check_known_args,
+    dropout_args,
+    ggpo_args,
+    is_unset,
+    last_match,
+    loraplus_ratios,
+    parse_block_selection,
+    parse_bool,
+    parse_in_dims,
+    parse_int,
+    parse_regex_pairs,
+    rank_value,
+)
+from networks.lora_modules import LoRAInfModule, LoRAModule
+
+logger = logging.getLogger(__name__)
+
+NUM_DOUBLE_BLOCKS = 19  # FLUX.1's depth; the real bounds are read from the model given
+NUM_SINGLE_BLOCKS = 38
+# Substrings a module name must all contain for the type dim at the same position (spec §g.3).
+_TYPE_IDENTIFIERS = (
+    ("img_attn",),
+    ("txt_attn",),
+    ("img_mlp",),
+    ("txt_mlp",),
+    ("img_mod",),
+    ("txt_mod",),
+    ("single_blocks", "linear"),
+    ("modulation",),
+)
+# in_dims positions: img_in, time_in, vector_in, guidance_in, txt_in
+IN_LAYERS = (
+    ("img_in", ("img_in",)),
+    ("time_in", ("time_in.in_layer", "time_in.out_layer")),
+    ("vector_in", ("vector_in.in_layer", "vector_in.out_layer")),
+    ("guidance_in", ("guidance_in.in_layer", "guidance_in.out_layer")),
+    ("txt_in", ("txt_in",)),
+)
+SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
+SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
+
+_BLOCK_INDEX = re.compile(r"_(double|single)_blocks_(\d+)_")
+_SPLIT_TARGET = re.compile(r"_double_blocks_\d+_(img|txt)_attn_qkv$|_single_blocks_\d+_linear1$")
+
+
+# ---- entry points ------------------------------------------------------------------------
+
+
+def create_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    ae,
+    text_encoders,
+    flux: nn.Module,
+    neuron_dropout: float | None = None,
+    **kwargs,
+) -> LoRANetwork:
+    """A new LoRA network for ``flux`` (and CLIP-L / T5 when given) from ``--network_args`` values.
+
+    ``text_encoders`` is ``[clip_l, t5]``; either may be None (Chroma has no CLIP-L). ``ae`` is unused.
+    """
+    check_known_args(kwargs)
+    if not is_unset(kwargs.get("conv_dim")) or not is_unset(kwargs.get("conv_alpha")):
+        logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
+    type_dims = [parse_int(k, kwargs.get(k)) for k in TYPE_DIM_KEYS]
+    in_dims = None if is_unset(kwargs.get("in_dims")) else parse_in_dims(kwargs["in_dims"])
+    n_double, n_single = len(getattr(flux, "double_blocks", ())), len(getattr(flux, "single_blocks", ()))
+    double_indices = kwargs.get("train_double_block_indices")
+    single_indices = kwargs.get("train_single_block_indices")
+    if double_indices is not None:
+        double_indices = parse_block_selection("train_double_block_indices", double_indices, n_double)
+    if single_indices is not None:
+        single_indices = parse_block_selection("train_single_block_indices", single_indices, n_single)
+    train_blocks = "all" if is_unset(kwargs.get("train_blocks")) else str(kwargs["train_blocks"]).strip()
+    if train_blocks not in ("all", "double", "single"):
+        raise UserError(f"--network_args train_blocks={train_blocks}: expected all, double or single")
+    dropout, rank_dropout, module_dropout = dropout_args(kwargs, neuron_dropout)
+    ggpo_sigma, ggpo_beta = ggpo_args(kwargs)
+    reg_dims = reg_lrs = None
+    if not is_unset(kwargs.get("network_reg_dims")):
+        reg_dims = parse_regex_pairs("network_reg_dims", kwargs["network_reg_dims"], rank_value)
+    if not is_unset(kwargs.get("network_reg_lrs")):
+        reg_lrs = parse_regex_pairs("network_reg_lrs", kwargs["network_reg_lrs"], float)
+
+    network = LoRANetwork(
+        text_encoders,
+        flux,
+        multiplier=multiplier,
+        lora_dim=4 if network_dim is None else int(network_dim),
+        alpha=1.0 if network_alpha is None else float(network_alpha),
+        dropout=dropout,
+        rank_dropout=rank_dropout,
+        module_dropout=module_dropout,
+        train_blocks=train_blocks,
+        split_qkv=parse_bool("split_qkv", kwargs.get("split_qkv", False)),
+        train_t5xxl=parse_bool("train_t5xxl", kwargs.get("train_t5xxl", False)),
+        type_dims=None if all(d is None for d in type_dims) else type_dims,
+        in_dims=in_dims,
+        train_double_block_indices=double_indices,
+        train_single_block_indices=single_indices,
+        reg_dims=reg_dims,
+        ggpo_beta=ggpo_beta,
+        ggpo_sigma=ggpo_sigma,
+        reg_lrs=reg_lrs,
+        verbose=parse_bool("verbose", kwargs.get("verbose", False)),
+    )
+    if any(r is not None for r in loraplus_ratios(kwargs)):
+        network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
+    return network
+
+
+def create_network_from_weights(
+    multiplier: float,
+    file: str | os.PathLike | None,
+    ae,
+    text_encoders,
+    flux: nn.Module,
+    weights_sd: dict[str, Tensor] | None = None,
+    for_inference: bool = False,
+    **kwargs,
+) -> tuple[LoRANetwork, dict[str, Tensor]]:
+    """A network shaped like a LoRA file: ranks and alphas per module, in_dims and T5 modules as found.
+
+    Weights are not loaded (call ``load_weights`` or ``merge_to``). Returns ``(network, weights_sd)``.
+    """
+    check_known_args(kwargs)
+    metadata: dict[str, str] = {}
+    if weights_sd is None:
+        weights_sd, metadata = read_lora_file(file)
+    elif file is not None and str(file).endswith(".safetensors") and os.path.isfile(file):
+        metadata = read_metadata(file)
+    modules_dim, modules_alpha = {}, {}
+    for key, value in weights_sd.items():
+        name, _, rest = key.partition(".")
+        if rest == "alpha":
+            modules_alpha[name] = value
+        elif rest == "lora_down.weight":
+            modules_dim[name] = value.shape[0]
+    if not modules_dim:
+        raise CheckpointError(f"{file}: no lora_down weights: not a LoRA in sd-scripts' format")
+
+    ignored = sorted(k for k in kwargs if k in RANK_ARGS and not is_unset(kwargs[k]))
+    if ignored:
+        logger.warning(f"network args {', '.join(ignored)} have no effect: the ranks come from {file}")
+    split_qkv = parse_bool("split_qkv", kwargs.get("split_qkv", False)) and not for_inference
+    if split_qkv:
+        multiplied = split_alpha_multiplied(metadata)
+        for name in [n for n in modules_dim if _SPLIT_TARGET.search(n)]:
+            chunks = 3 if "_double_blocks_" in name else 4
+            if modules_dim[name] % chunks:
+                raise UserError(f"{file}: {name} has rank {modules_dim[name]}, not a split_qkv LoRA of {chunks} parts")
+            modules_dim[name] //= chunks
+            if name in modules_alpha and multiplied:
+                modules_alpha[name] = torch.as_tensor(modules_alpha[name]).float() / chunks
+    dropout, rank_dropout, module_dropout = (None, None, None) if for_inference else dropout_args(kwargs, None)
+    ggpo_sigma, ggpo_beta = (None, None) if for_inference else ggpo_args(kwargs)
+    reg_lrs = None
+    if not is_unset(kwargs.get("network_reg_lrs")):
+        reg_lrs = parse_regex_pairs("network_reg_lrs", kwargs["network_reg_lrs"], float)
+
+    network = LoRANetwork(
+        text_encoders,
+        flux,
+        multiplier=multiplier,
+        modules_dim=modules_dim,
+        modules_alpha=modules_alpha,
+        module_class=LoRAInfModule if for_inference else LoRAModule,
+        dropout=dropout,
+        rank_dropout=rank_dropout,
+        module_dropout=module_dropout,
+        split_qkv=split_qkv,
+        train_t5xxl=any(n.startswith(LoRANetwork.LORA_PREFIX_TEXT_ENCODER_T5) for n in modules_dim),
+        ggpo_beta=ggpo_beta,
+        ggpo_sigma=ggpo_sigma,
+        reg_lrs=reg_lrs,
+        verbose=parse_bool("verbose", kwargs.get("verbose", False)),
+    )
+    created = {lora.lora_name for lora in network.all_loras()}
+    unmatched = sorted(set(modules_dim) - created)
+    if len(unmatched) == len(modules_dim):
+        raise UserError(
+            f"{file}: none of its {len(modules_dim)} LoRA modules (e.g. {unmatched[0]}) exists in the models given; "
+            "is it a FLUX/Chroma LoRA in sd-scripts' format, for this model (and its text encoders)?"
+        )
+    if unmatched:
+        logger.warning(f"{file}: {len(unmatched)} LoRA modules have no target and are ignored, e.g. {unmatched[:3]}")
+    if any(r is not None for r in loraplus_ratios(kwargs)):
+        network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
+    return network, weights_sd
+
+
+def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(state dict, metadata) of a ``.safetensors`` LoRA, or of a ``.pt`` / ``.ckpt`` one (no metadata)."""
+    if str(file).endswith(".safetensors"):
+        return load_safetensors(file), read_metadata(file)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True), {}
+    except Exception as e:  # a pickle of anything else, or a truncated file
+        raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
+
+
+def split_alpha_multiplied(metadata: dict[str, str]) -> bool:
+    """Whether fused split_qkv modules carry alpha x chunks (ours) or the per-chunk alpha (sd-scripts')."""
+    if metadata.get(SPLIT_QKV_METADATA_KEY) == SPLIT_QKV_CONVENTION:
+        return True
+    try:
+        network_args = json.loads(metadata.get("ss_network_args", "{}")) or {}
+    except json.JSONDecodeError:
+        network_args = {}
+    return not (isinstance(network_args, dict) and str(network_args.get("split_qkv")) == "True")
+
+
+def detect_model_type(flux: nn.Module | None) -> str | None:
+    """``dev``, ``schnell`` or ``chroma`` (for ModelSpec), from the model's structure."""
+    if flux is None:
+        return None
+    if hasattr(flux, "distilled_guidance_layer"):
+        return "chroma"
+    params = getattr(flux, "params", None)
+    guidance = getattr(params, "guidance_embed", None)
+    if guidance is None:
+        guidance = getattr(flux, "guidance_in", None) is not None
+    return "dev" if guidance else "schnell"
+
+
+def _clip_file_path(path: str) -> str:
+    # transformers 5's CLIPTextModel has no `text_model` level; the names other tools load do
+    m = re.search(r"(?:^|\.)(encoder\.layers\.\d+\..*)$", path)
+    return "text_model." + m.group(1) if m else path
+
+
+def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+# ---- the network -------------------------------------------------------------------------
+
+
+class LoRANetwork(nn.Module):
+    """LoRA modules on the DiT's double/single blocks (and conditioning layers), CLIP-L and T5."""
+
+    FLUX_TARGET_REPLACE_MODULE_DOUBLE = ["DoubleStreamBlock"]
+    FLUX_TARGET_REPLACE_MODULE_SINGLE = ["SingleStreamBlock"]
+    TEXT_ENCODER_TARGET_REPLACE_MODULE = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "T5Attention"]
+    TEXT_ENCODER_TARGET_REPLACE_MODULE += ["T5DenseGatedActDense"]
+    LORA_PREFIX_FLUX = "lora_unet"  # ComfyUI's name for the DiT part
+    LORA_PREFIX_TEXT_ENCODER_CLIP = "lora_te1"
+    LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3"
+
+    def __init__(
+        self,
+        text_encoders,
+        unet: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float = 1,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        conv_lora_dim: int | None = None,
+        conv_alpha: float | None = None,
+        module_class: type[LoRAModule] = LoRAModule,
+        modules_dim: dict[str, int] | None = None,
+        modules_alpha: dict[str, Tensor | float] | None = None,
+        train_blocks: str | None = None,
+        split_qkv: bool = False,
+        train_t5xxl: bool = False,
+        type_dims: list[int | None] | None = None,
+        in_dims: list[int] | None = None,
+        train_double_block_indices: list[bool] | None = None,
+        train_single_block_indices: list[bool] | None = None,
+        reg_dims: dict[str, int] | Sequence[tuple[str, int]] | None = None,
+        ggpo_beta: float | None = None,
+        ggpo_sigma: float | None = None,
+        reg_lrs: dict[str, float] | Sequence[tuple[str, float]] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        del conv_lora_dim, conv_alpha  # accepted for sd-scripts' signature: there is nothing to convolve
+        self.multiplier = multiplier
+        self.lora_dim = lora_dim
+        self.alpha = alpha
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.train_blocks = train_blocks or "all"
+        self.split_qkv = split_qkv
+        self.train_t5xxl = train_t5xxl
+        self.type_dims = type_dims
+        self.in_dims = in_dims
+        self.train_double_block_indices = train_double_block_indices
+        self.train_single_block_indices = train_single_block_indices
+        self.reg_dims = _compile(reg_dims, "network_reg_dims")
+        self.reg_lrs = _compile(reg_lrs, "network_reg_lrs")
+        self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
+        self.model_type = detect_model_type(unet)
+        self._modules_dim, self._modules_alpha = modules_dim, modules_alpha or {}
+        self._module_kwargs = {
+            "dropout": dropout,
+            "rank_dropout": rank_dropout,
+            "module_dropout": module_dropout,
+            "ggpo_beta": ggpo_beta,
+            "ggpo_sigma": ggpo_sigma,
+        }
+        self._module_class = module_class
+        self._check_block_selection(unet)
+        if modules_dim is None:
+            logger.info(f"create LoRA network: rank {lora_dim}, alpha {alpha}, train_blocks {self.train_blocks}")
+        if ggpo_sigma is not None and ggpo_beta is not None:
+            logger.info(f"LoRA-GGPO: sigma {ggpo_sigma}, beta {ggpo_beta}")
+
+        if not isinstance(text_encoders, (list, tuple)):
+            text_encoders = [text_encoders]
+        skipped: list[str] = []
+        self.text_encoder_loras: list[LoRAModule] = []
+        for index, text_encoder in enumerate(list(text_encoders)[:2]):
+            if text_encoder is None:
+                continue
+            if index == 1 and not train_t5xxl:
+                continue
+            targets = ((name, linear, "te") for name, linear in self._text_encoder_targets(text_encoder, index))
+            self.text_encoder_loras += self._create(targets, skipped)
+        if train_t5xxl and (len(text_encoders) < 2 or text_encoders[1] is None):
+            logger.warning("train_t5xxl=True but no T5 text encoder was given: no T5 LoRA is created")
+        self.unet_loras: list[LoRAModule] = self._create(self._dit_targets(unet), skipped)
+        logger.info(
+            f"LoRA modules: {len(self.unet_loras)} on the DiT, {len(self.text_encoder_loras)} on the text encoders"
+        )
+
+        names = set()
+        for lora in self.all_loras():
+            if lora.lora_name in names:
+                raise ValueError(f"duplicated LoRA name: {lora.lora_name}")
+            names.add(lora.lora_name)
+            self.add_module(lora.lora_name, lora)
+        if verbose:
+            for lora in self.all_loras():
+                split = f" split {lora.split_dims}" if lora.split_dims else ""
+                logger.info(f"\t{lora.lora_name:60} rank {lora.lora_dim}, alpha {float(lora.alpha):g}{split}")
+            if skipped:
+                logger.info(f"{len(skipped)} modules skipped (rank 0): {', '.join(skipped)}")
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _check_block_selection(self, unet: nn.Module) -> None:
+        for key, selection, blocks in (
+            ("train_double_block_indices", self.train_double_block_indices, getattr(unet, "double_blocks", ())),
+            ("train_single_block_indices", self.train_single_block_indices, getattr(unet, "single_blocks", ())),
+        ):
+            if selection is not None and len(selection) != len(blocks):
+                raise UserError(f"{key}: {len(selection)} flags given for a model with {len(blocks)} blocks")
+
+    def _text_encoder_targets(self, text_encoder: nn.Module, index: int) -> Iterator[tuple[str, nn.Linear]]:
+        prefix = self.LORA_PREFIX_TEXT_ENCODER_CLIP if index == 0 else self.LORA_PREFIX_TEXT_ENCODER_T5
+        for name, module in text_encoder.named_modules():
+            if type(module).__name__ not in self.TEXT_ENCODER_TARGET_REPLACE_MODULE:
+                continue
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    path = f"{name}.{child_name}"
+                    path = _clip_file_path(path) if index == 0 else path
+                    yield f"{prefix}.{path}".replace(".", "_"), child
+
+    def _dit_targets(self, unet: nn.Module) -> Iterator[tuple[str, nn.Linear, str | int]]:
+        """(name, Linear, kind): kind is "double", "single", or the in_dims position of a conditioning layer."""
+        classes = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}[self.train_blocks]
+        if self._modules_dim is not None:
+            classes = ("double", "single")  # a file decides which modules exist
+        for name, module in unet.named_modules():
+            cls = type(module).__name__
+            kind = "double" if cls in self.FLUX_TARGET_REPLACE_MODULE_DOUBLE else None
+            kind = "single" if cls in self.FLUX_TARGET_REPLACE_MODULE_SINGLE else kind
+            if kind not in classes:
+                continue
+            for child_name, child in module.named_modules():
+                if isinstance(child, nn.Linear):
+                    yield f"{self.LORA_PREFIX_FLUX}.{name}.{child_name}".replace(".", "_"), child, kind
+        if self._modules_dim is None and not self.in_dims:
+            return
+        for position, (layer, paths) in enumerate(IN_LAYERS):
+            linears = [(path, _get_submodule(unet, path)) for path in paths]
+            linears = [(path, linear) for path, linear in linears if isinstance(linear, nn.Linear)]
+            if not linears and self._modules_dim is None and self.in_dims[position]:
+                logger.warning(
+                    f"in_dims: this model has no {layer} layer; its rank {self.in_dims[position]} is ignored"
+                )
+            for path, linear in linears:
+                yield f"{self.LORA_PREFIX_FLUX}.{path}".replace(".", "_"), linear, position
+
+    def _rank(self, name: str, kind: str | int) -> tuple[int, Tensor | float | None]:
+        """(rank, alpha) of a candidate module; rank 0 means no LoRA (spec §g.3-§g.6)."""
+        if self._modules_dim is not None:
+            return self._modules_dim.get(name, 0), self._modules_alpha.get(name)
+        if self.reg_dims and (match := last_match(self.reg_dims, name)) is not None:
+            return match[1], self.alpha
+        dim = self.in_dims[kind] if isinstance(kind, int) else self.lora_dim
+        if kind in ("double", "single"):
+            if self.type_dims is not None:
+                for identifiers, type_dim in zip(_TYPE_IDENTIFIERS, self.type_dims, strict=True):
+                    if type_dim is not None and all(i in name for i in identifiers):
+                        dim = type_dim
+                        break
+            selection = self.train_double_block_indices if kind == "double" else self.train_single_block_indices
+            if dim and selection is not None and not selection[int(_BLOCK_INDEX.search(name).group(2))]:
+                dim = 0
+        return dim, self.alpha
+
+    def _create(self, targets, skipped: list[str]) -> list[LoRAModule]:
+        loras = []
+        for name, linear, kind in targets:
+            dim, alpha = self._rank(name, kind)
+            if not dim:
+                if self._modules_dim is None:
+                    skipped.append(name)
+                continue
+            split_dims = None
+            if self.split_qkv and _SPLIT_TARGET.search(name):
+                hidden = linear.in_features
+                split_dims = [hidden] * 3 + ([linear.out_features - 3 * hidden] if name.endswith("linear1") else [])
+            loras.append(
+                self._module_class(
+                    name, linear, self.multiplier, dim, alpha, split_dims=split_dims, **self._module_kwargs
+                )
+            )
+        return loras
+
+    def all_loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    # ---- sd-scripts' network interface ----------------------------------------------------
+
+    def apply_to(self, text_encoders, flux, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Routes the adapted Linears through their LoRAs; parts not applied are dropped from the network."""
+        del text_encoders, flux  # the targets were bound when the network was built
+        for flag, attribute in ((apply_text_encoder, "text_encoder_loras"), (apply_unet, "unet_loras")):
+            if not flag:
+                for lora in getattr(self, attribute):
+                    delattr(self, lora.lora_name)
+                setattr(self, attribute, [])
+        logger.info(f"enable LoRA: {len(self.text_encoder_loras)} text encoder, {len(self.unet_loras)} DiT modules")
+        for lora in self.all_loras():
+            lora.apply_to()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self.all_loras():
+            lora.multiplier = multiplier
+
+    def set_enabled(self, is_enabled: bool) -> None:
+        for lora in self.all_loras():
+            lora.enabled = is_enabled
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def enable_gradient_checkpointing(self) -> None:
+        pass  # the base model checkpoints; LoRA activations are tiny
+
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        self.train()
+
+    def on_step_start(self, text_encoder, unet) -> None:
+        pass
+
+    def get_trainable_params(self):
+        return self.parameters()
+
+    def load_weights(self, file: str | os.PathLike):
+        """Loads a LoRA file into this network (split_qkv modules re-split); returns missing/unexpected keys."""
+        weights_sd, metadata = read_lora_file(file)
+        expected = self.state_dict()
+        mismatched = [
+            f"{k} {tuple(v.shape)} (network {tuple(expected[k].shape)})"
+            for k, v in weights_sd.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        if mismatched:
+            raise UserError(
+                f"{file} does not fit this network: {'; '.join(mismatched[:3])}"
+                + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+                + ". Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
+            )
+        multiplied = split_alpha_multiplied(metadata)
+        for lora in self.all_loras():
+            lora.fused_alpha_multiplied = multiplied
+        try:
+            info = self.load_state_dict(weights_sd, strict=False)
+        finally:
+            for lora in self.all_loras():
+                lora.fused_alpha_multiplied = True
+        if weights_sd and len(info.unexpected_keys) == len(weights_sd):
+            raise UserError(
+                f"{file}: none of its weights belongs to this network (e.g. {next(iter(weights_sd))}); "
+                "give a FLUX/Chroma LoRA in sd-scripts' format trained on this model"
+            )
+        if info.unexpected_keys:
+            logger.warning(f"{file}: {len(info.unexpected_keys)} weights have no module here and are ignored")
+        missing = {k.split(".")[0] for k in info.missing_keys}
+        if missing:
+            logger.warning(f"{file}: {len(missing)} modules of this network are not in the file and start untrained")
+        return info
+
+    def save_weights(self, file: str | os.PathLike, dtype: torch.dtype | None, metadata: dict | None) -> None:
+        """Writes the network to ``.safetensors`` (metadata + modelspec + hashes) or ``.pt`` / ``.ckpt``, atomically."""
+        state_dict = {
+            k: v.detach().to("cpu", dtype if dtype is not None else v.dtype) for k, v in self.state_dict().items()
+        }
+        if not str(file).endswith(".safetensors"):
+            _atomic_torch_save(state_dict, file)
+            return
+        metadata = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
+        if any(lora.split_dims for lora in self.all_loras()):
+            metadata[SPLIT_QKV_METADATA_KEY] = SPLIT_QKV_CONVENTION
+        if self.model_type is not None:
+            for key, value in build_modelspec(self.model_type, title=Path(file).stem).items():
+                metadata.setdefault(key, value)
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(
+            state_dict, metadata
+        )
+        save_safetensors(state_dict, file, metadata)
+
+    def merge_to(self, text_encoders, flux, weights_sd: dict[str, Tensor], dtype=None, device=None) -> None:
+        """Adds the file's updates to the base weights of the parts (DiT, text encoders) it has keys for."""
+        del text_encoders, flux
+        te_prefixes = (self.LORA_PREFIX_TEXT_ENCODER_CLIP, self.LORA_PREFIX_TEXT_ENCODER_T5)
+        loras = self.text_encoder_loras if any(k.startswith(te_prefixes) for k in weights_sd) else []
+        loras = loras + (self.unet_loras if any(k.startswith(self.LORA_PREFIX_FLUX) for k in weights_sd) else [])
+        for lora in loras:
+            prefix = lora.lora_name + "."
+            sd = {k[len(prefix) :]: v for k, v in weights_sd.items() if k.startswith(prefix)}
+            if sd:
+                lora.merge_to(sd, dtype, device)
+        logger.info(f"merged {len(loras)} LoRA modules into the base weights")
+
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio) -> None:
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+        logger.info(
+            f"LoRA+ ratio: DiT {loraplus_unet_lr_ratio or loraplus_lr_ratio}, "
+            f"text encoders {loraplus_text_encoder_lr_ratio or loraplus_lr_ratio}"
+        )
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr):
+        """Parameter groups and their logged descriptions (spec §g.8).
+
+        ``text_encoder_lr``: None or [] (both use ``default_lr``), one value (both), or [CLIP-L, T5].
+        Groups whose learning rate is 0 or None are left out: those LoRAs are not trained.
+        """
+        if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
+            text_encoder_lr = [default_lr, default_lr]
+        elif isinstance(text_encoder_lr, (int, float)):
+            text_encoder_lr = [float(text_encoder_lr)] * 2
+        elif len(text_encoder_lr) == 1:
+            text_encoder_lr = [text_encoder_lr[0]] * 2
+        self.requires_grad_(True)
+        all_params, descriptions = [], []
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        for prefix, lr, label in (
+            (self.LORA_PREFIX_TEXT_ENCODER_CLIP, text_encoder_lr[0], "textencoder 1 "),
+            (self.LORA_PREFIX_TEXT_ENCODER_T5, text_encoder_lr[1], "textencoder 2 "),
+        ):
+            loras = [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(prefix)]
+            if loras:
+                params, descs = self._param_groups(loras, lr, te_ratio)
+                all_params += params
+                descriptions += [label + (" " + d if d else "") for d in descs]
+        if self.unet_loras:
+            lr = unet_lr if unet_lr is not None else default_lr
+            params, descs = self._param_groups(
+                self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            )
+            all_params += params
+            descriptions += ["unet" + (" " + d if d else "") for d in descs]
+        return all_params, descriptions
+
+    def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+        """sd-scripts' older single-LR entry point."""
+        return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
+
+    def _param_groups(self, loras, lr, plus_ratio) -> tuple[list[dict], list[str]]:
+        groups: dict[int | None, dict[str, list]] = {}
+        for lora in loras:
+            match = last_match(self.reg_lrs, lora.lora_name) if self.reg_lrs else None
+            group = groups.setdefault(None if match is None else match[0], {"lora": [], "plus": []})
+            for name, param in lora.named_parameters():
+                group["plus" if plus_ratio is not None and "lora_up" in name else "lora"].append(param)
+        params, descriptions = [], []
+        for index in sorted(i for i in groups if i is not None) + ([None] if None in groups else []):
+            base_lr = lr if index is None else self.reg_lrs[index][1]
+            for kind in ("lora", "plus"):
+                if not groups[index][kind]:
+                    continue
+                group_lr = None if base_lr is None else base_lr * (plus_ratio if kind == "plus" else 1)
+                label = " ".join(
+                    filter(None, ["" if index is None else f"reg_lr_{index}", "plus" if kind == "plus" else ""])
+                )
+                if not group_lr:
+                    logger.info(f"learning rate {group_lr} for LoRA group {label or 'default'}: it is not trained")
+                    continue
+                params.append({"params": groups[index][kind], "lr": group_lr})
+                descriptions.append(label)
+        return params, descriptions
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
+        """Scales every module whose update norm exceeds ``max_norm_value``; (keys scaled, mean norm, max norm)."""
+        results = [lora.apply_max_norm(max_norm_value, device) for lora in self.all_loras()]
+        norms = [norm for _, norm in results]
+        return sum(scaled for scaled, _ in results), sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+    # ---- GGPO -------------------------------------------------------------------------------
+
+    def update_norms(self) -> None:
+        for lora in self.all_loras():
+            lora.update_norms()
+
+    def update_grad_norms(self) -> None:
+        for lora in self.all_loras():
+            lora.update_grad_norms()
+
+    def _mean_norms(self, attribute: str) -> Tensor | None:
+        values = [
+            getattr(lora, attribute).mean(dim=0) for lora in self.all_loras() if getattr(lora, attribute) is not None
+        ]
+        return torch.stack(values) if values else None
+
+    def grad_norms(self) -> Tensor | None:
+        return self._mean_norms("grad_norms")
+
+    def weight_norms(self) -> Tensor | None:
+        return self._mean_norms("weight_norms")
+
+    def combined_weight_norms(self) -> Tensor | None:
+        return self._mean_norms("combined_weight_norms")
+
+    # ---- inference helpers (sd-scripts' restorable merge) ----------------------------------
+
+    def backup_weights(self) -> None:
+        for lora in self.all_loras():
+            org = lora.org_module
+            if not hasattr(org, "_lora_org_weight"):
+                org._lora_org_weight = org.weight.detach().clone()
+                org._lora_restored = True
+
+    def restore_weights(self) -> None:
+        for lora in self.all_loras():
+            org = lora.org_module
+            if not getattr(org, "_lora_restored", True):
+                org.weight.data = org._lora_org_weight.clone()
+                org._lora_restored = True
+            lora.enabled = True
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """Adds each update to its base weight and disables the LoRA path (undo with restore_weights)."""
+        for lora in self.all_loras():
+            org = lora.org_module
+            org.weight.data = org.weight + lora.get_weight().to(org.weight.device, org.weight.dtype)
+            org._lora_restored = False
+            lora.enabled = False
+
+
+def _compile(pairs, key: str) -> list[tuple[re.Pattern, float]] | None:
+    if not pairs:
+        return None
+    items = pairs.items() if isinstance(pairs, dict) else pairs
+    compiled = []
+    for pattern, value in items:
+        try:
+            compiled.append((re.compile(pattern), value))
+        except re.error as e:
+            raise UserError(f"--network_args {key}: {pattern!r} is not a valid regular expression ({e})") from None
+    return compiled
+
+
+def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -> None:
+    path = Path(file)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,176 @@
+"""Parsing of ``--network_args`` for ``networks.lora_flux`` (values arrive as strings).
+
+Every malformed value stops with a :class:`UserError` that names the arg and says what is
+expected; sd-scripts skips some of them with a warning or reads them as False.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from library.errors import UserError
+
+TYPE_DIM_KEYS = (
+    "img_attn_dim",
+    "txt_attn_dim",
+    "img_mlp_dim",
+    "txt_mlp_dim",
+    "img_mod_dim",
+    "txt_mod_dim",
+    "single_dim",
+    "single_mod_dim",
+)
+RANK_ARGS = (*TYPE_DIM_KEYS, "in_dims", "train_blocks", "train_double_block_indices")
+RANK_ARGS += ("train_single_block_indices", "network_reg_dims", "train_t5xxl", "conv_dim", "conv_alpha")
+OTHER_ARGS = ("dropout", "rank_dropout", "module_dropout", "split_qkv", "ggpo_beta", "ggpo_sigma", "verbose")
+OTHER_ARGS += ("network_reg_lrs", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+KNOWN_NETWORK_ARGS = frozenset(RANK_ARGS + OTHER_ARGS)
+
+
+def is_unset(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None"))
+
+
+def parse_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise UserError(f"--network_args {key}={value}: expected True or False")
+
+
+def parse_int(key: str, value) -> int | None:
+    if is_unset(value):
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise UserError(f"--network_args {key}={value}: expected a whole number (a rank; 0 disables)") from None
+    if number < 0:
+        raise UserError(f"--network_args {key}={value}: must not be negative")
+    return number
+
+
+def parse_float(key: str, value, below_one: bool = False) -> float | None:
+    if is_unset(value):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise UserError(f"--network_args {key}={value}: expected a number") from None
+    if number < 0 or (below_one and number >= 1):
+        raise UserError(f"--network_args {key}={value}: expected a number in [0, {'1)' if below_one else 'inf)'}")
+    return number
+
+
+def rank_value(value: str) -> int:
+    rank = int(value)
+    if rank < 0:
+        raise ValueError(value)
+    return rank
+
+
+def parse_in_dims(value) -> list[int]:
+    """``"[a,b,c,d,e]"`` or ``"a,b,c,d,e"``: ranks for img_in, time_in, vector_in, guidance_in, txt_in."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [v for v in str(value).strip().removeprefix("[").removesuffix("]").split(",")]
+    if len(items) != 5:
+        raise UserError(
+            f"--network_args in_dims={value}: expected 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), "
+            f"e.g. in_dims=[4,2,2,2,4]"
+        )
+    return [parse_int("in_dims", v) or 0 for v in items]
+
+
+def parse_block_selection(key: str, value: str, total: int) -> list[bool]:
+    """``all``, ``none`` or ``""``, or a comma list of indices and inclusive ranges (``0,2,4-7``)."""
+    text = str(value).strip()
+    if text == "all":
+        return [True] * total
+    if text in ("none", ""):
+        return [False] * total
+    selected = [False] * total
+    for part in text.split(","):
+        bounds = part.split("-")
+        try:
+            start, end = (int(bounds[0]), int(bounds[-1])) if len(bounds) <= 2 else (None, None)
+        except ValueError:
+            start = end = None
+        if start is None:
+            raise UserError(f"--network_args {key}={value}: {part!r} is not an index or a range like 4-7")
+        if not (0 <= start <= end < total):
+            raise UserError(
+                f"--network_args {key}={value}: {part.strip()} is outside 0-{total - 1} "
+                f"(this model has {total} blocks of that kind) or its start is after its end"
+            )
+        selected[start : end + 1] = [True] * (end - start + 1)
+    return selected
+
+
+def parse_regex_pairs(key: str, value, cast) -> list[tuple[str, float]]:
+    """``"pattern=value,pattern2=value2"`` (split on ``,``, then on the first ``=``)."""
+    pairs = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise UserError(f"--network_args {key}: {part!r} is not pattern=value (patterns cannot contain ',')")
+        pattern, raw = (s.strip() for s in part.split("=", 1))
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"--network_args {key}: {pattern!r} is not a valid regular expression ({e})") from None
+        try:
+            number = cast(raw)
+        except ValueError:
+            raise UserError(f"--network_args {key}: {part!r} has a bad value {raw!r}") from None
+        pairs.append((pattern, number))
+    return pairs
+
+
+def last_match(pairs: Sequence[tuple[re.Pattern, object]], name: str) -> tuple[int, object] | None:
+    """(index, value) of the last pattern that matches ``name``: the guide's rule."""
+    found = None
+    for i, (pattern, value) in enumerate(pairs):
+        if pattern.search(name):
+            found = (i, value)
+    return found
+
+
+def check_known_args(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - KNOWN_NETWORK_ARGS)
+    if unknown:
+        raise UserError(
+            f"unknown network arg(s) {', '.join(unknown)} for networks.lora_flux; known: "
+            + ", ".join(sorted(KNOWN_NETWORK_ARGS))
+        )
+
+
+def loraplus_ratios(kwargs: dict) -> tuple[float | None, float | None, float | None]:
+    keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+    return tuple(parse_float(k, kwargs.get(k)) for k in keys)
+
+
+def ggpo_args(kwargs: dict) -> tuple[float | None, float | None]:
+    sigma = parse_float("ggpo_sigma", kwargs.get("ggpo_sigma"))
+    beta = parse_float("ggpo_beta", kwargs.get("ggpo_beta"))
+    if (sigma is None) != (beta is None):
+        raise UserError("--network_args ggpo_sigma and ggpo_beta go together: give both (e.g. 0.03 and 0.01)")
+    return sigma, beta
+
+
+def dropout_args(kwargs: dict, neuron_dropout) -> tuple[float | None, float | None, float | None]:
+    """(neuron, rank, module) dropout; sd-scripts' trainer also passes the neuron one as ``dropout``."""
+    neuron = neuron_dropout if neuron_dropout is not None else kwargs.get("dropout")
+    return (
+        parse_float("dropout", neuron, below_one=True),
+        parse_float("rank_dropout", kwargs.get("rank_dropout"), below_one=True),
+        parse_float("module_dropout", kwargs.get("module_dropout"), below_one=True),
+    )

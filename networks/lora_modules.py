@@ -1,0 +1,322 @@
+"""LoRA modules: one low-rank update on one ``nn.Linear``, in sd-scripts' layout and math.
+
+A module does not replace the Linear it adapts: ``apply_to`` swaps the Linear's ``forward``
+for its own, so the base model keeps its structure, its state dict and its key names, and
+block swapping or fp8 Linear subclasses keep working underneath.
+
+``y = org(x) + multiplier * (alpha / rank) * up(down(x))`` (spec §g.2).
+
+Split modules (``split_dims``, the ``split_qkv`` network arg) train one LoRA per chunk of a
+fused projection (q, k, v and, in single blocks, the MLP input). Their state dict is always the
+standard fused form (down = concatenated downs, up = block-diagonal, alpha x number of chunks)
+so that every plain loader applies exactly the trained strength; loading converts back.
+sd-scripts keeps alpha unchanged there, so plain loaders apply its files at 1/3 or 1/4 of the
+trained strength (spec §k.7): ``fused_alpha_multiplied = False`` reads such files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from library.errors import UserError
+
+
+def resolve_alpha(alpha: float | Tensor | None, rank: int) -> float:
+    """sd-scripts' rule: an alpha of None or 0 means alpha = rank (scale 1)."""
+    if isinstance(alpha, Tensor):
+        alpha = alpha.detach().float().item()  # bf16 tensors do not convert to numbers directly
+    return float(rank) if alpha is None or alpha == 0 else float(alpha)
+
+
+def split_fused(
+    down: Tensor, up: Tensor, split_dims: list[int], name: str = "LoRA module"
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Splits a fused (down, up) pair whose up is block-diagonal into per-chunk pairs."""
+    n = len(split_dims)
+    if down.shape[0] % n or up.shape[0] != sum(split_dims):
+        raise UserError(
+            f"{name}: rank {down.shape[0]} and output {up.shape[0]} cannot be split into {n} chunks "
+            f"of {split_dims}; load it without split_qkv=True"
+        )
+    rank = down.shape[0] // n
+    downs = list(down.split(rank, dim=0))
+    ups, row = [], 0
+    for i, out in enumerate(split_dims):
+        rows = up[row : row + out]
+        off_diagonal = torch.cat([rows[:, : i * rank], rows[:, (i + 1) * rank :]], dim=1)
+        if off_diagonal.count_nonzero():
+            raise UserError(
+                f"{name} is a plain LoRA (its lora_up is not block-diagonal), so it cannot be continued "
+                "as separate q/k/v LoRAs: remove split_qkv=True from --network_args"
+            )
+        ups.append(rows[:, i * rank : (i + 1) * rank])
+        row += out
+    return downs, ups
+
+
+class LoRAModule(nn.Module):
+    """A LoRA on one Linear; ``split_dims`` makes it one LoRA per output chunk (split_qkv)."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float | Tensor | None = 1,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+        split_dims: list[int] | None = None,
+        ggpo_beta: float | None = None,
+        ggpo_sigma: float | None = None,
+    ):
+        super().__init__()
+        if not isinstance(org_module, nn.Linear):
+            raise TypeError(f"{lora_name}: LoRA needs an nn.Linear, got {type(org_module).__name__}")
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        in_dim, out_dim = org_module.in_features, org_module.out_features
+        self.split_dims = list(split_dims) if split_dims else None
+        if self.split_dims is None:
+            self.lora_down = nn.Linear(in_dim, self.lora_dim, bias=False)
+            self.lora_up = nn.Linear(self.lora_dim, out_dim, bias=False)
+        else:
+            if sum(self.split_dims) != out_dim:
+                raise ValueError(f"{lora_name}: split dims {self.split_dims} do not add up to {out_dim}")
+            self.lora_down = nn.ModuleList(nn.Linear(in_dim, self.lora_dim, bias=False) for _ in self.split_dims)
+            self.lora_up = nn.ModuleList(nn.Linear(self.lora_dim, d, bias=False) for d in self.split_dims)
+        for down, up in self.pairs():
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(up.weight)
+
+        alpha = resolve_alpha(alpha, self.lora_dim)
+        self.scale = alpha / self.lora_dim
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))  # saved as a 0-dim tensor
+
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.enabled = True
+        # A list hides the base Linear from this module's parameters and state dict.
+        self.org_module_ref = [org_module]
+        self.org_forward = None
+        # How a fused alpha in a loaded state dict relates to the per-chunk alpha (split modules).
+        self.fused_alpha_multiplied = True
+
+        self.ggpo_sigma = ggpo_sigma
+        self.ggpo_beta = ggpo_beta
+        self.combined_weight_norms: Tensor | None = None
+        self.grad_norms: Tensor | None = None
+        self.weight_norms: Tensor | None = None
+        if ggpo_sigma is not None and ggpo_beta is not None:
+            self.perturbation_norm_factor = 1.0 / math.sqrt(out_dim)
+            self.initialize_norm_cache(org_module.weight)
+
+        if self.split_dims is not None:
+            self.register_state_dict_post_hook(_fuse_split_state)
+            self.register_load_state_dict_pre_hook(_split_fused_state)
+        self.register_load_state_dict_post_hook(_refresh_scale)
+
+    @property
+    def org_module(self) -> nn.Module:
+        return self.org_module_ref[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.alpha.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def pairs(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """(down, up) Linears: one pair, or one per chunk for split modules."""
+        if self.split_dims is None:
+            return [(self.lora_down, self.lora_up)]
+        return list(zip(self.lora_down, self.lora_up, strict=True))
+
+    def apply_to(self) -> None:
+        """Routes the base Linear's calls through this module."""
+        if self.org_forward is not None:
+            raise RuntimeError(f"{self.lora_name} is already applied")
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        org = self.org_forward(x)
+        # multiplier 0 (DOP's base-model pass) must give exactly the base output, perturbation included
+        if not self.enabled or self.multiplier == 0:
+            return org
+        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+            return org
+
+        weight = self.pairs()[0][0].weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)
+        scale = self.scale
+        if self.training and self.rank_dropout:
+            scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out
+        outs = [up(self._regularize(down(x))) for down, up in self.pairs()]
+        delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        out = org + (delta * (self.multiplier * scale)).to(org.dtype)
+        if self.training and self.combined_weight_norms is not None and self.grad_norms is not None:
+            out = out + self._ggpo_perturbation(x).to(org.dtype)
+        return out
+
+    def _regularize(self, lx: Tensor) -> Tensor:
+        if not self.training:
+            return lx
+        if self.dropout:
+            lx = nn.functional.dropout(lx, p=self.dropout)
+        if self.rank_dropout:
+            # one keep-mask per sample and rank, shared by all tokens of the sample
+            mask = torch.rand((lx.shape[0], self.lora_dim), device=lx.device) > self.rank_dropout
+            lx = lx * mask.view(lx.shape[0], *([1] * (lx.ndim - 2)), self.lora_dim).to(lx.dtype)
+        return lx
+
+    # ---- the update as a weight ---------------------------------------------------------
+
+    def delta_weight(self) -> Tensor:
+        """``scale * up @ down`` in fp32, shape of the base weight (without the multiplier)."""
+        parts = [up.weight.float() @ down.weight.float() for down, up in self.pairs()]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)) * self.scale
+
+    def get_weight(self, multiplier: float | None = None) -> Tensor:
+        return (self.multiplier if multiplier is None else multiplier) * self.delta_weight()
+
+    def fused_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(down, up, alpha) of the one standard LoRA that applies exactly this module's update."""
+        if self.split_dims is None:
+            return self.lora_down.weight, self.lora_up.weight, self.alpha
+        down = torch.cat([d.weight for d in self.lora_down], dim=0)
+        up = torch.block_diag(*[u.weight for u in self.lora_up])
+        # rank becomes n*r, so alpha must become n*alpha for alpha/rank to stay the trained scale
+        return down, up, self.alpha * len(self.split_dims)
+
+    @torch.no_grad()
+    def merge_to(self, sd: dict[str, Tensor] | None = None, dtype: torch.dtype | None = None, device=None) -> None:
+        """Adds ``multiplier * scale * up @ down`` to the base weight (computed in fp32 on ``device``).
+
+        ``sd`` holds this module's fused ``lora_down.weight`` / ``lora_up.weight`` / ``alpha``
+        (as in a file); without it the module's own weights are merged.
+        """
+        weight = self.org_module.weight
+        compute_device = device if device is not None else weight.device
+        if sd is None:
+            delta = self.delta_weight().to(compute_device)
+        else:
+            down = sd["lora_down.weight"].to(compute_device, torch.float32)
+            up = sd["lora_up.weight"].to(compute_device, torch.float32)
+            delta = (up @ down) * (resolve_alpha(sd.get("alpha"), down.shape[0]) / down.shape[0])
+        merged = weight.to(compute_device, torch.float32) + self.multiplier * delta
+        self.org_module.weight.data = merged.to(weight.device, dtype or weight.dtype)
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float, device=None) -> tuple[bool, float]:
+        """Scales up and down so that ``||scale * up @ down||_F <= max_norm``; returns (scaled, norm after)."""
+        norm = self.delta_weight().to(device if device is not None else self.device).norm().item()
+        ratio = min(1.0, max_norm / norm) if norm > 0 else 1.0
+        if ratio != 1:
+            for down, up in self.pairs():  # both factors take sqrt(ratio): their product takes ratio
+                down.weight.mul_(ratio**0.5)
+                up.weight.mul_(ratio**0.5)
+        return ratio != 1, norm * ratio
+
+    # ---- GGPO (LoRA-GGPO: gradient-guided perturbation), spec §g.9 with §k.15 fixed -------
+
+    @torch.no_grad()
+    def initialize_norm_cache(self, org_weight: Tensor) -> None:
+        """Mean row norm of the base weight, estimated from up to 1000 random rows."""
+        rows = torch.randperm(org_weight.shape[0])[:1000]
+        self.org_weight_norm_estimate = org_weight[rows.to(org_weight.device)].float().norm(dim=1).mean().item()
+
+    @torch.no_grad()
+    def update_norms(self) -> None:
+        """Row norms of the scaled update and of base + update (sd-scripts drops the scale here)."""
+        if self.ggpo_sigma is None or self.ggpo_beta is None or not self.training:
+            return
+        delta = self.delta_weight()
+        self.weight_norms = delta.norm(dim=1, keepdim=True)
+        self.combined_weight_norms = torch.sqrt(self.org_weight_norm_estimate**2 + (delta**2).sum(1, keepdim=True))
+
+    @torch.no_grad()
+    def update_grad_norms(self) -> None:
+        """Row norms of the gradient the update receives: ``scale * (U dD + dU D)``."""
+        if self.ggpo_sigma is None or self.ggpo_beta is None or not self.training:
+            return
+        parts = []
+        for down, up in self.pairs():
+            if down.weight.grad is None or up.weight.grad is None:
+                return
+            parts.append(up.weight.float() @ down.weight.grad.float() + up.weight.grad.float() @ down.weight.float())
+        grad = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)) * self.scale
+        self.grad_norms = grad.norm(dim=1, keepdim=True)
+
+    def _ggpo_perturbation(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            row_scale = self.ggpo_sigma * self.combined_weight_norms + self.ggpo_beta * self.grad_norms**2
+            out_dim, in_dim = self.org_module.weight.shape
+            perturbation = torch.randn(out_dim, in_dim, dtype=x.dtype, device=x.device)
+            perturbation.mul_((row_scale * self.perturbation_norm_factor).to(x.device, x.dtype))
+        return x @ perturbation.T
+
+
+class LoRAInfModule(LoRAModule):
+    """A LoRA for inference: no dropout, can be merged, disabled, or pre-computed into the base weight."""
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float | Tensor | None = 1,
+        **kwargs,
+    ):
+        super().__init__(lora_name, org_module, multiplier, lora_dim, alpha, split_dims=kwargs.get("split_dims"))
+        self.network = None
+
+    def set_network(self, network) -> None:
+        self.network = network
+
+
+# ---- state dict hooks ---------------------------------------------------------------------
+
+
+def _split_keys(module: LoRAModule, prefix: str) -> list[str]:
+    n = len(module.split_dims)
+    return [f"{prefix}lora_down.{i}.weight" for i in range(n)] + [f"{prefix}lora_up.{i}.weight" for i in range(n)]
+
+
+def _fuse_split_state(module: LoRAModule, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: replaces per-chunk tensors with the standard fused LoRA."""
+    for key in _split_keys(module, prefix):
+        state_dict.pop(key, None)
+    down, up, alpha = module.fused_weights()
+    state_dict[f"{prefix}lora_down.weight"] = down.detach()
+    state_dict[f"{prefix}lora_up.weight"] = up.detach()
+    state_dict[f"{prefix}alpha"] = alpha.detach()
+
+
+def _split_fused_state(module: LoRAModule, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: turns a fused LoRA in ``state_dict`` back into per-chunk tensors."""
+    down_key, up_key, alpha_key = f"{prefix}lora_down.weight", f"{prefix}lora_up.weight", f"{prefix}alpha"
+    if down_key not in state_dict or up_key not in state_dict:
+        return
+    downs, ups = split_fused(state_dict.pop(down_key), state_dict.pop(up_key), module.split_dims, module.lora_name)
+    for i, (down, up) in enumerate(zip(downs, ups, strict=True)):
+        state_dict[f"{prefix}lora_down.{i}.weight"] = down
+        state_dict[f"{prefix}lora_up.{i}.weight"] = up
+    if alpha_key in state_dict and module.fused_alpha_multiplied:
+        state_dict[alpha_key] = state_dict[alpha_key] / len(module.split_dims)
+
+
+def _refresh_scale(module: LoRAModule, incompatible_keys) -> None:
+    """The scale follows the alpha actually loaded (sd-scripts keeps the command line's, spec §k.16)."""
+    if module.alpha.device.type != "meta":
+        module.scale = resolve_alpha(module.alpha, module.lora_dim) / module.lora_dim

@@ -1,0 +1,121 @@
+"""Trainer options, each run in-process on the tiny models and checked by the files it writes."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors, read_metadata
+from tests.training_helpers import base_argv, dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(models, tmp_path, steps=2, data_kwargs=None, **flags) -> str:
+    data = dataset(tmp_path, **(data_kwargs or {}))
+    out = str(tmp_path / "out")
+    assert flux_train_network.main(base_argv(models, data, out, steps=steps, **flags)) == 0
+    return out
+
+
+def lora(out: str, name: str = "lora.safetensors") -> dict:
+    return load_safetensors(os.path.join(out, name))
+
+
+def test_text_encoder_lora_trains_clip_l_live_while_t5_is_cached(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=3, cache_text_encoder_outputs=True, text_encoder_lr=1e-2)
+    weights = lora(out)
+    te_up = [k for k in weights if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    unet_up = [k for k in weights if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
+    assert te_up and unet_up
+    assert not any(k.startswith("lora_te3_") for k in weights)  # T5 LoRA only with train_t5xxl=True
+    assert all(weights[k].abs().sum() > 0 for k in te_up)  # lora_up starts at zero: it was trained
+
+
+def test_unet_only_saves_no_text_encoder_modules(tiny_model_files, tmp_path):
+    weights = lora(train(tiny_model_files, tmp_path, network_train_unet_only=True))
+    assert weights and all(k.startswith("lora_unet_") for k in weights)
+
+
+def test_network_weights_continue_and_dim_from_weights_reads_ranks(tiny_model_files, tmp_path):
+    first = train(tiny_model_files, tmp_path / "a", network_train_unet_only=True, network_dim=6, network_alpha=3)
+    start = os.path.join(first, "lora.safetensors")
+    second = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True, network_weights=start,
+                   dim_from_weights=True, learning_rate=1e-12)
+    a, b = lora(first), lora(second)
+    assert a.keys() == b.keys()
+    for key in a:  # a negligible lr: the weights come back as loaded, with their rank and alpha
+        assert a[key].shape == b[key].shape
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-9)
+    assert read_metadata(os.path.join(second, "lora.safetensors"))["ss_network_dim"] == "6"
+
+
+def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path):
+    first = train(tiny_model_files, tmp_path / "a", network_train_unet_only=True, learning_rate=5e-2)
+    base = os.path.join(first, "lora.safetensors")
+    with_base = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True,
+                      base_weights=[base], base_weights_multiplier=[1.0], learning_rate=1e-3)
+    without = train(tiny_model_files, tmp_path / "c", steps=1, network_train_unet_only=True, learning_rate=1e-3)
+    a, b = lora(with_base), lora(without)
+    # same seed and data: only the merged base can make the first step's gradients differ
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_all_learning_rates_zero_is_refused(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), learning_rate=0.0, network_train_unet_only=True)
+    assert flux_train_network.main(argv) == 1
+    assert "nothing to train" in capsys.readouterr().err
+
+
+def test_base_weights_multiplier_count_must_match(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), base_weights=["a.safetensors", "b.safetensors"],
+                     base_weights_multiplier=[1.0])
+    assert flux_train_network.main(argv) == 1
+    assert "--base_weights_multiplier has 1 values for 2 --base_weights files" in capsys.readouterr().err
+
+
+def test_epoch_saves_keep_only_the_last_n(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=1, max_train_epochs=4, save_every_n_epochs=1, save_last_n_epochs=2,
+                save_state=True, network_train_unet_only=True)
+    assert sorted(os.listdir(out)) == [
+        "lora-000002-state", "lora-000002.safetensors", "lora-000003-state", "lora-000003.safetensors",
+        "lora-state", "lora.safetensors",
+    ]  # fmt: skip
+
+
+def test_step_saves_are_named_by_step(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=4, save_every_n_steps=2, network_train_unet_only=True)
+    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora.safetensors"]
+    assert read_metadata(os.path.join(out, "lora-step00000002.safetensors"))["ss_steps"] == "2"
+
+
+def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
+                max_grad_norm=0.5, max_data_loader_n_workers=1, persistent_data_loader_workers=True,
+                mixed_precision="bf16", network_train_unet_only=True, save_precision="bf16")
+    weights = lora(out)
+    assert all(v.dtype == torch.bfloat16 for v in weights.values())
+    assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_gradient_accumulation_steps"] == "2"
+
+
+def test_schedule_free_optimizer_validates_in_eval_mode(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=2, data_kwargs={"validation_split": 0.34},
+                optimizer_type="AdamWScheduleFree", validate_every_n_steps=1, network_train_unet_only=True)
+    assert os.path.isfile(os.path.join(out, "lora.safetensors"))
+
+
+def test_plain_python_and_help_work_without_accelerate_launch():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "flux_train_network.py"), "--help"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0
+    assert "--pretrained_model_name_or_path" in result.stdout and "--blocks_to_swap" in result.stdout
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "flux_train_network.py"), "--output_dir", "x"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file"
+    )
