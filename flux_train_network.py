@@ -309,8 +309,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             ctx.models.dit, ctx.models.ae, ctx.sample_prompts, output_dir=args.output_dir,
             output_name=args.output_name, epoch=epoch, steps=step, model_type=args.model_type,
             is_schnell=self.is_schnell, apply_t5_attn_mask=args.apply_t5_attn_mask, device=accelerator.device,
-            dtype=ctx.weight_dtype, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes, eval_modules=[ctx.network], autocast=accelerator.autocast,
+            dtype=ctx.weight_dtype, eval_modules=[ctx.network], autocast=accelerator.autocast,
             **text,
         )
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
-from library.errors import UserError
+from library.errors import TrainingInterrupted, UserError
 from library.train_args import add_train_network_arguments
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,13 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         key, value = item.split("=", 1)
         kwargs[key.strip()] = value.strip()
     return kwargs
+
+
+def batches_of_process(num_batches: int, process_index: int, num_processes: int) -> list[int]:
+    """This process's batches of an epoch: every num_processes-th, wrapping around so that every
+    process runs the same number of steps (an uneven split would leave one waiting in all-reduce)."""
+    per_process = math.ceil(num_batches / num_processes)
+    return [(process_index + k * num_processes) % num_batches for k in range(per_process)]
 
 
 def resolve_dtypes(args, device_type: str):
@@ -193,7 +200,7 @@ class NetworkTrainer:
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
         optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)
 
-        process_batches = list(range(accelerator.process_index, len(train_group), accelerator.num_processes))
+        process_batches = batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes)
         accum = args.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(process_batches) / accum)
         if args.max_train_epochs is not None:
@@ -304,7 +311,7 @@ class NetworkTrainer:
                 "--base_weights files; give one per file"
             )
         text_encoders, dit = self.network_targets(ctx)
-        for path, multiplier in zip(args.base_weights, multipliers):
+        for path, multiplier in zip(args.base_weights, multipliers, strict=True):
             if not os.path.isfile(path):
                 raise UserError(f"--base_weights {path}: file not found")
             module, weights_sd = network_module.create_network_from_weights(
@@ -453,6 +460,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -11,3 +11,11 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A model or LoRA file that is missing, unreadable, or not what it was given as."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a run at a step boundary; the message says what was saved where."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

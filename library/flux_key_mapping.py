@@ -149,7 +149,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                 if tensor is None:
                     continue
                 sizes = [hidden] * 3 + ([tensor.shape[0] - 3 * hidden] if len(parts) == 4 else [])
-                for part, piece in zip(parts, tensor.split(sizes, dim=0)):
+                for part, piece in zip(parts, tensor.split(sizes, dim=0), strict=True):
                     out[f"{dst}{part}.{kind}"] = piece.clone()
     for key, tensor in sd.items():
         if key.startswith(_SWAPPED[1]):

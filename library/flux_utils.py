@@ -81,7 +81,9 @@ def assign_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str) -> N
     missing = sorted(expected - sd.keys())
     if missing:
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise CheckpointError(f"{source}: missing keys: {shown}. The file is incomplete or not the model it was given as")
+        raise CheckpointError(
+            f"{source}: missing keys: {shown}. The file is incomplete or not the model it was given as"
+        )
     unexpected = sorted(sd.keys() - expected)
     if unexpected:
         shown = ", ".join(unexpected[:10]) + (f", ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
@@ -147,7 +149,8 @@ def load_ae(
     shapes, _ = _read_shapes([ckpt_path])
     if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
         raise CheckpointError(
-            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), but this file looks like {describe_checkpoint(shapes)}"
+            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), "
+            f"but this file looks like {describe_checkpoint(shapes)}"
         )
     try:
         params = infer_ae_params(shapes)

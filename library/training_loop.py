@@ -3,6 +3,7 @@ sampling, saving and logging, in the order sd-scripts runs them (spec §a.2 step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -10,8 +11,9 @@ import os
 import torch
 from tqdm import tqdm
 
-from library.errors import UserError
+from library.errors import TrainingInterrupted, UserError
 from library.flow_matching import VALIDATION_SIGMAS
+from library.interrupts import GracefulStop
 from library.sample_prompts import SampleTriggers
 from library.train_metadata import minimal_metadata, per_save_metadata
 from library.train_state import (
@@ -74,7 +76,6 @@ class TrainingLoop:
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, first_step: int) -> str:
         args, accelerator = self.args, self.accelerator
-        accum = args.gradient_accumulation_steps
         global_step = first_step
         first_epoch = first_step // self.steps_per_epoch
         loader, sampler = self._data_loader()
@@ -88,7 +89,14 @@ class TrainingLoop:
         self._set_train_mode()
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)
+        with GracefulStop() as stop:
+            global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop)
+        progress.close()
+        return self._save_final(global_step, min(self.num_epochs, global_step // max(self.steps_per_epoch, 1)))
 
+    def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop) -> int:
+        args, accelerator = self.args, self.accelerator
+        accum = args.gradient_accumulation_steps
         for epoch in range(first_epoch, self.num_epochs):
             if global_step >= args.max_train_steps:
                 break
@@ -102,23 +110,39 @@ class TrainingLoop:
                 self.train_group.set_current_step(global_step)
                 loss = self._micro_step(batch, global_step, micro) / accum
                 accelerator.backward(loss)
-                window.append(loss.item())
+                window.append(loss.detach())
                 if micro != accum - 1 and position != len(self.process_batches) - 1:
                     continue
+                step_loss = self._step_loss(window, accum, global_step)
+                window = []
                 logs = self._optimizer_step()
                 global_step += 1
-                step_loss = sum(window) * accum / len(window)
-                window = []
                 self.epoch_losses.append(step_loss)
                 logs |= {"loss/current": step_loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
                 self._after_step(epoch, global_step, logs)
+                if stop.requested(accelerator):
+                    self._stop(stop, global_step, epoch + 1)
                 if global_step >= args.max_train_steps:
                     break
             self._after_epoch(epoch, global_step)
-        progress.close()
-        return self._save_final(global_step, min(self.num_epochs, global_step // max(self.steps_per_epoch, 1)))
+            if global_step >= args.max_train_steps:
+                break
+        return global_step
+
+    def _stop(self, stop: GracefulStop, step: int, epoch: int) -> None:
+        """Saves the LoRA (and the state with --save_state) at this step boundary, then ends the run."""
+        self._save_model(model_file_name(self.args.output_name, "step", step, self.ext), step, epoch)
+        saved = f"saved the LoRA to {self.last_saved}"
+        if self.args.save_state:
+            state = self._save_state("step", step, step, epoch)
+            saved += f" and the training state to {state} (continue with --resume {state})"
+        else:
+            saved += " (add --save_state to be able to resume)"
+        self.accelerator.wait_for_everyone()
+        raise TrainingInterrupted(f"interrupted by {stop.name} at step {step} of {self.args.max_train_steps}: {saved}",
+                                  stop.exit_code)
 
     def _micro_step(self, batch: dict, step: int, micro: int) -> torch.Tensor:
         accelerator = self.accelerator
@@ -126,7 +150,13 @@ class TrainingLoop:
         first = (micro * accelerator.num_processes + accelerator.process_index) * batch_size
         with accelerator.autocast():
             losses = self.trainer.batch_loss(self.ctx, batch, step, list(range(first, first + batch_size)))
-        loss = (losses * batch["loss_weights"].to(losses.device)).mean()
+        return (losses * batch["loss_weights"].to(losses.device)).mean()
+
+    def _step_loss(self, window: list[torch.Tensor], accum: int, step: int) -> float:
+        """The step's mean loss over micro-batches and processes; stops before the optimizer on inf/nan."""
+        loss = torch.stack(window).sum() * accum / len(window)
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss, reduction="mean")
         if not torch.isfinite(loss):
             last = self.last_saved or "nothing has been saved yet"
             raise UserError(
@@ -134,7 +164,7 @@ class TrainingLoop:
                 "--mixed_precision bf16), or a learning rate too high (lower --learning_rate / --unet_lr). "
                 f"No weights were written for this step; the last good file is: {last}"
             )
-        return loss
+        return loss.item()
 
     def _optimizer_step(self) -> dict:
         args, accelerator, network = self.args, self.accelerator, self.network
@@ -167,7 +197,7 @@ class TrainingLoop:
                                 ("norm/avg_combined_norm", network.combined_weight_norms())):
                 if values is not None:
                     logs[key] = values.mean().item()
-        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr()):
+        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr(), strict=False):
             logs[f"lr/{description}".rstrip()] = lr
         return logs
 
@@ -213,7 +243,12 @@ class TrainingLoop:
             self._sample(epoch=epoch + 1, step=step)
 
     def _validate(self, kind: str) -> dict:
-        """Mean loss over the validation batches at σ = 0.2, 0.4, 0.6, 0.8 with fixed noise."""
+        """Mean loss over the validation batches at σ = 0.2, 0.4, 0.6, 0.8 with fixed noise (main process)."""
+        logs = self._validation_logs(kind) if self.accelerator.is_main_process else {}
+        self.accelerator.wait_for_everyone()
+        return logs
+
+    def _validation_logs(self, kind: str) -> dict:
         args = self.args
         self._set_eval_mode()
         self.val_group.set_current_epoch(1)
@@ -247,11 +282,14 @@ class TrainingLoop:
         self.network.train()
 
     def _sample(self, epoch: int | None, step: int) -> None:
-        self._set_eval_mode()
-        try:
-            self.trainer.sample_images(self.ctx, epoch, step)
-        finally:
-            self._set_train_mode()
+        """Samples on the main process only (only it writes files); the others wait."""
+        if self.accelerator.is_main_process:
+            self._set_eval_mode()
+            try:
+                self.trainer.sample_images(self.ctx, epoch, step)
+            finally:
+                self._set_train_mode()
+        self.accelerator.wait_for_everyone()
 
     # ---- files --------------------------------------------------------------------------------
     def _metadata(self, steps: int, epoch: int) -> dict[str, str] | None:
@@ -263,28 +301,38 @@ class TrainingLoop:
     def _save_model(self, file_name: str, steps: int, epoch: int) -> str:
         path = os.path.join(self.args.output_dir, file_name)
         if self.accelerator.is_main_process:
-            os.makedirs(self.args.output_dir, exist_ok=True)
             self._set_eval_mode()
-            self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
+            with self._writing(path):
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
             self._set_train_mode()
             logger.info("saved %s", path)
         self.last_saved = path
         return path
 
-    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
+    @contextlib.contextmanager
+    def _writing(self, path: str):
+        """Turns a failed write (disk full, permissions) into one clear message; files are written
+        under temporary names, so everything saved before is intact."""
+        try:
+            yield
+        except OSError as e:
+            earlier = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved before"
+            raise UserError(
+                f"could not write {path}: {e.strerror or e}. Free space on that disk or choose another "
+                f"--output_dir; {earlier}, and no file was left half-written."
+            ) from None
+
+    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> str:
         path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
+        if not self.accelerator.is_main_process:
+            return path
         scaler = getattr(self.accelerator, "scaler", None)
-        save_training_state(
-            path,
-            self.network.state_dict(),
-            self.optimizer.optimizer,
-            self.lr_scheduler,
-            TrainProgress(epoch, steps),
-            scaler,
-        )
+        with self._writing(path):
+            save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
+                                TrainProgress(epoch, steps), scaler)
         logger.info("saved the training state to %s", path)
+        return path
 
     def _save_checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
         self._save_model(model_file_name(self.args.output_name, kind, number, self.ext), steps, epoch)

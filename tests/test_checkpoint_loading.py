@@ -58,7 +58,9 @@ def test_diffusers_file_folder_and_shards_load(tmp_path, dev_model):
     keys = sorted(diffusers_sd)
     half = len(keys) // 2
     for i, part in enumerate((keys[:half], keys[half:]), start=1):
-        save_safetensors({k: diffusers_sd[k] for k in part}, folder / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors")
+        save_safetensors(
+            {k: diffusers_sd[k] for k in part}, folder / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+        )
     _, from_folder = load_flow_model(str(tmp_path / "FLUX.1-dev"), None, "cpu")
     assert_same_weights(from_folder, dev_model)
     _, from_shard = load_flow_model(str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"), None, "cpu")
@@ -102,7 +104,9 @@ def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model):
     _, model = load_flow_model(str(tmp_path / "scaled.safetensors"), torch.float32, "cpu")
     weight = model.double_blocks[0].img_attn.qkv.weight
     original = dev_model.double_blocks[0].img_attn.qkv.weight
-    expected = sd["double_blocks.0.img_attn.qkv.weight"].to(torch.float32) * scales["double_blocks.0.img_attn.qkv.weight"]
+    expected = (
+        sd["double_blocks.0.img_attn.qkv.weight"].to(torch.float32) * scales["double_blocks.0.img_attn.qkv.weight"]
+    )
     assert torch.equal(weight, expected)
     # ignoring the scale would leave weights hundreds of times too large
     assert (weight - original).abs().max() < 0.1 * original.abs().max()
@@ -116,7 +120,9 @@ def test_chroma_file_as_flux_says_which_model_type_to_use(tmp_path):
 
 def test_flux_file_as_chroma_says_which_model_type_to_use(tmp_path, dev_model):
     path = write_model(dev_model, str(tmp_path / "dev.safetensors"))
-    with pytest.raises(CheckpointError, match=r"dev\.safetensors is a FLUX\.1 model, not Chroma: use --model_type flux"):
+    with pytest.raises(
+        CheckpointError, match=r"dev\.safetensors is a FLUX\.1 model, not Chroma: use --model_type flux"
+    ):
         load_flow_model(path, None, "cpu", model_type="chroma")
 
 
@@ -129,7 +135,9 @@ def test_truncated_file_is_named(tmp_path, dev_model):
         load_flow_model(path, None, "cpu")
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 a zip pickle" * 10, b"\xff" * 64], ids=["empty", "pickle", "junk"])
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04 a zip pickle" * 10, b"\xff" * 64], ids=["empty", "pickle", "junk"]
+)
 def test_non_safetensors_file_is_named(tmp_path, content):
     path = tmp_path / "model.ckpt"
     path.write_bytes(content)
@@ -174,13 +182,19 @@ def test_ae_loads_with_inferred_widths(tmp_path):
 def test_text_encoder_file_given_as_ae_says_what_it_is(tmp_path):
     t5_like = {"shared.weight": torch.zeros(8, 4), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}
     save_safetensors(t5_like, tmp_path / "t5xxl_fp16.safetensors")
-    with pytest.raises(CheckpointError, match=r"t5xxl_fp16\.safetensors: expected the FLUX autoencoder.*a T5 text encoder \(give it as --t5xxl\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"t5xxl_fp16\.safetensors: expected the FLUX autoencoder.*a T5 text encoder \(give it as --t5xxl\)",
+    ):
         load_ae(str(tmp_path / "t5xxl_fp16.safetensors"), None, "cpu")
 
 
 def test_ae_file_given_as_dit_says_what_it_is(tmp_path):
     path = write_model(random_model(tiny_ae_params()), str(tmp_path / "ae.safetensors"))
-    with pytest.raises(CheckpointError, match=r"expected a FLUX\.1 or Chroma DiT, but this file looks like an autoencoder \(give it as --ae\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"expected a FLUX\.1 or Chroma DiT, but this file looks like an autoencoder \(give it as --ae\)",
+    ):
         load_flow_model(path, None, "cpu")
 
 
@@ -189,9 +203,7 @@ def test_pack_latents_uses_channel_then_patch_row_then_column_order():
     packed = pack_latents(latents)
     assert packed.shape == (2, 2 * 3, 64)
     token = 1 * 3 + 2  # patch row 1, patch column 2
-    expected = torch.stack(
-        [latents[1, c, 2 + ph, 4 + pw] for c in range(16) for ph in range(2) for pw in range(2)]
-    )
+    expected = torch.stack([latents[1, c, 2 + ph, 4 + pw] for c in range(16) for ph in range(2) for pw in range(2)])
     assert torch.equal(packed[1, token], expected)
     assert torch.equal(unpack_latents(packed, 2, 3), latents)
 

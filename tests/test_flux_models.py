@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_identical_gradients(kind):
     plain = grads()
     model.enable_gradient_checkpointing()
     checkpointed = grads()
-    for a, b in zip(plain, checkpointed):
+    for a, b in zip(plain, checkpointed, strict=True):
         assert torch.equal(a, b)
 
 

@@ -7,9 +7,9 @@ import torch
 
 from library.flux_utils import load_ae, load_clip_l, load_flow_model, load_t5xxl
 from library.safetensors_io import read_keys
+from library.text_encoders import FluxTextEncodingStrategy
 from library.tiny_models import write_tiny_models
 from library.tokenizers_flux import FluxTokenizeStrategy
-from library.text_encoders import FluxTextEncodingStrategy
 
 
 def test_generated_files_load_and_run_together(tmp_path):

@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(argv: list[str], *launcher_flags: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--num_processes", "1", "--num_machines", "1",
-        "--dynamo_backend", "no", "--mixed_precision", "no", "--num_cpu_threads_per_process", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *launcher_flags, "--num_processes", "1",
+        "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+        "--num_cpu_threads_per_process", "1",
         os.path.join(ROOT, "flux_train_network.py"), *argv,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=ROOT)

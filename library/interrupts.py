@@ -1,0 +1,66 @@
+"""Stopping a training run cleanly on SIGINT / SIGTERM.
+
+The first signal asks the loop to stop at the next step boundary, where it saves what it has;
+a second one ends the process at once (every file is written under a temporary name and renamed,
+so even that leaves nothing half-written under a final name). In a multi-process run the request
+is shared with an all-reduce at each step, so every process stops at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """Context manager that turns the first SIGINT/SIGTERM into a stop request."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+            for signum in HANDLED:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            logger.warning("%s received: stopping after the current step and saving; send it again to exit at once",
+                           signal.Signals(signum).name)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def requested(self, accelerator) -> bool:
+        """Whether any process got a signal (a collective call in multi-process runs)."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        stop = accelerator.reduce(flag, reduction="sum").item() > 0
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM  # another process was signalled
+        return stop
