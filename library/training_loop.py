@@ -86,6 +86,8 @@ class TrainingLoop:
             smoothing=0,
             disable=not accelerator.is_local_main_process,
         )
+        logger.info("start training: %d steps, %d epochs of %d steps, %d process(es)", args.max_train_steps,
+                    self.num_epochs, self.steps_per_epoch, accelerator.num_processes)
         self._set_train_mode()
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)

@@ -1,0 +1,145 @@
+"""Nothing is lost: signals stop at a step boundary and save, disk-full and non-finite losses stop
+with one clear message, and interrupted writes never leave a bad file under a final name."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors
+from library.train_state import TrainProgress, save_training_state
+from tests.training_helpers import base_argv, dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_training(argv):
+    """Runs flux_train_network.py as a user would and returns (process, event set once steps run)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "flux_train_network.py"), *argv],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    started, lines = threading.Event(), []
+
+    def read():
+        for line in process.stderr:
+            lines.append(line)
+            if "start training" in line:
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return process, started, lines
+
+
+@pytest.mark.slow
+def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny_model_files, tmp_path):
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=100000, save_state=True, cache_latents=True,
+                     network_train_unet_only=True)
+    process, started, lines = start_training(argv)
+    assert started.wait(120), "".join(lines)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(120) == 128 + signal.SIGINT
+    message = "".join(lines)
+    assert "interrupted by SIGINT at step" in message and "Traceback" not in message
+    saved = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(saved) == 1 and saved[0].startswith("lora-step")
+    state = os.path.join(out, saved[0].replace(".safetensors", "-state"))
+    assert f"--resume {state}" in message
+    step = int(saved[0][len("lora-step"):-len(".safetensors")])
+    assert step >= 1
+    assert all(torch.isfinite(t).all() for t in load_safetensors(os.path.join(out, saved[0])).values())
+    # the saved state continues to the end of a (shorter) run
+    resumed = str(tmp_path / "resumed")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, resumed, steps=step + 2, resume=state,
+                                             cache_latents=True, network_train_unet_only=True)) == 0
+    assert os.path.isfile(os.path.join(resumed, "lora.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once_without_half_written_files(tiny_model_files, tmp_path):
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=100000, save_every_n_steps=1, cache_latents=True,
+                     network_train_unet_only=True)
+    process, started, lines = start_training(argv)
+    assert started.wait(120), "".join(lines)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) != 0
+    for name in os.listdir(out):  # a temporary ".name.tmp-*" may remain; every final name is complete
+        if name.endswith(".safetensors") and not name.startswith("."):
+            assert load_safetensors(os.path.join(out, name))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_file(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=6, learning_rate=1e12, save_every_n_steps=1,
+                     network_train_unet_only=True, max_grad_norm=0)
+    assert flux_train_network.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "fp16 overflow" in err and "learning rate too high" in err
+    assert "Traceback" not in err
+    assert "lora-step00000001.safetensors" in err
+    assert not os.path.exists(os.path.join(out, "lora.safetensors"))
+    for name in os.listdir(out):
+        for tensor in load_safetensors(os.path.join(out, name)).values():
+            assert torch.isfinite(tensor).all(), name
+
+
+def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tiny_model_files, tmp_path, capsys,
+                                                                            monkeypatch):
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    calls = []
+
+    def save_until_the_disk_fills(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) >= 2:
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_until_the_disk_fills)
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=4, save_every_n_steps=1, network_train_unet_only=True)
+    assert flux_train_network.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and "lora-step00000002.safetensors" in err
+    assert "No space left on device" in err and "lora-step00000001.safetensors" in err
+    assert sorted(os.listdir(out)) == ["lora-step00000001.safetensors"]
+    assert load_safetensors(os.path.join(out, "lora-step00000001.safetensors"))
+
+
+def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
+    network = {"w": torch.ones(2)}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = str(tmp_path / "lora-state")
+    save_training_state(state, network, optimizer, scheduler, TrainProgress(1, 3))
+    real_save = torch.save
+
+    def fail_on_scheduler(obj, path, *args, **kwargs):
+        if str(path).endswith("scheduler.bin"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_on_scheduler)
+    with pytest.raises(OSError):
+        save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5))
+    assert sorted(os.listdir(tmp_path)) == ["lora-state"]
+    assert (tmp_path / "lora-state" / "train_state.json").read_text() == '{"current_epoch": 1, "current_step": 3}'
+    assert torch.equal(load_safetensors(os.path.join(state, "model.safetensors"))["w"], torch.ones(2))
