@@ -126,7 +126,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.caches import LatentCacher, check_disk_caches_complete, file_fingerprint
 
         args, accelerator = ctx.args, ctx.accelerator
-        cacher = LatentCacher(ctx.models.ae, file_fingerprint(args.ae), args.cache_latents_to_disk,
+        cacher = LatentCacher(PosteriorMeanEncoder(ctx.models.ae), file_fingerprint(args.ae) + ":mean",
+                              args.cache_latents_to_disk,
                               args.vae_batch_size or 1, args.skip_cache_check, accelerator.process_index,
                               accelerator.num_processes)
         with __import__("torch").no_grad():
@@ -244,7 +245,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         else:
             with torch.no_grad():
                 images = batch["images"].to(device, models.ae.dtype)
-                chunks = [models.ae.encode(c) for c in images.split(args.vae_batch_size or len(images))]
+                chunks = [models.ae.encode(c, sample=False) for c in images.split(args.vae_batch_size or len(images))]
             latents = torch.cat(chunks).float()
         latents = torch.nan_to_num(latents, nan=0.0)
         validation = fixed_sigma is not None
@@ -312,6 +313,25 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             dtype=ctx.weight_dtype, eval_modules=[ctx.network], autocast=accelerator.autocast,
             **text,
         )
+
+
+class PosteriorMeanEncoder:
+    """The AE as the latent cache sees it: the posterior mean, so that cached latents are the same
+    whatever the RNG state, the batch or the number of processes (sd-scripts samples the posterior)."""
+
+    def __init__(self, ae):
+        self.ae = ae
+
+    @property
+    def device(self):
+        return self.ae.device
+
+    @property
+    def dtype(self):
+        return self.ae.dtype
+
+    def encode(self, images):
+        return self.ae.encode(images, sample=False)
 
 
 def torch_float32():

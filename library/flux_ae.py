@@ -201,9 +201,14 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> sampled, scaled latents (B, 16, H/8, W/8)."""
-        z = self.reg(self.encoder(x))
+    def encode(self, x: Tensor, sample: bool = True) -> Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents (B, 16, H/8, W/8).
+
+        ``sample=True`` draws from the posterior (BFL's behaviour); ``sample=False`` takes its mean,
+        which the trainer uses so that latents do not depend on the RNG state or process count.
+        """
+        moments = self.encoder(x)
+        z = self.reg(moments) if sample else torch.chunk(moments, 2, dim=1)[0]
         return self.scale_factor * (z - self.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

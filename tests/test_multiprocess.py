@@ -1,0 +1,60 @@
+"""Two processes on CPU (gloo): caching split without deadlock, gradients averaged, only the main
+process writes, and the LoRA equals a single-process run over the same samples with gradient
+accumulation 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors, read_metadata
+from tests.training_helpers import base_argv, dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, tmp_path):
+    flags = dict(steps=3, cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True,
+                 network_train_unet_only=True, lr_scheduler="linear", lr_warmup_steps=1)
+    two_data = dataset(tmp_path / "two", batch_size=1)
+    two_out = str(tmp_path / "two_out")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", "29517",
+        os.path.join(ROOT, "flux_train_network.py"), *base_argv(tiny_model_files, two_data, two_out, **flags),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es)" in result.stderr
+
+    one_data = dataset(tmp_path / "one", batch_size=1)
+    one_out = str(tmp_path / "one_out")
+    argv = base_argv(tiny_model_files, one_data, one_out, gradient_accumulation_steps=2, **flags)
+    assert flux_train_network.main(argv) == 0
+
+    assert sorted(os.listdir(two_out)) == ["lora.safetensors"]  # only the main process wrote
+    two = load_safetensors(os.path.join(two_out, "lora.safetensors"))
+    one = load_safetensors(os.path.join(one_out, "lora.safetensors"))
+    assert two.keys() == one.keys()
+    changed = 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+        changed += bool(one[key].abs().sum() > 0) and key.endswith("lora_up.weight")
+    assert changed > 0  # the runs did train (lora_up starts at zero)
+
+    metadata = read_metadata(os.path.join(two_out, "lora.safetensors"))
+    assert metadata["ss_batch_size_per_device"] == "1"
+    assert metadata["ss_total_batch_size"] == "2"
+    assert metadata["ss_num_processes"] == "2"
+    # every image got its caches, half of them written by each process
+    images = [f for f in os.listdir(two_data.image_dir) if f.endswith(".png")]
+    for image in images:
+        stem = os.path.splitext(image)[0]
+        assert os.path.isfile(os.path.join(two_data.image_dir, stem + "_flux_te.npz"))
+        assert any(f.startswith(stem + "_") and f.endswith("_flux.npz") for f in os.listdir(two_data.image_dir))
