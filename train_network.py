@@ -152,6 +152,7 @@ class NetworkTrainer:
         from library.datasets import build_dataset_groups
 
         self.check_args(args)
+        self.check_inputs_before_loading(args)
         if args.seed is None:
             args.seed = random.randint(0, 2**32 - 1)
         set_seed(args.seed)
@@ -245,6 +246,35 @@ class NetworkTrainer:
         return final_path
 
     # ---- pieces of the run -------------------------------------------------------------------
+    def check_inputs_before_loading(self, args) -> None:
+        """Everything that can be checked without the models, so a typo stops the run in seconds."""
+        self.network_module = self.import_network_module(args)
+        validate = getattr(self.network_module, "validate_network_args", None)
+        if validate is not None:
+            validate(neuron_dropout=args.network_dropout, **parse_network_args(args.network_args))
+        if args.resume:
+            from library.train_state import check_state_dir
+
+            check_state_dir(args.resume)
+        if args.base_weights and args.base_weights_multiplier is not None:
+            if len(args.base_weights_multiplier) != len(args.base_weights):
+                raise UserError(
+                    f"--base_weights_multiplier has {len(args.base_weights_multiplier)} values for "
+                    f"{len(args.base_weights)} --base_weights files; give one per file"
+                )
+        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
+            for path in paths or []:
+                if path and not os.path.isfile(path):
+                    raise UserError(f"{flag} {path}: file not found")
+
+    @staticmethod
+    def import_network_module(args):
+        name = args.network_module or "networks.lora_flux"
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"--network_module {name}: cannot import it ({e}); is it installed?") from None
+
     def check_dataset(self, args, train_group, val_group) -> None:
         """Model-specific dataset checks (bucket steps and the like)."""
 
@@ -259,10 +289,7 @@ class NetworkTrainer:
 
     def create_network(self, ctx: RunContext):
         args = ctx.args
-        try:
-            network_module = importlib.import_module(args.network_module or "networks.lora_flux")
-        except ImportError as e:
-            raise UserError(f"--network_module {args.network_module}: cannot import it ({e})") from None
+        network_module = self.network_module
         text_encoders, dit = self.network_targets(ctx)
         self.merge_base_weights(ctx, network_module)
         net_kwargs = parse_network_args(args.network_args)
@@ -305,15 +332,8 @@ class NetworkTrainer:
         if not args.base_weights:
             return
         multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights)
-        if len(multipliers) != len(args.base_weights):
-            raise UserError(
-                f"--base_weights_multiplier has {len(multipliers)} values for {len(args.base_weights)} "
-                "--base_weights files; give one per file"
-            )
         text_encoders, dit = self.network_targets(ctx)
         for path, multiplier in zip(args.base_weights, multipliers, strict=True):
-            if not os.path.isfile(path):
-                raise UserError(f"--base_weights {path}: file not found")
             module, weights_sd = network_module.create_network_from_weights(
                 multiplier, path, ctx.models.ae, text_encoders, dit, for_inference=True
             )

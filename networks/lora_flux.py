@@ -100,18 +100,46 @@ def create_network(
 
     ``text_encoders`` is ``[clip_l, t5]``; either may be None (Chroma has no CLIP-L). ``ae`` is unused.
     """
+    n_double, n_single = len(getattr(flux, "double_blocks", ())), len(getattr(flux, "single_blocks", ()))
+    options = _network_options(kwargs, neuron_dropout, n_double, n_single)
+    network = LoRANetwork(
+        text_encoders,
+        flux,
+        multiplier=multiplier,
+        lora_dim=4 if network_dim is None else int(network_dim),
+        alpha=1.0 if network_alpha is None else float(network_alpha),
+        **options,
+    )
+    if any(r is not None for r in loraplus_ratios(kwargs)):
+        network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
+    return network
+
+
+
+def validate_network_args(neuron_dropout: float | None = None, **kwargs) -> None:
+    """Checks ``--network_args`` before any model is loaded (block bounds wait for the model)."""
+    _network_options(kwargs, neuron_dropout, None, None)
+
+
+def _network_options(kwargs: dict, neuron_dropout, n_double: int | None, n_single: int | None) -> dict:
+    """``LoRANetwork`` keyword arguments from ``--network_args`` (raises UserError on a bad one)."""
     check_known_args(kwargs)
     if not is_unset(kwargs.get("conv_dim")) or not is_unset(kwargs.get("conv_alpha")):
-        logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
+        if n_double is not None:
+            logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
     type_dims = [parse_int(k, kwargs.get(k)) for k in TYPE_DIM_KEYS]
     in_dims = None if is_unset(kwargs.get("in_dims")) else parse_in_dims(kwargs["in_dims"])
-    n_double, n_single = len(getattr(flux, "double_blocks", ())), len(getattr(flux, "single_blocks", ()))
+    unbounded = 1 << 20  # before the model is loaded only the syntax can be checked
     double_indices = kwargs.get("train_double_block_indices")
     single_indices = kwargs.get("train_single_block_indices")
     if double_indices is not None:
-        double_indices = parse_block_selection("train_double_block_indices", double_indices, n_double)
+        double_indices = parse_block_selection(
+            "train_double_block_indices", double_indices, unbounded if n_double is None else n_double
+        )
     if single_indices is not None:
-        single_indices = parse_block_selection("train_single_block_indices", single_indices, n_single)
+        single_indices = parse_block_selection(
+            "train_single_block_indices", single_indices, unbounded if n_single is None else n_single
+        )
     train_blocks = "all" if is_unset(kwargs.get("train_blocks")) else str(kwargs["train_blocks"]).strip()
     if train_blocks not in ("all", "double", "single"):
         raise UserError(f"--network_args train_blocks={train_blocks}: expected all, double or single")
@@ -122,13 +150,8 @@ def create_network(
         reg_dims = parse_regex_pairs("network_reg_dims", kwargs["network_reg_dims"], rank_value)
     if not is_unset(kwargs.get("network_reg_lrs")):
         reg_lrs = parse_regex_pairs("network_reg_lrs", kwargs["network_reg_lrs"], float)
-
-    network = LoRANetwork(
-        text_encoders,
-        flux,
-        multiplier=multiplier,
-        lora_dim=4 if network_dim is None else int(network_dim),
-        alpha=1.0 if network_alpha is None else float(network_alpha),
+    loraplus_ratios(kwargs)
+    return dict(
         dropout=dropout,
         rank_dropout=rank_dropout,
         module_dropout=module_dropout,
@@ -145,10 +168,6 @@ def create_network(
         reg_lrs=reg_lrs,
         verbose=parse_bool("verbose", kwargs.get("verbose", False)),
     )
-    if any(r is not None for r in loraplus_ratios(kwargs)):
-        network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
-    return network
-
 
 def create_network_from_weights(
     multiplier: float,
