@@ -432,9 +432,10 @@ def review_compat_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
     def is_set(dest: str) -> bool:
         return hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest)
 
-    refused = [f"--{dest}: {why}" for dest, why in REFUSED_FOR_FLUX.items() if is_set(dest)]
+    refused = [f"--{dest} cannot be used for FLUX/Chroma training: {why}" for dest, why in REFUSED_FOR_FLUX.items()
+               if is_set(dest)]
     if refused:
-        raise UserError("These options cannot be used for FLUX/Chroma training:\n  " + "\n  ".join(refused))
+        raise UserError("; ".join(refused))
     return [f"--{dest} has no effect for FLUX/Chroma: {why}" for dest, why in IGNORED_FOR_FLUX.items() if is_set(dest)]
 
 

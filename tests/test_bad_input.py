@@ -1,0 +1,216 @@
+"""The bad-input corpus: each case exits non-zero with one message that names the file, key or
+flag at fault (and what to do), prints no traceback, and leaves ``output_dir`` as it was."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+import flux_train_network
+from library.safetensors_io import save_safetensors
+from tests.training_helpers import base_argv, dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Env:
+    models: object
+    data: object
+    tmp: str
+    out: str
+
+    def argv(self, model_type: str = "flux", **flags) -> list[str]:
+        return base_argv(self.models, self.data, self.out, model_type=model_type, steps=1, **flags)
+
+    def dataset_toml(self, text: str, name: str = "dataset.toml") -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def with_dataset(self, text: str, name: str = "dataset.toml", **flags) -> list[str]:
+        return self.argv(dataset_config=self.dataset_toml(text, name), **flags)
+
+    def image_dir_toml(self, image_dir: str) -> str:
+        return (f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\n"
+                f"[[datasets.subsets]]\nimage_dir = '{image_dir}'\n")
+
+    def bad_image(self, name: str, content: bytes) -> list[str]:
+        folder = os.path.join(self.tmp, "bad_images")
+        shutil.copytree(self.data.image_dir, folder)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(content)
+        return self.with_dataset(self.image_dir_toml(folder))
+
+    def replace(self, argv: list[str], flag: str, value: str) -> list[str]:
+        argv = list(argv)
+        argv[argv.index(flag) + 1] = value
+        return argv
+
+    def drop(self, argv: list[str], flag: str) -> list[str]:
+        argv = list(argv)
+        i = argv.index(flag)
+        del argv[i : i + 2]
+        return argv
+
+    def file(self, name: str, content: bytes) -> str:
+        path = os.path.join(self.tmp, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def truncated_copy(self, path: str, name: str) -> str:
+        with open(path, "rb") as f:
+            content = f.read()
+        return self.file(name, content[: len(content) // 2])
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Env], list[str]]
+    expect: tuple[str, ...]
+
+
+GOOD_SUBSET = "[[datasets.subsets]]\nimage_dir = '{images}'\n"
+
+CASES = [
+    Case("toml syntax error", lambda e: e.with_dataset("[general\nresolution = 64\n"),
+         ("dataset.toml", "cannot parse it", "line 1")),
+    Case("unknown key", lambda e: e.with_dataset(
+        "[general]\nresolutoin = 64\n[[datasets]]\n" + GOOD_SUBSET.format(images=e.data.image_dir)),
+         ("resolutoin", "dataset.toml")),
+    Case("key at the wrong level", lambda e: e.with_dataset(
+        "[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nbatch_size = 2\n"
+        f"image_dir = '{e.data.image_dir}'\n"),
+         ("datasets[0].subsets[0].batch_size", "[[datasets]]")),
+    Case("wrong value type", lambda e: e.with_dataset(
+        "[[datasets]]\nresolution = 64\nbatch_size = 'two'\n" + GOOD_SUBSET.format(images=e.data.image_dir)),
+         ("datasets[0].batch_size", "integer")),
+    Case("missing image_dir", lambda e: e.with_dataset(e.image_dir_toml(os.path.join(e.tmp, "nowhere"))),
+         ("nowhere",)),
+    Case("empty image_dir", lambda e: (os.makedirs(os.path.join(e.tmp, "empty"), exist_ok=True),
+                                       e.with_dataset(e.image_dir_toml(os.path.join(e.tmp, "empty"))))[1],
+         ("empty",)),
+    Case("image_dir that is a file", lambda e: e.with_dataset(e.image_dir_toml(e.file("plain.txt", b"x"))),
+         ("plain.txt",)),
+    Case("truncated image", lambda e: e.bad_image(
+        "zz_truncated.png", open(os.path.join(e.data.image_dir, sorted(os.listdir(e.data.image_dir))[0]), "rb")
+        .read()[:200]), ("zz_truncated.png",)),
+    Case("zero-byte image", lambda e: e.bad_image("zz_empty.png", b""), ("zz_empty.png",)),
+    Case("text file named .jpg", lambda e: e.bad_image("zz_text.jpg", b"this is not a picture"), ("zz_text.jpg",)),
+    Case("non-UTF-8 caption", lambda e: e.bad_image("00_red_circle.txt", "caf\xe9 au lait".encode("latin-1")),
+         ("00_red_circle.txt", "UTF-8")),
+    Case("dataset config missing", lambda e: e.argv(dataset_config=os.path.join(e.tmp, "missing.toml")),
+         ("missing.toml",)),
+    Case("dataset config with a wrong extension", lambda e: e.argv(dataset_config=e.file("data.yaml", b"a: 1")),
+         ("data.yaml",)),
+    Case("missing model file", lambda e: e.replace(e.argv(), "--pretrained_model_name_or_path",
+                                                   os.path.join(e.tmp, "flux1-dev.safetensors")),
+         ("flux1-dev.safetensors", "not found")),
+    Case("truncated model file", lambda e: e.replace(e.argv(), "--pretrained_model_name_or_path",
+                                                     e.truncated_copy(e.models.flux_dev, "cut.safetensors")),
+         ("cut.safetensors", "truncated")),
+    Case("Chroma file as --model_type flux", lambda e: e.replace(e.argv(), "--pretrained_model_name_or_path",
+                                                                 e.models.chroma),
+         ("chroma.safetensors", "--model_type chroma")),
+    Case("FLUX file as --model_type chroma", lambda e: e.replace(e.argv("chroma"), "--pretrained_model_name_or_path",
+                                                                 e.models.flux_dev),
+         ("flux1-dev.safetensors", "--model_type flux")),
+    Case("T5 file given as --ae", lambda e: e.replace(e.argv(), "--ae", e.models.t5xxl),
+         ("t5xxl.safetensors", "--t5xxl")),
+    Case("truncated T5 file", lambda e: e.replace(e.argv(), "--t5xxl",
+                                                  e.truncated_copy(e.models.t5xxl, "t5cut.safetensors")),
+         ("t5cut.safetensors",)),
+    Case("missing --clip_l for FLUX.1", lambda e: e.drop(e.argv(), "--clip_l"), ("--clip_l",)),
+    Case("Chroma without --apply_t5_attn_mask",
+         lambda e: [a for a in e.argv("chroma") if a != "--apply_t5_attn_mask"], ("--apply_t5_attn_mask",)),
+    Case("--full_bf16 without bf16", lambda e: e.argv(full_bf16=True), ("--full_bf16", "--mixed_precision bf16")),
+    Case("--cache_latents with color_aug", lambda e: e.with_dataset(
+        "[[datasets]]\nresolution = 64\n" + GOOD_SUBSET.format(images=e.data.image_dir) + "color_aug = true\n",
+        cache_latents=True), ("--cache_latents", "color_aug")),
+    Case("text-encoder cache with shuffle_caption", lambda e: e.with_dataset(
+        "[[datasets]]\nresolution = 64\n" + GOOD_SUBSET.format(images=e.data.image_dir) + "shuffle_caption = true\n",
+        cache_text_encoder_outputs=True), ("--cache_text_encoder_outputs", "shuffle_caption")),
+    Case("huber loss with the snr schedule", lambda e: e.argv(loss_type="huber"), ("--huber_schedule",)),
+    Case("--weighted_captions", lambda e: e.argv(weighted_captions=True), ("--weighted_captions",)),
+    Case("legacy --use_8bit_adam with --optimizer_type", lambda e: e.argv(use_8bit_adam=True, optimizer_type="Lion"),
+         ("--use_8bit_adam",)),
+    Case("unknown optimizer", lambda e: e.argv(optimizer_type="AdamWW"), ("AdamWW",)),
+    Case("constant schedule with warmup", lambda e: e.argv(lr_warmup_steps=5), ("--lr_warmup_steps",)),
+    Case("network_args typo", lambda e: e.argv(network_args=["img_atn_dim=4"]), ("img_atn_dim",)),
+    Case("network_args bad regex", lambda e: e.argv(network_args=["network_reg_dims=double_blocks_(=8"]),
+         ("network_reg_dims", "regular expression")),
+    Case("network module that does not exist", lambda e: e.replace(e.argv(), "--network_module", "networks.lora_flx"),
+         ("--network_module", "networks.lora_flx")),
+    Case("--network_weights missing", lambda e: e.argv(network_weights=os.path.join(e.tmp, "gone.safetensors")),
+         ("--network_weights", "gone.safetensors")),
+    Case("--resume from a missing folder", lambda e: e.argv(resume=os.path.join(e.tmp, "no-state")),
+         ("--resume", "no-state")),
+    Case("--resume from a folder that is not a state", lambda e: e.argv(resume=e.data.image_dir),
+         ("--resume", "not a training state")),
+    Case("sample prompts file missing", lambda e: e.argv(sample_prompts=os.path.join(e.tmp, "prompts.txt"),
+                                                         sample_every_n_steps=1), ("prompts.txt",)),
+    Case("--config_file missing", lambda e: e.argv(config_file=os.path.join(e.tmp, "run.toml")), ("run.toml",)),
+    Case("--log_with wandb without wandb", lambda e: e.argv(log_with="wandb"), ("wandb",)),
+]
+
+
+@pytest.fixture
+def env(tiny_model_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_safetensors({"w": __import__("torch").ones(2)}, out / "previous.safetensors")
+    return Env(tiny_model_files, dataset(tmp_path), str(tmp_path), str(out))
+
+
+def output_dir_snapshot(out: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+
+
+def test_the_corpus_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_stops_with_one_clear_message(env, case, capsys):
+    before = output_dir_snapshot(env.out)
+    argv = case.argv(env)
+    assert flux_train_network.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for fragment in case.expect:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert output_dir_snapshot(env.out) == before
+
+
+LAUNCHED = ["unknown key", "truncated model file", "T5 file given as --ae", "network_args typo",
+            "--resume from a missing folder"]
+
+
+@pytest.mark.slow
+def test_bad_input_through_accelerate_launch(env):
+    """A handful of the cases as real ``accelerate launch`` runs, the way users and GUIs start them."""
+    env_vars = dict(os.environ, PYTHONPATH=ROOT)
+    for case in (c for c in CASES if c.name in LAUNCHED):
+        before = output_dir_snapshot(env.out)
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
+            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no",
+            os.path.join(ROOT, "flux_train_network.py"), *case.argv(env),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env_vars, timeout=300)
+        assert result.returncode != 0, case.name
+        assert "Traceback" not in result.stderr, (case.name, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and all(f in errors[0] for f in case.expect), (case.name, result.stderr[-2000:])
+        assert output_dir_snapshot(env.out) == before
