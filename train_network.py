@@ -98,13 +98,37 @@ def resolve_dtypes(args, device_type: str):
     return weight_dtype, save_dtype
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (GUIs and tests swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(args) -> None:
+    """Console (and --console_log_file) logging; installed once, beside any handlers the caller has."""
+    root = logging.getLogger()
     level = getattr(logging, (getattr(args, "console_log_level", None) or "INFO").upper())
-    handlers = [logging.StreamHandler(sys.stderr)]
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if getattr(h, "flux_trainer", False)]:
+        root.removeHandler(handler)
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if getattr(args, "console_log_file", None):
         handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
-    fmt = "%(message)s" if getattr(args, "console_log_simple", False) else "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    simple = getattr(args, "console_log_simple", False)
+    formatter = logging.Formatter("%(message)s" if simple else "%(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.flux_trainer = True
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -152,6 +176,7 @@ class NetworkTrainer:
         from library.datasets import build_dataset_groups
 
         self.check_args(args)
+        self.warn_about_flags_without_effect(args)
         self.check_inputs_before_loading(args)
         if args.seed is None:
             args.seed = random.randint(0, 2**32 - 1)
@@ -174,6 +199,9 @@ class NetworkTrainer:
         groups = [g for g in (train_group, val_group) if g is not None]
         if len(train_group) == 0:
             raise UserError("the dataset has no images to train on; check image_dir / --train_data_dir")
+        if args.debug_dataset:
+            self.debug_dataset(train_group)
+            return ""
         self.check_dataset(args, train_group, val_group)
         sampling_prompts = self.load_sample_prompts(args)
 
@@ -219,13 +247,13 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
-        first_step = 0
+        first_step, skip_data = self.initial_step(args, steps_per_epoch), bool(args.skip_until_initial_step)
         if args.resume:
             from library.train_state import load_training_state
 
             network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler)
             network.load_state_dict(network_state, strict=True)
-            first_step = progress.current_step
+            first_step, skip_data = progress.current_step, True
             logger.info("resumed from %s at step %d", args.resume, first_step)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
@@ -241,11 +269,54 @@ class NetworkTrainer:
         loop = TrainingLoop(self, ctx, train_group, val_group, optimizer, lr_scheduler, lr_descriptions,
                             optimizer_train, optimizer_eval, process_batches, steps_per_epoch, num_epochs,
                             metadata, save_dtype)
-        final_path = loop.run(first_step)
+        final_path = loop.run(first_step, skip_data)
         accelerator.end_training()
         return final_path
 
     # ---- pieces of the run -------------------------------------------------------------------
+    @staticmethod
+    def initial_step(args, steps_per_epoch: int) -> int:
+        """--initial_step / --initial_epoch: where the step count starts without --resume."""
+        if args.resume:
+            if args.initial_step is not None or args.initial_epoch is not None:
+                logger.warning("--initial_step / --initial_epoch are ignored with --resume (the state says where)")
+            return 0
+        if args.initial_step is not None:
+            step = args.initial_step
+        elif args.initial_epoch is not None:
+            step = (args.initial_epoch - 1) * steps_per_epoch
+        else:
+            return 0
+        if not 0 <= step < args.max_train_steps:
+            raise UserError(f"--initial_step / --initial_epoch give step {step}, outside 0..{args.max_train_steps - 1}")
+        logger.info("counting steps from %d (%s); the lr schedule starts at its beginning", step,
+                    "skipping the batches before it" if args.skip_until_initial_step else "data from the epoch start")
+        return step
+
+    def warn_about_flags_without_effect(self, args) -> None:
+        """Flags of sd-scripts' generic trainer that this trainer accepts but does not need."""
+        reasons = {
+            "highvram": "memory is never freed between caching batches anyway",
+            "lowram": "models are loaded tensor by tensor without a memory map, which is what it is for",
+            "ddp_gradient_as_bucket_view": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
+            "ddp_static_graph": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
+        }
+        for flag, why in reasons.items():
+            if getattr(args, flag, False):
+                logger.warning("--%s has no effect here: %s", flag, why)
+        if args.masked_loss and not args.alpha_mask:
+            logger.warning("--masked_loss: masks come from each image's alpha channel (--alpha_mask or alpha_mask = "
+                           "true in the dataset config); conditioning-image masks are not supported")
+
+    def debug_dataset(self, train_group) -> None:
+        """--debug_dataset: prints the first epoch's batches (files, captions, buckets) and trains nothing."""
+        train_group.set_current_epoch(1)
+        for index in range(len(train_group)):
+            batch = train_group[index]
+            print(f"batch {index}: bucket {batch['bucket_reso'][0]}x{batch['bucket_reso'][1]}")
+            for path, caption, flipped in zip(batch["image_paths"], batch["captions"], batch["flippeds"], strict=True):
+                print(f"  {path}{' (flipped)' if flipped else ''}: {caption}")
+
     def check_inputs_before_loading(self, args) -> None:
         """Everything that can be checked without the models, so a typo stops the run in seconds."""
         self.network_module = self.import_network_module(args)
@@ -475,7 +546,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         args = parse_args_with_config(parser, argv)
         setup_logging(args)
         path = (trainer or NetworkTrainer()).train(args)
-        print(f"saved the LoRA to {path}")
+        if path:
+            print(f"saved the LoRA to {path}")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

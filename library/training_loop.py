@@ -74,7 +74,8 @@ class TrainingLoop:
         self.epoch_losses: list[float] = []
 
     # ---- the loop ---------------------------------------------------------------------------
-    def run(self, first_step: int) -> str:
+    def run(self, first_step: int, skip_data: bool = True) -> str:
+        """Trains from ``first_step``; with ``skip_data`` the batches before it are skipped (resume)."""
         args, accelerator = self.args, self.accelerator
         global_step = first_step
         first_epoch = first_step // self.steps_per_epoch
@@ -92,18 +93,19 @@ class TrainingLoop:
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)
         with GracefulStop() as stop:
-            global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop)
+            global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
         progress.close()
         return self._save_final(global_step, min(self.num_epochs, global_step // max(self.steps_per_epoch, 1)))
 
-    def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop) -> int:
+    def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
         accum = args.gradient_accumulation_steps
         for epoch in range(first_epoch, self.num_epochs):
             if global_step >= args.max_train_steps:
                 break
             self.train_group.set_current_epoch(epoch + 1)
-            skip = (global_step - epoch * self.steps_per_epoch) * accum
+            skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
+            skip_data = True  # later epochs start at their beginning
             sampler.indices = self.process_batches[skip:]
             self.epoch_losses = []
             window: list[float] = []

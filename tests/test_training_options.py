@@ -119,3 +119,29 @@ def test_plain_python_and_help_work_without_accelerate_launch():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file"
     )
+
+
+def test_debug_dataset_prints_batches_and_trains_nothing(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, out, debug_dataset=True)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("batch ") >= 3 and "a red circle on a blue background" in printed
+    assert not os.path.exists(out)
+
+
+def test_initial_step_with_skip_trains_only_the_remaining_steps(tiny_model_files, tmp_path, caplog):
+    out = train(tiny_model_files, tmp_path, steps=5, data_kwargs={"batch_size": 1}, initial_step=3,
+                skip_until_initial_step=True, network_train_unet_only=True, save_every_n_steps=1)
+    # steps 4 and 5 ran (step 4 saved on its own, step 5 is the final file)
+    assert sorted(os.listdir(out)) == ["lora-step00000004.safetensors", "lora.safetensors"]
+    assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_steps"] == "5"
+
+
+def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
+    log_file = tmp_path / "train.log"
+    train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,
+          console_log_file=str(log_file))
+    assert caplog.text.count("--highvram has no effect") == 1
+    assert caplog.text.count("--xformers has no effect") == 1
+    assert "start training" in log_file.read_text() and "--xformers has no effect" in log_file.read_text()
