@@ -120,6 +120,7 @@ def setup_logging(args) -> None:
     root.setLevel(level)
     for handler in [h for h in root.handlers if getattr(h, "flux_trainer", False)]:
         root.removeHandler(handler)
+        handler.close()
     handlers: list[logging.Handler] = [_StderrHandler()]
     if getattr(args, "console_log_file", None):
         handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
