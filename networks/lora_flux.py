@@ -22,20 +22,17 @@ modules drive this one. Differences from sd-scripts, on purpose (docs/flux_train
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from library.errors import CheckpointError, UserError
-from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
-from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
-from networks.lora_flux_args import (
+from library.safetensors_io import read_metadata
+from networks.lora_flux_args import (  # noqa: F401  (validate_network_args is part of the module API)
     RANK_ARGS,
     TYPE_DIM_KEYS,
     check_known_args,
@@ -44,12 +41,21 @@ from networks.lora_flux_args import (
     is_unset,
     last_match,
     loraplus_ratios,
+    network_options,
     parse_block_selection,
     parse_bool,
     parse_in_dims,
     parse_int,
     parse_regex_pairs,
     rank_value,
+    validate_network_args,
+)
+from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import them from here)
+    SPLIT_QKV_CONVENTION,
+    SPLIT_QKV_METADATA_KEY,
+    read_lora_file,
+    split_alpha_multiplied,
+    write_lora_file,
 )
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
@@ -76,8 +82,6 @@ IN_LAYERS = (
     ("guidance_in", ("guidance_in.in_layer", "guidance_in.out_layer")),
     ("txt_in", ("txt_in",)),
 )
-SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
-SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
 
 _BLOCK_INDEX = re.compile(r"_(double|single)_blocks_(\d+)_")
 _SPLIT_TARGET = re.compile(r"_double_blocks_\d+_(img|txt)_attn_qkv$|_single_blocks_\d+_linear1$")
@@ -101,7 +105,7 @@ def create_network(
     ``text_encoders`` is ``[clip_l, t5]``; either may be None (Chroma has no CLIP-L). ``ae`` is unused.
     """
     n_double, n_single = len(getattr(flux, "double_blocks", ())), len(getattr(flux, "single_blocks", ()))
-    options = _network_options(kwargs, neuron_dropout, n_double, n_single)
+    options = network_options(kwargs, neuron_dropout, n_double, n_single)
     network = LoRANetwork(
         text_encoders,
         flux,
@@ -116,58 +120,6 @@ def create_network(
 
 
 
-def validate_network_args(neuron_dropout: float | None = None, **kwargs) -> None:
-    """Checks ``--network_args`` before any model is loaded (block bounds wait for the model)."""
-    _network_options(kwargs, neuron_dropout, None, None)
-
-
-def _network_options(kwargs: dict, neuron_dropout, n_double: int | None, n_single: int | None) -> dict:
-    """``LoRANetwork`` keyword arguments from ``--network_args`` (raises UserError on a bad one)."""
-    check_known_args(kwargs)
-    if not is_unset(kwargs.get("conv_dim")) or not is_unset(kwargs.get("conv_alpha")):
-        if n_double is not None:
-            logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
-    type_dims = [parse_int(k, kwargs.get(k)) for k in TYPE_DIM_KEYS]
-    in_dims = None if is_unset(kwargs.get("in_dims")) else parse_in_dims(kwargs["in_dims"])
-    unbounded = 1 << 20  # before the model is loaded only the syntax can be checked
-    double_indices = kwargs.get("train_double_block_indices")
-    single_indices = kwargs.get("train_single_block_indices")
-    if double_indices is not None:
-        double_indices = parse_block_selection(
-            "train_double_block_indices", double_indices, unbounded if n_double is None else n_double
-        )
-    if single_indices is not None:
-        single_indices = parse_block_selection(
-            "train_single_block_indices", single_indices, unbounded if n_single is None else n_single
-        )
-    train_blocks = "all" if is_unset(kwargs.get("train_blocks")) else str(kwargs["train_blocks"]).strip()
-    if train_blocks not in ("all", "double", "single"):
-        raise UserError(f"--network_args train_blocks={train_blocks}: expected all, double or single")
-    dropout, rank_dropout, module_dropout = dropout_args(kwargs, neuron_dropout)
-    ggpo_sigma, ggpo_beta = ggpo_args(kwargs)
-    reg_dims = reg_lrs = None
-    if not is_unset(kwargs.get("network_reg_dims")):
-        reg_dims = parse_regex_pairs("network_reg_dims", kwargs["network_reg_dims"], rank_value)
-    if not is_unset(kwargs.get("network_reg_lrs")):
-        reg_lrs = parse_regex_pairs("network_reg_lrs", kwargs["network_reg_lrs"], float)
-    loraplus_ratios(kwargs)
-    return dict(
-        dropout=dropout,
-        rank_dropout=rank_dropout,
-        module_dropout=module_dropout,
-        train_blocks=train_blocks,
-        split_qkv=parse_bool("split_qkv", kwargs.get("split_qkv", False)),
-        train_t5xxl=parse_bool("train_t5xxl", kwargs.get("train_t5xxl", False)),
-        type_dims=None if all(d is None for d in type_dims) else type_dims,
-        in_dims=in_dims,
-        train_double_block_indices=double_indices,
-        train_single_block_indices=single_indices,
-        reg_dims=reg_dims,
-        ggpo_beta=ggpo_beta,
-        ggpo_sigma=ggpo_sigma,
-        reg_lrs=reg_lrs,
-        verbose=parse_bool("verbose", kwargs.get("verbose", False)),
-    )
 
 def create_network_from_weights(
     multiplier: float,
@@ -247,29 +199,6 @@ def create_network_from_weights(
     if any(r is not None for r in loraplus_ratios(kwargs)):
         network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
     return network, weights_sd
-
-
-def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(state dict, metadata) of a ``.safetensors`` LoRA, or of a ``.pt`` / ``.ckpt`` one (no metadata)."""
-    if str(file).endswith(".safetensors"):
-        return load_safetensors(file), read_metadata(file)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{file}: file not found")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True), {}
-    except Exception as e:  # a pickle of anything else, or a truncated file
-        raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
-
-
-def split_alpha_multiplied(metadata: dict[str, str]) -> bool:
-    """Whether fused split_qkv modules carry alpha x chunks (ours) or the per-chunk alpha (sd-scripts')."""
-    if metadata.get(SPLIT_QKV_METADATA_KEY) == SPLIT_QKV_CONVENTION:
-        return True
-    try:
-        network_args = json.loads(metadata.get("ss_network_args", "{}")) or {}
-    except json.JSONDecodeError:
-        network_args = {}
-    return not (isinstance(network_args, dict) and str(network_args.get("split_qkv")) == "True")
 
 
 def detect_model_type(flux: nn.Module | None) -> str | None:
@@ -573,19 +502,8 @@ class LoRANetwork(nn.Module):
         state_dict = {
             k: v.detach().to("cpu", dtype if dtype is not None else v.dtype) for k, v in self.state_dict().items()
         }
-        if not str(file).endswith(".safetensors"):
-            _atomic_torch_save(state_dict, file)
-            return
-        metadata = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
-        if any(lora.split_dims for lora in self.all_loras()):
-            metadata[SPLIT_QKV_METADATA_KEY] = SPLIT_QKV_CONVENTION
-        if self.model_type is not None:
-            for key, value in build_modelspec(self.model_type, title=Path(file).stem).items():
-                metadata.setdefault(key, value)
-        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(
-            state_dict, metadata
-        )
-        save_safetensors(state_dict, file, metadata)
+        split = any(lora.split_dims for lora in self.all_loras())
+        write_lora_file(state_dict, file, metadata, self.model_type, split)
 
     def merge_to(self, text_encoders, flux, weights_sd: dict[str, Tensor], dtype=None, device=None) -> None:
         """Adds the file's updates to the base weights of the parts (DiT, text encoders) it has keys for."""
@@ -740,14 +658,3 @@ def _compile(pairs, key: str) -> list[tuple[re.Pattern, float]] | None:
         except re.error as e:
             raise UserError(f"--network_args {key}: {pattern!r} is not a valid regular expression ({e})") from None
     return compiled
-
-
-def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -> None:
-    path = Path(file)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state_dict, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

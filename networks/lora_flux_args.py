@@ -6,10 +6,13 @@ expected; sd-scripts skips some of them with a warning or reads them as False.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 TYPE_DIM_KEYS = (
     "img_attn_dim",
@@ -173,4 +176,58 @@ def dropout_args(kwargs: dict, neuron_dropout) -> tuple[float | None, float | No
         parse_float("dropout", neuron, below_one=True),
         parse_float("rank_dropout", kwargs.get("rank_dropout"), below_one=True),
         parse_float("module_dropout", kwargs.get("module_dropout"), below_one=True),
+    )
+
+
+def validate_network_args(neuron_dropout: float | None = None, **kwargs) -> None:
+    """Checks ``--network_args`` before any model is loaded (block bounds wait for the model)."""
+    network_options(kwargs, neuron_dropout, None, None)
+
+
+def network_options(kwargs: dict, neuron_dropout, n_double: int | None, n_single: int | None) -> dict:
+    """``LoRANetwork`` keyword arguments from ``--network_args`` (raises UserError on a bad one)."""
+    check_known_args(kwargs)
+    if not is_unset(kwargs.get("conv_dim")) or not is_unset(kwargs.get("conv_alpha")):
+        if n_double is not None:  # warn once, when the network is built
+            logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
+    type_dims = [parse_int(k, kwargs.get(k)) for k in TYPE_DIM_KEYS]
+    in_dims = None if is_unset(kwargs.get("in_dims")) else parse_in_dims(kwargs["in_dims"])
+    unbounded = 1 << 20  # before the model is loaded only the syntax can be checked
+    double_indices = kwargs.get("train_double_block_indices")
+    single_indices = kwargs.get("train_single_block_indices")
+    if double_indices is not None:
+        double_indices = parse_block_selection(
+            "train_double_block_indices", double_indices, unbounded if n_double is None else n_double
+        )
+    if single_indices is not None:
+        single_indices = parse_block_selection(
+            "train_single_block_indices", single_indices, unbounded if n_single is None else n_single
+        )
+    train_blocks = "all" if is_unset(kwargs.get("train_blocks")) else str(kwargs["train_blocks"]).strip()
+    if train_blocks not in ("all", "double", "single"):
+        raise UserError(f"--network_args train_blocks={train_blocks}: expected all, double or single")
+    dropout, rank_dropout, module_dropout = dropout_args(kwargs, neuron_dropout)
+    ggpo_sigma, ggpo_beta = ggpo_args(kwargs)
+    reg_dims = reg_lrs = None
+    if not is_unset(kwargs.get("network_reg_dims")):
+        reg_dims = parse_regex_pairs("network_reg_dims", kwargs["network_reg_dims"], rank_value)
+    if not is_unset(kwargs.get("network_reg_lrs")):
+        reg_lrs = parse_regex_pairs("network_reg_lrs", kwargs["network_reg_lrs"], float)
+    loraplus_ratios(kwargs)
+    return dict(
+        dropout=dropout,
+        rank_dropout=rank_dropout,
+        module_dropout=module_dropout,
+        train_blocks=train_blocks,
+        split_qkv=parse_bool("split_qkv", kwargs.get("split_qkv", False)),
+        train_t5xxl=parse_bool("train_t5xxl", kwargs.get("train_t5xxl", False)),
+        type_dims=None if all(d is None for d in type_dims) else type_dims,
+        in_dims=in_dims,
+        train_double_block_indices=double_indices,
+        train_single_block_indices=single_indices,
+        reg_dims=reg_dims,
+        ggpo_beta=ggpo_beta,
+        ggpo_sigma=ggpo_sigma,
+        reg_lrs=reg_lrs,
+        verbose=parse_bool("verbose", kwargs.get("verbose", False)),
     )

@@ -1,0 +1,70 @@
+"""LoRA files: reading ``.safetensors`` / ``.pt`` / ``.ckpt`` LoRAs and writing them atomically with
+metadata, ModelSpec and sd-scripts' hashes; and the split_qkv alpha convention recorded in them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from library.errors import CheckpointError
+from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
+from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+
+SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
+SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
+
+
+def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(state dict, metadata) of a ``.safetensors`` LoRA, or of a ``.pt`` / ``.ckpt`` one (no metadata)."""
+    if str(file).endswith(".safetensors"):
+        return load_safetensors(file), read_metadata(file)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True), {}
+    except Exception as e:  # a pickle of anything else, or a truncated file
+        raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
+
+
+def split_alpha_multiplied(metadata: dict[str, str]) -> bool:
+    """Whether fused split_qkv modules carry alpha x chunks (ours) or the per-chunk alpha (sd-scripts')."""
+    if metadata.get(SPLIT_QKV_METADATA_KEY) == SPLIT_QKV_CONVENTION:
+        return True
+    try:
+        network_args = json.loads(metadata.get("ss_network_args", "{}")) or {}
+    except json.JSONDecodeError:
+        network_args = {}
+    return not (isinstance(network_args, dict) and str(network_args.get("split_qkv")) == "True")
+
+
+def write_lora_file(
+    state_dict: dict[str, Tensor], file: str | os.PathLike, metadata: dict | None, model_type: str | None, split: bool
+) -> None:
+    """``.safetensors`` with the given metadata (kept verbatim, values as strings), ModelSpec defaults and
+    hashes; ``.pt`` / ``.ckpt`` without metadata. Always written under a temporary name, then renamed."""
+    if not str(file).endswith(".safetensors"):
+        _atomic_torch_save(state_dict, file)
+        return
+    metadata = {k: v if isinstance(v, str) else str(v) for k, v in (metadata or {}).items()}
+    if split:
+        metadata[SPLIT_QKV_METADATA_KEY] = SPLIT_QKV_CONVENTION
+    if model_type is not None:
+        for key, value in build_modelspec(model_type, title=Path(file).stem).items():
+            metadata.setdefault(key, value)
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(state_dict, metadata)
+    save_safetensors(state_dict, file, metadata)
+
+
+def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -> None:
+    path = Path(file)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
