@@ -14,6 +14,7 @@ from tqdm import tqdm
 from library.errors import TrainingInterrupted, UserError
 from library.flow_matching import VALIDATION_SIGMAS
 from library.interrupts import GracefulStop
+from library.optimizers import is_dadapt_or_prodigy, resolve_optimizer_type
 from library.sample_prompts import SampleTriggers
 from library.train_metadata import minimal_metadata, per_save_metadata
 from library.train_state import (
@@ -72,6 +73,7 @@ class TrainingLoop:
         self.last_saved: str | None = None
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
+        self.adapts_step_size = is_dadapt_or_prodigy(resolve_optimizer_type(self.args))
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, first_step: int, skip_data: bool = True) -> str:
@@ -201,8 +203,11 @@ class TrainingLoop:
                                 ("norm/avg_combined_norm", network.combined_weight_norms())):
                 if values is not None:
                     logs[key] = values.mean().item()
-        for description, lr in zip(self.lr_descriptions, self.lr_scheduler.get_last_lr(), strict=False):
+        groups = self.optimizer.param_groups
+        for i, (description, lr) in enumerate(zip(self.lr_descriptions, self.lr_scheduler.get_last_lr(), strict=False)):
             logs[f"lr/{description}".rstrip()] = lr
+            if self.adapts_step_size and i < len(groups) and "d" in groups[i]:
+                logs[f"lr/d*lr/{description}".rstrip()] = groups[i]["d"] * groups[i]["lr"]
         return logs
 
     # ---- between steps and epochs --------------------------------------------------------------

@@ -81,3 +81,16 @@ def test_launch_exits_non_zero_with_one_message_on_a_user_error(tiny_model_files
     assert result.returncode != 0
     assert "error: --sample_prompts" in result.stderr and "missing.txt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_prodigy_run_logs_its_adapted_step_size(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    logs = str(tmp_path / "logs")
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=2, optimizer_type="prodigy",
+                     learning_rate=1.0, network_train_unet_only=True, logging_dir=logs)
+    import flux_train_network
+
+    assert flux_train_network.main(argv) == 0
+    tags = scalar_tags(logs)
+    assert "lr/unet" in tags and "lr/d*lr/unet" in tags
