@@ -1,0 +1,26 @@
+"""The README's main job: demo.py trains a LoRA end to end and prints where the LoRA and the sample went."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from library.safetensors_io import read_metadata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_writes_a_lora_and_a_sample_and_prints_their_paths(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--output", str(tmp_path / "demo")],
+                            capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    lora = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("LoRA:"))
+    samples = [line.split(":", 1)[1].strip() for line in lines if line.startswith("sample:")]
+    assert os.path.isfile(lora) and lora.startswith(str(tmp_path / "demo"))
+    assert samples and all(os.path.isfile(s) and s.endswith(".png") for s in samples)
+    metadata = read_metadata(lora)
+    assert metadata["ss_network_module"] == "networks.lora_flux" and metadata["ss_steps"] == "12"
+    assert "validation loss" in result.stderr
