@@ -1,0 +1,469 @@
+"""Generate images with FLUX.1 (dev, schnell, pruned) or Chroma, with LoRAs applied or merged.
+
+    python flux_minimal_inference.py --ckpt_path flux1-dev.safetensors --clip_l clip_l.safetensors \\
+        --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --prompt "a photo of a cat" \\
+        --lora_weights my_lora.safetensors;0.8 --seed 1 --output_dir out
+
+sd-scripts' command line (spec §i.2). Images come from the same Euler flow sampler as the
+trainer's samples (``library.flux_sampling``): shifted schedule for dev and Chroma, linear for
+schnell, CFG with a negative prompt as one [negative, positive] batch, Chroma's modulation vectors
+computed per step. The initial noise comes from a CPU generator, so a seed gives the same image on
+any device. Each PNG carries the prompt, seed, steps, sizes, guidance and LoRAs in text chunks.
+
+``--interactive`` reads prompts from standard input, one per line, until an empty line or end of
+input: ``--w`` width, ``--h`` height, ``--s`` steps, ``--g`` guidance, ``--l`` or ``--c`` CFG scale
+(these stay set for later prompts, as in sd-scripts), ``--d`` seed and ``--n`` negative prompt
+(``-`` for none; these apply to one prompt), ``--m`` one multiplier per LoRA (not with
+``--merge_lora_weights``).
+
+Differences from sd-scripts, on purpose:
+
+* Chroma defaults to guidance 0 and CFG 4.0 with an empty negative prompt (the trainer's sample
+  defaults; sd-scripts uses FLUX's 3.5 / 1.0). CFG runs whenever the CFG scale is not 1, with an
+  empty negative prompt if none is given (sd-scripts needs a non-empty one).
+* Sizes are floored to a multiple of 16 (sd-scripts rounds the latent up); schnell is recognised
+  from the weights (sd-scripts looks for "schnell" in the file name).
+* fp8 ``--flux_dtype`` / ``--clip_l_dtype`` / ``--t5xxl_dtype`` store the Linear weights in fp8 and
+  compute in ``--dtype`` (bf16 when ``--dtype`` itself is fp8), so fp8 also works on CPUs; an fp8
+  ``--ae_dtype`` is not honoured (the AE is small and convolutional): it runs in the compute dtype.
+* ai-toolkit / diffusers LoRAs load too (converted by ``library.lora_formats``).
+* ``--offload`` also moves the DiT off the device while the AE decodes; no image is overwritten:
+  a second image in the same second gets a ``_1`` suffix.
+* Extra options: ``--device``, ``--tokenizer_cache_dir`` and ``--t5xxl_max_token_length``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp8": torch.float8_e4m3fn,
+    "float8": torch.float8_e4m3fn,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "e5m2": torch.float8_e5m2,
+    "float8_e5m2": torch.float8_e5m2,
+}
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1360, 768
+INTERACTIVE_HELP = (
+    "Enter a prompt (empty line to exit). Options: --w <width> --h <height> --s <steps> --d <seed> "
+    "--g <guidance> --l or --c <cfg scale> --n <negative prompt, - for none> "
+    "--m <multipliers for LoRAs, comma separated>"
+)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with FLUX.1 or Chroma (and LoRAs)")
+    add = p.add_argument
+    add("--ckpt_path", type=str, required=True, help="FLUX.1 / Chroma DiT (.safetensors)")
+    add("--model_type", type=str, default="flux", choices=["flux", "chroma"], help="flux (default) or chroma")
+    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (FLUX.1 only)")
+    add("--t5xxl", type=str, default=None, help="T5-XXL text encoder")
+    add("--ae", type=str, default=None, help="the autoencoder (ae.safetensors)")
+    add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (required for Chroma)")
+    add("--prompt", type=str, default="A photo of a cat")
+    add("--output_dir", type=str, default=".")
+    add("--dtype", type=str, default="bfloat16", help="base dtype: bf16, fp16, fp32 or fp8 (default bfloat16)")
+    add("--clip_l_dtype", type=str, default=None, help="dtype of CLIP-L (default --dtype)")
+    add("--ae_dtype", type=str, default=None, help="dtype of the AE (default --dtype)")
+    add("--t5xxl_dtype", type=str, default=None, help="dtype of T5-XXL (default --dtype)")
+    add("--flux_dtype", type=str, default=None, help="dtype of the DiT (default --dtype)")
+    add("--seed", type=int, default=None, help="random if not given")
+    add("--steps", type=int, default=None, help="sampling steps (default 4 for schnell, 50 otherwise)")
+    add("--guidance", type=float, default=None, help="embedded guidance (default 3.5; Chroma 0.0)")
+    add("--negative_prompt", type=str, default=None)
+    add("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (default 1.0; Chroma 4.0)")
+    add("--offload", action="store_true", help="keep models on the CPU and move each to the device while it runs")
+    add("--lora_weights", type=str, nargs="*", default=[], help="LoRA files, each `path;multiplier` (default 1.0)")
+    add("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights instead of applying them")
+    add("--width", type=int, default=DEFAULT_WIDTH)
+    add("--height", type=int, default=DEFAULT_HEIGHT)
+    add("--interactive", action="store_true", help="read prompts from standard input")
+    add("--device", type=str, default=None, help="device to run on (default cuda if available, else cpu)")
+    add("--tokenizer_cache_dir", type=str, default=None, help="local copies of the tokenizers (as the trainer)")
+    add("--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default 256 for schnell, 512 otherwise)")
+    return p
+
+
+def str_to_dtype(name: str | None, flag: str, default: torch.dtype | None = None) -> torch.dtype | None:
+    if name is None:
+        return default
+    if name not in DTYPES:
+        raise UserError(f"{flag} {name}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``path;multiplier`` (multiplier optional, default 1.0)."""
+    path, sep, multiplier = spec.rpartition(";")
+    if not sep:
+        return spec, 1.0
+    try:
+        return path, float(multiplier)
+    except ValueError:
+        raise UserError(f"--lora_weights {spec}: the multiplier after ';' must be a number") from None
+
+
+# ---- fp8 storage ----------------------------------------------------------------------------
+
+
+def _fp8_linear_forward(module: nn.Linear, compute_dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    bias = None if module.bias is None else module.bias.to(compute_dtype)
+    return F.linear(x.to(compute_dtype), module.weight.to(compute_dtype), bias)
+
+
+def compute_fp8_linears_in(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Makes every Linear with fp8 weights upcast them per call to ``compute_dtype``; returns the count."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype in FP8_DTYPES:
+            module.forward = partial(_fp8_linear_forward, module, compute_dtype)
+            count += 1
+    return count
+
+
+def store_block_linears_in_fp8(dit: nn.Module, fp8_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
+    """Stores the Linear weights of the double and single blocks in fp8 (the bulk of the DiT)."""
+    for block in [*dit.double_blocks, *dit.single_blocks]:
+        for module in block.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.to(fp8_dtype)
+    return compute_fp8_linears_in(dit, compute_dtype)
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedLoRA:
+    name: str
+    multiplier: float
+    network: nn.Module | None  # None once merged
+
+
+@dataclass
+class Pipeline:
+    """Loaded models and settings; :meth:`generate` makes one image."""
+
+    args: argparse.Namespace
+    device: torch.device
+    compute_dtype: torch.dtype
+    dit: nn.Module
+    ae: nn.Module
+    text_encoders: list
+    is_schnell: bool
+    tokenize_strategy: object
+    encoding_strategy: object
+    loras: list[LoadedLoRA] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def on_device(self, *models) -> Iterator[None]:
+        """With ``--offload``, the models visit the device and go back to the CPU."""
+        models = [m for m in models if m is not None]
+        if self.args.offload:
+            for m in models:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.args.offload:
+                for m in models:
+                    m.to("cpu")
+
+    def encode(self, texts: list[str]):
+        with torch.no_grad():
+            tokens = self.tokenize_strategy.tokenize(list(texts))
+            return self.encoding_strategy.encode_tokens(self.tokenize_strategy, self.text_encoders, tokens)
+
+    def generate(self, settings):
+        """One image for ``settings`` (a ``SampleSettings``)."""
+        from library.flux_sampling import decode_image, encode_texts, generate_latents
+
+        texts = [settings.negative_prompt, settings.prompt] if settings.use_cfg else [settings.prompt]
+        if settings.negative_prompt and not settings.use_cfg:
+            logger.warning("the negative prompt has no effect with a CFG scale of 1 (--cfg_scale / --l)")
+        with self.on_device(*self.text_encoders):
+            conditions = encode_texts(texts, self.encode)
+        chroma = self.args.model_type == "chroma"
+        with self.on_device(self.dit):
+            latents = generate_latents(
+                self.dit,
+                settings,
+                conditions[settings.prompt],
+                conditions[settings.negative_prompt] if settings.use_cfg else None,
+                shift=not self.is_schnell,
+                apply_t5_attn_mask=self.args.apply_t5_attn_mask or chroma,
+                device=self.device,
+                dtype=self.compute_dtype,
+                progress=True,
+            )
+        return decode_image(self.ae, latents, self.device)
+
+    def save(self, image, settings) -> str:
+        from library.flux_sampling import png_text_chunks, save_png
+
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        stem = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        path, n = os.path.join(self.args.output_dir, f"{stem}.png"), 0
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(self.args.output_dir, f"{stem}_{n}.png")
+        extra = {
+            "checkpoint": os.path.basename(self.args.ckpt_path),
+            "lora_merged": str(bool(self.args.merge_lora_weights and self.loras)),
+        }
+        text = png_text_chunks(
+            settings,
+            model_type=self.args.model_type,
+            is_schnell=self.is_schnell,
+            loras=[(lora.name, lora.multiplier) for lora in self.loras],
+            extra=extra,
+        )
+        save_png(image, path, text)
+        logger.info("saved %s", path)
+        return path
+
+    def set_multipliers(self, multipliers: list[float]) -> None:
+        if len(multipliers) != len(self.loras):
+            raise UserError(f"--m: {len(multipliers)} multipliers given for {len(self.loras)} LoRAs")
+        if any(lora.network is None for lora in self.loras):
+            raise UserError("--m: the LoRAs were merged (--merge_lora_weights), their multipliers cannot change")
+        for lora, m in zip(self.loras, multipliers, strict=True):
+            lora.network.set_multiplier(m)
+            lora.multiplier = m
+
+
+def check_args(args) -> None:
+    if not args.t5xxl:
+        raise UserError("--t5xxl is required: the T5-XXL text encoder (t5xxl_fp16.safetensors)")
+    if not args.ae:
+        raise UserError("--ae is required: the FLUX autoencoder (ae.safetensors)")
+    if args.model_type == "chroma":
+        if not args.apply_t5_attn_mask:
+            raise UserError("--model_type chroma needs --apply_t5_attn_mask (Chroma attends over the T5 mask)")
+        if args.clip_l:
+            logger.warning("--clip_l is ignored for Chroma, which has no CLIP-L")
+            args.clip_l = None
+    elif not args.clip_l:
+        raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: at least 1 step is needed")
+    if args.width < 16 or args.height < 16:
+        raise UserError(f"--width {args.width} / --height {args.height}: the image must be at least 16 pixels a side")
+
+
+def load_pipeline(args) -> Pipeline:
+    """Loads every model (checking the files first) and applies or merges the LoRAs."""
+    from library.flux_utils import load_ae, load_flow_model
+    from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
+    from library.tokenizers_flux import FluxTokenizeStrategy
+
+    check_args(args)
+    dtype = str_to_dtype(args.dtype, "--dtype")
+    compute = torch.bfloat16 if dtype in FP8_DTYPES else dtype
+    clip_dtype = str_to_dtype(args.clip_l_dtype, "--clip_l_dtype", dtype)
+    t5_dtype = str_to_dtype(args.t5xxl_dtype, "--t5xxl_dtype", dtype)
+    ae_dtype = str_to_dtype(args.ae_dtype, "--ae_dtype", dtype)
+    flux_dtype = str_to_dtype(args.flux_dtype, "--flux_dtype", dtype)
+    if ae_dtype in FP8_DTYPES:
+        logger.warning("--ae_dtype %s: the autoencoder runs in %s (fp8 is not used for it)", ae_dtype, compute)
+        ae_dtype = compute
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loading_device = "cpu" if args.offload else device
+    specs = [parse_lora_spec(s) for s in args.lora_weights]
+    for path, _ in specs:
+        if not os.path.isfile(path):
+            raise UserError(f"--lora_weights {path}: file not found")
+    logger.info("dtypes: DiT %s, CLIP-L %s, T5 %s, AE %s; compute %s on %s", flux_dtype, clip_dtype, t5_dtype,
+                ae_dtype, compute, device)  # fmt: skip
+
+    fp8_dit = flux_dtype in FP8_DTYPES
+    # an fp8 DiT is loaded on the CPU in the compute dtype, cast, and only then moved to the device
+    is_schnell, dit = load_flow_model(args.ckpt_path, compute if fp8_dit else flux_dtype,
+                                      "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
+    dit.requires_grad_(False).eval()
+    clip_l = None
+    if args.clip_l:
+        clip_l = load_clip_l(args.clip_l, clip_dtype, loading_device, compute_dtype=compute).requires_grad_(False)
+        compute_fp8_linears_in(clip_l, compute)
+    t5xxl = load_t5xxl(args.t5xxl, t5_dtype, loading_device, compute_dtype=compute).requires_grad_(False)
+    compute_fp8_linears_in(t5xxl, compute)
+    ae = load_ae(args.ae, ae_dtype, loading_device).requires_grad_(False).eval()
+    text_encoders = [clip_l, t5xxl]
+
+    max_length = args.t5xxl_max_token_length or (256 if is_schnell else 512)
+    pipeline = Pipeline(
+        args, device, compute, dit, ae, text_encoders, is_schnell,
+        FluxTokenizeStrategy(max_length, args.tokenizer_cache_dir, use_clip_l=args.model_type == "flux"),
+        FluxTextEncodingStrategy(args.apply_t5_attn_mask),
+    )  # fmt: skip
+    if args.merge_lora_weights:  # merged into the compute-dtype weights, before any fp8 cast
+        pipeline.loras = load_loras(specs, dit, text_encoders, merge=True, device=device, dtype=compute)
+    if fp8_dit:
+        count = store_block_linears_in_fp8(dit, flux_dtype, compute)
+        logger.info("DiT: %d block Linear weights stored in %s, computed in %s", count, flux_dtype, compute)
+        dit.to(loading_device)
+    if not args.merge_lora_weights:
+        pipeline.loras = load_loras(specs, dit, text_encoders, merge=False, device=device, dtype=compute)
+    return pipeline
+
+
+def load_loras(specs, dit, text_encoders, *, merge: bool, device, dtype) -> list[LoadedLoRA]:
+    """Each ``(path, multiplier)`` as a LoRA network applied to (or merged into) the models."""
+    from library.lora_formats import to_sd_scripts
+    from networks.lora_flux import create_network_from_weights, read_lora_file
+
+    loaded = []
+    for path, multiplier in specs:
+        sd, metadata = read_lora_file(path)
+        converted = to_sd_scripts(sd, metadata, source=path)
+        if converted.unsupported:
+            logger.warning("%s: %d modules this tool cannot apply are skipped: %s", path, len(converted.unsupported),
+                           ", ".join(converted.unsupported))  # fmt: skip
+        network, weights = create_network_from_weights(
+            multiplier, path, None, text_encoders, dit, weights_sd=converted.state_dict, for_inference=True
+        )
+        name = os.path.splitext(os.path.basename(path))[0]
+        if merge:
+            network.merge_to(text_encoders, dit, weights, device=device)
+            loaded.append(LoadedLoRA(name, multiplier, None))
+            logger.info("merged %s (multiplier %g)", path, multiplier)
+            continue
+        network.apply_to(text_encoders, dit)
+        info = network.load_state_dict(weights, strict=False)
+        if info.missing_keys:
+            raise UserError(f"{path}: incomplete LoRA, missing {', '.join(info.missing_keys[:3])}")
+        network.to(device, dtype).eval()
+        loaded.append(LoadedLoRA(name, multiplier, network))
+        logger.info("applied %s (multiplier %g)", path, multiplier)
+    return loaded
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+
+def default_settings(args, is_schnell: bool):
+    """The ``SampleSettings`` of the command line (a random seed unless ``--seed``)."""
+    from library.flux_sampling import CHROMA_DEFAULT_CFG, CHROMA_DEFAULT_GUIDANCE, SampleSettings, random_seed
+
+    chroma = args.model_type == "chroma"
+    guidance = args.guidance if args.guidance is not None else (CHROMA_DEFAULT_GUIDANCE if chroma else 3.5)
+    cfg = args.cfg_scale if args.cfg_scale is not None else (CHROMA_DEFAULT_CFG if chroma else 1.0)
+    return SampleSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt or "",
+        width=args.width,
+        height=args.height,
+        steps=args.steps or (4 if is_schnell else 50),
+        seed=args.seed if args.seed is not None else random_seed(),
+        guidance=guidance,
+        cfg_scale=cfg,
+    )
+
+
+def parse_interactive_line(line: str) -> tuple[dict, list[float] | None]:
+    """(sd-scripts prompt dict, LoRA multipliers or None) of one interactive line."""
+    from library.sample_prompts import line_to_prompt_dict
+
+    segments = line.split(" --")
+    kept, multipliers = [segments[0]], None
+    for segment in segments[1:]:
+        letter, _, value = segment.strip().partition(" ")
+        if letter.lower() == "m":
+            try:
+                multipliers = [float(v) for v in value.replace(" ", "").split(",") if v]
+            except ValueError:
+                raise UserError(f"--m {value}: expected comma-separated numbers, one per LoRA") from None
+        elif letter.lower() == "c":
+            kept.append(f"l {value}")
+        else:
+            kept.append(segment)
+    prompt = line_to_prompt_dict(" --".join(kept), where="interactive prompt")
+    if prompt.get("negative_prompt") == "-":
+        prompt["negative_prompt"] = ""
+    return prompt, multipliers
+
+
+def interactive(pipeline: Pipeline, base, stdin=None) -> list[str]:
+    """Generates an image per line of ``stdin`` until an empty line or its end; returns the paths."""
+    from library.flux_sampling import random_seed
+
+    stdin = stdin or sys.stdin
+    sticky = replace(base)
+    written = []
+    while True:
+        print(INTERACTIVE_HELP, flush=True)
+        line = stdin.readline()
+        if not line or not line.strip():
+            return written
+        try:
+            prompt, multipliers = parse_interactive_line(line.strip())
+            if multipliers is not None:
+                pipeline.set_multipliers(multipliers)
+            updates = {
+                "width": prompt.get("width"),
+                "height": prompt.get("height"),
+                "steps": prompt.get("sample_steps"),
+                "guidance": prompt.get("guidance_scale"),
+                "cfg_scale": prompt.get("scale"),
+            }
+            sticky = replace(sticky, **{k: v for k, v in updates.items() if v is not None})
+            settings = replace(
+                sticky,
+                prompt=prompt["prompt"],
+                negative_prompt=prompt.get("negative_prompt", base.negative_prompt),
+                seed=prompt["seed"] if prompt.get("seed") is not None else random_seed(),
+            )
+            written.append(pipeline.save(pipeline.generate(settings), settings))
+            print(written[-1], flush=True)
+        except UserError as e:
+            print(f"error: {e}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv``, generates, and returns the exit status (1 with one ``error:`` line for user errors)."""
+    args = setup_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        pipeline = load_pipeline(args)
+        settings = default_settings(args, pipeline.is_schnell)
+        if args.interactive:
+            interactive(pipeline, settings)
+        else:
+            logger.info("prompt %r, seed %d, %d steps", settings.prompt, settings.seed, settings.steps)
+            print(pipeline.save(pipeline.generate(settings), settings))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

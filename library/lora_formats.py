@@ -1,0 +1,482 @@
+"""FLUX.1 / Chroma LoRA file formats: sd-scripts' (kohya) and ai-toolkit's / diffusers' (peft).
+
+sd-scripts (spec §g.1): ``lora_unet_<BFL module path, dots as _>`` with ``lora_down`` / ``lora_up`` /
+``alpha``; the scale is alpha / rank; BFL's fused projections (double-block ``*_attn_qkv``,
+single-block ``linear1`` = q, k, v and the MLP input) are one module each. CLIP-L modules are
+``lora_te1_text_model_encoder_layers_<i>_...``, T5 modules ``lora_te3_...``.
+
+ai-toolkit / diffusers: ``transformer.<diffusers module path>`` with ``lora_A`` (down) / ``lora_B``
+(up) and no alpha (scale 1), q, k, v (and ``proj_mlp``) as separate modules. CLIP-L modules are
+``text_encoder.text_model.encoder.layers.<i>...``; the format has no T5 modules. Files written by
+diffusers may carry peft's ``lora_alpha`` in their ``lora_adapter_metadata``, and some tools write
+``.alpha`` tensors: both are honoured on reading.
+
+Everything here is size-agnostic: block indices come from the key names and split sizes from the
+tensors, so pruned, full-depth and tiny models convert alike (sd-scripts hard-codes 19 / 38 blocks,
+18 in its merge script, and FLUX.1's widths). The mapping is written once and used by
+``convert_flux_lora.py``, ``flux_merge_lora.py`` and ``flux_minimal_inference.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from library.errors import UserError
+
+SD_SCRIPTS = "sd-scripts"
+AI_TOOLKIT = "ai-toolkit"
+FORMATS = (AI_TOOLKIT, SD_SCRIPTS)
+FORMAT_ALIASES = {"diffusers": AI_TOOLKIT, AI_TOOLKIT: AI_TOOLKIT, SD_SCRIPTS: SD_SCRIPTS}
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig kwargs, as JSON
+
+# sd-scripts module suffix -> the diffusers module(s) it covers, in BFL's concatenation order
+DOUBLE_MODULES = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+SINGLE_MODULES = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+# conditioning layers (in_dims) and the final layer; diffusers stores norm_out as (scale, shift)
+GLOBAL_MODULES = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}
+SWAPPED = {"final_layer_adaLN_modulation_1"}
+CLIP_MODULES = {
+    "self_attn_q_proj": "self_attn.q_proj",
+    "self_attn_k_proj": "self_attn.k_proj",
+    "self_attn_v_proj": "self_attn.v_proj",
+    "self_attn_out_proj": "self_attn.out_proj",
+    "mlp_fc1": "mlp.fc1",
+    "mlp_fc2": "mlp.fc2",
+}
+
+_SDS_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+)$")
+_SDS_CLIP = re.compile(r"^lora_te1_text_model_encoder_layers_(\d+)_(.+)$")
+_AIT_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_AIT_CLIP = re.compile(r"^text_encoder\.(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)$")
+_AIT_PREFIXES = (
+    ("transformer.", "transformer."),
+    ("diffusion_model.", "transformer."),
+    ("text_encoder.", "text_encoder."),
+)
+_AIT_BARE = ("transformer_blocks.", "single_transformer_blocks.", *(f"{v}." for v in GLOBAL_MODULES.values()))
+_UNSUPPORTED_KINDS = {
+    "oft_": "OFT (oft_* keys)",
+    "hada_": "LoHa (hada_* keys)",
+    "lokr_": "LoKr (lokr_* keys)",
+}
+
+
+@dataclass
+class LoRAWeights:
+    """One LoRA module: ``delta W = (alpha / rank) * up @ down``; alpha None means scale 1."""
+
+    down: Tensor
+    up: Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if not self.alpha else float(self.alpha) / self.rank
+
+    def delta(self) -> Tensor:
+        """The weight change in fp32 (the multiplier not included)."""
+        return (self.up.float() @ self.down.float()) * self.scale
+
+
+@dataclass
+class Converted:
+    """A converted state dict, the source modules the target format cannot hold, and notes."""
+
+    state_dict: dict[str, Tensor]
+    unsupported: list[str] = field(default_factory=list)
+    source_format: str = SD_SCRIPTS
+    fused_modules: int = 0  # fused (qkv / linear1) modules written in sd-scripts' format
+
+
+def canonical_format(name: str) -> str:
+    """``ai-toolkit`` / ``diffusers`` (an alias) / ``sd-scripts``; ValueError otherwise."""
+    if name not in FORMAT_ALIASES:
+        raise ValueError(f"unknown LoRA format {name!r}: expected one of {', '.join(FORMAT_ALIASES)}")
+    return FORMAT_ALIASES[name]
+
+
+def detect_format(keys: Iterable[str], source: str = "LoRA") -> str:
+    """``sd-scripts`` or ``ai-toolkit`` from the key names; UserError naming ``source`` otherwise."""
+    keys = list(keys)
+    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
+        return SD_SCRIPTS
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return AI_TOOLKIT
+    for prefix, kind in _UNSUPPORTED_KINDS.items():
+        if any(k.startswith(prefix) or f".{prefix}" in k for k in keys):
+            raise UserError(f"{source}: {kind} files are not supported; give a LoRA (lora_down/up or lora_A/B keys)")
+    shown = ", ".join(keys[:3]) or "no tensors at all"
+    raise UserError(
+        f"{source}: not a LoRA in sd-scripts' format (lora_unet_*.lora_down.weight) or ai-toolkit's / "
+        f"diffusers' format (transformer.*.lora_A.weight); its first keys are: {shown}"
+    )
+
+
+# ---- reading modules ----------------------------------------------------------------------
+
+
+def sd_scripts_modules(sd: Mapping[str, Tensor]) -> tuple[dict[str, LoRAWeights], list[str]]:
+    """The modules of an sd-scripts state dict, and the keys that belong to none."""
+    modules, used = {}, set()
+    for key in sd:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        up_key, alpha_key = f"{name}.lora_up.weight", f"{name}.alpha"
+        if up_key not in sd:
+            continue
+        alpha = sd.get(alpha_key)
+        alpha = None if alpha is None else float(torch.as_tensor(alpha).float().item())
+        modules[name] = LoRAWeights(sd[key], sd[up_key], alpha)
+        used.update((key, up_key, alpha_key))
+    return modules, [k for k in sd if k not in used]
+
+
+def _ait_module_name(module: str) -> str | None:
+    for prefix, canonical in _AIT_PREFIXES:
+        if module.startswith(prefix):
+            return canonical + module[len(prefix) :]
+    if module.startswith(_AIT_BARE):
+        return "transformer." + module
+    return None
+
+
+def _peft_alphas(metadata: Mapping[str, str] | None):
+    """A function (module, rank) -> alpha from diffusers' ``lora_adapter_metadata``, or None."""
+    raw = (metadata or {}).get(PEFT_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+    def alpha(module: str, rank: int) -> float | None:
+        component, _, path = module.partition(".")
+        get = lambda k: config.get(f"{component}.{k}", config.get(k))  # noqa: E731  (pipeline or model files)
+        lora_alpha = get("lora_alpha")
+        for pattern, value in (get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                lora_alpha = value
+        if lora_alpha is None:
+            return None
+        # peft's scale is lora_alpha / r (or / sqrt(r) with rsLoRA); as an sd-scripts alpha: scale * rank
+        return float(lora_alpha) * (rank**0.5 if get("use_rslora") else 1.0)
+
+    return alpha
+
+
+def ai_toolkit_modules(
+    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[dict[str, LoRAWeights], list[str]]:
+    """The modules of an ai-toolkit / diffusers state dict (names with ``transformer.`` / ``text_encoder.``)."""
+    peft_alpha = _peft_alphas(metadata)
+    modules, used = {}, set()
+    for key in sd:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        raw = key[: -len(".lora_A.weight")]
+        up_key, alpha_key = f"{raw}.lora_B.weight", f"{raw}.alpha"
+        name = _ait_module_name(raw)
+        if up_key not in sd or name is None:
+            continue
+        down = sd[key]
+        alpha = sd.get(alpha_key)
+        if alpha is not None:
+            alpha = float(torch.as_tensor(alpha).float().item())
+        elif peft_alpha is not None:
+            alpha = peft_alpha(name, down.shape[0])
+        modules[name] = LoRAWeights(down, sd[up_key], alpha)
+        used.update((key, up_key, alpha_key))
+    return modules, [k for k in sd if k not in used]
+
+
+# ---- names --------------------------------------------------------------------------------
+
+
+def sd_scripts_to_ai_toolkit_names(name: str) -> tuple[str, ...] | None:
+    """The diffusers module(s) an sd-scripts module covers (several for fused ones), or None."""
+    if m := _SDS_BLOCK.match(name):
+        kind, index, suffix = m.groups()
+        double = kind == "double"
+        table = DOUBLE_MODULES if double else SINGLE_MODULES
+        block = "transformer_blocks" if double else "single_transformer_blocks"
+        if suffix in table:
+            return tuple(f"transformer.{block}.{index}.{part}" for part in table[suffix])
+        return None
+    if name.startswith("lora_unet_") and name[len("lora_unet_") :] in GLOBAL_MODULES:
+        return (f"transformer.{GLOBAL_MODULES[name[len('lora_unet_') :]]}",)
+    if (m := _SDS_CLIP.match(name)) and m.group(2) in CLIP_MODULES:
+        return (f"text_encoder.text_model.encoder.layers.{m.group(1)}.{CLIP_MODULES[m.group(2)]}",)
+    return None
+
+
+def _reverse(table: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, int, int]]:
+    return {part: (suffix, i, len(parts)) for suffix, parts in table.items() for i, part in enumerate(parts)}
+
+
+_DOUBLE_REVERSE = _reverse(DOUBLE_MODULES)
+_SINGLE_REVERSE = _reverse(SINGLE_MODULES)
+_GLOBAL_REVERSE = {v: k for k, v in GLOBAL_MODULES.items()}
+_CLIP_REVERSE = {v: k for k, v in CLIP_MODULES.items()}
+
+
+def ai_toolkit_to_sd_scripts_name(module: str) -> tuple[str, int, int] | None:
+    """(sd-scripts module, part index, number of parts) of a diffusers module, or None."""
+    if m := _AIT_BLOCK.match(module):
+        block, index, part = m.groups()
+        double = block == "transformer_blocks"
+        found = (_DOUBLE_REVERSE if double else _SINGLE_REVERSE).get(part)
+        if found is None:
+            return None
+        suffix, i, n = found
+        return f"lora_unet_{'double' if double else 'single'}_blocks_{index}_{suffix}", i, n
+    if module.startswith("transformer.") and module[len("transformer.") :] in _GLOBAL_REVERSE:
+        return f"lora_unet_{_GLOBAL_REVERSE[module[len('transformer.') :]]}", 0, 1
+    if (m := _AIT_CLIP.match(module)) and m.group(2) in _CLIP_REVERSE:
+        return f"lora_te1_text_model_encoder_layers_{m.group(1)}_{_CLIP_REVERSE[m.group(2)]}", 0, 1
+    return None
+
+
+# ---- conversion ---------------------------------------------------------------------------
+
+
+def _swap_halves(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def _mlp_hidden_hint(modules: Mapping[str, LoRAWeights]) -> int | None:
+    """The MLP width, read from any MLP module of a diffusers LoRA (for a linear1 without proj_mlp)."""
+    for name, w in modules.items():
+        if name.endswith(("ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")):
+            return w.up.shape[0]
+        if name.endswith(("ff.net.2", "ff_context.net.2")):
+            return w.down.shape[1]
+        if _AIT_BLOCK.match(name) and name.endswith(".proj_out"):
+            return w.down.shape[1] - w.up.shape[0]
+    return None
+
+
+def _fuse(parts: dict[int, LoRAWeights], n: int, mlp_hidden: int | None) -> LoRAWeights:
+    """One sd-scripts module from the parts of a fused projection (missing parts stay zero).
+
+    down = concatenated downs, up = block-diagonal of the ups each times its part's scale, and
+    alpha = the total rank (scale 1): the same weight change, part by part.
+    """
+    any_part = next(iter(parts.values()))
+    hidden = any_part.down.shape[1]
+    outs = [hidden] * 3 + ([mlp_hidden or 4 * hidden] if n == 4 else [])
+    for i, w in parts.items():
+        outs[i] = w.up.shape[0]
+    order = sorted(parts)
+    down = torch.cat([parts[i].down for i in order], dim=0)
+    up = torch.zeros(sum(outs), down.shape[0], dtype=any_part.up.dtype, device=any_part.up.device)
+    column = 0
+    for i in order:
+        w = parts[i]
+        row = sum(outs[:i])
+        block = w.up if w.scale == 1.0 else (w.up.float() * w.scale).to(w.up.dtype)
+        up[row : row + outs[i], column : column + w.rank] = block
+        column += w.rank
+    return LoRAWeights(down, up, float(down.shape[0]))
+
+
+def to_sd_scripts(
+    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: str = "LoRA"
+) -> Converted:
+    """Any supported LoRA state dict in sd-scripts' format (unchanged if it already is).
+
+    A plain module keeps its weights; its alpha is the file's, or the rank (scale 1). The parts of
+    a fused projection become one module (see :func:`_fuse`); parts a file lacks stay zero.
+    """
+    fmt = detect_format(sd.keys(), source)
+    if fmt == SD_SCRIPTS:
+        return Converted(dict(sd), source_format=SD_SCRIPTS)
+    modules, leftover = ai_toolkit_modules(sd, metadata)
+    groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
+    unsupported = list(leftover)
+    for name, w in modules.items():
+        target = ai_toolkit_to_sd_scripts_name(name)
+        if target is None:
+            unsupported.append(name)
+            continue
+        sds_name, index, n = target
+        groups.setdefault(sds_name, (n, {}))[1][index] = w
+    mlp_hidden = _mlp_hidden_hint(modules)
+    out: dict[str, Tensor] = {}
+    fused = 0
+    for sds_name, (n, parts) in groups.items():
+        if n == 1:
+            w = parts[0]
+            up = _swap_halves(w.up) if sds_name[len("lora_unet_") :] in SWAPPED else w.up
+            w = LoRAWeights(w.down, up, w.alpha if w.alpha else float(w.rank))
+        else:
+            w = _fuse(parts, n, mlp_hidden)
+            fused += 1
+        out[f"{sds_name}.lora_down.weight"] = w.down
+        out[f"{sds_name}.lora_up.weight"] = w.up
+        out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+    return Converted(out, sorted(unsupported), AI_TOOLKIT, fused)
+
+
+def _fold_scale(scale: float) -> tuple[float, float]:
+    """sd-scripts' split of alpha / rank between down and up (their product is the scale)."""
+    scale_down, scale_up = scale, 1.0
+    while scale_down * 2 < scale_up:
+        scale_down *= 2
+        scale_up /= 2
+    return scale_down, scale_up
+
+
+def _times(t: Tensor, factor: float) -> Tensor:
+    return t if factor == 1.0 else (t.float() * factor).to(t.dtype)
+
+
+def _diagonal_blocks(up: Tensor, outs: list[int]) -> list[tuple[int, int]] | None:
+    """Column range of each row block if ``up`` is block-diagonal in order ((0, 0) for an all-zero block)."""
+    ranges, column, row = [], 0, 0
+    for out in outs:
+        used = up[row : row + out].ne(0).any(dim=0).nonzero().flatten()
+        row += out
+        if used.numel() == 0:
+            ranges.append((column, column))
+            continue
+        start, end = int(used[0]), int(used[-1]) + 1
+        if start < column:
+            return None
+        ranges.append((start, end))
+        column = end
+    if column != up.shape[1]:
+        return None
+    # every column must belong to exactly one block for the chunks to reproduce the product
+    covered = sum(end - start for start, end in ranges)
+    return ranges if covered == up.shape[1] else None
+
+
+def _split_fused(w: LoRAWeights, names: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+    """(A, B) per diffusers part of a fused sd-scripts module, scale folded in."""
+    hidden = w.down.shape[1]
+    outs = [hidden] * 3 + ([w.up.shape[0] - 3 * hidden] if len(names) == 4 else [])
+    if sum(outs) != w.up.shape[0]:
+        raise UserError(f"{names[0]}: a fused LoRA output of {w.up.shape[0]} does not split into {outs}")
+    scale_down, scale_up = _fold_scale(w.scale)
+    down, up = _times(w.down, scale_down), _times(w.up, scale_up)
+    ranges = _diagonal_blocks(w.up, outs)
+    result, row = {}, 0
+    for i, name in enumerate(names):
+        rows = up[row : row + outs[i]]
+        row += outs[i]
+        if ranges is None:  # a plain LoRA on the fused Linear: every part gets the whole down
+            result[name] = (down.clone(), rows.clone())
+        elif ranges[i][1] > ranges[i][0]:  # split_qkv-style: each part has its own ranks
+            start, end = ranges[i]
+            result[name] = (down[start:end].clone(), rows[:, start:end].clone())  # no shared storage in files
+    return result
+
+
+def to_ai_toolkit(
+    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: str = "LoRA"
+) -> Converted:
+    """Any supported LoRA state dict in ai-toolkit's / diffusers' format (scale folded into the weights).
+
+    sd-scripts modules with no diffusers counterpart (T5 ``lora_te3_*``, unknown names) are
+    returned in ``unsupported``.
+    """
+    fmt = detect_format(sd.keys(), source)
+    if fmt == AI_TOOLKIT:
+        return Converted(dict(sd), source_format=AI_TOOLKIT)
+    modules, leftover = sd_scripts_modules(sd)
+    out: dict[str, Tensor] = {}
+    unsupported = list(leftover)
+    for name, w in modules.items():
+        names = sd_scripts_to_ai_toolkit_names(name)
+        if names is None:
+            unsupported.append(name)
+            continue
+        if len(names) == 1:
+            scale_down, scale_up = _fold_scale(w.scale)
+            up = _swap_halves(w.up) if name[len("lora_unet_") :] in SWAPPED else w.up
+            pairs = {names[0]: (_times(w.down, scale_down), _times(up, scale_up))}
+        else:
+            pairs = _split_fused(w, names)
+        for part, (a, b) in pairs.items():
+            out[f"{part}.lora_A.weight"] = a
+            out[f"{part}.lora_B.weight"] = b
+    return Converted(out, sorted(unsupported), SD_SCRIPTS)
+
+
+def merge_identical_downs(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Undoes the copy of one down into every part: a fused module whose parts all share one down
+    (a plain LoRA on qkv / linear1 that went through ai-toolkit's format) gets its original shape back.
+    """
+    modules, _ = sd_scripts_modules(sd)
+    for name, w in modules.items():
+        names = sd_scripts_to_ai_toolkit_names(name)
+        if names is None or len(names) == 1 or w.rank % len(names):
+            continue
+        downs = w.down.chunk(len(names), dim=0)
+        if not all(torch.equal(d, downs[0]) for d in downs[1:]):
+            continue
+        r = downs[0].shape[0]
+        hidden = w.down.shape[1]
+        outs = [hidden] * 3 + ([w.up.shape[0] - 3 * hidden] if len(names) == 4 else [])
+        ranges = _diagonal_blocks(w.up, outs)
+        if ranges is None or any(end - start != r for start, end in ranges):
+            continue
+        up = torch.cat([w.up[sum(outs[:i]) : sum(outs[: i + 1]), s:e] for i, (s, e) in enumerate(ranges)], dim=0)
+        sd[f"{name}.lora_down.weight"] = downs[0].contiguous()
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.alpha"] = torch.tensor(float(w.alpha or w.rank) / len(names), dtype=torch.float32)
+    return sd
+
+
+def convert(
+    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None, src: str, dst: str, source: str = "LoRA"
+) -> Converted:
+    """Converts between formats; the file's real format must be ``src``."""
+    src, dst = canonical_format(src), canonical_format(dst)
+    found = detect_format(sd.keys(), source)
+    if found != src:
+        raise UserError(f"{source} is in {found}'s format, not {src}'s: pass --src {found}")
+    if dst == SD_SCRIPTS:
+        converted = to_sd_scripts(sd, metadata, source)
+        converted.state_dict = merge_identical_downs(converted.state_dict)
+        return converted
+    return to_ai_toolkit(sd, metadata, source)

@@ -1,0 +1,207 @@
+"""Extract a LoRA from the difference of two FLUX.1 / Chroma DiTs by SVD.
+
+    python networks/flux_extract_lora.py --model_org flux1-dev.safetensors --model_tuned tuned.safetensors \\
+        --save_to extracted.safetensors --dim 16
+
+sd-scripts' arguments and algorithm (spec §i.5): for every weight of the double and single blocks
+(no biases, no norms), ``delta W = tuned - org`` in fp32, ``U, S, Vh = svd(delta W)``,
+``up = U[:, :r] * S[:r]``, ``down = Vh[:r]`` with ``r = min(--dim, in, out)``, both clamped to the
+``--clamp_quantile`` quantile, and ``alpha = r`` (scale 1). The result is an sd-scripts LoRA that
+``--network_weights``, ``flux_minimal_inference.py --lora_weights`` and other tools load.
+
+Differences from sd-scripts, on purpose:
+
+* The clamp bound is the quantile of the *magnitudes* of up and down, applied symmetrically, so
+  ``--clamp_quantile 1.0`` clamps nothing (sd-scripts takes the quantile of the signed values and
+  can cut large negative values even at 1.0); the quantile is computed without torch.quantile's
+  16M-element limit.
+* Weights that did not change are left out (sd-scripts writes all-zero modules for them); a
+  model pair whose block weights differ in shape, or that share no block weights, is refused.
+* ``model.diffusion_model.``-prefixed checkpoints give the usual ``lora_unet_*`` names.
+* The ModelSpec architecture follows the model (dev, schnell or Chroma; sd-scripts always writes
+  dev), ``ss_base_model_version`` is ``chroma`` for Chroma, the file carries ``sshs_*`` hashes
+  like trained LoRAs, and alpha is a float32 tensor (sd-scripts writes an int64 one).
+* The SVD is the reduced one (same factors, far less memory than sd-scripts' full SVD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as `python networks/flux_extract_lora.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
+from library.errors import UserError  # noqa: E402
+from library.safetensors_io import read_header  # noqa: E402
+from networks.flux_merge_lora import SafetensorsReader  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Extract a LoRA from the difference of two FLUX.1 / Chroma models")
+    add = p.add_argument
+    add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
+        help="precision of the saved LoRA (default float)")  # fmt: skip
+    add("--model_org", type=str, default=None, required=True, help="the original model (.safetensors)")
+    add("--model_tuned", type=str, default=None, required=True,
+        help="the tuned model: the LoRA is the difference original -> tuned (.safetensors)")  # fmt: skip
+    add("--mem_eff_safe_open", action="store_true",
+        help="accepted for compatibility: weights are always read one at a time")  # fmt: skip
+    add("--save_to", type=str, default=None, required=True, help="the LoRA file to write (.safetensors)")
+    add("--dim", type=int, default=4, help="rank of the LoRA (default 4)")
+    add("--device", type=str, default=None, help="device for the SVD, e.g. cuda (default cpu)")
+    add("--clamp_quantile", type=float, default=0.99,
+        help="clamp up and down to this quantile of their magnitudes, 0 < q <= 1 "
+             "(default 0.99; 1.0: no clamping)")  # fmt: skip
+    add("--no_metadata", action="store_true", help="no ModelSpec metadata (the minimum ss_* keys are written)")
+    return p
+
+
+def extraction_keys(keys: list[str]) -> list[str]:
+    """sd-scripts' selection: weights of double / single blocks, no biases and nothing with ``norm``."""
+    return [
+        k
+        for k in keys
+        if ("single_block" in k or "double_block" in k)
+        and ".bias" not in k
+        and "norm" not in k
+        and k.endswith(".weight")
+    ]
+
+
+def quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for inputs of any size."""
+    flat = values.flatten().float().sort().values
+    position = q * (flat.numel() - 1)
+    low = int(position)
+    high = min(low + 1, flat.numel() - 1)
+    return flat[low] + (flat[high] - flat[low]) * (position - low)
+
+
+def extract_module(delta: Tensor, dim: int, clamp_quantile: float) -> tuple[Tensor, Tensor]:
+    """(up, down) of rank ``min(dim, out, in)`` approximating ``delta`` (fp32), clamped as sd-scripts."""
+    out_dim, in_dim = delta.shape
+    rank = min(dim, in_dim, out_dim)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    up = U[:, :rank] * S[:rank]
+    down = Vh[:rank]
+    if clamp_quantile < 1.0:
+        bound = quantile(torch.cat([up.flatten(), down.flatten()]).abs(), clamp_quantile)
+        up, down = up.clamp(-bound, bound), down.clamp(-bound, bound)
+    return up, down
+
+
+def _model_type(keys: list[str]) -> str:
+    if any(k.startswith("distilled_guidance_layer.") for k in keys):
+        return "chroma"
+    return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
+
+
+def svd(
+    model_org: str,
+    model_tuned: str,
+    save_to: str,
+    dim: int = 4,
+    device: str | None = None,
+    save_precision: str | None = None,
+    clamp_quantile: float = 0.99,
+    no_metadata: bool = False,
+    mem_eff_safe_open: bool = False,
+) -> str:
+    """Extracts and saves the LoRA (sd-scripts' function name and parameters); returns ``save_to``."""
+    from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
+    from library.safetensors_io import save_safetensors
+
+    if dim < 1:
+        raise UserError(f"--dim {dim}: the rank must be 1 or more")
+    if not 0.0 < clamp_quantile <= 1.0:
+        raise UserError(f"--clamp_quantile {clamp_quantile}: expected a value in (0, 1]")
+    if mem_eff_safe_open:
+        logger.warning("--mem_eff_safe_open has no effect here: weights are always read one at a time")
+    org_header, tuned_header = read_header(model_org)[0], read_header(model_tuned)[0]
+    strip = lambda k: k[len(FLUX_PREFIX) :] if k.startswith(FLUX_PREFIX) else k  # noqa: E731
+    org_keys = {strip(k): k for k in org_header}
+    tuned_keys = {strip(k): k for k in tuned_header}
+    keys = [k for k in extraction_keys(list(org_keys)) if len(org_header[org_keys[k]]["shape"]) == 2]
+    if not keys:
+        raise UserError(
+            f"--model_org {model_org}: no double_blocks / single_blocks weights: not a FLUX.1 or Chroma DiT"
+        )
+    missing = [k for k in keys if k not in tuned_keys]
+    if len(missing) == len(keys):
+        raise UserError(f"--model_tuned {model_tuned} shares no block weights with --model_org {model_org}")
+    for key in keys:
+        org_shape = org_header[org_keys[key]]["shape"]
+        tuned_shape = tuned_header[tuned_keys[key]]["shape"] if key in tuned_keys else org_shape
+        if org_shape != tuned_shape:
+            raise UserError(f"{key} has shape {org_shape} in {model_org} but {tuned_shape} in {model_tuned}: "
+                            "not the same architecture")  # fmt: skip
+    if missing:
+        logger.warning("%d weights of --model_org are not in --model_tuned and are skipped: %s",
+                       len(missing), ", ".join(missing[:10]))  # fmt: skip
+    save_dtype = SAVE_PRECISIONS[save_precision]
+    lora_sd: dict[str, Tensor] = {}
+    unchanged = []
+    with SafetensorsReader(model_org) as org_file, SafetensorsReader(model_tuned) as tuned_file:
+        for key in tqdm([k for k in keys if k in tuned_keys], desc="extracting"):
+            delta = tuned_file.get(tuned_keys[key]).float() - org_file.get(org_keys[key]).float()
+            if not delta.any():
+                unchanged.append(key)
+                continue
+            up, down = extract_module(delta.to(device) if device else delta, dim, clamp_quantile)
+            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+            lora_sd[f"{name}.lora_up.weight"] = up.to("cpu", save_dtype).contiguous()
+            lora_sd[f"{name}.lora_down.weight"] = down.to("cpu", save_dtype).contiguous()
+            lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=save_dtype or torch.float32)
+    if unchanged:
+        logger.info("%d weights are the same in both models and get no LoRA module", len(unchanged))
+    if not lora_sd:
+        raise UserError(f"--model_tuned {model_tuned} has the same block weights as --model_org: nothing to extract")
+
+    model_type = _model_type(list(org_keys))
+    metadata = {
+        "ss_v2": "False",
+        "ss_base_model_version": "chroma" if model_type == "chroma" else "flux1",
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(dim)),
+        "ss_network_args": json.dumps({}),
+    }
+    if not no_metadata:
+        metadata.update(build_modelspec(model_type, title=os.path.splitext(os.path.basename(save_to))[0]))
+    metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(lora_sd, metadata)
+    os.makedirs(os.path.dirname(os.path.abspath(save_to)), exist_ok=True)
+    save_safetensors(lora_sd, save_to, metadata)
+    logger.info("LoRA of rank %d with %d modules saved to %s", dim, len(lora_sd) // 3, save_to)
+    return save_to
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv``, extracts, and returns the exit status (1 with one ``error:`` line for user errors)."""
+    args = setup_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if os.path.abspath(args.save_to) in {os.path.abspath(args.model_org), os.path.abspath(args.model_tuned)}:
+            raise UserError(f"--save_to {args.save_to} is one of the models; write the LoRA to another file")
+        svd(**vars(args))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""networks/flux_extract_lora.py: extracting from (base, base + a rank-r LoRA) at --dim r recovers the LoRA's
+weight changes, and the extracted file loads in the trainer and in inference."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import flux_train_network
+from library.flux_utils import load_flow_model
+from library.safetensors_io import load_safetensors, read_metadata
+from networks import flux_extract_lora, flux_merge_lora
+from networks.lora_flux import create_network_from_weights
+from tests.test_lora_math import assert_close_to, dit_inputs
+from tests.test_merge_lora import deltas, write_lora
+from tests.training_helpers import base_argv, dataset
+
+RANK = 3
+
+
+@pytest.fixture(scope="module", params=["dev", "chroma"])
+def tuned(request, tiny_model_files, tmp_path_factory):
+    """(base file, tuned file, the LoRA merged into it, model type): tuned = base + a rank-3 LoRA."""
+    folder = tmp_path_factory.mktemp(f"extract_{request.param}")
+    model_type = "chroma" if request.param == "chroma" else "flux"
+    base = tiny_model_files.chroma if model_type == "chroma" else tiny_model_files.flux_dev
+    _, model = load_flow_model(base, torch.float32, "cpu", model_type=model_type)
+    lora = write_lora(folder / "known.safetensors", model, dim=RANK, alpha=1.5, seed=5, std=0.2)
+    tuned_file = folder / "tuned.safetensors"
+    assert flux_merge_lora.main(["--flux_model", base, "--save_to", str(tuned_file), "--models", lora]) == 0
+    return base, str(tuned_file), lora, model_type
+
+
+def extract(base, tuned_file, out, *extra) -> int:
+    args = ["--model_org", base, "--model_tuned", tuned_file, "--save_to", str(out), "--dim", str(RANK)]
+    return flux_extract_lora.main(args + [str(e) for e in extra])
+
+
+def test_extraction_at_rank_r_recovers_the_change_and_the_tuned_output(tuned, tmp_path):
+    base, tuned_file, lora, model_type = tuned
+    out = tmp_path / "extracted.safetensors"
+    assert extract(base, tuned_file, out, "--clamp_quantile", "1.0") == 0
+    extracted, known = deltas(load_safetensors(out)), deltas(load_safetensors(lora))
+    assert extracted.keys() == known.keys()
+    for name, delta in known.items():
+        torch.testing.assert_close(extracted[name], delta, rtol=0, atol=1e-5 * delta.abs().max().item(), msg=name)
+
+    _, model = load_flow_model(base, torch.float32, "cpu", model_type=model_type)
+    _, tuned_model = load_flow_model(tuned_file, torch.float32, "cpu", model_type=model_type)
+    x = dit_inputs(model.params)
+    with torch.no_grad():
+        base_out, tuned_out = model(**x), tuned_model(**x)
+        network, weights = create_network_from_weights(1.0, str(out), None, [None, None], model, for_inference=True)
+        network.apply_to([None, None], model)
+        network.load_state_dict(weights)
+        assert_close_to(model(**x), tuned_out, base_out)
+
+    metadata = read_metadata(out)
+    chroma = model_type == "chroma"
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_network_args"]) == ("3", "3.0", "{}")
+    assert metadata["ss_base_model_version"] == ("chroma" if chroma else "flux1")
+    assert metadata["modelspec.architecture"] == ("chroma/lora" if chroma else "flux-1-dev/lora")
+    assert "sshs_model_hash" in metadata
+
+
+def test_clamp_quantile_bounds_magnitudes(tuned, tmp_path):
+    base, tuned_file, _, _ = tuned
+    out = tmp_path / "clamped.safetensors"
+    assert extract(base, tuned_file, out, "--clamp_quantile", "0.6", "--save_precision", "fp16", "--no_metadata") == 0
+    sd = load_safetensors(out)
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert not any(k.startswith("modelspec.") for k in read_metadata(out))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
+    magnitudes = torch.cat([up.flatten(), down.flatten()]).abs()
+    bound = magnitudes.max()
+    assert (magnitudes >= bound - 1e-3 * bound).float().mean() > 0.3, "40% of the values were clamped to the bound"
+    assert (up == -bound).any() or (down == -bound).any(), "negative values are clamped at minus the same bound"
+
+
+def test_quantile_matches_torch_and_full_quantile_clamps_nothing():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(1001, generator=g) ** 3
+    for q in (0.0, 0.37, 0.99, 1.0):
+        torch.testing.assert_close(flux_extract_lora.quantile(values, q), torch.quantile(values, q))
+    # factors with a lopsided tail on one side: the signed 1.0-quantile of sd-scripts can clip one side
+    u = torch.tensor([[6.0, 0.5], [-40.0, 1.0], [1.0, -2.0], [0.5, 0.5]])
+    v = torch.tensor([[1.0, -0.5, 0.25, 2.0, 0.1], [0.3, 0.2, -1.0, 0.5, 3.0]])
+    delta = u @ v
+    up, down = flux_extract_lora.extract_module(delta, 2, 1.0)
+    torch.testing.assert_close(up @ down, delta, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tuned", ["dev"], indirect=True)  # one trainer run is enough
+def test_extracted_lora_loads_in_the_trainer(tiny_model_files, tuned, tmp_path):
+    base, tuned_file, _, _ = tuned
+    out = tmp_path / "extracted.safetensors"
+    assert extract(base, tuned_file, out) == 0
+    output_dir = str(tmp_path / "train")
+    argv = base_argv(tiny_model_files, dataset(tmp_path), output_dir, steps=1, network_weights=str(out),
+                     dim_from_weights=True, learning_rate="1e-12")  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    trained, extracted = load_safetensors(os.path.join(output_dir, "lora.safetensors")), load_safetensors(out)
+    assert trained.keys() == extracted.keys()
+    for key, value in extracted.items():
+        torch.testing.assert_close(trained[key].float(), value.float(), rtol=0, atol=1e-9, msg=key)
+
+
+@pytest.mark.parametrize("tuned", ["dev"], indirect=True)  # Chroma is covered at the DiT level above
+def test_extracted_lora_in_inference_gives_the_tuned_image(tiny_model_files, tuned, tmp_path):
+    from tests.test_inference_script import generate
+
+    base, tuned_file, _, model_type = tuned
+    out = tmp_path / "extracted.safetensors"
+    assert extract(base, tuned_file, out, "--clamp_quantile", "1.0") == 0
+    models = tiny_model_files
+    key = "chroma" if model_type == "chroma" else "flux_dev"
+    with_lora, _ = generate(models, tmp_path, "lora", "--seed", 1, "--lora_weights", out, model_type=model_type)
+    tuned_models = type(models)(**{**models.__dict__, key: tuned_file})
+    tuned_image, _ = generate(tuned_models, tmp_path, "tuned", "--seed", 1, model_type=model_type)
+    base_image, _ = generate(models, tmp_path, "base", "--seed", 1, model_type=model_type)
+    assert np.abs(with_lora - tuned_image).max() <= 1
+    assert np.abs(base_image - tuned_image).max() > 5, "the change is visible"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("dim", "--dim 0: the rank must be 1 or more"),
+        ("same", "has the same block weights as --model_org: nothing to extract"),
+        ("other_width", "not the same architecture"),
+        ("overwrite", "is one of the models"),
+        ("not_flux", "no double_blocks / single_blocks weights"),
+    ],
+)
+def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
+    from library.tiny_models import random_model, tiny_flux_params, write_model
+
+    base, tuned_file, _, _ = tuned
+    out = tmp_path / "out.safetensors"
+    args = {"dim": (base, tuned_file, out, "--dim", "0"), "same": (base, base, out)}.get(case)
+    if case == "other_width":
+        wide = write_model(random_model(tiny_flux_params(hidden_size=96, num_heads=6)), str(tmp_path / "w.safetensors"))
+        args = (base, wide, out)
+    elif case == "overwrite":
+        args = (base, tuned_file, tuned_file)
+    elif case == "not_flux":
+        args = (tiny_model_files.ae, tuned_file, out)
+    assert extract(*args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert not out.exists()

@@ -1,0 +1,214 @@
+"""flux_minimal_inference.py run in-process on the tiny models: determinism, PNG text chunks, LoRAs
+applied vs merged, Chroma with CFG through the trainer's sampler, interactive prompts, fp8, offload."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flux_minimal_inference
+from library.lora_formats import to_ai_toolkit
+from library.safetensors_io import load_safetensors, save_safetensors
+from library.text_encoders import load_clip_l
+from library.tiny_models import TinyModelFiles
+from tests.test_merge_lora import write_lora
+
+
+def argv(models: TinyModelFiles, out: str, *extra, model_type: str = "flux") -> list[str]:
+    ckpt = {"flux": models.flux_dev, "schnell": models.flux_schnell, "chroma": models.chroma}[model_type]
+    args = [
+        "--ckpt_path", ckpt, "--t5xxl", models.t5xxl, "--ae", models.ae, "--tokenizer_cache_dir",
+        models.tokenizer_cache_dir, "--t5xxl_max_token_length", "16", "--width", "64", "--height", "80",
+        "--steps", "3", "--dtype", "float32", "--output_dir", out, "--device", "cpu",
+    ]  # fmt: skip
+    if model_type == "chroma":
+        args += ["--model_type", "chroma", "--apply_t5_attn_mask"]
+    else:
+        args += ["--clip_l", models.clip_l]
+    return args + [str(e) for e in extra]
+
+
+def generate(models, tmp_path, name: str, *extra, model_type="flux") -> tuple[np.ndarray, dict[str, str]]:
+    """Runs the script into its own folder; returns the image and its PNG text chunks."""
+    out = str(tmp_path / name)
+    assert flux_minimal_inference.main(argv(models, out, *extra, model_type=model_type)) == 0
+    (file,) = os.listdir(out)
+    with Image.open(os.path.join(out, file)) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16), dict(image.text)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_model_files, tmp_path_factory):
+    """A LoRA on the tiny dev DiT and its CLIP-L, strong enough to change the image visibly."""
+    from library.flux_utils import load_flow_model
+
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    path = str(tmp_path_factory.mktemp("inference_lora") / "style.safetensors")
+    return write_lora(path, dit, [clip, None], dim=4, alpha=4.0, seed=11, std=0.3)
+
+
+def test_same_seed_gives_the_same_image_and_the_png_says_how_it_was_made(tiny_model_files, tmp_path, lora_file):
+    a, text = generate(tiny_model_files, tmp_path, "a", "--seed", 7, "--prompt", "a red cat", "--lora_weights",
+                       f"{lora_file};0.5")  # fmt: skip
+    b, _ = generate(tiny_model_files, tmp_path, "b", "--seed", 7, "--prompt", "a red cat", "--lora_weights",
+                    f"{lora_file};0.5")  # fmt: skip
+    c, _ = generate(tiny_model_files, tmp_path, "c", "--seed", 8, "--prompt", "a red cat", "--lora_weights",
+                    f"{lora_file};0.5")  # fmt: skip
+    assert a.shape == (80, 64, 3)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 20, "another seed gives another image"
+    assert text["prompt"] == "a red cat"
+    assert text["seed"] == "7"
+    assert text["steps"] == "3"
+    assert (text["width"], text["height"], text["guidance"], text["cfg_scale"]) == ("64", "80", "3.5", "1.0")
+    assert (text["model"], text["schedule"], text["lora_merged"]) == ("flux1-dev", "shifted", "False")
+    assert json.loads(text["loras"]) == [{"name": "style", "multiplier": 0.5}]
+    assert "Lora: style:0.5" in text["parameters"]
+
+
+def test_lora_applied_and_merged_give_the_same_image(tiny_model_files, tmp_path, lora_file):
+    base, _ = generate(tiny_model_files, tmp_path, "base", "--seed", 3)
+    applied, _ = generate(tiny_model_files, tmp_path, "applied", "--seed", 3, "--lora_weights", f"{lora_file};0.8")
+    merged, text = generate(tiny_model_files, tmp_path, "merged", "--seed", 3, "--lora_weights", f"{lora_file};0.8",
+                            "--merge_lora_weights")  # fmt: skip
+    assert np.abs(applied - base).max() > 20, "the LoRA changes the image"
+    assert np.abs(applied - merged).max() <= 1
+    assert text["lora_merged"] == "True"
+
+
+def test_ai_toolkit_lora_gives_the_same_image_as_the_sd_scripts_file(tiny_model_files, tmp_path, lora_file):
+    ait = to_ai_toolkit(load_safetensors(lora_file))
+    ait_file = str(tmp_path / "style_ait.safetensors")
+    save_safetensors(ait.state_dict, ait_file)
+    ours, _ = generate(tiny_model_files, tmp_path, "sds", "--seed", 4, "--lora_weights", lora_file)
+    theirs, _ = generate(tiny_model_files, tmp_path, "ait", "--seed", 4, "--lora_weights", ait_file)
+    assert np.abs(ours - theirs).max() <= 1
+
+
+def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path):
+    from library.flux_sampling import SampleSettings, generate_image, make_encode_prompts
+    from library.flux_utils import load_ae, load_flow_model
+    from library.text_encoders import FluxTextEncodingStrategy, load_t5xxl
+    from library.tokenizers_flux import FluxTokenizeStrategy
+
+    image, text = generate(tiny_model_files, tmp_path, "cfg", "--seed", 5, "--negative_prompt", "blurry",
+                           model_type="chroma")  # fmt: skip
+    no_cfg, _ = generate(tiny_model_files, tmp_path, "nocfg", "--seed", 5, "--negative_prompt", "blurry",
+                         "--cfg_scale", "1.0", model_type="chroma")  # fmt: skip
+    assert (text["model"], text["guidance"], text["cfg_scale"], text["negative_prompt"]) == (
+        "chroma", "0.0", "4.0", "blurry")  # fmt: skip
+    assert np.abs(image - no_cfg).max() > 10, "CFG changes the image"
+
+    _, dit = load_flow_model(tiny_model_files.chroma, torch.float32, "cpu", model_type="chroma")
+    ae = load_ae(tiny_model_files.ae, torch.float32, "cpu")
+    t5 = load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")
+    tokenize = FluxTokenizeStrategy(16, tiny_model_files.tokenizer_cache_dir, use_clip_l=False)
+    encode = make_encode_prompts(tokenize, FluxTextEncodingStrategy(True), [None, t5])
+    settings = SampleSettings("A photo of a cat", "blurry", 64, 80, 3, 5, guidance=0.0, cfg_scale=4.0)
+    reference = generate_image(dit, ae, settings, encode_prompts=encode, model_type="chroma", dtype=torch.float32)
+    assert np.abs(image - np.asarray(reference).astype(np.int16)).max() <= 1
+
+
+def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, monkeypatch, capsys):
+    lines = [
+        "a cat --w 80 --h 64 --s 2 --d 3 --m 0.25",
+        "a dog --d 4 --n blurry --l 2.5",
+        "a tree --d 4 --s x",  # a bad value: reported, then the next line is read
+        "a house --d 5 --c 1.0 --n - --m 1,2",  # two multipliers for one LoRA: reported
+        "a house --d 5 --g 1.5",
+        "",
+        "never read",
+    ]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    out = str(tmp_path / "interactive")
+    args = argv(tiny_model_files, out, "--interactive", "--lora_weights", lora_file, "--negative_prompt", "ugly")
+    assert flux_minimal_inference.main(args) == 0
+    texts = []
+    for file in sorted(os.listdir(out)):
+        with Image.open(os.path.join(out, file)) as image:
+            texts.append(dict(image.text))
+    texts.sort(key=lambda t: (t["seed"], t["prompt"]))
+    shown = [(t["prompt"], t["seed"], t["width"], t["height"], t["steps"], t["negative_prompt"], t["cfg_scale"],
+              t["guidance"], json.loads(t["loras"])[0]["multiplier"]) for t in texts]  # fmt: skip
+    assert shown == [
+        ("a cat", "3", "80", "64", "2", "ugly", "1.0", "3.5", 0.25),
+        ("a dog", "4", "80", "64", "2", "blurry", "2.5", "3.5", 0.25),
+        ("a house", "5", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
+    ]
+    printed = capsys.readouterr().out
+    assert "error: interactive prompt: --s needs a whole number" in printed
+    assert "error: --m: 2 multipliers given for 1 LoRAs" in printed
+
+
+def test_fp8_dit_and_text_encoders_compute_in_the_compute_dtype(tiny_model_files, tmp_path, lora_file):
+    args = flux_minimal_inference.setup_parser().parse_args(
+        argv(
+            tiny_model_files,
+            str(tmp_path / "p"),
+            "--flux_dtype",
+            "fp8",
+            "--t5xxl_dtype",
+            "fp8_e4m3fn",
+            "--clip_l_dtype",
+            "fp8",
+            "--lora_weights",
+            lora_file,
+        )  # fmt: skip
+    )
+    pipeline = flux_minimal_inference.load_pipeline(args)
+    block_weights = {
+        m.weight.dtype for b in pipeline.dit.double_blocks for m in b.modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert block_weights == {torch.float8_e4m3fn}
+    assert pipeline.dit.img_in.weight.dtype == torch.float32
+    assert pipeline.text_encoders[1].encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
+
+    full, _ = generate(tiny_model_files, tmp_path, "fp32", "--seed", 2, "--lora_weights", lora_file)
+    fp8, _ = generate(tiny_model_files, tmp_path, "fp8", "--seed", 2, "--lora_weights", lora_file, "--flux_dtype",
+                      "fp8", "--t5xxl_dtype", "fp8", "--clip_l_dtype", "fp8")  # fmt: skip
+    difference = np.abs(full - fp8)
+    assert difference.mean() < 8, "fp8 weights change the image only a little"
+    assert difference.max() > 0, "the weights really were fp8"
+
+
+def test_offload_gives_the_same_image(tiny_model_files, tmp_path, lora_file):
+    a, _ = generate(tiny_model_files, tmp_path, "a", "--seed", 9, "--lora_weights", lora_file)
+    b, _ = generate(tiny_model_files, tmp_path, "b", "--seed", 9, "--lora_weights", lora_file, "--offload")
+    assert np.array_equal(a, b)
+
+
+def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
+    out = str(tmp_path / "s")
+    args = [a for a in argv(tiny_model_files, out, "--seed", 1, model_type="schnell")]
+    i = args.index("--steps")
+    del args[i : i + 2]
+    assert flux_minimal_inference.main(args) == 0
+    (file,) = os.listdir(out)
+    with Image.open(os.path.join(out, file)) as image:
+        assert (image.text["steps"], image.text["schedule"], image.text["model"]) == ("4", "linear", "flux1-schnell")
+
+
+@pytest.mark.parametrize(
+    "extra, model_type, message",
+    [
+        ([], "chroma-no-mask", "--model_type chroma needs --apply_t5_attn_mask"),
+        (["--lora_weights", "missing.safetensors;0.5"], "flux", "--lora_weights missing.safetensors: file not found"),
+        (["--lora_weights", "{lora};strong"], "flux", "the multiplier after ';' must be a number"),
+        (["--flux_dtype", "fp4"], "flux", "--flux_dtype fp4: expected one of"),
+        (["--ckpt_path", "{chroma}"], "flux", "is a Chroma model: add --model_type chroma"),
+    ],
+)
+def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):
+    extra = [e.format(lora=lora_file, chroma=tiny_model_files.chroma) for e in extra]
+    args = argv(tiny_model_files, str(tmp_path / "x"), *extra, model_type=model_type.split("-")[0])
+    if model_type == "chroma-no-mask":
+        args.remove("--apply_t5_attn_mask")
+    assert flux_minimal_inference.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not os.path.exists(tmp_path / "x")

@@ -1,0 +1,290 @@
+"""networks/flux_merge_lora.py: LoRAs merged into the DiT / CLIP-L / T5 files give the outputs of the
+LoRAs applied at run time; ai-toolkit LoRAs reach every block; merged LoRAs apply each ratio once."""
+
+import logging
+
+import pytest
+import torch
+
+from library.flux_key_mapping import bfl_to_diffusers
+from library.flux_utils import load_flow_model
+from library.lora_formats import to_ai_toolkit
+from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+from library.text_encoders import load_clip_l, load_t5xxl
+from library.tiny_models import random_model, tiny_flux_params, write_model
+from networks import flux_merge_lora
+from networks.lora_flux import create_network, create_network_from_weights
+from tests.test_lora_math import assert_close_to, dit_inputs, randomize_lora
+
+
+def write_lora(path, model, text_encoders=(None, None), dim=4, alpha=2.0, seed=1, std=0.1, **kwargs) -> str:
+    """A LoRA file with random non-zero weights, saved as the trainer saves them."""
+    network = create_network(1.0, dim, alpha, None, list(text_encoders), model, **kwargs)
+    randomize_lora(network, seed, std)
+    network.save_weights(path, None, {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1"})
+    return str(path)
+
+
+def deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each module's weight change as any plain loader reads an sd-scripts file: alpha / rank * up @ down."""
+    out = {}
+    for key, down in sd.items():
+        if key.endswith(".lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            alpha = sd[f"{name}.alpha"].float().item() if f"{name}.alpha" in sd else down.shape[0]
+            out[name] = sd[f"{name}.lora_up.weight"].double() @ down.double() * (alpha / down.shape[0])
+    return out
+
+
+def merge(*args) -> int:
+    return flux_merge_lora.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def dev(tiny_model_files):
+    _, model = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    return model
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(**x)
+
+
+def test_merged_dit_equals_the_lora_applied_at_run_time(tiny_model_files, dev, tmp_path):
+    lora = write_lora(tmp_path / "a.safetensors", dev, in_dims="[2,2,2,2,2]")
+    out = tmp_path / "merged.safetensors"
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora, "--ratios", 0.7) == 0
+
+    x = dit_inputs(dev.params)
+    base = run(dev, x)
+    network, weights = create_network_from_weights(0.7, lora, None, [None, None], dev, for_inference=True)
+    network.apply_to([None, None], dev)
+    network.load_state_dict(weights)
+    try:
+        applied = run(dev, x)
+    finally:
+        network.set_enabled(False)
+    _, merged = load_flow_model(str(out), torch.float32, "cpu")
+    assert_close_to(run(merged, x), applied, base)
+
+    metadata = read_metadata(out)
+    assert metadata["modelspec.architecture"] == "flux-1-dev"
+    assert metadata["modelspec.merged_from"] == "flux1-dev, a"
+    assert metadata["modelspec.title"] == "merged"
+    assert {v.dtype for v in load_safetensors(out).values()} == {torch.float32}  # save precision = merge precision
+
+
+def test_save_precision_casts_every_float_tensor(tiny_model_files, dev, tmp_path):
+    lora = write_lora(tmp_path / "a.safetensors", dev)
+    out = tmp_path / "merged_bf16.safetensors"
+    argv = ["--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora, "--save_precision", "bf16"]
+    assert merge(*argv, "--no_metadata") == 0
+    merged = load_safetensors(out)
+    assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+    assert not any(k.startswith("modelspec.") for k in read_metadata(out))
+    base = load_safetensors(tiny_model_files.flux_dev)
+    assert merged.keys() == base.keys()
+    assert torch.equal(merged["final_layer.linear.weight"], base["final_layer.linear.weight"].bfloat16())
+
+
+def test_text_encoder_loras_merge_into_clip_l_and_t5(tiny_model_files, dev, tmp_path):
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    t5 = load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")
+    lora = write_lora(tmp_path / "te.safetensors", dev, [clip, t5], train_t5xxl="True", std=0.2)
+    clip_out, t5_out = tmp_path / "clip_merged.safetensors", tmp_path / "t5_merged.safetensors"
+    args = ["--clip_l", tiny_model_files.clip_l, "--clip_l_save_to", clip_out, "--t5xxl", tiny_model_files.t5xxl]
+    assert merge(*args, "--t5xxl_save_to", t5_out, "--models", lora, "--ratios", 1.5) == 0
+
+    ids = torch.tensor([[0, 5, 9, 17, 2, 1]])
+    base = run(clip, {"input_ids": ids}).last_hidden_state, run(t5, {"input_ids": ids}).last_hidden_state
+    network, weights = create_network_from_weights(1.5, lora, None, [clip, t5], dev, for_inference=True)
+    network.apply_to([clip, t5], dev, apply_unet=False)
+    network.load_state_dict(weights, strict=False)
+    applied = run(clip, {"input_ids": ids}).last_hidden_state, run(t5, {"input_ids": ids}).last_hidden_state
+    network.set_enabled(False)
+    clip_merged = load_clip_l(str(clip_out), torch.float32, "cpu")
+    t5_merged = load_t5xxl(str(t5_out), torch.float32, "cpu")
+    merged = (
+        run(clip_merged, {"input_ids": ids}).last_hidden_state,
+        run(t5_merged, {"input_ids": ids}).last_hidden_state,
+    )
+    for m, a, b in zip(merged, applied, base, strict=True):
+        assert_close_to(m, a, b)
+
+
+def diffusers_flux(params, depth, depth_single):
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=depth, num_single_layers=depth_single,
+        attention_head_dim=params.head_dim, num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim, pooled_projection_dim=params.vec_in_dim, guidance_embeds=True,
+        axes_dims_rope=tuple(params.axes_dim),
+    ).eval()  # fmt: skip
+
+
+def run_diffusers(model, x):
+    with torch.no_grad():
+        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
+                     guidance=x["guidance"], return_dict=False)[0]  # fmt: skip
+
+
+def test_ai_toolkit_lora_merges_into_all_19_double_blocks(tmp_path):
+    """The reference is diffusers + peft applying the same file at run time (sd-scripts misses block 18)."""
+    pytest.importorskip("peft")
+    params = tiny_flux_params(depth=19, depth_single=38)
+    ours = random_model(params, seed=4)
+    base_file = write_model(ours, str(tmp_path / "deep.safetensors"))
+    reference = diffusers_flux(params, 19, 38)
+    reference.load_state_dict(bfl_to_diffusers(ours.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear) and "_blocks." in name:
+            lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=g) * 0.1
+            lora[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.1
+    assert sum(".transformer_blocks.18.attn.to_q." in k for k in lora) == 2
+    lora_file = str(tmp_path / "ai_toolkit.safetensors")
+    save_safetensors(lora, lora_file)
+    out = tmp_path / "merged.safetensors"
+    assert merge("--flux_model", base_file, "--save_to", out, "--models", lora_file, "--ratios", 0.6) == 0
+
+    x = dit_inputs(params, batch=1)
+    x.pop("txt_attention_mask")
+    base = run(ours, x)
+    reference.load_lora_adapter({k: v * (0.6 if ".lora_B." in k else 1.0) for k, v in lora.items()},
+                                prefix="transformer", adapter_name="ait")  # fmt: skip
+    _, merged = load_flow_model(str(out), torch.float32, "cpu")
+    assert_close_to(run(merged, x), run_diffusers(reference, x), base)
+    merged_sd, base_sd = load_safetensors(out), ours.state_dict()
+    changed = [i for i in range(19) if not torch.equal(merged_sd[f"double_blocks.{i}.img_attn.qkv.weight"],
+                                                       base_sd[f"double_blocks.{i}.img_attn.qkv.weight"])]  # fmt: skip
+    assert changed == list(range(19))
+
+
+def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_path, caplog):
+    lora = write_lora(tmp_path / "a.safetensors", dev, split_qkv="True", in_dims="[2,2,2,2,2]")
+    diffusers_file = tmp_path / "dev_diffusers.safetensors"
+    save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
+    bfl_out, diffusers_out = tmp_path / "bfl_merged.safetensors", tmp_path / "diffusers_merged.safetensors"
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", bfl_out, "--models", lora) == 0
+    with caplog.at_level(logging.WARNING):
+        args = ["--flux_model", diffusers_file, "--save_to", diffusers_out, "--models", lora]
+        assert merge(*args, "--diffusers", "--mem_eff_load_save") == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("--diffusers has no effect") for m in warnings)
+    assert any(m.startswith("--mem_eff_load_save has no effect") for m in warnings)
+    assert not any("match nothing" in m for m in warnings)
+    x = dit_inputs(dev.params)
+    _, from_bfl = load_flow_model(str(bfl_out), torch.float32, "cpu")
+    _, from_diffusers = load_flow_model(str(diffusers_out), torch.float32, "cpu")
+    assert_close_to(run(from_diffusers, x), run(from_bfl, x), run(dev, x))
+
+
+def test_concat_merges_loras_exactly_with_each_ratio_once(dev, tmp_path):
+    a = write_lora(tmp_path / "a.safetensors", dev, dim=4, alpha=2.0, seed=1)
+    b = write_lora(tmp_path / "b.safetensors", dev, dim=2, alpha=8.0, seed=2, in_dims="[2,0,0,0,2]")
+    out = tmp_path / "ab.safetensors"
+    assert merge("--save_to", out, "--models", a, b, "--ratios", 0.5, -1.2, "--concat") == 0
+    merged = deltas(load_safetensors(out))
+    da, db = deltas(load_safetensors(a)), deltas(load_safetensors(b))
+    assert merged.keys() == da.keys() | db.keys()
+    for name, delta in merged.items():
+        expected = 0.5 * da.get(name, 0) - 1.2 * db.get(name, 0)
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7, msg=name)
+    metadata = read_metadata(out)
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("Dynamic", "Dynamic")
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    assert metadata["modelspec.merged_from"] == "a, b"
+    network, _ = create_network_from_weights(1.0, str(out), None, [None, None], dev, for_inference=True)
+    assert network.lora_unet_img_in.lora_dim == 2 and network.lora_unet_single_blocks_0_linear1.lora_dim == 6
+
+
+@pytest.mark.parametrize("ratio", [0.5, -0.7])
+def test_one_lora_merged_alone_is_scaled_by_its_ratio_once(dev, tmp_path, ratio):
+    a = write_lora(tmp_path / "a.safetensors", dev, alpha=3.0)
+    out = tmp_path / "scaled.safetensors"
+    assert merge("--save_to", out, "--models", a, "--ratios", ratio) == 0
+    merged, original = deltas(load_safetensors(out)), deltas(load_safetensors(a))
+    assert merged.keys() == original.keys()
+    for name in merged:
+        torch.testing.assert_close(merged[name], ratio * original[name], rtol=1e-5, atol=1e-7)
+
+
+def test_summed_loras_on_different_modules_add_exactly(dev, tmp_path):
+    a = write_lora(tmp_path / "a.safetensors", dev, alpha=1.0, train_blocks="double")
+    b = write_lora(tmp_path / "b.safetensors", dev, alpha=4.0, seed=3, train_blocks="single")
+    out = tmp_path / "sum.safetensors"
+    assert merge("--save_to", out, "--models", a, b, "--ratios", 0.3, 2.0, "--shuffle") == 0
+    merged, da, db = deltas(load_safetensors(out)), deltas(load_safetensors(a)), deltas(load_safetensors(b))
+    assert merged.keys() == da.keys() | db.keys() and not da.keys() & db.keys()
+    for name, delta in merged.items():
+        torch.testing.assert_close(delta, 0.3 * da[name] if name in da else 2.0 * db[name], rtol=1e-5, atol=1e-7)
+    assert read_metadata(out)["ss_network_dim"] == "4"
+
+
+def test_ai_toolkit_loras_merge_into_one_lora(dev, tmp_path):
+    a = write_lora(tmp_path / "a.safetensors", dev, alpha=2.0)
+    converted = to_ai_toolkit(load_safetensors(a)).state_dict
+    ait = str(tmp_path / "a_ait.safetensors")
+    save_safetensors(converted, ait)
+    out = tmp_path / "twice.safetensors"
+    assert merge("--save_to", out, "--models", ait, a, "--ratios", 1.0, 1.0, "--concat") == 0
+    merged, original = deltas(load_safetensors(out)), deltas(load_safetensors(a))
+    assert merged.keys() == original.keys()
+    for name in merged:
+        torch.testing.assert_close(merged[name], 2 * original[name], rtol=1e-5, atol=1e-7)
+
+
+def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    lora = write_lora(tmp_path / "both.safetensors", dev, [clip, None])
+    with caplog.at_level(logging.WARNING):
+        assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", tmp_path / "m.safetensors",
+                     "--models", lora) == 0  # fmt: skip
+    (record,) = [r for r in caplog.records if "match nothing" in r.getMessage()]
+    message = record.getMessage()
+    assert "12 modules match nothing" in message and "give --clip_l / --t5xxl" in message
+    assert "lora_te1_text_model_encoder_layers_1_mlp_fc2" in message
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("ratios", "--ratios: 1 given for 2 --models; give one per LoRA"),
+        ("nothing_matches", "none of its 12 modules (e.g. lora_te1_text_model_encoder_layers_0_"),
+        ("other_model", "the LoRA is for another model"),
+        ("overwrite", "is one of the input files"),
+        ("clip_without_save_to", "--clip_l needs --clip_l_save_to"),
+        ("oft", "OFT (oft_* keys) files are not supported"),
+    ],
+)
+def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys, case, message):
+    lora = write_lora(tmp_path / "lora.safetensors", dev)
+    out = tmp_path / "out.safetensors"
+    flux = ["--flux_model", tiny_model_files.flux_dev, "--save_to", out]
+    if case == "ratios":
+        args = [*flux, "--models", lora, lora, "--ratios", 1.0]
+    elif case == "nothing_matches":
+        clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+        te_only = write_lora(tmp_path / "te.safetensors", dev, [clip, None], train_blocks="single", single_dim="0",
+                             single_mod_dim="0")  # fmt: skip
+        args = [*flux, "--models", te_only]
+    elif case == "other_model":
+        wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
+        args = [*flux, "--models", write_lora(tmp_path / "wide.safetensors", wide)]
+    elif case == "overwrite":
+        args = ["--save_to", lora, "--models", lora]
+    elif case == "clip_without_save_to":
+        args = [*flux, "--clip_l", tiny_model_files.clip_l, "--models", lora]
+    else:
+        save_safetensors(
+            {"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks": torch.zeros(2, 2)}, tmp_path / "o.safetensors"
+        )
+        args = ["--save_to", out, "--models", tmp_path / "o.safetensors"]
+    assert merge(*args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert not out.exists()
