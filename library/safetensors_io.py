@@ -9,6 +9,7 @@ on top of the copies). Writes go to a temporary name and are renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ import torch
 
 from library.errors import CheckpointError
 
-_DTYPES = {
+DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -32,6 +33,7 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -64,7 +66,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     data_start = 8 + header_len
     data_len = 0
     for name, entry in header.items():
-        if entry.get("dtype") not in _DTYPES:
+        if entry.get("dtype") not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
         data_len = max(data_len, entry["data_offsets"][1])
     if data_start + data_len > size:
@@ -85,6 +87,37 @@ def read_keys(path: str | os.PathLike) -> list[str]:
     return list(read_header(path)[0])
 
 
+class SafetensorsReader:
+    """Reads tensors one at a time from a safetensors file whose header is parsed once."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+        self.header, self.metadata, self._data_start = read_header(path)
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by close / __exit__)
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        if end > begin:
+            self._file.seek(self._data_start + begin)
+            if self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                raise CheckpointError(f"{self.path}: file is truncated while reading {key!r}")
+        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
+
+
 def load_safetensors(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -99,24 +132,47 @@ def load_safetensors(
     reader never memory-maps.
     """
     del disable_mmap
-    header, _, data_start = read_header(path)
-    wanted = header.keys() if keys is None else list(keys)
-    device = torch.device(device)
     result = {}
-    with open(path, "rb", buffering=0) as f:
-        for name in wanted:
-            entry = header[name]
-            begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-            if end > begin:
-                f.seek(data_start + begin)
-                buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-                if f.readinto(memoryview(buffer)) != end - begin:
-                    raise CheckpointError(f"{path}: file is truncated while reading {name!r}")
+    with SafetensorsReader(path) as reader:
+        for name in reader.keys() if keys is None else list(keys):
+            tensor = reader.get(name)
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
-            result[name] = tensor.to(device) if device.type != "cpu" else tensor
+            result[name] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
     return result
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    layout: dict[str, tuple[list[int], torch.dtype]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes tensors as they come (``layout`` gives each key's shape and dtype, in file order), so a
+    checkpoint of any size is rewritten with one tensor in memory; temporary name, then rename."""
+    entries, offset = {}, 0
+    for key, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for key, tensor in tensors:
+                data = tensor.to("cpu", layout[key][1]).contiguous().reshape(-1)
+                if data.numel():
+                    f.write(memoryview(data.view(torch.uint8).numpy()))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_safetensors(

@@ -41,8 +41,10 @@ from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.safetensors_io import read_header  # noqa: E402
-from networks.flux_merge_lora import SafetensorsReader  # noqa: E402
+from library.safetensors_io import (
+    SafetensorsReader,  # noqa: E402
+    read_header,  # noqa: E402
+)
 
 logger = logging.getLogger(__name__)
 

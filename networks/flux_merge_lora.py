@@ -33,12 +33,10 @@ Differences from sd-scripts, on purpose (spec §k.20):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-import uuid
 
 if __package__ in (None, ""):  # run as `python networks/flux_merge_lora.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +54,13 @@ from library.lora_formats import (  # noqa: E402
     to_ai_toolkit,
     to_sd_scripts,
 )
-from library.safetensors_io import _DTYPES, read_header, read_metadata  # noqa: E402
+from library.safetensors_io import (  # noqa: E402
+    DTYPES,
+    SafetensorsReader,
+    read_header,
+    read_metadata,
+    write_safetensors_streaming,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,6 @@ PRECISIONS = {
     "e5m2": torch.float8_e5m2,
     "float8_e5m2": torch.float8_e5m2,
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 PREFIXES = {"flux": "lora_unet", "clip_l": "lora_te1", "t5xxl": "lora_te3"}
 
 
@@ -166,37 +169,6 @@ def load_loras(models: list[str], ratios: list[float], dtype: torch.dtype) -> li
 
 
 # ---- merging into checkpoints ---------------------------------------------------------------
-
-
-class SafetensorsReader:
-    """Reads tensors one at a time from a safetensors file whose header is parsed once."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.header, self.metadata, self._data_start = read_header(path)
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by close / __exit__)
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def get(self, key: str, device: str | torch.device = "cpu") -> Tensor:
-        entry = self.header[key]
-        begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
-        if end > begin:
-            self._file.seek(self._data_start + begin)
-            if self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
-                raise UserError(f"{self.path}: file is truncated while reading {key!r}")
-        return tensor if torch.device(device).type == "cpu" else tensor.to(device)
 
 
 def lora_name_map(keys: list[str], kind: str) -> dict[str, str]:
@@ -294,30 +266,16 @@ def stream_merge(
 
     Floating tensors are cast to ``save_dtype`` (if given). ``dst`` appears only when complete.
     """
-    reader = SafetensorsReader(src)
-    header = reader.header
-    out_dtypes, entries, offset = {}, {}, 0
-    for key, entry in header.items():
-        dtype = _DTYPES[entry["dtype"]]
-        if save_dtype is not None and dtype.is_floating_point:
-            dtype = save_dtype
-        size = math.prod(entry["shape"]) * torch.empty((), dtype=dtype).element_size()
-        out_dtypes[key] = dtype
-        entries[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    directory, name = os.path.split(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-    merged = 0
-    try:
-        with reader, open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for key in tqdm(list(header), desc=f"writing {name}", leave=False):
+    with SafetensorsReader(src) as reader:
+        layout = {}
+        for key, entry in reader.header.items():
+            dtype = DTYPES[entry["dtype"]]
+            layout[key] = (entry["shape"], save_dtype if save_dtype is not None and dtype.is_floating_point else dtype)
+        merged = 0
+
+        def tensors():
+            nonlocal merged
+            for key in tqdm(list(reader.header), desc=f"writing {os.path.basename(dst)}", leave=False):
                 tensor = reader.get(key, loading_device)
                 if key in merges:
                     weight = tensor.to(working_device, merge_dtype)
@@ -327,13 +285,10 @@ def stream_merge(
                         logger.debug("merged %s into %s", label, key)
                     tensor = weight
                     merged += 1
-                data = tensor.to("cpu", out_dtypes[key]).contiguous().reshape(-1)
-                if data.numel():
-                    f.write(memoryview(data.view(torch.uint8).numpy()))
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+                yield key, tensor
+
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        write_safetensors_streaming(dst, layout, tensors(), metadata)
     return merged
 
 
