@@ -24,6 +24,7 @@ from library.flux_ae import AutoEncoder, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, infer_flux_params
 from library.safetensors_io import dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, load_safetensors, read_header
+from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
 
@@ -161,20 +162,6 @@ def load_ae(
         ae = AutoEncoder(params)
     assign_state_dict(ae, sd, ckpt_path)
     return ae
-
-
-def load_clip_l(ckpt_path, dtype, device, disable_mmap=False, state_dict=None):
-    """CLIP-L text encoder from a single file (see :mod:`library.text_encoders`)."""
-    from library.text_encoders import load_clip_l as _load
-
-    return _load(ckpt_path, dtype, device, disable_mmap=disable_mmap, state_dict=state_dict)
-
-
-def load_t5xxl(ckpt_path, dtype, device, disable_mmap=False, state_dict=None):
-    """T5-XXL encoder from a single file (see :mod:`library.text_encoders`)."""
-    from library.text_encoders import load_t5xxl as _load
-
-    return _load(ckpt_path, dtype, device, disable_mmap=disable_mmap, state_dict=state_dict)
 
 
 def pack_latents(x: Tensor) -> Tensor:
