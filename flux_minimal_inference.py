@@ -48,28 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.dtypes import FP8_DTYPES, dtype_from_name
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp8": torch.float8_e4m3fn,
-    "float8": torch.float8_e4m3fn,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "e4m3fn": torch.float8_e4m3fn,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "e5m2": torch.float8_e5m2,
-    "float8_e5m2": torch.float8_e5m2,
-}
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 1360, 768
 INTERACTIVE_HELP = (
     "Enter a prompt (empty line to exit). Options: --w <width> --h <height> --s <steps> --d <seed> "
@@ -114,9 +97,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def str_to_dtype(name: str | None, flag: str, default: torch.dtype | None = None) -> torch.dtype | None:
     if name is None:
         return default
-    if name not in DTYPES:
-        raise UserError(f"{flag} {name}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return dtype_from_name(name, flag)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

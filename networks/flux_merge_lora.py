@@ -46,6 +46,7 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
+from library.dtypes import dtype_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import (  # noqa: E402
     LoRAWeights,
@@ -64,23 +65,6 @@ from library.safetensors_io import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp8": torch.float8_e4m3fn,
-    "float8": torch.float8_e4m3fn,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "e4m3fn": torch.float8_e4m3fn,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "e5m2": torch.float8_e5m2,
-    "float8_e5m2": torch.float8_e5m2,
-}
 PREFIXES = {"flux": "lora_unet", "clip_l": "lora_te1", "t5xxl": "lora_te3"}
 
 
@@ -118,9 +102,7 @@ def setup_parser() -> argparse.ArgumentParser:
 def str_to_dtype(name: str | None, flag: str) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in PRECISIONS:
-        raise UserError(f"{flag} {name}: expected one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[name]
+    return dtype_from_name(name, flag)
 
 
 def _stem(path: str) -> str:

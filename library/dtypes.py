@@ -1,0 +1,35 @@
+"""Names of torch dtypes as command lines write them (``bf16``, ``fp8_e4m3fn``, ``float`` ...)."""
+
+from __future__ import annotations
+
+import torch
+
+from library.errors import UserError
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+DTYPE_BY_NAME = {
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn,
+    "float8": torch.float8_e4m3fn,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "e5m2": torch.float8_e5m2,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def dtype_from_name(name: str, flag: str) -> torch.dtype:
+    """The dtype a command-line name stands for; a UserError naming ``flag`` otherwise."""
+    key = str(name).strip().lower()
+    if key not in DTYPE_BY_NAME:
+        raise UserError(f"{flag} {name}: expected one of {', '.join(DTYPE_BY_NAME)}")
+    return DTYPE_BY_NAME[key]
