@@ -22,7 +22,7 @@ from library.train_args import add_flux_script_arguments, review_compat_flags
 
 logger = logging.getLogger(__name__)
 
-NOT_IMPLEMENTED_YET = ("fp8_base", "fp8_base_unet", "cpu_offload_checkpointing")
+DOP_ATTRIBUTE = "diff_output_preservation"  # a subset's custom_attributes key (spec §d.7)
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -48,11 +48,14 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             if args.blocks_to_swap is None:
                 args.blocks_to_swap = 18
             logger.warning("--split_mode is deprecated: using --blocks_to_swap %d instead", args.blocks_to_swap)
-        for flag in NOT_IMPLEMENTED_YET:
-            if getattr(args, flag, False):
-                raise UserError(f"--{flag} is not implemented yet in this version; remove it")
-        if args.blocks_to_swap:
-            raise UserError("--blocks_to_swap is not implemented yet in this version; remove it")
+        from library.fp8 import check_fp8_args
+        from library.offloading import check_offload_args
+
+        check_fp8_args(args)
+        check_offload_args(args)
+        if args.torch_compile and args.blocks_to_swap:
+            raise UserError("--torch_compile cannot be combined with --blocks_to_swap (swapping replaces the weights "
+                            "a compiled block holds on to); drop one of them")
         if not args.pretrained_model_name_or_path:
             raise UserError("--pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file")
         if not args.output_dir:
@@ -87,18 +90,34 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     # ---- models ----------------------------------------------------------------------------------
     def load_target_model(self, args, accelerator, weight_dtype) -> train_network.TargetModels:
-        from library.flux_utils import load_ae, load_clip_l, load_flow_model, load_t5xxl
+        import torch
 
-        self.is_schnell, dit = load_flow_model(args.pretrained_model_name_or_path, weight_dtype, "cpu",
-                                               model_type=args.model_type)
-        clip_l = load_clip_l(args.clip_l, weight_dtype, "cpu") if args.model_type == "flux" else None
-        t5xxl = load_t5xxl(args.t5xxl, weight_dtype, "cpu")
-        ae = load_ae(args.ae, torch_float32() if args.no_half_vae else weight_dtype, "cpu")
+        from library.flux_utils import load_ae, load_flow_model
+        from library.fp8 import FP8, dit_load_dtype, quantize_dit_
+        from library.text_encoders import load_clip_l, load_t5xxl
+
+        dit_fp8 = args.fp8_base or args.fp8_base_unet
+        te_dtype = FP8 if args.fp8_base and not args.fp8_base_unet else weight_dtype
+        path = args.pretrained_model_name_or_path
+        dit_dtype = dit_load_dtype(path, weight_dtype) if dit_fp8 else weight_dtype
+        self.is_schnell, dit = load_flow_model(path, dit_dtype, "cpu", model_type=args.model_type)
+        if dit_fp8:
+            quantize_dit_(dit, weight_dtype, scaled=args.fp8_scaled)
+        clip_l = None
+        if args.model_type == "flux":
+            clip_l = load_clip_l(args.clip_l, te_dtype, "cpu", compute_dtype=weight_dtype)
+        t5xxl = load_t5xxl(args.t5xxl, te_dtype, "cpu", compute_dtype=weight_dtype)
+        ae = load_ae(args.ae, torch.float32 if args.no_half_vae else weight_dtype, "cpu")
         for model in (dit, clip_l, t5xxl, ae):
             if model is not None:
                 model.requires_grad_(False).eval()
         device = accelerator.device
-        dit.to(device)
+        dit.cpu_offload_checkpointing = args.cpu_offload_checkpointing  # used once checkpointing is enabled
+        if args.blocks_to_swap:
+            double, single = dit.enable_block_swap(args.blocks_to_swap, device)
+            logger.info("block swap: %d double and %d single blocks move between the CPU and %s",
+                        double, single, device)  # fmt: skip
+        dit.move_to_device_except_swap_blocks(device)
         ae.to(device)
         version = "chroma" if args.model_type == "chroma" else "flux1"
         return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)
@@ -136,9 +155,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if args.cache_latents_to_disk:
             check_disk_caches_complete(groups, latents=True)
 
-    def can_train_text_encoder(self, ctx) -> bool:
-        return ctx.args.model_type == "flux"  # Chroma has no CLIP-L; T5 LoRA is opt-in (train_t5xxl)
-
     def prepare_text_encoding(self, ctx, groups) -> None:
         import torch
 
@@ -173,8 +189,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         ctx.accelerator.wait_for_everyone()
         if args.cache_text_encoder_outputs_to_disk:
             check_disk_caches_complete(groups, latents=False, te=True)
-        if ctx.sample_prompts and not ctx.train_text_encoder:
-            # the text encoders are freed after caching: encode the sample prompts now
+        if ctx.sample_prompts:
+            # the text encoders may be freed once the network exists: encode the sample prompts now
             from library.flux_sampling import encode_texts, texts_to_encode
 
             with torch.no_grad():
@@ -206,6 +222,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                 if encoder is not None and ctx.train_text_encoder:
                     encoder.gradient_checkpointing_enable()
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
+        if args.torch_compile:  # per block, in place: class names, parameter names and LoRA hooks stay
+            for block in (*dit.double_blocks, *dit.single_blocks):
+                block.compile(backend=args.dynamo_backend)
+            logger.info("compiled %d DiT blocks with torch.compile (backend %s)",
+                        len(dit.double_blocks) + len(dit.single_blocks), args.dynamo_backend)
         if args.cache_text_encoder_outputs and not ctx.train_text_encoder:
             ctx.models.text_encoders = [None, None]  # not needed any more: free them
 
@@ -213,13 +234,17 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         """(l_pooled, t5_out, txt_ids, t5_mask) for a batch: from the cache, or encoded now."""
         device, dtype = ctx.accelerator.device, ctx.weight_dtype
         cached = batch.get("text_encoder_outputs")
-        train_clip = ctx.train_text_encoder and ctx.args.model_type == "flux"
-        if cached is not None and not train_clip:
-            outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
-        else:
+        if cached is None:
             outs = self.encode_captions(ctx, batch["captions"])
-            if cached is not None:  # CLIP-L trained live, T5 from the cache
-                outs = [outs[0], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
+        elif ctx.train_text_encoder:  # CLIP-L trained live, T5 from the cache (T5 is not run)
+            tokens = self.tokenize_strategy.tokenize(batch["captions"])
+            with ctx.accelerator.autocast():
+                l_pooled = self.encoding_strategy.encode_tokens(
+                    self.tokenize_strategy, [ctx.models.text_encoders[0]], tokens
+                )[0]
+            outs = [l_pooled, cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
+        else:
+            outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
         l_pooled, t5_out, txt_ids, t5_mask = outs
         return (l_pooled.to(device, dtype), t5_out.to(device, dtype), txt_ids.to(device, dtype), t5_mask.to(device))
 
@@ -261,22 +286,48 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         b, _, h, w = latents.shape
         guidance = torch.full((b,), float(args.guidance_scale), device=device, dtype=dtype)
-        with self.network_multiplier(ctx, batch):
+        use_guidance = models.dit.params.guidance_embed or args.model_type == "chroma"
+        img_ids = prepare_img_ids(b, h // 2, w // 2).to(device, dtype)
+
+        def velocity(rows):
             packed = models.dit(
-                img=pack_latents(x_t.to(dtype)),
-                img_ids=prepare_img_ids(b, h // 2, w // 2).to(device, dtype),
-                txt=t5_out,
-                txt_ids=txt_ids,
-                timesteps=noise.sigmas.to(dtype),
-                y=l_pooled,
-                guidance=guidance if (models.dit.params.guidance_embed or args.model_type == "chroma") else None,
-                txt_attention_mask=t5_mask if args.apply_t5_attn_mask else None,
-            )
-        prediction = unpack_latents(packed.float(), h // 2, w // 2)
+                img=pack_latents(x_t[rows].to(dtype)), img_ids=img_ids[rows], txt=t5_out[rows], txt_ids=txt_ids[rows],
+                timesteps=noise.sigmas[rows].to(dtype), y=l_pooled[rows],
+                guidance=guidance[rows] if use_guidance else None,
+                txt_attention_mask=t5_mask[rows] if args.apply_t5_attn_mask else None,
+            )  # fmt: skip
+            return unpack_latents(packed.float(), h // 2, w // 2)
+
+        with self.network_multiplier(ctx, batch):
+            prediction = velocity(slice(None))
+        target = self.preservation_target(ctx, batch, velocity, latents, noise)
         mask = None
         if batch.get("alpha_masks") is not None:
             mask = F.interpolate(batch["alpha_masks"].to(device)[:, None], size=(h, w), mode="area")
-        return per_sample_loss(prediction, latents, noise, x_t, config, mask=mask)
+        return per_sample_loss(prediction, latents, noise, x_t, config, target=target, mask=mask)
+
+    def preservation_target(self, ctx, batch, velocity, latents, noise):
+        """Differential output preservation (spec §d.7): samples whose subset sets
+        ``custom_attributes = { diff_output_preservation = true }`` learn the base model's own output
+        (the LoRA switched off) instead of the data, so the LoRA leaves what they show unchanged."""
+        import torch
+
+        from library.flow_matching import flow_velocity
+
+        rows = [i for i, attrs in enumerate(batch.get("custom_attributes") or []) if attrs.get(DOP_ATTRIBUTE)]
+        if not rows or ctx.network is None:
+            return None
+        network = ctx.network
+        previous = getattr(network, "multiplier", 1.0)
+        network.set_multiplier(0.0)
+        try:
+            with torch.no_grad():
+                base = velocity(rows)
+        finally:
+            network.set_multiplier(previous)
+        target = flow_velocity(latents, noise.noise.to(latents.device))
+        target[rows] = base
+        return target
 
     def network_multiplier(self, ctx, batch):
         """Applies the dataset's network_multiplier for the batch (1.0 unless a dataset sets it)."""
@@ -302,7 +353,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flux_sampling import sample_images
 
         args, accelerator = ctx.args, ctx.accelerator
-        if self.sample_conditions is not None:
+        if self.sample_conditions is not None and not ctx.train_text_encoder:
             text = {"conditions": self.sample_conditions}
         else:
             text = {"encode_prompts": lambda texts: self.encode_captions(ctx, texts)}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
-from library.train_args import add_train_network_arguments
+from library.train_args import DefaultsHelpFormatter, add_train_network_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def setup_parser() -> argparse.ArgumentParser:
     """The generic LoRA trainer's parser (dataset, training, network, saving, logging ... groups)."""
     parser = argparse.ArgumentParser(
         description="Train a LoRA network (sd-scripts compatible command line).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_dataset_arguments(parser)
     add_train_network_arguments(parser)
@@ -191,6 +191,7 @@ class NetworkTrainer:
             log_with=self._trackers(args),
             project_dir=self._run_logging_dir(args),
             cpu=not torch.cuda.is_available(),
+            kwargs_handlers=self._process_group_kwargs(args),
         )
         weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
 
@@ -211,7 +212,7 @@ class NetworkTrainer:
         if args.cache_latents:
             self.cache_latents(ctx, groups)
         ctx.train_unet = not args.network_train_text_encoder_only
-        ctx.train_text_encoder = not args.network_train_unet_only and self.can_train_text_encoder(ctx)
+        ctx.train_text_encoder = not args.network_train_unet_only  # narrowed once the network exists
         self.prepare_text_encoding(ctx, groups)
 
         network = self.create_network(ctx)
@@ -356,9 +357,6 @@ class NetworkTrainer:
 
         return prepare_sample_prompts(args)
 
-    def can_train_text_encoder(self, ctx: RunContext) -> bool:
-        return True
-
     def create_network(self, ctx: RunContext):
         args = ctx.args
         network_module = self.network_module
@@ -386,6 +384,9 @@ class NetworkTrainer:
         if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
             logger.warning("--scale_weight_norms: the network module has no max-norm support; ignored")
             args.scale_weight_norms = None
+        if hasattr(network, "all_loras"):  # e.g. Chroma trains a text encoder only with train_t5xxl=True
+            has_text_encoder_modules = any(lora.lora_name.startswith("lora_te") for lora in network.all_loras())
+            ctx.train_text_encoder = ctx.train_text_encoder and has_text_encoder_modules
         network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
         if args.network_weights:
             info = network.load_weights(args.network_weights)
@@ -409,7 +410,9 @@ class NetworkTrainer:
             module, weights_sd = network_module.create_network_from_weights(
                 multiplier, path, ctx.models.ae, text_encoders, dit, for_inference=True
             )
-            module.merge_to(text_encoders, dit, weights_sd, ctx.weight_dtype, ctx.accelerator.device)
+            # fp8 base weights stay fp8: merge_to keeps each weight's own dtype when given None
+            fp8 = getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)
+            module.merge_to(text_encoders, dit, weights_sd, None if fp8 else ctx.weight_dtype, ctx.accelerator.device)
             logger.info("merged --base_weights %s at %s", path, multiplier)
 
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
@@ -451,12 +454,16 @@ class NetworkTrainer:
         timesteps = None
         if args.min_timestep is not None or args.max_timestep is not None:
             timesteps = (args.min_timestep or 0, args.max_timestep or 1000)
-        return build_modelspec(
+        spec = build_modelspec(
             self.sai_model_type(ctx), title=args.metadata_title or args.output_name, resolution=args.resolution,
             author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
             tags=args.metadata_tags, trigger_phrase=args.metadata_trigger_phrase, usage_hint=args.metadata_usage_hint,
             thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from, timesteps=timesteps,
         )
+        for key in ("preprocessor", "is_negative_embedding"):
+            if getattr(args, f"metadata_{key}", None) is not None:
+                spec[f"modelspec.{key}"] = str(getattr(args, f"metadata_{key}"))
+        return spec
 
     @staticmethod
     def network_rank_and_alpha(network, args) -> dict:
@@ -502,6 +509,16 @@ class NetworkTrainer:
             except ImportError:
                 raise UserError(f"--log_with {log_with} needs wandb: pip install wandb") from None
         return ["tensorboard", "wandb"] if log_with == "all" else log_with
+
+    @staticmethod
+    def _process_group_kwargs(args) -> list:
+        if not args.ddp_timeout:
+            return []
+        import datetime
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout))]
 
     @staticmethod
     def _run_logging_dir(args) -> str | None:

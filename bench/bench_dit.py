@@ -1,10 +1,11 @@
 """DiT forward+backward with a frozen base (gradient to the input only, as in LoRA training):
 this project's model vs diffusers' FluxTransformer2DModel on identical weights, in one run.
 
-    python bench/bench_dit.py [--threads 2] [--repeats 5]
+    python bench/bench_dit.py [--threads 2] [--repeats 5] [--rounds 4] [--clock wall|cpu]
 
 Default shape: hidden 768, 6 heads, 2 double + 4 single blocks, 1024 image + 256 text tokens,
-fp32 on CPU. Prints both median times and ours/diffusers (lower is better).
+fp32 on CPU. Prints the best per-round median of each and ours/diffusers (lower is better), with
+the spread of the per-round ratios (the machine may be shared: rerun when it is wide).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from library.flux_utils import prepare_img_ids  # noqa: E402
 from library.tiny_models import random_model, tiny_flux_params  # noqa: E402
 
 
-def timed(step, repeats: int) -> float:
+def timed(step, repeats: int, clock=time.perf_counter) -> float:
     step()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -38,6 +39,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of --repeats steps each (default 4)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time: with --threads 1 it is not inflated by "
+                        "other processes sharing the cores (default wall)")
     parser.add_argument("--img-tokens", type=int, default=1024, help="a square number (32x32 patches = 512 px)")
     parser.add_argument("--txt-tokens", type=int, default=256)
     args = parser.parse_args()
@@ -76,16 +81,19 @@ def main() -> None:
         )[0]
         out.sum().backward()
 
-    # interleave so that drift in machine load hits both alike
+    # interleave (alternating which goes first) so that drift in machine load hits both alike
     ours_times, theirs_times = [], []
-    for _ in range(2):
-        ours_times.append(timed(step_ours, args.repeats))
-        theirs_times.append(timed(step_theirs, args.repeats))
+    for r in range(args.rounds):
+        pair = [(step_ours, ours_times), (step_theirs, theirs_times)]
+        for step, times in pair if r % 2 == 0 else pair[::-1]:
+            times.append(timed(step, args.repeats, time.perf_counter if args.clock == "wall" else time.process_time))
     ours_s, theirs_s = min(ours_times), min(theirs_times)
+    rounds = [a / b for a, b in zip(ours_times, theirs_times, strict=True)]
     print(f"shape: hidden 768, 6 heads, 2 double + 4 single, {side * side} img + {args.txt_tokens} txt tokens, "
-          f"fp32, {args.threads} threads")
+          f"fp32, {args.threads} threads, {args.clock} clock")
     print(f"ours      {ours_s * 1000:8.1f} ms / forward+backward")
     print(f"diffusers {theirs_s * 1000:8.1f} ms / forward+backward")
+    print(f"per-round ratios {min(rounds):.3f}-{max(rounds):.3f} (median of {args.repeats} steps each)")
     print(f"ratio ours/diffusers {ours_s / theirs_s:.3f}")
 
 

@@ -52,7 +52,7 @@ class Approximator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.in_proj(x)
-        for layer, norm in zip(self.layers, self.norms):
+        for layer, norm in zip(self.layers, self.norms, strict=True):
             x = x + layer(norm(x))
         return self.out_proj(x)
 
@@ -83,6 +83,8 @@ class Chroma(Flux):
         )
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels, modulated=False)
         self.gradient_checkpointing = False
+        self.cpu_offload_checkpointing = False
+        self.offloaders = None
 
     @torch.no_grad()
     def get_mod_vectors(self, timesteps: Tensor, guidance: Tensor | None, batch_size: int) -> Tensor:
@@ -127,15 +129,16 @@ class Chroma(Flux):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         attn_mask = text_key_mask(txt_attention_mask, img.shape[1], extra_tokens=CHROMA_ATTN_PADDING)
 
-        for i, block in enumerate(self.double_blocks):
+        self.prepare_block_swap_before_forward()
+        for i in range(len(self.double_blocks)):
             img_vectors = mod_vectors[:, img_offset + 6 * i : img_offset + 6 * (i + 1)]
             txt_vectors = mod_vectors[:, txt_offset + 6 * i : txt_offset + 6 * (i + 1)]
             block_vectors = torch.cat((img_vectors, txt_vectors), dim=1)
-            img, txt = self._run(block, img, txt, None, pe, attn_mask, block_vectors)
+            img, txt = self._run(0, i, img, txt, None, pe, attn_mask, block_vectors)
         x = torch.cat((txt, img), dim=1)
-        for i, block in enumerate(self.single_blocks):
-            x = self._run(block, x, None, pe, attn_mask, mod_vectors[:, 3 * i : 3 * (i + 1)])
-        img = x[:, txt.shape[1] :, ...]
+        for i in range(len(self.single_blocks)):
+            x = self._run(1, i, x, None, pe, attn_mask, mod_vectors[:, 3 * i : 3 * (i + 1)])
+        img = x.split((txt.shape[1], img.shape[1]), dim=1)[1].to(self.device)
         return self.final_layer(img, None, mod_vectors[:, -2:])
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """BFL's attention on (B, H, L, D) heads; the blocks use :func:`joint_attention` (same numbers, fewer copies)."""
     q, k = apply_rope(q, k, pe)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return rearrange(x, "B H L D -> B L (H D)")
@@ -28,17 +29,131 @@ def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
     scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
     omega = 1.0 / (theta**scale)
     out = torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)
-    out = torch.stack([torch.cos(out), -torch.sin(out), torch.sin(out), torch.cos(out)], dim=-1)
+    cos, sin = torch.cos(out), torch.sin(out)
+    out = torch.stack([cos, -sin, sin, cos], dim=-1)
     out = rearrange(out, "b n d (i j) -> b n d i j", i=2, j=2)
     return out.float()
 
 
+def rope_as_complex(pe: Tensor) -> Tensor:
+    """BFL's rotation matrices (B, 1, L, D/2, 2, 2) as unit complex numbers cos + i·sin, (B, L, 1, 1, D/2)."""
+    return torch.view_as_complex(pe[:, 0, :, :, :, 0].float().contiguous())[:, :, None, None]
+
+
+def apply_rope_complex(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotates the (even, odd) channel pairs of x (B, L, ..., D) by ``freqs`` (see :func:`rope_as_complex`).
+
+    One complex multiply per element instead of BFL's four real ones: the same rotation.
+    """
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * freqs
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+
+
 def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tensor]:
-    xq_ = xq.float().reshape(*xq.shape[:-1], -1, 1, 2)
-    xk_ = xk.float().reshape(*xk.shape[:-1], -1, 1, 2)
-    xq_out = freqs_cis[..., 0] * xq_[..., 0] + freqs_cis[..., 1] * xq_[..., 1]
-    xk_out = freqs_cis[..., 0] * xk_[..., 0] + freqs_cis[..., 1] * xk_[..., 1]
-    return xq_out.reshape(*xq.shape).type_as(xq), xk_out.reshape(*xk.shape).type_as(xk)
+    """BFL's API: q, k (B, H, L, D) and pe (B, 1, L, D/2, 2, 2)."""
+    freqs = rope_as_complex(freqs_cis)[:, :, 0]  # (B, L, 1, D/2): heads moved next to the tokens below
+    xq_out = apply_rope_complex(xq.transpose(1, 2), freqs).transpose(1, 2)
+    xk_out = apply_rope_complex(xk.transpose(1, 2), freqs).transpose(1, 2)
+    return xq_out, xk_out
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """SDPA over heads laid out (B, L, H, D) -> (B, L, H·D); the heads are read through strides, no copy."""
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    return x.transpose(1, 2).flatten(2)
+
+
+def attention_inputs(
+    projections: list[Tensor], norms: list[QKNorm], freqs: Tensor, num_heads: int, gelu_rest: bool = False
+) -> list[Tensor]:
+    """q, k, v (B, ΣL, H, D) of a joint attention from each stream's fused projection (B, L_s, 3·H·D + rest).
+
+    q and k are RMS-normalised with the stream's scales and rotated by RoPE (``freqs`` from
+    :func:`rope_as_complex`, all streams' tokens in order); v is copied. With ``gelu_rest``
+    the channels after q, k, v (the single block's MLP input) go through tanh-GELU and come
+    last in the result. The same arithmetic as BFL's ``QKNorm`` + ``apply_rope`` (computed in
+    fp32, rounded once), as one autograd node: its backward writes each stream's gradient into
+    one tensor, where autograd's split, cat and stack would copy it three times more.
+    """
+    scales = [torch.stack((n.query_norm.scale, n.key_norm.scale))[:, None, :] for n in norms]  # (2, 1, D)
+    pairs = [t for pair in zip(projections, scales, strict=True) for t in pair]
+    return list(_AttentionInputs.apply(freqs, num_heads, gelu_rest, *pairs))
+
+
+class _AttentionInputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, freqs: Tensor, num_heads: int, gelu_rest: bool, *pairs: Tensor):
+        projections, scales = pairs[0::2], pairs[1::2]
+        head_dim = scales[0].shape[-1]
+        inner = 3 * num_heads * head_dim
+        first = projections[0]
+        batch, total = first.shape[0], sum(p.shape[1] for p in projections)
+        qk = first.new_empty(batch, total, 2, num_heads, head_dim)
+        v = first.new_empty(batch, total, num_heads, head_dim)
+        rests, rrms_list, start = [], [], 0
+        for proj, scale in zip(projections, scales, strict=True):
+            rows = slice(start, start + proj.shape[1])
+            start = rows.stop
+            heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
+            x = heads[:, :, :2].float()
+            rrms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(head_dim).add_(1e-6))
+            y = torch.view_as_complex((x * rrms).mul_(scale).unflatten(-1, (-1, 2)))
+            qk[:, rows] = torch.view_as_real(y * freqs[:, rows]).flatten(-2)
+            v[:, rows] = heads[:, :, 2]
+            rrms_list.append(rrms)
+            if gelu_rest:
+                rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
+        ctx.num_heads, ctx.gelu_rest = num_heads, gelu_rest
+        ctx.save_for_backward(freqs, *projections, *scales, *rrms_list)
+        q, k = qk.unbind(2)
+        return (q, k, v, *rests)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor, *grad_rests: Tensor):
+        freqs, *saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
+        n = len(saved) // 3
+        projections, scales, rrms_list = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        num_heads, head_dim = ctx.num_heads, scales[0].shape[-1]
+        inner = 3 * num_heads * head_dim
+        grads, start = [None, None, None], 0
+        for s, (proj, scale, rrms) in enumerate(zip(projections, scales, rrms_list, strict=True)):
+            rows = slice(start, start + proj.shape[1])
+            start = rows.stop
+            needs_proj, needs_scale = ctx.needs_input_grad[3 + 2 * s], ctx.needs_input_grad[4 + 2 * s]
+            if not (needs_proj or needs_scale):
+                grads += [None, None]
+                continue
+            heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
+            grad_proj = torch.empty_like(proj)
+            grad_heads = grad_proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
+            grad_scale = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
+            conj = torch.conj_physical(freqs[:, rows, 0])
+            for i, grad in enumerate((grad_q, grad_k)):
+                if grad is None:
+                    grad_heads[:, :, i].zero_()
+                    continue
+                g = torch.view_as_complex(grad[:, rows].float().contiguous().unflatten(-1, (-1, 2))) * conj
+                g = torch.view_as_real(g).flatten(-2)  # gradient of the scaled, normalised input
+                xn = heads[:, :, i].float() * rrms[:, :, i]
+                if needs_scale:
+                    grad_scale[i, 0] = (g * xn).flatten(0, -2).sum(0)
+                g.mul_(scale[i])
+                dot = torch.linalg.vecdot(g, xn, dim=-1).unsqueeze(-1).div_(head_dim)
+                torch.mul(torch.addcmul(g, xn, dot, value=-1), rrms[:, :, i], out=grad_heads[:, :, i])
+            if grad_v is None:
+                grad_heads[:, :, 2].zero_()
+            else:
+                grad_heads[:, :, 2] = grad_v[:, rows]
+            if ctx.gelu_rest:
+                rest = proj[..., inner:]
+                if grad_rests[s] is None:
+                    grad_proj[..., inner:].zero_()
+                else:
+                    torch.ops.aten.gelu_backward.grad_input(
+                        grad_rests[s], rest, approximate="tanh", grad_input=grad_proj[..., inner:]
+                    )
+            grads += [grad_proj if needs_proj else None, grad_scale.to(scale.dtype) if needs_scale else None]
+        return tuple(grads)
 
 
 class EmbedND(nn.Module):
@@ -103,6 +218,7 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):
         super().__init__()
@@ -130,6 +246,23 @@ class Modulation(nn.Module):
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+
+
+def _is_tanh_gelu(module: nn.Module) -> bool:
+    return type(module) is nn.GELU and module.approximate == "tanh"
+
+
+def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
+    """(1 + scale) · x + shift, in one kernel."""
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:
+    """(1 + scale) · LayerNorm(x) + shift. With one sample the modulation is the LayerNorm's
+    affine transform, so one fused kernel does it all (forward and backward)."""
+    if x.shape[0] == 1 and type(norm) is nn.LayerNorm and not norm.elementwise_affine:
+        return F.layer_norm(x, norm.normalized_shape, (1 + mod.scale).flatten(), mod.shift.flatten(), norm.eps)
+    return modulate(norm(x), mod)
 
 
 def modulations_from_vectors(vectors: Tensor) -> list[ModulationOut]:
@@ -180,30 +313,20 @@ class DoubleStreamBlock(nn.Module):
         else:
             img_mod1, img_mod2, txt_mod1, txt_mod2 = modulations_from_vectors(mod_vectors)
 
-        img_modulated = (1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift
-        img_q, img_k, img_v = self._qkv(self.img_attn, img_modulated)
+        img_qkv = self.img_attn.qkv(norm_and_modulate(self.img_norm1, img, img_mod1))
+        txt_qkv = self.txt_attn.qkv(norm_and_modulate(self.txt_norm1, txt, txt_mod1))
+        q, k, v = attention_inputs(
+            [txt_qkv, img_qkv], [self.txt_attn.norm, self.img_attn.norm], rope_as_complex(pe), self.num_heads
+        )
+        attn = joint_attention(q, k, v, attn_mask)
+        txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)  # backward: one cat, not two zero-fills
 
-        txt_modulated = (1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift
-        txt_q, txt_k, txt_v = self._qkv(self.txt_attn, txt_modulated)
+        img = torch.addcmul(img, img_mod1.gate, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod2.gate, self.img_mlp(norm_and_modulate(self.img_norm2, img, img_mod2)))
 
-        q = torch.cat((txt_q, img_q), dim=2)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe, attn_mask=attn_mask)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
-
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
+        txt = torch.addcmul(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod2.gate, self.txt_mlp(norm_and_modulate(self.txt_norm2, txt, txt_mod2)))
         return img, txt
-
-    def _qkv(self, attn: SelfAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = attn.qkv(x)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = attn.norm(q, k, v)
-        return q, k, v
 
 
 class SingleStreamBlock(nn.Module):
@@ -232,13 +355,14 @@ class SingleStreamBlock(nn.Module):
         mod_vectors: Tensor | None = None,
     ) -> Tensor:
         mod = self.modulation(vec)[0] if mod_vectors is None else modulations_from_vectors(mod_vectors)[0]
-        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_dim, self.mlp_hidden_dim], dim=-1)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe, attn_mask=attn_mask)
-        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
-        return x + mod.gate * output
+        projection = self.linear1(norm_and_modulate(self.pre_norm, x, mod))
+        if _is_tanh_gelu(self.mlp_act):
+            q, k, v, mlp = attention_inputs([projection], [self.norm], rope_as_complex(pe), self.num_heads, True)
+        else:
+            q, k, v = attention_inputs([projection], [self.norm], rope_as_complex(pe), self.num_heads)
+            mlp = self.mlp_act(projection[..., 3 * self.hidden_dim :])
+        output = self.linear2(torch.cat((joint_attention(q, k, v, attn_mask), mlp), 2))
+        return torch.addcmul(x, mod.gate, output)
 
 
 class LastLayer(nn.Module):
@@ -255,8 +379,7 @@ class LastLayer(nn.Module):
             shift, scale = shift[:, None, :], scale[:, None, :]
         else:
             shift, scale = mod_vectors.split(1, dim=1)
-        x = (1 + scale) * self.norm_final(x) + shift
-        return self.linear(x)
+        return self.linear(norm_and_modulate(self.norm_final, x, ModulationOut(shift, scale, None)))
 
 
 def text_key_mask(txt_attention_mask: Tensor | None, num_img_tokens: int, extra_tokens: int = 0) -> Tensor | None:

@@ -4,6 +4,9 @@ Module and parameter names are Black Forest Labs' (``src/flux/model.py``), so a 
 checkpoint loads with ``load_state_dict`` as is. The AutoEncoder lives in
 ``library/flux_ae.py`` and Chroma in ``library/chroma_models.py``; both are re-exported here
 for code written against sd-scripts' ``flux_models`` module.
+
+The block loop also drives block swapping (``enable_block_swap``, ``library/offloading.py``) and
+cpu-offloaded gradient checkpointing; ``training_flops`` counts a LoRA step's model FLOPs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from library.flux_layers import (
     text_key_mask,
     timestep_embedding,
 )
+from library.offloading import ModelOffloader, move_to_device_except_swapped, swap_split
 
 
 @dataclass
@@ -81,6 +85,8 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self.gradient_checkpointing = False
+        self.cpu_offload_checkpointing = False
+        self.offloaders: tuple[ModelOffloader, ModelOffloader] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -90,11 +96,47 @@ class Flux(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, cpu_offload: bool | None = None) -> None:
+        """Recompute each block in backward; ``cpu_offload`` keeps the block inputs it saves on the
+        CPU (None: as set before, by this call or by ``cpu_offload_checkpointing``)."""
         self.gradient_checkpointing = True
+        if cpu_offload is not None:
+            self.cpu_offload_checkpointing = cpu_offload
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+        self.cpu_offload_checkpointing = False
+
+    # ---- block swapping (library/offloading.py) ---------------------------------------------------
+
+    def enable_block_swap(
+        self, num_blocks: int, device: str | torch.device, *, record: bool = False, simulate: bool = False
+    ) -> tuple[int, int]:
+        """Swap ``num_blocks`` units (sd-scripts' ``--blocks_to_swap``); returns (double, single) swapped.
+
+        Call :meth:`move_to_device_except_swap_blocks` next to place the model.
+        """
+        if self.cpu_offload_checkpointing:
+            raise ValueError("block swapping cannot be combined with cpu-offloaded checkpointing")
+        double, single = swap_split(num_blocks, len(self.double_blocks), len(self.single_blocks))
+        kw = dict(record=record, simulate=simulate)
+        self.offloaders = (
+            ModelOffloader("double", self.double_blocks, double, device, **kw),
+            ModelOffloader("single", self.single_blocks, single, device, **kw),
+        )
+        return double, single
+
+    def move_to_device_except_swap_blocks(self, device: str | torch.device) -> None:
+        """``self.to(device)``, except the weights of the blocks that start on the host."""
+        if self.offloaders is None:
+            self.to(device)
+        else:
+            move_to_device_except_swapped(self, list(self.offloaders), device)
+
+    def prepare_block_swap_before_forward(self) -> None:
+        """Restores the layout a forward expects; ``forward`` calls it itself (kept for sd-scripts' callers)."""
+        for offloader in self.offloaders or ():
+            offloader.prepare_block_swap_before_forward()
 
     def forward(
         self,
@@ -122,18 +164,44 @@ class Flux(nn.Module):
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         attn_mask = text_key_mask(txt_attention_mask, img.shape[1])
 
-        for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe, attn_mask)
+        self.prepare_block_swap_before_forward()
+        for i in range(len(self.double_blocks)):
+            img, txt = self._run(0, i, img, txt, vec, pe, attn_mask)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = self._run(block, x, vec, pe, attn_mask)
-        img = x[:, txt.shape[1] :, ...]
+        for i in range(len(self.single_blocks)):
+            x = self._run(1, i, x, vec, pe, attn_mask)
+        img = x.split((txt.shape[1], img.shape[1]), dim=1)[1].to(self.device)
         return self.final_layer(img, vec)
 
-    def _run(self, block: nn.Module, *args):
+    def _run(self, kind: int, index: int, *args):
+        """Block ``index`` of the double (kind 0) or single (kind 1) blocks, with checkpointing,
+        cpu offloading of the saved inputs and block swapping as enabled."""
+        block = (self.double_blocks, self.single_blocks)[kind][index]
+        offloader = self.offloaders[kind] if self.offloaders else None
+        if offloader is not None:
+            offloader.wait_for_block(index)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            if self.cpu_offload_checkpointing:
+                out = checkpoint(_run_on_device, block, self.device, *args, use_reentrant=False)
+            else:
+                out = checkpoint(block, *args, use_reentrant=False)
+        else:
+            out = block(*args)
+        if offloader is not None:
+            out = offloader.mark_for_backward(index, out)
+            offloader.after_forward(index)
+        return out
+
+
+def offload_activation(x: Tensor) -> Tensor:
+    """Where cpu-offloaded checkpointing keeps a block's output between blocks."""
+    return x.to("cpu")
+
+
+def _run_on_device(block: nn.Module, device: torch.device, *args):
+    args = [a.to(device) if isinstance(a, Tensor) else a for a in args]
+    out = block(*args)
+    return tuple(offload_activation(o) for o in out) if isinstance(out, tuple) else offload_activation(out)
 
 
 _DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
@@ -193,6 +261,46 @@ def infer_flux_params(shapes: dict[str, tuple[int, ...]], metadata: dict[str, st
     )
 
 
+def training_flops(
+    params: FluxParams,
+    img_tokens: int,
+    txt_tokens: int,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = False,
+    lora_rank: int = 0,
+) -> float:
+    """Model FLOPs of one LoRA training step with a frozen base: forward, backward and, with
+    checkpointing, the blocks' second forward. Counted as torchtitan and landscape.md §2.4 do:
+    2 FLOPs per multiply-add; a token goes through one stream of each double block; attention is
+    4·L²·hidden forward and twice that backward; a frozen Linear needs only its input gradient
+    (1x its forward); a LoRA on each block Linear costs 3x its forward (input and weight
+    gradients). The per-sample modulation Linears are counted; Chroma's approximator is not.
+    """
+    h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
+    tokens = img_tokens + txt_tokens
+    stream = [(h, 3 * h), (h, h), (h, mlp), (mlp, h)]  # (in, out) of each Linear a token passes
+    single = [(h, 3 * h + mlp), (h + mlp, h)]
+    modulated = not hasattr(params, "approximator_depth")  # Chroma's blocks have no modulation Linears
+    mods = [(h, 6 * h)] * 2 * params.depth + [(h, 3 * h)] * params.depth_single_blocks if modulated else []
+
+    def matmul(shapes, n):
+        return sum(2 * i * o * n for i, o in shapes)
+
+    def lora(shapes, n):
+        return sum(2 * lora_rank * (i + o) * n for i, o in shapes)
+
+    base = params.depth * matmul(stream, tokens) + params.depth_single_blocks * matmul(single, tokens)
+    base += matmul(mods, 1)
+    adapters = params.depth * lora(stream, tokens) + params.depth_single_blocks * lora(single, tokens) + lora(mods, 1)
+    attention = (params.depth + params.depth_single_blocks) * 4 * tokens**2 * h
+    outside = matmul([(params.in_channels, h), (h, params.out_channels)], img_tokens)
+    outside += matmul([(params.context_in_dim, h)], txt_tokens)
+    forward = base + adapters + attention + outside
+    backward = base + 2 * adapters + 2 * attention
+    recompute = base + adapters + attention if gradient_checkpointing else 0
+    return float(batch_size * (forward + backward + recompute))
+
+
 def __getattr__(name: str):
     # Chroma imports this module, so re-export it lazily to avoid an import cycle.
     if name in ("Chroma", "ChromaParams"):
@@ -200,3 +308,4 @@ def __getattr__(name: str):
 
         return getattr(chroma_models, name)
     raise AttributeError(name)
+

@@ -50,6 +50,18 @@ def int_or_float(value: str) -> int | float:
     return int(number)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once: appended only when the help text does not already say it
+    and the default means something (not None, "", False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default in (None, "", False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
+
+
 def argument_adder(parser: argparse.ArgumentParser, title: str):
     """An ``add(*flags, **kw)`` that puts arguments in a titled group, skipping flags already defined."""
     group = parser.add_argument_group(title) if isinstance(parser, argparse.ArgumentParser) else parser
@@ -95,6 +107,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--full_bf16", "keep the trained network in bf16 (needs --mixed_precision bf16)")
     _flag(add, "--fp8_base", "store the base DiT (and text encoders) in fp8_e4m3fn")
     _flag(add, "--fp8_base_unet", "store only the DiT in fp8; text encoders stay in the mixed-precision dtype")
+    _flag(add, "--fp8_scaled",
+          "with --fp8_base / --fp8_base_unet: store the DiT's fp8 weights with a power-of-two scale per output row "
+          "(less quantisation error than plain fp8, same memory)")  # fmt: skip
     _flag(add, "--cpu_offload_checkpointing",
           "keep gradient-checkpoint activations on the CPU (needs --gradient_checkpointing)")  # fmt: skip
     _flag(add, "--no_half_vae", "run the AE in fp32 even with mixed precision")
@@ -187,8 +202,9 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         help="Huber c schedule for huber/smooth_l1 (default snr, which FLUX cannot use: pick constant or exponential)")
     add("--huber_c", type=float, default=0.1, help="Huber c (default 0.1)")
     add("--huber_scale", type=float, default=1.0, help="Huber c multiplier (default 1.0)")
-    _flag(add, "--masked_loss", "weight the loss by the conditioning image's mask (needs conditioning_data_dir)")
-    add("--conditioning_data_dir", type=str, default=None, help="directory of mask images for --masked_loss")
+    _flag(add, "--masked_loss", "weight the loss by masks: here the images' alpha channel (see --alpha_mask)")
+    add("--conditioning_data_dir", type=str, default=None,
+        help="mask images for --masked_loss (not supported: refused; use --alpha_mask)")
     _flag(add, "--alpha_mask", "weight the loss by each image's alpha channel")
 
 
@@ -415,7 +431,18 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "huggingface_repo_id": "uploading to Hugging Face is not supported; nothing is uploaded",
     "save_state_to_huggingface": "uploading to Hugging Face is not supported; nothing is uploaded",
     "async_upload": "uploading to Hugging Face is not supported; nothing is uploaded",
-    "split_mode": "deprecated: use --blocks_to_swap (18 is used when it is unset)",
+    "zero_stage": "DeepSpeed is not supported",
+    "offload_optimizer_device": "DeepSpeed is not supported",
+    "offload_optimizer_nvme_path": "DeepSpeed is not supported",
+    "offload_param_device": "DeepSpeed is not supported",
+    "offload_param_nvme_path": "DeepSpeed is not supported",
+    "zero3_init_flag": "DeepSpeed is not supported",
+    "zero3_save_16bit_model": "DeepSpeed is not supported",
+    "fp16_master_weights_and_gradients": "DeepSpeed is not supported",
+    "huggingface_repo_type": "uploading to Hugging Face is not supported; nothing is uploaded",
+    "huggingface_path_in_repo": "uploading to Hugging Face is not supported; nothing is uploaded",
+    "huggingface_token": "uploading to Hugging Face is not supported; nothing is uploaded",
+    "huggingface_repo_visibility": "uploading to Hugging Face is not supported; nothing is uploaded",
 }
 
 # dest -> what to do instead; setting one stops the run before any work.
@@ -423,6 +450,8 @@ REFUSED_FOR_FLUX: dict[str, str] = {
     "weighted_captions": "FLUX has no weighted-caption tokenizer; remove --weighted_captions",
     "deepspeed": "DeepSpeed is not supported; remove --deepspeed (use --blocks_to_swap or --fp8_base to save memory)",
     "resume_from_huggingface": "resuming from Hugging Face is not supported; download the state and pass its path",
+    "conditioning_data_dir": "conditioning-image masks are not supported; use the images' alpha channel with "
+    "--alpha_mask (or alpha_mask = true in the dataset config)",
 }
 
 

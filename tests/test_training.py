@@ -123,7 +123,7 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
     [
         ("--output_dir", {}, "--output_dir is required"),
         ("--clip_l", {}, "--clip_l is required for FLUX.1"),
-        (None, {"blocks_to_swap": 4}, "--blocks_to_swap is not implemented yet"),
+        (None, {"blocks_to_swap": 4}, "--blocks_to_swap 4 is more than this model allows"),
         (None, {"loss_type": "huber"}, "--huber_schedule snr (the default) cannot be used with --loss_type huber"),
         (None, {"full_bf16": True}, "--full_bf16 needs --mixed_precision bf16"),
         (None, {"network_args": ["img_attn_dim"]}, "--network_args 'img_attn_dim': expected key=value"),

@@ -145,3 +145,37 @@ def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(ti
     assert caplog.text.count("--highvram has no effect") == 1
     assert caplog.text.count("--xformers has no effect") == 1
     assert "start training" in log_file.read_text() and "--xformers has no effect" in log_file.read_text()
+
+
+def test_chroma_trains_a_t5_lora_with_train_t5xxl(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, model_type="chroma", steps=2, network_args=["train_t5xxl=True"],
+                     text_encoder_lr=1e-2)
+    assert flux_train_network.main(argv) == 0
+    weights = lora(out)
+    t5_up = [k for k in weights if k.startswith("lora_te3_") and k.endswith("lora_up.weight")]
+    assert t5_up and all(weights[k].abs().sum() > 0 for k in t5_up)
+    assert not any(k.startswith("lora_te1_") for k in weights)  # Chroma has no CLIP-L
+
+
+def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_images(tiny_model_files, tmp_path):
+    """A preserved sample's target is the base model's output with the LoRA off; a fresh LoRA
+    (lora_up = 0) already outputs exactly that, so its loss and gradients are zero and it stays zero."""
+    data = dataset(tmp_path)
+    with open(data.dataset_toml, "a", encoding="utf-8") as f:
+        f.write("  custom_attributes = { diff_output_preservation = true }\n")
+    out = str(tmp_path / "out")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, out, steps=2, network_train_unet_only=True)) == 0
+    preserved = lora(out)
+    assert all(preserved[k].abs().sum() == 0 for k in preserved if k.endswith("lora_up.weight"))
+    plain = train(tiny_model_files, tmp_path / "plain", steps=2, network_train_unet_only=True)
+    assert any(lora(plain)[k].abs().sum() > 0 for k in preserved if k.endswith("lora_up.weight"))
+
+
+def test_torch_compile_per_block_trains_the_same_lora(tiny_model_files, tmp_path):
+    plain = lora(train(tiny_model_files, tmp_path / "a", steps=2, network_train_unet_only=True))
+    compiled = lora(train(tiny_model_files, tmp_path / "b", steps=2, network_train_unet_only=True,
+                          torch_compile=True, dynamo_backend="eager"))
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-7)

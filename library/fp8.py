@@ -1,0 +1,192 @@
+"""fp8 storage for the frozen DiT: ``--fp8_base``, ``--fp8_base_unet`` and ``--fp8_scaled``.
+
+Only the block Linears' weights are stored in ``float8_e4m3fn`` (they are 99% of the
+parameters); what is tiny and sensitive stays in the compute dtype: biases, RMSNorm scales,
+the input embedders, Chroma's modulation approximator and the final layer. sd-scripts casts
+every floating tensor of the DiT to fp8.
+
+A converted Linear keeps its class (``nn.Linear``), names and state-dict keys, so LoRA code
+that finds targets by class or ``isinstance`` still does; only its ``forward`` changes. It
+dequantizes the weight to the compute dtype (the autocast dtype, else the input's) for each
+matmul and saves the fp8 weight, not the dequantized copy, for backward, so the activations
+kept for backward never hold a second, wider copy of the model.
+
+``--fp8_scaled`` stores ``weight / scale`` with one power-of-two scale per output row
+(buffer ``weight_scale``), chosen so that the row's largest magnitude lands in e4m3's top
+binade. Small weights then keep e4m3's 3-bit relative precision instead of falling into its
+subnormals (below 2^-6, where FLUX's weights mostly are), and dequantizing is exact in any
+compute dtype because the scale is a power of two.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def compute_dtype_for(x: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's when it is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def row_scales(weight: Tensor) -> Tensor:
+    """Per-output-row power-of-two scales (fp32) that map each row's max |w| into (224, 448]."""
+    amax = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+
+
+def quantize_weight(weight: Tensor, scaled: bool) -> tuple[Tensor, Tensor | None]:
+    """(fp8 weight, per-row scale or None). An fp8 weight without ``scaled`` is kept as stored."""
+    if not scaled:
+        return (weight if weight.dtype == FP8 else weight.to(FP8)), None
+    scale = row_scales(weight)
+    return (weight.float() / scale[:, None]).to(FP8), scale
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    w = weight.to(dtype)
+    return w if scale is None else w * scale.to(dtype)[:, None]  # exact: the scale is a power of two
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized on the fly; backward re-dequantizes instead of saving W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype):
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        w = dequantize_weight(weight, scale, dtype)
+        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.to(ctx.dtype).matmul(dequantize_weight(weight, scale, ctx.dtype)).to(ctx.x_dtype)
+        if ctx.bias_needs_grad:
+            grad_bias = grad.flatten(0, -2).sum(0)
+        return grad_x, None, None, grad_bias, None
+
+
+def fp8_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    if self.weight.requires_grad:
+        raise RuntimeError("an fp8-stored Linear weight cannot be trained; it is part of the frozen base model")
+    return _Fp8Linear.apply(x, self.weight, getattr(self, "weight_scale", None), self.bias, compute_dtype_for(x))
+
+
+def is_fp8_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.weight.dtype in FP8_DTYPES
+
+
+@torch.no_grad()
+def make_fp8_linear(linear: nn.Linear, scaled: bool = False) -> nn.Linear:
+    """Stores ``linear``'s weight in e4m3fn (in place) and routes its forward through the fp8 matmul.
+
+    Converting a converted Linear again starts from its current (dequantized) values.
+    """
+    weight = linear.weight.data
+    old_scale = linear._buffers.pop("weight_scale", None)
+    if old_scale is not None:
+        weight = dequantize_weight(weight, old_scale, torch.float32)
+    weight, scale = quantize_weight(weight, scaled)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if scale is not None:
+        linear.register_buffer("weight_scale", scale.to(weight.device))
+    linear.forward = types.MethodType(fp8_linear_forward, linear)
+    return linear
+
+
+def block_linears(model: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
+    """The Linears inside the DiT's double and single blocks (the part stored in fp8)."""
+    for list_name in ("double_blocks", "single_blocks"):
+        for name, module in getattr(model, list_name, nn.ModuleList()).named_modules(prefix=list_name):
+            if isinstance(module, nn.Linear):
+                yield name, module
+
+
+@torch.no_grad()
+def quantize_dit_(model: nn.Module, compute_dtype: torch.dtype, scaled: bool = False) -> nn.Module:
+    """fp8 storage for a FLUX / Chroma DiT, in place: block Linear weights in e4m3fn (per-row
+    scaled with ``scaled``), every other floating tensor in ``compute_dtype``.
+
+    Weights already in e4m3fn (an fp8 checkpoint) are kept bit for bit unless ``scaled``
+    asks for new scales (which then cost one dequantize-requantize of that weight).
+    """
+    linears = dict(block_linears(model))
+    fp8_weights = {id(m.weight) for m in linears.values()}
+    for p in list(model.parameters()):
+        if id(p) not in fp8_weights and p.is_floating_point() and p.dtype != compute_dtype:
+            p.data = p.data.to(compute_dtype)
+    for name, b in list(model.named_buffers()):
+        if b.is_floating_point() and b.dtype != compute_dtype and not name.endswith("weight_scale"):
+            b.data = b.data.to(compute_dtype)
+    for module in linears.values():
+        make_fp8_linear(module, scaled=scaled)
+    kept = sum(1 for m in linears.values() if m.weight.dtype == FP8)
+    logger.info("fp8%s: %d block Linear weights stored as float8_e4m3fn, the rest in %s",
+                " (per-row scaled)" if scaled else "", kept, compute_dtype)  # fmt: skip
+    return model
+
+
+def fp8_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the block Linear weights take now, bytes they would take in fp32)."""
+    now = fp32 = 0
+    for _, m in block_linears(model):
+        now += m.weight.numel() * m.weight.element_size()
+        fp32 += m.weight.numel() * 4
+    return now, fp32
+
+
+def dit_load_dtype(ckpt_path: str, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype to load a DiT in before :func:`quantize_dit_`.
+
+    A plain fp8 file loads as stored (``None``), so its fp8 weights are never widened and
+    narrowed again; everything else, ComfyUI's scaled fp8 files included (their scales are
+    applied on load), loads in ``compute_dtype``.
+    """
+    from library.flux_utils import checkpoint_files
+    from library.safetensors_io import is_comfy_scaled_fp8, read_header
+
+    entries: dict = {}
+    for file in checkpoint_files(ckpt_path):
+        entries.update(read_header(file)[0])
+    if is_comfy_scaled_fp8(entries):
+        return compute_dtype
+    weights = [e["dtype"] for k, e in entries.items() if "blocks." in k and k.endswith(".weight")]
+    return None if weights and all(d == "F8_E4M3" for d in weights) else compute_dtype
+
+
+def check_fp8_args(args) -> None:
+    """Refuses fp8 option combinations that cannot work (before any model is loaded)."""
+    from library.errors import UserError
+
+    fp8 = args.fp8_base or args.fp8_base_unet
+    flag = "--fp8_base" if args.fp8_base else "--fp8_base_unet"
+    if fp8 and args.mixed_precision not in ("bf16", "fp16"):
+        raise UserError(f"{flag} stores weights in fp8 and computes in the mixed-precision dtype: "
+                        "add --mixed_precision bf16 (or fp16)")  # fmt: skip
+    if not getattr(args, "fp8_scaled", False):
+        return
+    if not fp8:
+        raise UserError("--fp8_scaled chooses how fp8 weights are stored: use it with --fp8_base or --fp8_base_unet")
+    if getattr(args, "base_weights", None):
+        raise UserError("--base_weights cannot be merged into --fp8_scaled weights: drop --fp8_scaled (plain "
+                        "--fp8_base merges them), or merge first with networks/flux_merge_lora.py")  # fmt: skip
+    if any(str(a).split("=", 1)[0].strip().startswith("ggpo_") for a in getattr(args, "network_args", None) or []):
+        raise UserError("GGPO (network_args ggpo_sigma / ggpo_beta) reads the base weights' norms, which "
+                        "--fp8_scaled stores divided by their scales: drop --fp8_scaled (plain --fp8_base works)")

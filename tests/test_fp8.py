@@ -1,0 +1,195 @@
+"""fp8 storage of the DiT (--fp8_base, --fp8_base_unet, --fp8_scaled): what is stored in fp8,
+what stays in the compute dtype, the error of scaled vs plain fp8, memory, fp8 files and the checks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import flux_train_network
+from library.chroma_models import Chroma
+from library.flux_utils import load_flow_model
+from library.fp8 import (
+    FP8,
+    block_linears,
+    dit_load_dtype,
+    fp8_weight_bytes,
+    make_fp8_linear,
+    quantize_dit_,
+    row_scales,
+)
+from library.safetensors_io import save_safetensors
+from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
+from networks import lora_flux
+from tests.test_flux_models import dit_inputs
+from tests.training_helpers import base_argv, dataset
+
+GUIDANCE = torch.tensor([3.5, 3.5])
+
+
+def flux_like_model(std: float = 0.01) -> nn.Module:
+    """A tiny DiT whose matrices have FLUX-like magnitudes (mostly below e4m3's normal range, 2^-6)."""
+    model = random_model(tiny_flux_params(), seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(std / p.std())
+    return model
+
+
+def relative_error(model: nn.Module, reference: torch.Tensor, x: dict) -> float:
+    with torch.no_grad():
+        return ((model(**x, guidance=GUIDANCE) - reference).norm() / reference.norm()).item()
+
+
+def test_scaled_fp8_output_error_is_smaller_than_plain_fp8_on_the_same_weights():
+    model = flux_like_model()
+    x = dit_inputs(model.params)
+    with torch.no_grad():
+        reference = model(**x, guidance=GUIDANCE)
+    plain = relative_error(quantize_dit_(copy.deepcopy(model), torch.float32, scaled=False), reference, x)
+    scaled = relative_error(quantize_dit_(copy.deepcopy(model), torch.float32, scaled=True), reference, x)
+    assert 0 < scaled < 0.75 * plain
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_block_linear_weights_take_a_quarter_of_their_fp32_bytes(scaled):
+    model = quantize_dit_(flux_like_model(), torch.bfloat16, scaled=scaled)
+    now, fp32 = fp8_weight_bytes(model)
+    assert now * 4 == fp32
+    linears = [m for _, m in block_linears(model)]
+    assert linears and all(m.weight.dtype == FP8 and m.weight.element_size() == 1 for m in linears)
+    scale_bytes = sum(m.weight_scale.numel() * 4 for m in linears if hasattr(m, "weight_scale"))
+    assert (scale_bytes > 0) == scaled
+    if scaled:  # one fp32 per output row: 4 / in_features of the weights (0.03% at FLUX's width)
+        assert scale_bytes == sum(4 * m.out_features for m in linears)
+
+
+def test_sensitive_tensors_stay_in_the_compute_dtype():
+    model = quantize_dit_(flux_like_model(), torch.bfloat16)
+    fp8_names = {f"{name}.weight" for name, _ in block_linears(model)}
+    for name, p in model.named_parameters():
+        assert p.dtype == (FP8 if name in fp8_names else torch.bfloat16), name
+    assert model.double_blocks[0].img_attn.norm.query_norm.scale.dtype == torch.bfloat16
+    assert model.double_blocks[0].img_attn.qkv.bias.dtype == torch.bfloat16
+    for kept in (model.img_in, model.txt_in, model.time_in.in_layer, model.final_layer.linear):
+        assert kept.weight.dtype == torch.bfloat16
+    chroma = quantize_dit_(random_model(tiny_chroma_params(), seed=2), torch.bfloat16, scaled=True)
+    assert isinstance(chroma, Chroma)
+    assert all(p.dtype == torch.bfloat16 for p in chroma.distilled_guidance_layer.parameters())
+    assert chroma.single_blocks[0].linear1.weight.dtype == FP8
+
+
+def test_fp8_linears_stay_plain_linears_that_lora_finds():
+    plain_model = flux_like_model()
+    fp8_model = quantize_dit_(copy.deepcopy(plain_model), torch.bfloat16, scaled=True)
+    for _, module in block_linears(fp8_model):
+        assert type(module) is nn.Linear
+    assert type(fp8_model.double_blocks[0]).__name__ == "DoubleStreamBlock"
+    def lora_names(model):
+        return [lora.lora_name for lora in lora_flux.create_network(1.0, 4, 4, None, [None, None], model).unet_loras]
+
+    assert lora_names(plain_model) and lora_names(plain_model) == lora_names(fp8_model)
+    assert set(fp8_model.state_dict()) - set(plain_model.state_dict()) == {
+        f"{name}.weight_scale" for name, _ in block_linears(fp8_model)
+    }
+
+
+def test_fp8_linear_computes_with_the_dequantized_weight_and_saves_only_fp8_for_backward():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48)
+    with torch.no_grad():
+        linear.weight.mul_(0.05)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    fp8 = make_fp8_linear(copy.deepcopy(linear), scaled=True)
+    dequantized = fp8.weight.float() * fp8.weight_scale[:, None]
+    assert torch.equal(row_scales(dequantized), fp8.weight_scale)  # powers of two: requantizing is lossless
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fp8(x)
+    out.square().sum().backward()
+    expected = torch.nn.functional.linear(x, dequantized, linear.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    x_grad = x.grad.clone()
+    x.grad = None
+    expected.square().sum().backward()
+    torch.testing.assert_close(x_grad, x.grad, rtol=1e-5, atol=1e-6)
+    assert not any(t.shape == linear.weight.shape and t.dtype != FP8 for t in saved)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the mixed-precision path: computed in bf16
+        y = fp8(x[:1, :2])
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+
+
+def test_fp8_weights_cannot_be_trained():
+    fp8 = make_fp8_linear(nn.Linear(8, 8))
+    fp8.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen base"):
+        fp8(torch.randn(2, 8))
+
+
+def test_fp8_checkpoint_is_loaded_without_a_round_trip(tmp_path):
+    model = flux_like_model()
+    sd = {k: (v.to(FP8) if ("blocks." in k and k.endswith(".weight") and v.ndim == 2) else v.to(torch.bfloat16))
+          for k, v in model.state_dict().items()}  # fmt: skip
+    path = str(tmp_path / "flux-fp8.safetensors")
+    save_safetensors(sd, path)
+    assert dit_load_dtype(path, torch.bfloat16) is None
+    for scaled in (False, True):
+        _, loaded = load_flow_model(path, dit_load_dtype(path, torch.bfloat16), "cpu")
+        quantize_dit_(loaded, torch.bfloat16, scaled=scaled)
+        for name, linear in block_linears(loaded):
+            stored = sd[f"{name}.weight"]
+            if scaled:  # new power-of-two scales: the same values, exactly
+                values = linear.weight.float() * linear.weight_scale[:, None]
+                assert torch.equal(values, stored.float()), name
+            else:
+                assert torch.equal(linear.weight.view(torch.uint8), stored.view(torch.uint8)), name
+    bf16_path = str(tmp_path / "flux-bf16.safetensors")
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, bf16_path)
+    assert dit_load_dtype(bf16_path, torch.bfloat16) == torch.bfloat16
+
+
+def test_fp8_scaled_flag_dest_and_default():
+    parser = flux_train_network.setup_parser()
+    assert parser.get_default("fp8_scaled") is False
+    args = parser.parse_args(["--fp8_base", "--fp8_scaled"])
+    assert args.fp8_scaled is True and args.fp8_base is True
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"fp8_base": True}, "--fp8_base stores weights in fp8 and computes in the mixed-precision dtype: add "
+                             "--mixed_precision bf16"),
+        ({"fp8_base_unet": True, "mixed_precision": "no"}, "--fp8_base_unet stores weights in fp8"),
+        ({"fp8_scaled": True, "mixed_precision": "bf16"}, "use it with --fp8_base or --fp8_base_unet"),
+        ({"fp8_base": True, "fp8_scaled": True, "mixed_precision": "bf16", "base_weights": ["x.safetensors"]},
+         "--base_weights cannot be merged into --fp8_scaled weights"),
+    ],
+    ids=["no-mixed-precision", "unet-fp32", "scaled-alone", "scaled-base-weights"],
+)  # fmt: skip
+def test_fp8_option_errors_are_clear(tiny_model_files, tmp_path, capsys, flags, message):
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), **flags)
+    assert flux_train_network.main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["fp8_base", "fp8_base_unet"])
+def test_fp8_base_also_stores_the_text_encoders_in_fp8_and_fp8_base_unet_does_not(tiny_model_files, tmp_path, flag):
+    from types import SimpleNamespace
+
+    parser = flux_train_network.setup_parser()
+    args = parser.parse_args(base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"),
+                                       mixed_precision="bf16", **{flag: True}))  # fmt: skip
+    trainer = flux_train_network.FluxNetworkTrainer(parser)
+    trainer.check_args(args)
+    models = trainer.load_target_model(args, SimpleNamespace(device=torch.device("cpu")), torch.bfloat16)
+    assert models.dit.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    assert models.dit.img_in.weight.dtype == torch.bfloat16
+    clip_l, t5 = models.text_encoders
+    te_weights = {clip_l.encoder.layers[0].mlp.fc1.weight.dtype,
+                  t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype}  # fmt: skip
+    assert te_weights == ({FP8} if flag == "fp8_base" else {torch.bfloat16})
+    assert t5.shared.weight.dtype == torch.bfloat16 and models.ae.dtype == torch.bfloat16

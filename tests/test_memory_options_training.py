@@ -1,0 +1,79 @@
+"""The memory options through the real trainer, in-process on the tiny models: --fp8_base with
+--mixed_precision bf16, --blocks_to_swap (its LoRA equals the unswapped run's), and
+--gradient_checkpointing with --cpu_offload_checkpointing (its LoRA equals plain checkpointing's)."""
+
+import dataclasses
+import logging
+import os
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors
+from library.tiny_models import random_model, tiny_flux_params, write_model
+from tests.training_helpers import base_argv, dataset
+
+
+@pytest.fixture(scope="module")
+def deeper_models(tiny_model_files, tmp_path_factory):
+    """The tiny files with a dev DiT of 4 single blocks: deep enough to swap one unit (two single blocks)."""
+    folder = tmp_path_factory.mktemp("deeper")
+    dit = write_model(random_model(tiny_flux_params(True, depth=2, depth_single=4), 0), str(folder / "dev.safetensors"))
+    return dataclasses.replace(tiny_model_files, flux_dev=dit)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return dataset(tmp_path_factory.mktemp("memory_data"))
+
+
+def train(models, data, out, **flags) -> dict:
+    argv = base_argv(models, data, str(out), steps=2, network_train_unet_only=True, **flags)
+    assert flux_train_network.main(argv) == 0
+    path = os.path.join(str(out), "lora.safetensors")
+    assert os.path.isfile(path)
+    return load_safetensors(path)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_fp8_base_with_bf16_trains_and_writes_the_lora(deeper_models, data, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        weights = train(deeper_models, data, tmp_path / "fp8", fp8_base=True, mixed_precision="bf16")
+    assert "block Linear weights stored as float8_e4m3fn, the rest in torch.bfloat16" in caplog.text
+    ups = [k for k in weights if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(weights[k]).all() for k in weights)
+    assert any(weights[k].abs().sum() > 0 for k in ups)  # lora_up starts at zero: it was trained
+
+
+def test_block_swap_lora_and_validation_equal_the_unswapped_run(deeper_models, tmp_path, caplog):
+    """Validation (forwards without backward) and sampling run between the steps: the layout is
+    restored before each forward, and the losses and the LoRA equal the run without swapping."""
+    data = dataset(tmp_path, validation_split=0.5, num_images=4)
+    flags = dict(validate_every_n_steps=1, sample_every_n_steps=2, sample_prompts=data.sample_prompts)
+
+    def run(name, **more):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            weights = train(deeper_models, data, tmp_path / name, **flags, **more)
+        losses = [line for line in caplog.text.splitlines() if "validation loss" in line]
+        return weights, losses, caplog.text
+
+    plain, plain_losses, _ = run("n0")
+    swapped, swapped_losses, log = run("n1", blocks_to_swap=1)
+    assert "block swap: 0 double and 2 single blocks" in log
+    assert plain_losses and swapped_losses == plain_losses
+    assert os.listdir(tmp_path / "n1" / "sample")
+    assert_same(plain, swapped)
+
+
+def test_cpu_offloaded_checkpointing_lora_equals_plain_checkpointing(deeper_models, data, tmp_path):
+    plain = train(deeper_models, data, tmp_path / "ckpt", gradient_checkpointing=True)
+    offloaded = train(deeper_models, data, tmp_path / "offload", gradient_checkpointing=True,
+                      cpu_offload_checkpointing=True)  # fmt: skip
+    assert_same(plain, offloaded)
