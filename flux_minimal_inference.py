@@ -130,7 +130,14 @@ def compute_fp8_linears_in(model: nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def store_block_linears_in_fp8(dit: nn.Module, fp8_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
-    """Stores the Linear weights of the double and single blocks in fp8 (the bulk of the DiT)."""
+    """Stores the Linear weights of the double and single blocks in fp8 (the bulk of the DiT).
+
+    e4m3fn goes through the trainer's fp8 path (``library.fp8``); e5m2 is stored the same way here."""
+    if fp8_dtype == torch.float8_e4m3fn:
+        from library.fp8 import block_linears, quantize_dit_
+
+        quantize_dit_(dit, compute_dtype)
+        return sum(1 for _ in block_linears(dit))
     for block in [*dit.double_blocks, *dit.single_blocks]:
         for module in block.modules():
             if isinstance(module, nn.Linear):

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from library.dtypes import FP8_DTYPES
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def compute_dtype_for(x: Tensor) -> torch.dtype:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from library.checkpoint_kinds import describe_checkpoint
+from library.dtypes import FP8_DTYPES
 from library.errors import CheckpointError
 from library.safetensors_io import dequantize_comfy_scaled_fp8, load_safetensors, read_header, save_safetensors
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # transformers is imported when a model is built: it costs se
 
 logger = logging.getLogger(__name__)
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 CLIP_FILE_PREFIX = "text_model."  # transformers 5's CLIPTextModel has no such level; files do
 CLIP_HEADS_METADATA_KEY = "num_attention_heads"  # not stored in the weights: tiny files record it
 CHROMA_DUMMY_POOLED_SHAPE = (77, 1)  # sd-scripts' DummyCLIPL output, kept so TE caches interchange
