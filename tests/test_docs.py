@@ -371,6 +371,7 @@ def test_network_args_table_lists_every_known_arg():
 PROMPT_OPTIONS = {"--w", "--h", "--d", "--s", "--l", "--g", "--n", "--ss", "--cn", "--ctr", "--rcfg", "--fs"}
 PROMPT_OPTIONS |= {"--m", "--c"}  # flux_minimal_inference.py --interactive
 OTHER_PROGRAMS = {"--num_cpu_threads_per_process", "--quiet", "--check", "--logdir", "--doc"}
+OTHER_PROGRAMS |= {"--multi_gpu", "--num_processes"}  # accelerate launch
 HELPER_TOOLS = {  # script as the docs call it -> module with setup_parser()
     "flux_minimal_inference.py": "flux_minimal_inference",
     "networks/flux_merge_lora.py": "networks.flux_merge_lora",
