@@ -248,18 +248,9 @@ class Pipeline:
 
 
 def check_args(args) -> None:
-    if not args.t5xxl:
-        raise UserError("--t5xxl is required: the T5-XXL text encoder (t5xxl_fp16.safetensors)")
-    if not args.ae:
-        raise UserError("--ae is required: the FLUX autoencoder (ae.safetensors)")
-    if args.model_type == "chroma":
-        if not args.apply_t5_attn_mask:
-            raise UserError("--model_type chroma needs --apply_t5_attn_mask (Chroma attends over the T5 mask)")
-        if args.clip_l:
-            logger.warning("--clip_l is ignored for Chroma, which has no CLIP-L")
-            args.clip_l = None
-    elif not args.clip_l:
-        raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
+    from library.flux_train_utils import check_model_file_args
+
+    check_model_file_args(args)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
     if args.width < 16 or args.height < 16:

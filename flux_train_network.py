@@ -17,7 +17,7 @@ import sys
 
 import train_network
 from library.errors import UserError
-from library.flux_train_utils import add_flux_train_arguments
+from library.flux_train_utils import add_flux_train_arguments, check_model_file_args
 from library.train_args import add_flux_script_arguments, review_compat_flags
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     # ---- checks before any work ------------------------------------------------------------------
     def check_args(self, args) -> None:
+        if not args.pretrained_model_name_or_path:
+            raise UserError("--pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file")
+        if not args.output_dir:
+            raise UserError("--output_dir is required: where to write the LoRA")
         for message in review_compat_flags(args, self.parser):
             logger.warning(message)
         if args.split_mode:
@@ -56,25 +60,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if args.torch_compile and args.blocks_to_swap:
             raise UserError("--torch_compile cannot be combined with --blocks_to_swap (swapping replaces the weights "
                             "a compiled block holds on to); drop one of them")
-        if not args.pretrained_model_name_or_path:
-            raise UserError("--pretrained_model_name_or_path is required: the FLUX.1 or Chroma .safetensors file")
-        if not args.output_dir:
-            raise UserError("--output_dir is required: where to write the LoRA")
-        if not args.ae:
-            raise UserError("--ae is required: the FLUX autoencoder (ae.safetensors)")
-        if not args.t5xxl:
-            raise UserError("--t5xxl is required: the T5-XXL text encoder (t5xxl_fp16.safetensors)")
+        check_model_file_args(args)
         if args.model_type == "chroma":
-            if not args.apply_t5_attn_mask:
-                raise UserError("--model_type chroma needs --apply_t5_attn_mask (Chroma attends over the T5 mask)")
-            if args.clip_l:
-                logger.warning("--clip_l is ignored for Chroma, which has no CLIP-L")
-                args.clip_l = None
             if args.guidance_scale != 0.0:
                 logger.warning("Chroma was distilled with guidance 0; --guidance_scale %s is passed to its "
                                "approximator as given (the guide recommends 0.0)", args.guidance_scale)
-        elif not args.clip_l:
-            raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
         if args.cache_text_encoder_outputs_to_disk:
             args.cache_text_encoder_outputs = True
         if args.cache_latents_to_disk:

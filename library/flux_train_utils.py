@@ -9,8 +9,12 @@ by ``library.train_args.add_flux_script_arguments``.
 from __future__ import annotations
 
 import argparse
+import logging
 
+from library.errors import UserError
 from library.train_args import argument_adder
+
+logger = logging.getLogger(__name__)
 
 
 def add_flux_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,3 +44,19 @@ def add_flux_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="flow shift S for --timestep_sampling shift and for the default sigma sampling (default 3.0)")
     add("--model_type", type=str, choices=["flux", "chroma"], default="flux",
         help="architecture: flux (FLUX.1 dev/schnell, default) or chroma")  # fmt: skip
+
+
+def check_model_file_args(args) -> None:
+    """The model-file options a FLUX.1 or Chroma run needs (shared by the trainer and inference)."""
+    if not args.t5xxl:
+        raise UserError("--t5xxl is required: the T5-XXL text encoder (t5xxl_fp16.safetensors)")
+    if not args.ae:
+        raise UserError("--ae is required: the FLUX autoencoder (ae.safetensors)")
+    if args.model_type == "chroma":
+        if not args.apply_t5_attn_mask:
+            raise UserError("--model_type chroma needs --apply_t5_attn_mask (Chroma attends over the T5 mask)")
+        if args.clip_l:
+            logger.warning("--clip_l is ignored for Chroma, which has no CLIP-L")
+            args.clip_l = None
+    elif not args.clip_l:
+        raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
