@@ -204,6 +204,9 @@ class NetworkTrainer:
         if args.debug_dataset:
             self.debug_dataset(train_group)
             return ""
+        from library.images import verify_images
+
+        verify_images([e.path for group in groups for e in group.entries()])
         self.check_dataset(args, train_group, val_group)
         sampling_prompts = self.load_sample_prompts(args)
 

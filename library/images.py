@@ -70,6 +70,29 @@ def read_image_size(path: str) -> tuple[int, int]:
     return w, h
 
 
+def verify_images(paths: list[str], workers: int = 4) -> None:
+    """Decodes every image once, so a truncated or corrupt file stops the run with its path before
+    any model is loaded (the size check reads headers only). Threads: Pillow decodes without the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def decode(path: str) -> str | None:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            return f"{path}: cannot decode this image ({e}); fix or remove the file."
+        return None
+
+    unique = sorted(set(paths))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for problem in tqdm(pool.map(decode, unique), total=len(unique), desc="checking images", unit="img",
+                            disable=len(unique) < 100):
+            if problem:
+                raise UserError(problem)
+
+
 def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float64)

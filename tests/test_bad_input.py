@@ -72,6 +72,20 @@ class Env:
         return self.file(name, content[: len(content) // 2])
 
 
+def cut_jpeg() -> bytes:
+    """A JPEG whose header is intact but whose image data stops two thirds of the way."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
+    return data[: len(data) * 2 // 3]
+
+
 @dataclass
 class Case:
     name: str
@@ -105,6 +119,7 @@ CASES = [
         "zz_truncated.png", open(os.path.join(e.data.image_dir, sorted(os.listdir(e.data.image_dir))[0]), "rb")
         .read()[:200]), ("zz_truncated.png",)),
     Case("zero-byte image", lambda e: e.bad_image("zz_empty.png", b""), ("zz_empty.png",)),
+    Case("JPEG cut after its header", lambda e: e.bad_image("zz_cut.jpg", cut_jpeg()), ("zz_cut.jpg", "decode")),
     Case("text file named .jpg", lambda e: e.bad_image("zz_text.jpg", b"this is not a picture"), ("zz_text.jpg",)),
     Case("non-UTF-8 caption", lambda e: e.bad_image("00_red_circle.txt", "caf\xe9 au lait".encode("latin-1")),
          ("00_red_circle.txt", "UTF-8")),
