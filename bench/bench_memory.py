@@ -48,8 +48,8 @@ base = status()["VmRSS"]
 if mode == "bf16":
     _, model = load_flow_model(path, torch.bfloat16, "cpu")
 else:
-    _, model = load_flow_model(path, dit_load_dtype(path, torch.bfloat16), "cpu")
-    quantize_dit_(model, torch.bfloat16)
+    _, model = load_flow_model(path, dit_load_dtype(path, torch.bfloat16), "cpu", fp8_block_linears=True)
+    quantize_dit_(model, torch.bfloat16)  # as the trainer's --fp8_base does
 s = status()
 print(json.dumps({"baseline": base, "peak": s["VmHWM"], "after": s["VmRSS"]}))
 """

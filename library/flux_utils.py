@@ -23,7 +23,7 @@ from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, infer_flux_params
-from library.safetensors_io import dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, load_safetensors, read_header
+from library.safetensors_io import SafetensorsReader, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, read_header
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
@@ -59,16 +59,28 @@ def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str
     return shapes, metadata
 
 
-def _load_tensors(files: list[str], device, dtype) -> dict[str, Tensor]:
+def _load_tensors(files: list[str], device, dtype, dtype_of=None) -> dict[str, Tensor]:
+    """Reads every tensor, casting each one as it arrives (to ``dtype_of(key)`` if that gives a
+    dtype, else to ``dtype``), so the peak stays near the size of the result. ComfyUI scaled-fp8
+    files are read as stored, then their scales applied."""
+    entries: dict = {}
+    for file in files:
+        entries.update(read_header(file)[0])
+    scaled_fp8 = is_comfy_scaled_fp8(entries)
+    device = torch.device(device)
     sd: dict[str, Tensor] = {}
     for file in files:
-        sd.update(load_safetensors(file, device=device, dtype=None))
-    if is_comfy_scaled_fp8(sd):
+        with SafetensorsReader(file) as reader:
+            for key in reader.keys():
+                tensor = reader.get(key)
+                target = None if scaled_fp8 else ((dtype_of(key) if dtype_of else None) or dtype)
+                if target is not None and tensor.is_floating_point() and tensor.dtype != target:
+                    tensor = tensor.to(target)
+                sd[key] = tensor.to(device) if device.type != "cpu" else tensor
+    if scaled_fp8:
         sd = dequantize_comfy_scaled_fp8(sd, dtype or torch.float32)
-    if dtype is not None:
-        for key, tensor in sd.items():
-            if tensor.is_floating_point() and tensor.dtype != dtype:
-                sd[key] = tensor.to(dtype)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in sd.items()}
     return sd
 
 
@@ -98,12 +110,15 @@ def load_flow_model(
     device: str | torch.device,
     disable_mmap: bool = False,
     model_type: str = "flux",
+    fp8_block_linears: bool = False,
 ) -> tuple[bool, Flux]:
     """Loads a FLUX.1 (dev, schnell, pruned) or Chroma DiT; returns ``(is_schnell, model)``.
 
     BFL single files (with or without the ``model.diffusion_model.`` prefix), sharded files and
     diffusers folders or files are accepted; hyper-parameters come from the weights.
-    ``dtype=None`` keeps the file's dtype (fp8 files stay fp8).
+    ``dtype=None`` keeps the file's dtype (fp8 files stay fp8). ``fp8_block_linears`` stores the
+    blocks' Linear weights as float8_e4m3fn as they are read (``--fp8_base``), so loading a bf16
+    file never holds it whole in bf16.
     """
     del disable_mmap  # the reader never memory-maps
     if model_type not in MODEL_TYPES:
@@ -121,7 +136,18 @@ def load_flow_model(
     if not chroma and model_type == "chroma":
         raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
 
-    sd = _strip(_load_tensors(files, device, dtype))
+    dtype_of = None
+    if fp8_block_linears and not diffusers:
+        from library.fp8 import FP8, block_linears
+
+        with torch.device("meta"):
+            skeleton = Chroma(infer_chroma_params(shapes, metadata)) if chroma else Flux(infer_flux_params(shapes))
+        fp8_keys = {f"{name}.weight" for name, _ in block_linears(skeleton)}
+        fp8_keys |= {FLUX_PREFIX + key for key in fp8_keys}  # files with ComfyUI's prefix
+
+        def dtype_of(key: str) -> torch.dtype | None:
+            return FP8 if key in fp8_keys else None
+    sd = _strip(_load_tensors(files, device, dtype, dtype_of))
     if diffusers:
         sd = diffusers_to_bfl(sd)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}

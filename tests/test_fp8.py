@@ -193,3 +193,25 @@ def test_fp8_base_also_stores_the_text_encoders_in_fp8_and_fp8_base_unet_does_no
                   t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype}  # fmt: skip
     assert te_weights == ({FP8} if flag == "fp8_base" else {torch.bfloat16})
     assert t5.shared.weight.dtype == torch.bfloat16 and models.ae.dtype == torch.bfloat16
+
+
+def test_loading_straight_to_fp8_equals_loading_then_quantizing(tmp_path):
+    """--fp8_base stores block Linear weights as they are read: the same model as load + quantize_dit_."""
+    from library.flux_utils import load_flow_model
+    from library.fp8 import FP8, quantize_dit_
+    from library.safetensors_io import save_safetensors
+    from library.tiny_models import random_model, tiny_flux_params
+
+    source = random_model(tiny_flux_params(), seed=3)
+    prefixed = {f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in source.state_dict().items()}
+    save_safetensors(prefixed, tmp_path / "dev.safetensors")
+    _, direct = load_flow_model(str(tmp_path / "dev.safetensors"), torch.bfloat16, "cpu", fp8_block_linears=True)
+    assert direct.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    assert direct.img_in.weight.dtype == torch.bfloat16 and direct.final_layer.linear.weight.dtype == torch.bfloat16
+    quantize_dit_(direct, torch.bfloat16)
+    _, reference = load_flow_model(str(tmp_path / "dev.safetensors"), torch.bfloat16, "cpu")
+    quantize_dit_(reference, torch.bfloat16)
+    a, b = direct.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key].float(), b[key].float()), key
