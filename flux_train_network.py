@@ -342,7 +342,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     # ---- samples ---------------------------------------------------------------------------------
     def sample_images(self, ctx, epoch, step) -> None:
-        from library.flux_sampling import sample_images
+        from library.training_samples import sample_images
 
         args, accelerator = ctx.args, ctx.accelerator
         if self.sample_conditions is not None and not ctx.train_text_encoder:

@@ -1,12 +1,10 @@
 """The Euler flow sampler: schedule, Euler and CFG math, diffusers' pipelines as independent
-references, tiny real models end to end, PNG files and names, triggers, RNG and mode hygiene."""
+references, tiny real models end to end, PNG files. Training-time behaviour: test_training_samples.py."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 
 import numpy as np
 import pytest
@@ -28,38 +26,16 @@ from library.flux_sampling import (
     make_noise,
     png_text_chunks,
     resolve_sample_settings,
-    sample_image_filename,
-    sample_images,
     sampling_schedule,
     save_png,
     texts_to_encode,
 )
 from library.flux_utils import pack_latents
-from library.sample_prompts import SamplePrompt, SampleTriggers
+from library.sample_prompts import SamplePrompt
 from library.tiny_models import TINY_CLIP_DIM, TINY_T5_DIM, random_model, tiny_ae_params, tiny_chroma_params
 from library.tiny_models import tiny_flux_params as tiny_flux
-
-TXT_LEN = 8
-
-
-def fake_encoder(chroma: bool = False):
-    """Deterministic per-text stand-in for CLIP-L + T5; records the batches it was asked for."""
-    calls: list[list[str]] = []
-
-    def encode(texts: list[str]):
-        calls.append(list(texts))
-        pooled, t5, masks = [], [], []
-        for text in texts:
-            g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
-            pooled.append(torch.zeros(77, 1) if chroma else torch.randn(TINY_CLIP_DIM, generator=g))
-            t5.append(torch.randn(TXT_LEN, TINY_T5_DIM, generator=g))
-            n = min(TXT_LEN, 1 + len(text.split()))
-            masks.append((torch.arange(TXT_LEN) < n).long())
-        t5_out = torch.stack(t5)
-        return [torch.stack(pooled), t5_out, torch.zeros(len(texts), TXT_LEN, 3), torch.stack(masks)]
-
-    encode.calls = calls
-    return encode
+from library.training_samples import sample_images
+from tests.sampling_helpers import TXT_LEN, ToyAE, ToyVelocity, fake_encoder
 
 
 @pytest.fixture(scope="module")
@@ -71,41 +47,6 @@ def models():
         "ae": random_model(tiny_ae_params(), seed=4),
     }
 
-
-class ToyVelocity(nn.Module):
-    """A DiT stand-in whose velocity is txt[:, 0, 0] everywhere; records each call's inputs."""
-
-    def __init__(self, consume_rng: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-        self.calls: list[dict] = []
-        self.consume_rng = consume_rng
-
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, txt_attention_mask=None):
-        self.calls.append(
-            dict(
-                batch=img.shape[0],
-                t=timesteps.clone(),
-                guidance=guidance.clone(),
-                mask=txt_attention_mask,
-                txt=txt.clone(),
-                training=self.training,
-            )
-        )
-        if self.consume_rng:
-            torch.rand(3)  # like dropout would, if it were on
-        return txt[:, :1, :1].expand_as(img) + 0 * self.weight
-
-
-class ToyAE(nn.Module):
-    """An AE stand-in that decodes by 8x nearest upsampling of three latent channels: fast and exact."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def decode(self, z):
-        return torch.tanh(z[:, :3]).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3) + 0 * self.weight
 
 
 def cond_with(value: float, mask_len: int | None = None) -> TextConditions:
@@ -494,137 +435,6 @@ def test_chroma_sampler_matches_diffusers_chroma_pipeline(models):
     ).images
     assert ref_latents.abs().max() > 0.5
     torch.testing.assert_close(pack_latents(ours), ref_latents, atol=1e-4, rtol=0)
-
-
-# endregion
-
-# region training-time behaviour
-
-
-def test_global_rng_is_unaffected_by_sampling(tmp_path):
-    model = ToyVelocity(consume_rng=True)
-    torch.manual_seed(1234)
-    expected = torch.rand(4)
-    torch.manual_seed(1234)
-    sample_images(
-        model,
-        ToyAE(),
-        [SamplePrompt(0, "a", width=64, height=64, sample_steps=3)],
-        output_dir=str(tmp_path),
-        output_name=None,
-        epoch=None,
-        steps=5,
-        encode_prompts=fake_encoder(),
-    )
-    assert len(model.calls) == 3  # the model did draw from the global RNG
-    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
-
-
-def test_models_are_in_eval_mode_while_sampling_and_restored_after(tmp_path):
-    model, network, ae = ToyVelocity(), nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)), ToyAE()
-    model.train()
-    ae.eval()
-    network.train()
-    network[1].eval()  # a submodule's own mode is restored too, not overwritten by its parent's
-    seen = []
-    sample_images(
-        model,
-        ae,
-        [SamplePrompt(0, "a", width=64, height=64, sample_steps=1)],
-        output_dir=str(tmp_path),
-        output_name=None,
-        epoch=1,
-        steps=5,
-        encode_prompts=fake_encoder(),
-        eval_modules=[network],
-        on_image=lambda *_: seen.append(network.training),
-    )
-    assert [c["training"] for c in model.calls] == [False] and seen == [False]
-    assert model.training and network.training and network[0].training and not network[1].training
-    assert not ae.training
-
-
-def test_prompts_are_distributed_across_processes(tmp_path):
-    prompts = [SamplePrompt(i, f"p{i}", width=64, height=64, seed=i, sample_steps=1) for i in range(5)]
-    model = ToyVelocity()
-    paths = sample_images(
-        model,
-        ToyAE(),
-        prompts,
-        output_dir=str(tmp_path),
-        output_name="x",
-        epoch=None,
-        steps=7,
-        encode_prompts=fake_encoder(),
-        process_index=1,
-        num_processes=2,
-    )
-    indices = [int(re.match(r"x_000007_(\d\d)_", os.path.basename(p)).group(1)) for p in paths]
-    assert indices == [1, 3]
-
-
-def test_on_image_callback_and_file_names(tmp_path):
-    prompts = [
-        SamplePrompt(0, "a", width=64, height=64, seed=42, sample_steps=1),
-        SamplePrompt(1, "b", sample_steps=1, width=64, height=64),
-    ]
-    logged = []
-    paths = sample_images(
-        ToyVelocity(),
-        ToyAE(),
-        prompts,
-        output_dir=str(tmp_path),
-        output_name="my_lora",
-        epoch=3,
-        steps=120,
-        encode_prompts=fake_encoder(),
-        on_image=lambda p, im, path: logged.append((p.index, im.size, path)),
-    )
-    names = [os.path.basename(p) for p in paths]
-    assert re.fullmatch(r"my_lora_e000003_00_\d{14}_42\.png", names[0])
-    assert re.fullmatch(r"my_lora_e000003_01_\d{14}\.png", names[1])
-    assert [(i, size) for i, size, _ in logged] == [(0, (64, 64)), (1, (64, 64))]
-    assert not [f for f in os.listdir(tmp_path / "sample") if not f.endswith(".png")]  # no temporary files left
-
-
-@pytest.mark.parametrize(
-    ("output_name", "epoch", "steps", "index", "seed", "expected"),
-    [
-        ("my_flux_lora", None, 250, 3, None, "my_flux_lora_000250_03_20250102030405.png"),
-        ("my_flux_lora", 2, 250, 0, 7, "my_flux_lora_e000002_00_20250102030405_7.png"),
-        (None, 0, 0, 12, 1234, "e000000_12_20250102030405_1234.png"),
-    ],
-)
-def test_sample_file_names_follow_sd_scripts(output_name, epoch, steps, index, seed, expected):
-    assert sample_image_filename(output_name, epoch, steps, index, seed, "20250102030405") == expected
-
-
-@pytest.mark.parametrize(
-    ("triggers", "epoch", "steps", "due"),
-    [
-        (SampleTriggers(at_first=True), 0, 0, True),
-        (SampleTriggers(every_n_steps=10), 0, 0, False),
-        (SampleTriggers(every_n_steps=10), None, 20, True),
-        (SampleTriggers(every_n_steps=10), None, 25, False),
-        (SampleTriggers(every_n_steps=10), 2, 20, False),  # epoch ends do not sample with only every_n_steps
-        (SampleTriggers(every_n_epochs=2), 2, 17, True),
-        (SampleTriggers(every_n_epochs=2), 3, 17, False),
-        (SampleTriggers(every_n_epochs=2), None, 20, False),  # steps do not sample with every_n_epochs
-        (SampleTriggers(every_n_steps=10, every_n_epochs=2), None, 20, False),  # epochs win, steps ignored
-        (SampleTriggers(every_n_steps=10, every_n_epochs=2), 4, 20, True),
-        (SampleTriggers(), None, 10, False),
-        (SampleTriggers(), 1, 10, False),
-    ],
-)
-def test_sampling_triggers(triggers, epoch, steps, due):
-    assert triggers.due(epoch, steps) is due
-
-
-def test_triggers_from_args():
-    import argparse
-
-    args = argparse.Namespace(sample_every_n_steps=5, sample_every_n_epochs=None, sample_at_first=True)
-    assert SampleTriggers.from_args(args) == SampleTriggers(5, None, True)
 
 
 # endregion

@@ -1,0 +1,141 @@
+"""Training-time samples: the run's RNG and the models' modes are left as they were, prompts are
+shared between processes, files are named as sd-scripts names them, and triggers fire as there."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from library.sample_prompts import SamplePrompt, SampleTriggers
+from library.training_samples import sample_image_filename, sample_images
+from tests.sampling_helpers import ToyAE, ToyVelocity, fake_encoder
+
+
+def test_global_rng_is_unaffected_by_sampling(tmp_path):
+    model = ToyVelocity(consume_rng=True)
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    sample_images(
+        model,
+        ToyAE(),
+        [SamplePrompt(0, "a", width=64, height=64, sample_steps=3)],
+        output_dir=str(tmp_path),
+        output_name=None,
+        epoch=None,
+        steps=5,
+        encode_prompts=fake_encoder(),
+    )
+    assert len(model.calls) == 3  # the model did draw from the global RNG
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_models_are_in_eval_mode_while_sampling_and_restored_after(tmp_path):
+    model, network, ae = ToyVelocity(), nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)), ToyAE()
+    model.train()
+    ae.eval()
+    network.train()
+    network[1].eval()  # a submodule's own mode is restored too, not overwritten by its parent's
+    seen = []
+    sample_images(
+        model,
+        ae,
+        [SamplePrompt(0, "a", width=64, height=64, sample_steps=1)],
+        output_dir=str(tmp_path),
+        output_name=None,
+        epoch=1,
+        steps=5,
+        encode_prompts=fake_encoder(),
+        eval_modules=[network],
+        on_image=lambda *_: seen.append(network.training),
+    )
+    assert [c["training"] for c in model.calls] == [False] and seen == [False]
+    assert model.training and network.training and network[0].training and not network[1].training
+    assert not ae.training
+
+
+def test_prompts_are_distributed_across_processes(tmp_path):
+    prompts = [SamplePrompt(i, f"p{i}", width=64, height=64, seed=i, sample_steps=1) for i in range(5)]
+    model = ToyVelocity()
+    paths = sample_images(
+        model,
+        ToyAE(),
+        prompts,
+        output_dir=str(tmp_path),
+        output_name="x",
+        epoch=None,
+        steps=7,
+        encode_prompts=fake_encoder(),
+        process_index=1,
+        num_processes=2,
+    )
+    indices = [int(re.match(r"x_000007_(\d\d)_", os.path.basename(p)).group(1)) for p in paths]
+    assert indices == [1, 3]
+
+
+def test_on_image_callback_and_file_names(tmp_path):
+    prompts = [
+        SamplePrompt(0, "a", width=64, height=64, seed=42, sample_steps=1),
+        SamplePrompt(1, "b", sample_steps=1, width=64, height=64),
+    ]
+    logged = []
+    paths = sample_images(
+        ToyVelocity(),
+        ToyAE(),
+        prompts,
+        output_dir=str(tmp_path),
+        output_name="my_lora",
+        epoch=3,
+        steps=120,
+        encode_prompts=fake_encoder(),
+        on_image=lambda p, im, path: logged.append((p.index, im.size, path)),
+    )
+    names = [os.path.basename(p) for p in paths]
+    assert re.fullmatch(r"my_lora_e000003_00_\d{14}_42\.png", names[0])
+    assert re.fullmatch(r"my_lora_e000003_01_\d{14}\.png", names[1])
+    assert [(i, size) for i, size, _ in logged] == [(0, (64, 64)), (1, (64, 64))]
+    assert not [f for f in os.listdir(tmp_path / "sample") if not f.endswith(".png")]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    ("output_name", "epoch", "steps", "index", "seed", "expected"),
+    [
+        ("my_flux_lora", None, 250, 3, None, "my_flux_lora_000250_03_20250102030405.png"),
+        ("my_flux_lora", 2, 250, 0, 7, "my_flux_lora_e000002_00_20250102030405_7.png"),
+        (None, 0, 0, 12, 1234, "e000000_12_20250102030405_1234.png"),
+    ],
+)
+def test_sample_file_names_follow_sd_scripts(output_name, epoch, steps, index, seed, expected):
+    assert sample_image_filename(output_name, epoch, steps, index, seed, "20250102030405") == expected
+
+
+@pytest.mark.parametrize(
+    ("triggers", "epoch", "steps", "due"),
+    [
+        (SampleTriggers(at_first=True), 0, 0, True),
+        (SampleTriggers(every_n_steps=10), 0, 0, False),
+        (SampleTriggers(every_n_steps=10), None, 20, True),
+        (SampleTriggers(every_n_steps=10), None, 25, False),
+        (SampleTriggers(every_n_steps=10), 2, 20, False),  # epoch ends do not sample with only every_n_steps
+        (SampleTriggers(every_n_epochs=2), 2, 17, True),
+        (SampleTriggers(every_n_epochs=2), 3, 17, False),
+        (SampleTriggers(every_n_epochs=2), None, 20, False),  # steps do not sample with every_n_epochs
+        (SampleTriggers(every_n_steps=10, every_n_epochs=2), None, 20, False),  # epochs win, steps ignored
+        (SampleTriggers(every_n_steps=10, every_n_epochs=2), 4, 20, True),
+        (SampleTriggers(), None, 10, False),
+        (SampleTriggers(), 1, 10, False),
+    ],
+)
+def test_sampling_triggers(triggers, epoch, steps, due):
+    assert triggers.due(epoch, steps) is due
+
+
+def test_triggers_from_args():
+    import argparse
+
+    args = argparse.Namespace(sample_every_n_steps=5, sample_every_n_epochs=None, sample_at_first=True)
+    assert SampleTriggers.from_args(args) == SampleTriggers(5, None, True)
