@@ -57,6 +57,7 @@ from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import
     split_alpha_multiplied,
     write_lora_file,
 )
+from networks.lora_flux_params import param_groups, text_encoder_lrs
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
 logger = logging.getLogger(__name__)
@@ -533,12 +534,7 @@ class LoRANetwork(nn.Module):
         ``text_encoder_lr``: None or [] (both use ``default_lr``), one value (both), or [CLIP-L, T5].
         Groups whose learning rate is 0 or None are left out: those LoRAs are not trained.
         """
-        if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
-            text_encoder_lr = [default_lr, default_lr]
-        elif isinstance(text_encoder_lr, (int, float)):
-            text_encoder_lr = [float(text_encoder_lr)] * 2
-        elif len(text_encoder_lr) == 1:
-            text_encoder_lr = [text_encoder_lr[0]] * 2
+        text_encoder_lr = text_encoder_lrs(text_encoder_lr, default_lr)
         self.requires_grad_(True)
         all_params, descriptions = [], []
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
@@ -548,13 +544,13 @@ class LoRANetwork(nn.Module):
         ):
             loras = [lora for lora in self.text_encoder_loras if lora.lora_name.startswith(prefix)]
             if loras:
-                params, descs = self._param_groups(loras, lr, te_ratio)
+                params, descs = param_groups(loras, lr, te_ratio, self.reg_lrs)
                 all_params += params
                 descriptions += [label + (" " + d if d else "") for d in descs]
         if self.unet_loras:
             lr = unet_lr if unet_lr is not None else default_lr
-            params, descs = self._param_groups(
-                self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            params, descs = param_groups(
+                self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, self.reg_lrs
             )
             all_params += params
             descriptions += ["unet" + (" " + d if d else "") for d in descs]
@@ -563,30 +559,6 @@ class LoRANetwork(nn.Module):
     def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
         """sd-scripts' older single-LR entry point."""
         return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
-
-    def _param_groups(self, loras, lr, plus_ratio) -> tuple[list[dict], list[str]]:
-        groups: dict[int | None, dict[str, list]] = {}
-        for lora in loras:
-            match = last_match(self.reg_lrs, lora.lora_name) if self.reg_lrs else None
-            group = groups.setdefault(None if match is None else match[0], {"lora": [], "plus": []})
-            for name, param in lora.named_parameters():
-                group["plus" if plus_ratio is not None and "lora_up" in name else "lora"].append(param)
-        params, descriptions = [], []
-        for index in sorted(i for i in groups if i is not None) + ([None] if None in groups else []):
-            base_lr = lr if index is None else self.reg_lrs[index][1]
-            for kind in ("lora", "plus"):
-                if not groups[index][kind]:
-                    continue
-                group_lr = None if base_lr is None else base_lr * (plus_ratio if kind == "plus" else 1)
-                label = " ".join(
-                    filter(None, ["" if index is None else f"reg_lr_{index}", "plus" if kind == "plus" else ""])
-                )
-                if not group_lr:
-                    logger.info(f"learning rate {group_lr} for LoRA group {label or 'default'}: it is not trained")
-                    continue
-                params.append({"params": groups[index][kind], "lr": group_lr})
-                descriptions.append(label)
-        return params, descriptions
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
