@@ -135,6 +135,8 @@ def build_diffusers(params: FluxParams, device, setting: dict, dtype: torch.dtyp
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
+    # the same attention kernels as ours (library.flux_layers leaves cuDNN's out: its backward fails there)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIFFUSERS_TARGETS))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -171,7 +173,8 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     side = 4 if args.tiny else 64
     txt_tokens = 8 if args.tiny else 512
-    result = {"setting": name, **{k: v for k, v in setting.items()}, "device": describe_device(device),
+    result = {"setting": name, **{k: v for k, v in setting.items()}, "compile": bool(args.compile),
+              "device": describe_device(device),
               "torch": torch.__version__, "img_tokens": side * side, "txt_tokens": txt_tokens}  # fmt: skip
     model = None
     try:
@@ -197,12 +200,7 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         for step in range(args.warmup + args.steps):
             sync(device)
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = forward(x)
-            loss = F.mse_loss(out.float(), x["target"])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(forward, x, optimizer, device, dtype)
             sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
@@ -214,6 +212,9 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
                       flop_per_step=flops, tflop_per_step=round(flops / 1e12, 2),
                       achieved_tflops=round(flops / s / 1e12, 3),
                       loss_finite=all(v == v and abs(v) != float("inf") for v in losses))  # fmt: skip
+        if name in args.profile.split(","):
+            step = lambda: train_step(forward, x, optimizer, device, dtype)  # noqa: E731
+            result["profile"] = profile_step(name, args, device, step)
         if peak:
             result["mfu"] = round(flops / s / (peak * 1e12), 3)
         if device.type == "cuda":
@@ -223,11 +224,44 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
         result["traceback"] = traceback.format_exc(limit=4)[-2000:]
     finally:
-        model = forward = trainable = optimizer = x = out = loss = None  # noqa: F841
+        model = forward = trainable = optimizer = x = loss = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def train_step(forward, x: dict, optimizer, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = forward(x)
+    loss = F.mse_loss(out.float(), x["target"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def profile_step(name: str, args, device: torch.device, step) -> str:
+    """One more step under torch.profiler; writes the top operators by device time next to --out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.key_averages()
+    table = None
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = events.table(sort_by=key if device.type == "cuda" else "self_cpu_time_total", row_limit=40)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    suffix = "_compiled" if args.compile else ""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"profile_{name}{suffix}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(table or "")
+    return path
 
 
 def describe_device(device: torch.device) -> str:
@@ -245,11 +279,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny width instead of FLUX.1-dev (smoke test)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block of our model")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                        help="base weights and autocast dtype (default bf16; fp32 only for the CPU smoke test)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="base weights and autocast dtype (default bf16; fp32 only for the CPU smoke test)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for the MFU")
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="SETTINGS",
+        help="comma-separated settings to profile one more step of; each table goes next to --out",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads while it runs (default: torch's)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every setting in this process (on CUDA each setting gets its own process by "
+        "default, so that a crash that ends the CUDA context does not end the others)",
+    )
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,6 +309,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return run(args, parser)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_in_child(name: str, args) -> dict:
+    """Runs one setting in a child process; records the child's exit if it died without a result."""
+    import subprocess
+
+    def recorded() -> list[str]:
+        return open(args.out, encoding="utf-8").read().splitlines() if os.path.exists(args.out) else []
+
+    before = len(recorded())
+    argv = [sys.executable, os.path.abspath(__file__), *args.argv, "--settings", name, "--in-process"]
+    code = subprocess.run(argv, check=False).returncode
+    lines = recorded()[before:]
+    if lines:
+        return json.loads(lines[-1])
+    result = {"setting": name, "error": f"the process running it exited with status {code} and no result"}
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"{name:4s} FAILED {result['error']}", flush=True)
+    return result
 
 
 def run(args, parser) -> list[dict]:
@@ -268,12 +340,16 @@ def run(args, parser) -> list[dict]:
     params = tiny_params() if args.tiny else configs["dev"]
     print(f"{describe_device(device)}, torch {torch.__version__}, "
           f"{'tiny' if args.tiny else 'FLUX.1-dev'} DiT, LoRA rank 16, AdamW")  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     results = []
     for name in names:
+        if device.type == "cuda" and len(names) > 1 and not args.in_process:
+            result = run_in_child(name, args)
+            results.append(result)
+            continue
         result = run_setting(name, args, params, device)
         result["dtype"] = args.dtype
         results.append(result)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
         if "error" in result:

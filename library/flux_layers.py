@@ -16,12 +16,24 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's fused attention is left out: with torch 2.11 on an H100 its backward fails on the DiT's
+# shapes ("mha_graph.execute ... is_good()", or an illegal memory access that ends the process);
+# flash attention (no mask) and memory-efficient attention (Chroma's mask) take its place.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` on (B, H, L, D) heads, restricted to ``ATTENTION_BACKENDS``."""
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """BFL's attention on (B, H, L, D) heads; the blocks use :func:`joint_attention` (same numbers, fewer copies)."""
     q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    x = sdpa(q, k, v, attn_mask)
     return rearrange(x, "B H L D -> B L (H D)")
 
 
@@ -59,7 +71,7 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """SDPA over heads laid out (B, L, H, D) -> (B, L, H·D); the heads are read through strides, no copy."""
-    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
+    x = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
     return x.transpose(1, 2).flatten(2)
 
 
