@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,34 +57,21 @@ from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import
     write_lora_file,
 )
 from networks.lora_flux_params import param_groups, text_encoder_lrs
+from networks.lora_flux_targets import (
+    RankRules,
+    check_block_selection,
+    compile_patterns,
+    dit_targets,
+    is_split_target,
+    split_dims,
+    text_encoder_targets,
+)
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
 logger = logging.getLogger(__name__)
 
 NUM_DOUBLE_BLOCKS = 19  # FLUX.1's depth; the real bounds are read from the model given
 NUM_SINGLE_BLOCKS = 38
-# Substrings a module name must all contain for the type dim at the same position (spec §g.3).
-_TYPE_IDENTIFIERS = (
-    ("img_attn",),
-    ("txt_attn",),
-    ("img_mlp",),
-    ("txt_mlp",),
-    ("img_mod",),
-    ("txt_mod",),
-    ("single_blocks", "linear"),
-    ("modulation",),
-)
-# in_dims positions: img_in, time_in, vector_in, guidance_in, txt_in
-IN_LAYERS = (
-    ("img_in", ("img_in",)),
-    ("time_in", ("time_in.in_layer", "time_in.out_layer")),
-    ("vector_in", ("vector_in.in_layer", "vector_in.out_layer")),
-    ("guidance_in", ("guidance_in.in_layer", "guidance_in.out_layer")),
-    ("txt_in", ("txt_in",)),
-)
-
-_BLOCK_INDEX = re.compile(r"_(double|single)_blocks_(\d+)_")
-_SPLIT_TARGET = re.compile(r"_double_blocks_\d+_(img|txt)_attn_qkv$|_single_blocks_\d+_linear1$")
 
 
 # ---- entry points ------------------------------------------------------------------------
@@ -118,8 +104,6 @@ def create_network(
     if any(r is not None for r in loraplus_ratios(kwargs)):
         network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
     return network
-
-
 
 
 def create_network_from_weights(
@@ -158,7 +142,7 @@ def create_network_from_weights(
     split_qkv = parse_bool("split_qkv", kwargs.get("split_qkv", False)) and not for_inference
     if split_qkv:
         multiplied = split_alpha_multiplied(metadata)
-        for name in [n for n in modules_dim if _SPLIT_TARGET.search(n)]:
+        for name in [n for n in modules_dim if is_split_target(n)]:
             chunks = 3 if "_double_blocks_" in name else 4
             if modules_dim[name] % chunks:
                 raise UserError(f"{file}: {name} has rank {modules_dim[name]}, not a split_qkv LoRA of {chunks} parts")
@@ -213,21 +197,6 @@ def detect_model_type(flux: nn.Module | None) -> str | None:
     if guidance is None:
         guidance = getattr(flux, "guidance_in", None) is not None
     return "dev" if guidance else "schnell"
-
-
-def _clip_file_path(path: str) -> str:
-    # transformers 5's CLIPTextModel has no `text_model` level; the names other tools load do
-    m = re.search(r"(?:^|\.)(encoder\.layers\.\d+\..*)$", path)
-    return "text_model." + m.group(1) if m else path
-
-
-def _get_submodule(root: nn.Module, path: str) -> nn.Module | None:
-    module = root
-    for part in path.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module
 
 
 # ---- the network -------------------------------------------------------------------------
@@ -285,11 +254,14 @@ class LoRANetwork(nn.Module):
         self.in_dims = in_dims
         self.train_double_block_indices = train_double_block_indices
         self.train_single_block_indices = train_single_block_indices
-        self.reg_dims = _compile(reg_dims, "network_reg_dims")
-        self.reg_lrs = _compile(reg_lrs, "network_reg_lrs")
+        self.reg_dims = compile_patterns(reg_dims, "network_reg_dims")
+        self.reg_lrs = compile_patterns(reg_lrs, "network_reg_lrs")
         self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
         self.model_type = detect_model_type(unet)
-        self._modules_dim, self._modules_alpha = modules_dim, modules_alpha or {}
+        self.rank_rules = RankRules(
+            lora_dim, alpha, self.reg_dims, type_dims, in_dims, train_double_block_indices,
+            train_single_block_indices, modules_dim, modules_alpha or {},
+        )  # fmt: skip
         self._module_kwargs = {
             "dropout": dropout,
             "rank_dropout": rank_dropout,
@@ -298,7 +270,7 @@ class LoRANetwork(nn.Module):
             "ggpo_sigma": ggpo_sigma,
         }
         self._module_class = module_class
-        self._check_block_selection(unet)
+        check_block_selection(unet, train_double_block_indices, train_single_block_indices)
         if modules_dim is None:
             logger.info(f"create LoRA network: rank {lora_dim}, alpha {alpha}, train_blocks {self.train_blocks}")
         if ggpo_sigma is not None and ggpo_beta is not None:
@@ -313,11 +285,20 @@ class LoRANetwork(nn.Module):
                 continue
             if index == 1 and not train_t5xxl:
                 continue
-            targets = ((name, linear, "te") for name, linear in self._text_encoder_targets(text_encoder, index))
-            self.text_encoder_loras += self._create(targets, skipped)
+            prefix = self.LORA_PREFIX_TEXT_ENCODER_CLIP if index == 0 else self.LORA_PREFIX_TEXT_ENCODER_T5
+            targets = text_encoder_targets(text_encoder, prefix, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, index == 0)
+            self.text_encoder_loras += self._create(((name, linear, "te") for name, linear in targets), skipped)
         if train_t5xxl and (len(text_encoders) < 2 or text_encoders[1] is None):
             logger.warning("train_t5xxl=True but no T5 text encoder was given: no T5 LoRA is created")
-        self.unet_loras: list[LoRAModule] = self._create(self._dit_targets(unet), skipped)
+        from_file = modules_dim is not None  # a file decides which modules exist
+        kinds = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}[self.train_blocks]
+        block_classes = {
+            "double": self.FLUX_TARGET_REPLACE_MODULE_DOUBLE,
+            "single": self.FLUX_TARGET_REPLACE_MODULE_SINGLE,
+        }
+        targets = dit_targets(unet, self.LORA_PREFIX_FLUX, block_classes, ("double", "single") if from_file else kinds,
+                              in_dims, all_in_layers=from_file)  # fmt: skip
+        self.unet_loras: list[LoRAModule] = self._create(targets, skipped)
         logger.info(
             f"LoRA modules: {len(self.unet_loras)} on the DiT, {len(self.text_encoder_loras)} on the text encoders"
         )
@@ -337,85 +318,17 @@ class LoRANetwork(nn.Module):
 
     # ---- construction -------------------------------------------------------------------
 
-    def _check_block_selection(self, unet: nn.Module) -> None:
-        for key, selection, blocks in (
-            ("train_double_block_indices", self.train_double_block_indices, getattr(unet, "double_blocks", ())),
-            ("train_single_block_indices", self.train_single_block_indices, getattr(unet, "single_blocks", ())),
-        ):
-            if selection is not None and len(selection) != len(blocks):
-                raise UserError(f"{key}: {len(selection)} flags given for a model with {len(blocks)} blocks")
-
-    def _text_encoder_targets(self, text_encoder: nn.Module, index: int) -> Iterator[tuple[str, nn.Linear]]:
-        prefix = self.LORA_PREFIX_TEXT_ENCODER_CLIP if index == 0 else self.LORA_PREFIX_TEXT_ENCODER_T5
-        for name, module in text_encoder.named_modules():
-            if type(module).__name__ not in self.TEXT_ENCODER_TARGET_REPLACE_MODULE:
-                continue
-            for child_name, child in module.named_modules():
-                if isinstance(child, nn.Linear):
-                    path = f"{name}.{child_name}"
-                    path = _clip_file_path(path) if index == 0 else path
-                    yield f"{prefix}.{path}".replace(".", "_"), child
-
-    def _dit_targets(self, unet: nn.Module) -> Iterator[tuple[str, nn.Linear, str | int]]:
-        """(name, Linear, kind): kind is "double", "single", or the in_dims position of a conditioning layer."""
-        classes = {"all": ("double", "single"), "double": ("double",), "single": ("single",)}[self.train_blocks]
-        if self._modules_dim is not None:
-            classes = ("double", "single")  # a file decides which modules exist
-        for name, module in unet.named_modules():
-            cls = type(module).__name__
-            kind = "double" if cls in self.FLUX_TARGET_REPLACE_MODULE_DOUBLE else None
-            kind = "single" if cls in self.FLUX_TARGET_REPLACE_MODULE_SINGLE else kind
-            if kind not in classes:
-                continue
-            for child_name, child in module.named_modules():
-                if isinstance(child, nn.Linear):
-                    yield f"{self.LORA_PREFIX_FLUX}.{name}.{child_name}".replace(".", "_"), child, kind
-        if self._modules_dim is None and not self.in_dims:
-            return
-        for position, (layer, paths) in enumerate(IN_LAYERS):
-            linears = [(path, _get_submodule(unet, path)) for path in paths]
-            linears = [(path, linear) for path, linear in linears if isinstance(linear, nn.Linear)]
-            if not linears and self._modules_dim is None and self.in_dims[position]:
-                logger.warning(
-                    f"in_dims: this model has no {layer} layer; its rank {self.in_dims[position]} is ignored"
-                )
-            for path, linear in linears:
-                yield f"{self.LORA_PREFIX_FLUX}.{path}".replace(".", "_"), linear, position
-
-    def _rank(self, name: str, kind: str | int) -> tuple[int, Tensor | float | None]:
-        """(rank, alpha) of a candidate module; rank 0 means no LoRA (spec §g.3-§g.6)."""
-        if self._modules_dim is not None:
-            return self._modules_dim.get(name, 0), self._modules_alpha.get(name)
-        if self.reg_dims and (match := last_match(self.reg_dims, name)) is not None:
-            return match[1], self.alpha
-        dim = self.in_dims[kind] if isinstance(kind, int) else self.lora_dim
-        if kind in ("double", "single"):
-            if self.type_dims is not None:
-                for identifiers, type_dim in zip(_TYPE_IDENTIFIERS, self.type_dims, strict=True):
-                    if type_dim is not None and all(i in name for i in identifiers):
-                        dim = type_dim
-                        break
-            selection = self.train_double_block_indices if kind == "double" else self.train_single_block_indices
-            if dim and selection is not None and not selection[int(_BLOCK_INDEX.search(name).group(2))]:
-                dim = 0
-        return dim, self.alpha
-
     def _create(self, targets, skipped: list[str]) -> list[LoRAModule]:
         loras = []
         for name, linear, kind in targets:
-            dim, alpha = self._rank(name, kind)
+            dim, alpha = self.rank_rules.rank(name, kind)
             if not dim:
-                if self._modules_dim is None:
+                if self.rank_rules.modules_dim is None:
                     skipped.append(name)
                 continue
-            split_dims = None
-            if self.split_qkv and _SPLIT_TARGET.search(name):
-                hidden = linear.in_features
-                split_dims = [hidden] * 3 + ([linear.out_features - 3 * hidden] if name.endswith("linear1") else [])
+            chunks = split_dims(name, linear) if self.split_qkv else None
             loras.append(
-                self._module_class(
-                    name, linear, self.multiplier, dim, alpha, split_dims=split_dims, **self._module_kwargs
-                )
+                self._module_class(name, linear, self.multiplier, dim, alpha, split_dims=chunks, **self._module_kwargs)
             )
         return loras
 
@@ -617,16 +530,3 @@ class LoRANetwork(nn.Module):
             org.weight.data = org.weight + lora.get_weight().to(org.weight.device, org.weight.dtype)
             org._lora_restored = False
             lora.enabled = False
-
-
-def _compile(pairs, key: str) -> list[tuple[re.Pattern, float]] | None:
-    if not pairs:
-        return None
-    items = pairs.items() if isinstance(pairs, dict) else pairs
-    compiled = []
-    for pattern, value in items:
-        try:
-            compiled.append((re.compile(pattern), value))
-        except re.error as e:
-            raise UserError(f"--network_args {key}: {pattern!r} is not a valid regular expression ({e})") from None
-    return compiled

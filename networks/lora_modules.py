@@ -161,12 +161,29 @@ class LoRAModule(nn.Module):
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out
-        outs = [up(self._regularize(down(x))) for down, up in self.pairs()]
-        delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        out = org + (delta * (self.multiplier * scale)).to(org.dtype)
+        strength = self.multiplier * scale
+        if self.split_dims is None and self.lora_up.bias is None:
+            out = self._add_update(org, self._regularize(self.lora_down(x)), strength)
+        else:
+            outs = [up(self._regularize(down(x))) for down, up in self.pairs()]
+            delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            out = org + (delta * strength).to(org.dtype)
         if self.training and self.combined_weight_norms is not None and self.grad_norms is not None:
             out = out + self._ggpo_perturbation(x).to(org.dtype)
         return out
+
+    def _add_update(self, org: Tensor, lx: Tensor, strength: float) -> Tensor:
+        """org + strength · lx Uᵀ as one matmul with org as its addend: the strength goes into the
+        small up weight (out × rank), so the activation-sized product is neither scaled nor added
+        in separate passes, forward or backward."""
+        up = self.lora_up.weight * strength
+        if torch.is_autocast_enabled(org.device.type):
+            dtype = torch.get_autocast_dtype(org.device.type)
+        else:
+            dtype = torch.promote_types(org.dtype, lx.dtype)
+        flat = torch.addmm(org.reshape(-1, org.shape[-1]).to(dtype), lx.reshape(-1, lx.shape[-1]).to(dtype),
+                           up.t().to(dtype))  # fmt: skip
+        return flat.view(*org.shape).to(org.dtype)
 
     def _regularize(self, lx: Tensor) -> Tensor:
         if not self.training:
