@@ -76,20 +76,50 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = 
 
 
 def attention_inputs(
-    projections: list[Tensor], norms: list[QKNorm], freqs: Tensor, num_heads: int, gelu_rest: bool = False
+    projections: list[Tensor], norms: list[QKNorm], pe: Tensor, num_heads: int, gelu_rest: bool = False
 ) -> list[Tensor]:
     """q, k, v (B, ΣL, H, D) of a joint attention from each stream's fused projection (B, L_s, 3·H·D + rest).
 
-    q and k are RMS-normalised with the stream's scales and rotated by RoPE (``freqs`` from
-    :func:`rope_as_complex`, all streams' tokens in order); v is copied. With ``gelu_rest``
-    the channels after q, k, v (the single block's MLP input) go through tanh-GELU and come
-    last in the result. The same arithmetic as BFL's ``QKNorm`` + ``apply_rope`` (computed in
-    fp32, rounded once), as one autograd node: its backward writes each stream's gradient into
-    one tensor, where autograd's split, cat and stack would copy it three times more.
+    q and k are RMS-normalised with the stream's scales and rotated by RoPE (``pe``: BFL's rotation
+    matrices for all streams' tokens in order); v is copied. With ``gelu_rest`` the channels after
+    q, k, v (the single block's MLP input) go through tanh-GELU and come last in the result. The same
+    arithmetic as BFL's ``QKNorm`` + ``apply_rope`` (computed in fp32, rounded once).
+
+    Eager, this is one autograd node (:class:`_AttentionInputs`) whose backward writes each stream's
+    gradient into one tensor, where autograd's split, cat and stack would copy it three times more.
+    Under ``torch.compile`` it is written out in real arithmetic instead, for the compiler to fuse
+    (it can trace neither that node's in-place backward nor complex numbers).
     """
+    if torch.compiler.is_compiling():
+        return _attention_inputs_composed(projections, norms, pe, num_heads, gelu_rest)
     scales = [torch.stack((n.query_norm.scale, n.key_norm.scale))[:, None, :] for n in norms]  # (2, 1, D)
     pairs = [t for pair in zip(projections, scales, strict=True) for t in pair]
-    return list(_AttentionInputs.apply(freqs, num_heads, gelu_rest, *pairs))
+    return list(_AttentionInputs.apply(rope_as_complex(pe), num_heads, gelu_rest, *pairs))
+
+
+def _attention_inputs_composed(
+    projections: list[Tensor], norms: list[QKNorm], pe: Tensor, num_heads: int, gelu_rest: bool
+) -> list[Tensor]:
+    cos, sin = pe[:, 0, :, None, None, :, 0, 0], pe[:, 0, :, None, None, :, 1, 0]  # (B, L, 1, 1, D/2)
+    qks, vs, rests, start = [], [], [], 0
+    for proj, norm in zip(projections, norms, strict=True):
+        rows = slice(start, start + proj.shape[1])
+        start = rows.stop
+        head_dim = norm.query_norm.scale.shape[0]
+        inner = 3 * num_heads * head_dim
+        heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
+        x = heads[:, :, :2].float()  # (B, L, 2, H, D): q and k
+        scale = torch.stack((norm.query_norm.scale, norm.key_norm.scale)).float()[:, None, :]
+        x = x * torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / head_dim + 1e-6) * scale
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[:, rows], sin[:, rows]
+        rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
+        qks.append(rotated.to(proj.dtype))
+        vs.append(heads[:, :, 2])
+        if gelu_rest:
+            rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
+    qk, v = torch.cat(qks, dim=1), torch.cat(vs, dim=1)
+    return [qk[:, :, 0], qk[:, :, 1], v, *rests]
 
 
 class _AttentionInputs(torch.autograd.Function):
@@ -230,7 +260,6 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
-
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):
         super().__init__()
@@ -327,9 +356,7 @@ class DoubleStreamBlock(nn.Module):
 
         img_qkv = self.img_attn.qkv(norm_and_modulate(self.img_norm1, img, img_mod1))
         txt_qkv = self.txt_attn.qkv(norm_and_modulate(self.txt_norm1, txt, txt_mod1))
-        q, k, v = attention_inputs(
-            [txt_qkv, img_qkv], [self.txt_attn.norm, self.img_attn.norm], rope_as_complex(pe), self.num_heads
-        )
+        q, k, v = attention_inputs([txt_qkv, img_qkv], [self.txt_attn.norm, self.img_attn.norm], pe, self.num_heads)
         attn = joint_attention(q, k, v, attn_mask)
         txt_attn, img_attn = attn.split((txt.shape[1], img.shape[1]), dim=1)  # backward: one cat, not two zero-fills
 
@@ -369,9 +396,9 @@ class SingleStreamBlock(nn.Module):
         mod = self.modulation(vec)[0] if mod_vectors is None else modulations_from_vectors(mod_vectors)[0]
         projection = self.linear1(norm_and_modulate(self.pre_norm, x, mod))
         if _is_tanh_gelu(self.mlp_act):
-            q, k, v, mlp = attention_inputs([projection], [self.norm], rope_as_complex(pe), self.num_heads, True)
+            q, k, v, mlp = attention_inputs([projection], [self.norm], pe, self.num_heads, True)
         else:
-            q, k, v = attention_inputs([projection], [self.norm], rope_as_complex(pe), self.num_heads)
+            q, k, v = attention_inputs([projection], [self.norm], pe, self.num_heads)
             mlp = self.mlp_act(projection[..., 3 * self.hidden_dim :])
         output = self.linear2(torch.cat((joint_attention(q, k, v, attn_mask), mlp), 2))
         return torch.addcmul(x, mod.gate, output)

@@ -1,0 +1,74 @@
+"""q, k, v of the joint attention: the eager autograd node and the form written out for
+torch.compile give the same numbers and gradients, and a compiled block traces as one graph."""
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from library.flux_layers import (
+    DoubleStreamBlock,
+    QKNorm,
+    SingleStreamBlock,
+    _attention_inputs_composed,
+    attention_inputs,
+)
+from library.flux_models import Flux
+from library.flux_utils import prepare_img_ids
+from library.tiny_models import randomize_, tiny_flux_params
+
+
+def streams(gelu_rest: bool, dtype=torch.float32):
+    """Two streams (text 5, image 12 tokens), 2 heads of 8, projections that carry an MLP part when ``gelu_rest``."""
+    g = torch.Generator().manual_seed(0)
+    heads, head_dim = 2, 8
+    width = 3 * heads * head_dim + (24 if gelu_rest else 0)
+    projections = [torch.randn(2, n, width, generator=g, dtype=dtype).requires_grad_(True) for n in (5, 12)]
+    norms = [randomize_(QKNorm(head_dim), seed) for seed in (1, 2)]
+    ids = torch.cat((torch.zeros(2, 5, 3), prepare_img_ids(2, 3, 4)), dim=1)
+    pe = Flux(tiny_flux_params(axes_dim=[2, 2, 4], num_heads=heads, hidden_size=heads * head_dim)).pe_embedder(ids)
+    return projections, norms, pe, heads
+
+
+@pytest.mark.parametrize("gelu_rest", [False, True], ids=["double", "single"])
+def test_compiled_form_matches_the_autograd_node(gelu_rest):
+    projections, norms, pe, heads = streams(gelu_rest)
+    eager = attention_inputs(projections, norms, pe, heads, gelu_rest)
+    composed = _attention_inputs_composed(projections, norms, pe, heads, gelu_rest)
+    assert len(eager) == len(composed) == 3 + (len(projections) if gelu_rest else 0)  # an MLP input per stream
+    for a, b in zip(eager, composed, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    weights = [torch.randn_like(t) for t in eager]
+    params = [*projections, *(p for n in norms for p in n.parameters())]
+    grads_eager = torch.autograd.grad(sum((t * w).sum() for t, w in zip(eager, weights, strict=True)), params)
+    grads_composed = torch.autograd.grad(sum((t * w).sum() for t, w in zip(composed, weights, strict=True)), params)
+    for a, b in zip(grads_eager, grads_composed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def block_inputs(p, double: bool):
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(1, 12, p.hidden_size, generator=g, requires_grad=True)
+    txt = torch.randn(1, 5, p.hidden_size, generator=g, requires_grad=True)
+    vec = torch.randn(1, p.hidden_size, generator=g)
+    pe = Flux(p).pe_embedder(torch.cat((torch.zeros(1, 5, 3), prepare_img_ids(1, 3, 4)), dim=1))
+    return (img, txt, vec, pe) if double else (torch.cat((txt, img), 1), vec, pe)
+
+
+@pytest.mark.parametrize("double", [True, False], ids=["double", "single"])
+def test_a_compiled_block_is_one_graph_forward_and_backward(double):
+    """The eager node's in-place backward (``out=`` into strided views) and complex RoPE would split a
+    compiled block into four graphs run partly in eager mode."""
+    p = tiny_flux_params()
+    block = randomize_(DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, qkv_bias=True) if double
+                       else SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio), 4)  # fmt: skip
+    block.requires_grad_(False)
+    inputs = block_inputs(p, double)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    out = torch.compile(block, backend=counter)(*inputs)
+    sum(o.sum() for o in (out if double else (out,))).backward()
+    assert counter.frame_count == 1
+    expected = block(*inputs)
+    for a, b in zip(out if double else (out,), expected if double else (expected,), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
