@@ -215,9 +215,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                     encoder.gradient_checkpointing_enable()
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
         if args.torch_compile:  # per block, in place: class names, parameter names and LoRA hooks stay
-            for block in (*dit.double_blocks, *dit.single_blocks):
-                block.compile(backend=args.dynamo_backend)
-            logger.info("compiled %d DiT blocks with torch.compile (backend %s)",
+            dit.compile_blocks(args.dynamo_backend)
+            logger.info("compiled %d DiT blocks with torch.compile (backend %s, dynamic shapes)",
                         len(dit.double_blocks) + len(dit.single_blocks), args.dynamo_backend)
         if args.cache_text_encoder_outputs and not ctx.train_text_encoder:
             ctx.models.text_encoders = [None, None]  # not needed any more: free them

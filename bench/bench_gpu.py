@@ -186,8 +186,7 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         else:
             model, forward, trainable = build_ours(params, device, setting, args.tiny, dtype)
         if args.compile and not setting.get("diffusers"):
-            for block in (*model.double_blocks, *model.single_blocks):
-                block.compile()
+            model.compile_blocks()  # as the trainer's --torch_compile
         result["build_s"] = round(time.perf_counter() - start, 2)
         result["lora_params"] = sum(p.numel() for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=1e-4)

@@ -109,6 +109,17 @@ class Flux(nn.Module):
 
     # ---- block swapping (library/offloading.py) ---------------------------------------------------
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` each block in place (class, parameter names and LoRA hooks stay), with
+        symbolic shapes from the start: aspect-ratio buckets change the token count and a last short
+        batch the batch size, and with shapes specialised first each change recompiles every block
+        variant again, soon past dynamo's recompile limit, after which blocks run uncompiled."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.compile(backend=backend, dynamic=True)
+
     def enable_block_swap(
         self, num_blocks: int, device: str | torch.device, *, record: bool = False, simulate: bool = False
     ) -> tuple[int, int]:

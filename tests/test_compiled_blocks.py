@@ -72,3 +72,28 @@ def test_a_compiled_block_is_one_graph_forward_and_backward(double):
     expected = block(*inputs)
     for a, b in zip(out if double else (out,), expected if double else (expected,), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_blocks_do_not_recompile_for_new_batch_sizes_and_token_counts():
+    """Buckets change the token count, a last short batch the batch size: with symbolic shapes from
+    the start, only the first batch of 1 adds variants (dynamo always specialises sizes of 1)."""
+    model = randomize_(Flux(tiny_flux_params(depth=2, depth_single=2)), 5).train()
+    model.requires_grad_(False)
+    model.img_in.requires_grad_(True)  # something before the blocks is trained, as with a LoRA
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model.compile_blocks(backend=counter)
+    variants = []
+    for batch, (h, w) in ((2, (3, 4)), (1, (3, 4)), (2, (4, 5)), (1, (2, 6))):
+        g = torch.Generator().manual_seed(batch * h * w)
+        out = model(
+            img=torch.randn(batch, h * w, 64, generator=g), img_ids=prepare_img_ids(batch, h, w),
+            txt=torch.randn(batch, 7, 32, generator=g), txt_ids=torch.zeros(batch, 7, 3),
+            timesteps=torch.rand(batch, generator=g), y=torch.randn(batch, 32, generator=g),
+            guidance=torch.full((batch,), 3.5),
+        )  # fmt: skip
+        out.square().mean().backward()
+        variants.append(counter.frame_count)
+    # double blocks with and without an input gradient (block 0 has none) and single blocks: 3
+    # variants, then the same 3 for a batch of 1; new token counts add none
+    assert variants == [3, 6, 6, 6]
