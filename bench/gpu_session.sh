@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU session runs, most important first. Each part has its own time limit, and the
-# scripts append each result as it finishes, so a slow or hung part keeps the others' results.
+# Everything a GPU session runs, most important first, sized for a 15-minute device lease (one call
+# of at most 10 minutes). Each part has its own time limit, and the scripts append each result as it
+# finishes, so a slow or hung part keeps the others' results.
 #
 #   OUT=dir bash bench/gpu_session.sh      (default OUT: bench/gpu_out)
 #
-# diffusers must be importable for the reference setting (carry it as a wheel where it is missing).
+# diffusers must be importable for the reference setting (carry it as a wheel where it is missing),
+# and toml for the trainer check.
 set -u
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
@@ -12,14 +14,14 @@ export PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    timeout "${BENCH_S:-230}" python3 bench/bench_gpu.py --settings a,b,ref,c,d28,d18 --profile a,b,ref \
+    timeout "${BENCH_S:-230}" python3 bench/bench_gpu.py --settings a,b,ref,c,d28,d18 --profile b \
         --out "$OUT/gpu_results.jsonl"
+    timeout "${COMPILE_S:-150}" python3 bench/bench_gpu.py --settings b,a --compile --profile b \
+        --out "$OUT/gpu_results.jsonl"
+    timeout "${ATTENTION_S:-70}" python3 bench/bench_attention.py --out "$OUT/attention.jsonl"
 } 2>&1 | tee "$OUT/bench.log"
 timeout "${CHECKS_S:-110}" python3 bench/gpu_checks.py --checks swap,fp8,trainer,compile \
     --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
-grep -E "^(PASS|FAIL)" "$OUT/checks.log" | cut -c1-600
-timeout "${COMPILE_S:-150}" python3 bench/bench_gpu.py --settings b,a --compile --out "$OUT/gpu_results.jsonl" 2>&1 \
-    | tee -a "$OUT/bench.log"
 timeout "${TRAINER_COMPILE_S:-120}" python3 bench/gpu_checks.py --checks trainer_compile \
     --out "$OUT/checks.jsonl" >>"$OUT/checks.log" 2>&1
-grep -E "^(PASS|FAIL)" "$OUT/checks.log" | tail -1 | cut -c1-600
+grep -E "^(PASS|FAIL)" "$OUT/checks.log" | cut -c1-600
