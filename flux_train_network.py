@@ -90,9 +90,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         te_dtype = FP8 if args.fp8_base and not args.fp8_base_unet else weight_dtype
         path = args.pretrained_model_name_or_path
         dit_dtype = dit_load_dtype(path, weight_dtype) if dit_fp8 else weight_dtype
-        # plain fp8 is stored as each weight is read; --fp8_scaled needs the full-precision weights first
+        # block weights are stored in fp8 (with their per-row scales for --fp8_scaled) as each is read
         self.is_schnell, dit = load_flow_model(path, dit_dtype, "cpu", model_type=args.model_type,
-                                               fp8_block_linears=dit_fp8 and not args.fp8_scaled)
+                                               fp8_block_linears=dit_fp8, fp8_scaled=args.fp8_scaled)
         if dit_fp8:
             quantize_dit_(dit, weight_dtype, scaled=args.fp8_scaled)
         clip_l = None

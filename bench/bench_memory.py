@@ -47,9 +47,11 @@ path, mode = sys.argv[1], sys.argv[2]
 base = status()["VmRSS"]
 if mode == "bf16":
     _, model = load_flow_model(path, torch.bfloat16, "cpu")
-else:
-    _, model = load_flow_model(path, dit_load_dtype(path, torch.bfloat16), "cpu", fp8_block_linears=True)
-    quantize_dit_(model, torch.bfloat16)  # as the trainer's --fp8_base does
+else:  # as the trainer's --fp8_base (and --fp8_scaled) do
+    scaled = mode == "fp8_scaled"
+    _, model = load_flow_model(path, dit_load_dtype(path, torch.bfloat16), "cpu", fp8_block_linears=True,
+                               fp8_scaled=scaled)
+    quantize_dit_(model, torch.bfloat16, scaled=scaled)
 s = status()
 print(json.dumps({"baseline": base, "peak": s["VmHWM"], "after": s["VmRSS"]}))
 """
@@ -135,6 +137,7 @@ def main() -> None:
               f"fp8 file {gib(sizes['fp8'])}")  # fmt: skip
         print("loading (growth above the post-import RSS):")
         cases = (("bf16 file -> bf16", "bf16", "bf16"), ("bf16 file -> fp8 (--fp8_base)", "bf16", "fp8"),
+                 ("bf16 file -> fp8 (--fp8_scaled)", "bf16", "fp8_scaled"),
                  ("fp8 file -> fp8, as stored", "fp8", "fp8"))  # fmt: skip
         for label, path, mode in cases:
             r = child(_LOAD_CHILD, files[path], mode)

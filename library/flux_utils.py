@@ -59,10 +59,11 @@ def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str
     return shapes, metadata
 
 
-def _load_tensors(files: list[str], device, dtype, dtype_of=None) -> dict[str, Tensor]:
+def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_keys=frozenset()) -> dict[str, Tensor]:
     """Reads every tensor, casting each one as it arrives (to ``dtype_of(key)`` if that gives a
-    dtype, else to ``dtype``), so the peak stays near the size of the result. ComfyUI scaled-fp8
-    files are read as stored, then their scales applied."""
+    dtype, else to ``dtype``), so the peak stays near the size of the result. Tensors named in
+    ``scaled_fp8_keys`` are quantized as they arrive to e4m3fn with per-row scales, stored beside
+    them as ``<name>_scale``. ComfyUI scaled-fp8 files are read as stored, then their scales applied."""
     entries: dict = {}
     for file in files:
         entries.update(read_header(file)[0])
@@ -73,6 +74,10 @@ def _load_tensors(files: list[str], device, dtype, dtype_of=None) -> dict[str, T
         with SafetensorsReader(file) as reader:
             for key in reader.keys():
                 tensor = reader.get(key)
+                if key in scaled_fp8_keys and not scaled_fp8:
+                    from library.fp8 import quantize_weight
+
+                    tensor, sd[f"{key}_scale"] = quantize_weight(tensor, scaled=True)
                 target = None if scaled_fp8 else ((dtype_of(key) if dtype_of else None) or dtype)
                 if target is not None and tensor.is_floating_point() and tensor.dtype != target:
                     tensor = tensor.to(target)
@@ -111,6 +116,7 @@ def load_flow_model(
     disable_mmap: bool = False,
     model_type: str = "flux",
     fp8_block_linears: bool = False,
+    fp8_scaled: bool = False,
 ) -> tuple[bool, Flux]:
     """Loads a FLUX.1 (dev, schnell, pruned) or Chroma DiT; returns ``(is_schnell, model)``.
 
@@ -118,7 +124,8 @@ def load_flow_model(
     diffusers folders or files are accepted; hyper-parameters come from the weights.
     ``dtype=None`` keeps the file's dtype (fp8 files stay fp8). ``fp8_block_linears`` stores the
     blocks' Linear weights as float8_e4m3fn as they are read (``--fp8_base``), so loading a bf16
-    file never holds it whole in bf16.
+    file never holds it whole in bf16; with ``fp8_scaled`` each gets its per-row scales as it is
+    read (``--fp8_scaled``). Weights stored in fp8 in the file are kept as they are.
     """
     del disable_mmap  # the reader never memory-maps
     if model_type not in MODEL_TYPES:
@@ -136,7 +143,7 @@ def load_flow_model(
     if not chroma and model_type == "chroma":
         raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
 
-    dtype_of = None
+    dtype_of, scaled_keys = None, frozenset()
     if fp8_block_linears and not diffusers:
         from library.fp8 import FP8, block_linears
 
@@ -147,7 +154,11 @@ def load_flow_model(
 
         def dtype_of(key: str) -> torch.dtype | None:
             return FP8 if key in fp8_keys else None
-    sd = _strip(_load_tensors(files, device, dtype, dtype_of))
+
+        if fp8_scaled and dtype is not None:
+            scaled_keys = frozenset(fp8_keys)
+    sd = _strip(_load_tensors(files, device, dtype, dtype_of, scaled_keys))
+    scales = {k[: -len("_scale")]: sd.pop(k) for k in [k for k in sd if k.endswith(".weight_scale")]}
     if diffusers:
         sd = diffusers_to_bfl(sd)
         shapes = {k: tuple(v.shape) for k, v in sd.items()}
@@ -155,6 +166,12 @@ def load_flow_model(
     with torch.device("meta"):
         model = Chroma(params) if chroma else Flux(params)
     assign_state_dict(model, sd, ckpt_path)
+    if scales:
+        from library.fp8 import attach_scaled_weight
+
+        for key, scale in scales.items():
+            linear = model.get_submodule(key[: -len(".weight")])
+            attach_scaled_weight(linear, linear.weight.data, scale)
     is_schnell = not chroma and not params.guidance_embed
     logger.info(
         "loaded %s from %s: %d double + %d single blocks, hidden %d, %d heads",

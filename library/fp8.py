@@ -98,16 +98,27 @@ def is_fp8_linear(module: nn.Module) -> bool:
 def make_fp8_linear(linear: nn.Linear, scaled: bool = False) -> nn.Linear:
     """Stores ``linear``'s weight in e4m3fn (in place) and routes its forward through the fp8 matmul.
 
-    Converting a converted Linear again starts from its current (dequantized) values.
+    A weight already stored the way asked (e4m3fn, with a ``weight_scale`` exactly when ``scaled``)
+    is kept bit for bit; converting one stored the other way starts from its dequantized values.
     """
     weight = linear.weight.data
-    old_scale = linear._buffers.pop("weight_scale", None)
-    if old_scale is not None:
-        weight = dequantize_weight(weight, old_scale, torch.float32)
-    weight, scale = quantize_weight(weight, scaled)
+    old_scale = linear._buffers.get("weight_scale")
+    if weight.dtype != FP8 or (old_scale is not None) != scaled:
+        linear._buffers.pop("weight_scale", None)
+        if old_scale is not None:
+            weight = dequantize_weight(weight, old_scale, torch.float32)
+        weight, scale = quantize_weight(weight, scaled)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if scale is not None:
+            linear.register_buffer("weight_scale", scale.to(weight.device))
+    linear.forward = types.MethodType(fp8_linear_forward, linear)
+    return linear
+
+
+def attach_scaled_weight(linear: nn.Linear, weight: Tensor, scale: Tensor) -> nn.Linear:
+    """Gives ``linear`` an already quantized e4m3fn weight and its per-row scales (from :func:`quantize_weight`)."""
     linear.weight = nn.Parameter(weight, requires_grad=False)
-    if scale is not None:
-        linear.register_buffer("weight_scale", scale.to(weight.device))
+    linear.register_buffer("weight_scale", scale.to(weight.device))
     linear.forward = types.MethodType(fp8_linear_forward, linear)
     return linear
 

@@ -195,8 +195,10 @@ def test_fp8_base_also_stores_the_text_encoders_in_fp8_and_fp8_base_unet_does_no
     assert t5.shared.weight.dtype == torch.bfloat16 and models.ae.dtype == torch.bfloat16
 
 
-def test_loading_straight_to_fp8_equals_loading_then_quantizing(tmp_path):
-    """--fp8_base stores block Linear weights as they are read: the same model as load + quantize_dit_."""
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "fp8_scaled"])
+def test_loading_straight_to_fp8_equals_loading_then_quantizing(tmp_path, scaled):
+    """--fp8_base (and --fp8_scaled) store block Linear weights as they are read: the same model as
+    load + quantize_dit_, bit for bit."""
     from library.flux_utils import load_flow_model
     from library.fp8 import FP8, quantize_dit_
     from library.safetensors_io import save_safetensors
@@ -205,12 +207,14 @@ def test_loading_straight_to_fp8_equals_loading_then_quantizing(tmp_path):
     source = random_model(tiny_flux_params(), seed=3)
     prefixed = {f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in source.state_dict().items()}
     save_safetensors(prefixed, tmp_path / "dev.safetensors")
-    _, direct = load_flow_model(str(tmp_path / "dev.safetensors"), torch.bfloat16, "cpu", fp8_block_linears=True)
-    assert direct.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    path = str(tmp_path / "dev.safetensors")
+    _, direct = load_flow_model(path, torch.bfloat16, "cpu", fp8_block_linears=True, fp8_scaled=scaled)
+    qkv = direct.double_blocks[0].img_attn.qkv
+    assert qkv.weight.dtype == FP8 and (getattr(qkv, "weight_scale", None) is not None) == scaled
     assert direct.img_in.weight.dtype == torch.bfloat16 and direct.final_layer.linear.weight.dtype == torch.bfloat16
-    quantize_dit_(direct, torch.bfloat16)
-    _, reference = load_flow_model(str(tmp_path / "dev.safetensors"), torch.bfloat16, "cpu")
-    quantize_dit_(reference, torch.bfloat16)
+    quantize_dit_(direct, torch.bfloat16, scaled=scaled)
+    _, reference = load_flow_model(path, torch.bfloat16, "cpu")
+    quantize_dit_(reference, torch.bfloat16, scaled=scaled)
     a, b = direct.state_dict(), reference.state_dict()
     assert a.keys() == b.keys()
     for key in a:
