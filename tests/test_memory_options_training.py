@@ -51,6 +51,27 @@ def test_fp8_base_with_bf16_trains_and_writes_the_lora(deeper_models, data, tmp_
     assert any(weights[k].abs().sum() > 0 for k in ups)  # lora_up starts at zero: it was trained
 
 
+def test_fp8_scaled_trains_with_per_row_scaled_weights(deeper_models, data, tmp_path, caplog, monkeypatch):
+    seen = {}
+    original = flux_train_network.FluxNetworkTrainer.load_target_model
+
+    def load_and_look(self, *args, **kwargs):
+        models = original(self, *args, **kwargs)
+        qkv = models.dit.double_blocks[0].img_attn.qkv
+        seen.update(dtype=qkv.weight.dtype, scale=getattr(qkv, "weight_scale", None))
+        return models
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "load_target_model", load_and_look)
+    with caplog.at_level(logging.INFO):
+        weights = train(deeper_models, data, tmp_path / "scaled", fp8_base=True, fp8_scaled=True,
+                        mixed_precision="bf16")  # fmt: skip
+    assert "fp8 (per-row scaled): " in caplog.text
+    assert seen["dtype"] == torch.float8_e4m3fn and seen["scale"] is not None
+    assert torch.all(torch.log2(seen["scale"]) == torch.round(torch.log2(seen["scale"])))  # powers of two
+    ups = [k for k in weights if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(weights[k]).all() for k in weights) and any(weights[k].abs().sum() > 0 for k in ups)
+
+
 def test_block_swap_lora_and_validation_equal_the_unswapped_run(deeper_models, tmp_path, caplog):
     """Validation (forwards without backward) and sampling run between the steps: the layout is
     restored before each forward, and the losses and the LoRA equal the run without swapping."""
