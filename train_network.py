@@ -256,7 +256,8 @@ class NetworkTrainer:
         if args.resume:
             from library.train_state import load_training_state
 
-            network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler)
+            network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
+                                                          process_index=accelerator.process_index)
             network.load_state_dict(network_state, strict=True)
             first_step, skip_data = progress.current_step, True
             logger.info("resumed from %s at step %d", args.resume, first_step)

@@ -11,6 +11,7 @@ take for a good one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.json"
 DEFAULT_NAMES = {"epoch": "epoch", "step": "at", "last": "last"}
@@ -93,8 +96,12 @@ def save_training_state(
     lr_scheduler,
     progress: TrainProgress,
     scaler=None,
+    rng_states: list[dict] | None = None,
 ) -> None:
-    """Writes a complete state directory atomically (temporary directory, then rename)."""
+    """Writes a complete state directory atomically (temporary directory, then rename).
+
+    ``rng_states`` holds every process's RNG states in rank order (``random_states_<rank>.pkl``,
+    as accelerate names them); by default this process's alone, as rank 0."""
     from library.safetensors_io import save_safetensors
 
     parent = os.path.dirname(os.path.abspath(state_dir))
@@ -106,8 +113,9 @@ def save_training_state(
         save_safetensors(network_state, os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
-        with open(os.path.join(tmp, "random_states_0.pkl"), "wb") as f:
-            pickle.dump(capture_rng_states(), f)
+        for rank, states in enumerate(rng_states or [capture_rng_states()]):
+            with open(os.path.join(tmp, f"random_states_{rank}.pkl"), "wb") as f:
+                pickle.dump(states, f)
         if scaler is not None:
             torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
@@ -136,18 +144,25 @@ def check_state_dir(state_dir: str) -> None:
         )
 
 
-def load_training_state(state_dir: str, optimizer, lr_scheduler, scaler=None) -> tuple[dict, TrainProgress]:
-    """Restores optimizer, scheduler, RNG and scaler; returns the network weights and the progress."""
+def load_training_state(
+    state_dir: str, optimizer, lr_scheduler, scaler=None, process_index: int = 0
+) -> tuple[dict, TrainProgress]:
+    """Restores optimizer, scheduler, this process's RNG and scaler; returns the network weights and
+    the progress. A process the state has no RNG file for (it was saved by fewer processes) keeps
+    its seeded RNG."""
     from library.safetensors_io import load_safetensors
 
     check_state_dir(state_dir)
     network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
     optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
     lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
-    rng_file = os.path.join(state_dir, "random_states_0.pkl")
+    rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
         with open(rng_file, "rb") as f:
             restore_rng_states(pickle.load(f))
+    elif process_index > 0:
+        logger.warning("%s has no random_states_%d.pkl (it was saved by fewer processes): process %d keeps "
+                       "its seeded random state", state_dir, process_index, process_index)  # fmt: skip
     scaler_file = os.path.join(state_dir, "scaler.pt")
     if scaler is not None and os.path.exists(scaler_file):
         scaler.load_state_dict(torch.load(scaler_file, weights_only=False))

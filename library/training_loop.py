@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from library.errors import TrainingInterrupted, UserError
@@ -19,6 +20,7 @@ from library.sample_prompts import SampleTriggers
 from library.train_metadata import minimal_metadata, per_save_metadata
 from library.train_state import (
     TrainProgress,
+    capture_rng_states,
     epoch_to_remove,
     model_file_name,
     remove_path,
@@ -334,12 +336,15 @@ class TrainingLoop:
 
     def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> str:
         path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
+        rng_states = [capture_rng_states()]
+        if self.accelerator.num_processes > 1:  # every process calls this: gather their RNG states to the main one
+            rng_states = gather_object(rng_states)
         if not self.accelerator.is_main_process:
             return path
         scaler = getattr(self.accelerator, "scaler", None)
         with self._writing(path):
             save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
-                                TrainProgress(epoch, steps), scaler)
+                                TrainProgress(epoch, steps), scaler, rng_states)
         logger.info("saved the training state to %s", path)
         return path
 

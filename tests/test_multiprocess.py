@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo): caching split without deadlock, gradients averaged, only the main
-process writes, and the LoRA equals a single-process run over the same samples with gradient
-accumulation 2."""
+process writes (the state with each process's RNG), and the LoRA equals a single-process run over
+the same samples with gradient accumulation 2."""
 
 import os
 import subprocess
@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, tmp_path):
     flags = dict(steps=3, cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True,
-                 network_train_unet_only=True, lr_scheduler="linear", lr_warmup_steps=1)
+                 network_train_unet_only=True, lr_scheduler="linear", lr_warmup_steps=1, save_state_on_train_end=True)
     two_data = dataset(tmp_path / "two", batch_size=1)
     two_out = str(tmp_path / "two_out")
     command = [
@@ -38,7 +38,9 @@ def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, t
     argv = base_argv(tiny_model_files, one_data, one_out, gradient_accumulation_steps=2, **flags)
     assert flux_train_network.main(argv) == 0
 
-    assert sorted(os.listdir(two_out)) == ["lora.safetensors"]  # only the main process wrote
+    assert sorted(os.listdir(two_out)) == ["lora-state", "lora.safetensors"]  # only the main process wrote
+    state_files = sorted(os.listdir(os.path.join(two_out, "lora-state")))
+    assert [f for f in state_files if f.startswith("random_states")] == ["random_states_0.pkl", "random_states_1.pkl"]
     two = load_safetensors(os.path.join(two_out, "lora.safetensors"))
     one = load_safetensors(os.path.join(one_out, "lora.safetensors"))
     assert two.keys() == one.keys()

@@ -2,6 +2,7 @@
 with one clear message, and interrupted writes never leave a bad file under a final name."""
 
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -143,3 +144,37 @@ def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["lora-state"]
     assert (tmp_path / "lora-state" / "train_state.json").read_text() == '{"current_epoch": 1, "current_step": 3}'
     assert torch.equal(load_safetensors(os.path.join(state, "model.safetensors"))["w"], torch.ones(2))
+
+
+def test_state_keeps_each_process_rng_and_each_process_resumes_its_own(tmp_path, caplog):
+    """A multi-process run gathers every process's RNG into random_states_<rank>.pkl; on resume each
+    process restores its own, and a process the state has none for keeps its seeded RNG."""
+    from library.train_state import capture_rng_states, load_training_state
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    per_process = []
+    for seed in (11, 22):
+        torch.manual_seed(seed)
+        per_process.append(capture_rng_states())
+    state = str(tmp_path / "lora-state")
+    save_training_state(state, {"w": torch.ones(2)}, optimizer, scheduler, TrainProgress(1, 3), rng_states=per_process)
+    assert sorted(f for f in os.listdir(state) if f.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
+
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(99)
+        load_training_state(state, optimizer, scheduler, process_index=rank)
+        draws.append(torch.rand(3))
+    for seed, drawn in zip((11, 22), draws, strict=True):
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, torch.rand(3))
+
+    torch.manual_seed(99)
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, optimizer, scheduler, process_index=2)
+    assert "has no random_states_2.pkl" in caplog.text
+    drawn = torch.rand(3)
+    torch.manual_seed(99)
+    assert torch.equal(drawn, torch.rand(3))
