@@ -10,6 +10,7 @@ achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.t
 
     a     bf16 base, no gradient checkpointing
     b     bf16 base, gradient checkpointing
+    bc    (b) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
     c     fp8 base (--fp8_base), checkpointing
     cs    fp8 base with per-row scales (--fp8_scaled), checkpointing
     d18   fp8 base, checkpointing, --blocks_to_swap 18
@@ -43,6 +44,7 @@ from library.flux_utils import prepare_img_ids  # noqa: E402
 SETTINGS = {
     "a": dict(checkpointing=False),
     "b": dict(checkpointing=True),
+    "bc": dict(checkpointing=True, cudnn=True),
     "c": dict(checkpointing=True, fp8=True),
     "cs": dict(checkpointing=True, fp8=True, scaled=True),
     "d18": dict(checkpointing=True, fp8=True, swap=18),
@@ -93,6 +95,12 @@ def build_ours(params: FluxParams, device, setting: dict, tiny: bool, dtype: tor
     finally:
         torch.set_default_dtype(previous)
     dit.requires_grad_(False)
+    if setting.get("cudnn"):
+        from torch.nn.attention import SDPBackend
+
+        from library import flux_layers
+
+        flux_layers.ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *flux_layers.ATTENTION_BACKENDS]
     if setting.get("fp8"):
         quantize_dit_(dit, dtype, scaled=setting.get("scaled", False))
     swap = setting.get("swap")
@@ -177,6 +185,9 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
               "device": describe_device(device),
               "torch": torch.__version__, "img_tokens": side * side, "txt_tokens": txt_tokens}  # fmt: skip
     model = None
+    from library import flux_layers
+
+    backends = flux_layers.ATTENTION_BACKENDS  # "bc" changes them for its own run
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -223,6 +234,7 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
         result["traceback"] = traceback.format_exc(limit=4)[-2000:]
     finally:
+        flux_layers.ATTENTION_BACKENDS = backends
         model = forward = trainable = optimizer = x = loss = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":

@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    timeout "${BENCH_S:-230}" python3 bench/bench_gpu.py --settings a,b,ref,c,d28,d18 --profile b \
+    timeout "${BENCH_S:-260}" python3 bench/bench_gpu.py --settings a,b,ref,bc,c,d28,d18 --profile b,bc \
         --out "$OUT/gpu_results.jsonl"
     timeout "${COMPILE_S:-150}" python3 bench/bench_gpu.py --settings b,a --compile --profile b \
         --out "$OUT/gpu_results.jsonl"

@@ -18,15 +18,16 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# cuDNN's fused attention is left out: with torch 2.11 on an H100 its backward fails on the DiT's
-# shapes ("mha_graph.execute ... is_good()", or an illegal memory access that ends the process);
-# flash attention (no mask) and memory-efficient attention (Chroma's mask) take its place.
+# The SDPA kernels allowed, first choice first. cuDNN's fused attention is left out: with torch 2.11
+# on an H100 its backward failed on the DiT's shapes ("mha_graph.execute ... is_good()", or an
+# illegal memory access that ends the process); flash attention (no mask) and memory-efficient
+# attention (Chroma's mask) take its place. bench/bench_attention.py tries cuDNN again.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """``F.scaled_dot_product_attention`` on (B, H, L, D) heads, restricted to ``ATTENTION_BACKENDS``."""
-    with sdpa_kernel(ATTENTION_BACKENDS):
+    with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
@@ -101,7 +102,7 @@ def _attention_inputs_composed(
     projections: list[Tensor], norms: list[QKNorm], pe: Tensor, num_heads: int, gelu_rest: bool
 ) -> list[Tensor]:
     cos, sin = pe[:, 0, :, None, None, :, 0, 0], pe[:, 0, :, None, None, :, 1, 0]  # (B, L, 1, 1, D/2)
-    qks, vs, rests, start = [], [], [], 0
+    qs, ks, vs, rests, start = [], [], [], [], 0
     for proj, norm in zip(projections, norms, strict=True):
         rows = slice(start, start + proj.shape[1])
         start = rows.stop
@@ -114,12 +115,13 @@ def _attention_inputs_composed(
         even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
         c, s = cos[:, rows], sin[:, rows]
         rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
-        qks.append(rotated.to(proj.dtype))
+        rotated = rotated.to(proj.dtype)
+        qs.append(rotated[:, :, 0])
+        ks.append(rotated[:, :, 1])
         vs.append(heads[:, :, 2])
         if gelu_rest:
             rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
-    qk, v = torch.cat(qks, dim=1), torch.cat(vs, dim=1)
-    return [qk[:, :, 0], qk[:, :, 1], v, *rests]
+    return [torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1), *rests]
 
 
 class _AttentionInputs(torch.autograd.Function):
@@ -130,8 +132,8 @@ class _AttentionInputs(torch.autograd.Function):
         inner = 3 * num_heads * head_dim
         first = projections[0]
         batch, total = first.shape[0], sum(p.shape[1] for p in projections)
-        qk = first.new_empty(batch, total, 2, num_heads, head_dim)
-        v = first.new_empty(batch, total, num_heads, head_dim)
+        # q, k, v each (B, L, H, D) contiguous: the layout every SDPA kernel is written for
+        q, k, v = (first.new_empty(batch, total, num_heads, head_dim) for _ in range(3))
         rests, rrms_list, start = [], [], 0
         for proj, scale in zip(projections, scales, strict=True):
             rows = slice(start, start + proj.shape[1])
@@ -140,14 +142,13 @@ class _AttentionInputs(torch.autograd.Function):
             x = heads[:, :, :2].float()
             rrms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(head_dim).add_(1e-6))
             y = torch.view_as_complex((x * rrms).mul_(scale).unflatten(-1, (-1, 2)))
-            qk[:, rows] = torch.view_as_real(y * freqs[:, rows]).flatten(-2)
-            v[:, rows] = heads[:, :, 2]
+            rotated = torch.view_as_real(y * freqs[:, rows]).flatten(-2)
+            q[:, rows], k[:, rows], v[:, rows] = rotated[:, :, 0], rotated[:, :, 1], heads[:, :, 2]
             rrms_list.append(rrms)
             if gelu_rest:
                 rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
         ctx.num_heads, ctx.gelu_rest = num_heads, gelu_rest
         ctx.save_for_backward(freqs, *projections, *scales, *rrms_list)
-        q, k = qk.unbind(2)
         return (q, k, v, *rests)
 
     @staticmethod

@@ -12,7 +12,7 @@ from library.flux_models import configs, training_flops
 
 def test_every_setting_runs_and_appends_its_result(tmp_path):
     out = tmp_path / "results.jsonl"
-    settings = ["a", "b", "c", "cs", "d18", "d28"]
+    settings = ["a", "b", "bc", "c", "cs", "d18", "d28"]
     if pytest.importorskip("peft") and pytest.importorskip("diffusers"):
         settings.append("ref")
     argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--steps", "2", "--warmup", "0",
