@@ -134,6 +134,29 @@ def setup_logging(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def network_param_groups(network, args) -> tuple[list, list[str]]:
+    """The optimizer parameter groups and their log names, through sd-scripts' network interface:
+    ``prepare_optimizer_params_with_multiple_te_lrs`` where the network has it, else the older
+    ``prepare_optimizer_params`` (LyCORIS and other third-party modules), which takes one text-encoder
+    learning rate, may lack the default-lr argument and may return the groups without names."""
+    if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        result = network.prepare_optimizer_params_with_multiple_te_lrs(
+            args.text_encoder_lr, args.unet_lr, args.learning_rate
+        )
+    else:
+        te_lr = args.text_encoder_lr
+        if isinstance(te_lr, (list, tuple)):
+            te_lr = te_lr[0] if te_lr else None
+        try:
+            result = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        except TypeError:  # the oldest signature: (text_encoder_lr, unet_lr)
+            result = network.prepare_optimizer_params(te_lr, args.unet_lr)
+    params, descriptions = result if isinstance(result, tuple) else (result, None)
+    if not descriptions or len(descriptions) != len(params):
+        descriptions = [f"group{i}" for i in range(len(params))]
+    return params, descriptions
+
+
 class NetworkTrainer:
     """The training loop; subclasses fill in the model-specific hooks below."""
 
@@ -220,9 +243,7 @@ class NetworkTrainer:
 
         network = self.create_network(ctx)
         ctx.network = network
-        params, lr_descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(
-            args.text_encoder_lr, args.unet_lr, args.learning_rate
-        )
+        params, lr_descriptions = network_param_groups(network, args)
         if not any(group["params"] if isinstance(group, dict) else True for group in params):
             raise UserError(
                 "nothing to train: every parameter group has learning rate 0 (check --learning_rate, "
