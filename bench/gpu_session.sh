@@ -5,8 +5,15 @@
 #
 #   OUT=dir bash bench/gpu_session.sh      (default OUT: bench/gpu_out)
 #
-# diffusers must be importable for the reference setting (carry it as a wheel where it is missing),
-# and toml for the trainer check.
+# diffusers must be importable for the reference setting and toml for the trainer check. The lent
+# H100 machine has neither; fetch them as wheels here first (into an ignored .whl/ folder):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata toml
+#
+# and start the device command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# The whole script takes under 10 minutes on an H100; what it writes under $OUT is at most 8 files.
 set -u
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
