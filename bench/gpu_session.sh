@@ -21,11 +21,11 @@ export PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    timeout "${BENCH_S:-260}" python3 bench/bench_gpu.py --settings a,b,ref,bc,c,d28,d18 --profile b,bc \
+    timeout "${BENCH_S:-260}" python3 bench/bench_gpu.py --settings a,b,ref,bc,c,d28,d18 --profile b,bc,c \
         --out "$OUT/gpu_results.jsonl"
     timeout "${COMPILE_S:-150}" python3 bench/bench_gpu.py --settings b,a --compile --profile b \
         --out "$OUT/gpu_results.jsonl"
-    timeout "${ATTENTION_S:-70}" python3 bench/bench_attention.py --out "$OUT/attention.jsonl"
+    timeout "${ATTENTION_S:-70}" python3 bench/bench_attention.py --out /tmp/attention.jsonl  # its lines are in bench.log
 } 2>&1 | tee "$OUT/bench.log"
 timeout "${CHECKS_S:-110}" python3 bench/gpu_checks.py --checks swap,fp8,trainer,compile \
     --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
