@@ -134,29 +134,6 @@ def setup_logging(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def network_param_groups(network, args) -> tuple[list, list[str]]:
-    """The optimizer parameter groups and their log names, through sd-scripts' network interface:
-    ``prepare_optimizer_params_with_multiple_te_lrs`` where the network has it, else the older
-    ``prepare_optimizer_params`` (LyCORIS and other third-party modules), which takes one text-encoder
-    learning rate, may lack the default-lr argument and may return the groups without names."""
-    if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
-        result = network.prepare_optimizer_params_with_multiple_te_lrs(
-            args.text_encoder_lr, args.unet_lr, args.learning_rate
-        )
-    else:
-        te_lr = args.text_encoder_lr
-        if isinstance(te_lr, (list, tuple)):
-            te_lr = te_lr[0] if te_lr else None
-        try:
-            result = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
-        except TypeError:  # the oldest signature: (text_encoder_lr, unet_lr)
-            result = network.prepare_optimizer_params(te_lr, args.unet_lr)
-    params, descriptions = result if isinstance(result, tuple) else (result, None)
-    if not descriptions or len(descriptions) != len(params):
-        descriptions = [f"group{i}" for i in range(len(params))]
-    return params, descriptions
-
-
 class NetworkTrainer:
     """The training loop; subclasses fill in the model-specific hooks below."""
 
@@ -243,6 +220,8 @@ class NetworkTrainer:
 
         network = self.create_network(ctx)
         ctx.network = network
+        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn, network_param_groups
+
         params, lr_descriptions = network_param_groups(network, args)
         if not any(group["params"] if isinstance(group, dict) else True for group in params):
             raise UserError(
@@ -250,7 +229,6 @@ class NetworkTrainer:
                 "--unet_lr and --text_encoder_lr)"
             )
         from library.lr_schedulers import get_scheduler_fix
-        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn
 
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
         optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)

@@ -198,6 +198,29 @@ def resolve_optimizer_type(args) -> str:
     return optimizer_type or "AdamW"
 
 
+def network_param_groups(network, args) -> tuple[list, list[str]]:
+    """The optimizer parameter groups and their log names, through sd-scripts' network interface:
+    ``prepare_optimizer_params_with_multiple_te_lrs`` where the network has it, else the older
+    ``prepare_optimizer_params`` (LyCORIS and other third-party modules), which takes one text-encoder
+    learning rate, may lack the default-lr argument and may return the groups without names."""
+    if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+        result = network.prepare_optimizer_params_with_multiple_te_lrs(
+            args.text_encoder_lr, args.unet_lr, args.learning_rate
+        )
+    else:
+        te_lr = args.text_encoder_lr
+        if isinstance(te_lr, (list, tuple)):
+            te_lr = te_lr[0] if te_lr else None
+        try:
+            result = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        except TypeError:  # the oldest signature: (text_encoder_lr, unet_lr)
+            result = network.prepare_optimizer_params(te_lr, args.unet_lr)
+    params, descriptions = result if isinstance(result, tuple) else (result, None)
+    if not descriptions or len(descriptions) != len(params):
+        descriptions = [f"group{i}" for i in range(len(params))]
+    return params, descriptions
+
+
 def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer named by ``args.optimizer_type`` for ``trainable_params``.
 
