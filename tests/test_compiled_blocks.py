@@ -97,3 +97,25 @@ def test_compiled_blocks_do_not_recompile_for_new_batch_sizes_and_token_counts()
     # double blocks with and without an input gradient (block 0 has none) and single blocks: 3
     # variants, then the same 3 for a batch of 1; new token counts add none
     assert variants == [3, 6, 6, 6]
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "fp8_scaled"])
+def test_a_compiled_fp8_block_is_one_graph(scaled):
+    """--fp8_base with --torch_compile: the fp8 Linear's autograd node traces inside the block's graph."""
+    from library.fp8 import quantize_dit_
+
+    p = tiny_flux_params()
+    block = randomize_(DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, qkv_bias=True), 4)
+    holder = torch.nn.Module()
+    holder.double_blocks = torch.nn.ModuleList([block])
+    quantize_dit_(holder, torch.bfloat16, scaled=scaled)
+    block.requires_grad_(False)
+    img, txt, vec, pe = block_inputs(p, True)
+    img, txt = (t.detach().bfloat16().requires_grad_(True) for t in (img, txt))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = torch.compile(block, backend=counter)(img, txt, vec.bfloat16(), pe)
+    sum(o.float().sum() for o in out).backward()
+    assert counter.frame_count == 1
+    assert img.grad is not None and torch.isfinite(img.grad).all()
