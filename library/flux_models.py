@@ -107,8 +107,6 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
 
-    # ---- block swapping (library/offloading.py) ---------------------------------------------------
-
     def compile_blocks(self, backend: str = "inductor") -> None:
         """``torch.compile`` each block in place (class, parameter names and LoRA hooks stay), with
         symbolic shapes from the start: aspect-ratio buckets change the token count and a last short
@@ -119,6 +117,8 @@ class Flux(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         for block in (*self.double_blocks, *self.single_blocks):
             block.compile(backend=backend, dynamic=True)
+
+    # ---- block swapping (library/offloading.py) ---------------------------------------------------
 
     def enable_block_swap(
         self, num_blocks: int, device: str | torch.device, *, record: bool = False, simulate: bool = False

@@ -119,8 +119,7 @@ def attach_scaled_weight(linear: nn.Linear, weight: Tensor, scale: Tensor) -> nn
     """Gives ``linear`` an already quantized e4m3fn weight and its per-row scales (from :func:`quantize_weight`)."""
     linear.weight = nn.Parameter(weight, requires_grad=False)
     linear.register_buffer("weight_scale", scale.to(weight.device))
-    linear.forward = types.MethodType(fp8_linear_forward, linear)
-    return linear
+    return make_fp8_linear(linear, scaled=True)  # stored as asked: only the forward is routed
 
 
 def block_linears(model: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
