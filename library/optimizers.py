@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -211,10 +212,12 @@ def network_param_groups(network, args) -> tuple[list, list[str]]:
         te_lr = args.text_encoder_lr
         if isinstance(te_lr, (list, tuple)):
             te_lr = te_lr[0] if te_lr else None
-        try:
-            result = network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
-        except TypeError:  # the oldest signature: (text_encoder_lr, unet_lr)
-            result = network.prepare_optimizer_params(te_lr, args.unet_lr)
+        prepare = network.prepare_optimizer_params
+        positional = [p for p in inspect.signature(prepare).parameters.values() if p.kind != p.KEYWORD_ONLY]
+        if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in positional):
+            result = prepare(te_lr, args.unet_lr, args.learning_rate)
+        else:  # the oldest signature: (text_encoder_lr, unet_lr)
+            result = prepare(te_lr, args.unet_lr)
     params, descriptions = result if isinstance(result, tuple) else (result, None)
     if not descriptions or len(descriptions) != len(params):
         descriptions = [f"group{i}" for i in range(len(params))]

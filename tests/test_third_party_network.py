@@ -7,6 +7,7 @@ through this path when installed by hand; it is not a dependency of this project
 import os
 import textwrap
 
+import pytest
 import torch
 
 import flux_train_network
@@ -46,8 +47,7 @@ MODULE = textwrap.dedent('''
         def apply_to(self, text_encoders, unet, apply_text_encoder=True, apply_unet=True):
             self.adapters = nn.ModuleDict({name: Adapter(linear, self.dim) for name, linear in self.targets.items()})
 
-        def prepare_optimizer_params(self, text_encoder_lr, unet_lr):
-            return [{"params": list(self.adapters.parameters()), "lr": unet_lr}]
+        PREPARE_OPTIMIZER_PARAMS
 
         def save_weights(self, file, dtype, metadata):
             save_file({k: v.detach().to(dtype or v.dtype).contiguous() for k, v in self.state_dict().items()},
@@ -58,14 +58,22 @@ MODULE = textwrap.dedent('''
 ''')
 
 
-def test_an_older_interface_network_trains_and_saves(tiny_model_files, tmp_path, monkeypatch):
-    (tmp_path / "old_style_network.py").write_text(MODULE)
+OLDEST = """def prepare_optimizer_params(self, text_encoder_lr, unet_lr):
+            return [{"params": list(self.adapters.parameters()), "lr": unet_lr}]"""
+NAMED = """def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+            return [{"params": list(self.adapters.parameters()), "lr": unet_lr or default_lr}], ["unet"]"""
+
+
+@pytest.mark.parametrize("prepare, logged", [(OLDEST, "lr/group0"), (NAMED, "lr/unet")], ids=["two_args", "named"])
+def test_an_older_interface_network_trains_and_saves(tiny_model_files, tmp_path, monkeypatch, prepare, logged):
+    name = f"old_style_network_{tmp_path.name}"  # a module name of its own: imports are cached per name
+    (tmp_path / f"{name}.py").write_text(MODULE.replace("PREPARE_OPTIMIZER_PARAMS", prepare))
     monkeypatch.syspath_prepend(str(tmp_path))
     data = dataset(tmp_path)
     out = tmp_path / "out"
     argv = base_argv(tiny_model_files, data, str(out), steps=2, network_train_unet_only=True, unet_lr=1e-3,
                      logging_dir=str(tmp_path / "logs"))  # fmt: skip
-    argv[argv.index("networks.lora_flux")] = "old_style_network"
+    argv[argv.index("networks.lora_flux")] = name
     assert flux_train_network.main(argv) == 0
     weights = load_safetensors(os.path.join(str(out), "lora.safetensors"))
     # 2 double blocks of 10 Linears and 2 single blocks of 3, a down and an up weight each
@@ -73,4 +81,4 @@ def test_an_older_interface_network_trains_and_saves(tiny_model_files, tmp_path,
     ups = [k for k in weights if k.endswith("up.weight")]
     assert any(weights[k].abs().sum() > 0 for k in ups)  # trained: the up weights start at zero
     assert all(torch.isfinite(v).all() for v in weights.values())
-    assert "lr/group0" in scalar_tags(str(tmp_path / "logs"))  # unnamed groups are logged by position
+    assert logged in scalar_tags(str(tmp_path / "logs"))  # unnamed groups are logged by position
