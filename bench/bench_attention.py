@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -28,6 +27,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.child_runs import run_in_child  # noqa: E402
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -125,15 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for backend, layout in cases:
         if device.type == "cuda" and len(cases) > 1 and not args.in_process:
-            before = count_lines(args.out)
-            child = [sys.executable, os.path.abspath(__file__), *argv, "--cases", f"{backend}:{layout}", "--in-process"]
-            code = subprocess.run(child, check=False).returncode
-            if count_lines(args.out) > before:  # the child recorded and printed its result
-                with open(args.out, encoding="utf-8") as f:
-                    results.append(json.loads(f.read().splitlines()[-1]))
+            child_argv = [*argv, "--cases", f"{backend}:{layout}", "--in-process"]
+            failure = {"backend": backend, "layout": layout, "ok": False}
+            result, recorded = run_in_child(__file__, child_argv, args.out, failure)
+            if recorded:  # the child wrote and printed it
+                results.append(result)
                 continue
-            result = {"backend": backend, "layout": layout, "ok": False,
-                      "error": f"the process running it exited with status {code} and no result"}  # fmt: skip
         else:
             result = run_case(backend, layout, args, device)
         results.append(result)
@@ -142,10 +142,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         status = f"{result['ms']} ms, {result['tflops']} TFLOP/s" if "ms" in result else result.get("error", "")
         print(f"{backend:9s} {layout:10s} {'ok  ' if result['ok'] else 'FAIL'} {status}", flush=True)
     return results
-
-
-def count_lines(path: str) -> int:
-    return sum(1 for _ in open(path, encoding="utf-8")) if os.path.exists(path) else 0
 
 
 if __name__ == "__main__":

@@ -324,21 +324,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def run_in_child(name: str, args) -> dict:
     """Runs one setting in a child process; records the child's exit if it died without a result."""
-    import subprocess
+    from bench.child_runs import run_in_child as run_child
 
-    def recorded() -> list[str]:
-        return open(args.out, encoding="utf-8").read().splitlines() if os.path.exists(args.out) else []
-
-    before = len(recorded())
-    argv = [sys.executable, os.path.abspath(__file__), *args.argv, "--settings", name, "--in-process"]
-    code = subprocess.run(argv, check=False).returncode
-    lines = recorded()[before:]
-    if lines:
-        return json.loads(lines[-1])
-    result = {"setting": name, "error": f"the process running it exited with status {code} and no result"}
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"{name:4s} FAILED {result['error']}", flush=True)
+    child_argv = [*args.argv, "--settings", name, "--in-process"]
+    result, recorded = run_child(__file__, child_argv, args.out, {"setting": name})
+    if not recorded:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"{name:4s} FAILED {result['error']}", flush=True)
     return result
 
 
