@@ -209,7 +209,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         args = ctx.args
         dit = ctx.models.dit
         if args.gradient_checkpointing:
-            dit.enable_gradient_checkpointing()
+            dit.enable_gradient_checkpointing(keep_attention=args.gradient_checkpointing_keep_attention)
+            if args.gradient_checkpointing_keep_attention:
+                logger.info("gradient checkpointing keeps each block's attention output: the recompute skips attention")
             for encoder in ctx.models.text_encoders:
                 if encoder is not None and ctx.train_text_encoder:
                     encoder.gradient_checkpointing_enable()

@@ -10,8 +10,10 @@ achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.t
 
     a     bf16 base, no gradient checkpointing
     b     bf16 base, gradient checkpointing
+    bk    (b) keeping each block's attention output (--gradient_checkpointing_keep_attention)
     bc    (b) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
     c     fp8 base (--fp8_base), checkpointing
+    ck    (c) keeping each block's attention output
     cs    fp8 base with per-row scales (--fp8_scaled), checkpointing
     d18   fp8 base, checkpointing, --blocks_to_swap 18
     d28   fp8 base, checkpointing, --blocks_to_swap 28
@@ -44,8 +46,10 @@ from library.flux_utils import prepare_img_ids  # noqa: E402
 SETTINGS = {
     "a": dict(checkpointing=False),
     "b": dict(checkpointing=True),
+    "bk": dict(checkpointing=True, keep_attention=True),
     "bc": dict(checkpointing=True, cudnn=True),
     "c": dict(checkpointing=True, fp8=True),
+    "ck": dict(checkpointing=True, fp8=True, keep_attention=True),
     "cs": dict(checkpointing=True, fp8=True, scaled=True),
     "d18": dict(checkpointing=True, fp8=True, swap=18),
     "d28": dict(checkpointing=True, fp8=True, swap=28),
@@ -110,7 +114,7 @@ def build_ours(params: FluxParams, device, setting: dict, tiny: bool, dtype: tor
         dit.enable_block_swap(swap, device)
         dit.move_to_device_except_swap_blocks(device)
     if setting["checkpointing"]:
-        dit.enable_gradient_checkpointing()
+        dit.enable_gradient_checkpointing(keep_attention=setting.get("keep_attention", False))
     dit.train(setting["checkpointing"])
     network = lora_flux.create_network(1.0, 16, 16, None, [None, None], dit)
     network.apply_to([None, None], dit, apply_text_encoder=False, apply_unet=True)
@@ -216,7 +220,8 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
                 times.append(time.perf_counter() - t0)
             losses.append(loss.item())
         s = statistics.median(times)
-        flops = training_flops(params, side * side, txt_tokens, 1, setting["checkpointing"], 16)
+        flops = training_flops(params, side * side, txt_tokens, 1, setting["checkpointing"], 16,
+                               keep_attention=setting.get("keep_attention", False))  # fmt: skip
         peak = peak_tflops(device, args.peak_tflops)
         result.update(s_per_step=round(s, 4), step_times=[round(t, 4) for t in times],
                       flop_per_step=flops, tflop_per_step=round(flops / 1e12, 2),

@@ -12,6 +12,9 @@ CPU kernels. Here, on the GPU, each check compares against a reference computed 
     fp8         fp8 and fp8-scaled block outputs against bf16: finite, and scaled error < plain
     trainer     flux_train_network.py end to end on CUDA: bf16, --fp8_base, checkpointing,
                 --blocks_to_swap, a sample image
+    keep_attention   checkpointing that keeps attention outputs runs no attention kernel in
+                backward and gives plain checkpointing's loss, and its gradients within the
+                run-to-run difference of plain checkpointing, with the attention kernels users get
     compile     per-block torch.compile gives the eager loss and gradients (within bf16 noise)
     trainer_compile   the trainer with --torch_compile instead of fp8 and block swap
 
@@ -31,9 +34,11 @@ import time
 import traceback
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from library.flux_layers import FUSED_ATTENTION_OPS  # noqa: E402
 from library.flux_utils import prepare_img_ids  # noqa: E402
 from library.tiny_models import random_model, tiny_flux_params, write_model, write_tiny_models  # noqa: E402
 from networks import lora_flux  # noqa: E402
@@ -59,7 +64,19 @@ def mid_inputs(p, device, side=16, txt=64):
     return {k: v.to(device) for k, v in x.items()}
 
 
-def build(device, dtype, fp8=False, swap=0, checkpointing=False, seed=5):
+class AttentionKernelCalls(TorchDispatchMode):
+    """Counts the fused attention kernels (flash, memory-efficient, cuDNN) run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in FUSED_ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def build(device, dtype, fp8=False, swap=0, checkpointing=False, seed=5, keep_attention=False):
     from library.fp8 import quantize_dit_
 
     model = random_model(mid_params(), seed=seed).to(dtype)
@@ -72,7 +89,7 @@ def build(device, dtype, fp8=False, swap=0, checkpointing=False, seed=5):
     else:
         model.to(device)
     if checkpointing:
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(keep_attention=keep_attention)
     model.train()
     torch.manual_seed(0)
     lora = lora_flux.create_network(1.0, 8, 8, None, [None, None], model)
@@ -84,9 +101,10 @@ def build(device, dtype, fp8=False, swap=0, checkpointing=False, seed=5):
     return model, lora
 
 
-def lora_steps(model, lora, x, device, steps=2):
+def lora_steps(model, lora, x, device, steps=2, backward_attention: AttentionKernelCalls | None = None):
     """Loss and LoRA gradients of ``steps`` steps (no optimizer: the same weights each time), with a
-    no-grad forward before each, as validation or sampling would do."""
+    no-grad forward before each, as validation or sampling would do; ``backward_attention`` counts
+    the attention kernels the backward passes run."""
     results = []
     for _ in range(steps):
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
@@ -94,7 +112,11 @@ def lora_steps(model, lora, x, device, steps=2):
         lora.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16):
             loss = model(**x).float().square().mean()
-        loss.backward()
+        if backward_attention is None:
+            loss.backward()
+        else:
+            with backward_attention:
+                loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}))
     return results
 
@@ -134,6 +156,26 @@ def compare_steps(a, b) -> tuple[float, bool]:
             worst = max(worst, (grads_a[name] - grads_b[name]).abs().max().item())
             equal &= bool(torch.equal(grads_a[name], grads_b[name]))
     return worst, equal
+
+
+def check_keep_attention(device) -> dict:
+    x = mid_inputs(mid_params(), device)
+    blocks = 2 * (mid_params().depth + mid_params().depth_single_blocks)  # per run of two steps
+    cases = []
+    for fp8, swap in ((False, 0), (True, 0), (True, 4)):
+        counts, runs = {}, {}
+        for name, keep in (("plain", False), ("again", False), ("kept", True)):
+            calls = AttentionKernelCalls()
+            model, lora = build(device, torch.bfloat16, fp8, swap, checkpointing=True, keep_attention=keep)
+            runs[name] = lora_steps(model, lora, x, device, backward_attention=calls)
+            counts[name] = calls.count
+        floor, _ = compare_steps(runs["plain"], runs["again"])
+        worst, equal = compare_steps(runs["plain"], runs["kept"])
+        losses_equal = all(torch.equal(a[0], b[0]) for a, b in zip(runs["plain"], runs["kept"], strict=True))
+        ok = counts["plain"] == blocks and counts["kept"] == 0 and losses_equal and worst <= 2 * floor
+        cases.append(dict(fp8=fp8, swap=swap, backward_attention_calls=counts, losses_equal=losses_equal,
+                          max_grad_diff=worst, equal=equal, floor=floor, ok=ok))  # fmt: skip
+    return dict(ok=all(c["ok"] for c in cases), cases=cases)
 
 
 def check_fp8(device) -> dict:
@@ -203,6 +245,7 @@ CHECKS = {
     "swap": check_swap,
     "fp8": check_fp8,
     "trainer": check_trainer,
+    "keep_attention": check_keep_attention,
     "compile": check_compile,
     "trainer_compile": lambda device: check_trainer(device, compile_blocks=True),
 }

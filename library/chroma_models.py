@@ -84,6 +84,8 @@ class Chroma(Flux):
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels, modulated=False)
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.checkpoint_keep_attention = False
+        self.blocks_compiled = False
         self.offloaders = None
 
     @torch.no_grad()

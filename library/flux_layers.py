@@ -25,6 +25,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+# The fused attention kernels SDPA dispatches to (its math fallback is a composite of matmuls and
+# a softmax). Selective checkpointing (``Flux.checkpoint_keep_attention``) keeps their outputs.
+FUSED_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     """``F.scaled_dot_product_attention`` on (B, H, L, D) heads, restricted to ``ATTENTION_BACKENDS``."""
     with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):

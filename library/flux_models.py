@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.flux_ae import AutoEncoder, AutoEncoderParams  # noqa: F401  (sd-scripts' import path)
 from library.flux_layers import (
+    FUSED_ATTENTION_OPS,
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
@@ -86,6 +87,8 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(self.hidden_size, 1, self.out_channels)
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.checkpoint_keep_attention = False
+        self.blocks_compiled = False
         self.offloaders: tuple[ModelOffloader, ModelOffloader] | None = None
 
     @property
@@ -96,16 +99,33 @@ class Flux(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
 
-    def enable_gradient_checkpointing(self, cpu_offload: bool | None = None) -> None:
-        """Recompute each block in backward; ``cpu_offload`` keeps the block inputs it saves on the
-        CPU (None: as set before, by this call or by ``cpu_offload_checkpointing``)."""
+    def enable_gradient_checkpointing(
+        self, cpu_offload: bool | None = None, keep_attention: bool | None = None
+    ) -> None:
+        """Recompute each block in backward. ``cpu_offload`` keeps the block inputs it saves on the
+        CPU; ``keep_attention`` also keeps each block's attention output (and its softmax statistics),
+        so that the recompute skips the attention kernel, the costliest part of a block to redo, for
+        one (tokens x hidden) activation per block. None: as set before, by this call or by the
+        attributes ``cpu_offload_checkpointing`` and ``checkpoint_keep_attention``."""
         self.gradient_checkpointing = True
         if cpu_offload is not None:
             self.cpu_offload_checkpointing = cpu_offload
+        if keep_attention is not None:
+            self.checkpoint_keep_attention = keep_attention
+        if self.cpu_offload_checkpointing and self.checkpoint_keep_attention:
+            raise ValueError("keeping attention outputs on the device defeats cpu-offloaded checkpointing: use one")
+        self._check_compiled_checkpointing()
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.checkpoint_keep_attention = False
+
+    def _check_compiled_checkpointing(self) -> None:
+        # Selective checkpointing replays the block op by op and matches each op against what it
+        # kept; a compiled block's backward recomputes inside its own graph, where that fails.
+        if self.checkpoint_keep_attention and self.blocks_compiled:
+            raise ValueError("compiled blocks cannot keep attention outputs through gradient checkpointing")
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """``torch.compile`` each block in place (class, parameter names and LoRA hooks stay), with
@@ -115,6 +135,8 @@ class Flux(nn.Module):
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.blocks_compiled = True
+        self._check_compiled_checkpointing()
         for block in (*self.double_blocks, *self.single_blocks):
             block.compile(backend=backend, dynamic=True)
 
@@ -194,6 +216,8 @@ class Flux(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.cpu_offload_checkpointing:
                 out = checkpoint(_run_on_device, block, self.device, *args, use_reentrant=False)
+            elif self.checkpoint_keep_attention:
+                out = checkpoint(block, *args, use_reentrant=False, context_fn=_keep_attention_contexts)
             else:
                 out = checkpoint(block, *args, use_reentrant=False)
         else:
@@ -207,6 +231,15 @@ class Flux(nn.Module):
 def offload_activation(x: Tensor) -> Tensor:
     """Where cpu-offloaded checkpointing keeps a block's output between blocks."""
     return x.to("cpu")
+
+
+def _keep_attention_contexts():
+    """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept."""
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in FUSED_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _run_on_device(block: nn.Module, device: torch.device, *args):
@@ -279,6 +312,7 @@ def training_flops(
     batch_size: int = 1,
     gradient_checkpointing: bool = False,
     lora_rank: int = 0,
+    keep_attention: bool = False,
 ) -> float:
     """Model FLOPs of one LoRA training step with a frozen base: forward, backward and, with
     checkpointing, the blocks' second forward. Counted as torchtitan and landscape.md §2.4 do:
@@ -286,6 +320,7 @@ def training_flops(
     4·L²·hidden forward and twice that backward; a frozen Linear needs only its input gradient
     (1x its forward); a LoRA on each block Linear costs 3x its forward (input and weight
     gradients). The per-sample modulation Linears are counted; Chroma's approximator is not.
+    ``keep_attention``: checkpointing keeps the attention outputs, so the recompute has no attention.
     """
     h, mlp = params.hidden_size, int(params.hidden_size * params.mlp_ratio)
     tokens = img_tokens + txt_tokens
@@ -308,7 +343,7 @@ def training_flops(
     outside += matmul([(params.context_in_dim, h)], txt_tokens)
     forward = base + adapters + attention + outside
     backward = base + 2 * adapters + 2 * attention
-    recompute = base + adapters + attention if gradient_checkpointing else 0
+    recompute = base + adapters + (0 if keep_attention else attention) if gradient_checkpointing else 0
     return float(batch_size * (forward + backward + recompute))
 
 

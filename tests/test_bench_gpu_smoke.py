@@ -12,7 +12,7 @@ from library.flux_models import configs, training_flops
 
 def test_every_setting_runs_and_appends_its_result(tmp_path):
     out = tmp_path / "results.jsonl"
-    settings = ["a", "b", "bc", "c", "cs", "d18", "d28"]
+    settings = ["a", "b", "bk", "bc", "c", "ck", "cs", "d18", "d28"]
     if pytest.importorskip("peft") and pytest.importorskip("diffusers"):
         settings.append("ref")
     argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--steps", "2", "--warmup", "0",
@@ -25,7 +25,7 @@ def test_every_setting_runs_and_appends_its_result(tmp_path):
         assert r["s_per_step"] > 0 and len(r["step_times"]) == 2 and r["loss_finite"]
         assert r["lora_params"] > 0 and r["flop_per_step"] > 0
     ours = {r["setting"]: r for r in results}
-    assert ours["b"]["flop_per_step"] > ours["a"]["flop_per_step"]  # checkpointing recomputes the forward
+    assert ours["b"]["flop_per_step"] > ours["bk"]["flop_per_step"] > ours["a"]["flop_per_step"]  # recomputes
 
 
 def test_a_failing_setting_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -58,3 +58,6 @@ def test_flops_of_a_full_size_step_match_the_landscape_estimate():
     dev = configs["dev"]
     assert training_flops(dev, 4096, 512) / 1e12 == pytest.approx(164, abs=2)  # landscape.md §2.4: 165-172 TFLOP
     assert training_flops(dev, 4096, 512, gradient_checkpointing=True) / 1e12 == pytest.approx(238, abs=2)
+    # keeping the attention outputs takes the attention forward (4·L²·hidden per block) out of the recompute
+    kept = training_flops(dev, 4096, 512, gradient_checkpointing=True, keep_attention=True)
+    assert training_flops(dev, 4096, 512, gradient_checkpointing=True) - kept == 57 * 4 * 4608**2 * 3072

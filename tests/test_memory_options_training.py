@@ -1,6 +1,7 @@
 """The memory options through the real trainer, in-process on the tiny models: --fp8_base with
 --mixed_precision bf16, --blocks_to_swap (its LoRA equals the unswapped run's), and
---gradient_checkpointing with --cpu_offload_checkpointing (its LoRA equals plain checkpointing's)."""
+--gradient_checkpointing with --cpu_offload_checkpointing or --gradient_checkpointing_keep_attention
+(their LoRAs equal plain checkpointing's)."""
 
 import dataclasses
 import logging
@@ -98,3 +99,12 @@ def test_cpu_offloaded_checkpointing_lora_equals_plain_checkpointing(deeper_mode
     offloaded = train(deeper_models, data, tmp_path / "offload", gradient_checkpointing=True,
                       cpu_offload_checkpointing=True)  # fmt: skip
     assert_same(plain, offloaded)
+
+
+def test_checkpointing_that_keeps_attention_trains_the_same_lora(deeper_models, data, tmp_path, caplog):
+    plain = train(deeper_models, data, tmp_path / "ckpt", gradient_checkpointing=True)
+    with caplog.at_level(logging.INFO):
+        kept = train(deeper_models, data, tmp_path / "keep", gradient_checkpointing=True,
+                     gradient_checkpointing_keep_attention=True)  # fmt: skip
+    assert "gradient checkpointing keeps each block's attention output" in caplog.text
+    assert_same(plain, kept)
