@@ -36,7 +36,7 @@ part() {  # part LIMIT_S COMMAND...: COMMAND under a limit of LIMIT_S or the tim
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    part 290 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck,d18 --profile b,bk \
+    part 290 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck,d18 --profile b,bk,c \
         --out "$OUT/gpu_results.jsonl"
 } 2>&1 | tee "$OUT/bench.log"
 part 100 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile \
