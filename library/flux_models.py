@@ -6,7 +6,8 @@ checkpoint loads with ``load_state_dict`` as is. The AutoEncoder lives in
 for code written against sd-scripts' ``flux_models`` module.
 
 The block loop also drives block swapping (``enable_block_swap``, ``library/offloading.py``) and
-cpu-offloaded gradient checkpointing; ``training_flops`` counts a LoRA step's model FLOPs.
+gradient checkpointing (cpu-offloaded, or keeping attention outputs); ``training_flops`` counts a
+LoRA step's model FLOPs.
 """
 
 from __future__ import annotations
