@@ -216,9 +216,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                 if encoder is not None and ctx.train_text_encoder:
                     encoder.gradient_checkpointing_enable()
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
-        if args.torch_compile:  # per block, in place: class names, parameter names and LoRA hooks stay
+        if args.torch_compile:  # the block call, checkpointing included; the blocks themselves stay as they are
             dit.compile_blocks(args.dynamo_backend)
-            logger.info("compiled %d DiT blocks with torch.compile (backend %s, dynamic shapes)",
+            logger.info("compiling the calls of %d DiT blocks with torch.compile (backend %s, dynamic shapes)",
                         len(dit.double_blocks) + len(dit.single_blocks), args.dynamo_backend)
         if args.cache_text_encoder_outputs and not ctx.train_text_encoder:
             ctx.models.text_encoders = [None, None]  # not needed any more: free them

@@ -65,7 +65,9 @@ def mid_inputs(p, device, side=16, txt=64):
 
 
 class AttentionKernelCalls(TorchDispatchMode):
-    """Counts the fused attention kernels (flash, memory-efficient, cuDNN) run while it is active."""
+    """Counts the fused attention kernels (flash, memory-efficient, cuDNN) that eager code runs while
+    it is active. Seen at dispatch, so an output that selective checkpointing hands back is not
+    counted (the profiler would count it); a compiled graph's kernels are not seen at all."""
 
     def __init__(self):
         super().__init__()

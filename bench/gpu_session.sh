@@ -42,7 +42,7 @@ part() {  # part LIMIT_S COMMAND...: COMMAND under a limit of LIMIT_S or the tim
 part 100 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile \
     --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
 {
-    part 110 python3 bench/bench_gpu.py --settings b,a --compile --out "$OUT/gpu_results.jsonl"
+    part 150 python3 bench/bench_gpu.py --settings a,bk,b --compile --out "$OUT/gpu_results.jsonl"
     part 60 python3 bench/bench_attention.py --out /tmp/attention.jsonl  # its lines are in bench.log
 } 2>&1 | tee -a "$OUT/bench.log"
 part 120 python3 bench/gpu_checks.py --checks trainer_compile --out "$OUT/checks.jsonl" >>"$OUT/checks.log" 2>&1

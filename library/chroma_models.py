@@ -85,7 +85,7 @@ class Chroma(Flux):
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
         self.checkpoint_keep_attention = False
-        self.blocks_compiled = False
+        self.compiled_block_call = None
         self.offloaders = None
 
     @torch.no_grad()

@@ -89,7 +89,7 @@ class Flux(nn.Module):
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
         self.checkpoint_keep_attention = False
-        self.blocks_compiled = False
+        self.compiled_block_call = None  # set by compile_blocks
         self.offloaders: tuple[ModelOffloader, ModelOffloader] | None = None
 
     @property
@@ -115,31 +115,24 @@ class Flux(nn.Module):
             self.checkpoint_keep_attention = keep_attention
         if self.cpu_offload_checkpointing and self.checkpoint_keep_attention:
             raise ValueError("keeping attention outputs on the device defeats cpu-offloaded checkpointing: use one")
-        self._check_compiled_checkpointing()
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
         self.checkpoint_keep_attention = False
 
-    def _check_compiled_checkpointing(self) -> None:
-        # Selective checkpointing replays the block op by op and matches each op against what it
-        # kept; a compiled block's backward recomputes inside its own graph, where that fails.
-        if self.checkpoint_keep_attention and self.blocks_compiled:
-            raise ValueError("compiled blocks cannot keep attention outputs through gradient checkpointing")
-
     def compile_blocks(self, backend: str = "inductor") -> None:
-        """``torch.compile`` each block in place (class, parameter names and LoRA hooks stay), with
-        symbolic shapes from the start: aspect-ratio buckets change the token count and a last short
-        batch the batch size, and with shapes specialised first each change recompiles every block
-        variant again, soon past dynamo's recompile limit, after which blocks run uncompiled."""
+        """Runs every block through one ``torch.compile``d :func:`call_block`, checkpointing included.
+
+        The blocks are left as they are (class, parameter names and LoRA hooks), and blocks of one
+        kind share their graphs. Shapes are symbolic from the start: aspect-ratio buckets change the
+        token count and a last short batch the batch size, and with shapes specialised first each
+        change recompiles every variant again, soon past dynamo's recompile limit, after which
+        blocks run uncompiled."""
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        self.blocks_compiled = True
-        self._check_compiled_checkpointing()
-        for block in (*self.double_blocks, *self.single_blocks):
-            block.compile(backend=backend, dynamic=True)
+        self.compiled_block_call = torch.compile(call_block, backend=backend, dynamic=True)
 
     # ---- block swapping (library/offloading.py) ---------------------------------------------------
 
@@ -214,15 +207,14 @@ class Flux(nn.Module):
         offloader = self.offloaders[kind] if self.offloaders else None
         if offloader is not None:
             offloader.wait_for_block(index)
+        call = self.compiled_block_call or call_block
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.cpu_offload_checkpointing:
-                out = checkpoint(_run_on_device, block, self.device, *args, use_reentrant=False)
-            elif self.checkpoint_keep_attention:
-                out = checkpoint(block, *args, use_reentrant=False, context_fn=_keep_attention_contexts)
+                out = checkpoint(_run_on_device, call, block, self.device, *args, use_reentrant=False)
             else:
-                out = checkpoint(block, *args, use_reentrant=False)
+                out = call(block, "keep_attention" if self.checkpoint_keep_attention else "recompute", *args)
         else:
-            out = block(*args)
+            out = call(block, None, *args)
         if offloader is not None:
             out = offloader.mark_for_backward(index, out)
             offloader.after_forward(index)
@@ -234,6 +226,22 @@ def offload_activation(x: Tensor) -> Tensor:
     return x.to("cpu")
 
 
+def call_block(block: nn.Module, checkpointing: str | None, *args):
+    """``block(*args)``, under gradient checkpointing when asked: "recompute" (everything in
+    backward) or "keep_attention" (everything but the attention kernels, whose outputs are kept).
+
+    One function for both, so that ``torch.compile`` takes the checkpoint into the block's graph:
+    the compiled backward then does the recomputation and follows the selective policy, which a
+    compiled block inside an eager checkpoint cannot (the replay would not see the block's ops).
+    """
+    if checkpointing is None:
+        return block(*args)
+    if checkpointing == "keep_attention":
+        return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_attention_contexts)
+    # no context_fn argument at all here: dynamo cannot trace an explicit default one
+    return checkpoint(block, *args, use_reentrant=False)
+
+
 def _keep_attention_contexts():
     """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept."""
     return create_selective_checkpoint_contexts(_keep_attention_policy)
@@ -243,9 +251,9 @@ def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in FUSED_ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _run_on_device(block: nn.Module, device: torch.device, *args):
+def _run_on_device(call, block: nn.Module, device: torch.device, *args):
     args = [a.to(device) if isinstance(a, Tensor) else a for a in args]
-    out = block(*args)
+    out = call(block, None, *args)
     return tuple(offload_activation(o) for o in out) if isinstance(out, tuple) else offload_activation(out)
 
 

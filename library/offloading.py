@@ -313,9 +313,6 @@ def check_offload_args(args) -> None:
         if args.cpu_offload_checkpointing:
             raise UserError("--gradient_checkpointing_keep_attention keeps attention outputs on the GPU, which "
                             "--cpu_offload_checkpointing is there to avoid: use one of them")  # fmt: skip
-        if args.torch_compile:
-            raise UserError("--gradient_checkpointing_keep_attention cannot be combined with --torch_compile "
-                            "(a compiled block recomputes inside its own graph): drop one of them")  # fmt: skip
     if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         raise UserError(f"--blocks_to_swap must be 0 or more, not {args.blocks_to_swap}")
     if args.blocks_to_swap and args.pretrained_model_name_or_path:

@@ -92,8 +92,8 @@ def test_offloader_schedule_step_by_step():
     assert (double.placement(), single.placement()) == ("DDDH", "DDDDHH")  # what the next forward expects
 
 
-def lora_step(model, x, extra):
-    """Loss and LoRA gradients of one step, with a LoRA whose up weights are not zero."""
+def attach_lora(model):
+    """A rank-4 LoRA on ``model`` whose up weights are not zero (so every gradient is)."""
     torch.manual_seed(0)
     lora = lora_flux.create_network(1.0, 4, 4, None, [None, None], model)
     for name, p in lora.named_parameters():
@@ -101,6 +101,13 @@ def lora_step(model, x, extra):
             p.data.normal_(0, 0.05)
     lora.apply_to([None, None], model)
     lora.requires_grad_(True)
+    return lora
+
+
+def lora_step(model, x, extra, lora=None):
+    """Loss and LoRA gradients of one step (with a new :func:`attach_lora` unless ``lora`` is given)."""
+    lora = lora or attach_lora(model)
+    lora.zero_grad(set_to_none=True)
     loss = model(**x, **extra).square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}

@@ -11,13 +11,14 @@ import torch
 import flux_train_network
 from bench.gpu_checks import AttentionKernelCalls
 from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
-from tests.test_block_swap import lora_step
+from tests.test_block_swap import attach_lora, lora_step
 from tests.test_flux_models import chroma_mask, dit_inputs
 from tests.training_helpers import base_argv, dataset
 
 
-def model_and_inputs(kind: str):
-    p = tiny_flux_params(depth=4, depth_single=6) if kind == "flux" else tiny_chroma_params(depth=4, depth_single=6)
+def model_and_inputs(kind: str, depth: int = 4, depth_single: int = 6):
+    params = tiny_flux_params if kind == "flux" else tiny_chroma_params
+    p = params(depth=depth, depth_single=depth_single)
     extra = {"guidance": torch.tensor([3.5, 3.5])} if kind == "flux" else {"txt_attention_mask": chroma_mask([3, 7], 7)}
     return random_model(p, seed=8).train().requires_grad_(False), {**dit_inputs(p), **extra}
 
@@ -69,18 +70,38 @@ def test_without_checkpointing_the_setting_changes_nothing():
     assert torch.equal(model(**inputs), reference)
 
 
-def test_conflicting_model_settings_are_refused():
+def test_keeping_attention_and_offloading_to_the_cpu_are_refused_together():
     model, _ = model_and_inputs("flux")
     with pytest.raises(ValueError, match="defeats cpu-offloaded checkpointing"):
         model.enable_gradient_checkpointing(cpu_offload=True, keep_attention=True)
-    model.disable_gradient_checkpointing()
-    model.enable_gradient_checkpointing(keep_attention=True)
-    with pytest.raises(ValueError, match="compiled blocks cannot keep attention outputs"):
-        model.compile_blocks(backend="eager")
-    compiled, _ = model_and_inputs("flux")
-    compiled.compile_blocks(backend="eager")
-    with pytest.raises(ValueError, match="compiled blocks cannot keep attention outputs"):
-        compiled.enable_gradient_checkpointing(keep_attention=True)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_attention"])
+def test_compiled_blocks_take_the_checkpoint_and_its_policy_into_their_graph(keep):
+    """With --torch_compile the checkpoint is traced with the block, and AOT autograd's split into
+    forward and backward graphs follows the policy (aot_eager: that split, as inductor gets it, run
+    op by op). A compiled graph's kernels are invisible to dispatch modes: the profiler counts them."""
+    eager, inputs = model_and_inputs("flux", depth=2, depth_single=2)
+    compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        model.enable_gradient_checkpointing(keep_attention=keep)
+    torch._dynamo.reset()
+    compiled.compile_blocks(backend="aot_eager")
+    loss_eager, grads_eager = lora_step(eager, inputs, {})
+    lora = attach_lora(compiled)
+    lora_step(compiled, inputs, {}, lora)  # compiles (tracing runs the ops too: the profiler would count them)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss_compiled, grads_compiled = lora_step(compiled, inputs, {}, lora)
+    attention_forwards = sum(
+        e.count for e in profile.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu"
+    )
+    blocks = len(eager.double_blocks) + len(eager.single_blocks)
+    # the forward runs each block's attention once; the recompute again, unless the outputs are kept
+    assert attention_forwards == blocks * (1 if keep else 2)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=0)
+    assert grads_eager.keys() == grads_compiled.keys() and grads_eager
+    for name in grads_eager:
+        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -91,10 +112,8 @@ def test_conflicting_model_settings_are_refused():
         ({"gradient_checkpointing": True, "cpu_offload_checkpointing": True},
          "--gradient_checkpointing_keep_attention keeps attention outputs on the GPU, which "
          "--cpu_offload_checkpointing is there to avoid"),
-        ({"gradient_checkpointing": True, "torch_compile": True},
-         "--gradient_checkpointing_keep_attention cannot be combined with --torch_compile"),
     ],
-    ids=["needs-checkpointing", "not-with-cpu-offload", "not-with-compile"],
+    ids=["needs-checkpointing", "not-with-cpu-offload"],
 )  # fmt: skip
 def test_trainer_refuses_what_cannot_work(tiny_model_files, tmp_path, capsys, flags, message):
     argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"),

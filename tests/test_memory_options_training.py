@@ -108,3 +108,11 @@ def test_checkpointing_that_keeps_attention_trains_the_same_lora(deeper_models, 
                      gradient_checkpointing_keep_attention=True)  # fmt: skip
     assert "gradient checkpointing keeps each block's attention output" in caplog.text
     assert_same(plain, kept)
+    # compiled, the checkpoint and its policy go into the block's graph (q/k rotate in real arithmetic
+    # there, 1 ulp from eager's complex multiply: see test_torch_compile_per_block_trains_the_same_lora)
+    compiled = train(deeper_models, data, tmp_path / "keep_compiled", gradient_checkpointing=True,
+                     gradient_checkpointing_keep_attention=True, torch_compile=True,
+                     dynamo_backend="eager")  # fmt: skip
+    assert compiled.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6)
