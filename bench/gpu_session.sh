@@ -36,15 +36,13 @@ part() {  # part LIMIT_S COMMAND...: COMMAND under a limit of LIMIT_S or the tim
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    part 290 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck,d18 --profile b,bk,c \
+    part 270 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck --profile b,bk,c \
         --out "$OUT/gpu_results.jsonl"
 } 2>&1 | tee "$OUT/bench.log"
-part 100 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile \
+part 130 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile \
     --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
-{
-    part 150 python3 bench/bench_gpu.py --settings a,bk,b --compile --out "$OUT/gpu_results.jsonl"
-    part 60 python3 bench/bench_attention.py --out /tmp/attention.jsonl  # its lines are in bench.log
-} 2>&1 | tee -a "$OUT/bench.log"
+part 150 python3 bench/bench_gpu.py --settings a,bk,b --compile --out "$OUT/gpu_results.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 part 120 python3 bench/gpu_checks.py --checks trainer_compile --out "$OUT/checks.jsonl" >>"$OUT/checks.log" 2>&1
+part 60 python3 bench/bench_attention.py --out /tmp/attention.jsonl 2>&1 | tee -a "$OUT/bench.log"
 grep -E "^(PASS|FAIL|SKIPPED)" "$OUT/checks.log" | cut -c1-600
 echo "session script: ${SECONDS} s"
