@@ -118,7 +118,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--no_half_vae", "run the AE in fp32 even with mixed precision")
     _flag(add, "--lowram", "load models straight to the GPU (machines with more VRAM than RAM)")
     _flag(add, "--highvram", "skip freeing GPU memory between caching batches")
-    _flag(add, "--torch_compile", "compile the model with torch.compile")
+    _flag(add, "--torch_compile", "compile the DiT's blocks with torch.compile (their checkpointing included)")
     add("--dynamo_backend", type=str, default="inductor", choices=list(DYNAMO_BACKENDS),
         help="torch.compile backend (default inductor)")  # fmt: skip
     add("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes (default: accelerate's)")
