@@ -4,8 +4,10 @@ this project's model vs diffusers' FluxTransformer2DModel on identical weights, 
     python bench/bench_dit.py [--threads 2] [--repeats 5] [--rounds 4] [--clock wall|cpu] [--keep-freed-memory]
 
 Default shape: hidden 768, 6 heads, 2 double + 4 single blocks, 1024 image + 256 text tokens,
-fp32 on CPU. Prints the best per-round median of each and ours/diffusers (lower is better), with
-the spread of the per-round ratios (the machine may be shared: rerun when it is wide).
+fp32 on CPU. Prints the best per-round median of each and their ratio ours/diffusers (lower is
+better), and the median and spread of the per-round ratios. On a shared machine
+``--repeats 1 --rounds 30`` gives the steadier figure: each round is then one step of each,
+back to back, so both see the same load, and the median per-round ratio is the one to quote.
 
 glibc hands large freed blocks back to the kernel, so each step touches fresh pages again, and
 the model that allocates more pays more for it. ``--keep-freed-memory`` reruns the benchmark with
@@ -40,7 +42,6 @@ def keeps_freed_memory() -> bool:
 
 
 def timed(step, repeats: int, clock=time.perf_counter) -> float:
-    step()  # warm-up
     times = []
     for _ in range(repeats):
         start = clock()
@@ -100,6 +101,7 @@ def main() -> None:
         )[0]
         out.sum().backward()
 
+    step_ours(), step_theirs()  # warm-up
     # interleave (alternating which goes first) so that drift in machine load hits both alike
     ours_times, theirs_times = [], []
     for r in range(args.rounds):
@@ -113,7 +115,8 @@ def main() -> None:
           + (", freed memory kept" if keeps_freed_memory() else ""))
     print(f"ours      {ours_s * 1000:8.1f} ms / forward+backward")
     print(f"diffusers {theirs_s * 1000:8.1f} ms / forward+backward")
-    print(f"per-round ratios {min(rounds):.3f}-{max(rounds):.3f} (median of {args.repeats} steps each)")
+    print(f"per-round ratios {min(rounds):.3f}-{max(rounds):.3f}, median {statistics.median(rounds):.3f} "
+          f"({args.rounds} rounds of {args.repeats} steps each)")
     print(f"ratio ours/diffusers {ours_s / theirs_s:.3f}")
 
 

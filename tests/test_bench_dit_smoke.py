@@ -21,4 +21,7 @@ def test_bench_dit_prints_both_times_and_their_ratio(keep):
     theirs = float(re.search(r"^diffusers\s+([\d.]+) ms", out, re.M).group(1))
     ratio = float(re.search(r"^ratio ours/diffusers ([\d.]+)$", out, re.M).group(1))
     assert ours > 0 and theirs > 0 and ratio == pytest.approx(ours / theirs, abs=2e-3)
+    spread = re.search(r"^per-round ratios ([\d.]+)-([\d.]+), median ([\d.]+) ", out, re.M)
+    low, high, median = map(float, spread.groups())
+    assert low <= median <= high
     assert ("freed memory kept" in out) == keep  # printed when the process runs with the tunables set
