@@ -81,7 +81,7 @@ def test_compiled_blocks_take_the_checkpoint_and_its_policy_into_their_graph(kee
     """With --torch_compile the checkpoint is traced with the block, and AOT autograd's split into
     forward and backward graphs follows the policy (aot_eager: that split, as inductor gets it, run
     op by op). A compiled graph's kernels are invisible to dispatch modes: the profiler counts them."""
-    eager, inputs = model_and_inputs("flux", depth=2, depth_single=2)
+    eager, inputs = model_and_inputs("flux", depth=1, depth_single=1)
     compiled = copy.deepcopy(eager)
     for model in (eager, compiled):
         model.enable_gradient_checkpointing(keep_attention=keep)
