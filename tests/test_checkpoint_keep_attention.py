@@ -60,14 +60,13 @@ def test_the_recompute_skips_attention_and_the_gradients_stay_the_same(kind, swa
         assert torch.equal(grads_plain[name], grads_kept[name]), name
 
 
-def test_without_checkpointing_the_setting_changes_nothing():
-    """It is a checkpointing option: in eval mode, or with checkpointing off, blocks run as usual."""
-    model, inputs = model_and_inputs("flux")
-    reference = model(**inputs)
+def test_the_setting_lasts_until_checkpointing_is_disabled():
+    model, _ = model_and_inputs("flux")
     model.enable_gradient_checkpointing(keep_attention=True)
+    model.enable_gradient_checkpointing()  # without the argument the setting is kept
+    assert model.checkpoint_keep_attention
     model.disable_gradient_checkpointing()
-    assert not model.checkpoint_keep_attention
-    assert torch.equal(model(**inputs), reference)
+    assert not model.checkpoint_keep_attention and not model.gradient_checkpointing
 
 
 def test_keeping_attention_and_offloading_to_the_cpu_are_refused_together():
