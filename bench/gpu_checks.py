@@ -16,6 +16,8 @@ CPU kernels. Here, on the GPU, each check compares against a reference computed 
                 backward and gives plain checkpointing's loss, and its gradients within the
                 run-to-run difference of plain checkpointing, with the attention kernels users get
     compile     per-block torch.compile gives the eager loss and gradients (within bf16 noise)
+    compile_swap      compiled block calls with --blocks_to_swap (the trainer refuses the pair
+                until this passes) give the eager swapped model's loss and gradients
     trainer_compile   the trainer with --torch_compile instead of fp8 and block swap
 
 Each check prints PASS/FAIL with its figures and appends a JSON line to --out; the exit status
@@ -215,6 +217,20 @@ def check_compile(device) -> dict:
                 compile_and_2_steps_s=round(seconds, 1))  # fmt: skip
 
 
+def check_compile_swap(device) -> dict:
+    x = mid_inputs(mid_params(), device)
+    eager = lora_steps(*build(device, torch.bfloat16, swap=4, checkpointing=True), x, device)
+    model, lora = build(device, torch.bfloat16, swap=4, checkpointing=True)
+    model.compile_blocks()
+    compiled = lora_steps(model, lora, x, device)  # two steps, each after a forward without backward
+    worst_loss = max(abs(a[0].item() - b[0].item()) / abs(a[0].item()) for a, b in zip(eager, compiled, strict=True))
+    worst_grad = max(((a[1][n] - b[1][n]).norm() / a[1][n].norm().clamp_min(1e-12)).item()
+                     for a, b in zip(eager, compiled, strict=True) for n in a[1])  # fmt: skip
+    finite = all(torch.isfinite(g).all().item() for _, grads in compiled for g in grads.values())
+    return dict(ok=finite and worst_loss < 1e-2 and worst_grad < 5e-2, loss_rel_diff=worst_loss,
+                worst_grad_rel_diff=worst_grad, finite=finite)  # fmt: skip
+
+
 def check_trainer(device, compile_blocks: bool = False) -> dict:
     from safetensors.torch import load_file
 
@@ -249,6 +265,7 @@ CHECKS = {
     "trainer": check_trainer,
     "keep_attention": check_keep_attention,
     "compile": check_compile,
+    "compile_swap": check_compile_swap,
     "trainer_compile": lambda device: check_trainer(device, compile_blocks=True),
 }
 

@@ -39,7 +39,7 @@ part() {  # part LIMIT_S COMMAND...: COMMAND under a limit of LIMIT_S or the tim
     part 270 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck --profile b,bk,c \
         --out "$OUT/gpu_results.jsonl"
 } 2>&1 | tee "$OUT/bench.log"
-part 130 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile \
+part 150 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile,compile_swap \
     --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
 part 150 python3 bench/bench_gpu.py --settings a,bk,b --compile --out "$OUT/gpu_results.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 part 120 python3 bench/gpu_checks.py --checks trainer_compile --out "$OUT/checks.jsonl" >>"$OUT/checks.log" 2>&1

@@ -1,6 +1,8 @@
 """q, k, v of the joint attention: the eager autograd node and the form written out for
 torch.compile give the same numbers and gradients, and a compiled block traces as one graph."""
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -119,3 +121,31 @@ def test_a_compiled_fp8_block_is_one_graph(scaled):
     sum(o.float().sum() for o in out).backward()
     assert counter.frame_count == 1
     assert img.grad is not None and torch.isfinite(img.grad).all()
+
+
+def test_compiled_block_calls_read_the_weights_block_swapping_puts_in_place():
+    """Swapping rebinds each Linear's weight; the compiled call takes parameters as inputs, so it
+    computes with the resident ones (simulated host weights are NaN and would poison the result).
+    The trainer still refuses --torch_compile with --blocks_to_swap until a GPU run checks it
+    (bench/gpu_checks.py compile_swap)."""
+    from tests.test_block_swap import attach_lora, lora_step, swap_model
+    from tests.test_flux_models import dit_inputs
+
+    plain = swap_model("flux", n=0)
+    swapped = copy.deepcopy(plain)
+    swapped.enable_block_swap(3, "cpu", simulate=True)
+    swapped.move_to_device_except_swap_blocks("cpu")
+    for model in (plain, swapped):
+        model.enable_gradient_checkpointing()
+    torch._dynamo.reset()
+    swapped.compile_blocks(backend="aot_eager")
+    x, extra = dit_inputs(plain.params), {"guidance": torch.tensor([3.5, 3.5])}
+    loss_plain, grads_plain = lora_step(plain, x, extra)
+    lora = attach_lora(swapped)
+    for _ in range(2):  # the layout after a backward, and after a forward without one
+        with torch.no_grad():
+            swapped(**x, **extra)
+        loss_swapped, grads_swapped = lora_step(swapped, x, extra, lora)
+        torch.testing.assert_close(loss_swapped, loss_plain, rtol=1e-6, atol=0)
+        for name in grads_plain:
+            torch.testing.assert_close(grads_swapped[name], grads_plain[name], rtol=1e-5, atol=1e-6)

@@ -173,6 +173,13 @@ def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_im
     assert any(lora(plain)[k].abs().sum() > 0 for k in preserved if k.endswith("lora_up.weight"))
 
 
+def test_torch_compile_with_block_swap_is_refused_with_the_reason(tiny_model_files, tmp_path, capsys):
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), torch_compile=True,
+                     blocks_to_swap=1)  # fmt: skip
+    assert flux_train_network.main(argv) == 1
+    assert "--torch_compile with --blocks_to_swap is not supported yet" in capsys.readouterr().err
+
+
 def test_torch_compile_per_block_trains_the_same_lora(tiny_model_files, tmp_path):
     plain = lora(train(tiny_model_files, tmp_path / "a", steps=2, network_train_unet_only=True))
     compiled = lora(train(tiny_model_files, tmp_path / "b", steps=2, network_train_unet_only=True,
