@@ -60,6 +60,31 @@ def test_the_recompute_skips_attention_and_the_gradients_stay_the_same(kind, swa
         assert torch.equal(grads_plain[name], grads_kept[name]), name
 
 
+def test_lora_dropouts_draw_the_same_masks_in_the_selective_recompute():
+    """Dropout, rank dropout and module dropout draw random numbers inside the checkpointed block;
+    the recompute must draw the same ones whichever ops it replays."""
+    from networks import lora_flux
+
+    grads = []
+    for keep in (False, True):
+        model, inputs = model_and_inputs("flux", depth=2, depth_single=2)
+        model.enable_gradient_checkpointing(keep_attention=keep)
+        torch.manual_seed(0)
+        lora = lora_flux.create_network(1.0, 4, 4, None, [None, None], model, neuron_dropout=0.2,
+                                        rank_dropout=0.3, module_dropout=0.3)  # fmt: skip
+        for name, p in lora.named_parameters():
+            if "lora_up" in name:
+                p.data.normal_(0, 0.05)
+        lora.apply_to([None, None], model, apply_text_encoder=False, apply_unet=True)
+        lora.requires_grad_(True).train()
+        torch.manual_seed(5)
+        model(**inputs).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 def test_the_setting_lasts_until_checkpointing_is_disabled():
     model, _ = model_and_inputs("flux")
     model.enable_gradient_checkpointing(keep_attention=True)
