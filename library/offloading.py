@@ -296,8 +296,8 @@ def checkpoint_block_counts(ckpt_path: str) -> tuple[int, int]:
 
 
 def check_offload_args(args) -> None:
-    """Refuses block-swap and cpu-offloaded-checkpointing options that cannot work; the bound on
-    ``--blocks_to_swap`` comes from the checkpoint's real depth (its header only is read)."""
+    """Refuses block-swap and checkpointing options (cpu offload, keeping attention) that cannot work;
+    the bound on ``--blocks_to_swap`` comes from the checkpoint's real depth (its header only is read)."""
     from library.errors import UserError
 
     if args.cpu_offload_checkpointing:
