@@ -174,30 +174,23 @@ def test_missing_datasets_and_subsets_tables():
 
 # --- files and directories ---------------------------------------------------------------------
 def test_missing_and_empty_image_dir_name_the_directory(tmp_path):
-    cfg = write_toml(
-        tmp_path / "c.toml",
-        f"""
-        [[datasets]]
-        resolution = 64
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / "nope"}"
-        """,
-    )
-    with pytest.raises(UserError, match=r"datasets\[0\]\.subsets\[0\]\.image_dir: directory '.*nope' not found"):
-        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    cfg = write_toml(
-        tmp_path / "c.toml",
-        f"""
-        [[datasets]]
-        resolution = 64
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / "empty"}"
-        """,
-    )
-    with pytest.raises(UserError, match=r"image_dir: directory '.*empty' contains no images \(\.png"):
-        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    for folder, message in (
+        ("nope", r"datasets\[0\]\.subsets\[0\]\.image_dir: directory '.*nope' not found"),
+        ("empty", r"image_dir: directory '.*empty' contains no images \(\.png"),
+    ):
+        cfg = write_toml(
+            tmp_path / "c.toml",
+            f"""
+            [[datasets]]
+            resolution = 64
+              [[datasets.subsets]]
+              image_dir = "{tmp_path / folder}"
+            """,
+        )
+        with pytest.raises(UserError, match=message):
+            build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
 
 
 def test_unreadable_image_stops_the_build_with_its_path(tmp_path):
