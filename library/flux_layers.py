@@ -98,11 +98,13 @@ def attention_inputs(
 
     q and k are RMS-normalised with the stream's scales and rotated by RoPE (``pe``: BFL's rotation
     matrices for all streams' tokens in order); v is copied. With ``gelu_rest`` the channels after
-    q, k, v (the single block's MLP input) go through tanh-GELU and come last in the result. The same
-    arithmetic as BFL's ``QKNorm`` + ``apply_rope`` (computed in fp32, rounded once).
+    q, k, v (the single block's MLP input) go through tanh-GELU and come last in the result. The
+    arithmetic of BFL's ``QKNorm`` + ``apply_rope``, computed in fp32 and rounded once.
 
     Eager, this is one autograd node (:class:`_AttentionInputs`) whose backward writes each stream's
     gradient into one tensor, where autograd's split, cat and stack would copy it three times more.
+    It reads bf16 projections without an fp32 copy and multiplies by 1/rms after the rotation,
+    in the product that writes q and k (``bench/bench_traffic.py`` counts what that saves).
     Under ``torch.compile`` it is written out in real arithmetic instead, for the compiler to fuse
     (it can trace neither that node's in-place backward nor complex numbers).
     """
@@ -154,11 +156,16 @@ class _AttentionInputs(torch.autograd.Function):
             rows = slice(start, start + proj.shape[1])
             start = rows.stop
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
-            x = heads[:, :, :2].float()
-            rrms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(head_dim).add_(1e-6))
-            y = torch.view_as_complex((x * rrms).mul_(scale).unflatten(-1, (-1, 2)))
-            rotated = torch.view_as_real(y * freqs[:, rows]).flatten(-2)
-            q[:, rows], k[:, rows], v[:, rows] = rotated[:, :, 0], rotated[:, :, 1], heads[:, :, 2]
+            x = heads[:, :, :2]  # read in its own dtype: the fp32 results below come from type promotion
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            rrms = torch.rsqrt(norm.square_().div_(head_dim).add_(1e-6))
+            # rotate(x·rrms·scale) = rotate(x·scale)·rrms (one rrms per head, a linear rotation): the
+            # last multiply then writes q and k themselves, in their dtype
+            y = torch.view_as_complex((x * scale.float()).unflatten(-1, (-1, 2)))
+            rotated = torch.view_as_real(y.mul_(freqs[:, rows])).flatten(-2)
+            torch.mul(rotated[:, :, 0], rrms[:, :, 0], out=q[:, rows])
+            torch.mul(rotated[:, :, 1], rrms[:, :, 1], out=k[:, rows])
+            v[:, rows] = heads[:, :, 2]
             rrms_list.append(rrms)
             if gelu_rest:
                 rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
@@ -190,14 +197,15 @@ class _AttentionInputs(torch.autograd.Function):
                 if grad is None:
                     grad_heads[:, :, i].zero_()
                     continue
-                g = torch.view_as_complex(grad[:, rows].float().contiguous().unflatten(-1, (-1, 2))) * conj
-                g = torch.view_as_real(g).flatten(-2)  # gradient of the scaled, normalised input
-                xn = heads[:, :, i].float() * rrms[:, :, i]
+                x, r = heads[:, :, i], rrms[:, :, i]
+                h = torch.view_as_complex(grad[:, rows].float().contiguous().unflatten(-1, (-1, 2))) * conj
+                h = torch.view_as_real(h).flatten(-2)  # rotated back: the gradient of rrms·(x·scale)
                 if needs_scale:
-                    grad_scale[i, 0] = (g * xn).flatten(0, -2).sum(0)
-                g.mul_(scale[i])
-                dot = torch.linalg.vecdot(g, xn, dim=-1).unsqueeze(-1).div_(head_dim)
-                torch.mul(torch.addcmul(g, xn, dot, value=-1), rrms[:, :, i], out=grad_heads[:, :, i])
+                    grad_scale[i, 0] = (h * x).mul_(r).flatten(0, -2).sum(0)
+                h.mul_(scale[i])
+                # d/dx of rrms·u (u = x·scale, h its gradient): rrms·h − rrms³/D · Σ(h·x) · x
+                coef = (h * x).sum(-1, keepdim=True).mul_(r.square()).div_(-head_dim)
+                torch.mul(torch.addcmul(h, x, coef), r, out=grad_heads[:, :, i])
             if grad_v is None:
                 grad_heads[:, :, 2].zero_()
             else:
@@ -316,9 +324,15 @@ def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
 
 def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:
     """(1 + scale) · LayerNorm(x) + shift. With one sample the modulation is the LayerNorm's
-    affine transform, so one fused kernel does it all (forward and backward)."""
+    affine transform, so one fused kernel does it all (forward and backward).
+
+    That kernel runs in x's dtype, outside autocast: it computes in fp32 inside and rounds once,
+    as the fp32 LayerNorm that CUDA autocast would pick does, without casting the activation to
+    fp32 and back around it (three passes over it in forward and three more in backward)."""
     if x.shape[0] == 1 and type(norm) is nn.LayerNorm and not norm.elementwise_affine:
-        return F.layer_norm(x, norm.normalized_shape, (1 + mod.scale).flatten(), mod.shift.flatten(), norm.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = (1 + mod.scale).flatten().to(x.dtype), mod.shift.flatten().to(x.dtype)
+            return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
     return modulate(norm(x), mod)
 
 

@@ -1,4 +1,7 @@
-"""bench/bench_traffic.py: CUDA's autocast rules emulated on the CPU, and the traffic count."""
+"""Elementwise work that reads and writes whole activations, under CUDA's autocast rules
+(emulated on the CPU by bench/bench_traffic.py): the modulated LayerNorm and the q/k
+normalisation make no fp32 copies of their bf16 inputs, and give the numbers of the fp32
+arithmetic that the copies fed."""
 
 import pytest
 import torch
@@ -6,12 +9,18 @@ import torch.nn.functional as F
 
 from bench import bench_traffic
 from bench.bench_traffic import TrafficCounter, cuda_autocast_rules
+from library.flux_layers import ModulationOut, _attention_inputs_composed, attention_inputs, norm_and_modulate
+from tests.test_compiled_blocks import streams
 
 BF16 = torch.bfloat16
 
 
 def fp32_results(counter: TrafficCounter, shape) -> list[str]:
     return [op for op, s, dtype in counter.tensors if dtype == torch.float32 and s == torch.Size(shape)]
+
+
+def weighted_sum(tensors, weights):
+    return sum((t.float() * w.float()).sum() for t, w in zip(tensors, weights, strict=True))
 
 
 def modulated_inputs():
@@ -33,6 +42,51 @@ def test_the_emulated_rules_cast_what_cuda_autocast_casts():
     assert fp32_results(counter, x.shape) == ["_to_copy", "native_layer_norm"]
     with torch.autocast("cpu", BF16):
         assert F.layer_norm(x, (64,)).dtype == BF16  # CPU autocast's own rule again
+
+
+def test_modulated_layer_norm_makes_no_fp32_copy_of_the_activation():
+    x, scale, shift = modulated_inputs()
+    forward, backward = TrafficCounter(), TrafficCounter()
+    with cuda_autocast_rules(), torch.autocast("cpu", BF16):
+        with forward:
+            out = norm_and_modulate(torch.nn.LayerNorm(64, elementwise_affine=False, eps=1e-6), x,
+                                    ModulationOut(shift, scale, None))  # fmt: skip
+        with backward:
+            grads = torch.autograd.grad(out, (x, scale, shift), torch.ones_like(out))
+    assert out.dtype == BF16 and all(g.dtype == BF16 for g in grads)
+    assert not fp32_results(forward, x.shape) and not fp32_results(backward, x.shape)
+    # the numbers of CUDA autocast's fp32 LayerNorm, rounded once at the next Linear
+    reference = F.layer_norm(x.float(), (64,), (1 + scale).flatten().float(), shift.flatten().float(), 1e-6)
+    torch.testing.assert_close(out, reference.to(BF16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gelu_rest", [False, True], ids=["double", "single"])
+def test_q_k_normalisation_reads_bf16_projections_without_upcasting_them(gelu_rest):
+    projections, norms, pe, heads = streams(gelu_rest, dtype=BF16)
+    forward, backward = TrafficCounter(), TrafficCounter()
+    with cuda_autocast_rules(), torch.autocast("cpu", BF16):
+        with forward:
+            q, k, v, *rests = attention_inputs(projections, norms, pe, heads, gelu_rest)
+        loss = q.float().sum() + k.float().sum() + v.float().sum()
+        with backward:
+            torch.autograd.grad(loss, projections)
+    head_dim = norms[0].query_norm.scale.shape[0]
+    for proj in projections:
+        # forward: the fp32 arithmetic takes the bf16 values by type promotion, no cast first
+        assert "_to_copy" not in fp32_results(forward, (*proj.shape[:2], 2, heads, head_dim))
+        # backward: only the incoming gradients of q and k are upcast (one each)
+        assert fp32_results(backward, (*proj.shape[:2], heads, head_dim)).count("_to_copy") == 2
+    # the numbers: fp32 arithmetic on the bf16 values, rounded once to bf16: within half an ulp, a
+    # relative 2⁻⁸ at most (rounding twice, as BFL's code does, can be off by a whole ulp)
+    exact_inputs = [p.detach().float().requires_grad_(True) for p in projections]
+    exact = _attention_inputs_composed(exact_inputs, norms, pe, heads, gelu_rest)
+    weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5)).to(BF16) for t in exact]
+    ours = attention_inputs(projections, norms, pe, heads, gelu_rest)
+    grads = torch.autograd.grad(weighted_sum(ours, weights), projections)
+    exact_grads = torch.autograd.grad(weighted_sum(exact, weights), exact_inputs)
+    for a, b in zip((*ours, *grads), (*exact, *exact_grads), strict=True):
+        assert a.dtype == BF16
+        torch.testing.assert_close(a.float(), b, rtol=2**-8 + 1e-6, atol=1e-6)
 
 
 def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_width(capsys):

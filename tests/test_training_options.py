@@ -185,7 +185,7 @@ def test_torch_compile_per_block_trains_the_same_lora(tiny_model_files, tmp_path
     compiled = lora(train(tiny_model_files, tmp_path / "b", steps=2, network_train_unet_only=True,
                           torch_compile=True, dynamo_backend="eager"))
     # Compiled blocks rotate q and k in real arithmetic instead of one complex multiply: the same
-    # values to 1 ulp (tests/test_attention_inputs.py). Adam's normalised steps carry that into
+    # values to 1 ulp (tests/test_compiled_blocks.py). Adam's normalised steps carry that into
     # the weights as absolute differences near 1e-7, against updates of about lr = 1e-3 per step.
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6)
