@@ -124,11 +124,12 @@ class TrafficCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if func.is_view or name in FREE_OPS or func.namespace == "prim":
             return out
-        inputs = (
-            []
-            if name in WRITE_ONLY_OPS
-            else [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        )
+        # an out= argument is written, not read (an in-place op's self is both, and counts twice)
+        written = {a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write}
+        read = {k: v for k, v in (kwargs or {}).items() if k not in written}
+        inputs = [t for t in tree_flatten((args, read))[0] if isinstance(t, torch.Tensor)]
+        if name in WRITE_ONLY_OPS:
+            inputs = []
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         key = "matmul" if name in MATMUL_OPS else name
         self.bytes[key] += sum(t.numel() * t.element_size() for t in inputs + outputs)

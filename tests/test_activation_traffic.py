@@ -101,3 +101,18 @@ def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_
     # the ratio is printed for (b), which checkpoints as the reference does, not for (a)
     assert f"b/ref: elementwise traffic {b['elementwise_bytes'] / ref['elementwise_bytes']:.3f}" in out
     assert "a/ref" not in out
+
+
+def test_traffic_counts_what_each_kernel_reads_and_writes():
+    a, b, out = torch.ones(1000), torch.ones(1000), torch.empty(1000)  # 4000 bytes each
+    counter = TrafficCounter()
+    with counter:
+        torch.add(a, b)  # reads two, writes one
+        torch.mul(a, b, out=out)  # the same: out= is written, not read
+        a.mul_(b)  # reads a and b, writes a
+        a.view(10, 100).t()  # views move nothing
+        out.zero_()  # writes only
+        torch.empty(1000)  # allocates only
+        a.view(10, 100) @ b.view(100, 10)  # counted apart: reads both, writes 10 x 10
+    assert dict(counter.bytes) == {"add": 12000, "mul": 12000, "mul_": 12000, "zero_": 4000, "matmul": 8400}
+    assert counter.elementwise_bytes == 40000 and counter.elementwise_calls == 4
