@@ -1,12 +1,12 @@
 """Memory traffic of one LoRA training step of the full FLUX.1-dev DiT, counted without a GPU.
 
-    python bench/bench_traffic.py [--settings a,b,bk,c,ref] [--top 12] [--tiny]
+    python bench/bench_traffic.py [--settings a,b,bk,c,ref] [--batch 1] [--top 12] [--tiny]
 
 On a GPU the kernels outside the matrix products and attention (norms, RoPE, modulation, casts,
 GELU, LoRA's additions) are memory-bound: their time follows the bytes they read and write.
 This script runs one forward and backward of ``bench_gpu.py``'s settings (the same model, LoRA,
 inputs and bf16 autocast) on fake tensors (torch's ``FakeTensorMode``: shapes and dtypes, no
-memory, no arithmetic, so FLUX.1-dev at 1024² runs in seconds on a laptop) and adds up, for every
+memory, no arithmetic, so FLUX.1-dev at 1024² takes seconds on any CPU) and adds up, for every
 such kernel, the bytes of its tensor arguments and results. Views and allocations move nothing
 and are not counted; a broadcast argument counts at its own size. Matrix products and fused
 attention are counted apart: their time follows their FLOPs.
@@ -37,18 +37,17 @@ from torch.utils._pytree import tree_flatten, tree_map
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import bench_gpu  # noqa: E402
+from library.flux_layers import FUSED_ATTENTION_OPS  # noqa: E402
 from library.flux_models import configs  # noqa: E402
 
 SETTINGS = ("a", "b", "bk", "c", "ck", "ref")  # bench_gpu's settings that run on one device without swapping
 DEFAULT_SETTINGS = "a,b,bk,c,ref"
-# compute-bound kernels, counted apart (their time follows their FLOPs)
-MATMUL_OPS = frozenset({
-    "mm", "addmm", "bmm", "baddbmm", "_scaled_mm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
-})  # fmt: skip
+# compute-bound kernels, counted apart (their time follows their FLOPs): matrix products, and the
+# fused attention kernels with their backward
+_ATTENTION = [op.overloadpacket.__name__ for op in FUSED_ATTENTION_OPS]
+_ATTENTION += [f"{name}_backward" for name in _ATTENTION]
+MATMUL_OPS = frozenset(["mm", "addmm", "bmm", "baddbmm", "_scaled_mm", *_ATTENTION])
+
 # ops that allocate or alias without touching memory
 FREE_OPS = frozenset({
     "empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided", "_unsafe_view", "detach", "alias",
@@ -146,7 +145,7 @@ class TrafficCounter(TorchDispatchMode):
         return sum(v for k, v in self.calls.items() if k != "matmul")
 
 
-def count_step(name: str, params, side: int, txt_tokens: int) -> TrafficCounter:
+def count_step(name: str, params, side: int, txt_tokens: int, batch: int = 1) -> TrafficCounter:
     """One forward and backward of ``bench_gpu``'s setting ``name``, on fake tensors, counted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -162,7 +161,8 @@ def count_step(name: str, params, side: int, txt_tokens: int) -> TrafficCounter:
                 _, forward, _ = bench_gpu.build_diffusers(params, device, setting, dtype)
             else:
                 _, forward, _ = bench_gpu.build_ours(params, device, setting, False, dtype)
-            x = bench_gpu.inputs(params, side, txt_tokens, device, dtype)
+            x = bench_gpu.inputs(params, side, txt_tokens, device, dtype)  # one sample, repeated
+            x = {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in x.items()}
             with cuda_autocast_rules(), counter:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     out = forward(x)
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--bandwidth", type=float, default=3.35, help="TB/s for the time column (default 3.35: H100 SXM)"
     )
+    parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1, as bench_gpu.py)")
     parser.add_argument("--tiny", action="store_true", help="bench_gpu's tiny width (smoke test)")
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -187,14 +188,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
     params, side, txt_tokens = (bench_gpu.tiny_params(), 4, 8) if args.tiny else (configs["dev"], 64, 512)
-    print(f"{'tiny' if args.tiny else 'FLUX.1-dev'} DiT, {side * side} image + {txt_tokens} text tokens, LoRA rank 16, "
+    model = "tiny" if args.tiny else "FLUX.1-dev"
+    print(f"{model} DiT, batch {args.batch} of {side * side} image + {txt_tokens} text tokens, LoRA rank 16, "
           "bf16 autocast with CUDA's rules; one forward + backward")  # fmt: skip
     time_column = f"ms at {args.bandwidth:g} TB/s"
     print(f"{'setting':8s} {'elementwise GiB':>16s} {'kernels':>8s} {time_column:>16s} {'matmul/attention calls':>23s}")
     results = []
     for name in names:
         start = time.perf_counter()
-        counter = count_step(name, params, side, txt_tokens)
+        counter = count_step(name, params, side, txt_tokens, args.batch)
         result = dict(setting=name, elementwise_bytes=counter.elementwise_bytes, kernels=counter.elementwise_calls,
                       matmul_calls=counter.calls["matmul"], seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         results.append(result)
