@@ -323,17 +323,24 @@ def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
 
 
 def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:
-    """(1 + scale) · LayerNorm(x) + shift. With one sample the modulation is the LayerNorm's
-    affine transform, so one fused kernel does it all (forward and backward).
+    """(1 + scale) · LayerNorm(x) + shift. Within one sample the modulation is the LayerNorm's
+    affine transform, so one fused kernel per sample does it all (forward and backward).
 
     That kernel runs in x's dtype, outside autocast: it computes in fp32 inside and rounds once,
     as the fp32 LayerNorm that CUDA autocast would pick does, without casting the activation to
     fp32 and back around it (three passes over it in forward and three more in backward)."""
-    if x.shape[0] == 1 and type(norm) is nn.LayerNorm and not norm.elementwise_affine:
-        with torch.autocast(x.device.type, enabled=False):
-            weight, bias = (1 + mod.scale).flatten().to(x.dtype), mod.shift.flatten().to(x.dtype)
-            return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-    return modulate(norm(x), mod)
+    fusable = type(norm) is nn.LayerNorm and not norm.elementwise_affine
+    # compiled, a loop over samples would fix the batch size in the graph, and fusing is inductor's job
+    if not fusable or (x.shape[0] > 1 and torch.compiler.is_compiling()):
+        return modulate(norm(x), mod)
+    with torch.autocast(x.device.type, enabled=False):
+        weight, bias = (1 + mod.scale).to(x.dtype), mod.shift.to(x.dtype)  # (B or 1, 1, D)
+
+        def sample(i: int) -> Tensor:
+            j = i if weight.shape[0] > 1 else 0
+            return F.layer_norm(x[i : i + 1], norm.normalized_shape, weight[j, 0], bias[j, 0], norm.eps)
+
+        return sample(0) if x.shape[0] == 1 else torch.cat([sample(i) for i in range(x.shape[0])])
 
 
 def modulations_from_vectors(vectors: Tensor) -> list[ModulationOut]:

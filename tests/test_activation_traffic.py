@@ -23,10 +23,10 @@ def weighted_sum(tensors, weights):
     return sum((t.float() * w.float()).sum() for t, w in zip(tensors, weights, strict=True))
 
 
-def modulated_inputs():
+def modulated_inputs(batch: int = 1, mod_batch: int = 1, dtype=BF16):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 24, 64, generator=g).to(BF16).requires_grad_(True)
-    scale, shift = (torch.randn(1, 1, 64, generator=g).mul_(0.1).to(BF16).requires_grad_(True) for _ in range(2))
+    x = torch.randn(batch, 24, 64, generator=g).to(dtype).requires_grad_(True)
+    scale, shift = (torch.randn(mod_batch, 1, 64, generator=g).mul_(0.1).to(dtype).requires_grad_(True) for _ in "ab")
     return x, scale, shift
 
 
@@ -44,20 +44,41 @@ def test_the_emulated_rules_cast_what_cuda_autocast_casts():
         assert F.layer_norm(x, (64,)).dtype == BF16  # CPU autocast's own rule again
 
 
-def test_modulated_layer_norm_makes_no_fp32_copy_of_the_activation():
-    x, scale, shift = modulated_inputs()
+LAYER_NORM = torch.nn.LayerNorm(64, elementwise_affine=False, eps=1e-6)
+
+
+@pytest.mark.parametrize("batch, mod_batch", [(1, 1), (3, 3), (3, 1)], ids=["one", "three", "broadcast-modulation"])
+def test_modulated_layer_norm_makes_no_fp32_copy_of_the_activation(batch, mod_batch):
+    x, scale, shift = modulated_inputs(batch, mod_batch)
     forward, backward = TrafficCounter(), TrafficCounter()
     with cuda_autocast_rules(), torch.autocast("cpu", BF16):
         with forward:
-            out = norm_and_modulate(torch.nn.LayerNorm(64, elementwise_affine=False, eps=1e-6), x,
-                                    ModulationOut(shift, scale, None))  # fmt: skip
+            out = norm_and_modulate(LAYER_NORM, x, ModulationOut(shift, scale, None))
         with backward:
             grads = torch.autograd.grad(out, (x, scale, shift), torch.ones_like(out))
     assert out.dtype == BF16 and all(g.dtype == BF16 for g in grads)
     assert not fp32_results(forward, x.shape) and not fp32_results(backward, x.shape)
+    assert not fp32_results(forward, x[:1].shape) and not fp32_results(backward, x[:1].shape)
     # the numbers of CUDA autocast's fp32 LayerNorm, rounded once at the next Linear
-    reference = F.layer_norm(x.float(), (64,), (1 + scale).flatten().float(), shift.flatten().float(), 1e-6)
+    reference = torch.cat([
+        F.layer_norm(x[i : i + 1].float(), (64,), (1 + scale[i % mod_batch, 0]).float(),
+                     shift[i % mod_batch, 0].float(), 1e-6)
+        for i in range(batch)
+    ])  # fmt: skip
     torch.testing.assert_close(out, reference.to(BF16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch, mod_batch", [(3, 3), (3, 1)], ids=["three", "broadcast-modulation"])
+def test_modulated_layer_norm_per_sample_is_the_formula(batch, mod_batch):
+    """fp32: one fused kernel per sample gives (1 + scale) · LayerNorm(x) + shift, values and gradients."""
+    x, scale, shift = modulated_inputs(batch, mod_batch, dtype=torch.float32)
+    fused = norm_and_modulate(LAYER_NORM, x, ModulationOut(shift, scale, None))
+    formula = (1 + scale) * LAYER_NORM(x) + shift
+    torch.testing.assert_close(fused, formula, rtol=1e-6, atol=1e-6)
+    weight = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(torch.autograd.grad((fused * weight).sum(), (x, scale, shift)),
+                    torch.autograd.grad((formula * weight).sum(), (x, scale, shift)), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("gelu_rest", [False, True], ids=["double", "single"])
@@ -101,6 +122,8 @@ def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_
     # the ratio is printed for (b), which checkpoints as the reference does, not for (a)
     assert f"b/ref: elementwise traffic {b['elementwise_bytes'] / ref['elementwise_bytes']:.3f}" in out
     assert "a/ref" not in out
+    (two,) = bench_traffic.main(["--tiny", "--settings", "b", "--batch", "2"])
+    assert b["elementwise_bytes"] < two["elementwise_bytes"] < 2.5 * b["elementwise_bytes"]
 
 
 def test_traffic_counts_what_each_kernel_reads_and_writes():
