@@ -334,13 +334,16 @@ def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tens
     if not fusable or (x.shape[0] > 1 and torch.compiler.is_compiling()):
         return modulate(norm(x), mod)
     with torch.autocast(x.device.type, enabled=False):
-        weight, bias = (1 + mod.scale).to(x.dtype), mod.shift.to(x.dtype)  # (B or 1, 1, D)
-
-        def sample(i: int) -> Tensor:
-            j = i if weight.shape[0] > 1 else 0
-            return F.layer_norm(x[i : i + 1], norm.normalized_shape, weight[j, 0], bias[j, 0], norm.eps)
-
-        return sample(0) if x.shape[0] == 1 else torch.cat([sample(i) for i in range(x.shape[0])])
+        # (B or 1, D); reshapes, split and unbind, not indexing: indexing's backward zero-fills
+        weight, bias = (1 + mod.scale).to(x.dtype).flatten(1), mod.shift.to(x.dtype).flatten(1)
+        if x.shape[0] == 1:
+            return F.layer_norm(x, norm.normalized_shape, weight.flatten(), bias.flatten(), norm.eps)
+        samples = x.split(1)
+        weight, bias = (t.expand(len(samples), -1).unbind() for t in (weight, bias))
+        return torch.cat([
+            F.layer_norm(sample, norm.normalized_shape, w, b, norm.eps)
+            for sample, w, b in zip(samples, weight, bias, strict=True)
+        ])  # fmt: skip
 
 
 def modulations_from_vectors(vectors: Tensor) -> list[ModulationOut]:
