@@ -91,6 +91,12 @@ def test_modulated_layer_norm_per_sample_is_the_formula(batch, mod_batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_modulated_layer_norm_runs_on_a_device_without_autocast():
+    """Turning autocast off is skipped where there is none: shape inference on the meta device."""
+    x, scale, shift = (t.detach().to("meta") for t in modulated_inputs(2, 2))
+    assert norm_and_modulate(LAYER_NORM, x, ModulationOut(shift, scale, None)).shape == x.shape
+
+
 @pytest.mark.parametrize("gelu_rest", [False, True], ids=["double", "single"])
 def test_q_k_normalisation_reads_bf16_projections_without_upcasting_them(gelu_rest):
     projections, norms, pe, heads = streams(gelu_rest, dtype=BF16)
