@@ -1,6 +1,9 @@
-"""Names of torch dtypes as command lines write them (``bf16``, ``fp8_e4m3fn``, ``float`` ...)."""
+"""Names of torch dtypes as command lines write them (``bf16``, ``fp8_e4m3fn``, ``float`` ...), and
+the dtype autocast computes in."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -33,3 +36,18 @@ def dtype_from_name(name: str, flag: str) -> torch.dtype:
     if key not in DTYPE_BY_NAME:
         raise UserError(f"{flag} {name}: expected one of {', '.join(DTYPE_BY_NAME)}")
     return DTYPE_BY_NAME[key]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on this device type; None while it is off, or where the
+    device has no autocast (the meta device of shape inference)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast turned off for this device type (nothing to do where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

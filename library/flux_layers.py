@@ -9,7 +9,6 @@ Blocks built with ``modulated=False`` (Chroma) have no modulation Linears and ta
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from library.dtypes import autocast_off
 
 # The SDPA kernels allowed, first choice first. cuDNN's fused attention is left out: with torch 2.11
 # on an H100 its backward failed on the DiT's shapes ("mha_graph.execute ... is_good()", or an
@@ -323,13 +324,6 @@ def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
     return torch.addcmul(mod.shift, x, 1 + mod.scale)
 
 
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    # devices without autocast (the meta device of shape inference) have nothing to turn off
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:
     """(1 + scale) · LayerNorm(x) + shift. Within one sample the modulation is the LayerNorm's
     affine transform, so one fused kernel per sample does it all (forward and backward).
@@ -341,7 +335,7 @@ def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tens
     # compiled, a loop over samples would fix the batch size in the graph, and fusing is inductor's job
     if not fusable or (x.shape[0] > 1 and torch.compiler.is_compiling()):
         return modulate(norm(x), mod)
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         # (B or 1, D); reshapes, split and unbind, not indexing: indexing's backward zero-fills
         weight, bias = (1 + mod.scale).to(x.dtype).flatten(1), mod.shift.to(x.dtype).flatten(1)
         if x.shape[0] == 1:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from library.dtypes import FP8_DTYPES
+from library.dtypes import FP8_DTYPES, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 
 def compute_dtype_for(x: Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` runs in: autocast's when it is on, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 def row_scales(weight: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from library.dtypes import autocast_dtype
 from library.errors import UserError
 
 
@@ -156,7 +157,7 @@ class LoRAModule(nn.Module):
             return org
 
         weight = self.pairs()[0][0].weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
             x = x.to(weight.dtype)
         scale = self.scale
         if self.training and self.rank_dropout:
@@ -178,10 +179,7 @@ class LoRAModule(nn.Module):
         in passes of its own, forward or backward. (Accumulating into org in place would save the
         copy of org that addmm makes, but measured on the CPU it costs more copies than it saves.)"""
         up = self.lora_up.weight * strength
-        if torch.is_autocast_enabled(org.device.type):
-            dtype = torch.get_autocast_dtype(org.device.type)
-        else:
-            dtype = torch.promote_types(org.dtype, lx.dtype)
+        dtype = autocast_dtype(org.device.type) or torch.promote_types(org.dtype, lx.dtype)
         flat = torch.addmm(org.reshape(-1, org.shape[-1]).to(dtype), lx.reshape(-1, lx.shape[-1]).to(dtype),
                            up.t().to(dtype))  # fmt: skip
         return flat.view(*org.shape).to(org.dtype)

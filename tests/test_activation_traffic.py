@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from bench import bench_traffic
 from bench.bench_traffic import TrafficCounter, cuda_autocast_rules
 from library.flux_layers import ModulationOut, _attention_inputs_composed, attention_inputs, norm_and_modulate
+from library.flux_models import Flux
+from library.tiny_models import tiny_flux_params
+from networks import lora_flux
 from tests.test_compiled_blocks import streams
 
 BF16 = torch.bfloat16
@@ -91,10 +94,18 @@ def test_modulated_layer_norm_per_sample_is_the_formula(batch, mod_batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_modulated_layer_norm_runs_on_a_device_without_autocast():
-    """Turning autocast off is skipped where there is none: shape inference on the meta device."""
-    x, scale, shift = (t.detach().to("meta") for t in modulated_inputs(2, 2))
-    assert norm_and_modulate(LAYER_NORM, x, ModulationOut(shift, scale, None)).shape == x.shape
+def test_the_dit_with_lora_runs_on_a_device_without_autocast():
+    """Autocast is neither queried nor turned off where there is none: shape inference on the meta
+    device, through the modulated LayerNorm and LoRA's forward."""
+    p = tiny_flux_params()
+    with torch.device("meta"):
+        model = Flux(p).requires_grad_(False)
+        network = lora_flux.create_network(1.0, 4, 4, None, [None, None], model)
+        network.apply_to([None, None], model, apply_text_encoder=False, apply_unet=True)
+        out = model(img=torch.randn(2, 16, p.in_channels), img_ids=torch.zeros(2, 16, 3),
+                    txt=torch.randn(2, 5, p.context_in_dim), txt_ids=torch.zeros(2, 5, 3), timesteps=torch.ones(2),
+                    y=torch.randn(2, p.vec_in_dim), guidance=torch.ones(2))  # fmt: skip
+    assert out.shape == (2, 16, p.out_channels) and out.is_meta
 
 
 @pytest.mark.parametrize("gelu_rest", [False, True], ids=["double", "single"])
