@@ -152,9 +152,8 @@ def count_step(name: str, params, side: int, txt_tokens: int, batch: int = 1) ->
     setting, device, dtype = bench_gpu.SETTINGS[name], torch.device("cpu"), torch.bfloat16
     counter = TrafficCounter()
     module_to = torch.nn.Module.to
-    torch.nn.Module.to = lambda self, *args, **kwargs: (
-        self
-    )  # one device: nothing moves (fake tensors cannot be swapped)
+    # one device, so nothing has to move (and fake parameters cannot be swapped for moved ones)
+    torch.nn.Module.to = lambda self, *args, **kwargs: self
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             if setting.get("diffusers"):
