@@ -139,8 +139,9 @@ class Chroma(Flux):
             img, txt = self._run(0, i, img, txt, None, pe, attn_mask, block_vectors)
         x = torch.cat((txt, img), dim=1)
         for i in range(len(self.single_blocks)):
-            x = self._run(1, i, x, None, pe, attn_mask, mod_vectors[:, 3 * i : 3 * (i + 1)])
-        img = x.split((txt.shape[1], img.shape[1]), dim=1)[1].to(self.device)
+            block_vectors = mod_vectors[:, 3 * i : 3 * (i + 1)]
+            x = self._run(1, i, x, None, pe, attn_mask, block_vectors, self._single_output_from(i, txt))
+        img = x[:, -img.shape[1] :].to(self.device)
         return self.final_layer(img, None, mod_vectors[:, -2:])
 
 

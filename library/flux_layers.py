@@ -94,7 +94,12 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = 
 
 
 def attention_inputs(
-    projections: list[Tensor], norms: list[QKNorm], pe: Tensor, num_heads: int, gelu_rest: bool = False
+    projections: list[Tensor],
+    norms: list[QKNorm],
+    pe: Tensor,
+    num_heads: int,
+    gelu_rest: bool = False,
+    queries_from: int = 0,
 ) -> list[Tensor]:
     """q, k, v (B, ΣL, H, D) of a joint attention from each stream's fused projection (B, L_s, 3·H·D + rest).
 
@@ -103,6 +108,9 @@ def attention_inputs(
     q, k, v (the single block's MLP input) go through tanh-GELU and come last in the result. The
     arithmetic of BFL's ``QKNorm`` + ``apply_rope``, computed in fp32 and rounded once.
 
+    Tokens before ``queries_from`` (at most the first stream's) get keys and values only: no query
+    row and no GELU output, for a caller that discards their outputs (q is then (B, ΣL − queries_from, H, D)).
+
     Eager, this is one autograd node (:class:`_AttentionInputs`) whose backward writes each stream's
     gradient into one tensor, where autograd's split, cat and stack would copy it three times more.
     It reads bf16 projections without an fp32 copy and multiplies by 1/rms after the rotation,
@@ -110,15 +118,24 @@ def attention_inputs(
     Under ``torch.compile`` it is written out in real arithmetic instead, for the compiler to fuse
     (it can trace neither that node's in-place backward nor complex numbers).
     """
+    if not 0 <= queries_from <= projections[0].shape[1]:
+        raise ValueError(
+            f"queries_from={queries_from} lies outside the first stream's {projections[0].shape[1]} tokens"
+        )
     if torch.compiler.is_compiling():
-        return _attention_inputs_composed(projections, norms, pe, num_heads, gelu_rest)
+        return _attention_inputs_composed(projections, norms, pe, num_heads, gelu_rest, queries_from)
     scales = [torch.stack((n.query_norm.scale, n.key_norm.scale))[:, None, :] for n in norms]  # (2, 1, D)
     pairs = [t for pair in zip(projections, scales, strict=True) for t in pair]
-    return list(_AttentionInputs.apply(rope_as_complex(pe), num_heads, gelu_rest, *pairs))
+    return list(_AttentionInputs.apply(rope_as_complex(pe), num_heads, gelu_rest, queries_from, *pairs))
 
 
 def _attention_inputs_composed(
-    projections: list[Tensor], norms: list[QKNorm], pe: Tensor, num_heads: int, gelu_rest: bool
+    projections: list[Tensor],
+    norms: list[QKNorm],
+    pe: Tensor,
+    num_heads: int,
+    gelu_rest: bool,
+    queries_from: int = 0,
 ) -> list[Tensor]:
     cos, sin = pe[:, 0, :, None, None, :, 0, 0], pe[:, 0, :, None, None, :, 1, 0]  # (B, L, 1, 1, D/2)
     qs, ks, vs, rests, start = [], [], [], [], 0
@@ -139,24 +156,27 @@ def _attention_inputs_composed(
         ks.append(rotated[:, :, 1])
         vs.append(heads[:, :, 2])
         if gelu_rest:
-            rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
-    return [torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1), *rests]
+            skip = max(queries_from - rows.start, 0)  # this stream's tokens without a query
+            rests.append(F.gelu(proj[:, skip:, inner:], approximate="tanh"))
+    return [torch.cat(qs, dim=1)[:, queries_from:], torch.cat(ks, dim=1), torch.cat(vs, dim=1), *rests]
 
 
 class _AttentionInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, freqs: Tensor, num_heads: int, gelu_rest: bool, *pairs: Tensor):
+    def forward(ctx, freqs: Tensor, num_heads: int, gelu_rest: bool, queries_from: int, *pairs: Tensor):
         projections, scales = pairs[0::2], pairs[1::2]
         head_dim = scales[0].shape[-1]
         inner = 3 * num_heads * head_dim
         first = projections[0]
         batch, total = first.shape[0], sum(p.shape[1] for p in projections)
         # q, k, v each (B, L, H, D) contiguous: the layout every SDPA kernel is written for
-        q, k, v = (first.new_empty(batch, total, num_heads, head_dim) for _ in range(3))
+        q = first.new_empty(batch, total - queries_from, num_heads, head_dim)
+        k, v = (first.new_empty(batch, total, num_heads, head_dim) for _ in range(2))
         rests, rrms_list, start = [], [], 0
         for proj, scale in zip(projections, scales, strict=True):
             rows = slice(start, start + proj.shape[1])
             start = rows.stop
+            asked = slice(max(queries_from - rows.start, 0), None)  # this stream's tokens with a query
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
             x = heads[:, :, :2]  # read in its own dtype: the fp32 results below come from type promotion
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
@@ -165,13 +185,14 @@ class _AttentionInputs(torch.autograd.Function):
             # last multiply then writes q and k themselves, in their dtype
             y = torch.view_as_complex((x * scale.float()).unflatten(-1, (-1, 2)))
             rotated = torch.view_as_real(y.mul_(freqs[:, rows])).flatten(-2)
-            torch.mul(rotated[:, :, 0], rrms[:, :, 0], out=q[:, rows])
+            q_rows = slice(rows.start + asked.start - queries_from, rows.stop - queries_from)
+            torch.mul(rotated[:, asked, 0], rrms[:, asked, 0], out=q[:, q_rows])
             torch.mul(rotated[:, :, 1], rrms[:, :, 1], out=k[:, rows])
             v[:, rows] = heads[:, :, 2]
             rrms_list.append(rrms)
             if gelu_rest:
-                rests.append(F.gelu(proj[..., inner:], approximate="tanh"))
-        ctx.num_heads, ctx.gelu_rest = num_heads, gelu_rest
+                rests.append(F.gelu(proj[:, asked, inner:], approximate="tanh"))
+        ctx.num_heads, ctx.gelu_rest, ctx.queries_from = num_heads, gelu_rest, queries_from
         ctx.save_for_backward(freqs, *projections, *scales, *rrms_list)
         return (q, k, v, *rests)
 
@@ -180,45 +201,53 @@ class _AttentionInputs(torch.autograd.Function):
         freqs, *saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
         n = len(saved) // 3
         projections, scales, rrms_list = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        num_heads, head_dim = ctx.num_heads, scales[0].shape[-1]
+        num_heads, head_dim, queries_from = ctx.num_heads, scales[0].shape[-1], ctx.queries_from
         inner = 3 * num_heads * head_dim
-        grads, start = [None, None, None], 0
+        grads, start = [None, None, None, None], 0
         for s, (proj, scale, rrms) in enumerate(zip(projections, scales, rrms_list, strict=True)):
             rows = slice(start, start + proj.shape[1])
             start = rows.stop
-            needs_proj, needs_scale = ctx.needs_input_grad[3 + 2 * s], ctx.needs_input_grad[4 + 2 * s]
+            needs_proj, needs_scale = ctx.needs_input_grad[4 + 2 * s], ctx.needs_input_grad[5 + 2 * s]
             if not (needs_proj or needs_scale):
                 grads += [None, None]
                 continue
+            asked = slice(max(queries_from - rows.start, 0), None)
+            q_rows = slice(rows.start + asked.start - queries_from, rows.stop - queries_from)
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
             grad_proj = torch.empty_like(proj)
             grad_heads = grad_proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
+            grad_heads[:, : asked.start, 0].zero_()  # tokens without a query
             grad_scale = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
             conj = torch.conj_physical(freqs[:, rows, 0])
-            for i, grad in enumerate((grad_q, grad_k)):
+            for i, (grad, own, grad_rows) in enumerate(((grad_q, asked, q_rows), (grad_k, slice(None), rows))):
                 if grad is None:
-                    grad_heads[:, :, i].zero_()
+                    grad_heads[:, own, i].zero_()
                     continue
-                x, r = heads[:, :, i], rrms[:, :, i]
-                h = torch.view_as_complex(grad[:, rows].float().contiguous().unflatten(-1, (-1, 2))) * conj
+                x, r = heads[:, own, i], rrms[:, own, i]
+                h = torch.view_as_complex(grad[:, grad_rows].float().contiguous().unflatten(-1, (-1, 2))) * conj[:, own]
                 h = torch.view_as_real(h).flatten(-2)  # rotated back: the gradient of rrms·(x·scale)
                 if needs_scale:
                     grad_scale[i, 0] = (h * x).mul_(r).flatten(0, -2).sum(0)
                 h.mul_(scale[i])
                 # d/dx of rrms·u (u = x·scale, h its gradient): rrms·h − rrms³/D · Σ(h·x) · x
                 coef = (h * x).sum(-1, keepdim=True).mul_(r.square()).div_(-head_dim)
-                torch.mul(torch.addcmul(h, x, coef), r, out=grad_heads[:, :, i])
+                torch.mul(torch.addcmul(h, x, coef), r, out=grad_heads[:, own, i])
             if grad_v is None:
                 grad_heads[:, :, 2].zero_()
             else:
                 grad_heads[:, :, 2] = grad_v[:, rows]
-            if ctx.gelu_rest:
-                rest = proj[..., inner:]
+            if not ctx.gelu_rest:
+                grad_proj[..., inner:].zero_()  # channels this node does not read (none in double blocks)
+            else:
+                grad_proj[:, : asked.start, inner:].zero_()
                 if grad_rests[s] is None:
-                    grad_proj[..., inner:].zero_()
+                    grad_proj[:, asked, inner:].zero_()
                 else:
                     torch.ops.aten.gelu_backward.grad_input(
-                        grad_rests[s], rest, approximate="tanh", grad_input=grad_proj[..., inner:]
+                        grad_rests[s],
+                        proj[:, asked, inner:],
+                        approximate="tanh",
+                        grad_input=grad_proj[:, asked, inner:],
                     )
             grads += [grad_proj if needs_proj else None, grad_scale.to(scale.dtype) if needs_scale else None]
         return tuple(grads)
@@ -434,16 +463,20 @@ class SingleStreamBlock(nn.Module):
         pe: Tensor,
         attn_mask: Tensor | None = None,
         mod_vectors: Tensor | None = None,
+        output_from: int = 0,
     ) -> Tensor:
+        """x (B, L, hidden) -> (B, L − output_from, hidden). Tokens before ``output_from`` still give
+        their keys and values to the attention, but get no output: the last block's text tokens,
+        which the final layer never reads, cost no query, MLP or output projection."""
         mod = self.modulation(vec)[0] if mod_vectors is None else modulations_from_vectors(mod_vectors)[0]
         projection = self.linear1(norm_and_modulate(self.pre_norm, x, mod))
         if _is_tanh_gelu(self.mlp_act):
-            q, k, v, mlp = attention_inputs([projection], [self.norm], pe, self.num_heads, True)
+            q, k, v, mlp = attention_inputs([projection], [self.norm], pe, self.num_heads, True, output_from)
         else:
-            q, k, v = attention_inputs([projection], [self.norm], pe, self.num_heads)
-            mlp = self.mlp_act(projection[..., 3 * self.hidden_dim :])
+            q, k, v = attention_inputs([projection], [self.norm], pe, self.num_heads, queries_from=output_from)
+            mlp = self.mlp_act(projection[:, output_from:, 3 * self.hidden_dim :])
         output = self.linear2(torch.cat((joint_attention(q, k, v, attn_mask), mlp), 2))
-        return torch.addcmul(x, mod.gate, output)
+        return torch.addcmul(x[:, output_from:], mod.gate, output)
 
 
 class LastLayer(nn.Module):
