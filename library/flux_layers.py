@@ -100,6 +100,7 @@ def attention_inputs(
     num_heads: int,
     gelu_rest: bool = False,
     queries_from: int = 0,
+    rest_room: int = 0,
 ) -> list[Tensor]:
     """q, k, v (B, ΣL, H, D) of a joint attention from each stream's fused projection (B, L_s, 3·H·D + rest).
 
@@ -110,6 +111,8 @@ def attention_inputs(
 
     Tokens before ``queries_from`` (at most the first stream's) get keys and values only: no query
     row and no GELU output, for a caller that discards their outputs (q is then (B, ΣL − queries_from, H, D)).
+    ``rest_room`` leaves that many channels before each GELU output for :func:`place_attention` to
+    fill: the single block's ``linear2`` input is then written in place, not concatenated.
 
     Eager, this is one autograd node (:class:`_AttentionInputs`) whose backward writes each stream's
     gradient into one tensor, where autograd's split, cat and stack would copy it three times more.
@@ -123,10 +126,36 @@ def attention_inputs(
             f"queries_from={queries_from} lies outside the first stream's {projections[0].shape[1]} tokens"
         )
     if torch.compiler.is_compiling():
-        return _attention_inputs_composed(projections, norms, pe, num_heads, gelu_rest, queries_from)
+        return _attention_inputs_composed(projections, norms, pe, num_heads, gelu_rest, queries_from, rest_room)
     scales = [torch.stack((n.query_norm.scale, n.key_norm.scale))[:, None, :] for n in norms]  # (2, 1, D)
     pairs = [t for pair in zip(projections, scales, strict=True) for t in pair]
-    return list(_AttentionInputs.apply(rope_as_complex(pe), num_heads, gelu_rest, queries_from, *pairs))
+    options = (num_heads, gelu_rest, queries_from, rest_room)
+    return list(_AttentionInputs.apply(rope_as_complex(pe), options, *pairs))
+
+
+def place_attention(attention: Tensor, mlp: Tensor) -> Tensor:
+    """cat((attention, MLP activation), -1), written into the channels ``attention_inputs(...,
+    rest_room=...)`` left free in front of the MLP activation ``mlp``: one copy of the attention
+    output instead of a copy of both. Eager it is in place (``mlp`` is consumed); compiled, a cat."""
+    width = attention.shape[-1]
+    if torch.compiler.is_compiling():
+        return torch.cat((attention, mlp[..., width:]), dim=-1)
+    return _PlaceAttention.apply(mlp, attention)
+
+
+class _PlaceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mlp: Tensor, attention: Tensor):
+        ctx.width = attention.shape[-1]
+        mlp[..., : ctx.width] = attention
+        ctx.mark_dirty(mlp)
+        return mlp
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # the channels the attention overwrote pass their gradient to it alone; the node that made
+        # ``mlp`` reads only the channels after them
+        return grad, grad[..., : ctx.width]
 
 
 def _attention_inputs_composed(
@@ -136,6 +165,7 @@ def _attention_inputs_composed(
     num_heads: int,
     gelu_rest: bool,
     queries_from: int = 0,
+    rest_room: int = 0,
 ) -> list[Tensor]:
     cos, sin = pe[:, 0, :, None, None, :, 0, 0], pe[:, 0, :, None, None, :, 1, 0]  # (B, L, 1, 1, D/2)
     qs, ks, vs, rests, start = [], [], [], [], 0
@@ -157,13 +187,14 @@ def _attention_inputs_composed(
         vs.append(heads[:, :, 2])
         if gelu_rest:
             skip = max(queries_from - rows.start, 0)  # this stream's tokens without a query
-            rests.append(F.gelu(proj[:, skip:, inner:], approximate="tanh"))
+            rests.append(F.pad(F.gelu(proj[:, skip:, inner:], approximate="tanh"), (rest_room, 0)))
     return [torch.cat(qs, dim=1)[:, queries_from:], torch.cat(ks, dim=1), torch.cat(vs, dim=1), *rests]
 
 
 class _AttentionInputs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, freqs: Tensor, num_heads: int, gelu_rest: bool, queries_from: int, *pairs: Tensor):
+    def forward(ctx, freqs: Tensor, options: tuple[int, bool, int, int], *pairs: Tensor):
+        num_heads, gelu_rest, queries_from, rest_room = options
         projections, scales = pairs[0::2], pairs[1::2]
         head_dim = scales[0].shape[-1]
         inner = 3 * num_heads * head_dim
@@ -191,8 +222,11 @@ class _AttentionInputs(torch.autograd.Function):
             v[:, rows] = heads[:, :, 2]
             rrms_list.append(rrms)
             if gelu_rest:
-                rests.append(F.gelu(proj[:, asked, inner:], approximate="tanh"))
-        ctx.num_heads, ctx.gelu_rest, ctx.queries_from = num_heads, gelu_rest, queries_from
+                x = proj[:, asked, inner:]
+                rest = x.new_empty(*x.shape[:-1], rest_room + x.shape[-1])
+                torch.ops.aten.gelu.out(x, approximate="tanh", out=rest[..., rest_room:])
+                rests.append(rest)
+        ctx.options = options
         ctx.save_for_backward(freqs, *projections, *scales, *rrms_list)
         return (q, k, v, *rests)
 
@@ -201,13 +235,14 @@ class _AttentionInputs(torch.autograd.Function):
         freqs, *saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
         n = len(saved) // 3
         projections, scales, rrms_list = saved[:n], saved[n : 2 * n], saved[2 * n :]
-        num_heads, head_dim, queries_from = ctx.num_heads, scales[0].shape[-1], ctx.queries_from
+        num_heads, gelu_rest, queries_from, rest_room = ctx.options
+        head_dim = scales[0].shape[-1]
         inner = 3 * num_heads * head_dim
-        grads, start = [None, None, None, None], 0
+        grads, start = [None, None], 0
         for s, (proj, scale, rrms) in enumerate(zip(projections, scales, rrms_list, strict=True)):
             rows = slice(start, start + proj.shape[1])
             start = rows.stop
-            needs_proj, needs_scale = ctx.needs_input_grad[4 + 2 * s], ctx.needs_input_grad[5 + 2 * s]
+            needs_proj, needs_scale = ctx.needs_input_grad[2 + 2 * s], ctx.needs_input_grad[3 + 2 * s]
             if not (needs_proj or needs_scale):
                 grads += [None, None]
                 continue
@@ -236,7 +271,7 @@ class _AttentionInputs(torch.autograd.Function):
                 grad_heads[:, :, 2].zero_()
             else:
                 grad_heads[:, :, 2] = grad_v[:, rows]
-            if not ctx.gelu_rest:
+            if not gelu_rest:
                 grad_proj[..., inner:].zero_()  # channels this node does not read (none in double blocks)
             else:
                 grad_proj[:, : asked.start, inner:].zero_()
@@ -244,7 +279,7 @@ class _AttentionInputs(torch.autograd.Function):
                     grad_proj[:, asked, inner:].zero_()
                 else:
                     torch.ops.aten.gelu_backward.grad_input(
-                        grad_rests[s],
+                        grad_rests[s][..., rest_room:],
                         proj[:, asked, inner:],
                         approximate="tanh",
                         grad_input=grad_proj[:, asked, inner:],
@@ -471,11 +506,15 @@ class SingleStreamBlock(nn.Module):
         mod = self.modulation(vec)[0] if mod_vectors is None else modulations_from_vectors(mod_vectors)[0]
         projection = self.linear1(norm_and_modulate(self.pre_norm, x, mod))
         if _is_tanh_gelu(self.mlp_act):
-            q, k, v, mlp = attention_inputs([projection], [self.norm], pe, self.num_heads, True, output_from)
+            # the GELU output leaves room in front for the attention output: linear2's input without a cat
+            q, k, v, mlp = attention_inputs(
+                [projection], [self.norm], pe, self.num_heads, True, output_from, rest_room=self.hidden_dim
+            )
+            output = self.linear2(place_attention(joint_attention(q, k, v, attn_mask), mlp))
         else:
             q, k, v = attention_inputs([projection], [self.norm], pe, self.num_heads, queries_from=output_from)
             mlp = self.mlp_act(projection[:, output_from:, 3 * self.hidden_dim :])
-        output = self.linear2(torch.cat((joint_attention(q, k, v, attn_mask), mlp), 2))
+            output = self.linear2(torch.cat((joint_attention(q, k, v, attn_mask), mlp), 2))
         return torch.addcmul(x[:, output_from:], mod.gate, output)
 
 
