@@ -251,7 +251,8 @@ class _AttentionInputs(torch.autograd.Function):
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
             grad_proj = torch.empty_like(proj)
             grad_heads = grad_proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
-            grad_heads[:, : asked.start, 0].zero_()  # tokens without a query
+            if asked.start:  # tokens without a query
+                grad_heads[:, : asked.start, 0].zero_()
             grad_scale = torch.zeros(scale.shape, dtype=torch.float32, device=scale.device)
             conj = torch.conj_physical(freqs[:, rows, 0])
             for i, (grad, own, grad_rows) in enumerate(((grad_q, asked, q_rows), (grad_k, slice(None), rows))):
@@ -271,10 +272,9 @@ class _AttentionInputs(torch.autograd.Function):
                 grad_heads[:, :, 2].zero_()
             else:
                 grad_heads[:, :, 2] = grad_v[:, rows]
-            if not gelu_rest:
-                grad_proj[..., inner:].zero_()  # channels this node does not read (none in double blocks)
-            else:
-                grad_proj[:, : asked.start, inner:].zero_()
+            if gelu_rest:
+                if asked.start:
+                    grad_proj[:, : asked.start, inner:].zero_()
                 if grad_rests[s] is None:
                     grad_proj[:, asked, inner:].zero_()
                 else:
@@ -284,6 +284,8 @@ class _AttentionInputs(torch.autograd.Function):
                         approximate="tanh",
                         grad_input=grad_proj[:, asked, inner:],
                     )
+            elif proj.shape[-1] > inner:
+                grad_proj[..., inner:].zero_()  # channels this node does not read
             grads += [grad_proj if needs_proj else None, grad_scale.to(scale.dtype) if needs_scale else None]
         return tuple(grads)
 
