@@ -158,6 +158,13 @@ class _PlaceAttention(torch.autograd.Function):
         return grad, grad[..., : ctx.width]
 
 
+def _query_rows(rows: slice, queries_from: int) -> tuple[slice, slice]:
+    """The tokens of a stream (``rows`` of the joint sequence) that have a query: as rows of the
+    stream, and as rows of q, which starts at token ``queries_from``."""
+    first = max(queries_from - rows.start, 0)
+    return slice(first, None), slice(rows.start + first - queries_from, rows.stop - queries_from)
+
+
 def _attention_inputs_composed(
     projections: list[Tensor],
     norms: list[QKNorm],
@@ -186,8 +193,8 @@ def _attention_inputs_composed(
         ks.append(rotated[:, :, 1])
         vs.append(heads[:, :, 2])
         if gelu_rest:
-            skip = max(queries_from - rows.start, 0)  # this stream's tokens without a query
-            rests.append(F.pad(F.gelu(proj[:, skip:, inner:], approximate="tanh"), (rest_room, 0)))
+            asked, _ = _query_rows(rows, queries_from)
+            rests.append(F.pad(F.gelu(proj[:, asked, inner:], approximate="tanh"), (rest_room, 0)))
     return [torch.cat(qs, dim=1)[:, queries_from:], torch.cat(ks, dim=1), torch.cat(vs, dim=1), *rests]
 
 
@@ -207,7 +214,7 @@ class _AttentionInputs(torch.autograd.Function):
         for proj, scale in zip(projections, scales, strict=True):
             rows = slice(start, start + proj.shape[1])
             start = rows.stop
-            asked = slice(max(queries_from - rows.start, 0), None)  # this stream's tokens with a query
+            asked, q_rows = _query_rows(rows, queries_from)
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
             x = heads[:, :, :2]  # read in its own dtype: the fp32 results below come from type promotion
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
@@ -216,7 +223,6 @@ class _AttentionInputs(torch.autograd.Function):
             # last multiply then writes q and k themselves, in their dtype
             y = torch.view_as_complex((x * scale.float()).unflatten(-1, (-1, 2)))
             rotated = torch.view_as_real(y.mul_(freqs[:, rows])).flatten(-2)
-            q_rows = slice(rows.start + asked.start - queries_from, rows.stop - queries_from)
             torch.mul(rotated[:, asked, 0], rrms[:, asked, 0], out=q[:, q_rows])
             torch.mul(rotated[:, :, 1], rrms[:, :, 1], out=k[:, rows])
             v[:, rows] = heads[:, :, 2]
@@ -246,8 +252,7 @@ class _AttentionInputs(torch.autograd.Function):
             if not (needs_proj or needs_scale):
                 grads += [None, None]
                 continue
-            asked = slice(max(queries_from - rows.start, 0), None)
-            q_rows = slice(rows.start + asked.start - queries_from, rows.stop - queries_from)
+            asked, q_rows = _query_rows(rows, queries_from)
             heads = proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
             grad_proj = torch.empty_like(proj)
             grad_heads = grad_proj[..., :inner].unflatten(-1, (3, num_heads, head_dim))
