@@ -9,14 +9,16 @@ inputs and bf16 autocast) on fake tensors (torch's ``FakeTensorMode``: shapes an
 memory, no arithmetic, so FLUX.1-dev at 1024² takes seconds on any CPU) and adds up, for every
 such kernel, the bytes of its tensor arguments and results. Views and allocations move nothing
 and are not counted; a broadcast argument counts at its own size. Matrix products and fused
-attention are counted apart: their time follows their FLOPs.
+attention are counted apart: their time follows their FLOPs. Thin products are the exception,
+in a column of their own: a product with a dimension of at most 64 (LoRA's rank-16 products, the
+modulation's one-row products) is memory-bound too. The time column divides both by --bandwidth.
 
 CUDA autocast and CPU autocast cast different ops to fp32. The step runs on the CPU with CUDA's
 rules emulated (:func:`cuda_autocast_rules`): the ops of CUDA's fp32 list that these models call
 get their low-precision inputs cast to fp32, and the reductions that CUDA autocast runs with
 ``dtype=float32`` get that argument. The figure is an estimate of HBM traffic (a kernel that
 reads its input twice or keeps it in cache is counted once), for comparing implementations and
-changes on the same scale; the time column divides it by --bandwidth.
+changes on the same scale.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ DEFAULT_SETTINGS = "a,b,bk,c,ref"
 _ATTENTION = [op.overloadpacket.__name__ for op in FUSED_ATTENTION_OPS]
 _ATTENTION += [f"{name}_backward" for name in _ATTENTION]
 MATMUL_OPS = frozenset(["mm", "addmm", "bmm", "baddbmm", "_scaled_mm", *_ATTENTION])
+# ... except a product with a dimension this small (LoRA's rank-16 products, the modulation's
+# one-row products): it does about that many multiply-adds per element it reads or writes, far
+# below the ~300 an H100 needs to be compute-bound, so its time follows its bytes: counted as "thin"
+THIN_PRODUCTS, THIN_DIM = frozenset(["mm", "addmm", "bmm", "baddbmm"]), 64
 
 # ops that allocate or alias without touching memory
 FREE_OPS = frozenset({
@@ -130,7 +136,11 @@ class TrafficCounter(TorchDispatchMode):
         if name in WRITE_ONLY_OPS:
             inputs = []
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not inputs and not outputs:  # no tensor touched (torch.promote_types, ...): not a kernel
+            return out
         key = "matmul" if name in MATMUL_OPS else name
+        if name in THIN_PRODUCTS and min(_product_dims(name, args)) <= THIN_DIM:
+            key = "thin"
         self.bytes[key] += sum(t.numel() * t.element_size() for t in inputs + outputs)
         self.calls[key] += 1
         self.tensors += [(name, t.shape, t.dtype) for t in outputs]
@@ -138,11 +148,17 @@ class TrafficCounter(TorchDispatchMode):
 
     @property
     def elementwise_bytes(self) -> int:
-        return sum(v for k, v in self.bytes.items() if k != "matmul")
+        return sum(v for k, v in self.bytes.items() if k not in ("matmul", "thin"))
 
     @property
     def elementwise_calls(self) -> int:
-        return sum(v for k, v in self.calls.items() if k != "matmul")
+        return sum(v for k, v in self.calls.items() if k not in ("matmul", "thin"))
+
+
+def _product_dims(name: str, args) -> tuple[int, int, int]:
+    """(M, K, N) of a (batched) matrix product (M x K) @ (K x N); addmm and baddbmm take the addend first."""
+    a, b = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+    return a.shape[-2], a.shape[-1], b.shape[-1]
 
 
 def count_step(name: str, params, side: int, txt_tokens: int, batch: int = 1) -> TrafficCounter:
@@ -191,18 +207,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{model} DiT, batch {args.batch} of {side * side} image + {txt_tokens} text tokens, LoRA rank 16, "
           "bf16 autocast with CUDA's rules; one forward + backward")  # fmt: skip
     time_column = f"ms at {args.bandwidth:g} TB/s"
-    print(f"{'setting':8s} {'elementwise GiB':>16s} {'kernels':>8s} {time_column:>16s} {'matmul/attention calls':>23s}")
+    print(f"{'setting':8s} {'elementwise GiB':>16s} {'kernels':>8s} {'thin products GiB':>18s} {time_column:>16s}"
+          f" {'matmul/attention calls':>23s}")  # fmt: skip
     results = []
     for name in names:
         start = time.perf_counter()
         counter = count_step(name, params, side, txt_tokens, args.batch)
         result = dict(setting=name, elementwise_bytes=counter.elementwise_bytes, kernels=counter.elementwise_calls,
+                      thin_bytes=counter.bytes["thin"], thin_calls=counter.calls["thin"],
                       matmul_calls=counter.calls["matmul"], seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         results.append(result)
-        ms = counter.elementwise_bytes / (args.bandwidth * 1e12) * 1e3
-        print(f"{name:8s} {counter.elementwise_bytes / 2**30:16.2f} {counter.elementwise_calls:8d} {ms:16.1f}"
-              f" {counter.calls['matmul']:23d}", flush=True)  # fmt: skip
-        largest = [(op, n) for op, n in counter.bytes.most_common() if op != "matmul"][: args.top]
+        ms = (counter.elementwise_bytes + counter.bytes["thin"]) / (args.bandwidth * 1e12) * 1e3
+        print(f"{name:8s} {counter.elementwise_bytes / 2**30:16.2f} {counter.elementwise_calls:8d}"
+              f" {counter.bytes['thin'] / 2**30:18.2f} {ms:16.1f} {counter.calls['matmul']:23d}",
+              flush=True)  # fmt: skip
+        largest = [(op, n) for op, n in counter.bytes.most_common() if op not in ("matmul", "thin")][: args.top]
         for op, n in largest:
             print(f"    {op:36s} {n / 2**30:9.2f} GiB {counter.calls[op]:6d} calls")
     ref = next((r for r in results if r["setting"] == "ref"), None)
@@ -210,7 +229,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     comparable = [r for r in results if ref and r is not ref and bench_gpu.SETTINGS[r["setting"]]["checkpointing"]]
     for r in comparable:
         traffic, kernels = r["elementwise_bytes"] / ref["elementwise_bytes"], r["kernels"] / ref["kernels"]
-        print(f"{r['setting']}/ref: elementwise traffic {traffic:.3f}, kernels {kernels:.3f}")
+        thin = r["thin_bytes"] / ref["thin_bytes"]
+        print(f"{r['setting']}/ref: elementwise traffic {traffic:.3f}, kernels {kernels:.3f}, thin products {thin:.3f}")
     return results
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from library.dtypes import autocast_dtype
+from library.dtypes import autocast_dtype, autocast_off
 from library.errors import UserError
 
 
@@ -56,6 +57,45 @@ def split_fused(
         ups.append(rows[:, i * rank : (i + 1) * rank])
         row += out
     return downs, ups
+
+
+class _SharedInput(torch.autograd.Function):
+    """x -> (x, x·Dᵀ): the base Linear reads the first output, the LoRA's down projection is the second.
+
+    Read by both, x would get two gradients from autograd, the base's and the LoRA's (g·D, as
+    large as x), added in a pass of their own. This node receives both and returns
+    base + g·D from one matmul that takes the base's gradient as its addend: two passes over an
+    x-sized tensor fewer for every adapted Linear (``bench/bench_traffic.py`` counts them).
+    ``dtype`` is the one the LoRA computes in; autocast is off inside, as it is in any backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, down: Tensor, dtype: torch.dtype):
+        down_cast = down.to(dtype)  # kept for backward: casting again there would be one more kernel
+        ctx.save_for_backward(x, down_cast)
+        ctx.dtype, ctx.down_dtype = dtype, down.dtype
+        with autocast_off(x.device.type):
+            lx = F.linear(x.to(dtype), down_cast)
+        return x, lx
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor | None, grad_lx: Tensor | None):
+        x, down = ctx.saved_tensors
+        if grad_lx is None:  # the update went unused
+            return grad_x, None, None
+        rows = grad_lx.reshape(-1, grad_lx.shape[-1]).to(ctx.dtype)
+        grad_input = grad_down = None
+        if ctx.needs_input_grad[0]:
+            if grad_x is None:  # the base's output went unused
+                flat = rows @ down
+            else:
+                # in the wider dtype of the two: the base's gradient is never rounded to the LoRA's
+                dtype = torch.promote_types(grad_x.dtype, ctx.dtype)
+                flat = torch.addmm(grad_x.reshape(rows.shape[0], -1).to(dtype), rows.to(dtype), down.to(dtype))
+            grad_input = flat.view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_down = (rows.t() @ x.reshape(rows.shape[0], -1).to(ctx.dtype)).to(ctx.down_dtype)
+        return grad_input, grad_down, None
 
 
 class LoRAModule(nn.Module):
@@ -149,24 +189,31 @@ class LoRAModule(nn.Module):
         self.org_module.forward = self.forward
 
     def forward(self, x: Tensor) -> Tensor:
-        org = self.org_forward(x)
         # multiplier 0 (DOP's base-model pass) must give exactly the base output, perturbation included
         if not self.enabled or self.multiplier == 0:
-            return org
+            return self.org_forward(x)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return org
+            return self.org_forward(x)
 
-        weight = self.pairs()[0][0].weight
-        if x.dtype != weight.dtype and autocast_dtype(x.device.type) is None:
-            x = x.to(weight.dtype)
+        downs = [down.weight for down, _ in self.pairs()]
+        down = downs[0] if len(downs) == 1 else torch.cat(downs)
+        # autocast's dtype; without autocast, the LoRA weights' (x is cast to them, as sd-scripts does)
+        dtype = autocast_dtype(x.device.type) or down.dtype
+        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            x, lx = _SharedInput.apply(x, down, dtype)
+        else:  # (compiled, the plain form: the compiler fuses the gradient sum with its neighbours)
+            lx = F.linear(x.to(dtype), down.to(dtype))
+        org = self.org_forward(x)
+
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out
         strength = self.multiplier * scale
         if self.split_dims is None and self.lora_up.bias is None:
-            out = self._add_update(org, self._regularize(self.lora_down(x)), strength)
+            out = self._add_update(org, self._regularize(lx), strength)
         else:
-            outs = [up(self._regularize(down(x))) for down, up in self.pairs()]
+            lxs = lx.split(self.lora_dim, dim=-1)
+            outs = [up(self._regularize(part)) for part, (_, up) in zip(lxs, self.pairs(), strict=True)]
             delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             out = org + (delta * strength).to(org.dtype)
         if self.training and self.combined_weight_norms is not None and self.grad_norms is not None:

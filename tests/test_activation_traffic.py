@@ -145,6 +145,7 @@ def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_
     assert 0 < b["elementwise_bytes"] < ref["elementwise_bytes"] and 0 < b["kernels"] < ref["kernels"]
     assert 0 < a["elementwise_bytes"] < b["elementwise_bytes"]  # checkpointing's recompute
     assert a["matmul_calls"] < b["matmul_calls"]
+    assert 0 < a["thin_bytes"] < b["thin_bytes"] and a["thin_calls"] > 0  # LoRA's rank-16 products, recomputed in (b)
     out = capsys.readouterr().out
     # the ratio is printed for (b), which checkpoints as the reference does, not for (a)
     assert f"b/ref: elementwise traffic {b['elementwise_bytes'] / ref['elementwise_bytes']:.3f}" in out
@@ -155,6 +156,7 @@ def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_
 
 def test_traffic_counts_what_each_kernel_reads_and_writes():
     a, b, out = torch.ones(1000), torch.ones(1000), torch.empty(1000)  # 4000 bytes each
+    square = torch.ones(100, 100)  # 40000 bytes
     counter = TrafficCounter()
     with counter:
         torch.add(a, b)  # reads two, writes one
@@ -163,6 +165,9 @@ def test_traffic_counts_what_each_kernel_reads_and_writes():
         a.view(10, 100).t()  # views move nothing
         out.zero_()  # writes only
         torch.empty(1000)  # allocates only
-        a.view(10, 100) @ b.view(100, 10)  # counted apart: reads both, writes 10 x 10
-    assert dict(counter.bytes) == {"add": 12000, "mul": 12000, "mul_": 12000, "zero_": 4000, "matmul": 8400}
+        square @ square  # counted apart: reads both, writes one
+        a.view(10, 100) @ b.view(100, 10)  # a dimension of at most 64: memory-bound, counted as thin
+        torch.promote_types(torch.bfloat16, torch.float32)  # touches no tensor: no kernel
+    expected = {"add": 12000, "mul": 12000, "mul_": 12000, "zero_": 4000, "matmul": 120000, "thin": 8400}
+    assert dict(counter.bytes) == expected
     assert counter.elementwise_bytes == 40000 and counter.elementwise_calls == 4
