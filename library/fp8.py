@@ -61,31 +61,51 @@ def dequantize_weight(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) 
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x Wᵀ + b with W dequantized on the fly; backward re-dequantizes instead of saving W."""
+    """y = x Wᵀ + b (+ addend) with W dequantized on the fly; backward re-dequantizes instead of saving W."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype):
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype,
+                addend: Tensor | None):  # fmt: skip
         ctx.save_for_backward(weight, scale)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.addend_dtype = None if addend is None else addend.dtype
         w = dequantize_weight(weight, scale, dtype)
-        return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        if addend is None:
+            return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        if bias is not None:
+            raise ValueError("give the bias inside the addend")
+        flat = torch.addmm(addend.reshape(-1, w.shape[0]).to(dtype), x.reshape(-1, x.shape[-1]).to(dtype), w.t())
+        return flat.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         weight, scale = ctx.saved_tensors
-        grad_x = grad_bias = None
+        grad_x = grad_bias = grad_addend = None
         if ctx.needs_input_grad[0]:
             grad_x = grad.to(ctx.dtype).matmul(dequantize_weight(weight, scale, ctx.dtype)).to(ctx.x_dtype)
         if ctx.bias_needs_grad:
             grad_bias = grad.flatten(0, -2).sum(0)
-        return grad_x, None, None, grad_bias, None
+        if ctx.needs_input_grad[5]:
+            grad_addend = grad.to(ctx.addend_dtype)
+        return grad_x, None, None, grad_bias, None, grad_addend
 
 
 def fp8_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    if self.weight.requires_grad:
+    _check_frozen(self)
+    return _Fp8Linear.apply(x, self.weight, getattr(self, "weight_scale", None), self.bias, compute_dtype_for(x), None)
+
+
+def fp8_matmul_plus(self: nn.Linear, x: Tensor, addend: Tensor) -> Tensor:
+    """x Wᵀ + addend for an fp8 Linear, the addend (shaped as the output, the bias in it) added
+    by the matmul itself: how a LoRA adds its update without a pass over the base output."""
+    _check_frozen(self)
+    return _Fp8Linear.apply(x, self.weight, getattr(self, "weight_scale", None), None, compute_dtype_for(x), addend)
+
+
+def _check_frozen(linear: nn.Linear) -> None:
+    if linear.weight.requires_grad:
         raise RuntimeError("an fp8-stored Linear weight cannot be trained; it is part of the frozen base model")
-    return _Fp8Linear.apply(x, self.weight, getattr(self, "weight_scale", None), self.bias, compute_dtype_for(x))
 
 
 def is_fp8_linear(module: nn.Module) -> bool:

@@ -17,6 +17,7 @@ trained strength (spec §k.7): ``fused_alpha_multiplied = False`` reads such fil
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from library.dtypes import autocast_dtype, autocast_off
 from library.errors import UserError
+from library.fp8 import fp8_linear_forward, fp8_matmul_plus
 
 
 def resolve_alpha(alpha: float | Tensor | None, rank: int) -> float:
@@ -57,6 +59,12 @@ def split_fused(
         ups.append(rows[:, i * rank : (i + 1) * rank])
         row += out
     return downs, ups
+
+
+def _matmul_plus(linear: nn.Linear, x: Tensor, addend: Tensor) -> Tensor:
+    """x Wᵀ + addend for a plain Linear, the addend (shaped as the output) added by the matmul itself."""
+    flat = torch.addmm(addend.reshape(-1, addend.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return flat.view(addend.shape)
 
 
 class _SharedInput(torch.autograd.Function):
@@ -203,25 +211,52 @@ class LoRAModule(nn.Module):
             x, lx = _SharedInput.apply(x, down, dtype)
         else:  # (compiled, the plain form: the compiler fuses the gradient sum with its neighbours)
             lx = F.linear(x.to(dtype), down.to(dtype))
-        org = self.org_forward(x)
 
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out
         strength = self.multiplier * scale
+        perturbed = self.training and self.combined_weight_norms is not None and self.grad_norms is not None
         if self.split_dims is None and self.lora_up.bias is None:
-            out = self._add_update(org, self._regularize(lx), strength)
+            lx = self._regularize(lx)
+            matmul = None if perturbed else self._base_matmul(x, lx)
+            if matmul is not None:
+                return self._base_with_update(matmul, x, lx, strength)
+            out = self._add_update(self.org_forward(x), lx, strength)
         else:
+            org = self.org_forward(x)
             lxs = lx.split(self.lora_dim, dim=-1)
             outs = [up(self._regularize(part)) for part, (_, up) in zip(lxs, self.pairs(), strict=True)]
             delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             out = org + (delta * strength).to(org.dtype)
-        if self.training and self.combined_weight_norms is not None and self.grad_norms is not None:
-            out = out + self._ggpo_perturbation(x).to(org.dtype)
+        if perturbed:
+            out = out + self._ggpo_perturbation(x).to(out.dtype)
         return out
 
+    def _base_matmul(self, x: Tensor, lx: Tensor) -> Callable[[nn.Linear, Tensor, Tensor], Tensor] | None:
+        """``(linear, x, addend) -> x Wᵀ + addend`` for the base, when its forward is one this module
+        can stand in for (a plain or an fp8 Linear, not wrapped by other code) and computes in the
+        update's dtype; None otherwise."""
+        forward = getattr(self.org_forward, "__func__", None)
+        matmul = {nn.Linear.forward: _matmul_plus, fp8_linear_forward: fp8_matmul_plus}.get(forward)
+        if matmul is None or autocast_dtype(x.device.type) is not None:
+            return matmul
+        same_dtype = x.dtype == lx.dtype and (forward is fp8_linear_forward or self.org_module.weight.dtype == x.dtype)
+        return matmul if same_dtype else None
+
+    def _base_with_update(self, matmul, x: Tensor, lx: Tensor, strength: float) -> Tensor:
+        """x Wᵀ + b + strength · lx Uᵀ with the small product first, as the base matmul's addend:
+        the base output is written once, where adding the update to it afterwards reads and writes
+        it again. The bias rides in the small product; the strength in the small up weight."""
+        bias = self.org_module.bias
+        rows = lx.reshape(-1, lx.shape[-1])
+        up = (self.lora_up.weight * strength).t()
+        update = rows @ up if bias is None else torch.addmm(bias, rows, up)
+        return matmul(self.org_module, x, update.view(*x.shape[:-1], update.shape[-1]))
+
     def _add_update(self, org: Tensor, lx: Tensor, strength: float) -> Tensor:
-        """org + strength · lx Uᵀ as one matmul with org as its addend. The strength goes into the
+        """org + strength · lx Uᵀ as one matmul with org as its addend, for a base output that
+        :meth:`_base_with_update` cannot compute itself. The strength goes into the
         small up weight (out × rank), so the activation-sized product is neither scaled nor added
         in passes of its own, forward or backward. (Accumulating into org in place would save the
         copy of org that addmm makes, but measured on the CPU it costs more copies than it saves.)"""
