@@ -12,6 +12,7 @@ LoRA step's model FLOPs.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from library.flux_layers import (
     text_key_mask,
     timestep_embedding,
 )
+from library.fp8 import keep_dequantized_weights
 from library.offloading import ModelOffloader, move_to_device_except_swapped, swap_split
 
 
@@ -215,7 +217,8 @@ class Flux(nn.Module):
         call = self.compiled_block_call or call_block
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if self.cpu_offload_checkpointing:
-                out = checkpoint(_run_on_device, call, block, self.device, *args, use_reentrant=False)
+                out = checkpoint(_run_on_device, call, block, self.device, *args, use_reentrant=False,
+                                 context_fn=_recompute_contexts)  # fmt: skip
             else:
                 out = call(block, "keep_attention" if self.checkpoint_keep_attention else "recompute", *args)
         else:
@@ -243,13 +246,30 @@ def call_block(block: nn.Module, checkpointing: str | None, *args):
         return block(*args)
     if checkpointing == "keep_attention":
         return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_attention_contexts)
-    # no context_fn argument at all here: dynamo cannot trace an explicit default one
-    return checkpoint(block, *args, use_reentrant=False)
+    if torch.compiler.is_compiling():
+        # no context_fn argument at all here: dynamo cannot trace an explicit default one
+        return checkpoint(block, *args, use_reentrant=False)
+    return checkpoint(block, *args, use_reentrant=False, context_fn=_recompute_contexts)
+
+
+def _recompute_contexts():
+    """The recomputation keeps fp8 weights dequantized for the backward that follows it."""
+    return contextlib.nullcontext(), keep_dequantized_weights()
 
 
 def _keep_attention_contexts():
-    """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept."""
-    return create_selective_checkpoint_contexts(_keep_attention_policy)
+    """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept
+    (and, eager, keeps fp8 weights dequantized for the backward that follows it)."""
+    forward, recompute = create_selective_checkpoint_contexts(_keep_attention_policy)
+    if torch.compiler.is_compiling():
+        return forward, recompute
+    return forward, _entered_together(recompute, keep_dequantized_weights())
+
+
+@contextlib.contextmanager
+def _entered_together(first, second):
+    with first, second:
+        yield
 
 
 def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -20,9 +20,11 @@ compute dtype because the scale is a power of two.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,17 +62,44 @@ def dequantize_weight(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) 
     return w if scale is None else w * scale.to(dtype)[:, None]  # exact: the scale is a power of two
 
 
+# thread-local: on CUDA the backward, and so the recomputation, runs on a thread of its own
+_recomputation = threading.local()
+
+
+@contextlib.contextmanager
+def keep_dequantized_weights() -> Iterator[None]:
+    """While active, fp8 Linears keep their dequantized weight for backward instead of the fp8 one.
+
+    For a checkpointed block's recomputation, which runs just before the block's backward: that
+    backward then uses the weights the recomputation dequantized, where it would dequantize them a
+    third time (forward, recomputation, backward). Only there: a plain forward that kept them would
+    hold a second, wider copy of the model until the backward.
+    """
+    previous = getattr(_recomputation, "keep", False)
+    _recomputation.keep = True
+    try:
+        yield
+    finally:
+        _recomputation.keep = previous
+
+
 class _Fp8Linear(torch.autograd.Function):
-    """y = x Wᵀ + b (+ addend) with W dequantized on the fly; backward re-dequantizes instead of saving W."""
+    """y = x Wᵀ + b (+ addend) with W dequantized on the fly; backward re-dequantizes instead of saving W
+    (except under :func:`keep_dequantized_weights`)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, dtype: torch.dtype,
                 addend: Tensor | None):  # fmt: skip
-        ctx.save_for_backward(weight, scale)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
         ctx.addend_dtype = None if addend is None else addend.dtype
         w = dequantize_weight(weight, scale, dtype)
+        # The third slot holds the dequantized weight when one is kept, else a stand-in of its shape
+        # and dtype that takes no memory (one element, broadcast). Checkpointing hands the backward
+        # what the recomputation saved, slot by slot, after checking that shapes and dtypes agree.
+        keep = getattr(_recomputation, "keep", False) and ctx.needs_input_grad[0]  # (the modulation's are not)
+        kept = w if keep else w.new_empty(()).expand(w.shape)
+        ctx.save_for_backward(weight, scale, kept)
         if addend is None:
             return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
         if bias is not None:
@@ -80,10 +109,11 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, scale = ctx.saved_tensors
+        weight, scale, kept = ctx.saved_tensors
         grad_x = grad_bias = grad_addend = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.to(ctx.dtype).matmul(dequantize_weight(weight, scale, ctx.dtype)).to(ctx.x_dtype)
+            w = dequantize_weight(weight, scale, ctx.dtype) if 0 in kept.stride() else kept
+            grad_x = grad.to(ctx.dtype).matmul(w).to(ctx.x_dtype)
         if ctx.bias_needs_grad:
             grad_bias = grad.flatten(0, -2).sum(0)
         if ctx.needs_input_grad[5]:
