@@ -382,8 +382,12 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
 
     def forward(self, vec: Tensor) -> tuple[ModulationOut, ModulationOut | None]:
-        out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
-        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+        first, *second = modulations_from_vectors(self.vectors(vec))
+        return first, second[0] if self.is_double else None
+
+    def vectors(self, vec: Tensor) -> Tensor:
+        """(B, 3 or 6, D): (shift, scale, gate) once or twice, as Chroma's precomputed vectors."""
+        return self.lin(F.silu(vec)).unflatten(-1, (self.multiplier, -1))
 
 
 def _is_tanh_gelu(module: nn.Module) -> bool:
@@ -420,8 +424,10 @@ def norm_and_modulate(norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tens
 
 
 def modulations_from_vectors(vectors: Tensor) -> list[ModulationOut]:
-    """Chroma: (B, 3k, D) precomputed vectors -> k (shift, scale, gate) triples."""
-    return [ModulationOut(*vectors[:, i : i + 3].split(1, dim=1)) for i in range(0, vectors.shape[1], 3)]
+    """(B, 3k, D) modulation vectors (Chroma's, or a FLUX block's ``modulation_vectors``) -> k triples
+    (shift, scale, gate)."""
+    parts = vectors.split(1, dim=1)  # one split: its backward is one cat, where slices would each zero-fill
+    return [ModulationOut(*parts[i : i + 3]) for i in range(0, len(parts), 3)]
 
 
 class DoubleStreamBlock(nn.Module):
@@ -451,6 +457,10 @@ class DoubleStreamBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(mlp_hidden_dim, hidden_size, bias=True),
         )
+
+    def modulation_vectors(self, vec: Tensor) -> Tensor:
+        """(B, 12, hidden): this block's modulation from ``vec`` in ``forward``'s ``mod_vectors`` layout."""
+        return torch.cat((self.img_mod.vectors(vec), self.txt_mod.vectors(vec)), dim=1)
 
     def forward(
         self,
@@ -497,6 +507,10 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         if modulated:
             self.modulation = Modulation(hidden_size, double=False)
+
+    def modulation_vectors(self, vec: Tensor) -> Tensor:
+        """(B, 3, hidden): this block's modulation from ``vec`` in ``forward``'s ``mod_vectors`` layout."""
+        return self.modulation.vectors(vec)
 
     def forward(
         self,

@@ -216,6 +216,7 @@ class Flux(nn.Module):
             offloader.wait_for_block(index)
         call = self.compiled_block_call or call_block
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            args = _modulation_outside_checkpoint(block, kind, args)
             if self.cpu_offload_checkpointing:
                 out = checkpoint(_run_on_device, call, block, self.device, *args, use_reentrant=False,
                                  context_fn=_recompute_contexts)  # fmt: skip
@@ -227,6 +228,19 @@ class Flux(nn.Module):
             out = offloader.mark_for_backward(index, out)
             offloader.after_forward(index)
         return out
+
+
+def _modulation_outside_checkpoint(block: nn.Module, kind: int, args: tuple) -> tuple:
+    """A FLUX block's arguments with its modulation computed here, outside its checkpoint, and
+    passed as Chroma passes its vectors. The modulation depends on ``vec`` alone, so its
+    recomputation in backward would only read the modulation weights once more."""
+    vec_at, vectors_at = (2, 5) if kind == 0 else (1, 4)  # DoubleStreamBlock / SingleStreamBlock.forward
+    if args[vec_at] is None:  # Chroma: the vectors are given already
+        return args
+    args = list(args) + [None] * (vectors_at + 1 - len(args))
+    args[vectors_at] = block.modulation_vectors(args[vec_at])
+    args[vec_at] = None
+    return tuple(args)
 
 
 def offload_activation(x: Tensor) -> Tensor:

@@ -97,9 +97,10 @@ class _Fp8Linear(torch.autograd.Function):
         # The third slot holds the dequantized weight when one is kept, else a stand-in of its shape
         # and dtype that takes no memory (one element, broadcast). Checkpointing hands the backward
         # what the recomputation saved, slot by slot, after checking that shapes and dtypes agree.
-        keep = getattr(_recomputation, "keep", False) and ctx.needs_input_grad[0]  # (the modulation's are not)
-        kept = w if keep else w.new_empty(()).expand(w.shape)
-        ctx.save_for_backward(weight, scale, kept)
+        needs_weight = ctx.needs_input_grad[0]  # (the modulation's input needs no gradient in LoRA training)
+        kept = w if needs_weight and getattr(_recomputation, "keep", False) else w.new_empty(()).expand(w.shape)
+        # a weight held for a backward that will not read it would keep a swapped-out block on the device
+        ctx.save_for_backward(*((weight, scale) if needs_weight else (None, None)), kept)
         if addend is None:
             return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
         if bias is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from library.fp8 import FP8, block_linears, quantize_dit_
+from library.fp8 import FP8, block_linears, fp8_matmul_plus, quantize_dit_
 from tests.test_flux_models import dit_inputs
 from tests.test_fp8 import GUIDANCE, flux_like_model
 
@@ -80,3 +80,17 @@ def test_without_a_recomputation_the_backward_keeps_only_fp8():
     # the fp8 weights themselves, or stand-ins that take one element of memory; no copy of a weight
     copies = [t for t in weights if t.data_ptr() not in parameters and t.untyped_storage().nbytes() > t.element_size()]
     assert not copies
+
+
+def test_a_linear_whose_input_needs_no_gradient_holds_no_weight_for_backward():
+    """The modulation's input needs no gradient in LoRA training, so its backward never reads the
+    weight; holding it would keep a swapped-out block's weight on the device until the backward."""
+    model = fp8_model()
+    linear = model.double_blocks[0].img_mod.lin
+    addend = torch.zeros(2, linear.out_features, requires_grad=True)  # as a LoRA's update makes the output need one
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fp8_matmul_plus(linear, torch.randn(2, linear.in_features), addend)
+    out.sum().backward()
+    assert torch.equal(addend.grad, torch.ones_like(addend))
+    assert not [t for t in saved if t.untyped_storage().nbytes() > t.element_size()]
