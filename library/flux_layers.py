@@ -105,9 +105,10 @@ def attention_inputs(
     """q, k, v (B, ΣL, H, D) of a joint attention from each stream's fused projection (B, L_s, 3·H·D + rest).
 
     q and k are RMS-normalised with the stream's scales and rotated by RoPE (``pe``: BFL's rotation
-    matrices for all streams' tokens in order); v is copied. With ``gelu_rest`` the channels after
-    q, k, v (the single block's MLP input) go through tanh-GELU and come last in the result. The
-    arithmetic of BFL's ``QKNorm`` + ``apply_rope``, computed in fp32 and rounded once.
+    matrices for all streams' tokens in order); v is gathered from the streams (one stream's is a
+    view of its projection). With ``gelu_rest`` the channels after q, k, v (the single block's MLP
+    input) go through tanh-GELU and come last in the result. The arithmetic of BFL's ``QKNorm`` +
+    ``apply_rope``, computed in fp32 and rounded once.
 
     Tokens before ``queries_from`` (at most the first stream's) get keys and values only: no query
     row and no GELU output, for a caller that discards their outputs (q is then (B, ΣL − queries_from, H, D)).
@@ -209,7 +210,10 @@ class _AttentionInputs(torch.autograd.Function):
         batch, total = first.shape[0], sum(p.shape[1] for p in projections)
         # q, k, v each (B, L, H, D) contiguous: the layout every SDPA kernel is written for
         q = first.new_empty(batch, total - queries_from, num_heads, head_dim)
-        k, v = (first.new_empty(batch, total, num_heads, head_dim) for _ in range(2))
+        k = first.new_empty(batch, total, num_heads, head_dim)
+        # one stream (the single blocks): v is a view of the projection, not a copy (SDPA reads
+        # strided heads); the joint streams' v is gathered into one tensor
+        v = None if len(projections) == 1 else first.new_empty(batch, total, num_heads, head_dim)
         rests, rrms_list, start = [], [], 0
         for proj, scale in zip(projections, scales, strict=True):
             rows = slice(start, start + proj.shape[1])
@@ -225,7 +229,10 @@ class _AttentionInputs(torch.autograd.Function):
             rotated = torch.view_as_real(y.mul_(freqs[:, rows])).flatten(-2)
             torch.mul(rotated[:, asked, 0], rrms[:, asked, 0], out=q[:, q_rows])
             torch.mul(rotated[:, :, 1], rrms[:, :, 1], out=k[:, rows])
-            v[:, rows] = heads[:, :, 2]
+            if v is None:
+                v = heads[:, :, 2]
+            else:
+                v[:, rows] = heads[:, :, 2]
             rrms_list.append(rrms)
             if gelu_rest:
                 x = proj[:, asked, inner:]

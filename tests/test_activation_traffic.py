@@ -137,6 +137,23 @@ def test_q_k_normalisation_reads_bf16_projections_without_upcasting_them(gelu_re
         torch.testing.assert_close(a.float(), b, rtol=2**-8 + 1e-6, atol=1e-6)
 
 
+def test_one_streams_v_is_a_view_of_its_projection_and_passes_its_gradient_back():
+    """The single blocks' v is read in place from the projection (no copy); its gradient still
+    lands in the projection's v channels, and the joint streams' v is gathered into one tensor."""
+    projections, norms, pe, heads = streams(True)
+    image, text_tokens = projections[1], projections[0].shape[1]
+    q, k, v, rest = attention_inputs([image], norms[1:], pe[:, :, text_tokens:], heads, True)
+    inner = 3 * heads * norms[1].query_norm.scale.shape[0]
+    v_channels = image[..., 2 * inner // 3 : inner]
+    assert v.untyped_storage().data_ptr() == image.untyped_storage().data_ptr()
+    assert torch.equal(v.flatten(2), v_channels)
+    (grad,) = torch.autograd.grad(v.sum(), image)
+    assert torch.equal(grad[..., 2 * inner // 3 : inner], torch.ones_like(v_channels))
+    assert not grad[..., : 2 * inner // 3].any() and not grad[..., inner:].any()
+    joint_v = attention_inputs(projections, norms, pe, heads, True)[2]
+    assert joint_v.is_contiguous() and joint_v.shape[1] == text_tokens + image.shape[1]
+
+
 def test_bench_traffic_counts_less_elementwise_traffic_than_diffusers_at_a_tiny_width(capsys):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
