@@ -208,7 +208,7 @@ class _AttentionInputs(torch.autograd.Function):
         inner = 3 * num_heads * head_dim
         first = projections[0]
         batch, total = first.shape[0], sum(p.shape[1] for p in projections)
-        # q, k, v each (B, L, H, D) contiguous: the layout every SDPA kernel is written for
+        # q and k (B, L, H, D) contiguous, the layout every SDPA kernel is written for
         q = first.new_empty(batch, total - queries_from, num_heads, head_dim)
         k = first.new_empty(batch, total, num_heads, head_dim)
         # one stream (the single blocks): v is a view of the projection, not a copy (SDPA reads

@@ -67,6 +67,10 @@ def _matmul_plus(linear: nn.Linear, x: Tensor, addend: Tensor) -> Tensor:
     return flat.view(addend.shape)
 
 
+# the base forwards a LoRA can stand in for, and how each computes x Wᵀ + addend
+_MATMUL_PLUS = {nn.Linear.forward: _matmul_plus, fp8_linear_forward: fp8_matmul_plus}
+
+
 class _SharedInput(torch.autograd.Function):
     """x -> (x, x·Dᵀ): the base Linear reads the first output, the LoRA's down projection is the second.
 
@@ -238,7 +242,7 @@ class LoRAModule(nn.Module):
         can stand in for (a plain or an fp8 Linear, not wrapped by other code) and computes in the
         update's dtype; None otherwise."""
         forward = getattr(self.org_forward, "__func__", None)
-        matmul = {nn.Linear.forward: _matmul_plus, fp8_linear_forward: fp8_matmul_plus}.get(forward)
+        matmul = _MATMUL_PLUS.get(forward)
         if matmul is None or autocast_dtype(x.device.type) is not None:
             return matmul
         same_dtype = x.dtype == lx.dtype and (forward is fp8_linear_forward or self.org_module.weight.dtype == x.dtype)

@@ -112,7 +112,9 @@ def test_autocast_runs_the_fused_base_matmul_in_bf16():
     lora = adapted(base)
     x = torch.randn(TOKENS, IN)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = base(x)
+        with MatmulRecorder() as recorder:
+            out = base(x)
         reference = lora.org_forward(x) + lora.multiplier * lora.scale * lora.lora_up(lora.lora_down(x))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    assert output_sized_operands(recorder) == [((TOKENS, OUT), (TOKENS, IN), (IN, OUT))]  # the fused form
