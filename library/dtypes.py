@@ -41,13 +41,20 @@ def dtype_from_name(name: str, flag: str) -> torch.dtype:
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on this device type; None while it is off, or where the
     device has no autocast (the meta device of shape inference)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _has_autocast(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast turned off for this device type (nothing to do where it has none)."""
-    if torch.amp.is_autocast_available(device_type):
+    if _has_autocast(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _has_autocast(device_type: str) -> bool:
+    # Every device type torch.compile traces has autocast. Not asking there keeps a compiled block in
+    # one graph: dynamo before torch 2.13 cannot trace torch._C._is_autocast_available, and breaks
+    # the graph at each call (ten graphs for a double block with torch 2.11).
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)

@@ -259,7 +259,10 @@ def call_block(block: nn.Module, checkpointing: str | None, *args):
     if checkpointing is None:
         return block(*args)
     if checkpointing == "keep_attention":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_attention_contexts)
+        # chosen here, where dynamo traces: the contexts are made later, during AOT autograd's
+        # tracing, where torch < 2.13 reports no compilation (and asks for the two modes themselves)
+        contexts = _keep_attention_modes if torch.compiler.is_compiling() else _keep_attention_contexts
+        return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
     if torch.compiler.is_compiling():
         # no context_fn argument at all here: dynamo cannot trace an explicit default one
         return checkpoint(block, *args, use_reentrant=False)
@@ -271,12 +274,15 @@ def _recompute_contexts():
     return contextlib.nullcontext(), keep_dequantized_weights()
 
 
+def _keep_attention_modes():
+    """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept."""
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
+
+
 def _keep_attention_contexts():
-    """Selective checkpointing: the recompute takes the fused attention kernels' outputs as kept
-    (and, eager, keeps fp8 weights dequantized for the backward that follows it)."""
-    forward, recompute = create_selective_checkpoint_contexts(_keep_attention_policy)
-    if torch.compiler.is_compiling():
-        return forward, recompute
+    """:func:`_keep_attention_modes`, eager: the recompute also keeps fp8 weights dequantized for the
+    backward that follows it."""
+    forward, recompute = _keep_attention_modes()
     return forward, _entered_together(recompute, keep_dequantized_weights())
 
 

@@ -76,6 +76,43 @@ def test_a_compiled_block_is_one_graph_forward_and_backward(double):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_blocks_stay_one_graph_each_where_dynamo_cannot_ask_torch_for_autocast(monkeypatch):
+    """Dynamo before torch 2.13 cannot trace ``torch.amp.is_autocast_available`` (a C function); the
+    fused LayerNorm-and-modulation and the LoRA modules ask it on every call, and with torch 2.11 a
+    compiled double block broke into ten graphs. Here the query is made untraceable as it is there."""
+    from tests.test_block_swap import attach_lora, lora_step
+    from tests.test_flux_models import dit_inputs
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    model = randomize_(Flux(tiny_flux_params(depth=1, depth_single=1)), 5).train()
+    model.requires_grad_(False)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model.compile_blocks(backend=counter)
+    lora_step(model, dit_inputs(model.params), {"guidance": torch.tensor([3.5, 3.5])}, attach_lora(model))
+    assert counter.frame_count == 2  # one graph per block
+
+
+def test_a_compiled_checkpoint_keeping_attention_gets_the_two_selective_modes(monkeypatch):
+    """Compiled, checkpointing's context function must return the two selective-checkpoint dispatch
+    modes (torch 2.11 asserts it). Torch calls it during AOT autograd's tracing, where torch < 2.13
+    reports no compilation, so the choice has to be made where dynamo traces the block call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from library import flux_models
+
+    made = {}
+    monkeypatch.setattr(flux_models, "checkpoint", lambda block, *args, context_fn, **kw: made.update(fn=context_fn))
+    with monkeypatch.context() as compiling:
+        compiling.setattr(torch.compiler, "is_compiling", lambda: True)
+        flux_models.call_block(torch.nn.Identity(), "keep_attention", torch.zeros(1))
+    forward, recompute = made["fn"]()  # later, outside dynamo's tracing
+    assert isinstance(forward, TorchDispatchMode) and isinstance(recompute, TorchDispatchMode)
+    flux_models.call_block(torch.nn.Identity(), "keep_attention", torch.zeros(1))  # eager
+    forward, recompute = made["fn"]()
+    assert isinstance(forward, TorchDispatchMode) and not isinstance(recompute, TorchDispatchMode)
+
+
 def test_compiled_blocks_do_not_recompile_for_new_batch_sizes_and_token_counts():
     """Buckets change the token count, a last short batch the batch size: with symbolic shapes from
     the start, only the first batch of 1 adds variants (dynamo always specialises sizes of 1)."""
