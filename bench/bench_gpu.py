@@ -20,8 +20,9 @@ achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.t
     ref   diffusers FluxTransformer2DModel + peft LoRA of the same rank and targets, as (b)
 
 Each setting builds its own model, catches its own failure (out of memory included) and appends
-one JSON line to --out as it finishes, so a crash or timeout keeps what was measured. Works with
-torch >= 2.4; ``--tiny`` runs every setting at a tiny width (the CPU smoke test uses it).
+one JSON line to --out as it finishes, so a crash or timeout keeps what was measured. Checked with
+torch 2.8, 2.11 (the H100's), 2.13 and 2.14; 2.4 lacks the checkpoint policies the project imports.
+``--tiny`` runs every setting at a tiny width (the CPU smoke test uses it).
 """
 
 from __future__ import annotations
