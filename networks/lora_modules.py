@@ -210,7 +210,8 @@ class LoRAModule(nn.Module):
         downs = [down.weight for down, _ in self.pairs()]
         down = downs[0] if len(downs) == 1 else torch.cat(downs)
         # autocast's dtype; without autocast, the LoRA weights' (x is cast to them, as sd-scripts does)
-        dtype = autocast_dtype(x.device.type) or down.dtype
+        autocast = autocast_dtype(x.device.type)
+        dtype = autocast or down.dtype
         if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             x, lx = _SharedInput.apply(x, down, dtype)
         else:  # (compiled, the plain form: the compiler fuses the gradient sum with its neighbours)
@@ -223,7 +224,7 @@ class LoRAModule(nn.Module):
         perturbed = self.training and self.combined_weight_norms is not None and self.grad_norms is not None
         if self.split_dims is None and self.lora_up.bias is None:
             lx = self._regularize(lx)
-            matmul = None if perturbed else self._base_matmul(x, lx)
+            matmul = None if perturbed else self._base_matmul(x, lx, autocast is not None)
             if matmul is not None:
                 return self._base_with_update(matmul, x, lx, strength)
             out = self._add_update(self.org_forward(x), lx, strength)
@@ -237,13 +238,15 @@ class LoRAModule(nn.Module):
             out = out + self._ggpo_perturbation(x).to(out.dtype)
         return out
 
-    def _base_matmul(self, x: Tensor, lx: Tensor) -> Callable[[nn.Linear, Tensor, Tensor], Tensor] | None:
+    def _base_matmul(
+        self, x: Tensor, lx: Tensor, autocasting: bool
+    ) -> Callable[[nn.Linear, Tensor, Tensor], Tensor] | None:
         """``(linear, x, addend) -> x Wᵀ + addend`` for the base, when its forward is one this module
         can stand in for (a plain or an fp8 Linear, not wrapped by other code) and computes in the
-        update's dtype; None otherwise."""
+        update's dtype (always, under autocast); None otherwise."""
         forward = getattr(self.org_forward, "__func__", None)
         matmul = _MATMUL_PLUS.get(forward)
-        if matmul is None or autocast_dtype(x.device.type) is not None:
+        if matmul is None or autocasting:
             return matmul
         same_dtype = x.dtype == lx.dtype and (forward is fp8_linear_forward or self.org_module.weight.dtype == x.dtype)
         return matmul if same_dtype else None
