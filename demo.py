@@ -56,13 +56,15 @@ def main() -> int:
     models = write_tiny_models(os.path.join(output, "models"))
     data = write_demo_dataset(os.path.join(output, "dataset"), validation_split=0.34)
     lora_dir = os.path.join(output, "lora")
+    sample_pattern = os.path.join(lora_dir, "sample", "*.png")
+    earlier_samples = set(glob.glob(sample_pattern))  # a rerun into the same folder: report only this run's
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(training_command(models, data, lora_dir, args.steps), env=env)
     if result.returncode != 0:
         print(f"demo: training failed (exit {result.returncode})", file=sys.stderr)
         return result.returncode
     lora = os.path.join(lora_dir, "demo_lora.safetensors")
-    samples = sorted(glob.glob(os.path.join(lora_dir, "sample", "*.png")))
+    samples = sorted(set(glob.glob(sample_pattern)) - earlier_samples)
     print(f"\nLoRA:   {lora}")
     for sample in samples:
         print(f"sample: {sample}")
