@@ -39,6 +39,9 @@ IN_LAYERS = (
     ("guidance_in", ("guidance_in.in_layer", "guidance_in.out_layer")),
     ("txt_in", ("txt_in",)),
 )
+# Linears no network of ours creates, but other trainers' LoRAs (ai-toolkit's proj_out, norm_out.linear)
+# adapt: created when a file has them, so that every tool applies the same modules
+FINAL_LAYERS = ("final_layer.linear", "final_layer.adaLN_modulation.1")
 
 _BLOCK_INDEX = re.compile(r"_(double|single)_blocks_(\d+)_")
 _SPLIT_TARGET = re.compile(r"_double_blocks_\d+_(img|txt)_attn_qkv$|_single_blocks_\d+_linear1$")
@@ -71,7 +74,8 @@ def dit_targets(
 ) -> Iterator[tuple[str, nn.Linear, str | int]]:
     """(name, Linear, kind) of the DiT's candidates: kind is "double" or "single" for the Linears
     of those blocks (when in ``kinds``), or the in_dims position of a conditioning layer (when
-    ``in_dims`` is given, or every one with ``all_in_layers``)."""
+    ``in_dims`` is given, or every one with ``all_in_layers``), or "final" for the final layer's
+    Linears (with ``all_in_layers`` only: a file's modules)."""
     for name, module in unet.named_modules():
         cls = type(module).__name__
         kind = next((k for k, classes in block_classes.items() if cls in classes), None)
@@ -89,6 +93,10 @@ def dit_targets(
             logger.warning(f"in_dims: this model has no {layer} layer; its rank {in_dims[position]} is ignored")
         for path, linear in linears:
             yield lora_name(prefix, path), linear, position
+    if all_in_layers:
+        for path in FINAL_LAYERS:
+            if isinstance(linear := get_submodule(unet, path), nn.Linear):
+                yield lora_name(prefix, path), linear, "final"
 
 
 @dataclass

@@ -420,6 +420,36 @@ def test_network_from_weights_takes_ranks_alphas_in_dims_and_t5_from_the_file(tm
     assert all(torch.equal(v, weights[k]) for k, v in network.state_dict().items())
 
 
+def test_a_files_final_layer_modules_are_applied_as_a_plain_loader_merges_them():
+    # ai-toolkit's proj_out / norm_out.linear: merge, convert and diffusers apply them, so loading does too
+    params = tiny_flux_params()
+    model = random_model(params, seed=3)
+    reference = copy.deepcopy(model)
+    x = dit_inputs(params)
+    with torch.no_grad():
+        base = model(**x)
+    source = create_network(1.0, 4, 2.0, None, [None, None], model, train_blocks="single")
+    randomize_lora(source)
+    weights = source.state_dict()
+    g = torch.Generator().manual_seed(5)
+    finals = {"lora_unet_final_layer_linear": model.final_layer.linear,
+              "lora_unet_final_layer_adaLN_modulation_1": model.final_layer.adaLN_modulation[1]}  # fmt: skip
+    for name, linear in finals.items():
+        weights[f"{name}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=g) * 0.1
+        weights[f"{name}.lora_up.weight"] = torch.randn(linear.out_features, 4, generator=g) * 0.1
+        weights[f"{name}.alpha"] = torch.tensor(2.0)
+    network, _ = create_network_from_weights(0.7, None, None, [None, None], model, weights)
+    assert set(finals) <= {lora.lora_name for lora in network.unet_loras}
+    network.apply_to([None, None], model)
+    network.load_state_dict(weights)
+    with torch.no_grad():
+        ours = model(**x)
+    assert merge_by_hand(weights, linears_by_lora_name(reference, "lora_unet"), 0.7) == len(network.unet_loras)
+    with torch.no_grad():
+        merged = reference(**x)
+    assert_close_to(ours, merged, base)
+
+
 def test_network_from_weights_refuses_files_for_other_models(tmp_path, caplog):
     model = random_model(tiny_flux_params())
     other = random_model(tiny_flux_params(depth=3, depth_single=1))
