@@ -179,11 +179,28 @@ def create_network_from_weights(
             f"{file}: none of its {len(modules_dim)} LoRA modules (e.g. {unmatched[0]}) exists in the models given; "
             "is it a FLUX/Chroma LoRA in sd-scripts' format, for this model (and its text encoders)?"
         )
+    check_weights_fit(file, weights_sd, network, "The LoRA was made for a model of other widths")
     if unmatched:
         logger.warning(f"{file}: {len(unmatched)} LoRA modules have no target and are ignored, e.g. {unmatched[:3]}")
     if any(r is not None for r in loraplus_ratios(kwargs)):
         network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
     return network, weights_sd
+
+
+def check_weights_fit(file, weights_sd: dict[str, Tensor], network: nn.Module, hint: str) -> None:
+    """Stops, naming the file and its first misfits, when a tensor's shape differs from the network's."""
+    expected = network.state_dict()
+    mismatched = [
+        f"{k} {tuple(v.shape)} (network {tuple(expected[k].shape)})"
+        for k, v in weights_sd.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if mismatched:
+        raise UserError(
+            f"{file} does not fit this network: {'; '.join(mismatched[:3])}"
+            + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+            + f". {hint}"
+        )
 
 
 def detect_model_type(flux: nn.Module | None) -> str | None:
@@ -379,18 +396,9 @@ class LoRANetwork(nn.Module):
     def load_weights(self, file: str | os.PathLike):
         """Loads a LoRA file into this network (split_qkv modules re-split); returns missing/unexpected keys."""
         weights_sd, metadata = read_lora_file(file)
-        expected = self.state_dict()
-        mismatched = [
-            f"{k} {tuple(v.shape)} (network {tuple(expected[k].shape)})"
-            for k, v in weights_sd.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        if mismatched:
-            raise UserError(
-                f"{file} does not fit this network: {'; '.join(mismatched[:3])}"
-                + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
-                + ". Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
-            )
+        check_weights_fit(
+            file, weights_sd, self, "Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
+        )
         multiplied = split_alpha_multiplied(metadata)
         for lora in self.all_loras():
             lora.fused_alpha_multiplied = multiplied

@@ -394,6 +394,16 @@ def test_loading_a_file_of_another_rank_names_the_fix(tmp_path):
         create_network(1.0, 4, 1, None, [None, None], model).load_weights(file)
 
 
+@pytest.mark.parametrize("for_inference", [True, False])
+def test_a_network_from_a_file_for_other_widths_is_refused_naming_the_file(tmp_path, for_inference):
+    file = tmp_path / "wide.safetensors"
+    wide = random_model(tiny_flux_params(hidden_size=128, num_heads=8))
+    create_network(1.0, 4, 1, None, [None, None], wide).save_weights(file, None, None)
+    model = random_model(tiny_flux_params())
+    with pytest.raises(UserError, match=r"wide\.safetensors does not fit this network: lora_unet_.* other widths"):
+        create_network_from_weights(1.0, str(file), None, [None, None], model, for_inference=for_inference)
+
+
 def test_loading_a_file_with_nothing_for_this_network_is_refused(tmp_path):
     model = random_model(tiny_flux_params())
     file = tmp_path / "diffusers_format.safetensors"
