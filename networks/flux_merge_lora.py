@@ -321,8 +321,16 @@ def merge_lora_models(
     ups: dict[str, list[Tensor]] = {}
     downs: dict[str, list[Tensor]] = {}
     base: dict[str, tuple[float, int, str]] = {}
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}  # the weight each module changes, and who said so first
     for lora in loras:
         for name, w in lora.modules.items():
+            shape = (w.up.shape[0], *w.down.shape[1:])
+            first_shape, first = shapes.setdefault(name, (shape, lora.path))
+            if shape != first_shape:
+                raise UserError(
+                    f"{lora.path}: {name} changes a {'x'.join(map(str, shape))} weight but {first} changes a "
+                    f"{'x'.join(map(str, first_shape))} one: the LoRAs are for different models"
+                )
             alpha = float(w.alpha) if w.alpha else float(w.rank)
             if concat:
                 factor = lora.ratio * alpha / w.rank

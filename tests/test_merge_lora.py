@@ -259,6 +259,8 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("overwrite", "is one of the input files"),
         ("clip_without_save_to", "--clip_l needs --clip_l_save_to"),
         ("oft", "OFT (oft_* keys) files are not supported"),
+        ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
+        ("loras_of_other_widths_concat", "the LoRAs are for different models"),
     ],
 )
 def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys, case, message):
@@ -275,6 +277,10 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
     elif case == "other_model":
         wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
         args = [*flux, "--models", write_lora(tmp_path / "wide.safetensors", wide)]
+    elif case.startswith("loras_of_other_widths"):  # same rank, no base model: no weight to check against
+        wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
+        args = ["--save_to", out, "--models", lora, write_lora(tmp_path / "wide.safetensors", wide)]
+        args += ["--concat"] if case.endswith("concat") else []
     elif case == "overwrite":
         args = ["--save_to", lora, "--models", lora]
     elif case == "clip_without_save_to":
