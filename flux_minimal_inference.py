@@ -85,8 +85,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--offload", action="store_true", help="keep models on the CPU and move each to the device while it runs")
     add("--lora_weights", type=str, nargs="*", default=[], help="LoRA files, each `path;multiplier` (default 1.0)")
     add("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights instead of applying them")
-    add("--width", type=int, default=DEFAULT_WIDTH)
-    add("--height", type=int, default=DEFAULT_HEIGHT)
+    add("--width", type=int, default=DEFAULT_WIDTH, help="floored to a multiple of 16, at least 64")
+    add("--height", type=int, default=DEFAULT_HEIGHT, help="floored to a multiple of 16, at least 64")
     add("--interactive", action="store_true", help="read prompts from standard input")
     add("--device", type=str, default=None, help="device to run on (default cuda if available, else cpu)")
     add("--tokenizer_cache_dir", type=str, default=None, help="local copies of the tokenizers (as the trainer)")
@@ -248,13 +248,16 @@ class Pipeline:
 
 
 def check_args(args) -> None:
+    from library.flux_sampling import MIN_SAMPLE_SIZE
     from library.flux_train_utils import check_model_file_args
 
     check_model_file_args(args)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
-    if args.width < 16 or args.height < 16:
-        raise UserError(f"--width {args.width} / --height {args.height}: the image must be at least 16 pixels a side")
+    if min(args.width, args.height) < MIN_SAMPLE_SIZE:
+        raise UserError(
+            f"--width {args.width} / --height {args.height}: the image must be at least {MIN_SAMPLE_SIZE} pixels a side"
+        )
 
 
 def load_pipeline(args) -> Pipeline:

@@ -201,6 +201,7 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--lora_weights", "{lora};strong"], "flux", "the multiplier after ';' must be a number"),
         (["--flux_dtype", "fp4"], "flux", "--flux_dtype fp4: expected one of"),
         (["--ckpt_path", "{chroma}"], "flux", "is a Chroma model: add --model_type chroma"),
+        (["--height", "48"], "flux", "--width 64 / --height 48: the image must be at least 64 pixels a side"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):
