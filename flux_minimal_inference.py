@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.dtypes import FP8_DTYPES, dtype_from_name
+from library.dtypes import FP8_DTYPES, device_from_name, dtype_from_name
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def load_pipeline(args) -> Pipeline:
     if ae_dtype in FP8_DTYPES:
         logger.warning("--ae_dtype %s: the autoencoder runs in %s (fp8 is not used for it)", ae_dtype, compute)
         ae_dtype = compute
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     loading_device = "cpu" if args.offload else device
     specs = [parse_lora_spec(s) for s in args.lora_weights]
     for path, _ in specs:

@@ -1,5 +1,5 @@
-"""Names of torch dtypes as command lines write them (``bf16``, ``fp8_e4m3fn``, ``float`` ...), and
-the dtype autocast computes in."""
+"""Names of torch dtypes and devices as command lines write them (``bf16``, ``fp8_e4m3fn``,
+``cuda:1`` ...), and the dtype autocast computes in."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def dtype_from_name(name: str, flag: str) -> torch.dtype:
     if key not in DTYPE_BY_NAME:
         raise UserError(f"{flag} {name}: expected one of {', '.join(DTYPE_BY_NAME)}")
     return DTYPE_BY_NAME[key]
+
+
+def device_from_name(name: str, flag: str) -> torch.device:
+    """The device a command-line name stands for, checked to exist here; a UserError naming ``flag`` otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{flag} {name}: not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        raise UserError(f"{flag} {name}: this machine (or its torch build) has no {device.type} device")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UserError(f"{flag} {name}: there are only {backend.device_count()} {device.type} devices")
+    return device
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

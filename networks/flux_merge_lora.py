@@ -46,7 +46,7 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
-from library.dtypes import dtype_from_name  # noqa: E402
+from library.dtypes import device_from_name, dtype_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import (  # noqa: E402
     LoRAWeights,
@@ -416,6 +416,8 @@ def check_args(args) -> tuple[torch.dtype, torch.dtype | None]:
     save_dtype = str_to_dtype(args.save_precision, "--save_precision") or merge_dtype
     if not args.models:
         raise UserError("--models: give the LoRA file(s) to merge")
+    for flag in ("loading_device", "working_device"):
+        device_from_name(getattr(args, flag), f"--{flag}")
     if args.ratios is None or len(args.ratios) == 0:
         args.ratios = [1.0] * len(args.models)
     elif len(args.ratios) != len(args.models):

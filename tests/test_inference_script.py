@@ -202,6 +202,7 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--flux_dtype", "fp4"], "flux", "--flux_dtype fp4: expected one of"),
         (["--ckpt_path", "{chroma}"], "flux", "is a Chroma model: add --model_type chroma"),
         (["--height", "48"], "flux", "--width 64 / --height 48: the image must be at least 64 pixels a side"),
+        (["--device", "gpu0"], "flux", "--device gpu0: not a device name"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):

@@ -261,6 +261,7 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("oft", "OFT (oft_* keys) files are not supported"),
         ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
+        ("device", "--working_device gpu0: not a device name"),
     ],
 )
 def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys, case, message):
@@ -281,6 +282,8 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
         args = ["--save_to", out, "--models", lora, write_lora(tmp_path / "wide.safetensors", wide)]
         args += ["--concat"] if case.endswith("concat") else []
+    elif case == "device":
+        args = [*flux, "--models", lora, "--working_device", "gpu0"]
     elif case == "overwrite":
         args = ["--save_to", lora, "--models", lora]
     elif case == "clip_without_save_to":

@@ -1,0 +1,41 @@
+"""Command-line names of dtypes and devices: what they stand for, and one-line errors naming the flag."""
+
+import pytest
+import torch
+
+from library.dtypes import device_from_name, dtype_from_name
+from library.errors import UserError
+
+
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("Float", torch.float32), (" fp16", torch.float16)])
+def test_dtype_names(name, dtype):
+    assert dtype_from_name(name, "--precision") is dtype
+
+
+def test_an_unknown_dtype_name_lists_the_known_ones():
+    with pytest.raises(UserError, match=r"^--save_precision fp4: expected one of float, fp32, "):
+        dtype_from_name("fp4", "--save_precision")
+
+
+def test_cpu_names_are_devices():
+    assert device_from_name("cpu", "--device") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["gpu0", "cuda:x", ""])
+def test_a_malformed_device_name_is_named(name):
+    with pytest.raises(UserError, match=rf"^--working_device {name}: not a device name \(e\.g\. cpu, cuda, cuda:1\)$"):
+        device_from_name(name, "--working_device")
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^--device cuda: this machine \(or its torch build\) has no cuda device$"):
+        device_from_name("cuda", "--device")
+
+
+def test_a_device_index_beyond_the_count_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_from_name("cuda:1", "--device") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"^--device cuda:2: there are only 2 cuda devices$"):
+        device_from_name("cuda:2", "--device")
