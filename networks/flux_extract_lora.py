@@ -17,6 +17,9 @@ Differences from sd-scripts, on purpose:
   16M-element limit.
 * Weights that did not change are left out (sd-scripts writes all-zero modules for them); a
   model pair whose block weights differ in shape, or that share no block weights, is refused.
+  Other tensors that differ (conditioning layers, final layer, biases, norms: changes an
+  extracted LoRA cannot carry) are listed in a warning, not dropped silently. ``ss_network_dim``
+  is the rank the modules have (``--dim`` beyond a layer's width gives that width).
 * ``model.diffusion_model.``-prefixed checkpoints give the usual ``lora_unet_*`` names.
 * The ModelSpec architecture follows the model (dev, schnell or Chroma; sd-scripts always writes
   dev), ``ss_base_model_version`` is ``chroma`` for Chroma, the file carries ``sshs_*`` hashes
@@ -40,6 +43,7 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
+from library.dtypes import device_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.safetensors_io import (
     SafetensorsReader,  # noqa: E402
@@ -54,7 +58,7 @@ SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "b
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Extract a LoRA from the difference of two FLUX.1 / Chroma models")
     add = p.add_argument
-    add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
+    add("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
         help="precision of the saved LoRA (default float)")  # fmt: skip
     add("--model_org", type=str, default=None, required=True, help="the original model (.safetensors)")
     add("--model_tuned", type=str, default=None, required=True,
@@ -128,6 +132,8 @@ def svd(
 
     if dim < 1:
         raise UserError(f"--dim {dim}: the rank must be 1 or more")
+    if device is not None:
+        device_from_name(device, "--device")
     if not 0.0 < clamp_quantile <= 1.0:
         raise UserError(f"--clamp_quantile {clamp_quantile}: expected a value in (0, 1]")
     if mem_eff_safe_open:
@@ -167,18 +173,24 @@ def svd(
             lora_sd[f"{name}.lora_up.weight"] = up.to("cpu", save_dtype).contiguous()
             lora_sd[f"{name}.lora_down.weight"] = down.to("cpu", save_dtype).contiguous()
             lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=save_dtype or torch.float32)
+        left_out = changed_elsewhere(org_file, tuned_file, org_keys, tuned_keys, set(keys))
     if unchanged:
         logger.info("%d weights are the same in both models and get no LoRA module", len(unchanged))
+    if left_out:
+        logger.warning("%d tensors outside the block Linear weights differ between the models and are not in the "
+                       "LoRA: %s", len(left_out), ", ".join(left_out[:10]))  # fmt: skip
     if not lora_sd:
         raise UserError(f"--model_tuned {model_tuned} has the same block weights as --model_org: nothing to extract")
+    # the rank the modules have: --dim beyond a layer's width gives that width
+    rank = max(v.shape[0] for k, v in lora_sd.items() if k.endswith(".lora_down.weight"))
 
     model_type = _model_type(list(org_keys))
     metadata = {
         "ss_v2": "False",
         "ss_base_model_version": "chroma" if model_type == "chroma" else "flux1",
         "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": str(dim),
-        "ss_network_alpha": str(float(dim)),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
         "ss_network_args": json.dumps({}),
     }
     if not no_metadata:
@@ -186,8 +198,18 @@ def svd(
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = precalculate_safetensors_hashes(lora_sd, metadata)
     os.makedirs(os.path.dirname(os.path.abspath(save_to)), exist_ok=True)
     save_safetensors(lora_sd, save_to, metadata)
-    logger.info("LoRA of rank %d with %d modules saved to %s", dim, len(lora_sd) // 3, save_to)
+    logger.info("LoRA of rank %d with %d modules saved to %s", rank, len(lora_sd) // 3, save_to)
     return save_to
+
+
+def changed_elsewhere(org_file, tuned_file, org_keys: dict, tuned_keys: dict, extracted: set[str]) -> list[str]:
+    """The tensors of both models, outside ``extracted``, that differ: changes the LoRA cannot carry."""
+    changed = []
+    for key in sorted(set(org_keys) & set(tuned_keys) - extracted):
+        org, tuned = org_file.get(org_keys[key]), tuned_file.get(tuned_keys[key])
+        if org.shape != tuned.shape or not torch.equal(org.float(), tuned.float()):
+            changed.append(key)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

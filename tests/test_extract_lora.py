@@ -80,6 +80,34 @@ def test_clamp_quantile_bounds_magnitudes(tuned, tmp_path):
     assert (up == -bound).any() or (down == -bound).any(), "negative values are clamped at minus the same bound"
 
 
+@pytest.mark.parametrize("tuned", ["dev"], indirect=True)
+def test_changes_outside_the_block_weights_are_named_and_the_recorded_rank_is_the_files(tuned, tmp_path, caplog):
+    from library.safetensors_io import save_safetensors
+
+    base, tuned_file, _, _ = tuned
+    with caplog.at_level("WARNING"):
+        assert extract(base, tuned_file, tmp_path / "plain.safetensors") == 0
+    assert not [r for r in caplog.records if "outside the block" in r.getMessage()]
+
+    weights = load_safetensors(tuned_file)
+    weights["img_in.weight"] = weights["img_in.weight"] + 0.01
+    weights["final_layer.linear.bias"] = weights["final_layer.linear.bias"] * 2
+    weights["double_blocks.0.img_attn.norm.query_norm.scale"] += 1
+    also_elsewhere = str(tmp_path / "tuned_elsewhere.safetensors")
+    save_safetensors(weights, also_elsewhere)
+    out = tmp_path / "wide_dim.safetensors"
+    with caplog.at_level("WARNING"):
+        assert extract(base, also_elsewhere, out, "--dim", "100") == 0  # the tiny model is 64 wide
+    (record,) = [r for r in caplog.records if "outside the block" in r.getMessage()]
+    assert record.getMessage().endswith(
+        "3 tensors outside the block Linear weights differ between the models and are not in the LoRA: "
+        "double_blocks.0.img_attn.norm.query_norm.scale, final_layer.linear.bias, img_in.weight"
+    )
+    sd, metadata = load_safetensors(out), read_metadata(out)
+    assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) == 64
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("64", "64.0")
+
+
 def test_quantile_matches_torch_and_full_quantile_clamps_nothing():
     g = torch.Generator().manual_seed(0)
     values = torch.randn(1001, generator=g) ** 3
@@ -133,6 +161,7 @@ def test_extracted_lora_in_inference_gives_the_tuned_image(tiny_model_files, tun
         ("other_width", "not the same architecture"),
         ("overwrite", "is one of the models"),
         ("not_flux", "no double_blocks / single_blocks weights"),
+        ("device", "--device gpu0: not a device name (e.g. cpu, cuda, cuda:1)"),
     ],
 )
 def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
@@ -148,6 +177,8 @@ def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
         args = (base, tuned_file, tuned_file)
     elif case == "not_flux":
         args = (tiny_model_files.ae, tuned_file, out)
+    elif case == "device":
+        args = (base, tuned_file, out, "--device", "gpu0")
     assert extract(*args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
