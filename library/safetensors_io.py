@@ -9,6 +9,7 @@ on top of the copies). Writes go to a temporary name and are renamed into place.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -34,6 +35,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+logger = logging.getLogger(__name__)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -173,6 +175,15 @@ def write_safetensors_streaming(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def warn_unless_safetensors_name(path: str | os.PathLike, flag: str) -> None:
+    """The helper tools write safetensors only: a ``.ckpt`` (or other) name would mislead other tools."""
+    if not str(path).lower().endswith(".safetensors"):
+        logger.warning(
+            f"{flag} {path}: the file is written in safetensors format whatever its name; "
+            "name it .safetensors so that other tools read it as one"
+        )
 
 
 def save_safetensors(

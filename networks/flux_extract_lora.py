@@ -45,9 +45,10 @@ from tqdm import tqdm  # noqa: E402
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
 from library.dtypes import device_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
-from library.safetensors_io import (
-    SafetensorsReader,  # noqa: E402
-    read_header,  # noqa: E402
+from library.safetensors_io import (  # noqa: E402
+    SafetensorsReader,
+    read_header,
+    warn_unless_safetensors_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if os.path.abspath(args.save_to) in {os.path.abspath(args.model_org), os.path.abspath(args.model_tuned)}:
             raise UserError(f"--save_to {args.save_to} is one of the models; write the LoRA to another file")
+        warn_unless_safetensors_name(args.save_to, "--save_to")
         svd(**vars(args))
         return 0
     except UserError as e:

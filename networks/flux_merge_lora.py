@@ -60,6 +60,7 @@ from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
     read_header,
     read_metadata,
+    warn_unless_safetensors_name,
     write_safetensors_streaming,
 )
 
@@ -439,6 +440,9 @@ def check_args(args) -> tuple[torch.dtype, torch.dtype | None]:
             raise UserError(f"--{save_flag} needs --{model_flag}: the model to merge into")
     if not args.save_to and not args.clip_l_save_to and not args.t5xxl_save_to:
         raise UserError("--save_to is required: the merged model or LoRA file")
+    for flag in ("save_to", "clip_l_save_to", "t5xxl_save_to"):
+        if getattr(args, flag):
+            warn_unless_safetensors_name(getattr(args, flag), f"--{flag}")
     if not (args.flux_model or args.clip_l or args.t5xxl) and not args.save_to:
         raise UserError("--save_to is required: where to write the merged LoRA")
     if args.save_to and not args.flux_model and (args.clip_l or args.t5xxl):

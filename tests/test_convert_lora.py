@@ -275,3 +275,15 @@ def test_both_script_paths_run_as_programs(tmp_path):
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     error = f"error: {original} is in sd-scripts's format, not ai-toolkit's: pass --src sd-scripts"
     assert failed.stderr.strip().splitlines()[-1] == error
+
+
+def test_an_output_name_other_than_safetensors_is_warned_about(tmp_path, caplog):
+    ait = tmp_path / "ait.safetensors"
+    save_safetensors({"transformer.proj_out.lora_A.weight": torch.ones(1, 4),
+                      "transformer.proj_out.lora_B.weight": torch.ones(4, 1)}, ait)  # fmt: skip
+    out = tmp_path / "out.ckpt"
+    with caplog.at_level("WARNING"):
+        assert convert_flux_lora.main(["--src_path", str(ait), "--dst_path", str(out)]) == 0
+    assert load_safetensors(out)["lora_unet_final_layer_linear.lora_up.weight"].shape == (4, 1)
+    (record,) = [r for r in caplog.records if "whatever its name" in r.getMessage()]
+    assert record.getMessage().startswith(f"--dst_path {out}: the file is written in safetensors format")

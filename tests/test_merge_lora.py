@@ -225,6 +225,16 @@ def test_summed_loras_on_different_modules_add_exactly(dev, tmp_path):
     assert read_metadata(out)["ss_network_dim"] == "4"
 
 
+def test_an_output_name_other_than_safetensors_is_warned_about(dev, tmp_path, caplog):
+    lora = write_lora(tmp_path / "a.safetensors", dev)
+    out = tmp_path / "merged.ckpt"
+    with caplog.at_level(logging.WARNING):
+        assert merge("--save_to", out, "--models", lora) == 0
+    assert deltas(load_safetensors(out)).keys() == deltas(load_safetensors(lora)).keys()
+    (record,) = [r for r in caplog.records if "whatever its name" in r.getMessage()]
+    assert record.getMessage().startswith(f"--save_to {out}: the file is written in safetensors format")
+
+
 def test_ai_toolkit_loras_merge_into_one_lora(dev, tmp_path):
     a = write_lora(tmp_path / "a.safetensors", dev, alpha=2.0)
     converted = to_ai_toolkit(load_safetensors(a)).state_dict
