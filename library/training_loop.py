@@ -217,7 +217,8 @@ class TrainingLoop:
         args = self.args
         if self.triggers.due(None, step):
             self._sample(epoch=None, step=step)
-        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < args.max_train_steps:
+        # unlike epoch saves, a step save at the last step is kept (spec §h.2): it prunes the older ones
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0:
             self._save_checkpoint("step", step, step, epoch + 1)
             old = step_to_remove(step, args.save_every_n_steps, args.save_last_n_steps)
             if old:

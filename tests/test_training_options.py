@@ -87,10 +87,14 @@ def test_epoch_saves_keep_only_the_last_n(tiny_model_files, tmp_path):
     ]  # fmt: skip
 
 
-def test_step_saves_are_named_by_step(tiny_model_files, tmp_path):
-    out = train(tiny_model_files, tmp_path, steps=4, save_every_n_steps=2, network_train_unet_only=True)
-    assert sorted(os.listdir(out)) == ["lora-step00000002.safetensors", "lora.safetensors"]
-    assert read_metadata(os.path.join(out, "lora-step00000002.safetensors"))["ss_steps"] == "2"
+def test_step_saves_are_named_by_step_and_the_last_step_prunes_too(tiny_model_files, tmp_path):
+    out = train(tiny_model_files, tmp_path, steps=6, save_every_n_steps=2, save_last_n_steps=2,
+                network_train_unet_only=True)  # fmt: skip
+    # as sd-scripts: a step save at the last step too, which removes step 2 (older than 2 steps before step 4)
+    assert sorted(os.listdir(out)) == [
+        "lora-step00000004.safetensors", "lora-step00000006.safetensors", "lora.safetensors"
+    ]  # fmt: skip
+    assert read_metadata(os.path.join(out, "lora-step00000006.safetensors"))["ss_steps"] == "6"
 
 
 def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path):
