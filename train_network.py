@@ -420,7 +420,8 @@ class NetworkTrainer:
 
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                           steps_per_epoch) -> dict[str, str]:
-        from library.train_metadata import build_training_metadata
+        from library.model_hashes import model_hash, sha256_in_background
+        from library.train_metadata import build_training_metadata, dataset_metadata
 
         args, network = ctx.args, ctx.network
         text_encoder_lr = args.text_encoder_lr
@@ -443,8 +444,12 @@ class NetworkTrainer:
             total_batch_size=max(d.config.batch_size for d in train_group.datasets)
             * ctx.accelerator.num_processes * args.gradient_accumulation_steps,
             num_processes=ctx.accelerator.num_processes,
-            datasets=self.dataset_metadata(train_group),
+            dataset_keys=dataset_metadata(train_group.datasets, args.dataset_config is not None, args),
         )
+        model_file = args.pretrained_model_name_or_path
+        if os.path.isfile(model_file) and ctx.accelerator.is_main_process and not args.no_metadata:
+            run["sd_model_hash"] = model_hash(model_file)
+            run["new_sd_model_hash"] = sha256_in_background(model_file)
         metadata = build_training_metadata(args, run)
         metadata.update(self.modelspec(ctx))
         return metadata
@@ -478,25 +483,6 @@ class NetworkTrainer:
         top = max(modules, key=lambda m: m.lora_dim)
         alpha = top.alpha.item() if hasattr(top.alpha, "item") else top.alpha
         return {"network_dim": top.lora_dim, "network_alpha": alpha}
-
-    def dataset_metadata(self, train_group) -> list[dict]:
-        info = []
-        for ds in train_group.datasets:
-            cfg = ds.config
-            info.append({
-                "batch_size_per_device": cfg.batch_size,
-                "resolution": list(cfg.resolution) if cfg.resolution else None,
-                "enable_bucket": cfg.enable_bucket,
-                "num_train_images": sum(e.num_repeats for e in ds.entries if not e.is_reg),
-                "num_reg_images": sum(e.num_repeats for e in ds.entries if e.is_reg),
-                "bucket_info": ds.bucket_info(),
-                "subsets": [
-                    {"image_dir": os.path.basename(s.image_dir or ""), "num_repeats": s.num_repeats,
-                     "is_reg": s.is_reg, "class_tokens": s.class_tokens}
-                    for s in cfg.subsets
-                ],
-            })
-        return info
 
     # ---- trackers ------------------------------------------------------------------------------
     @staticmethod

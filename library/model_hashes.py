@@ -24,8 +24,10 @@ import io
 import mimetypes
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 import torch
 
@@ -89,6 +91,20 @@ def calculate_sha256(filename: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_BLOCK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_in_background(filename: str | os.PathLike) -> Future:
+    """``calculate_sha256`` in a daemon thread (it never holds up the exit of a failed run)."""
+    future: Future = Future()
+
+    def compute() -> None:
+        try:
+            future.set_result(calculate_sha256(filename))
+        except BaseException as e:  # noqa: BLE001 (handed to whoever waits for the result)
+            future.set_exception(e)
+
+    threading.Thread(target=compute, name="model-sha256", daemon=True).start()
+    return future
 
 
 @functools.lru_cache(maxsize=1)

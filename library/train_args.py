@@ -246,7 +246,7 @@ def add_saving_arguments(parser: argparse.ArgumentParser) -> None:
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     """``ss_*`` and ``modelspec.*`` metadata of the saved file."""
     add = argument_adder(parser, "metadata")
-    _flag(add, "--no_metadata", "save only the minimal ss_* metadata")
+    _flag(add, "--no_metadata", "save only the minimal ss_* metadata (the modelspec.* keys are kept)")
     add("--training_comment", type=str, default=None, help="comment stored as ss_training_comment")
     for name, what in (
         ("title", "model title (default: output_name)"),

@@ -1,6 +1,9 @@
 """The ``ss_*`` training metadata stored in a saved LoRA (spec §h.4). Every value is a string:
 None becomes "None" and booleans "True"/"False", as sd-scripts writes them, because tools that
-read these files (GUIs, civitai, ComfyUI managers) parse exactly that."""
+read these files (GUIs, civitai, ComfyUI managers) parse exactly that.
+
+The one slow value, the base model's full sha256 (``ss_new_sd_model_hash``: a minute for a 24 GB
+checkpoint on a fast disk), is computed while training runs and waited for at the first save."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import Future
 from typing import Any
 
 # args attribute -> metadata key, copied verbatim
@@ -45,7 +50,6 @@ _FROM_ARGS = {
     "huber_schedule": "ss_huber_schedule",
     "huber_scale": "ss_huber_scale",
     "huber_c": "ss_huber_c",
-    "fp8_base": "ss_fp8_base",
     "fp8_base_unet": "ss_fp8_base_unet",
     "validation_seed": "ss_validation_seed",
     "validation_split": "ss_validation_split",
@@ -53,6 +57,11 @@ _FROM_ARGS = {
     "validate_every_n_epochs": "ss_validate_every_n_epochs",
     "validate_every_n_steps": "ss_validate_every_n_steps",
     "resize_interpolation": "ss_resize_interpolation",
+    "caption_dropout_rate": "ss_caption_dropout_rate",
+    "caption_dropout_every_n_epochs": "ss_caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate": "ss_caption_tag_dropout_rate",
+    "face_crop_aug_range": "ss_face_crop_aug_range",
+    "prior_loss_weight": "ss_prior_loss_weight",
     # FLUX additions
     "model_type": "ss_model_type",
     "apply_t5_attn_mask": "ss_apply_t5_attn_mask",
@@ -86,7 +95,8 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str]:
 
     ``run`` carries what is computed rather than given: num_train_images, num_validation_images,
     num_reg_images, num_batches_per_epoch, num_epochs, max_train_steps, optimizer, base_model_version,
-    network_dim, network_alpha, network_args, text_encoder_lr, dataset info, model file name/hash,
+    network_dim, network_alpha, network_args, text_encoder_lr, dataset keys (``dataset_metadata``),
+    model file name and hashes (a hash may be a Future, kept as one until ``per_save_metadata``),
     batch sizes and process count.
     """
     md: dict[str, Any] = {
@@ -97,6 +107,8 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str]:
     }
     for attr, key in _FROM_ARGS.items():
         md[key] = getattr(args, attr, None)
+    # --fp8_base_unet implies --fp8_base (spec §a.3), as sd-scripts records it
+    md["ss_fp8_base"] = bool(getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False))
     md.update(
         ss_text_encoder_lr=run.get("text_encoder_lr"),
         ss_num_train_images=run["num_train_images"],
@@ -110,21 +122,11 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str]:
         ss_network_dim=run["network_dim"],
         ss_network_alpha=run["network_alpha"],
         ss_network_args=json.dumps(run.get("network_args") or {}),
-        ss_caption_dropout_rate=run.get("caption_dropout_rate"),
-        ss_caption_dropout_every_n_epochs=run.get("caption_dropout_every_n_epochs"),
-        ss_caption_tag_dropout_rate=run.get("caption_tag_dropout_rate"),
-        ss_face_crop_aug_range=run.get("face_crop_aug_range"),
-        ss_prior_loss_weight=run.get("prior_loss_weight", 1.0),
         ss_batch_size_per_device=run.get("batch_size_per_device"),
         ss_total_batch_size=run.get("total_batch_size"),
         ss_num_processes=run.get("num_processes", 1),
     )
-    if run.get("datasets") is not None:
-        md["ss_datasets"] = json.dumps(run["datasets"])
-    if run.get("tag_frequency") is not None:
-        md["ss_tag_frequency"] = json.dumps(run["tag_frequency"])
-    if run.get("dataset_dirs") is not None:
-        md["ss_dataset_dirs"] = json.dumps(run["dataset_dirs"])
+    md.update(run.get("dataset_keys") or {})
     if run.get("model_file"):
         md["ss_sd_model_name"] = os.path.basename(run["model_file"])
     for key in ("sd_model_hash", "new_sd_model_hash"):
@@ -132,13 +134,131 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str]:
             md[f"ss_{key}"] = run[key]
     if getattr(args, "vae", None):
         md["ss_vae_name"] = os.path.basename(args.vae)
-    return {k: as_metadata_value(v) for k, v in md.items()}
+    return {k: v if isinstance(v, Future) else as_metadata_value(v) for k, v in md.items()}
+
+
+def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
+    """The dataset keys of sd-scripts: with a dataset TOML ``ss_datasets`` (every dataset and subset
+    setting), ``ss_tag_frequency`` and ``ss_dataset_dirs``; without one, the flat keys of the
+    command-line options. Tag counts are per image, of the comma-separated, lower-cased tags of
+    its caption, per folder (GUIs and civitai show them as the LoRA's tags)."""
+    if not from_toml and len(datasets) == 1:
+        (dataset,) = datasets
+        cfg, subsets = dataset.config, _subset_entries(dataset)
+        return {
+            "ss_resolution": args.resolution,
+            "ss_color_aug": bool(args.color_aug),
+            "ss_flip_aug": bool(args.flip_aug),
+            "ss_random_crop": bool(args.random_crop),
+            "ss_shuffle_caption": bool(args.shuffle_caption),
+            "ss_enable_bucket": bool(cfg.enable_bucket),
+            "ss_bucket_no_upscale": bool(cfg.bucket_no_upscale),
+            "ss_min_bucket_reso": cfg.min_bucket_reso,
+            "ss_max_bucket_reso": cfg.max_bucket_reso,
+            "ss_keep_tokens": args.keep_tokens,
+            "ss_dataset_dirs": json.dumps(_dirs([(s, e) for s, e in subsets if not s.is_reg])),
+            "ss_reg_dataset_dirs": json.dumps(_dirs([(s, e) for s, e in subsets if s.is_reg])),
+            "ss_tag_frequency": json.dumps(_tag_frequency(subsets)),
+            "ss_bucket_info": json.dumps(dataset.bucket_info()),
+        }
+    datasets_info, tag_frequency, dataset_dirs = [], {}, {}
+    for dataset in datasets:
+        cfg, subsets = dataset.config, _subset_entries(dataset)
+        frequency = _tag_frequency(subsets)
+        counts = {id(s): len(e) for s, e in subsets}  # a subset that went to validation whole has none here
+        interpolations = {s.interpolation for s in cfg.subsets}
+        datasets_info.append({
+            "is_dreambooth": cfg.kind == "dreambooth",
+            "batch_size_per_device": cfg.batch_size,
+            "num_train_images": sum(e.num_repeats for e in dataset.entries if not e.is_reg),
+            "num_reg_images": sum(e.num_repeats for e in dataset.entries if e.is_reg),
+            "resolution": list(cfg.resolution) if cfg.resolution else None,
+            "enable_bucket": cfg.enable_bucket,
+            "min_bucket_reso": cfg.min_bucket_reso,
+            "max_bucket_reso": cfg.max_bucket_reso,
+            "tag_frequency": frequency,
+            "bucket_info": dataset.bucket_info(),
+            "resize_interpolation": interpolations.pop() if len(interpolations) == 1 else None,
+            "subsets": [_subset_info(s, counts.get(id(s), 0)) for s in cfg.subsets],
+        })
+        for folder, counts in frequency.items():  # a folder in several datasets counts once
+            tag_frequency.setdefault(folder, counts)
+        for name, info in _dirs([(s, e) for s, e in subsets if not s.is_reg]).items():
+            unique, n = name, 2  # the same folder in several datasets: "name (2)", ...
+            while unique in dataset_dirs:
+                unique, n = f"{name} ({n})", n + 1
+            dataset_dirs[unique] = info
+    return {
+        "ss_datasets": json.dumps(datasets_info),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+    }
+
+
+def _subset_entries(dataset) -> list[tuple[Any, list]]:
+    """(subset, its images in this dataset) for each subset that has images."""
+    by_subset: dict[int, tuple[Any, list]] = {}  # by identity: subset configs are not hashable
+    for entry in dataset.entries:
+        by_subset.setdefault(id(entry.subset), (entry.subset, []))[1].append(entry)
+    return list(by_subset.values())
+
+
+def _folder(subset) -> str:
+    return os.path.basename(subset.image_dir if subset.kind == "dreambooth" else subset.metadata_file)
+
+
+def _dirs(subsets: list[tuple[Any, list]]) -> dict[str, dict[str, int]]:
+    return {_folder(s): {"n_repeats": s.num_repeats, "img_count": len(entries)} for s, entries in subsets}
+
+
+def _tag_frequency(subsets: list[tuple[Any, list]]) -> dict[str, dict[str, int]]:
+    frequency: dict[str, Counter] = {}
+    for subset, entries in subsets:
+        counts = frequency.setdefault(_folder(subset), Counter())
+        for entry in entries:
+            counts.update(tag.strip().lower() for tag in (entry.caption or "").split(",") if tag.strip())
+    return {folder: dict(counts) for folder, counts in frequency.items()}
+
+
+def _subset_info(subset, img_count: int) -> dict[str, Any]:
+    caption = subset.caption
+    info = {
+        "img_count": img_count,
+        "num_repeats": subset.num_repeats,
+        "color_aug": subset.color_aug,
+        "flip_aug": subset.flip_aug,
+        "random_crop": subset.random_crop,
+        "shuffle_caption": caption.shuffle_caption,
+        "keep_tokens": caption.keep_tokens,
+        "keep_tokens_separator": caption.keep_tokens_separator,
+        "secondary_separator": caption.secondary_separator,
+        "enable_wildcard": caption.enable_wildcard,
+        "caption_prefix": caption.caption_prefix,
+        "caption_suffix": caption.caption_suffix,
+        "resize_interpolation": subset.interpolation,
+    }
+    if subset.image_dir:
+        info["image_dir"] = os.path.basename(subset.image_dir)
+    if subset.kind == "dreambooth":
+        info |= {"class_tokens": subset.class_tokens, "is_reg": subset.is_reg}
+    else:
+        info["metadata_file"] = os.path.basename(subset.metadata_file)
+    return info
 
 
 def minimal_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """What ``--no_metadata`` keeps."""
-    return {k: metadata[k] for k in MINIMAL_KEYS if k in metadata}
+    """What ``--no_metadata`` keeps: the minimal ``ss_*`` keys, and ModelSpec (always written, as sd-scripts does)."""
+    return {k: v for k, v in metadata.items() if k in MINIMAL_KEYS or k.startswith("modelspec.")}
 
 
-def per_save_metadata(metadata: dict[str, str], steps: int, epoch: int) -> dict[str, str]:
-    return dict(metadata, ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
+def per_save_metadata(metadata: dict[str, str | Future], steps: int, epoch: int) -> dict[str, str]:
+    """The metadata of one save: its step and epoch, and background hashes waited for (a hash
+    that failed, e.g. an unreadable file, is left out)."""
+    resolved = {}
+    for key, value in metadata.items():
+        if isinstance(value, Future):
+            if value.exception() is not None:
+                continue
+            value = value.result()
+        resolved[key] = value
+    return dict(resolved, ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
