@@ -299,16 +299,8 @@ class NetworkTrainer:
         return step
 
     def warn_about_flags_without_effect(self, args) -> None:
-        """Flags of sd-scripts' generic trainer that this trainer accepts but does not need."""
-        reasons = {
-            "highvram": "memory is never freed between caching batches anyway",
-            "lowram": "models are loaded tensor by tensor without a memory map, which is what it is for",
-            "ddp_gradient_as_bucket_view": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
-            "ddp_static_graph": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
-        }
-        for flag, why in reasons.items():
-            if getattr(args, flag, False):
-                logger.warning("--%s has no effect here: %s", flag, why)
+        """Settings whose effect is narrower than their name suggests (the flags that do nothing at
+        all are ``IGNORED_FOR_FLUX``, warned about with the other compatibility flags)."""
         if args.masked_loss and not args.alpha_mask:
             logger.warning("--masked_loss: masks come from each image's alpha channel (--alpha_mask or alpha_mask = "
                            "true in the dataset config); conditioning-image masks are not supported")

@@ -116,14 +116,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
           "with --gradient_checkpointing: also keep each block's attention output, so that the recompute skips "
           "attention (faster; about 1.6 GB more at 1024x1024 on FLUX.1)")  # fmt: skip
     _flag(add, "--no_half_vae", "run the AE in fp32 even with mixed precision")
-    _flag(add, "--lowram", "load models straight to the GPU (machines with more VRAM than RAM)")
-    _flag(add, "--highvram", "skip freeing GPU memory between caching batches")
+    _flag(add, "--lowram", "accepted for compatibility; no effect (models are loaded tensor by tensor anyway)")
+    _flag(add, "--highvram", "accepted for compatibility; no effect (caching never frees memory between batches)")
     _flag(add, "--torch_compile", "compile the DiT's blocks with torch.compile (their checkpointing included)")
     add("--dynamo_backend", type=str, default="inductor", choices=list(DYNAMO_BACKENDS),
         help="torch.compile backend (default inductor)")  # fmt: skip
     add("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes (default: accelerate's)")
-    _flag(add, "--ddp_gradient_as_bucket_view", "DDP gradient_as_bucket_view")
-    _flag(add, "--ddp_static_graph", "DDP static_graph")
+    _flag(add, "--ddp_gradient_as_bucket_view", "accepted for compatibility; no effect (no DDP wrapper is used)")
+    _flag(add, "--ddp_static_graph", "accepted for compatibility; no effect (no DDP wrapper is used)")
     _flag(add, "--skip_until_initial_step", "skip batches until --initial_step / --initial_epoch is reached")
     add("--initial_epoch", type=int, default=None,
         help="epoch number to start counting from, 1-based (the lr schedule still starts at 0 unless --resume)")
@@ -446,6 +446,10 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "huggingface_path_in_repo": "uploading to Hugging Face is not supported; nothing is uploaded",
     "huggingface_token": "uploading to Hugging Face is not supported; nothing is uploaded",
     "huggingface_repo_visibility": "uploading to Hugging Face is not supported; nothing is uploaded",
+    "lowram": "models are loaded tensor by tensor without a memory map, which is what it is for",
+    "highvram": "memory is never freed between caching batches anyway",
+    "ddp_gradient_as_bucket_view": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
+    "ddp_static_graph": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
 }
 
 # dest -> what to do instead; setting one stops the run before any work.

@@ -245,6 +245,14 @@ def test_review_compat_flags_warns_once_per_ignored_flag_and_not_for_sdpa():
     assert train_args.review_compat_flags(parser.parse_args([]), parser) == []
 
 
+@pytest.mark.parametrize("flag", ["--lowram", "--highvram", "--ddp_static_graph", "--ddp_gradient_as_bucket_view"])
+def test_generic_flags_without_effect_say_so_in_help_and_when_set(flag):
+    parser = flux_parser()
+    assert actions_by_dest(parser)[flag[2:]].help.startswith("accepted for compatibility; no effect")
+    (warning,) = train_args.review_compat_flags(parser.parse_args([flag]), parser)
+    assert warning.startswith(f"{flag} has no effect for FLUX/Chroma: ")
+
+
 @pytest.mark.parametrize(
     "argv, flag", [(["--weighted_captions"], "--weighted_captions"), (["--deepspeed"], "--deepspeed")]
 )
