@@ -349,9 +349,15 @@ def _cli_table(args: argparse.Namespace) -> dict:
     return out
 
 
-def _range(source: str, path: str, key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise _fail(source, path, f"{key} = {value} is outside [{lo}, {hi}].")
+def _range(source: str, path: str, key: str, value: float, lo: float, hi: float, origin: str | None = None) -> None:
+    """A value outside [lo, hi] stops the run, naming where it was set: the table, or the command line."""
+    if lo <= value <= hi:
+        return
+    if origin == "command line":
+        flag = next((cli for cli, k in CLI_TO_KEY.items() if k == key), key)
+        raise UserError(f"--{flag} {value} is outside [{lo}, {hi}].")
+    where = origin if origin not in (None, "default") else path
+    raise _fail(source, where, f"{key} = {value} is outside [{lo}, {hi}].")
 
 
 def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[DatasetConfig]:
@@ -409,9 +415,9 @@ def _resolve_subset(sub, ds, general, cli, label, kind, source) -> SubsetConfig:
     if ext and not ext.startswith("."):
         ext = "." + ext
     split = float(r.get("validation_split", 0.0))
-    _range(source, label, "validation_split", split, 0.0, 1.0)
-    _range(source, label, "caption_dropout_rate", cap.caption_dropout_rate, 0.0, 1.0)
-    _range(source, label, "caption_tag_dropout_rate", cap.caption_tag_dropout_rate, 0.0, 1.0)
+    for key, value in (("validation_split", split), ("caption_dropout_rate", cap.caption_dropout_rate),
+                       ("caption_tag_dropout_rate", cap.caption_tag_dropout_rate)):  # fmt: skip
+        _range(source, label, key, value, 0.0, 1.0, r.origins.get(key))
     face = r.get("face_crop_aug_range")
     if face is not None:
         raise _fail(

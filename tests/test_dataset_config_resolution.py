@@ -141,6 +141,21 @@ def test_interpolation_names_and_cli_flag_are_one_setting(tmp_path):
     assert d.subsets[0].interpolation == "bicubic"  # the guide's default
 
 
+@pytest.mark.parametrize(
+    "general, sub, cli, message",
+    [
+        ("", "", ["--validation_split", "1.5"], r"^--validation_split 1\.5 is outside \[0\.0, 1\.0\]\.$"),
+        ("validation_split = 2.0", "", [], r": \[general\]: validation_split = 2\.0 is outside"),
+        ("", "caption_dropout_rate = -0.5", [], r": datasets\[0\]\.subsets\[0\]: caption_dropout_rate = -0\.5 is"),
+    ],
+)
+def test_a_value_out_of_range_names_where_it_was_set(tmp_path, general, sub, cli, message):
+    cfg = write_toml(tmp_path / "c.toml", f'[general]\n{general}\n[[datasets]]\nresolution = 64\n'
+                     f'[[datasets.subsets]]\nimage_dir = "a"\n{sub}\n')  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        load_dataset_configs(make_args("--dataset_config", cfg, *cli))
+
+
 def test_face_crop_aug_range_is_refused_with_its_origin(tmp_path):
     cfg = write_toml(tmp_path / "c.toml", '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "a"\n')
     with pytest.raises(
