@@ -1,10 +1,12 @@
 """The README's main job: demo.py trains a LoRA end to end and prints where the LoRA and the sample went."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from library.safetensors_io import read_metadata
 
@@ -26,6 +28,8 @@ def test_demo_writes_a_lora_and_a_sample_and_prints_their_paths(tmp_path):
     assert os.path.isfile(lora) and lora.startswith(str(tmp_path / "demo"))
     assert len(samples) == 1 and os.path.isfile(samples[0]) and samples[0].endswith(".png")
     assert str(stale) not in samples
+    with Image.open(samples[0]) as image:  # the PNG says which LoRA made it
+        assert json.loads(image.text["loras"]) == [{"name": "demo_lora", "multiplier": 1.0}]
     metadata = read_metadata(lora)
     assert metadata["ss_network_module"] == "networks.lora_flux" and metadata["ss_steps"] == "12"
     assert "validation loss" in result.stderr
