@@ -167,8 +167,8 @@ class NetworkTrainer:
         raise NotImplementedError
 
     # ---- the run ---------------------------------------------------------------------------
-    def train(self, args) -> str:
-        """Trains and returns the path of the final LoRA file."""
+    def train(self, args) -> str | None:
+        """Trains and returns the path of the final LoRA file (None on the processes that did not write it)."""
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -276,7 +276,7 @@ class NetworkTrainer:
                             metadata, save_dtype)
         final_path = loop.run(first_step, skip_data)
         accelerator.end_training()
-        return final_path
+        return final_path if accelerator.is_main_process else None  # the process that wrote it reports it
 
     # ---- pieces of the run -------------------------------------------------------------------
     @staticmethod

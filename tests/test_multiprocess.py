@@ -32,6 +32,7 @@ def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, t
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es)" in result.stderr
+    assert result.stdout.count("saved the LoRA to") == 1  # reported by the process that wrote it
 
     one_data = dataset(tmp_path / "one", batch_size=1)
     one_out = str(tmp_path / "one_out")
