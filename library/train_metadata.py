@@ -90,7 +90,7 @@ def as_metadata_value(value: Any) -> str:
     return str(value)
 
 
-def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str]:
+def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future]:
     """All ``ss_*`` keys known at the start of training.
 
     ``run`` carries what is computed rather than given: num_train_images, num_validation_images,
@@ -181,8 +181,8 @@ def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
             "resize_interpolation": interpolations.pop() if len(interpolations) == 1 else None,
             "subsets": [_subset_info(s, counts.get(id(s), 0)) for s in cfg.subsets],
         })
-        for folder, counts in frequency.items():  # a folder in several datasets counts once
-            tag_frequency.setdefault(folder, counts)
+        for folder, tags in frequency.items():  # a folder in several datasets counts once
+            tag_frequency.setdefault(folder, tags)
         for name, info in _dirs([(s, e) for s, e in subsets if not s.is_reg]).items():
             unique, n = name, 2  # the same folder in several datasets: "name (2)", ...
             while unique in dataset_dirs:
