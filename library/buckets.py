@@ -8,11 +8,13 @@ resized size, as it does there; only the step check differs: FLUX needs multiple
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from library.errors import UserError
 
+logger = logging.getLogger(__name__)
 FLUX_STEP = 16  # pixels: 8 (AE) x 2 (patchify)
 
 
@@ -29,10 +31,14 @@ def check_reso_steps(steps: int, where: str) -> None:
 def adjust_min_max_reso(
     resolution: tuple[int, int], min_reso: int, max_reso: int, steps: int, where: str
 ) -> tuple[int, int]:
-    """Rounds min down and max up to multiples of `steps` and checks they bracket `resolution`."""
-    min_reso -= min_reso % steps
-    if max_reso % steps:
-        max_reso += steps - max_reso % steps
+    """Rounds min down and max up to multiples of `steps` (saying so, as sd-scripts does) and checks
+    they bracket `resolution`. A min below one step becomes one step, the smallest bucket side."""
+    rounded_min = max(min_reso - min_reso % steps, steps)
+    rounded_max = max_reso + (-max_reso) % steps
+    for key, given, rounded in (("min_bucket_reso", min_reso, rounded_min), ("max_bucket_reso", max_reso, rounded_max)):
+        if rounded != given:
+            logger.warning(f"{where}: {key} = {given} is not a multiple of bucket_reso_steps {steps}; using {rounded}")
+    min_reso, max_reso = rounded_min, rounded_max
     if min(resolution) < min_reso:
         raise UserError(
             f"{where}: min_bucket_reso ({min_reso}) is larger than the smaller side of resolution {resolution}; "

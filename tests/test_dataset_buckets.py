@@ -5,6 +5,7 @@ Every expected list is worked out by hand in the comments from spec §c.5's rule
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 
@@ -103,8 +104,20 @@ def test_reso_steps_must_be_a_multiple_of_16():
             check_reso_steps(bad, "x")
 
 
-def test_min_max_are_rounded_to_steps_and_checked():
-    assert adjust_min_max_reso((1024, 1024), 250, 1000, 64, "d") == (192, 1024)
+def test_min_max_are_rounded_to_steps_with_a_warning_and_checked(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert adjust_min_max_reso((1024, 1024), 250, 1000, 64, "d") == (192, 1024)
+    assert [r.getMessage() for r in caplog.records] == [
+        "d: min_bucket_reso = 250 is not a multiple of bucket_reso_steps 64; using 192",
+        "d: max_bucket_reso = 1000 is not a multiple of bucket_reso_steps 64; using 1024",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert adjust_min_max_reso((512, 512), 256, 1024, 64, "d") == (256, 1024)
+    assert not caplog.records
+    # below one step: one step, not 0 (whose bucket list divided by zero)
+    assert adjust_min_max_reso((512, 512), 32, 1024, 64, "d") == (64, 1024)
+    assert (64, 1024) in make_bucket_resolutions((512, 512), 64, 1024, 64)
     with pytest.raises(UserError, match="min_bucket_reso .512. is larger than the smaller side"):
         adjust_min_max_reso((256, 1024), 512, 1024, 64, "d")
     with pytest.raises(UserError, match="max_bucket_reso .512. is smaller than the larger side"):
