@@ -124,10 +124,13 @@ def process_caption(
     `epoch` is 1-based as in sd-scripts (caption_dropout_every_n_epochs drops when
     epoch % n == 0); `step` and `max_train_steps` drive token warm-up.
     """
-    if opts.caption_prefix:
-        caption = opts.caption_prefix + " " + caption
-    if opts.caption_suffix:
-        caption = caption + " " + opts.caption_suffix
+    if opts.caption_prefix or opts.caption_suffix:
+        # on every line: with enable_wildcard a line is drawn below, and each must carry the trigger
+        # word (sd-scripts adds them to the whole text, so only the first line got the prefix)
+        caption = "\n".join(
+            " ".join(part for part in (opts.caption_prefix, line, opts.caption_suffix) if part)
+            for line in caption.split("\n")
+        )
 
     dropped = opts.caption_dropout_rate > 0 and rng.random() < opts.caption_dropout_rate
     # epoch 0 is "outside training" (validation, caching): no epoch-based dropout there

@@ -18,6 +18,13 @@ def test_prefix_and_suffix_are_joined_with_spaces():
     assert run("a cat", caption_prefix="photo of", caption_suffix="4k") == "photo of a cat 4k"
 
 
+def test_every_wildcard_line_gets_the_prefix_and_suffix():
+    cap = "line one {red|green}\nline two\nline three"
+    outs = {run(cap, seed=s, enable_wildcard=True, caption_prefix="sks", caption_suffix="4k") for s in range(40)}
+    assert outs == {"sks line one red 4k", "sks line one green 4k", "sks line two 4k", "sks line three 4k"}
+    assert caption_for_cache("only line", CaptionOptions(caption_prefix="sks"), "a.png") == "sks only line"
+
+
 def test_first_line_only_without_wildcard():
     assert run("line one\nline two") == "line one"
 
