@@ -68,16 +68,6 @@ def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:
     where = f"{sub.label}.image_dir"
     if not sub.image_dir or not os.path.isdir(sub.image_dir):
         raise UserError(f"{where}: directory {sub.image_dir!r} not found; fix the path or remove the subset.")
-    info_file = os.path.join(sub.image_dir, INFO_CACHE_FILE)
-    if sub.cache_info and os.path.isfile(info_file):
-        with open(info_file, encoding="utf-8") as f:
-            metas = json.load(f)
-        records = [
-            ImageRecord(p, m.get("caption") or sub.class_tokens or "", tuple(m["resolution"])) for p, m in metas.items()
-        ]
-        if not records:
-            raise UserError(f"{info_file}: holds no images; delete it so the folder is scanned again.")
-        return records
     paths, skipped = list_images(sub.image_dir)
     for p in skipped:
         logger.warning(
@@ -106,13 +96,50 @@ def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:
             missing[0],
         )
     if sub.cache_info:
-        _fill_sizes(records, "image sizes")
-        data = {r.path: {"caption": r.caption, "resolution": list(r.size)} for r in records}
-        tmp = info_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-        os.replace(tmp, info_file)
+        _sizes_from_info_cache(records, os.path.join(sub.image_dir, INFO_CACHE_FILE))
     return records
+
+
+def _sizes_from_info_cache(records: list[ImageRecord], info_file: str) -> None:
+    """``cache_info``: image sizes from the folder's ``metadata_cache.json``, the part of a scan
+    that opens every image. The image list and the captions are read each run (cheap), so new
+    images and edited captions are never missed. An entry counts only when the image file still
+    has the byte count and mtime written with it (files written by sd-scripts carry neither, and
+    their sizes ignore EXIF orientation, so their images are measured once more). Entries are
+    matched by file name, so the folder may move or be given by another path. The file keeps
+    sd-scripts' layout (path -> caption, resolution), which sd-scripts reads."""
+    try:
+        with open(info_file, encoding="utf-8") as f:
+            cached = {os.path.basename(path): entry for path, entry in json.load(f).items()}
+    except FileNotFoundError:
+        cached = {}
+    except (OSError, ValueError, AttributeError) as e:
+        logger.warning("%s: unreadable (%s); the images are measured again and the file rewritten", info_file, e)
+        cached = {}
+    stats = {r.path: os.stat(r.path) for r in records}
+    changed = len(cached) != len(records)
+    for r in records:
+        entry = cached.get(os.path.basename(r.path))
+        entry = entry if isinstance(entry, dict) else {}
+        stat = stats[r.path]
+        valid = isinstance(entry.get("resolution"), list) and len(entry["resolution"]) == 2
+        if valid and entry.get("bytes") == stat.st_size and entry.get("mtime") == stat.st_mtime_ns:
+            r.size = tuple(entry["resolution"])
+            changed = changed or entry.get("caption") != r.caption
+        else:
+            changed = True
+    _fill_sizes(records, "image sizes")
+    if not changed:
+        return
+    data = {
+        r.path: {"caption": r.caption, "resolution": list(r.size), "bytes": stats[r.path].st_size,
+                 "mtime": stats[r.path].st_mtime_ns}
+        for r in records
+    }  # fmt: skip
+    tmp = info_file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, info_file)
 
 
 def _read_metadata(path: str, label: str) -> dict:

@@ -74,14 +74,49 @@ def test_in_json_without_toml_builds_a_finetuning_dataset(tmp_path):
     assert [(e.caption, e.num_repeats) for e in g.entries()] == [("hello", 3)]
 
 
-def test_cache_info_writes_and_reuses_metadata_cache_json(tmp_path):
-    make_folder(tmp_path / "img", {"a.png": (40, 32)}, {"a.png": "from file"})
+def _cache_info_group(tmp_path, folder):
     cfg = write_toml(tmp_path / "c.toml", f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\n'
-                                          f'image_dir = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n'
-                                          "cache_info = true\n")
-    build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
-    info = json.loads((tmp_path / "img" / "metadata_cache.json").read_text())
-    assert info == {str(tmp_path / "img" / "a.png"): {"caption": "from file", "resolution": [40, 32]}}
-    os.remove(tmp_path / "img" / "a.txt")  # now only the cache knows the caption
+                                          f'image_dir = "{folder}"\ncaption_extension = ".txt"\n'
+                                          "cache_info = true\n")  # fmt: skip
     g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
-    assert [(e.caption, e.size) for e in g.entries()] == [("from file", (40, 32))]
+    return sorted((os.path.basename(e.path), e.caption, e.size) for e in g.entries())
+
+
+def test_cache_info_keeps_sizes_but_reads_the_folder_and_captions_each_run(tmp_path, monkeypatch):
+    import library.dataset_sources as sources
+
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32), "b.png": (32, 48)}, {"a.png": "from file", "b.png": "bee"})
+    assert _cache_info_group(tmp_path, folder) == [("a.png", "from file", (40, 32)), ("b.png", "bee", (32, 48))]
+    info = json.loads((folder / "metadata_cache.json").read_text())
+    a = info[str(folder / "a.png")]
+    assert (a["caption"], a["resolution"], a["bytes"]) == ("from file", [40, 32], os.path.getsize(folder / "a.png"))
+
+    measured = []
+    real_size = sources.read_image_size
+    monkeypatch.setattr(sources, "read_image_size", lambda p: measured.append(os.path.basename(p)) or real_size(p))
+    (folder / "a.txt").write_text("edited")  # an edited caption is read; the sizes come from the file
+    assert _cache_info_group(tmp_path, folder) == [("a.png", "edited", (40, 32)), ("b.png", "bee", (32, 48))]
+    assert measured == []
+    assert json.loads((folder / "metadata_cache.json").read_text())[str(folder / "a.png")]["caption"] == "edited"
+
+    moved = tmp_path / "moved"  # the folder moves: its entries still count
+    os.rename(folder, moved)
+    make_folder(moved, {"c.png": (48, 32)}, {"c.png": "new"})  # and a new image is found and measured
+    assert _cache_info_group(tmp_path, moved)[-1] == ("c.png", "new", (48, 32))
+    assert measured == ["c.png"]
+
+    make_folder(moved, {"b.png": (64, 32)}, {"b.png": "bee"})  # a replaced image is measured again
+    os.utime(moved / "b.png", ns=(1, 1))
+    assert ("b.png", "bee", (64, 32)) in _cache_info_group(tmp_path, moved)
+    assert measured == ["c.png", "b.png"]
+
+
+def test_cache_info_from_sd_scripts_is_measured_once_and_rewritten(tmp_path):
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32)}, {"a.png": "cap"})
+    # sd-scripts' layout: no byte count or mtime (and sizes before EXIF orientation): not trusted
+    (folder / "metadata_cache.json").write_text(json.dumps({"img/a.png": {"caption": "old", "resolution": [1, 1]}}))
+    assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
+    entry = json.loads((folder / "metadata_cache.json").read_text())[str(folder / "a.png")]
+    assert entry["resolution"] == [40, 32] and "mtime" in entry
