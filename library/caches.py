@@ -160,6 +160,22 @@ def _all_entries(groups) -> list[ImageEntry]:
 
 
 # --- latents ------------------------------------------------------------------------------------
+def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
+    """A latent file holds one latent per bucket: the same image in the same bucket, resized two
+    ways (two datasets with other interpolation or upscaling settings), cannot share it."""
+    first: dict[tuple[str, tuple[int, int]], ImageEntry] = {}
+    for e in entries:
+        other = first.setdefault((e.latents_npz, e.bucket), e)
+        if (other.resized, other.subset.interpolation) != (e.resized, e.subset.interpolation):
+            raise UserError(
+                f"{e.path} is resized two ways for one {e.bucket[0]}x{e.bucket[1]} bucket ({other.subset.label}: "
+                f"to {other.resized[0]}x{other.resized[1]} with {other.subset.interpolation}; {e.subset.label}: "
+                f"to {e.resized[0]}x{e.resized[1]} with {e.subset.interpolation}); {LATENT_SUFFIX} holds one latent "
+                "per bucket. Use the same interpolation and bucket settings for both, or cache in RAM only "
+                "(drop --cache_latents_to_disk)."
+            )
+
+
 def load_latents(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(latents, flipped latents or None, alpha mask or None) of an entry's disk cache."""
     sfx = reso_suffix(entry.bucket)
@@ -240,6 +256,7 @@ class LatentCacher:
         if self.to_disk:
             for e in entries:
                 e.latents_npz = latent_npz_path(e.path, e.size)
+            _refuse_shared_slots(entries)
             mine = owned_paths((e.path for e in entries), self.process_index, self.num_processes)
             todo = []
             for e in tqdm(entries, desc="checking latent caches", unit="img", disable=len(entries) < 200):

@@ -393,6 +393,28 @@ def test_te_same_image_with_two_captions_on_disk_is_refused(tmp_path):
         TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
 
 
+def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_disk(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          interpolation_type = "nearest"
+        """)
+    g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    message = (r"a\.png is resized two ways for one 32x32 bucket \(datasets\[0\]\.subsets\[0\]: to 48x32 with bicubic; "
+               r"datasets\[1\]\.subsets\[0\]: to 48x32 with nearest\)")  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        LatentCacher(StandInEncoder(), "ae", True).cache([g])
+    stats = LatentCacher(StandInEncoder(), "ae", False).cache([g])  # in RAM each gets its own latents
+    assert stats.encoded == 2
+
+
 def test_te_sharding(tmp_path):
     groups = [_group(tmp_path, names=tuple(f"{i}.png" for i in range(5))) for _ in range(2)]
     tes = [FakeTextEncoder(), FakeTextEncoder()]
