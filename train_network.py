@@ -202,7 +202,7 @@ class NetworkTrainer:
         if len(train_group) == 0:
             raise UserError("the dataset has no images to train on; check image_dir / --train_data_dir")
         if args.debug_dataset:
-            self.debug_dataset(train_group)
+            self.debug_dataset(args, train_group)
             return ""
         from library.images import verify_images
 
@@ -236,8 +236,7 @@ class NetworkTrainer:
         process_batches = batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes)
         accum = args.gradient_accumulation_steps
         steps_per_epoch = math.ceil(len(process_batches) / accum)
-        if args.max_train_epochs is not None:
-            args.max_train_steps = args.max_train_epochs * steps_per_epoch
+        args.max_train_steps = run_length(args, steps_per_epoch)
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
         if args.save_n_epoch_ratio:
             args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
@@ -305,8 +304,11 @@ class NetworkTrainer:
             logger.warning("--masked_loss: masks come from each image's alpha channel (--alpha_mask or alpha_mask = "
                            "true in the dataset config); conditioning-image masks are not supported")
 
-    def debug_dataset(self, train_group) -> None:
+    def debug_dataset(self, args, train_group) -> None:
         """--debug_dataset: prints the first epoch's batches (files, captions, buckets) and trains nothing."""
+        # the run's length, for token warm-up given as a fraction of it (as one process sees it)
+        steps_per_epoch = math.ceil(len(train_group) / args.gradient_accumulation_steps)
+        train_group.set_max_train_steps(run_length(args, steps_per_epoch))
         train_group.set_current_epoch(1)
         for index in range(len(train_group)):
             batch = train_group[index]
@@ -533,6 +535,13 @@ class NetworkTrainer:
             for k, v in vars(args).items()
             if v is not None and k not in secret and not (isinstance(v, str) and os.path.sep in v)
         }
+
+
+def run_length(args, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max_train_epochs whole epochs when given, else --max_train_steps."""
+    if args.max_train_epochs is not None:
+        return args.max_train_epochs * steps_per_epoch
+    return args.max_train_steps
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,

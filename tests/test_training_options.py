@@ -134,6 +134,22 @@ def test_debug_dataset_prints_batches_and_trains_nothing(tiny_model_files, tmp_p
     assert not os.path.exists(out)
 
 
+def test_debug_dataset_shows_token_warm_up_given_as_a_fraction_of_the_run(tiny_model_files, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from tests.dataset_helpers import make_folder, write_toml
+
+    make_folder(tmp_path / "img", {"a.png": (64, 64)}, {"a.png": "t1, t2, t3, t4"})
+    toml = write_toml(tmp_path / "d.toml", f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n'
+                      f'image_dir = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n'
+                      "token_warmup_min = 1\ntoken_warmup_step = 0.5\n")  # fmt: skip
+    argv = base_argv(tiny_model_files, SimpleNamespace(dataset_toml=toml), str(tmp_path / "out"), steps=4,
+                     debug_dataset=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "a.png" in x]
+    assert line.endswith("a.png: t1")  # step 0 of a 2-step warm-up (half of 4 steps): one tag
+
+
 def test_initial_step_with_skip_trains_only_the_remaining_steps(tiny_model_files, tmp_path, caplog):
     out = train(tiny_model_files, tmp_path, steps=5, data_kwargs={"batch_size": 1}, initial_step=3,
                 skip_until_initial_step=True, network_train_unet_only=True, save_every_n_steps=1)
