@@ -283,6 +283,11 @@ class SubsetConfig:
     interpolation: str = DEFAULT_INTERPOLATION
     validation_split: float = 0.0
     origins: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # the dataset config file (or "command line") it came from
+
+    def key_path(self, key: str) -> str:
+        """Where ``key`` of this subset is written, for messages: ``file: datasets[0].subsets[1].key``."""
+        return f"{self.source}: {self.label}.{key}" if self.source else f"{self.label}.{key}"
 
     def describe(self) -> str:
         where = self.image_dir if self.kind == "dreambooth" else self.metadata_file
@@ -445,6 +450,7 @@ def _resolve_subset(sub, ds, general, cli, label, kind, source) -> SubsetConfig:
         interpolation=r.interpolation(),
         validation_split=split,
         origins=r.origins,
+        source=source,
     )
 
 

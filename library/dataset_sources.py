@@ -65,7 +65,7 @@ def _fill_sizes(records: list[ImageRecord], desc: str) -> None:
 
 
 def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:
-    where = f"{sub.label}.image_dir"
+    where = sub.key_path("image_dir")
     if not sub.image_dir or not os.path.isdir(sub.image_dir):
         raise UserError(f"{where}: directory {sub.image_dir!r} not found; fix the path or remove the subset.")
     paths, skipped = list_images(sub.image_dir)
@@ -142,9 +142,9 @@ def _sizes_from_info_cache(records: list[ImageRecord], info_file: str) -> None:
     os.replace(tmp, info_file)
 
 
-def _read_metadata(path: str, label: str) -> dict:
+def _read_metadata(path: str, where: str) -> dict:
     if not os.path.isfile(path):
-        raise UserError(f"{label}.metadata_file: {path!r} not found; fix the path.")
+        raise UserError(f"{where}: {path!r} not found; fix the path.")
     try:
         with open(path, encoding="utf-8-sig") as f:
             if path.endswith(".jsonl"):
@@ -185,7 +185,7 @@ def _resolve_image_path(key: str, sub: SubsetConfig) -> str:
 
 
 def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
-    metadata = _read_metadata(sub.metadata_file, sub.label)
+    metadata = _read_metadata(sub.metadata_file, sub.key_path("metadata_file"))
     if not metadata:
         raise UserError(f"{sub.metadata_file}: holds no images; add entries or remove {sub.label}.")
     sep = sub.caption.caption_separator

@@ -177,8 +177,8 @@ def test_missing_and_empty_image_dir_name_the_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     for folder, message in (
-        ("nope", r"datasets\[0\]\.subsets\[0\]\.image_dir: directory '.*nope' not found"),
-        ("empty", r"image_dir: directory '.*empty' contains no images \(\.png"),
+        ("nope", r"c\.toml: datasets\[0\]\.subsets\[0\]\.image_dir: directory '.*nope' not found"),
+        ("empty", r"c\.toml: datasets\[0\]\.subsets\[0\]\.image_dir: directory '.*empty' contains no images \(\.png"),
     ):
         cfg = write_toml(
             tmp_path / "c.toml",

@@ -56,7 +56,7 @@ def test_missing_metadata_image_is_named(tmp_path):
 
 
 def test_missing_and_malformed_metadata_files(tmp_path):
-    with pytest.raises(UserError, match=r"datasets\[0\]\.subsets\[0\]\.metadata_file: .*nope\.json' not found"):
+    with pytest.raises(UserError, match=r"c\.toml: datasets\[0\]\.subsets\[0\]\.metadata_file: .*nope\.json' not"):
         _ft(tmp_path, "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match=r"bad\.json: not valid JSON"):
