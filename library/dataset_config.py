@@ -22,6 +22,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,11 +359,12 @@ def _range(source: str, path: str, key: str, value: float, lo: float, hi: float,
     """A value outside [lo, hi] stops the run, naming where it was set: the table, or the command line."""
     if lo <= value <= hi:
         return
+    allowed = f"{lo} or more" if hi == math.inf else f"[{lo}, {hi}]"
     if origin == "command line":
         flag = next((cli for cli, k in CLI_TO_KEY.items() if k == key), key)
-        raise UserError(f"--{flag} {value} is outside [{lo}, {hi}].")
+        raise UserError(f"--{flag} {value} is outside {allowed}.")
     where = origin if origin not in (None, "default") else path
-    raise _fail(source, where, f"{key} = {value} is outside [{lo}, {hi}].")
+    raise _fail(source, where, f"{key} = {value} is outside {allowed}.")
 
 
 def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[DatasetConfig]:
@@ -423,6 +425,8 @@ def _resolve_subset(sub, ds, general, cli, label, kind, source) -> SubsetConfig:
     for key, value in (("validation_split", split), ("caption_dropout_rate", cap.caption_dropout_rate),
                        ("caption_tag_dropout_rate", cap.caption_tag_dropout_rate)):  # fmt: skip
         _range(source, label, key, value, 0.0, 1.0, r.origins.get(key))
+    for key in ("keep_tokens", "token_warmup_min", "token_warmup_step", "caption_dropout_every_n_epochs"):
+        _range(source, label, key, getattr(cap, key), 0, math.inf, r.origins.get(key))
     face = r.get("face_crop_aug_range")
     if face is not None:
         raise _fail(

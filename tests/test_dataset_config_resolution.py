@@ -147,6 +147,9 @@ def test_interpolation_names_and_cli_flag_are_one_setting(tmp_path):
         ("", "", ["--validation_split", "1.5"], r"^--validation_split 1\.5 is outside \[0\.0, 1\.0\]\.$"),
         ("validation_split = 2.0", "", [], r": \[general\]: validation_split = 2\.0 is outside"),
         ("", "caption_dropout_rate = -0.5", [], r": datasets\[0\]\.subsets\[0\]: caption_dropout_rate = -0\.5 is"),
+        ("", "keep_tokens = -1", [], r": datasets\[0\]\.subsets\[0\]: keep_tokens = -1 is outside 0 or more\.$"),
+        ("token_warmup_step = -1", "", [], r": \[general\]: token_warmup_step = -1\.?0? is outside 0 or more"),
+        ("", "", ["--caption_dropout_every_n_epochs", "-2"], r"^--caption_dropout_every_n_epochs -2 is outside 0 or"),
     ],
 )
 def test_a_value_out_of_range_names_where_it_was_set(tmp_path, general, sub, cli, message):
