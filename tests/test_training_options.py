@@ -153,8 +153,10 @@ def test_debug_dataset_shows_token_warm_up_given_as_a_fraction_of_the_run(tiny_m
 def test_initial_step_with_skip_trains_only_the_remaining_steps(tiny_model_files, tmp_path, caplog):
     out = train(tiny_model_files, tmp_path, steps=5, data_kwargs={"batch_size": 1}, initial_step=3,
                 skip_until_initial_step=True, network_train_unet_only=True, save_every_n_steps=1)
-    # steps 4 and 5 ran (step 4 saved on its own, step 5 is the final file)
-    assert sorted(os.listdir(out)) == ["lora-step00000004.safetensors", "lora.safetensors"]
+    # steps 4 and 5 ran, each saved (and step 5 as the final file too)
+    assert sorted(os.listdir(out)) == [
+        "lora-step00000004.safetensors", "lora-step00000005.safetensors", "lora.safetensors"
+    ]  # fmt: skip
     assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_steps"] == "5"
 
 
