@@ -105,6 +105,11 @@ def _same_image(path: str, recorded: dict) -> bool:
     return _sha256(path) == recorded.get("sha256")  # touched or copied, maybe not changed
 
 
+# what np.load raises on a damaged file: an empty one (EOFError, as a crash or an interrupted copy
+# leaves), a truncated or garbage one
+UNREADABLE_NPZ = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
 def _npz_keys(path: str) -> set[str]:
     """Array names in an npz without reading the arrays."""
     try:
@@ -239,8 +244,11 @@ class LatentCacher:
             return False
         if self.skip_cache_check or "cache_record" + sfx not in keys:
             return True  # sd-scripts' checks only: its files have no record
-        with np.load(path) as npz:
-            rec = _read_record(npz, "cache_record" + sfx)
+        try:
+            with np.load(path) as npz:
+                rec = _read_record(npz, "cache_record" + sfx)
+        except UNREADABLE_NPZ:
+            return False
         if rec is None:
             return False
         want = self._record(e, {})
@@ -343,7 +351,7 @@ class LatentCacher:
             try:
                 with np.load(e.latents_npz) as old:
                     arrays = {k: old[k] for k in old.files}
-            except (OSError, ValueError, zipfile.BadZipFile):
+            except UNREADABLE_NPZ:
                 logger.warning("%s: unreadable, replacing it", e.latents_npz)
             for k in ("latents_flipped", "alpha_mask", "cache_record"):
                 arrays.pop(k + sfx, None)  # stale companions of the array being replaced
@@ -413,10 +421,13 @@ class TextEncoderCacher:
             return "stale"
         if self.skip_cache_check:
             return "valid"
-        with np.load(path) as npz:
-            if bool(npz["apply_t5_attn_mask"]) != self.apply_t5_attn_mask:
-                return "stale"
-            rec = _read_record(npz, "cache_record")
+        try:
+            with np.load(path) as npz:
+                if bool(npz["apply_t5_attn_mask"]) != self.apply_t5_attn_mask:
+                    return "stale"
+                rec = _read_record(npz, "cache_record")
+        except UNREADABLE_NPZ:
+            return "stale"
         if rec is None:
             return "legacy"
         return "valid" if rec == self._record(caption) else "stale"

@@ -163,6 +163,31 @@ def test_edited_image_recaches_exactly_that_entry(tmp_path):
         assert torch.allclose(torch.from_numpy(npz["latents_4x4"]), _expected_latents(enc, e), atol=1e-6)
 
 
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 garbage", None])
+def test_a_damaged_latent_file_is_replaced(tmp_path, damage, caplog):
+    def break_b():
+        path = tmp_path / "img" / "b_0032x0032_flux.npz"
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) // 2] if damage is None else damage)  # empty, garbage, truncated
+
+    with caplog.at_level(logging.WARNING):
+        stats, enc, train = _cache_then(tmp_path, break_b)
+    assert (stats.encoded, stats.reused) == (1, 2)
+    assert "b_0032x0032_flux.npz: unreadable, replacing it" in caplog.text
+    e = next(e for e in train.entries() if e.path.endswith("b.png"))
+    with np.load(e.latents_npz) as npz:
+        assert torch.allclose(torch.from_numpy(npz["latents_4x4"]), _expected_latents(enc, e), atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage"])
+def test_a_damaged_text_encoder_file_is_encoded_again(tmp_path, damage):
+    _te(tmp_path, FakeTextEncoder())
+    (tmp_path / "img" / "a_flux_te.npz").write_bytes(damage)
+    te = FakeTextEncoder()
+    _, stats = _te(tmp_path, te)
+    assert (stats.encoded, stats.reused, te.seen) == (1, 2, ["caption a"])
+
+
 def test_touched_but_unchanged_image_is_reused(tmp_path):
     def touch():
         t = time.time() + 100
