@@ -189,14 +189,19 @@ def warn_unless_safetensors_name(path: str | os.PathLike, flag: str) -> None:
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Writes tensors under a temporary name, then renames: a crash never leaves a partial file."""
+    """Writes tensors under a temporary name, then renames: a crash never leaves a partial file.
+    A failed write (a full disk, say) is an OSError, whichever layer noticed it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     try:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
+            raise OSError(str(e)) from e
         os.replace(tmp, path)
     finally:
         if tmp.exists():
