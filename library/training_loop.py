@@ -73,6 +73,7 @@ class TrainingLoop:
         self.metadata, self.save_dtype = metadata, save_dtype
         self.ext = "." + (self.args.save_model_as or "safetensors")
         self.last_saved: str | None = None
+        self.saved_files: list[tuple[int, str]] = []  # (steps trained, LoRA file), oldest first
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
         self.adapts_step_size = is_dadapt_or_prodigy(resolve_optimizer_type(self.args))
@@ -166,13 +167,25 @@ class TrainingLoop:
         if self.accelerator.num_processes > 1:
             loss = self.accelerator.reduce(loss, reduction="mean")
         if not torch.isfinite(loss):
-            last = self.last_saved or "nothing has been saved yet"
             raise UserError(
                 f"the loss became {loss.item()} at step {step + 1}. Likely causes: fp16 overflow (use "
                 "--mixed_precision bf16), or a learning rate too high (lower --learning_rate / --unet_lr). "
-                f"No weights were written for this step; the last good file is: {last}"
+                f"No weights were written for this step; {self._files_before_failure(step)}"
             )
         return loss.item()
+
+    def _files_before_failure(self, step: int) -> str:
+        """Which saved LoRA to fall back on when the forward after ``step`` steps gave inf/nan: a
+        file saved at ``step`` holds the very weights that gave it, so the one before is named too."""
+        saved = [(s, p) for s, p in self.saved_files if os.path.exists(p)]
+        if not saved:
+            return "nothing has been saved yet"
+        last_step, last = saved[-1]
+        if last_step < step:
+            return f"the last good file is: {last}"
+        before = saved[-2][1] if len(saved) > 1 else "none"
+        return (f"the last file saved, {last}, holds the weights that gave this loss and may be bad too; "
+                f"the one before it is: {before}")  # fmt: skip
 
     def _optimizer_step(self) -> dict:
         args, accelerator, network = self.args, self.accelerator, self.network
@@ -320,6 +333,7 @@ class TrainingLoop:
             self._set_train_mode()
             logger.info("saved %s", path)
         self.last_saved = path
+        self.saved_files.append((steps, path))
         return path
 
     @contextlib.contextmanager

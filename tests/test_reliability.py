@@ -91,7 +91,10 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_file(tiny_model
     err = capsys.readouterr().err
     assert "the loss became" in err and "fp16 overflow" in err and "learning rate too high" in err
     assert "Traceback" not in err
-    assert "lora-step00000001.safetensors" in err
+    # the step-1 weights are finite but gave the NaN at step 2: the message says so and names what came before
+    assert "the loss became nan at step 2" in err
+    assert "lora-step00000001.safetensors, holds the weights that gave this loss" in err
+    assert "may be bad too; the one before it is: none\n" in err
     assert not os.path.exists(os.path.join(out, "lora.safetensors"))
     for name in os.listdir(out):
         for tensor in load_safetensors(os.path.join(out, name)).values():
