@@ -252,8 +252,12 @@ class NetworkTrainer:
 
         first_step, skip_data = self.initial_step(args, steps_per_epoch), bool(args.skip_until_initial_step)
         if args.resume:
-            from library.train_state import load_training_state
+            from library.train_state import check_state_fits, load_training_state, read_progress
 
+            check_state_fits(args.resume, network.state_dict())
+            if (at := read_progress(args.resume).current_step) >= args.max_train_steps:
+                raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
+                                f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
             network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
                                                           process_index=accelerator.process_index)
             network.load_state_dict(network_state, strict=True)

@@ -142,6 +142,40 @@ def check_state_dir(state_dir: str) -> None:
             f"--resume {state_dir}: not a training state (missing {', '.join(missing)}). "
             "Give a '...-state' folder written by --save_state."
         )
+    read_progress(state_dir)
+
+
+def read_progress(state_dir: str) -> TrainProgress:
+    """The epoch and step a state was saved at (its ``train_state.json``)."""
+    path = os.path.join(state_dir, TRAIN_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return TrainProgress(int(data["current_epoch"]), int(data["current_step"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"--resume {state_dir}: {TRAIN_STATE_FILE} is damaged ({type(e).__name__}: {e}); resume from another "
+            "state, or start again with --network_weights set to a LoRA file of this run."
+        ) from None
+
+
+def check_state_fits(state_dir: str, network_state: dict[str, torch.Tensor]) -> None:
+    """Stops, before anything is loaded, when the state's LoRA has other modules or shapes than this
+    run's network (another --network_dim, --network_args or text-encoder choice)."""
+    from library.safetensors_io import read_header
+
+    saved = {k: tuple(v["shape"]) for k, v in read_header(os.path.join(state_dir, "model.safetensors"))[0].items()}
+    ours = {k: tuple(v.shape) for k, v in network_state.items()}
+    problems = sorted(f"{k} {saved[k]} (network {ours[k]})" for k in ours.keys() & saved.keys() if saved[k] != ours[k])
+    problems += [f"{k} not in this network" for k in sorted(saved.keys() - ours.keys())]
+    problems += [f"{k} missing" for k in sorted(ours.keys() - saved.keys())]
+    if problems:
+        raise UserError(
+            f"--resume {state_dir}: its LoRA does not fit this run's network ({'; '.join(problems[:3])}"
+            + (f" and {len(problems) - 3} more" if len(problems) > 3 else "")
+            + "). Resume with the network options of the run that saved it (--network_dim, --network_alpha, "
+            "--network_args, --network_train_unet_only)."
+        )
 
 
 def load_training_state(
@@ -154,8 +188,14 @@ def load_training_state(
 
     check_state_dir(state_dir)
     network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
-    optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
-    lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
+    try:
+        optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
+        lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
+    except (ValueError, KeyError) as e:  # torch: "... parameter group that doesn't match the size of ..."
+        raise UserError(
+            f"--resume {state_dir}: its optimizer or scheduler state does not fit this run ({e}). Resume with the "
+            "optimizer, learning-rate and network options of the run that saved it."
+        ) from None
     rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
         with open(rng_file, "rb") as f:
@@ -166,6 +206,4 @@ def load_training_state(
     scaler_file = os.path.join(state_dir, "scaler.pt")
     if scaler is not None and os.path.exists(scaler_file):
         scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
-    with open(os.path.join(state_dir, TRAIN_STATE_FILE), encoding="utf-8") as f:
-        data = json.load(f)
-    return network_state, TrainProgress(int(data["current_epoch"]), int(data["current_step"]))
+    return network_state, read_progress(state_dir)

@@ -66,6 +66,19 @@ class Env:
             f.write(content)
         return path
 
+    def fake_state(self, train_state: str, lora: dict | None = None) -> str:
+        """A '-state' folder with every file --resume looks for, holding ``lora`` and ``train_state``."""
+        import torch
+
+        folder = os.path.join(self.tmp, "fake-state")
+        os.makedirs(folder)
+        save_safetensors(lora or {"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, os.path.join(folder,
+                         "model.safetensors"))  # fmt: skip
+        for name in ("optimizer.bin", "scheduler.bin"):
+            self.file(os.path.join(folder, name), b"")
+        self.file(os.path.join(folder, "train_state.json"), train_state.encode())
+        return folder
+
     def truncated_copy(self, path: str, name: str) -> str:
         with open(path, "rb") as f:
             content = f.read()
@@ -171,6 +184,11 @@ CASES = [
          ("--resume", "no-state")),
     Case("--resume from a folder that is not a state", lambda e: e.argv(resume=e.data.image_dir),
          ("--resume", "not a training state")),
+    Case("--resume from a state with a damaged train_state.json",
+         lambda e: e.argv(resume=e.fake_state('{"current_ep')), ("--resume", "train_state.json is damaged")),
+    Case("--resume from a state of another network",
+         lambda e: e.argv(resume=e.fake_state('{"current_epoch": 1, "current_step": 0}')),
+         ("--resume", "its LoRA does not fit this run's network", "lora_unet_x.lora_down.weight not in this")),
     Case("sample prompts file missing", lambda e: e.argv(sample_prompts=os.path.join(e.tmp, "prompts.txt"),
                                                          sample_every_n_steps=1), ("prompts.txt",)),
     Case("--config_file missing", lambda e: e.argv(config_file=os.path.join(e.tmp, "run.toml")), ("run.toml",)),

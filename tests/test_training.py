@@ -2,6 +2,7 @@
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -36,6 +37,28 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
         assert torch.equal(a[key], b[key]), key
     at_step_3 = load_safetensors(os.path.join(straight, "lora-step00000003.safetensors"))
     assert any(not torch.equal(at_step_3[k], a[k]) for k in a)  # the last 3 steps did change the weights
+
+
+def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_model_files, tmp_path, capsys):
+    data = dataset(tmp_path, batch_size=1)
+    first = str(tmp_path / "first")
+    assert run(base_argv(tiny_model_files, data, first, steps=2, save_state_on_train_end=True,
+                         network_train_unet_only=True)) == 0  # fmt: skip
+    state = os.path.join(first, "lora-state")
+    capsys.readouterr()
+    other_rank = base_argv(tiny_model_files, data, str(tmp_path / "a"), steps=4, resume=state, network_dim=8,
+                           network_train_unet_only=True)  # fmt: skip
+    assert run(other_rank) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"error: --resume .*lora-state: its LoRA does not fit this run's network \("
+                     r"lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight \(4, 64\) \(network \(8, 64\)\);"
+                     r".* and 49 more\)", err)  # fmt: skip
+    finished = base_argv(tiny_model_files, data, str(tmp_path / "b"), steps=2, resume=state,
+                         network_train_unet_only=True)  # fmt: skip
+    assert run(finished) == 1
+    assert "the state is at step 2, and this run has 2 steps; raise --max_train_steps" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
 def fixed_noise_loss(models, lora_path, latents, te, sigma=0.5, seed=0):
