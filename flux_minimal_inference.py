@@ -249,9 +249,9 @@ class Pipeline:
 
 def check_args(args) -> None:
     from library.flux_sampling import MIN_SAMPLE_SIZE
-    from library.flux_train_utils import check_model_file_args
+    from library.flux_train_utils import check_model_files
 
-    check_model_file_args(args)
+    check_model_files(args, "--ckpt_path")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
     if min(args.width, args.height) < MIN_SAMPLE_SIZE:

@@ -17,7 +17,7 @@ import sys
 
 import train_network
 from library.errors import UserError
-from library.flux_train_utils import add_flux_train_arguments, check_model_file_args
+from library.flux_train_utils import add_flux_train_arguments, check_model_files
 from library.train_args import add_flux_script_arguments, review_compat_flags
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                             "swapped weights have not been checked on a GPU); drop one of them")
         check_fp8_args(args)
         check_offload_args(args)
-        check_model_file_args(args)
+        check_model_files(args)
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:
                 logger.warning("Chroma was distilled with guidance 0; --guidance_scale %s is passed to its "

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint
 from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
 from library.errors import CheckpointError
-from library.flux_ae import AutoEncoder, infer_ae_params
+from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, infer_flux_params
 from library.safetensors_io import SafetensorsReader, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, read_header
@@ -109,6 +109,31 @@ def assign_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str) -> N
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=True)
 
 
+def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict, bool, bool]:
+    """(files, shapes without prefix, metadata, is diffusers layout, is Chroma) from the headers alone;
+    a file that is no DiT, or not of ``model_type``, stops here."""
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
+    files = checkpoint_files(ckpt_path)
+    shapes, metadata = _read_shapes(files)
+    shapes = _strip(shapes)
+    diffusers = is_diffusers_state_dict(shapes)
+    if not diffusers and "img_in.weight" not in shapes:
+        kind = describe_checkpoint(shapes)
+        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}")
+    chroma = is_chroma_state_dict(shapes)
+    if chroma and model_type != "chroma":
+        raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
+    if not chroma and model_type == "chroma":
+        raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
+    return files, shapes, metadata, diffusers, chroma
+
+
+def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> None:
+    """The checks :func:`load_flow_model` makes before reading any weight (milliseconds)."""
+    _dit_layout(ckpt_path, model_type)
+
+
 def load_flow_model(
     ckpt_path: str,
     dtype: torch.dtype | None,
@@ -128,20 +153,7 @@ def load_flow_model(
     read (``--fp8_scaled``). Weights stored in fp8 in the file are kept as they are.
     """
     del disable_mmap  # the reader never memory-maps
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
-    files = checkpoint_files(ckpt_path)
-    shapes, metadata = _read_shapes(files)
-    shapes = _strip(shapes)
-    kind = describe_checkpoint(shapes)
-    diffusers = is_diffusers_state_dict(shapes)
-    if not diffusers and "img_in.weight" not in shapes:
-        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}")
-    chroma = is_chroma_state_dict(shapes)
-    if chroma and model_type != "chroma":
-        raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
-    if not chroma and model_type == "chroma":
-        raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
+    files, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
 
     dtype_of, scaled_keys = None, frozenset()
     if fp8_block_linears and not diffusers:
@@ -185,11 +197,8 @@ def load_flow_model(
     return is_schnell, model
 
 
-def load_ae(
-    ckpt_path: str, dtype: torch.dtype | None, device: str | torch.device, disable_mmap: bool = False
-) -> AutoEncoder:
-    """Loads ``ae.safetensors`` (BFL keys), widths and depths read from the file."""
-    del disable_mmap
+def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
+    """The autoencoder's widths and depths from the header alone; a file that is no FLUX AE stops here."""
     shapes, _ = _read_shapes([ckpt_path])
     if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
         raise CheckpointError(
@@ -197,9 +206,17 @@ def load_ae(
             f"but this file looks like {describe_checkpoint(shapes)}"
         )
     try:
-        params = infer_ae_params(shapes)
+        return infer_ae_params(shapes)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path}: unsupported autoencoder layout ({e})") from None
+
+
+def load_ae(
+    ckpt_path: str, dtype: torch.dtype | None, device: str | torch.device, disable_mmap: bool = False
+) -> AutoEncoder:
+    """Loads ``ae.safetensors`` (BFL keys), widths and depths read from the file."""
+    del disable_mmap
+    params = check_ae_file(ckpt_path)
     sd = _load_tensors([ckpt_path], device, dtype)
     with torch.device("meta"):
         ae = AutoEncoder(params)

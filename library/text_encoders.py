@@ -119,6 +119,22 @@ def infer_clip_l_config(
     )
 
 
+def _clip_l_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[list, str, CLIPTextConfig]:
+    """(the file's keys, the prefix before ``embeddings.``, the config) from the header alone."""
+    file_shapes, metadata = _shapes_of(path, state_dict)
+    file_keys = list(file_shapes)
+    prefix = _first_prefix(file_keys, "embeddings.token_embedding.weight")
+    if prefix is None:
+        raise _wrong_kind(path, "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')", file_keys)
+    shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
+    return file_keys, prefix, infer_clip_l_config(shapes, metadata, path, prefix)
+
+
+def check_clip_l_file(path: str) -> None:
+    """The checks :func:`load_clip_l` makes before reading any weight (milliseconds)."""
+    _clip_l_layout(path)
+
+
 def load_clip_l(
     ckpt_path: str | os.PathLike | None,
     dtype: torch.dtype | None,
@@ -139,13 +155,7 @@ def load_clip_l(
     from transformers import CLIPTextModel
 
     path = str(ckpt_path)
-    file_shapes, metadata = _shapes_of(path, state_dict)
-    file_keys = list(file_shapes)
-    prefix = _first_prefix(file_keys, "embeddings.token_embedding.weight")
-    if prefix is None:
-        raise _wrong_kind(path, "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')", file_keys)
-    shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
-    config = infer_clip_l_config(shapes, metadata, path, prefix)
+    file_keys, prefix, config = _clip_l_layout(path, state_dict)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     key_map = {k: prefix + k for k in model.state_dict()}
@@ -203,6 +213,22 @@ def infer_t5xxl_config(shapes: Shapes, path: str = "T5", prefix: str = "") -> T5
     )
 
 
+def _t5xxl_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[list, str, dict, T5Config]:
+    """(the file's keys, the prefix before ``encoder.``, shapes without it, the config) from the header alone."""
+    file_shapes, _ = _shapes_of(path, state_dict)
+    file_keys = list(file_shapes)
+    prefix = _first_prefix(file_keys, "encoder.block.0.layer.0.SelfAttention.q.weight")
+    if prefix is None:
+        raise _wrong_kind(path, "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')", file_keys)
+    shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
+    return file_keys, prefix, shapes, infer_t5xxl_config(shapes, path, prefix)
+
+
+def check_t5xxl_file(path: str) -> None:
+    """The checks :func:`load_t5xxl` makes before reading any weight (milliseconds)."""
+    _t5xxl_layout(path)
+
+
 def load_t5xxl(
     ckpt_path: str | os.PathLike | None,
     dtype: torch.dtype | None,
@@ -221,13 +247,7 @@ def load_t5xxl(
     from transformers import T5EncoderModel
 
     path = str(ckpt_path)
-    file_shapes, metadata = _shapes_of(path, state_dict)
-    file_keys = list(file_shapes)
-    prefix = _first_prefix(file_keys, "encoder.block.0.layer.0.SelfAttention.q.weight")
-    if prefix is None:
-        raise _wrong_kind(path, "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')", file_keys)
-    shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
-    config = infer_t5xxl_config(shapes, path, prefix)
+    file_keys, prefix, shapes, config = _t5xxl_layout(path, state_dict)
     with torch.device("meta"):
         model = T5EncoderModel(config)
     key_map = {k: prefix + k for k in model.state_dict()}

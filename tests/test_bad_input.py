@@ -158,6 +158,13 @@ CASES = [
                                                   e.truncated_copy(e.models.t5xxl, "t5cut.safetensors")),
          ("t5cut.safetensors",)),
     Case("missing --clip_l for FLUX.1", lambda e: e.drop(e.argv(), "--clip_l"), ("--clip_l",)),
+    Case("a folder given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.tmp),
+         ("--t5xxl", "a folder; give the .safetensors file itself")),
+    Case("--ae file missing", lambda e: e.replace(e.argv(), "--ae", os.path.join(e.tmp, "nope.safetensors")),
+         ("--ae ", "nope.safetensors")),
+    Case("Chroma file without --model_type chroma nor --clip_l",
+         lambda e: e.drop(e.replace(e.argv(), "--pretrained_model_name_or_path", e.models.chroma), "--clip_l"),
+         ("--pretrained_model_name_or_path", "is a Chroma model: add --model_type chroma")),
     Case("Chroma without --apply_t5_attn_mask",
          lambda e: [a for a in e.argv("chroma") if a != "--apply_t5_attn_mask"], ("--apply_t5_attn_mask",)),
     Case("--full_bf16 without bf16", lambda e: e.argv(full_bf16=True), ("--full_bf16", "--mixed_precision bf16")),
@@ -224,6 +231,17 @@ def test_bad_input_stops_with_one_clear_message(env, case, capsys):
     for fragment in case.expect:
         assert fragment in errors[0], (fragment, errors[0])
     assert output_dir_snapshot(env.out) == before
+
+
+def test_a_wrong_file_after_the_dit_is_found_before_any_model_loads(env, capsys, monkeypatch):
+    import library.flux_utils
+
+    loaded = []
+    monkeypatch.setattr(library.flux_utils, "load_flow_model", lambda *a, **k: loaded.append(a))
+    assert flux_train_network.main(env.replace(env.argv(), "--ae", env.models.t5xxl)) == 1
+    assert loaded == []  # the file check needs headers only: the 24 GB DiT is not read first
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: --ae {env.models.t5xxl}: expected the FLUX autoencoder")
 
 
 LAUNCHED = ["unknown key", "truncated model file", "T5 file given as --ae", "network_args typo",
