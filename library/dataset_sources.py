@@ -28,7 +28,7 @@ from tqdm import tqdm
 from library.captions import read_caption_file
 from library.dataset_config import SubsetConfig
 from library.errors import UserError
-from library.images import IMAGE_EXTENSIONS, list_images, read_image_size
+from library.images import IMAGE_EXTENSIONS, list_images, read_image_size, stop_for_bad_images
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,8 +60,13 @@ def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tu
 
 def _fill_sizes(records: list[ImageRecord], desc: str) -> None:
     todo = [r for r in records if r.size is None]
+    problems = []
     for r in tqdm(todo, desc=desc, unit="img", disable=len(todo) < 200):
-        r.size = read_image_size(r.path)
+        try:
+            r.size = read_image_size(r.path)
+        except UserError as e:
+            problems.append(str(e))
+    stop_for_bad_images(problems)
 
 
 def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:

@@ -87,10 +87,18 @@ def verify_images(paths: list[str], workers: int = 4) -> None:
 
     unique = sorted(set(paths))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for problem in tqdm(pool.map(decode, unique), total=len(unique), desc="checking images", unit="img",
-                            disable=len(unique) < 100):
-            if problem:
-                raise UserError(problem)
+        results = tqdm(pool.map(decode, unique), total=len(unique), desc="checking images", unit="img",
+                       disable=len(unique) < 100)  # fmt: skip
+        stop_for_bad_images([problem for problem in results if problem])
+
+
+def stop_for_bad_images(problems: list[str], shown: int = 20) -> None:
+    """One error for every unusable image at once, so that one run finds them all."""
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise UserError(f"{len(problems)} images cannot be used:\n  " + "\n  ".join(problems[:shown]) + more)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

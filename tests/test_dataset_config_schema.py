@@ -203,6 +203,26 @@ def test_unreadable_image_stops_the_build_with_its_path(tmp_path):
         build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
 
 
+def test_every_unreadable_image_is_named_in_one_error(tmp_path):
+    from library.images import verify_images
+
+    make_folder(tmp_path / "img", {"good.png": (32, 32)})
+    for name in ("empty.png", "html.jpg"):
+        (tmp_path / "img" / name).write_bytes(b"" if name == "empty.png" else b"<html>not found</html>")
+    cfg = write_toml(
+        tmp_path / "c.toml", f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n'
+    )
+    with pytest.raises(UserError, match=r"^2 images cannot be used:\n  .*empty\.png: cannot read this image.*\n  "
+                                        r".*html\.jpg: cannot read this image"):  # fmt: skip
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    good = tmp_path / "img" / "good.png"
+    cut = [tmp_path / "img" / f"cut{i}.png" for i in range(2)]
+    for path in cut:
+        path.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(UserError, match=r"^2 images cannot be used:\n  .*cut0\.png: cannot decode.*\n  .*cut1\.png"):
+        verify_images([str(good), *map(str, cut)])
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match=r"--dataset_config .*c\.yaml: not a \.toml or \.json file"):
         load_dataset_configs(make_args("--dataset_config", str(tmp_path / "c.yaml")))
