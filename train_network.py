@@ -567,6 +567,11 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
+        print("interrupted while loading, caching or saving: every file written so far is complete (each is "
+              "written under a temporary name), and cache files already made are reused by the next run",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

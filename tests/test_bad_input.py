@@ -244,6 +244,18 @@ def test_a_wrong_file_after_the_dit_is_found_before_any_model_loads(env, capsys,
     assert error.startswith(f"error: --ae {env.models.t5xxl}: expected the FLUX autoencoder")
 
 
+def test_ctrl_c_while_loading_is_a_message_not_a_traceback(env, capsys, monkeypatch):
+    import library.flux_utils
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(library.flux_utils, "load_flow_model", interrupted)
+    assert flux_train_network.main(env.argv()) == 130
+    err = capsys.readouterr().err
+    assert "interrupted while loading, caching or saving" in err and "Traceback" not in err
+
+
 LAUNCHED = ["unknown key", "truncated model file", "T5 file given as --ae", "network_args typo",
             "--resume from a missing folder"]
 
