@@ -214,7 +214,8 @@ def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torc
     Such files carry a ``scaled_fp8`` marker tensor; ``weight * scale_weight`` is the real
     weight. ``scale_input`` entries only matter to fp8 matmul kernels and are dropped.
     """
-    state_dict.pop("scaled_fp8", None)
+    for key in [k for k in state_dict if k == "scaled_fp8" or k.endswith(".scaled_fp8")]:  # the marker, any prefix
+        del state_dict[key]
     for key in [k for k in state_dict if k.endswith(".scale_weight")]:
         scale = state_dict.pop(key)
         weight_key = key[: -len("scale_weight")] + "weight"
@@ -226,4 +227,4 @@ def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torc
 
 
 def is_comfy_scaled_fp8(keys: Iterable[str]) -> bool:
-    return any(k == "scaled_fp8" or k.endswith(".scale_weight") for k in keys)
+    return any(k == "scaled_fp8" or k.endswith((".scaled_fp8", ".scale_weight")) for k in keys)
