@@ -390,10 +390,22 @@ class NetworkTrainer:
             ctx.train_text_encoder = ctx.train_text_encoder and has_text_encoder_modules
         network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
         if args.network_weights:
-            info = network.load_weights(args.network_weights)
-            logger.info("loaded --network_weights %s: %s", args.network_weights, info)
+            network.load_weights(args.network_weights)
+            logger.info("loaded --network_weights %s", args.network_weights)
+            self.warn_if_trained_on_another_model(args.network_weights, ctx.models.version)
         self.prepare_for_training(ctx, network)
         return network
+
+    @staticmethod
+    def warn_if_trained_on_another_model(path: str, version: str) -> None:
+        """A LoRA of another base model loads when its module names match (a Chroma LoRA on FLUX.1),
+        and trains on from weights made for other activations: say so."""
+        from library.safetensors_io import read_metadata
+
+        trained_on = read_metadata(path).get("ss_base_model_version") if path.endswith(".safetensors") else None
+        if trained_on and trained_on != version:
+            logger.warning("--network_weights %s was trained on %s (ss_base_model_version); this run trains %s",
+                           path, trained_on, version)  # fmt: skip
 
     def after_network_created(self, ctx: RunContext, network) -> None:
         """Model-specific checks of the created network (e.g. T5 LoRA vs. cached outputs)."""

@@ -52,6 +52,20 @@ def test_network_weights_continue_and_dim_from_weights_reads_ranks(tiny_model_fi
     assert read_metadata(os.path.join(second, "lora.safetensors"))["ss_network_dim"] == "6"
 
 
+def test_network_weights_of_another_base_model_are_warned_about(tmp_path, caplog):
+    from library.safetensors_io import save_safetensors
+    from train_network import NetworkTrainer
+
+    path = str(tmp_path / "chroma_lora.safetensors")
+    save_safetensors({"lora_unet_x.alpha": torch.tensor(1.0)}, path, {"ss_base_model_version": "chroma"})
+    with caplog.at_level("WARNING"):
+        NetworkTrainer.warn_if_trained_on_another_model(path, "chroma")
+        assert not caplog.records
+        NetworkTrainer.warn_if_trained_on_another_model(path, "flux1")
+    assert caplog.messages == [f"--network_weights {path} was trained on chroma (ss_base_model_version); "
+                               "this run trains flux1"]  # fmt: skip
+
+
 def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path):
     first = train(tiny_model_files, tmp_path / "a", network_train_unet_only=True, learning_rate=5e-2)
     base = os.path.join(first, "lora.safetensors")
