@@ -340,6 +340,21 @@ class NetworkTrainer:
             for path in paths or []:
                 if path and not os.path.isfile(path):
                     raise UserError(f"{flag} {path}: file not found")
+        self.warn_about_earlier_outputs(args)
+
+    @staticmethod
+    def warn_about_earlier_outputs(args) -> None:
+        """Files of an earlier run under the same --output_name: this run replaces those it writes
+        again and leaves the others beside its own, which is easy to misread afterwards."""
+        name = args.output_name
+        if args.resume or not name or not os.path.isdir(args.output_dir):  # resuming continues that run on purpose
+            return
+        earlier = sorted(f for f in os.listdir(args.output_dir)
+                         if f in (f"{name}.safetensors", f"{name}.pt", f"{name}.ckpt") or f.startswith(f"{name}-"))
+        if earlier:
+            logger.warning("--output_dir %s already holds %d file(s) of an earlier run named %s (e.g. %s); this run "
+                           "replaces those it writes again and leaves the others", args.output_dir, len(earlier),
+                           name, ", ".join(earlier[:3]))  # fmt: skip
 
     @staticmethod
     def import_network_module(args):

@@ -66,6 +66,26 @@ def test_network_weights_of_another_base_model_are_warned_about(tmp_path, caplog
                                "this run trains flux1"]  # fmt: skip
 
 
+def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog):
+    from argparse import Namespace
+
+    from train_network import NetworkTrainer
+
+    for name in ("lora.safetensors", "lora-step00000006.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "lora-state").mkdir()
+    args = Namespace(output_dir=str(tmp_path), output_name="lora", resume=None)
+    with caplog.at_level("WARNING"):
+        NetworkTrainer.warn_about_earlier_outputs(args)
+        NetworkTrainer.warn_about_earlier_outputs(Namespace(output_dir=str(tmp_path), output_name="new", resume=None))
+        NetworkTrainer.warn_about_earlier_outputs(Namespace(**{**vars(args), "resume": "lora-state"}))
+    assert caplog.messages == [
+        f"--output_dir {tmp_path} already holds 3 file(s) of an earlier run named lora (e.g. lora-state, "
+        "lora-step00000006.safetensors, lora.safetensors); this run replaces those it writes again and leaves "
+        "the others"
+    ]
+
+
 def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path):
     first = train(tiny_model_files, tmp_path / "a", network_train_unet_only=True, learning_rate=5e-2)
     base = os.path.join(first, "lora.safetensors")
