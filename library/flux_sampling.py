@@ -366,8 +366,11 @@ def decode_image(ae: nn.Module, latents: Tensor, device: torch.device | str | No
     finally:
         if ae_device != device:
             ae.to(ae_device)
-    pixels = pixels[0].float().clamp(-1, 1)
-    array = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    pixels = pixels[0].float()
+    if not torch.isfinite(pixels).all():  # NaN would silently become a black image
+        logger.warning("the image came out non-finite (NaN or inf; saved as black): the model or LoRA weights, or the "
+                       "dtype, overflowed; try another LoRA file, a lower multiplier or bf16")  # fmt: skip
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 
 

@@ -328,6 +328,21 @@ def test_decode_maps_minus_one_to_one_onto_0_to_255(models):
     assert image.size == (8, 8) and np.asarray(image)[0, 0].tolist() == [0, 128, 191]
 
 
+def test_a_non_finite_image_is_warned_about(caplog):
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def decode(self, z):
+            return torch.full((1, 3, 8, 8), float("nan"))
+
+    with caplog.at_level("WARNING"):
+        image = decode_image(Broken(), torch.zeros(1, 16, 1, 1))
+    assert np.asarray(image).max() == 0
+    assert "the image came out non-finite (NaN or inf; saved as black)" in caplog.text
+
+
 # endregion
 
 # region independent references: diffusers' pipelines, full sampling loop
