@@ -160,8 +160,9 @@ def read_progress(state_dir: str) -> TrainProgress:
 
 
 def check_state_fits(state_dir: str, network_state: dict[str, torch.Tensor]) -> None:
-    """Stops, before anything is loaded, when the state's LoRA has other modules or shapes than this
-    run's network (another --network_dim, --network_args or text-encoder choice)."""
+    """Stops, before the state is loaded (its header is enough), when the state's LoRA has other
+    modules or shapes than this run's network (another --network_dim, --network_args or
+    text-encoder choice)."""
     from library.safetensors_io import read_header
 
     saved = {k: tuple(v["shape"]) for k, v in read_header(os.path.join(state_dir, "model.safetensors"))[0].items()}
