@@ -349,6 +349,8 @@ class NetworkTrainer:
         name = args.output_name
         if args.resume or not name or not os.path.isdir(args.output_dir):  # resuming continues that run on purpose
             return
+        if os.environ.get("RANK", "0") != "0":  # launched processes: the first one says it
+            return
         earlier = sorted(f for f in os.listdir(args.output_dir)
                          if f in (f"{name}.safetensors", f"{name}.pt", f"{name}.ckpt") or f.startswith(f"{name}-"))
         if earlier:

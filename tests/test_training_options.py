@@ -66,7 +66,7 @@ def test_network_weights_of_another_base_model_are_warned_about(tmp_path, caplog
                                "this run trains flux1"]  # fmt: skip
 
 
-def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog):
+def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, monkeypatch):
     from argparse import Namespace
 
     from train_network import NetworkTrainer
@@ -75,10 +75,13 @@ def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "lora-state").mkdir()
     args = Namespace(output_dir=str(tmp_path), output_name="lora", resume=None)
+    monkeypatch.delenv("RANK", raising=False)
     with caplog.at_level("WARNING"):
         NetworkTrainer.warn_about_earlier_outputs(args)
         NetworkTrainer.warn_about_earlier_outputs(Namespace(output_dir=str(tmp_path), output_name="new", resume=None))
         NetworkTrainer.warn_about_earlier_outputs(Namespace(**{**vars(args), "resume": "lora-state"}))
+        monkeypatch.setenv("RANK", "1")  # the second of two launched processes leaves it to the first
+        NetworkTrainer.warn_about_earlier_outputs(args)
     assert caplog.messages == [
         f"--output_dir {tmp_path} already holds 3 file(s) of an earlier run named lora (e.g. lora-state, "
         "lora-step00000006.safetensors, lora.safetensors); this run replaces those it writes again and leaves "
