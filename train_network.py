@@ -448,7 +448,7 @@ class NetworkTrainer:
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                           steps_per_epoch) -> dict[str, str]:
         from library.model_hashes import model_hash, sha256_in_background
-        from library.train_metadata import build_training_metadata, dataset_metadata
+        from library.train_metadata import build_training_metadata, dataset_metadata, network_rank_and_alpha
 
         args, network = ctx.args, ctx.network
         text_encoder_lr = args.text_encoder_lr
@@ -461,7 +461,7 @@ class NetworkTrainer:
             max_train_steps=args.max_train_steps,
             optimizer=f"{optimizer_name}({optimizer_args})",
             base_model_version=ctx.models.version,
-            **self.network_rank_and_alpha(network, args),
+            **network_rank_and_alpha(network, args),
             network_args=parse_network_args(args.network_args) | (
                 {"dropout": args.network_dropout} if args.network_dropout is not None else {}
             ),
@@ -499,17 +499,6 @@ class NetworkTrainer:
             if getattr(args, f"metadata_{key}", None) is not None:
                 spec[f"modelspec.{key}"] = str(getattr(args, f"metadata_{key}"))
         return spec
-
-    @staticmethod
-    def network_rank_and_alpha(network, args) -> dict:
-        """The rank and alpha to record: read from the modules, so --dim_from_weights records the file's."""
-        modules = list(network.all_loras()) if hasattr(network, "all_loras") else []
-        if not modules:
-            return {"network_dim": getattr(network, "lora_dim", args.network_dim),
-                    "network_alpha": getattr(network, "alpha", args.network_alpha)}
-        top = max(modules, key=lambda m: m.lora_dim)
-        alpha = top.alpha.item() if hasattr(top.alpha, "item") else top.alpha
-        return {"network_dim": top.lora_dim, "network_alpha": alpha}
 
     # ---- trackers ------------------------------------------------------------------------------
     @staticmethod

@@ -137,6 +137,18 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future
     return {k: v if isinstance(v, Future) else as_metadata_value(v) for k, v in md.items()}
 
 
+def network_rank_and_alpha(network, args) -> dict[str, Any]:
+    """The rank and alpha to record: read from the modules (the largest rank), so --dim_from_weights
+    records the file's, not the command line's."""
+    modules = list(network.all_loras()) if hasattr(network, "all_loras") else []
+    if not modules:
+        return {"network_dim": getattr(network, "lora_dim", args.network_dim),
+                "network_alpha": getattr(network, "alpha", args.network_alpha)}  # fmt: skip
+    top = max(modules, key=lambda m: m.lora_dim)
+    alpha = top.alpha.item() if hasattr(top.alpha, "item") else top.alpha
+    return {"network_dim": top.lora_dim, "network_alpha": alpha}
+
+
 def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
     """The dataset keys of sd-scripts: with a dataset TOML ``ss_datasets`` (every dataset and subset
     setting), ``ss_tag_frequency`` and ``ss_dataset_dirs``; without one, the flat keys of the
