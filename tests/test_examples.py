@@ -97,7 +97,8 @@ def test_examples_folder_has_every_recipe():
 
 
 @pytest.mark.parametrize("name", ARGUMENT_FILES)
-def test_argument_file_parses_and_its_files_load(parser, name, caplog, monkeypatch, image_folder, tmp_path):
+def test_argument_file_parses_and_its_files_load(parser, name, caplog, monkeypatch, image_folder, tmp_path,
+                                                 tiny_model_files):
     monkeypatch.chdir(ROOT)  # the files' paths are relative to the repository root, where users run them
     args = parse_example(parser, name, caplog)
 
@@ -120,13 +121,19 @@ def test_argument_file_parses_and_its_files_load(parser, name, caplog, monkeypat
         assert os.path.isfile(args.sample_prompts)
         assert prepare_sample_prompts(args)  # readable, and at least one prompt
 
-    trainer_checks(parser, args)
+    trainer_checks(parser, args, tiny_model_files)
 
 
-def trainer_checks(parser, args) -> None:
-    """The trainer's own start-up checks. The bound on --blocks_to_swap is read from the checkpoint,
-    which is not here: it is checked against FLUX.1's depth (19 double, 38 single blocks) instead."""
+def trainer_checks(parser, args, models) -> None:
+    """The trainer's own start-up checks. The model files the recipe names are not here: tiny ones
+    of the same kinds stand in (their headers are checked), and the bound on --blocks_to_swap, read
+    from the checkpoint, is checked against FLUX.1's depth (19 double, 38 single blocks) instead."""
     args = copy.copy(args)
+    named = os.path.basename(args.pretrained_model_name_or_path).lower()
+    args.pretrained_model_name_or_path = (models.chroma if args.model_type == "chroma"
+                                          else models.flux_schnell if "schnell" in named else models.flux_dev)
+    args.clip_l = models.clip_l if args.clip_l else None
+    args.t5xxl, args.ae = models.t5xxl, models.ae
     blocks, args.blocks_to_swap = args.blocks_to_swap, None
     flux_train_network.FluxNetworkTrainer(parser).check_args(args)
     if blocks:
