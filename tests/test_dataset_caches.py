@@ -418,8 +418,8 @@ def test_te_same_image_with_two_captions_on_disk_is_refused(tmp_path):
         TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
 
 
-def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_disk(tmp_path):
-    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+def _one_folder_twice(tmp_path, second_subset: str = ""):
+    """Two 32-pixel datasets over the same folder, the second's subset with ``second_subset`` added."""
     cfg = write_toml(tmp_path / "c.toml", f"""
         [[datasets]]
         resolution = 32
@@ -429,9 +429,14 @@ def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_dis
         resolution = 32
           [[datasets.subsets]]
           image_dir = "{tmp_path / 'img'}"
-          interpolation_type = "nearest"
+          {second_subset}
         """)
-    g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+
+
+def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_disk(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+    g = _one_folder_twice(tmp_path, 'interpolation_type = "nearest"')
     message = (r"a\.png is resized two ways for one 32x32 bucket \(datasets\[0\]\.subsets\[0\]: to 48x32 with bicubic; "
                r"datasets\[1\]\.subsets\[0\]: to 48x32 with nearest\)")  # fmt: skip
     with pytest.raises(UserError, match=message):
@@ -473,19 +478,8 @@ def test_real_autoencoder_caches_and_reloads(tmp_path):
 
 def test_same_image_in_two_subsets_is_encoded_once(tmp_path):
     make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (32, 32)})
-    cfg = write_toml(tmp_path / "c.toml", f"""
-        [[datasets]]
-        resolution = 32
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / 'img'}"
-        [[datasets]]
-        resolution = 32
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / 'img'}"
-          num_repeats = 2
-        """)
     for to_disk in (False, True):
-        g, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+        g = _one_folder_twice(tmp_path, "num_repeats = 2")
         enc = StandInEncoder()
         LatentCacher(enc, "ae", to_disk, batch_size=4).cache([g])
         assert enc.calls == [2]
