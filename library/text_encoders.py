@@ -119,14 +119,24 @@ def infer_clip_l_config(
     )
 
 
-def _clip_l_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[list, str, CLIPTextConfig]:
-    """(the file's keys, the prefix before ``embeddings.``, the config) from the header alone."""
+def _encoder_keys(path: str, state_dict, anchor: str, wanted: str) -> tuple[list, str, dict, dict[str, str]]:
+    """(the file's keys, the prefix before ``anchor``, the shapes under that prefix without it, the
+    metadata) from the header alone; a file with no key ending in ``anchor`` is not ``wanted``."""
     file_shapes, metadata = _shapes_of(path, state_dict)
     file_keys = list(file_shapes)
-    prefix = _first_prefix(file_keys, "embeddings.token_embedding.weight")
+    prefix = _first_prefix(file_keys, anchor)
     if prefix is None:
-        raise _wrong_kind(path, "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')", file_keys)
+        raise _wrong_kind(path, wanted, file_keys)
     shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
+    return file_keys, prefix, shapes, metadata
+
+
+def _clip_l_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[list, str, CLIPTextConfig]:
+    """(the file's keys, the prefix before ``embeddings.``, the config) from the header alone."""
+    file_keys, prefix, shapes, metadata = _encoder_keys(
+        path, state_dict, "embeddings.token_embedding.weight",
+        "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')",
+    )  # fmt: skip
     return file_keys, prefix, infer_clip_l_config(shapes, metadata, path, prefix)
 
 
@@ -215,12 +225,10 @@ def infer_t5xxl_config(shapes: Shapes, path: str = "T5", prefix: str = "") -> T5
 
 def _t5xxl_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) -> tuple[list, str, dict, T5Config]:
     """(the file's keys, the prefix before ``encoder.``, shapes without it, the config) from the header alone."""
-    file_shapes, _ = _shapes_of(path, state_dict)
-    file_keys = list(file_shapes)
-    prefix = _first_prefix(file_keys, "encoder.block.0.layer.0.SelfAttention.q.weight")
-    if prefix is None:
-        raise _wrong_kind(path, "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')", file_keys)
-    shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
+    file_keys, prefix, shapes, _ = _encoder_keys(
+        path, state_dict, "encoder.block.0.layer.0.SelfAttention.q.weight",
+        "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')",
+    )  # fmt: skip
     return file_keys, prefix, shapes, infer_t5xxl_config(shapes, path, prefix)
 
 
