@@ -315,30 +315,27 @@ def test_precomputed_conditions_give_the_same_image_without_an_encoder(models, t
     assert np.array_equal(pixels(encoded), pixels(cached))
 
 
+class FixedDecoder(nn.Module):
+    """An AE stand-in whose decode returns ``pixels`` whatever the latent."""
+
+    def __init__(self, pixels: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.pixels = pixels
+
+    def decode(self, z):
+        return self.pixels
+
+
 def test_decode_maps_minus_one_to_one_onto_0_to_255(models):
-    class Constant(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(1))
-
-        def decode(self, z):
-            return torch.stack([torch.full((8, 8), -3.0), torch.zeros(8, 8), torch.full((8, 8), 0.5)])[None]
-
-    image = decode_image(Constant(), torch.zeros(1, 16, 1, 1))
+    pixels = torch.stack([torch.full((8, 8), -3.0), torch.zeros(8, 8), torch.full((8, 8), 0.5)])[None]
+    image = decode_image(FixedDecoder(pixels), torch.zeros(1, 16, 1, 1))
     assert image.size == (8, 8) and np.asarray(image)[0, 0].tolist() == [0, 128, 191]
 
 
 def test_a_non_finite_image_is_warned_about(caplog):
-    class Broken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(1))
-
-        def decode(self, z):
-            return torch.full((1, 3, 8, 8), float("nan"))
-
     with caplog.at_level("WARNING"):
-        image = decode_image(Broken(), torch.zeros(1, 16, 1, 1))
+        image = decode_image(FixedDecoder(torch.full((1, 3, 8, 8), float("nan"))), torch.zeros(1, 16, 1, 1))
     assert np.asarray(image).max() == 0
     assert "the image came out non-finite (NaN or inf; saved as black)" in caplog.text
 
