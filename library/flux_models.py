@@ -266,7 +266,34 @@ def call_block(block: nn.Module, checkpointing: str | None, *args):
     if torch.compiler.is_compiling():
         # no context_fn argument at all here: dynamo cannot trace an explicit default one
         return checkpoint(block, *args, use_reentrant=False)
-    return checkpoint(block, *args, use_reentrant=False, context_fn=_recompute_contexts)
+    return recompute_in_backward(block, *args)
+
+
+def recompute_in_backward(block: nn.Module, *args):
+    """``block(*args)`` checkpointed eagerly: the forward builds no graph and the backward runs the
+    block again, with grad, before its own backward.
+
+    torch's reentrant form, because the non-reentrant one hands every tensor the block's operators
+    save (about 45 a block) through Python pack and unpack hooks: 20–30% of a step's host time,
+    which on a fast GPU is time the GPU waits (``bench/RESULTS.md``). The reentrant form sends
+    gradients to the parameters only through its backward, which runs only if one of its inputs
+    needs a gradient: an empty one that does stands in when none of the block's inputs do (the
+    first block, behind a frozen embedder)."""
+    if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        args = (torch.empty(0, requires_grad=True), *args)
+        return checkpoint(_run_after_anchor, block, *args, use_reentrant=True)
+    return checkpoint(_run_recomputed, block, *args, use_reentrant=True)
+
+
+def _run_recomputed(block: nn.Module, *args):
+    # the checkpoint's forward runs without grad, its recomputation with: only the latter keeps
+    # fp8 weights dequantized for the backward that follows it
+    with keep_dequantized_weights() if torch.is_grad_enabled() else contextlib.nullcontext():
+        return block(*args)
+
+
+def _run_after_anchor(block: nn.Module, anchor: Tensor, *args):
+    return _run_recomputed(block, *args)
 
 
 def _recompute_contexts():
