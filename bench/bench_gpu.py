@@ -9,6 +9,7 @@ bf16 autocast, and prints seconds per step (median of --steps after --warmup), p
 achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.training_flops``):
 
     a     bf16 base, no gradient checkpointing
+    ac    (a) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
     b     bf16 base, gradient checkpointing
     bk    (b) keeping each block's attention output (--gradient_checkpointing_keep_attention)
     bc    (b) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
@@ -17,7 +18,9 @@ achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.t
     cs    fp8 base with per-row scales (--fp8_scaled), checkpointing
     d18   fp8 base, checkpointing, --blocks_to_swap 18
     d28   fp8 base, checkpointing, --blocks_to_swap 28
-    ref   diffusers FluxTransformer2DModel + peft LoRA of the same rank and targets, as (b)
+    ref   diffusers FluxTransformer2DModel + peft LoRA of the same rank and targets, as (b), with
+          the attention kernels ours uses (cuDNN's left out)
+    refc  (ref) with SDPA's own choice of kernel (cuDNN's first on an H100 with torch 2.11)
 
 Each setting builds its own model, catches its own failure (out of memory included) and appends
 one JSON line to --out as it finishes, so a crash or timeout keeps what was measured. Checked with
@@ -46,6 +49,7 @@ from library.flux_utils import prepare_img_ids  # noqa: E402
 
 SETTINGS = {
     "a": dict(checkpointing=False),
+    "ac": dict(checkpointing=False, cudnn=True),
     "b": dict(checkpointing=True),
     "bk": dict(checkpointing=True, keep_attention=True),
     "bc": dict(checkpointing=True, cudnn=True),
@@ -55,6 +59,7 @@ SETTINGS = {
     "d18": dict(checkpointing=True, fp8=True, swap=18),
     "d28": dict(checkpointing=True, fp8=True, swap=28),
     "ref": dict(checkpointing=True, diffusers=True),
+    "refc": dict(checkpointing=True, diffusers=True, cudnn=True),
 }
 DEFAULT_SETTINGS = "a,b,c,d18,d28,ref"
 # dense bf16 peak TFLOP/s by device name (substring, lower case)
@@ -148,8 +153,8 @@ def build_diffusers(params: FluxParams, device, setting: dict, dtype: torch.dtyp
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
-    # the same attention kernels as ours (library.flux_layers leaves cuDNN's out: its backward fails there)
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    # without "cudnn", the attention kernels ours uses (library.flux_layers leaves cuDNN's out)
+    torch.backends.cuda.enable_cudnn_sdp(bool(setting.get("cudnn")))
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIFFUSERS_TARGETS))
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -244,7 +249,10 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         model = forward = trainable = optimizer = x = loss = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # a kernel fault broke the CUDA context: the error above is the result
+                pass
     return result
 
 

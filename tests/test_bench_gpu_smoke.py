@@ -12,9 +12,9 @@ from library.flux_models import configs, training_flops
 
 def test_every_setting_runs_and_appends_its_result(tmp_path):
     out = tmp_path / "results.jsonl"
-    settings = ["a", "b", "bk", "bc", "c", "ck", "cs", "d18", "d28"]
+    settings = ["a", "ac", "b", "bk", "bc", "c", "ck", "cs", "d18", "d28"]
     if pytest.importorskip("peft") and pytest.importorskip("diffusers"):
-        settings.append("ref")
+        settings += ["ref", "refc"]
     argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--threads", "1", "--steps", "2", "--warmup", "0",
             "--settings", ",".join(settings), "--out", str(out)]  # fmt: skip
     bench_gpu.main(argv)
