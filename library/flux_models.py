@@ -437,4 +437,3 @@ def __getattr__(name: str):
 
         return getattr(chroma_models, name)
     raise AttributeError(name)
-
