@@ -34,6 +34,15 @@ def setup_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# measured in bench/RESULTS.md (GPU, 2026-11-27); eager, selective checkpointing hands every
+# operator to a Python dispatch mode, which costs more host time than the skipped attention saves
+KEEP_ATTENTION_EAGER = (
+    "--gradient_checkpointing_keep_attention without --torch_compile is slower on a GPU, not faster: "
+    "outside the compiler, selective checkpointing passes every operator through Python (on an H100, "
+    "1.43 s a step against 0.90 s with plain checkpointing). Add --torch_compile or drop it"
+)
+
+
 class FluxNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, parser: argparse.ArgumentParser | None = None):
         self.parser = parser or setup_parser()
@@ -212,10 +221,17 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             dit.enable_gradient_checkpointing(keep_attention=args.gradient_checkpointing_keep_attention)
             if args.gradient_checkpointing_keep_attention:
                 logger.info("gradient checkpointing keeps each block's attention output: the recompute skips attention")
+                if not args.torch_compile:
+                    logger.warning(KEEP_ATTENTION_EAGER)
             for encoder in ctx.models.text_encoders:
                 if encoder is not None and ctx.train_text_encoder:
                     encoder.gradient_checkpointing_enable()
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
+        from library import flux_layers
+
+        flux_layers.use_cudnn_attention(args.cudnn_attention)  # before compiling: traced blocks keep their kernels
+        if args.cudnn_attention:
+            logger.info("attention uses cuDNN's fused kernel first where the GPU has it (--cudnn_attention)")
         if args.torch_compile:  # the block call, checkpointing included; the blocks themselves stay as they are
             dit.compile_blocks(args.dynamo_backend)
             logger.info("compiling the calls of %d DiT blocks with torch.compile (backend %s, dynamic shapes)",

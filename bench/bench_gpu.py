@@ -9,10 +9,10 @@ bf16 autocast, and prints seconds per step (median of --steps after --warmup), p
 achieved TFLOP/s and model-FLOPs utilisation (FLOPs from ``library.flux_models.training_flops``):
 
     a     bf16 base, no gradient checkpointing
-    ac    (a) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
+    ac    (a) with cuDNN attention first (--cudnn_attention)
     b     bf16 base, gradient checkpointing
     bk    (b) keeping each block's attention output (--gradient_checkpointing_keep_attention)
-    bc    (b) with cuDNN attention allowed first (library.flux_layers leaves it out by default)
+    bc    (b) with cuDNN attention first (--cudnn_attention)
     c     fp8 base (--fp8_base), checkpointing
     ck    (c) keeping each block's attention output
     cs    fp8 base with per-row scales (--fp8_scaled), checkpointing
@@ -106,11 +106,9 @@ def build_ours(params: FluxParams, device, setting: dict, tiny: bool, dtype: tor
         torch.set_default_dtype(previous)
     dit.requires_grad_(False)
     if setting.get("cudnn"):
-        from torch.nn.attention import SDPBackend
-
         from library import flux_layers
 
-        flux_layers.ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *flux_layers.ATTENTION_BACKENDS]
+        flux_layers.use_cudnn_attention(True)  # as --cudnn_attention
     if setting.get("fp8"):
         quantize_dit_(dit, dtype, scaled=setting.get("scaled", False))
     swap = setting.get("swap")

@@ -20,11 +20,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from library.dtypes import autocast_off
 
-# The SDPA kernels allowed, first choice first. cuDNN's fused attention is left out: with torch 2.11
-# on an H100 its backward failed on the DiT's shapes ("mha_graph.execute ... is_good()", or an
-# illegal memory access that ends the process); flash attention (no mask) and memory-efficient
-# attention (Chroma's mask) take its place. bench/bench_attention.py tries cuDNN again.
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The SDPA kernels allowed, first choice first. cuDNN's fused attention is left out unless asked
+# for (use_cudnn_attention, --cudnn_attention): with torch 2.11 on an H100 its backward ended the
+# process with an illegal memory access on diffusers' q/k/v layout and on an earlier one of ours
+# (bench/RESULTS.md); flash attention (no mask) and memory-efficient attention (Chroma's mask) take
+# its place.
+DEFAULT_ATTENTION_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+ATTENTION_BACKENDS = list(DEFAULT_ATTENTION_BACKENDS)
+
+
+def use_cudnn_attention(enabled: bool) -> None:
+    """Puts cuDNN's fused attention first among the SDPA kernels (where the device has it), or
+    leaves it out again. Call it before blocks are compiled: a compiled block keeps the kernels
+    it was traced with."""
+    global ATTENTION_BACKENDS
+    ATTENTION_BACKENDS = ([SDPBackend.CUDNN_ATTENTION] if enabled else []) + list(DEFAULT_ATTENTION_BACKENDS)
 
 
 # The fused attention kernels SDPA dispatches to (its math fallback is a composite of matmuls and

@@ -113,12 +113,16 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--cpu_offload_checkpointing",
           "keep gradient-checkpoint activations on the CPU (needs --gradient_checkpointing)")  # fmt: skip
     _flag(add, "--gradient_checkpointing_keep_attention",
-          "with --gradient_checkpointing: also keep each block's attention output, so that the recompute skips "
-          "attention (faster; about 1.6 GB more at 1024x1024 on FLUX.1)")  # fmt: skip
+          "with --gradient_checkpointing and --torch_compile: also keep each block's attention output, so that "
+          "the recompute skips attention (about 1.6 GB more at 1024x1024 on FLUX.1; without --torch_compile it "
+          "is slower on a GPU)")  # fmt: skip
     _flag(add, "--no_half_vae", "run the AE in fp32 even with mixed precision")
     _flag(add, "--lowram", "accepted for compatibility; no effect (models are loaded tensor by tensor anyway)")
     _flag(add, "--highvram", "accepted for compatibility; no effect (caching never frees memory between batches)")
     _flag(add, "--torch_compile", "compile the DiT's blocks with torch.compile (their checkpointing included)")
+    _flag(add, "--cudnn_attention",
+          "let attention use cuDNN's fused kernel first where the GPU has it (faster on an H100; off by default: "
+          "with torch 2.11 its backward crashed the process on some tensor layouts)")  # fmt: skip
     add("--dynamo_backend", type=str, default="inductor", choices=list(DYNAMO_BACKENDS),
         help="torch.compile backend (default inductor)")  # fmt: skip
     add("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes (default: accelerate's)")

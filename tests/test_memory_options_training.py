@@ -1,7 +1,7 @@
 """The memory options through the real trainer, in-process on the tiny models: --fp8_base with
 --mixed_precision bf16, --blocks_to_swap (its LoRA equals the unswapped run's), and
 --gradient_checkpointing with --cpu_offload_checkpointing or --gradient_checkpointing_keep_attention
-(their LoRAs equal plain checkpointing's)."""
+(their LoRAs equal plain checkpointing's), and --cudnn_attention."""
 
 import dataclasses
 import logging
@@ -107,12 +107,41 @@ def test_checkpointing_that_keeps_attention_trains_the_same_lora(deeper_models, 
         kept = train(deeper_models, data, tmp_path / "keep", gradient_checkpointing=True,
                      gradient_checkpointing_keep_attention=True)  # fmt: skip
     assert "gradient checkpointing keeps each block's attention output" in caplog.text
+    assert "without --torch_compile is slower on a GPU" in caplog.text
     assert_same(plain, kept)
+    caplog.clear()
     # compiled, the checkpoint and its policy go into the block's graph (q/k rotate in real arithmetic
     # there, 1 ulp from eager's complex multiply: see test_torch_compile_per_block_trains_the_same_lora)
     compiled = train(deeper_models, data, tmp_path / "keep_compiled", gradient_checkpointing=True,
                      gradient_checkpointing_keep_attention=True, torch_compile=True,
                      dynamo_backend="eager")  # fmt: skip
+    assert "gradient checkpointing keeps each block's attention output" in caplog.text
+    assert "without --torch_compile" not in caplog.text
     assert compiled.keys() == plain.keys()
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_attention_puts_cudnns_kernel_first_for_the_run(deeper_models, data, tmp_path, caplog, monkeypatch):
+    """The CPU has no cuDNN attention, so SDPA takes the next kernel: the same LoRA as without the flag."""
+    from torch.nn.attention import SDPBackend
+
+    from library import flux_layers
+
+    asked = []
+    real_sdpa_kernel = flux_layers.sdpa_kernel
+
+    def recorded(backends, **kwargs):
+        asked.append(tuple(backends))
+        return real_sdpa_kernel(backends, **kwargs)
+
+    monkeypatch.setattr(flux_layers, "sdpa_kernel", recorded)
+    with caplog.at_level(logging.INFO):
+        with_cudnn = train(deeper_models, data, tmp_path / "cudnn", cudnn_attention=True)
+    assert "attention uses cuDNN's fused kernel first" in caplog.text
+    cudnn_first = (SDPBackend.CUDNN_ATTENTION, *flux_layers.DEFAULT_ATTENTION_BACKENDS)
+    assert asked and set(asked) == {cudnn_first}
+    asked.clear()
+    plain = train(deeper_models, data, tmp_path / "plain")
+    assert asked and set(asked) == {flux_layers.DEFAULT_ATTENTION_BACKENDS}  # the next run leaves it out again
+    assert_same(plain, with_cudnn)

@@ -62,6 +62,7 @@ EXPECTED: dict[str, tuple] = {
     "ddp_timeout": (int, None),
     "ddp_gradient_as_bucket_view": (F, False),
     "ddp_static_graph": (F, False), "lowram": (F, False), "highvram": (F, False), "torch_compile": (F, False),
+    "cudnn_attention": (F, False),
     "dynamo_backend": (str, "inductor"), "xformers": (F, False), "sdpa": (F, False), "mem_eff_attn": (F, False),
     # §b.2 logging
     "logging_dir": (str, None), "log_with": (str, None, ["tensorboard", "wandb", "all"]), "log_prefix": (str, None),
