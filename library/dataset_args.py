@@ -105,7 +105,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha_mask", action="store_true", help="use the alpha channel as loss mask")
     g.add_argument("--validation_split", type=float, default=0.0, help="fraction of images held out (0-1)")
     g.add_argument("--validation_seed", type=int, default=None, help="seed of the split (default: --seed)")
-    g.add_argument("--cache_info", action="store_true", help="keep image sizes in each folder's metadata_cache.json (images and captions are still read each run)")
+    g.add_argument("--cache_info", action="store_true",
+                   help="keep image sizes in each folder's metadata_cache.json (images and captions are still read "
+                   "each run)")  # fmt: skip
     g.add_argument("--dataset_class", type=str, default=None, help="not supported by this trainer")
     g.add_argument("--debug_dataset", action="store_true", help="print batches instead of training")
 
