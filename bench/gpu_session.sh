@@ -15,7 +15,8 @@
 #
 # and start the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-# What it writes under $OUT is at most 8 files.
+# What it writes under $OUT is at most 8 files. The ninth session (2026-11-27) measured the rest: the
+# correctness checks (keep_attention, swap, fp8, trainer) passed and are left out here.
 set -u
 OUT=${OUT:-bench/gpu_out}
 DEADLINE_S=${DEADLINE_S:-570}
@@ -36,13 +37,12 @@ part() {  # part LIMIT_S COMMAND...: COMMAND under a limit of LIMIT_S or the tim
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
-    part 270 python3 bench/bench_gpu.py --settings a,b,bk,ref,c,d28,bc,ck --profile b,bk,c \
-        --out "$OUT/gpu_results.jsonl"
+    part 210 python3 bench/bench_gpu.py --settings a,b,ref,c,d28,d18 --profile b --out "$OUT/gpu_results.jsonl"
 } 2>&1 | tee "$OUT/bench.log"
-part 150 python3 bench/gpu_checks.py --checks keep_attention,swap,fp8,trainer,compile,compile_swap \
-    --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
-part 150 python3 bench/bench_gpu.py --settings a,bk,b --compile --out "$OUT/gpu_results.jsonl" 2>&1 | tee -a "$OUT/bench.log"
-part 120 python3 bench/gpu_checks.py --checks trainer_compile --out "$OUT/checks.jsonl" >>"$OUT/checks.log" 2>&1
-part 60 python3 bench/bench_attention.py --out /tmp/attention.jsonl 2>&1 | tee -a "$OUT/bench.log"
+# compiled blocks with swapped weights: the trainer refuses --torch_compile with --blocks_to_swap until this passes
+part 170 python3 bench/gpu_checks.py --checks compile_swap --out "$OUT/checks.jsonl" >"$OUT/checks.log" 2>&1
+part 150 python3 bench/bench_gpu.py --settings bk,ac --compile --out "$OUT/gpu_results.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+part 40 python3 bench/bench_attention.py --cases flash:contiguous,cudnn:contiguous,efficient:contiguous \
+    --out "$OUT/attention.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 grep -E "^(PASS|FAIL|SKIPPED)" "$OUT/checks.log" | cut -c1-600
 echo "session script: ${SECONDS} s"
