@@ -26,14 +26,16 @@ def extra_inputs(kind: str) -> dict:
     return {"guidance": torch.tensor([3.5, 3.5])} if kind == "flux" else {"txt_attention_mask": chroma_mask([3, 7], 7)}
 
 
-def lora_gradients(model, network, kind: str, checkpointing: bool) -> dict[str, torch.Tensor]:
+def lora_gradients(model, network, kind: str, checkpointing: bool, bf16: bool = False) -> dict[str, torch.Tensor]:
     if checkpointing:
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
     network.zero_grad(set_to_none=True)
     torch.manual_seed(11)  # the dropout masks
-    model(**dit_inputs(model.params), **extra_inputs(kind)).square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**dit_inputs(model.params), **extra_inputs(kind))
+    out.float().square().mean().backward()
     return {name: p.grad for name, p in network.named_parameters()}
 
 
@@ -79,3 +81,15 @@ def test_a_checkpointed_block_keeps_only_its_inputs_for_backward():
         assert torch.equal(a, b)
     sum(o.square().sum() for o in checkpointed).backward()
     assert img.grad.abs().max() > 0 and txt.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_the_recomputation_runs_under_the_forwards_autocast(kind):
+    """The backward runs outside the autocast block; the recomputed blocks must still compute in bf16."""
+    model, network = lora_dit(kind)
+    plain = lora_gradients(model, network, kind, checkpointing=False, bf16=True)
+    checkpointed = lora_gradients(model, network, kind, checkpointing=True, bf16=True)
+    fp32 = lora_gradients(model, network, kind, checkpointing=False)
+    for name, grad in checkpointed.items():
+        assert torch.equal(grad, plain[name]), name
+    assert any(not torch.equal(plain[name], fp32[name]) for name in plain)  # bf16 really changed the numbers
