@@ -274,11 +274,11 @@ def recompute_in_backward(block: nn.Module, *args):
     block again, with grad, before its own backward.
 
     torch's reentrant form, because the non-reentrant one hands every tensor the block's operators
-    save (about 45 a block) through Python pack and unpack hooks: 20–30% of a step's host time,
-    which on a fast GPU is time the GPU waits (``bench/RESULTS.md``). The reentrant form sends
-    gradients to the parameters only through its backward, which runs only if one of its inputs
-    needs a gradient: an empty one that does stands in when none of the block's inputs do (the
-    first block, behind a frozen embedder)."""
+    save (about 45 a block) through Python pack and unpack hooks: about 40% of a checkpointed
+    step's host time, which on a fast GPU is time the GPU waits (``bench/RESULTS.md``). The
+    reentrant form sends gradients to the parameters only through its backward, which runs only
+    if one of its inputs needs a gradient: an empty one that does stands in when none of the
+    block's inputs do (a first block behind frozen embedders, as in Chroma)."""
     if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
         args = (torch.empty(0, requires_grad=True), *args)
         return checkpoint(_run_after_anchor, block, *args, use_reentrant=True)
