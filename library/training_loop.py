@@ -72,7 +72,6 @@ class TrainingLoop:
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
         self.metadata, self.save_dtype = metadata, save_dtype
         self.ext = "." + (self.args.save_model_as or "safetensors")
-        self.last_saved: str | None = None
         self.saved_files: list[tuple[int, str]] = []  # (steps trained, LoRA file), oldest first
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
@@ -332,9 +331,12 @@ class TrainingLoop:
                 self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
             self._set_train_mode()
             logger.info("saved %s", path)
-        self.last_saved = path
         self.saved_files.append((steps, path))
         return path
+
+    @property
+    def last_saved(self) -> str | None:
+        return self.saved_files[-1][1] if self.saved_files else None
 
     @contextlib.contextmanager
     def _writing(self, path: str):
