@@ -64,9 +64,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.fp8 import check_fp8_args
         from library.offloading import check_offload_args
 
-        if args.torch_compile and args.blocks_to_swap:  # before check_offload_args reads the model's depth
-            raise UserError("--torch_compile with --blocks_to_swap is not supported yet (compiled blocks with "
-                            "swapped weights have not been checked on a GPU); drop one of them")
         check_fp8_args(args)
         check_offload_args(args)
         check_model_files(args)

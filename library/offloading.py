@@ -313,6 +313,15 @@ def check_offload_args(args) -> None:
         if args.cpu_offload_checkpointing:
             raise UserError("--gradient_checkpointing_keep_attention keeps attention outputs on the GPU, which "
                             "--cpu_offload_checkpointing is there to avoid: use one of them")  # fmt: skip
+    if args.blocks_to_swap and args.torch_compile:  # compiled graphs keep their weights for backward (Flux._run)
+        if not args.gradient_checkpointing:
+            raise UserError("--torch_compile with --blocks_to_swap needs --gradient_checkpointing: without it, "
+                            "each compiled block keeps its weights for its backward, so every swapped block "
+                            "would stay on the GPU")  # fmt: skip
+        if args.gradient_checkpointing_keep_attention:
+            raise UserError("--gradient_checkpointing_keep_attention cannot be combined with --torch_compile and "
+                            "--blocks_to_swap: it needs the checkpoint inside the compiled graph, which keeps every "
+                            "swapped block's weights on the GPU until backward. Drop one of them")  # fmt: skip
     if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         raise UserError(f"--blocks_to_swap must be 0 or more, not {args.blocks_to_swap}")
     if args.blocks_to_swap and args.pretrained_model_name_or_path:

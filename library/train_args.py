@@ -119,7 +119,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--no_half_vae", "run the AE in fp32 even with mixed precision")
     _flag(add, "--lowram", "accepted for compatibility; no effect (models are loaded tensor by tensor anyway)")
     _flag(add, "--highvram", "accepted for compatibility; no effect (caching never frees memory between batches)")
-    _flag(add, "--torch_compile", "compile the DiT's blocks with torch.compile (their checkpointing included)")
+    _flag(add, "--torch_compile", "compile the DiT's blocks with torch.compile (their checkpointing included; "
+          "with --blocks_to_swap, --gradient_checkpointing is required)")  # fmt: skip
     _flag(add, "--cudnn_attention",
           "let attention use cuDNN's fused kernel first where the GPU has it (faster on an H100; off by default: "
           "with torch 2.11 its backward crashed the process on some tensor layouts)")  # fmt: skip

@@ -6,6 +6,7 @@
 import dataclasses
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -92,6 +93,28 @@ def test_block_swap_lora_and_validation_equal_the_unswapped_run(deeper_models, t
     assert plain_losses and swapped_losses == plain_losses
     assert os.listdir(tmp_path / "n1" / "sample")
     assert_same(plain, swapped)
+
+
+def test_compiled_blocks_with_swapping_train_the_lora_of_the_plain_run(deeper_models, tmp_path, caplog):
+    """--torch_compile with --blocks_to_swap (checkpointing recomputes outside the compiled graphs,
+    which run the blocks' forwards), validation and sampling in between: the losses and the LoRA
+    of the uncompiled, unswapped run, to the 1 ulp that compiled blocks' rotation differs by."""
+    data = dataset(tmp_path, validation_split=0.5, num_images=4)
+    flags = dict(validate_every_n_steps=1, sample_every_n_steps=2, sample_prompts=data.sample_prompts,
+                 gradient_checkpointing=True)  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        plain = train(deeper_models, data, tmp_path / "plain", **flags)
+        plain_losses = [float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)]
+        caplog.clear()
+        compiled = train(deeper_models, data, tmp_path / "compiled", blocks_to_swap=1, torch_compile=True,
+                         dynamo_backend="eager", **flags)  # fmt: skip
+        losses = [float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)]
+    assert "block swap: 0 double and 2 single blocks" in caplog.text
+    assert plain_losses and losses == pytest.approx(plain_losses, abs=2e-5)  # logged to 5 decimals
+    assert os.listdir(tmp_path / "compiled" / "sample")
+    assert compiled.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_offloaded_checkpointing_lora_equals_plain_checkpointing(deeper_models, data, tmp_path):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import flux_train_network
@@ -232,11 +233,23 @@ def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_im
     assert any(lora(plain)[k].abs().sum() > 0 for k in preserved if k.endswith("lora_up.weight"))
 
 
-def test_torch_compile_with_block_swap_is_refused_with_the_reason(tiny_model_files, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({}, "--torch_compile with --blocks_to_swap needs --gradient_checkpointing: without it, each compiled block "
+             "keeps its weights for its backward"),
+        ({"gradient_checkpointing": True, "gradient_checkpointing_keep_attention": True},
+         "--gradient_checkpointing_keep_attention cannot be combined with --torch_compile and --blocks_to_swap"),
+    ],
+    ids=["no_checkpointing", "keep_attention"],
+)  # fmt: skip
+def test_torch_compile_with_block_swap_is_refused_where_graphs_would_keep_the_weights(
+    tiny_model_files, tmp_path, capsys, flags, message
+):
     argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), torch_compile=True,
-                     blocks_to_swap=1)  # fmt: skip
+                     blocks_to_swap=1, **flags)  # fmt: skip
     assert flux_train_network.main(argv) == 1
-    assert "--torch_compile with --blocks_to_swap is not supported yet" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_torch_compile_per_block_trains_the_same_lora(tiny_model_files, tmp_path):
