@@ -230,7 +230,10 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         result.update(s_per_step=round(s, 4), step_times=[round(t, 4) for t in times],
                       flop_per_step=flops, tflop_per_step=round(flops / 1e12, 2),
                       achieved_tflops=round(flops / s / 1e12, 3),
-                      loss_finite=all(v == v and abs(v) != float("inf") for v in losses))  # fmt: skip
+                      loss_finite=all(v == v and abs(v) != float("inf") for v in losses),
+                      losses=[round(v, 6) for v in losses])  # fmt: skip
+        # the same seeds in every setting: the losses of two settings with the same base precision
+        # (d28 and d28 compiled, say) follow each other to within the precision's rounding
         if name in args.profile.split(","):
             step = lambda: train_step(forward, x, optimizer, device, dtype)  # noqa: E731
             result["profile"] = profile_step(name, args, device, step)
