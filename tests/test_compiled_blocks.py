@@ -185,9 +185,10 @@ def test_compiled_block_calls_read_the_weights_block_swapping_puts_in_place():
             torch.testing.assert_close(grads_swapped[name], grads_plain[name], rtol=1e-5, atol=1e-6)
 
 
-def swapped_and_plain_compiled(backend, **checkpointing):
-    """The tiny swap model with 3 units swapped and without, each compiled with ``backend`` and
-    given a LoRA: ((model, lora) unswapped, (model, lora) swapped)."""
+def swapped_and_plain_compiled(backend, checkpointing: str | None):
+    """The tiny swap model with 3 units swapped and without, each with ``checkpointing`` (None,
+    "recompute" or "keep_attention"), compiled with ``backend`` and given a LoRA:
+    ((model, lora) unswapped, (model, lora) swapped)."""
     from tests.test_block_swap import attach_lora, swap_model
 
     plain = swap_model("flux", n=0)
@@ -197,7 +198,7 @@ def swapped_and_plain_compiled(backend, **checkpointing):
     torch._dynamo.reset()
     for model in (plain, swapped):
         if checkpointing:
-            model.enable_gradient_checkpointing(**checkpointing)
+            model.enable_gradient_checkpointing(keep_attention=checkpointing == "keep_attention")
         model.compile_blocks(backend=backend)
     return (plain, attach_lora(plain)), (swapped, attach_lora(swapped))
 
@@ -228,13 +229,13 @@ def test_compiled_swapped_blocks_keep_no_weights_for_backward():
     With blocks swapped, that kept every swapped block on the GPU until backward (FLUX.1 with 28
     swapped on an H100: 34.6 GiB against 6.4 eager), so the recomputation then runs outside the
     graph: nothing the forward saves shares storage with a block weight, host copies included."""
-    (plain, _), (swapped, _) = swapped_and_plain_compiled("aot_eager", keep_attention=False)
+    (plain, _), (swapped, _) = swapped_and_plain_compiled("aot_eager", "recompute")
     assert storages_saved_in_forward(plain) & block_weight_storages(plain)  # what the hooks see otherwise
     host_copies = {t.untyped_storage().data_ptr() for o in swapped.offloaders for ts in o.host.values() for t in ts}
     assert not storages_saved_in_forward(swapped) & (block_weight_storages(swapped) | host_copies)
 
 
-@pytest.mark.parametrize("checkpointing", [{}, {"keep_attention": True}], ids=["no_checkpointing", "keep_attention"])
+@pytest.mark.parametrize("checkpointing", [None, "keep_attention"], ids=["no_checkpointing", "keep_attention"])
 def test_swapped_blocks_run_eagerly_where_a_compiled_graph_would_keep_their_weights(checkpointing):
     """Training without checkpointing, or keeping attention (whose policy needs the checkpoint inside
     the graph), would leave the compiled graphs holding the weights until backward: with blocks
@@ -244,7 +245,7 @@ def test_swapped_blocks_run_eagerly_where_a_compiled_graph_would_keep_their_weig
     from tests.test_flux_models import dit_inputs
 
     counters = {"plain": CompileCounter(), "swapped": CompileCounter()}
-    (plain, plain_lora), (swapped, swapped_lora) = swapped_and_plain_compiled(counters["plain"], **checkpointing)
+    (plain, plain_lora), (swapped, swapped_lora) = swapped_and_plain_compiled(counters["plain"], checkpointing)
     swapped.compile_blocks(backend=counters["swapped"])
     x, extra = dit_inputs(plain.params), {"guidance": torch.tensor([3.5, 3.5])}
     loss_plain, grads_plain = lora_step(plain, x, extra, plain_lora)
