@@ -16,8 +16,8 @@ CPU kernels. Here, on the GPU, each check compares against a reference computed 
                 backward and gives plain checkpointing's loss, and its gradients within the
                 run-to-run difference of plain checkpointing, with the attention kernels users get
     compile     per-block torch.compile gives the eager loss and gradients (within bf16 noise)
-    compile_swap      compiled block calls with --blocks_to_swap (the trainer refuses the pair
-                until this passes) give the eager swapped model's loss and gradients
+    compile_swap      compiled block calls with --blocks_to_swap (the recomputation outside the
+                graphs) give the eager swapped model's loss and gradients
     trainer_compile   the trainer with --torch_compile instead of fp8 and block swap
 
 Each check prints PASS/FAIL with its figures and appends a JSON line to --out; the exit status
