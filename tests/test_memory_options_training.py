@@ -95,6 +95,10 @@ def test_block_swap_lora_and_validation_equal_the_unswapped_run(deeper_models, t
     assert_same(plain, swapped)
 
 
+def validation_losses(log: str) -> list[float]:
+    return [float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", log)]
+
+
 def test_compiled_blocks_with_swapping_train_the_lora_of_the_plain_run(deeper_models, tmp_path, caplog):
     """--torch_compile with --blocks_to_swap (checkpointing recomputes outside the compiled graphs,
     which run the blocks' forwards), validation and sampling in between: the losses and the LoRA
@@ -104,11 +108,11 @@ def test_compiled_blocks_with_swapping_train_the_lora_of_the_plain_run(deeper_mo
                  gradient_checkpointing=True)  # fmt: skip
     with caplog.at_level(logging.INFO):
         plain = train(deeper_models, data, tmp_path / "plain", **flags)
-        plain_losses = [float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)]
+        plain_losses = validation_losses(caplog.text)
         caplog.clear()
         compiled = train(deeper_models, data, tmp_path / "compiled", blocks_to_swap=1, torch_compile=True,
                          dynamo_backend="eager", **flags)  # fmt: skip
-        losses = [float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)]
+        losses = validation_losses(caplog.text)
     assert "block swap: 0 double and 2 single blocks" in caplog.text
     assert plain_losses and losses == pytest.approx(plain_losses, abs=2e-5)  # logged to 5 decimals
     assert os.listdir(tmp_path / "compiled" / "sample")
