@@ -17,6 +17,7 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 _NOT_SAVED = {"config_file", "output_config"}
+_SECRETS = {"wandb_api_key", "huggingface_token"}  # never written to a file others may see
 
 
 def _config_path(path: str) -> str:
@@ -72,16 +73,24 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     return values
 
 
-def write_config_file(path: str, args: argparse.Namespace) -> str:
-    """Writes every argument that has a value (sd-scripts' ``--output_config``)."""
+def write_config_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Writes the arguments that differ from their defaults (sd-scripts' ``--output_config``). API
+    keys and tokens stay out of the file, and an existing file is never replaced."""
     import toml
 
     path = _config_path(path)
-    values = {
-        k: (str(v) if isinstance(v, os.PathLike) else v)
-        for k, v in vars(args).items()
-        if v is not None and k not in _NOT_SAVED
-    }
+    if os.path.exists(path):
+        raise UserError(f"--output_config: {path} exists already; name a new file with --config_file")
+    values, secrets = {}, []
+    for key, value in vars(args).items():
+        if value is None or key in _NOT_SAVED or value == parser.get_default(key):
+            continue
+        if key in _SECRETS:
+            secrets.append(key)
+            continue
+        values[key] = str(value) if isinstance(value, os.PathLike) else value
+    if secrets:
+        logger.warning("--output_config: %s not written to %s; give it on the command line", ", ".join(secrets), path)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         toml.dump(values, f)
@@ -97,7 +106,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             raise UserError("--output_config needs --config_file to name the file to write")
         return args
     if args.output_config:
-        path = write_config_file(args.config_file, args)
+        path = write_config_file(args.config_file, args, parser)
         print(f"wrote the arguments to {path}")
         sys.exit(0)
     defaults = read_config_file(args.config_file, parser)

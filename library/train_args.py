@@ -313,7 +313,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     add = argument_adder(parser, "config files")
     add("--config_file", type=str, default=None,
         help="TOML of arguments (sections flattened); the command line overrides it")
-    _flag(add, "--output_config", "write the given arguments to --config_file and exit")
+    _flag(add, "--output_config",
+          "write the arguments that differ from the defaults to a new --config_file (no API keys) and exit")
     add("--dataset_config", type=Path, default=None, help="dataset config (.toml or .json)")
 
 

@@ -6,10 +6,12 @@ import re
 
 import numpy as np
 import pytest
+import toml
 import torch
 
 import flux_train_network
 from library.config_file import parse_args_with_config
+from library.errors import UserError
 from library.safetensors_io import load_safetensors, read_metadata
 from tests.training_helpers import base_argv, dataset
 
@@ -188,11 +190,18 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path, 
     assert parser.get_default("max_train_steps") == 1600  # the parser is left as it was
 
 
-def test_output_config_writes_the_arguments(tmp_path):
+def test_output_config_writes_the_arguments(tmp_path, caplog):
     config = tmp_path / "saved.toml"
-    parser = flux_train_network.setup_parser()
+    argv = ["--config_file", str(config), "--output_config", "--network_dim", "12", "--wandb_api_key", "KEY"]
     with pytest.raises(SystemExit) as done:
-        parse_args_with_config(parser, ["--config_file", str(config), "--output_config", "--network_dim", "12"])
+        parse_args_with_config(flux_train_network.setup_parser(), argv)
     assert done.value.code == 0
+    # what differs from the defaults, and no API key
+    assert toml.load(config) == {"network_dim": 12}
+    assert "wandb_api_key not written" in caplog.text
     args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
     assert args.network_dim == 12 and args.max_train_steps == 1600
+    # an existing file, hand-written or not, is never replaced
+    with pytest.raises(UserError, match=r"--output_config: .*saved\.toml exists already"):
+        parse_args_with_config(flux_train_network.setup_parser(), [*argv[:3], "--network_dim", "4"])
+    assert toml.load(config) == {"network_dim": 12}
