@@ -197,8 +197,10 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
     records = []
     for key, md in metadata.items():
         caption = md.get("caption") or ""
-        tags = md.get("tags")
-        if sub.caption.enable_wildcard and tags is not None:
+        tags = md.get("tags") or ""
+        if not caption.strip():  # a tagger's entry without a caption: its tags are the caption
+            caption, tags = tags, ""
+        if sub.caption.enable_wildcard and tags:
             tags = tags.replace("\n", sep)
             caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
         elif tags:

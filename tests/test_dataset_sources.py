@@ -41,6 +41,16 @@ def test_json_metadata_key_without_extension_and_wildcard_tags(tmp_path):
     assert e.path.endswith("a.jpg") and e.caption == "one,t1\ntwo,t1"
 
 
+@pytest.mark.parametrize("wildcard", [False, True])
+def test_tags_without_caption_are_the_caption(tmp_path, wildcard):
+    # tagger output with no caption: the tags stand in for it, with or without wildcards
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (32, 32)})
+    metadata = {"a.png": {"tags": "1girl, solo"}, "b.png": {"caption": "", "tags": "x"}}
+    (tmp_path / "m.json").write_text(json.dumps(metadata))
+    got = {os.path.basename(e.path): e.caption for e in _ft(tmp_path, "m.json", wildcard=wildcard).entries()}
+    assert got == {"a.png": "1girl, solo", "b.png": "x"}
+
+
 def test_relative_key_without_image_dir_is_an_error(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "x"}}))
     with pytest.raises(UserError, match=r"m\.json: image key 'a\.png' is a relative path; set image_dir in "
