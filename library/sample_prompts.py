@@ -283,6 +283,12 @@ def load_prompts(path: str | os.PathLike) -> list[SamplePrompt]:
     return prompts
 
 
+def _sample_interval(args: Any, unit: str) -> int | None:
+    """``--sample_every_n_{unit}``, or None when it is unset or 0 or less (off)."""
+    value = getattr(args, f"sample_every_n_{unit}", None)
+    return value if value is not None and value > 0 else None
+
+
 def prepare_sample_prompts(args: Any) -> list[SamplePrompt] | None:
     """Validates the sample options of a run at start; returns the prompts, or None when not sampling.
 
@@ -293,12 +299,12 @@ def prepare_sample_prompts(args: Any) -> list[SamplePrompt] | None:
     prompts) each warn once.
     """
     path = getattr(args, "sample_prompts", None)
-    every_steps = getattr(args, "sample_every_n_steps", None)
-    every_epochs = getattr(args, "sample_every_n_epochs", None)
+    for unit in ("steps", "epochs"):
+        if (value := getattr(args, f"sample_every_n_{unit}", None)) is not None and value <= 0:
+            logger.warning("--sample_every_n_%s %d: no sampling by %s (0 or less turns it off, as in sd-scripts)",
+                           unit, value, unit)  # fmt: skip
+    every_steps, every_epochs = _sample_interval(args, "steps"), _sample_interval(args, "epochs")
     at_first = bool(getattr(args, "sample_at_first", False))
-    for flag, value in (("--sample_every_n_steps", every_steps), ("--sample_every_n_epochs", every_epochs)):
-        if value is not None and value <= 0:
-            raise UserError(f"{flag} must be 1 or more, not {value}")
     triggers = [
         name
         for name, on in (
@@ -341,8 +347,8 @@ class SampleTriggers:
     @classmethod
     def from_args(cls, args: Any) -> SampleTriggers:
         return cls(
-            getattr(args, "sample_every_n_steps", None),
-            getattr(args, "sample_every_n_epochs", None),
+            _sample_interval(args, "steps"),
+            _sample_interval(args, "epochs"),
             bool(getattr(args, "sample_at_first", False)),
         )
 

@@ -291,8 +291,8 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sample images during training."""
     add = argument_adder(parser, "sample images")
-    add("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
-    add("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs (overrides n_steps)")
+    add("--sample_every_n_steps", type=int, default=None, help="sample every N steps (0 or less: off)")
+    add("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs (overrides n_steps; 0 or less: off)")
     _flag(add, "--sample_at_first", "sample before training starts")
     add("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
 

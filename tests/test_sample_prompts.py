@@ -7,7 +7,13 @@ import logging
 import pytest
 
 from library.errors import UserError
-from library.sample_prompts import SamplePrompt, line_to_prompt_dict, load_prompts, prepare_sample_prompts
+from library.sample_prompts import (
+    SamplePrompt,
+    SampleTriggers,
+    line_to_prompt_dict,
+    load_prompts,
+    prepare_sample_prompts,
+)
 
 GUIDE_CHROMA_LINE = (
     "Japanese shrine in the summer forest. --n low quality, ugly, unfinished, out of focus, deformed, "
@@ -271,9 +277,20 @@ def test_prepare_refuses_a_missing_file_before_training(tmp_path):
         prepare_sample_prompts(args(sample_prompts=str(tmp_path / "missing.txt"), sample_every_n_epochs=1))
 
 
-def test_prepare_refuses_non_positive_intervals(tmp_path):
-    with pytest.raises(UserError, match="--sample_every_n_steps must be 1 or more, not 0"):
-        prepare_sample_prompts(args(sample_prompts=write(tmp_path, "p.txt", "a"), sample_every_n_steps=0))
+def test_an_interval_of_zero_or_less_turns_it_off(tmp_path, caplog):
+    # as in sd-scripts: GUIs write 0 for "off"; the other interval still applies
+    run = args(sample_prompts=write(tmp_path, "p.txt", "a"), sample_every_n_epochs=0, sample_every_n_steps=100)
+    assert prepare_sample_prompts(run) == [SamplePrompt(0, "a")]
+    assert "--sample_every_n_epochs 0: no sampling by epochs" in caplog.text
+    assert "is ignored" not in caplog.text  # the epochs interval no longer overrides the steps one
+    triggers = SampleTriggers.from_args(run)
+    assert [triggers.due(None, 100), triggers.due(1, 100), triggers.due(None, 50)] == [True, False, False]
+    caplog.clear()
+    off = args(sample_prompts=run.sample_prompts, sample_every_n_steps=-1)
+    prepare_sample_prompts(off)
+    assert "--sample_every_n_steps -1: no sampling by steps" in caplog.text
+    assert "no sample images will be made" in caplog.text
+    assert not any(SampleTriggers.from_args(off).due(epoch, steps) for epoch in (None, 1) for steps in (1, 2, 5))
 
 
 @pytest.mark.parametrize(
