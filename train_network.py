@@ -250,18 +250,24 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
-        first_step, skip_data = self.initial_step(args, steps_per_epoch), bool(args.skip_until_initial_step)
+        given_step = self.initial_step(args, steps_per_epoch)
+        first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
         if args.resume:
             from library.train_state import check_state_fits, load_training_state, read_progress
 
             check_state_fits(args.resume, network.state_dict())
-            if (at := read_progress(args.resume).current_step) >= args.max_train_steps:
+            at = read_progress(args.resume).current_step
+            if given_step is None and at >= args.max_train_steps:
                 raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
                                 f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
             network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
                                                           process_index=accelerator.process_index)
             network.load_state_dict(network_state, strict=True)
-            first_step, skip_data = progress.current_step, True
+            if given_step is None:
+                first_step, skip_data = progress.current_step, True
+            else:  # as in sd-scripts, the given step wins over the state's
+                logger.warning("--resume %s: counting from step %d (--initial_step / --initial_epoch), not from the "
+                               "state's step %d", args.resume, given_step, progress.current_step)  # fmt: skip
             logger.info("resumed from %s at step %d", args.resume, first_step)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
@@ -283,22 +289,20 @@ class NetworkTrainer:
 
     # ---- pieces of the run -------------------------------------------------------------------
     @staticmethod
-    def initial_step(args, steps_per_epoch: int) -> int:
-        """--initial_step / --initial_epoch: where the step count starts without --resume."""
-        if args.resume:
-            if args.initial_step is not None or args.initial_epoch is not None:
-                logger.warning("--initial_step / --initial_epoch are ignored with --resume (the state says where)")
-            return 0
+    def initial_step(args, steps_per_epoch: int) -> int | None:
+        """--initial_step / --initial_epoch: the step the count starts from, or None when neither is
+        given. With --resume it replaces the state's step, as in sd-scripts."""
         if args.initial_step is not None:
             step = args.initial_step
         elif args.initial_epoch is not None:
             step = (args.initial_epoch - 1) * steps_per_epoch
         else:
-            return 0
+            return None
         if not 0 <= step < args.max_train_steps:
             raise UserError(f"--initial_step / --initial_epoch give step {step}, outside 0..{args.max_train_steps - 1}")
-        logger.info("counting steps from %d (%s); the lr schedule starts at its beginning", step,
-                    "skipping the batches before it" if args.skip_until_initial_step else "data from the epoch start")
+        logger.info("counting steps from %d (%s); %s", step,
+                    "skipping the batches before it" if args.skip_until_initial_step else "data from the epoch start",
+                    "the lr schedule is the state's" if args.resume else "the lr schedule starts at its beginning")
         return step
 
     def warn_about_flags_without_effect(self, args) -> None:

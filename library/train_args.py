@@ -131,9 +131,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--ddp_static_graph", "accepted for compatibility; no effect (no DDP wrapper is used)")
     _flag(add, "--skip_until_initial_step", "skip batches until --initial_step / --initial_epoch is reached")
     add("--initial_epoch", type=int, default=None,
-        help="epoch number to start counting from, 1-based (the lr schedule still starts at 0 unless --resume)")
+        help="epoch number to start counting from, 1-based, also over a --resume state's step (the lr schedule "
+        "still starts at 0 unless --resume)")
     add("--initial_step", type=int, default=None,
-        help="step number to start counting from, over all epochs; overrides --initial_epoch")  # fmt: skip
+        help="step number to start counting from, over all epochs; overrides --initial_epoch and a --resume "
+        "state's step")  # fmt: skip
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +294,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sample images during training."""
     add = argument_adder(parser, "sample images")
     add("--sample_every_n_steps", type=int, default=None, help="sample every N steps (0 or less: off)")
-    add("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs (overrides n_steps; 0 or less: off)")
+    add("--sample_every_n_epochs", type=int, default=None,
+        help="sample every N epochs (overrides n_steps; 0 or less: off)")
     _flag(add, "--sample_at_first", "sample before training starts")
     add("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
 

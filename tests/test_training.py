@@ -41,7 +41,7 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
     assert any(not torch.equal(at_step_3[k], a[k]) for k in a)  # the last 3 steps did change the weights
 
 
-def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_model_files, tmp_path, capsys):
+def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_model_files, tmp_path, capsys, caplog):
     data = dataset(tmp_path, batch_size=1)
     first = str(tmp_path / "first")
     assert run(base_argv(tiny_model_files, data, first, steps=2, save_state_on_train_end=True,
@@ -61,6 +61,15 @@ def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_m
     assert run(finished) == 1
     assert "the state is at step 2, and this run has 2 steps; raise --max_train_steps" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    # --initial_step replaces the state's step, as in sd-scripts: one more step from the state's LoRA
+    again = str(tmp_path / "again")
+    assert run(base_argv(tiny_model_files, data, again, steps=2, resume=state, initial_step=1, save_every_n_steps=1,
+                         network_train_unet_only=True)) == 0  # fmt: skip
+    assert "counting from step 1 (--initial_step / --initial_epoch), not from the state's step 2" in caplog.text
+    assert sorted(os.listdir(again)) == ["lora-step00000002.safetensors", "lora.safetensors"]
+    assert read_metadata(os.path.join(again, "lora.safetensors"))["ss_steps"] == "2"
+    before, after = (load_safetensors(os.path.join(d, "lora.safetensors")) for d in (first, again))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def fixed_noise_loss(models, lora_path, latents, te, sigma=0.5, seed=0):
