@@ -45,6 +45,15 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def step_sample_indices(micro: int, num_processes: int, process_index: int, batch_size: int, stride: int) -> range:
+    """The indices, unique within an optimizer step, that seed each sample's noise and σ: every
+    micro-batch of every process owns ``stride`` (the largest batch size) of them, so a short last
+    batch or another dataset's batch size cannot reuse a neighbour's, and the indices do not depend
+    on how the step is split between processes and accumulation."""
+    first = (micro * num_processes + process_index) * stride
+    return range(first, first + batch_size)
+
+
 class TrainingLoop:
     def __init__(
         self,
@@ -66,6 +75,7 @@ class TrainingLoop:
         self.trainer, self.ctx, self.args = trainer, ctx, ctx.args
         self.accelerator, self.network = ctx.accelerator, ctx.network
         self.train_group, self.val_group = train_group, val_group
+        self.sample_stride = max(d.batch_size for d in train_group.datasets)
         self.optimizer, self.lr_scheduler, self.lr_descriptions = optimizer, lr_scheduler, lr_descriptions
         self.optimizer_train, self.optimizer_eval = optimizer_train, optimizer_eval
         self.process_batches = process_batches
@@ -154,10 +164,10 @@ class TrainingLoop:
 
     def _micro_step(self, batch: dict, step: int, micro: int) -> torch.Tensor:
         accelerator = self.accelerator
-        batch_size = len(batch["captions"])
-        first = (micro * accelerator.num_processes + accelerator.process_index) * batch_size
+        indices = step_sample_indices(micro, accelerator.num_processes, accelerator.process_index,
+                                      len(batch["captions"]), self.sample_stride)  # fmt: skip
         with accelerator.autocast():
-            losses = self.trainer.batch_loss(self.ctx, batch, step, list(range(first, first + batch_size)))
+            losses = self.trainer.batch_loss(self.ctx, batch, step, list(indices))
         return (losses * batch["loss_weights"].to(losses.device)).mean()
 
     def _step_loss(self, window: list[torch.Tensor], accum: int, step: int) -> float:

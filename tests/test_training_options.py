@@ -198,6 +198,23 @@ def test_initial_step_with_skip_trains_only_the_remaining_steps(tiny_model_files
     assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_steps"] == "5"
 
 
+def test_noise_indices_stay_unique_in_a_step_with_short_batches(tiny_model_files, tmp_path, monkeypatch):
+    # batches of 4 over buckets of fewer images: short batches beside full ones, two to a step
+    seen = []
+    batch_loss = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, batch, step, sample_indices, fixed_sigma=None):
+        seen.append((step, list(sample_indices)))
+        return batch_loss(self, ctx, batch, step, sample_indices, fixed_sigma)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    train(tiny_model_files, tmp_path, steps=4, data_kwargs={"batch_size": 4, "num_repeats": 2},
+          gradient_accumulation_steps=2, network_train_unet_only=True)
+    assert any(len(indices) < 4 for _, indices in seen)  # the case this is about did occur
+    for step in {s for s, _ in seen}:
+        indices = [i for s, batch in seen if s == step for i in batch]
+        assert len(indices) == len(set(indices)), (step, seen)
+
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"
     train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,
