@@ -187,7 +187,7 @@ class Flux(nn.Module):
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("this is a guidance-distilled (dev) model: pass a guidance value")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(vec.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
 

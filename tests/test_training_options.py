@@ -135,12 +135,24 @@ def test_step_saves_are_named_by_step_and_the_last_step_prunes_too(tiny_model_fi
     assert read_metadata(os.path.join(out, "lora-step00000006.safetensors"))["ss_steps"] == "6"
 
 
-def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path):
+def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path, monkeypatch):
+    from library.flux_models import Flux
+
+    inputs, forward = [], Flux.forward
+
+    def recording(self, *args, **kwargs):
+        inputs.append((kwargs["timesteps"], kwargs["guidance"]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Flux, "forward", recording)
     out = train(tiny_model_files, tmp_path, steps=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
                 max_grad_norm=0.5, max_data_loader_n_workers=1, persistent_data_loader_workers=True,
-                mixed_precision="bf16", network_train_unet_only=True, save_precision="bf16")
+                mixed_precision="bf16", network_train_unet_only=True, save_precision="bf16", guidance_scale=3.5)
     weights = lora(out)
     assert all(v.dtype == torch.bfloat16 for v in weights.values())
+    # as sd-scripts (spec §d.5, §d.9): σ rounded to bf16, the guidance in fp32, so that 1000·3.5 is 3500, not 3504
+    assert inputs and all(t.dtype == torch.bfloat16 and g.dtype == torch.float32 for t, g in inputs)
+    assert all(bool((g == 3.5).all()) for _, g in inputs)
     assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_gradient_accumulation_steps"] == "2"
 
 
