@@ -175,10 +175,8 @@ class FlowMatchingConfig:
                     f"--huber_schedule snr (the default) cannot be used with --loss_type {self.loss_type}: FLUX has "
                     "no SNR schedule. Pass --huber_schedule constant or --huber_schedule exponential."
                 )
-            if self.huber_c <= 0 or (self.huber_schedule == "exponential" and self.huber_c > 1):
-                raise UserError(
-                    f"--huber_c must be > 0 (and <= 1 with --huber_schedule exponential); got {self.huber_c}."
-                )
+            if self.huber_c <= 0:
+                raise UserError(f"--huber_c must be > 0; got {self.huber_c}.")
 
     @classmethod
     def from_args(cls, args) -> FlowMatchingConfig:

@@ -288,6 +288,9 @@ def test_huber_schedules():
     assert fm.huber_c_schedule("smooth_l1", "exponential", 0.1, 2.0, s).tolist() == pytest.approx(
         [2.0, 2.0 * math.sqrt(0.1), 0.2]
     )
+    # above 1 (sd-scripts allows it): c rises from the scale at σ = 0 to huber_c·scale at σ = 1
+    cfg(loss_type="huber", huber_schedule="exponential", huber_c=4.0)
+    assert fm.huber_c_schedule("huber", "exponential", 4.0, 1.0, s).tolist() == pytest.approx([1.0, 2.0, 4.0])
     assert fm.huber_c_schedule("l2", "snr", 0.1, 1.0, s) is None
     assert fm.huber_c_schedule("l1", "exponential", 0.1, 1.0, s) is None
     with pytest.raises(UserError, match="--huber_schedule"):
@@ -309,7 +312,7 @@ def test_snr_huber_schedule_is_refused_only_with_huber_losses(loss_type):
         ({"timestep_sampling": "logit"}, "--timestep_sampling"),
         ({"model_prediction_type": "v"}, "--model_prediction_type"),
         ({"discrete_flow_shift": 0.0}, "--discrete_flow_shift"),
-        ({"loss_type": "huber", "huber_schedule": "exponential", "huber_c": 2.0}, "--huber_c"),
+        ({"loss_type": "huber", "huber_schedule": "exponential", "huber_c": 0.0}, "--huber_c"),
         ({"ip_noise_gamma": -0.1}, "--ip_noise_gamma"),
     ],
 )
