@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from library.errors import CheckpointError, UserError
-from library.safetensors_io import read_metadata
 from networks.lora_flux_args import (  # noqa: F401  (validate_network_args is part of the module API)
     RANK_ARGS,
     TYPE_DIM_KEYS,
@@ -53,7 +52,6 @@ from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import
     SPLIT_QKV_CONVENTION,
     SPLIT_QKV_METADATA_KEY,
     read_lora_file,
-    split_alpha_multiplied,
     write_lora_file,
 )
 from networks.lora_flux_params import param_groups, text_encoder_lrs
@@ -64,6 +62,7 @@ from networks.lora_flux_targets import (
     dit_targets,
     is_split_target,
     split_dims,
+    split_parts,
     text_encoder_targets,
 )
 from networks.lora_modules import LoRAInfModule, LoRAModule
@@ -119,13 +118,11 @@ def create_network_from_weights(
     """A network shaped like a LoRA file: ranks and alphas per module, in_dims and T5 modules as found.
 
     Weights are not loaded (call ``load_weights`` or ``merge_to``). Returns ``(network, weights_sd)``.
+    A ``weights_sd`` given instead of the file is taken as :func:`read_lora_file` returns it.
     """
     check_known_args(kwargs)
-    metadata: dict[str, str] = {}
     if weights_sd is None:
-        weights_sd, metadata = read_lora_file(file)
-    elif file is not None and str(file).endswith(".safetensors") and os.path.isfile(file):
-        metadata = read_metadata(file)
+        weights_sd, _ = read_lora_file(file)
     modules_dim, modules_alpha = {}, {}
     for key, value in weights_sd.items():
         name, _, rest = key.partition(".")
@@ -141,13 +138,12 @@ def create_network_from_weights(
         logger.warning(f"network args {', '.join(ignored)} have no effect: the ranks come from {file}")
     split_qkv = parse_bool("split_qkv", kwargs.get("split_qkv", False)) and not for_inference
     if split_qkv:
-        multiplied = split_alpha_multiplied(metadata)
         for name in [n for n in modules_dim if is_split_target(n)]:
-            chunks = 3 if "_double_blocks_" in name else 4
+            chunks = split_parts(name)
             if modules_dim[name] % chunks:
                 raise UserError(f"{file}: {name} has rank {modules_dim[name]}, not a split_qkv LoRA of {chunks} parts")
             modules_dim[name] //= chunks
-            if name in modules_alpha and multiplied:
+            if name in modules_alpha:
                 modules_alpha[name] = torch.as_tensor(modules_alpha[name]).float() / chunks
     dropout, rank_dropout, module_dropout = (None, None, None) if for_inference else dropout_args(kwargs, None)
     ggpo_sigma, ggpo_beta = (None, None) if for_inference else ggpo_args(kwargs)
@@ -399,14 +395,7 @@ class LoRANetwork(nn.Module):
         check_weights_fit(
             file, weights_sd, self, "Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
         )
-        multiplied = split_alpha_multiplied(metadata)
-        for lora in self.all_loras():
-            lora.fused_alpha_multiplied = multiplied
-        try:
-            info = self.load_state_dict(weights_sd, strict=False)
-        finally:
-            for lora in self.all_loras():
-                lora.fused_alpha_multiplied = True
+        info = self.load_state_dict(weights_sd, strict=False)
         if weights_sd and len(info.unexpected_keys) == len(weights_sd):
             raise UserError(
                 f"{file}: none of its weights belongs to this network (e.g. {next(iter(weights_sd))}); "

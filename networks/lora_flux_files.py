@@ -13,21 +13,42 @@ from torch import Tensor
 from library.errors import CheckpointError
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
 from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+from networks.lora_flux_targets import is_split_target, split_parts
 
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
 SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
 
 
 def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(state dict, metadata) of a ``.safetensors`` LoRA, or of a ``.pt`` / ``.ckpt`` one (no metadata)."""
+    """(state dict, metadata) of a ``.safetensors`` LoRA, or of a ``.pt`` / ``.ckpt`` one (no metadata).
+
+    An sd-scripts split_qkv file comes back as this project writes one (:func:`with_trained_split_alpha`),
+    so every tool here applies the strength it was trained at."""
     if str(file).endswith(".safetensors"):
-        return load_safetensors(file), read_metadata(file)
+        return with_trained_split_alpha(load_safetensors(file), read_metadata(file))
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: file not found")
     try:
         return torch.load(file, map_location="cpu", weights_only=True), {}
     except Exception as e:  # a pickle of anything else, or a truncated file
         raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
+
+
+def with_trained_split_alpha(
+    state_dict: dict[str, Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """sd-scripts' split_qkv files keep the per-part alpha on each fused module, so a plain reading
+    applies 1/3 (qkv) or 1/4 (linear1) of the trained change (spec §k.7). Such a file's fused alphas
+    are multiplied by the number of parts, and its metadata marked, as this project saves them; any
+    other file is returned as it is."""
+    if split_alpha_multiplied(metadata):
+        return state_dict, metadata
+    fixed = dict(state_dict)
+    for key, alpha in state_dict.items():
+        name = key.removesuffix(".alpha")
+        if name != key and is_split_target(name):
+            fixed[key] = (alpha.float() * split_parts(name)).to(alpha.dtype)
+    return fixed, {**metadata, SPLIT_QKV_METADATA_KEY: SPLIT_QKV_CONVENTION}
 
 
 def split_alpha_multiplied(metadata: dict[str, str]) -> bool:

@@ -136,6 +136,11 @@ def is_split_target(name: str) -> bool:
     return _SPLIT_TARGET.search(name) is not None
 
 
+def split_parts(name: str) -> int:
+    """How many LoRAs ``split_qkv`` trains in a split target: q, k, v, and the MLP input in single blocks."""
+    return 3 if "_double_blocks_" in name else 4
+
+
 def split_dims(name: str, linear: nn.Linear) -> list[int] | None:
     """The output chunks ``split_qkv`` gives a fused Linear: q, k, v (and the single block's MLP input)."""
     if not is_split_target(name):

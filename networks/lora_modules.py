@@ -11,7 +11,7 @@ fused projection (q, k, v and, in single blocks, the MLP input). Their state dic
 standard fused form (down = concatenated downs, up = block-diagonal, alpha x number of chunks)
 so that every plain loader applies exactly the trained strength; loading converts back.
 sd-scripts keeps alpha unchanged there, so plain loaders apply its files at 1/3 or 1/4 of the
-trained strength (spec §k.7): ``fused_alpha_multiplied = False`` reads such files.
+trained strength (spec §k.7); ``read_lora_file`` reads such files into this form.
 """
 
 from __future__ import annotations
@@ -158,8 +158,6 @@ class LoRAModule(nn.Module):
         # A list hides the base Linear from this module's parameters and state dict.
         self.org_module_ref = [org_module]
         self.org_forward = None
-        # How a fused alpha in a loaded state dict relates to the per-chunk alpha (split modules).
-        self.fused_alpha_multiplied = True
 
         self.ggpo_sigma = ggpo_sigma
         self.ggpo_beta = ggpo_beta
@@ -417,7 +415,7 @@ def _split_fused_state(module: LoRAModule, state_dict: dict, prefix: str, *args)
     for i, (down, up) in enumerate(zip(downs, ups, strict=True)):
         state_dict[f"{prefix}lora_down.{i}.weight"] = down
         state_dict[f"{prefix}lora_up.{i}.weight"] = up
-    if alpha_key in state_dict and module.fused_alpha_multiplied:
+    if alpha_key in state_dict:
         state_dict[alpha_key] = state_dict[alpha_key] / len(module.split_dims)
 
 

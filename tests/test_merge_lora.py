@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+import convert_flux_lora
 from library.flux_key_mapping import bfl_to_diffusers
 from library.flux_utils import load_flow_model
 from library.lora_formats import to_ai_toolkit
@@ -307,3 +308,33 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
     assert not out.exists()
+
+
+def test_sd_scripts_split_qkv_files_merge_and_convert_at_their_trained_strength(tiny_model_files, dev, tmp_path):
+    """sd-scripts keeps the per-part alpha on its split files' fused modules, which plain loaders
+    apply at 1/3 (qkv) or 1/4 (linear1) strength (spec §k.7); these tools apply what was trained."""
+    network = create_network(1.0, 4, 2, None, [None, None], dev, split_qkv="True")
+    randomize_lora(network, 3, 0.1)
+    weights = {k: v.clone() for k, v in network.state_dict().items()}
+    for name in [k.removesuffix(".alpha") for k in weights if k.endswith(".alpha")]:
+        if name.endswith(("_qkv", "_linear1")):
+            weights[f"{name}.alpha"] /= 3 if "_double_blocks_" in name else 4  # sd-scripts' layout
+    lora = tmp_path / "sd_scripts_split.safetensors"
+    save_safetensors(weights, lora, {"ss_network_args": '{"split_qkv": "True"}'})
+    trained = {lora.lora_name: lora.delta_weight() for lora in network.all_loras()}
+    qkv, linear1 = "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_1_linear1"
+
+    out = tmp_path / "merged.safetensors"
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora) == 0
+    base, merged = load_safetensors(tiny_model_files.flux_dev), load_safetensors(out)
+    for name, key in ((qkv, "double_blocks.0.img_attn.qkv.weight"), (linear1, "single_blocks.1.linear1.weight")):
+        torch.testing.assert_close(merged[key] - base[key], trained[name], rtol=1e-4, atol=1e-6)
+
+    ait = tmp_path / "ait.safetensors"
+    assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", "ai-toolkit", "--src_path", str(lora),
+                                   "--dst_path", str(ait)]) == 0  # fmt: skip
+    converted = load_safetensors(ait)
+    prefix = "transformer.transformer_blocks.0.attn"
+    parts = [converted[f"{prefix}.{p}.lora_B.weight"] @ converted[f"{prefix}.{p}.lora_A.weight"]
+             for p in ("to_q", "to_k", "to_v")]  # fmt: skip
+    torch.testing.assert_close(torch.cat(parts), trained[qkv], rtol=1e-5, atol=1e-7)
