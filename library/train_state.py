@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,20 @@ def capture_rng_states() -> dict:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+_ACCELERATE_RNG_KEYS = {"random_state": "python", "numpy_random_seed": "numpy", "torch_manual_seed": "torch",
+                        "torch_cuda_manual_seed": "cuda"}  # fmt: skip
+
+
+def read_rng_states(path: str) -> dict:
+    """A ``random_states_<rank>.pkl``: this project's pickle, or the ``torch.save`` of accelerate's
+    ``save_state`` (so a state directory written by sd-scripts resumes too)."""
+    if zipfile.is_zipfile(path):
+        states = torch.load(path, weights_only=False)
+        return {ours: states[theirs] for theirs, ours in _ACCELERATE_RNG_KEYS.items() if theirs in states}
+    with open(path, "rb") as f:
+        return pickle.load(f)
 
 
 def restore_rng_states(states: dict) -> None:
@@ -199,8 +214,7 @@ def load_training_state(
         ) from None
     rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
-        with open(rng_file, "rb") as f:
-            restore_rng_states(pickle.load(f))
+        restore_rng_states(read_rng_states(rng_file))
     elif process_index > 0:
         logger.warning("%s has no random_states_%d.pkl (it was saved by fewer processes): process %d keeps "
                        "its seeded random state", state_dir, process_index, process_index)  # fmt: skip

@@ -2,7 +2,9 @@
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
 import os
+import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import flux_train_network
 from library.config_file import parse_args_with_config
 from library.errors import UserError
 from library.safetensors_io import load_safetensors, read_metadata
+from library.train_state import read_rng_states
 from tests.training_helpers import base_argv, dataset
 
 
@@ -39,6 +42,19 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
         assert torch.equal(a[key], b[key]), key
     at_step_3 = load_safetensors(os.path.join(straight, "lora-step00000003.safetensors"))
     assert any(not torch.equal(at_step_3[k], a[k]) for k in a)  # the last 3 steps did change the weights
+    # the same state with its random states as accelerate's save_state writes them (sd-scripts' states)
+    theirs = str(tmp_path / "sd-scripts-state")
+    shutil.copytree(state, theirs)
+    with open(os.path.join(theirs, "random_states_0.pkl"), "rb") as f:
+        ours = pickle.load(f)
+    torch.save({"step": 3, "random_state": ours["python"], "numpy_random_seed": ours["numpy"],
+                "torch_manual_seed": ours["torch"]}, os.path.join(theirs, "random_states_0.pkl"))  # fmt: skip
+    read_back = read_rng_states(os.path.join(theirs, "random_states_0.pkl"))
+    assert set(read_back) == {"python", "numpy", "torch"} and torch.equal(read_back["torch"], ours["torch"])
+    from_theirs = str(tmp_path / "from_theirs")
+    assert run(base_argv(tiny_model_files, data, from_theirs, steps=6, resume=theirs, **schedule)) == 0
+    c = load_safetensors(os.path.join(from_theirs, "lora.safetensors"))
+    assert all(torch.equal(a[key], c[key]) for key in a)
 
 
 def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_model_files, tmp_path, capsys, caplog):
