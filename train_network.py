@@ -463,7 +463,7 @@ class NetworkTrainer:
             num_batches_per_epoch=len(train_group),
             num_epochs=num_epochs,
             max_train_steps=args.max_train_steps,
-            optimizer=f"{optimizer_name}({optimizer_args})",
+            optimizer=optimizer_name + (f"({optimizer_args})" if optimizer_args else ""),  # as sd-scripts
             base_model_version=ctx.models.version,
             **network_rank_and_alpha(network, args),
             network_args=parse_network_args(args.network_args) | (

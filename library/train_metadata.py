@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+import torch
+
 # args attribute -> metadata key, copied verbatim
 _FROM_ARGS = {
     "learning_rate": "ss_learning_rate",
@@ -145,8 +147,19 @@ def network_rank_and_alpha(network, args) -> dict[str, Any]:
         return {"network_dim": getattr(network, "lora_dim", args.network_dim),
                 "network_alpha": getattr(network, "alpha", args.network_alpha)}  # fmt: skip
     top = max(modules, key=lambda m: m.lora_dim)
-    alpha = top.alpha.item() if hasattr(top.alpha, "item") else top.alpha
+    alpha = shortest_decimal(top.alpha) if isinstance(top.alpha, torch.Tensor) else top.alpha
     return {"network_dim": top.lora_dim, "network_alpha": alpha}
+
+
+def shortest_decimal(t: torch.Tensor) -> float:
+    """The shortest decimal that ``t``'s dtype stores as ``t``: an alpha of 0.1 kept in fp32 (or bf16)
+    is recorded as 0.1, as it was given, not as 0.10000000149011612."""
+    value = t.item()
+    for digits in range(1, 18):
+        candidate = float(f"{value:.{digits}g}")
+        if torch.tensor(candidate, dtype=t.dtype) == t:
+            return candidate
+    return value
 
 
 def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:

@@ -143,11 +143,12 @@ def _latent_file(stem: str) -> str:
 def test_saved_file_has_training_metadata(tiny_model_files, tmp_path):
     data = dataset(tmp_path)
     out = str(tmp_path / "out")
-    assert run(base_argv(tiny_model_files, data, out, steps=2, training_comment="hello",
+    assert run(base_argv(tiny_model_files, data, out, steps=2, training_comment="hello", network_alpha=0.1,
                          timestep_sampling="shift", model_prediction_type="raw")) == 0
     md = read_metadata(os.path.join(out, "lora.safetensors"))
     assert md["ss_network_module"] == "networks.lora_flux"
-    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "4.0"
+    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "0.1"  # as given, not fp32's 0.10000000149...
+    assert md["ss_optimizer"] == "torch.optim.adamw.AdamW"  # no "()" without --optimizer_args, as sd-scripts
     assert md["ss_base_model_version"] == "flux1"
     assert md["ss_training_comment"] == "hello"
     assert md["ss_timestep_sampling"] == "shift" and md["ss_model_prediction_type"] == "raw"

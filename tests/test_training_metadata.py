@@ -115,3 +115,14 @@ def test_no_metadata_keeps_modelspec_with_the_given_title():
     md = {"ss_network_dim": "4", "ss_seed": "1", "modelspec.title": "MyTitle", "modelspec.sai_model_spec": "1.0.1"}
     assert minimal_metadata(md) == {"ss_network_dim": "4", "modelspec.title": "MyTitle",
                                     "modelspec.sai_model_spec": "1.0.1"}  # fmt: skip
+
+
+def test_alphas_are_recorded_as_given_whatever_the_buffer_precision():
+    import torch
+
+    from library.train_metadata import shortest_decimal
+
+    given = [0.1, 16.0, 1e-3, 0.3]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert [shortest_decimal(torch.tensor(a, dtype=dtype)) for a in given] == given
+    assert shortest_decimal(torch.tensor(1 / 3, dtype=torch.float32)) == 0.33333334  # fp32's own, to its precision
