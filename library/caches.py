@@ -120,12 +120,18 @@ def _npz_keys(path: str) -> set[str]:
 
 
 def _read_record(npz, key: str) -> dict | None:
-    if key not in npz.files:
+    """The JSON record under ``key`` of an npz file (or of its arrays as a dict), None if absent or damaged."""
+    if key not in npz:
         return None
     try:
         return json.loads(str(npz[key]))
     except (ValueError, TypeError):
         return None
+
+
+def _same_source(old: dict | None, new: dict) -> bool:
+    """Whether two cache records are of the same image file, encoder and resize (the flags aside)."""
+    return old is not None and all(old.get(k) == v for k, v in new.items() if k not in ("flip_aug", "alpha_mask"))
 
 
 def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -346,6 +352,7 @@ class LatentCacher:
 
     def _write(self, e, lat, flipped, mask, original, identity) -> None:
         sfx = reso_suffix(e.bucket)
+        record = self._record(e, identity)
         arrays = {}
         if os.path.exists(e.latents_npz):
             try:
@@ -353,8 +360,11 @@ class LatentCacher:
                     arrays = {k: old[k] for k in old.files}
             except UNREADABLE_NPZ:
                 logger.warning("%s: unreadable, replacing it", e.latents_npz)
-            for k in ("latents_flipped", "alpha_mask", "cache_record"):
-                arrays.pop(k + sfx, None)  # stale companions of the array being replaced
+            # the flipped latents and mask of another dataset's entry for this very image and resize
+            # stay; those of another image or setting are stale
+            if not _same_source(_read_record(arrays, "cache_record" + sfx), record):
+                for k in ("latents_flipped", "alpha_mask"):
+                    arrays.pop(k + sfx, None)
         arrays["latents" + sfx] = lat.numpy()
         arrays["original_size" + sfx] = np.array(original)
         arrays["crop_ltrb" + sfx] = np.array(crop_ltrb(e.bucket, original))
@@ -362,7 +372,8 @@ class LatentCacher:
             arrays["latents_flipped" + sfx] = flipped.numpy()
         if mask is not None:
             arrays["alpha_mask" + sfx] = mask.astype(np.float32)
-        arrays["cache_record" + sfx] = np.array(json.dumps(self._record(e, identity), sort_keys=True))
+        record["flip_aug"], record["alpha_mask"] = "latents_flipped" + sfx in arrays, "alpha_mask" + sfx in arrays
+        arrays["cache_record" + sfx] = np.array(json.dumps(record, sort_keys=True))
         write_npz_atomic(e.latents_npz, arrays)
 
 

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from library import caches
 from library.caches import (
@@ -490,3 +491,27 @@ def test_turning_flip_aug_on_recaches_but_off_reuses(tmp_path):
     LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
     assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, "flip_aug = true")]).encoded == 3
     assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)]).reused == 3
+
+
+def test_two_datasets_sharing_a_latent_file_keep_each_others_mask_and_flipped_latents(tmp_path):
+    # one image in two datasets: one trains with its alpha as the loss mask, the other with flip_aug
+    make_image(tmp_path / "img" / "m.png", (32, 32), mode="RGBA")
+    text = "".join(
+        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n{flag} = true\n'
+        for flag in ("alpha_mask", "flip_aug")
+    )
+    config = write_toml(tmp_path / "c.toml", text)
+
+    def group():
+        return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", config)), seed=0)[0]
+
+    first = group()
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([first]).encoded == 2
+    (npz,) = [f for f in os.listdir(tmp_path / "img") if f.endswith(".npz")]
+    with np.load(tmp_path / "img" / npz) as cached:
+        assert {"latents_4x4", "latents_flipped_4x4", "alpha_mask_4x4"} <= set(cached.files)
+    first.set_current_epoch(1)
+    masks = [first[i]["alpha_masks"] for i in range(len(first))]  # one batch of each dataset
+    alpha = np.asarray(Image.open(tmp_path / "img" / "m.png"))[..., 3] / 255.0
+    assert any(m is not None and np.allclose(m[0].numpy(), alpha, atol=1e-6) for m in masks)
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([group()]).reused == 2  # the next run encodes nothing
