@@ -44,6 +44,8 @@ def list_images(directory: str) -> tuple[list[str], list[str]]:
     """(image paths sorted as sd-scripts sorts them, files skipped for a mixed-case extension)."""
     images, skipped = [], []
     for name in os.listdir(directory):
+        if name.startswith("."):  # hidden, as sd-scripts' glob skips them: macOS's "._x.png" are no images
+            continue
         path = os.path.join(directory, name)
         ext = os.path.splitext(name)[1]
         if ext in _GLOB_EXTENSIONS:
@@ -123,7 +125,7 @@ def load_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
             img = _to_8bit(img)
-            if img.mode == "P" and "transparency" in img.info:
+            if "transparency" in img.info:  # a palette's, or an L / RGB colour key (PNG tRNS)
                 img = img.convert("RGBA")
             if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
                 rgba = np.asarray(img.convert("RGBA"))

@@ -45,6 +45,12 @@ def test_rgba_la_and_palette_transparency_keep_alpha(tmp_path):
     pal.putpixel((0, 0), 0)
     arr, alpha = load_image(_save(tmp_path / "p.png", pal, transparency=0))
     assert alpha is not None and alpha[0, 0] == 0 and alpha[1, 1] == 255 and tuple(arr[1, 1]) == (255, 0, 0)
+    # a colour key (PNG tRNS) on RGB and grayscale images marks its colour transparent, as convert("RGBA") reads it
+    for mode, key, other in (("RGB", (10, 20, 30), (200, 0, 0)), ("L", 7, 90)):
+        keyed = Image.new(mode, (4, 4), other)
+        keyed.putpixel((0, 0), key)
+        _, alpha = load_image(_save(tmp_path / f"key_{mode}.png", keyed, transparency=key))
+        assert alpha is not None and alpha[0, 0] == 0 and alpha[1, 1] == 255, mode
 
 
 def test_16_bit_grayscale_is_scaled_to_8_bit(tmp_path):
@@ -77,7 +83,7 @@ def test_unreadable_image_stops_with_its_path(tmp_path):
 
 
 def test_image_listing_matches_sd_scripts_extensions(tmp_path):
-    for name in ("b.png", "a.JPG", "c.webp", "d.bmp", "e.jpeg", "f.Png", "g.gif", "h.txt"):
+    for name in ("b.png", "a.JPG", "c.webp", "d.bmp", "e.jpeg", "f.Png", "g.gif", "h.txt", "._b.png", ".x.png"):
         (tmp_path / name).write_bytes(b"x")
     images, skipped = list_images(str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in images] == ["a.JPG", "b.png", "c.webp", "d.bmp", "e.jpeg"]
