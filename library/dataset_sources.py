@@ -205,8 +205,9 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
             caption = "\n".join(f"{line}{sep}{tags}" for line in caption.split("\n") if line.strip())
         elif tags:
             caption = (caption + sep if caption else "") + tags
-        size = md.get("image_size")
-        records.append(ImageRecord(_resolve_image_path(key, sub), caption, tuple(size) if size else None))
+        # ``image_size`` is not read: sd-scripts' tools write the size before EXIF orientation, which
+        # the images are loaded with, so a rotated photo would be bucketed for the other shape
+        records.append(ImageRecord(_resolve_image_path(key, sub), caption, None))
     return records
 
 

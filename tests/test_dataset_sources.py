@@ -51,6 +51,19 @@ def test_tags_without_caption_are_the_caption(tmp_path, wildcard):
     assert got == {"a.png": "1girl, solo", "b.png": "x"}
 
 
+def test_metadata_image_size_yields_to_the_exif_rotated_header(tmp_path):
+    # sd-scripts' tools record the stored size; the image trains upright, so its bucket follows that
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.new("RGB", (64, 32)).save(tmp_path / "img" / "r.jpg", exif=exif.tobytes())
+    (tmp_path / "m.json").write_text(json.dumps({"r.jpg": {"caption": "x", "image_size": [64, 32]}}))
+    (e,) = _ft(tmp_path, "m.json").entries()
+    assert e.size == (32, 64)  # (W, H) upright: the bucket is chosen from this
+
+
 def test_relative_key_without_image_dir_is_an_error(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "x"}}))
     with pytest.raises(UserError, match=r"m\.json: image key 'a\.png' is a relative path; set image_dir in "
