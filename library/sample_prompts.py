@@ -218,7 +218,7 @@ def _read_entries(path: str) -> list[tuple[str, Any]]:
     if ext not in (".txt", ".toml", ".json"):
         raise UserError(f"--sample_prompts {path}: the file name must end with .txt, .toml or .json")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Notepad, PowerShell) is no part of the first line
             text = f.read()
     except FileNotFoundError:
         raise UserError(f"--sample_prompts {path}: the file does not exist") from None

@@ -141,8 +141,9 @@ def test_malformed_values_name_the_place_and_option(line, option):
 # region files
 
 
-def test_txt_skips_blank_and_comment_lines(tmp_path):
-    path = write(tmp_path, "p.txt", "# a comment\n\na cat --w 256\n   \n  # indented comment\na dog --d 3\n")
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+def test_txt_skips_blank_and_comment_lines(tmp_path, bom):
+    path = write(tmp_path, "p.txt", bom + "# a comment\n\na cat --w 256\n   \n  # indented comment\na dog --d 3\n")
     prompts = load_prompts(path)
     assert prompts == [
         SamplePrompt(index=0, prompt="a cat", width=256),
