@@ -356,7 +356,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     # ---- samples ---------------------------------------------------------------------------------
     def sample_images(self, ctx, epoch, step) -> None:
-        from library.training_samples import sample_images
+        from library.training_samples import sample_images, wandb_sample_logger
 
         args, accelerator = ctx.args, ctx.accelerator
         if self.sample_conditions is not None and not ctx.train_text_encoder:
@@ -369,7 +369,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             is_schnell=self.is_schnell, apply_t5_attn_mask=args.apply_t5_attn_mask, device=accelerator.device,
             dtype=ctx.weight_dtype, eval_modules=[ctx.network], autocast=accelerator.autocast,
             loras=[(args.output_name, getattr(ctx.network, "multiplier", 1.0))],  # the LoRA being trained
-            **text,
+            on_image=wandb_sample_logger(accelerator), **text,
         )
 
 

@@ -79,6 +79,22 @@ def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
                 sub.train(training)
 
 
+def wandb_sample_logger(accelerator) -> Callable[[SamplePrompt, Image.Image, str], None] | None:
+    """An ``on_image`` for :func:`sample_images` that logs each image to the run's wandb tracker as
+    ``sample_<index>``, the prompt as its caption (as sd-scripts); None when wandb does not log this
+    run (or not on this process). Logged uncommitted, so it lands on the step's row of the losses."""
+    if "wandb" not in [tracker.name for tracker in accelerator.trackers]:
+        return None
+    import wandb
+
+    tracker = accelerator.get_tracker("wandb")
+
+    def log(prompt: SamplePrompt, image: Image.Image, path: str) -> None:
+        tracker.log({f"sample_{prompt.index}": wandb.Image(image, caption=prompt.prompt)}, commit=False)
+
+    return log
+
+
 def sample_images(
     flux: nn.Module,
     ae: nn.Module,

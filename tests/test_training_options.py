@@ -227,6 +227,21 @@ def test_noise_indices_stay_unique_in_a_step_with_short_batches(tiny_model_files
         indices = [i for s, batch in seen if s == step for i in batch]
         assert len(indices) == len(set(indices)), (step, seen)
 
+def test_training_samples_reach_the_trackers_image_logger(tiny_model_files, tmp_path, monkeypatch):
+    # wandb is not installed here: the trainer's hook is checked with a stand-in for wandb's logger
+    import library.training_samples as training_samples
+
+    seen = []
+    monkeypatch.setattr(training_samples, "wandb_sample_logger",
+                        lambda accelerator: lambda prompt, image, path: seen.append((prompt.index, image.size, path)))
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=1, sample_at_first=True, sample_prompts=data.sample_prompts,
+                     network_train_unet_only=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    assert [(index, size) for index, size, _ in seen] == [(0, (64, 64))]
+    assert os.path.isfile(seen[0][2])
+
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"
     train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,

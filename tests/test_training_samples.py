@@ -139,3 +139,25 @@ def test_triggers_from_args():
 
     args = argparse.Namespace(sample_every_n_steps=5, sample_every_n_epochs=None, sample_at_first=True)
     assert SampleTriggers.from_args(args) == SampleTriggers(5, None, True)
+
+
+def test_samples_go_to_wandb_as_sd_scripts_logs_them(monkeypatch):
+    import sys
+    import types
+
+    from PIL import Image
+
+    from library.training_samples import wandb_sample_logger
+
+    logged = []
+    fake_wandb = types.SimpleNamespace(Image=lambda image, caption: ("wandb.Image", image.size, caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    tracker = types.SimpleNamespace(name="wandb", log=lambda values, **kwargs: logged.append((values, kwargs)))
+    accelerator = types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard"), tracker],
+                                        get_tracker=lambda name: tracker)  # fmt: skip
+    log = wandb_sample_logger(accelerator)
+    log(SamplePrompt(index=3, prompt="a red circle"), Image.new("RGB", (16, 8)), "sample/x.png")
+    assert logged == [({"sample_3": ("wandb.Image", (16, 8), "a red circle")}, {"commit": False})]
+    # no wandb tracker (tensorboard only, or a process without trackers): nothing to log to
+    assert wandb_sample_logger(types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard")])) is None
+    assert wandb_sample_logger(types.SimpleNamespace(trackers=[])) is None
