@@ -71,17 +71,27 @@ def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path") -
     from library.flux_utils import check_ae_file, check_flow_model_file
     from library.text_encoders import check_clip_l_file, check_t5xxl_file
 
-    _check_file(dit_flag, getattr(args, dit_flag[2:]), lambda path: check_flow_model_file(path, args.model_type))
+    dit = _check_file(dit_flag, getattr(args, dit_flag[2:]), lambda path: check_flow_model_file(path, args.model_type))
     check_model_file_args(args)
+    found = {}
     for flag, check in (("--clip_l", check_clip_l_file), ("--t5xxl", check_t5xxl_file), ("--ae", check_ae_file)):
         if getattr(args, flag[2:]):
-            _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=False)
+            found[flag] = _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=False)
+    # an encoder of another width (CLIP-G as --clip_l, say) would fail only at the first step, after caching
+    widths = (("--clip_l", "hidden_size", dit.vec_in_dim, "CLIP-L (clip_l.safetensors)"),
+              ("--t5xxl", "d_model", dit.context_in_dim, "T5-XXL (t5xxl_fp16.safetensors)"))  # fmt: skip
+    for flag, width, wanted, what in widths:
+        if flag in found and wanted and getattr(found[flag], width) != wanted:
+            raise UserError(
+                f"{flag} {getattr(args, flag[2:])}: outputs width {getattr(found[flag], width)}, but the DiT "
+                f"{getattr(args, dit_flag[2:])} takes {wanted}; give the {what} that goes with it"
+            )
 
 
-def _check_file(flag: str, path: str, check, folder_allowed: bool = True) -> None:
+def _check_file(flag: str, path: str, check, folder_allowed: bool = True):
     if not folder_allowed and os.path.isdir(path):
         raise UserError(f"{flag} {path}: a folder; give the .safetensors file itself")
     try:
-        check(path)
+        return check(path)
     except UserError as e:
         raise UserError(f"{flag} {e}") from None

@@ -22,7 +22,7 @@ from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_d
 from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
-from library.flux_models import Flux, infer_flux_params
+from library.flux_models import Flux, FluxParams, infer_flux_params
 from library.safetensors_io import SafetensorsReader, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, read_header
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
@@ -129,9 +129,30 @@ def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict,
     return files, shapes, metadata, diffusers, chroma
 
 
-def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> None:
-    """The checks :func:`load_flow_model` makes before reading any weight (milliseconds)."""
-    _dit_layout(ckpt_path, model_type)
+def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParams:
+    """The checks :func:`load_flow_model` makes before reading any weight (milliseconds); returns
+    the model's hyper-parameters, read from the header. A diffusers file whose keys are not all
+    FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
+    _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
+    if diffusers:
+        # fp8 scales are applied or attached before the keys are mapped
+        scale = re.compile(r"(^|\.)(scaled_fp8|scale_weight|scale_input|weight_scale)$")
+        stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not scale.search(k)}
+        try:
+            shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
+        except KeyError as e:
+            kind = describe_checkpoint(shapes)
+            if not kind.startswith("a LoRA"):
+                kind = f"a diffusers transformer that is not FLUX.1 or Chroma ({e.args[0]})"
+            raise CheckpointError(
+                f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}"
+            ) from None
+    try:
+        return infer_chroma_params(shapes, metadata) if chroma else infer_flux_params(shapes, metadata)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"{ckpt_path}: incomplete DiT checkpoint (no {e}); the file is damaged or cut short"
+        ) from None
 
 
 def load_flow_model(
@@ -204,6 +225,11 @@ def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
         raise CheckpointError(
             f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), "
             f"but this file looks like {describe_checkpoint(shapes)}"
+        )
+    if any(k.startswith("encoder.down_blocks.") for k in shapes):
+        raise CheckpointError(
+            f"{ckpt_path}: an autoencoder in diffusers' layout (vae/diffusion_pytorch_model.safetensors); give "
+            "BFL's ae.safetensors"
         )
     try:
         return infer_ae_params(shapes)

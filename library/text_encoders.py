@@ -140,9 +140,9 @@ def _clip_l_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None)
     return file_keys, prefix, infer_clip_l_config(shapes, metadata, path, prefix)
 
 
-def check_clip_l_file(path: str) -> None:
-    """The checks :func:`load_clip_l` makes before reading any weight (milliseconds)."""
-    _clip_l_layout(path)
+def check_clip_l_file(path: str) -> CLIPTextConfig:
+    """The checks :func:`load_clip_l` makes before reading any weight (milliseconds); the config."""
+    return _clip_l_layout(path)[2]
 
 
 def load_clip_l(
@@ -229,12 +229,18 @@ def _t5xxl_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) 
         path, state_dict, "encoder.block.0.layer.0.SelfAttention.q.weight",
         "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')",
     )  # fmt: skip
+    if any(re.fullmatch(r"encoder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)
+           for k in shapes):  # fmt: skip
+        raise CheckpointError(
+            f"{path}: a UMT5 encoder (every block has its own position bias, as Wan's umt5-xxl), not the T5-XXL "
+            "that FLUX.1 and Chroma were trained with (t5xxl_fp16.safetensors)"
+        )
     return file_keys, prefix, shapes, infer_t5xxl_config(shapes, path, prefix)
 
 
-def check_t5xxl_file(path: str) -> None:
-    """The checks :func:`load_t5xxl` makes before reading any weight (milliseconds)."""
-    _t5xxl_layout(path)
+def check_t5xxl_file(path: str) -> T5Config:
+    """The checks :func:`load_t5xxl` makes before reading any weight (milliseconds); the config."""
+    return _t5xxl_layout(path)[3]
 
 
 def load_t5xxl(

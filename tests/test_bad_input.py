@@ -84,6 +84,28 @@ class Env:
             content = f.read()
         return self.file(name, content[: len(content) // 2])
 
+    def tensors(self, name: str, keys: dict[str, tuple[int, ...]]) -> str:
+        """A .safetensors file of zero tensors with the given key names and shapes."""
+        import torch
+
+        path = os.path.join(self.tmp, name)
+        save_safetensors({k: torch.zeros(shape) for k, shape in keys.items()}, path)
+        return path
+
+    def text_encoder(self, name: str, umt5: bool = False, **widths) -> str:
+        """A tiny CLIP-L (``hidden=``) or T5 (``d_model=``, or a UMT5 with a position bias in every block)."""
+        from library.safetensors_io import load_safetensors
+        from library.text_encoders import write_tiny_clip_l, write_tiny_t5
+
+        path = os.path.join(self.tmp, name)
+        (write_tiny_clip_l if "hidden" in widths else write_tiny_t5)(path, **widths)
+        if umt5:
+            tensors = load_safetensors(path)
+            bias = "encoder.block.{}.layer.0.SelfAttention.relative_attention_bias.weight"
+            tensors[bias.format(1)] = tensors[bias.format(0)].clone()
+            save_safetensors(tensors, path)
+        return path
+
 
 def cut_jpeg() -> bytes:
     """A JPEG whose header is intact but whose image data stops two thirds of the way."""
@@ -158,6 +180,32 @@ CASES = [
                                                   e.truncated_copy(e.models.t5xxl, "t5cut.safetensors")),
          ("t5cut.safetensors",)),
     Case("missing --clip_l for FLUX.1", lambda e: e.drop(e.argv(), "--clip_l"), ("--clip_l",)),
+    Case("UMT5 (Wan's) given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.text_encoder("umt5.safetensors",
+                                                                                                 umt5=True)),
+         ("--t5xxl", "umt5.safetensors", "UMT5")),
+    Case("a wider CLIP (CLIP-G) given as --clip_l",
+         lambda e: e.replace(e.argv(), "--clip_l", e.text_encoder("clip_g.safetensors", hidden=48)),
+         ("--clip_l", "clip_g.safetensors", "outputs width 48", "CLIP-L")),
+    Case("a T5 of another width given as --t5xxl",
+         lambda e: e.replace(e.argv(), "--t5xxl", e.text_encoder("t5_small.safetensors", d_model=48)),
+         ("--t5xxl", "t5_small.safetensors", "outputs width 48", "T5-XXL")),
+    Case("a diffusers VAE given as --ae", lambda e: e.replace(e.argv(), "--ae", e.tensors("vae.safetensors", {
+        "encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_in.weight": (8, 4, 3, 3),
+        "encoder.down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)})),
+         ("--ae", "vae.safetensors", "diffusers' layout", "ae.safetensors")),
+    Case("a diffusers-layout LoRA given as the DiT", lambda e: e.replace(
+        e.argv(), "--pretrained_model_name_or_path", e.tensors("peft_lora.safetensors", {
+            "transformer_blocks.0.attn.to_q.lora_A.weight": (4, 32),
+            "transformer_blocks.0.attn.to_q.lora_B.weight": (32, 4)})),
+         ("peft_lora.safetensors", "a LoRA file")),
+    Case("a DiT file without most of its tensors", lambda e: e.replace(
+        e.argv(), "--pretrained_model_name_or_path", e.tensors("partial.safetensors", {
+            "img_in.weight": (32, 64), "double_blocks.0.img_attn.norm.query_norm.scale": (16,)})),
+         ("partial.safetensors", "incomplete DiT checkpoint", "double_blocks.0.img_mlp.0.weight")),
+    Case("another diffusers transformer given as the DiT", lambda e: e.replace(
+        e.argv(), "--pretrained_model_name_or_path", e.tensors("sd3.safetensors", {
+            "pos_embed.proj.weight": (32, 16, 2, 2), "transformer_blocks.0.ff.net.2.weight": (32, 64)})),
+         ("sd3.safetensors", "not FLUX.1 or Chroma")),
     Case("a folder given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.tmp),
          ("--t5xxl", "a folder; give the .safetensors file itself")),
     Case("--ae file missing", lambda e: e.replace(e.argv(), "--ae", os.path.join(e.tmp, "nope.safetensors")),
