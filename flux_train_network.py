@@ -200,6 +200,18 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         with ctx.accelerator.autocast():
             return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders, tokens)
 
+    def live_clip_cached_t5(self, ctx, texts: list[str]) -> list:
+        """Sample prompts' text inputs while CLIP-L trains on cached T5 outputs: CLIP-L's pooled output
+        with its LoRA as it is now, T5's from before training (T5 itself is freed by then)."""
+        from library.flux_sampling import TextConditions
+
+        tokens = self.tokenize_strategy.tokenize(texts)
+        with ctx.accelerator.autocast():
+            l_pooled = self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders[:1],
+                                                            tokens)[0]  # fmt: skip
+        cached = TextConditions.cat([self.sample_conditions[t] for t in texts])
+        return [l_pooled.to(cached.t5_out.device), cached.t5_out, cached.txt_ids, cached.t5_attn_mask]
+
     def encode_captions_to_numpy(self, captions: list[str]) -> list[dict]:
         l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(self._ctx, captions)
         arrays = {"l_pooled": l_pooled, "t5_out": t5_out, "txt_ids": txt_ids, "t5_attn_mask": t5_mask}
@@ -220,9 +232,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                 logger.info("gradient checkpointing keeps each block's attention output: the recompute skips attention")
                 if not args.torch_compile:
                     logger.warning(KEEP_ATTENTION_EAGER)
-            for encoder in ctx.models.text_encoders:
-                if encoder is not None and ctx.train_text_encoder:
-                    encoder.gradient_checkpointing_enable()
+            for encoder in trained_text_encoders(ctx.models.text_encoders, network):
+                checkpoint_text_encoder(encoder)
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
         from library import flux_layers
 
@@ -233,8 +244,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             dit.compile_blocks(args.dynamo_backend)
             logger.info("compiling the calls of %d DiT blocks with torch.compile (backend %s, dynamic shapes)",
                         len(dit.double_blocks) + len(dit.single_blocks), args.dynamo_backend)
-        if args.cache_text_encoder_outputs and not ctx.train_text_encoder:
-            ctx.models.text_encoders = [None, None]  # not needed any more: free them
+        if args.cache_text_encoder_outputs:
+            # T5 never runs again: training reads its cached outputs, and the sample prompts were encoded
+            # before; CLIP-L stays while its LoRA trains
+            clip_l = ctx.models.text_encoders[0] if ctx.train_text_encoder else None
+            ctx.models.text_encoders = [clip_l, None]
 
     def text_conditions(self, ctx, batch: dict):
         """(l_pooled, t5_out, txt_ids, t5_mask) for a batch: from the cache, or encoded now."""
@@ -361,6 +375,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         args, accelerator = ctx.args, ctx.accelerator
         if self.sample_conditions is not None and not ctx.train_text_encoder:
             text = {"conditions": self.sample_conditions}
+        elif self.sample_conditions is not None:  # CLIP-L trains on cached T5 outputs
+            text = {"encode_prompts": lambda texts: self.live_clip_cached_t5(ctx, texts)}
         else:
             text = {"encode_prompts": lambda texts: self.encode_captions(ctx, texts)}
         sample_images(
@@ -371,6 +387,32 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             loras=[(args.output_name, getattr(ctx.network, "multiplier", 1.0))],  # the LoRA being trained
             on_image=wandb_sample_logger(accelerator), **text,
         )
+
+
+def trained_text_encoders(text_encoders: list, network) -> list:
+    """The text encoders the network has LoRA modules in (CLIP-L: ``lora_te1_``, T5: ``lora_te3_``)."""
+    names = [lora.lora_name for lora in network.all_loras()] if hasattr(network, "all_loras") else []
+    return [encoder for encoder, prefix in zip(text_encoders, ("lora_te1_", "lora_te3_"), strict=True)
+            if encoder is not None and any(n.startswith(prefix) for n in names)]  # fmt: skip
+
+
+def checkpoint_text_encoder(encoder) -> None:
+    """Gradient checkpointing in a trained text encoder. transformers checkpoints only in train mode,
+    so the encoder goes to train mode with its dropout off (the Dropout modules, and the attention
+    dropout rate its attention layers read in train mode): the base is frozen, and T5's config has
+    10% dropout that sd-scripts' ``.train()`` would turn on."""
+    from torch import nn
+
+    # transformers 5 renamed it (the old name warns, and goes in 6)
+    enable = getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)
+    enable()
+    encoder.train()
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for rate in ("dropout", "attention_dropout"):
+            if isinstance(getattr(module, rate, None), float):
+                setattr(module, rate, 0.0)
 
 
 class PosteriorMeanEncoder:

@@ -216,6 +216,7 @@ class NetworkTrainer:
             self.cache_latents(ctx, groups)
         ctx.train_unet = not args.network_train_text_encoder_only
         ctx.train_text_encoder = not args.network_train_unet_only  # narrowed once the network exists
+        self.merge_base_weights(ctx, self.network_module)  # before the text encoders' outputs are cached
         self.prepare_text_encoding(ctx, groups)
 
         network = self.create_network(ctx)
@@ -383,7 +384,6 @@ class NetworkTrainer:
         args = ctx.args
         network_module = self.network_module
         text_encoders, dit = self.network_targets(ctx)
-        self.merge_base_weights(ctx, network_module)
         net_kwargs = parse_network_args(args.network_args)
         if args.network_dropout is not None:
             net_kwargs.setdefault("dropout", args.network_dropout)

@@ -1,11 +1,14 @@
 """Trainer options, each run in-process on the tiny models and checked by the files it writes."""
 
+import glob
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import flux_train_network
 from library.safetensors_io import load_safetensors, read_metadata
@@ -25,14 +28,35 @@ def lora(out: str, name: str = "lora.safetensors") -> dict:
     return load_safetensors(os.path.join(out, name))
 
 
-def test_text_encoder_lora_trains_clip_l_live_while_t5_is_cached(tiny_model_files, tmp_path):
-    out = train(tiny_model_files, tmp_path, steps=3, cache_text_encoder_outputs=True, text_encoder_lr=1e-2)
+def test_text_encoder_lora_trains_clip_l_live_while_t5_is_cached(tiny_model_files, tmp_path, monkeypatch):
+    encoders_in_training = []
+    batch_loss = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, *args, **kwargs):
+        encoders_in_training.append([type(e).__name__ if e is not None else None for e in ctx.models.text_encoders])
+        return batch_loss(self, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    data = dataset(tmp_path / "cached")
+    out = str(tmp_path / "cached" / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=3, cache_text_encoder_outputs=True, text_encoder_lr=1e-2,
+                     sample_at_first=True, sample_prompts=data.sample_prompts)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
     weights = lora(out)
     te_up = [k for k in weights if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
     unet_up = [k for k in weights if k.startswith("lora_unet_") and k.endswith("lora_up.weight")]
     assert te_up and unet_up
     assert not any(k.startswith("lora_te3_") for k in weights)  # T5 LoRA only with train_t5xxl=True
     assert all(weights[k].abs().sum() > 0 for k in te_up)  # lora_up starts at zero: it was trained
+    # T5 is freed once its outputs are cached; CLIP-L, being trained, stays
+    assert encoders_in_training and all(names == ["CLIPTextModel", None] for names in encoders_in_training)
+    # the sample before training (a zero LoRA) is the image that both encoders running live give
+    live = str(tmp_path / "live" / "out")
+    live_data = dataset(tmp_path / "live")
+    assert flux_train_network.main(base_argv(tiny_model_files, live_data, live, steps=1, text_encoder_lr=1e-2,
+                                             sample_at_first=True, sample_prompts=live_data.sample_prompts)) == 0
+    (cached_png,), (live_png,) = (glob.glob(os.path.join(o, "sample", "lora_e000000_00_*.png")) for o in (out, live))
+    assert np.array_equal(np.asarray(Image.open(cached_png)), np.asarray(Image.open(live_png)))
 
 
 def test_unet_only_saves_no_text_encoder_modules(tiny_model_files, tmp_path):
@@ -261,6 +285,55 @@ def test_chroma_trains_a_t5_lora_with_train_t5xxl(tiny_model_files, tmp_path):
     t5_up = [k for k in weights if k.startswith("lora_te3_") and k.endswith("lora_up.weight")]
     assert t5_up and all(weights[k].abs().sum() > 0 for k in t5_up)
     assert not any(k.startswith("lora_te1_") for k in weights)  # Chroma has no CLIP-L
+
+
+def test_trained_text_encoders_are_checkpointed_without_dropout(tiny_model_files, tmp_path, monkeypatch):
+    # transformers checkpoints only in train mode, where T5's config would also turn dropout on
+    seen, calls = [], []
+    batch_loss = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, *args, **kwargs):
+        t5 = ctx.models.text_encoders[1]
+        if not seen:
+            seen.append((t5.training, {m.p for m in t5.modules() if isinstance(m, torch.nn.Dropout)}))
+            for layer in (m for m in t5.modules() if getattr(m, "gradient_checkpointing", False)):
+                run = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, _run=run, **k: calls.append(1) or _run(*a, **k)
+        return batch_loss(self, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    flags = dict(model_type="chroma", steps=2, network_args=["train_t5xxl=True"], text_encoder_lr=1e-2)
+    checkpointed = train(tiny_model_files, tmp_path / "gc", gradient_checkpointing=True, **flags)
+    assert seen == [(True, {0.0})] and calls  # the T5 layers ran through the checkpoint
+    plain = train(tiny_model_files, tmp_path / "plain", **flags)
+    a, b = lora(checkpointed), lora(plain)
+    assert a.keys() == b.keys() and any(k.startswith("lora_te3_") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_base_weights_reach_the_cached_text_encoder_outputs(tiny_model_files, tmp_path):
+    # a base LoRA on CLIP-L only: the DiT LoRA must train against the merged encoder with or without the cache
+    from library.flux_utils import load_flow_model
+    from library.safetensors_io import save_safetensors
+    from library.text_encoders import load_clip_l
+    from networks.lora_flux import create_network
+    from tests.test_lora_math import randomize_lora
+
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    network = create_network(1.0, 4, 4, None, [clip, None], dit)
+    randomize_lora(network, std=0.5)
+    base = tmp_path / "clip_base.safetensors"
+    save_safetensors({k: v for k, v in network.state_dict().items() if k.startswith("lora_te1_")}, base)
+    flags = dict(steps=2, network_train_unet_only=True)
+    cached = lora(train(tiny_model_files, tmp_path / "cached", base_weights=[str(base)],
+                        cache_text_encoder_outputs=True, **flags))  # fmt: skip
+    live = lora(train(tiny_model_files, tmp_path / "live", base_weights=[str(base)], **flags))
+    without = lora(train(tiny_model_files, tmp_path / "without", **flags))
+    for key in cached:
+        torch.testing.assert_close(cached[key], live[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert any(not torch.allclose(cached[k], without[k], rtol=1e-4, atol=1e-6) for k in cached)
 
 
 def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_images(tiny_model_files, tmp_path):
