@@ -119,7 +119,7 @@ class TrainingLoop:
                 break
             self.train_group.set_current_epoch(epoch + 1)
             skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
-            skip_data = True  # later epochs start at their beginning
+            skip_data = False  # later epochs start at their beginning
             sampler.indices = self.process_batches[skip:]
             self.epoch_losses = []
             window: list[float] = []

@@ -266,6 +266,27 @@ def test_training_samples_reach_the_trackers_image_logger(tiny_model_files, tmp_
     assert [(index, size) for index, size, _ in seen] == [(0, (64, 64))]
     assert os.path.isfile(seen[0][2])
 
+def test_initial_step_without_skip_trains_every_batch_of_the_later_epochs(tiny_model_files, tmp_path, monkeypatch):
+    from library.datasets import DatasetGroup
+
+    seen = []
+    set_epoch, batch_loss = DatasetGroup.set_current_epoch, flux_train_network.FluxNetworkTrainer.batch_loss
+    monkeypatch.setattr(DatasetGroup, "set_current_epoch",
+                        lambda self, epoch: seen.append(epoch) or set_epoch(self, epoch))  # fmt: skip
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss",
+                        lambda self, ctx, batch, *a, **k: seen.append(batch["image_paths"]) or batch_loss(
+                            self, ctx, batch, *a, **k))  # fmt: skip
+    data = dataset(tmp_path, batch_size=2)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=100, max_train_epochs=3, initial_step=2,
+                     network_train_unet_only=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    epochs = [i for i, x in enumerate(seen) if isinstance(x, int)]
+    assert [seen[i] for i in epochs] == [1, 2, 3]
+    images = lambda start, stop: sorted(p for batch in seen[start + 1 : stop] for p in batch)  # noqa: E731
+    everything = sorted(os.path.join(data.image_dir, f) for f in os.listdir(data.image_dir) if f.endswith(".png"))
+    # counting starts at step 2, but each epoch, the first included, trains on all its batches
+    assert images(epochs[0], epochs[1]) == everything and images(epochs[1], epochs[2]) == everything
+
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"
     train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,
