@@ -43,6 +43,10 @@ KEEP_ATTENTION_EAGER = (
 )
 
 
+TRAIN_T5XXL_WITH_CACHE = ("network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: a trained "
+                          "T5 must run every step. Drop one of them.")
+
+
 class FluxNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, parser: argparse.ArgumentParser | None = None):
         self.parser = parser or setup_parser()
@@ -75,6 +79,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             args.cache_text_encoder_outputs = True
         if args.cache_latents_to_disk:
             args.cache_latents = True
+        asked = train_network.parse_network_args(args.network_args).get("train_t5xxl", "")
+        if args.cache_text_encoder_outputs and str(asked).strip().lower() in ("true", "1", "yes"):
+            raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
         if args.full_bf16 and args.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         if args.full_fp16 and args.mixed_precision != "fp16":
@@ -220,8 +227,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     def after_network_created(self, ctx, network) -> None:
         if getattr(network, "train_t5xxl", False) and ctx.args.cache_text_encoder_outputs:
-            raise UserError("network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: "
-                            "a trained T5 must run every step. Drop one of them.")
+            raise UserError(TRAIN_T5XXL_WITH_CACHE)
 
     def prepare_for_training(self, ctx, network) -> None:
         args = ctx.args

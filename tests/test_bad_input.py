@@ -228,6 +228,12 @@ CASES = [
          ("--use_8bit_adam",)),
     Case("unknown optimizer", lambda e: e.argv(optimizer_type="AdamWW"), ("AdamWW",)),
     Case("constant schedule with warmup", lambda e: e.argv(lr_warmup_steps=5), ("--lr_warmup_steps",)),
+    Case("--network_train_unet_only with --network_train_text_encoder_only",
+         lambda e: e.argv(network_train_unet_only=True, network_train_text_encoder_only=True),
+         ("nothing to train", "exclude each other")),
+    Case("Chroma text encoder only without train_t5xxl",
+         lambda e: e.argv("chroma", apply_t5_attn_mask=True, network_train_text_encoder_only=True),
+         ("nothing to train", "train_t5xxl=True")),
     Case("network_args typo", lambda e: e.argv(network_args=["img_atn_dim=4"]), ("img_atn_dim",)),
     Case("network_args bad regex", lambda e: e.argv(network_args=["network_reg_dims=double_blocks_(=8"]),
          ("network_reg_dims", "regular expression")),
@@ -290,6 +296,19 @@ def test_a_wrong_file_after_the_dit_is_found_before_any_model_loads(env, capsys,
     assert loaded == []  # the file check needs headers only: the 24 GB DiT is not read first
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert error.startswith(f"error: --ae {env.models.t5xxl}: expected the FLUX autoencoder")
+
+
+def test_train_t5xxl_with_cached_text_encoder_outputs_is_refused_before_any_model_loads(env, capsys, monkeypatch):
+    import library.flux_utils
+
+    loaded = []
+    monkeypatch.setattr(library.flux_utils, "load_flow_model", lambda *a, **k: loaded.append(a))
+    argv = env.argv("chroma", apply_t5_attn_mask=True, network_args=["train_t5xxl=True"],
+                    cache_text_encoder_outputs=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 1
+    assert loaded == []
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "train_t5xxl=True cannot be used with --cache_text_encoder_outputs" in error
 
 
 def test_ctrl_c_while_loading_is_a_message_not_a_traceback(env, capsys, monkeypatch):
