@@ -3,6 +3,7 @@ sampling, saving and logging, in the order sd-scripts runs them (spec §a.2 step
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -85,6 +86,8 @@ class TrainingLoop:
         self.saved_files: list[tuple[int, str]] = []  # (steps trained, LoRA file), oldest first
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
+        # loss/average: sd-scripts' moving average over the last epoch's worth of steps
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=max(steps_per_epoch, 1))
         self.adapts_step_size = is_dadapt_or_prodigy(resolve_optimizer_type(self.args))
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -136,7 +139,8 @@ class TrainingLoop:
                 logs = self._optimizer_step()
                 global_step += 1
                 self.epoch_losses.append(step_loss)
-                logs |= {"loss/current": step_loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
+                self.recent_losses.append(step_loss)
+                logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
                 self._after_step(epoch, global_step, logs)
@@ -300,12 +304,15 @@ class TrainingLoop:
                     n += 1
         self._set_train_mode()
         average = total / max(n, 1)
-        train_average = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else average
+        train_average = self._moving_average() if self.recent_losses else average
         logger.info("validation loss (%s): %.5f", kind, average)
         return {
             f"loss/validation/{kind}_average": average,
             f"loss/validation/{kind}_divergence": average - train_average,
         }
+
+    def _moving_average(self) -> float:
+        return sum(self.recent_losses) / len(self.recent_losses)
 
     def _set_eval_mode(self) -> None:
         self.optimizer_eval()

@@ -287,6 +287,25 @@ def test_initial_step_without_skip_trains_every_batch_of_the_later_epochs(tiny_m
     # counting starts at step 2, but each epoch, the first included, trains on all its batches
     assert images(epochs[0], epochs[1]) == everything and images(epochs[1], epochs[2]) == everything
 
+def test_loss_average_is_a_moving_average_over_an_epoch_of_steps(tiny_model_files, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "logs"
+    train(tiny_model_files, tmp_path, steps=9, data_kwargs={"batch_size": 2}, network_train_unet_only=True,
+          logging_dir=str(logs))  # fmt: skip
+    scalars = {}
+    for events in glob.glob(str(logs / "**" / "events.out.tfevents.*"), recursive=True):  # also the config's
+        accumulator = EventAccumulator(events)
+        accumulator.Reload()
+        scalars |= {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+    current, average = scalars["loss/current"], scalars["loss/average"]
+    losses = [current[step] for step in sorted(current)]
+    per_epoch = 4  # six images in buckets of one, two and three: batches of 1, 2, 2 and 1
+    assert len(losses) == 9
+    for i, step in enumerate(sorted(average)):
+        window = losses[max(0, i + 1 - per_epoch) : i + 1]  # as sd-scripts: not reset at each epoch
+        assert average[step] == pytest.approx(sum(window) / len(window), rel=1e-5), step
+
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"
     train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,
