@@ -186,6 +186,12 @@ def warn_unless_safetensors_name(path: str | os.PathLike, flag: str) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
@@ -202,6 +208,7 @@ def save_safetensors(
             save_file(contiguous, str(tmp), metadata=metadata)
         except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
             raise OSError(str(e)) from e
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors 0.8 writes 0600, which other users could not read
         os.replace(tmp, path)
     finally:
         if tmp.exists():

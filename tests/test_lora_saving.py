@@ -45,6 +45,12 @@ def test_save_and_load_round_trip(flux, tmp_path, suffix):
     assert all(torch.equal(v, expected[k]) for k, v in again.state_dict().items())
     if suffix != ".safetensors":
         assert set(torch.load(file, weights_only=True)) == set(expected)  # a plain state dict, no metadata
+    umask = os.umask(0o022)
+    try:
+        network.save_weights(str(file), None, None)
+        assert os.stat(file).st_mode & 0o777 == 0o644  # readable by others, as the umask allows
+    finally:
+        os.umask(umask)
 
 
 @pytest.mark.parametrize("name, content", [("junk.pt", b"not a pickle"), ("missing.ckpt", None)])
