@@ -57,7 +57,7 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     if not os.path.isfile(path):
         raise UserError(f"--config_file {path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Notepad, PowerShell) is not part of the first key
             table = toml.load(f)
     except (toml.TomlDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config_file {path}: not valid TOML ({e})") from None

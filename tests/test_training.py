@@ -216,6 +216,14 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path, 
     assert parser.get_default("max_train_steps") == 1600  # the parser is left as it was
 
 
+@pytest.mark.parametrize("first_line", ["network_dim = 8", "[network]\nnetwork_dim = 8"])
+def test_config_file_with_a_bom_reads_its_first_key(tmp_path, first_line):
+    config = tmp_path / "bom.toml"
+    config.write_text("\ufeff" + first_line + "\nnetwork_alpha = 8\n", encoding="utf-8")
+    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
+    assert (args.network_dim, args.network_alpha) == (8, 8)
+
+
 def test_output_config_writes_the_arguments(tmp_path, caplog):
     config = tmp_path / "saved.toml"
     argv = ["--config_file", str(config), "--output_config", "--network_dim", "12", "--wandb_api_key", "KEY"]
