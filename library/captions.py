@@ -179,4 +179,6 @@ def caption_for_cache(caption: str, opts: CaptionOptions, key: str) -> str:
         keep_tokens=opts.keep_tokens,
         keep_tokens_separator=opts.keep_tokens_separator,
     )
-    return process_caption(caption, fixed, random.Random("wildcard:" + key))
+    # bytes, so that a file name that is not UTF-8 (kept by Python as surrogates) seeds too; for any
+    # other name the seed is the same as the string's
+    return process_caption(caption, fixed, random.Random(("wildcard:" + key).encode("utf-8", "surrogateescape")))

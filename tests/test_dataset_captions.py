@@ -114,6 +114,9 @@ def test_caption_for_cache_applies_only_deterministic_transforms():
     picks = {caption_for_cache("{a|b|c|d|e|f}", wild, f"img{i}.png") for i in range(20)}
     assert len(picks) > 1  # chosen per image
     assert caption_for_cache("{a|b|c|d|e|f}", wild, "img3.png") == caption_for_cache("{a|b|c|d|e|f}", wild, "img3.png")
+    # a file name that is not UTF-8 (Latin-1 "café.png", kept by Python as a surrogate) works too
+    assert caption_for_cache("{a|b|c|d|e|f}", wild, "caf\udce9.png") in "abcdef"
+    assert caption_for_cache("only", opts, "caf\udce9.png") == "photo of only"
 
 
 # --- caption files ---------------------------------------------------------------------------------
