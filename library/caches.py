@@ -172,8 +172,19 @@ def _all_entries(groups) -> list[ImageEntry]:
 
 # --- latents ------------------------------------------------------------------------------------
 def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
-    """A latent file holds one latent per bucket: the same image in the same bucket, resized two
-    ways (two datasets with other interpolation or upscaling settings), cannot share it."""
+    """A latent file holds one image's latents, one per bucket. Two images whose names differ only in
+    the extension (``a.png``, ``a.jpg``) and that have one size would share a file, and the same image
+    in the same bucket resized two ways (two datasets with other interpolation or upscaling settings)
+    would share a latent."""
+    owner: dict[str, str] = {}
+    for e in entries:
+        other = owner.setdefault(e.latents_npz, e.path)
+        if other != e.path:
+            raise UserError(
+                f"{other} and {e.path} would share the latent cache {os.path.basename(e.latents_npz)} (caches are "
+                "named by the image's name without its extension, as sd-scripts names them); rename one of them, "
+                "or cache in RAM only (drop --cache_latents_to_disk)."
+            )
     first: dict[tuple[str, tuple[int, int]], ImageEntry] = {}
     for e in entries:
         other = first.setdefault((e.latents_npz, e.bucket), e)

@@ -446,6 +446,14 @@ def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_dis
     assert stats.encoded == 2
 
 
+def test_two_images_named_alike_are_refused_a_shared_latent_file(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "a.jpg": (32, 32)})
+    g = _group(tmp_path, names=("a.png", "a.jpg"))
+    with pytest.raises(UserError, match=r"a\.jpg and .*a\.png would share the latent cache a_0032x0032_flux\.npz"):
+        LatentCacher(StandInEncoder(), "ae", True).cache([g])
+    assert LatentCacher(StandInEncoder(), "ae", False).cache([g]).encoded == 2  # in RAM each has its own
+
+
 def test_te_sharding(tmp_path):
     groups = [_group(tmp_path, names=tuple(f"{i}.png" for i in range(5))) for _ in range(2)]
     tes = [FakeTextEncoder(), FakeTextEncoder()]
