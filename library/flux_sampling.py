@@ -480,6 +480,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str
     for key, value in (text or {}).items():
         info.add_text(key, value)
     directory, name = os.path.split(path)
+    os.makedirs(directory or ".", exist_ok=True)  # a folder in the name (an --output_name of "run1/lora")
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         image.save(tmp, format="PNG", pnginfo=info)

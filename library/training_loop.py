@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -344,7 +345,7 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             self._set_eval_mode()
             with self._writing(path):
-                os.makedirs(self.args.output_dir, exist_ok=True)
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a folder in --output_name too
                 self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
             self._set_train_mode()
             logger.info("saved %s", path)
@@ -363,9 +364,10 @@ class TrainingLoop:
             yield
         except OSError as e:
             earlier = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved before"
+            remedy = "Free space on that disk or choose" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Choose"
             raise UserError(
-                f"could not write {path}: {e.strerror or e}. Free space on that disk or choose another "
-                f"--output_dir; {earlier}, and no file was left half-written."
+                f"could not write {path}: {e.strerror or e}. {remedy} another --output_dir; {earlier}, and no file "
+                "was left half-written."
             ) from None
 
     def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> str:

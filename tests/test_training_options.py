@@ -306,6 +306,27 @@ def test_loss_average_is_a_moving_average_over_an_epoch_of_steps(tiny_model_file
         window = losses[max(0, i + 1 - per_epoch) : i + 1]  # as sd-scripts: not reset at each epoch
         assert average[step] == pytest.approx(sum(window) / len(window), rel=1e-5), step
 
+def test_output_name_with_a_folder_writes_into_it(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model_files, data, str(out), steps=1, output_name="run1/lora", save_state_on_train_end=True,
+                     sample_at_first=True, sample_prompts=data.sample_prompts, network_train_unet_only=True)
+    assert flux_train_network.main(argv) == 0
+    assert sorted(os.listdir(out / "run1")) == ["lora-state", "lora.safetensors"]
+    assert len(glob.glob(str(out / "sample" / "**" / "*.png"), recursive=True)) == 1
+
+
+def test_an_output_folder_that_cannot_be_written_stops_the_run_before_loading(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from library.errors import UserError
+    from train_network import NetworkTrainer
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only disk answers (root is not refused)
+    expected = r"--output_dir .*out with --output_name a/lora: cannot write in .* \(no permission, or a read-only disk"
+    with pytest.raises(UserError, match=expected):
+        NetworkTrainer.check_output_folder(Namespace(output_dir=str(tmp_path / "out"), output_name="a/lora"))
+
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"
     train(tiny_model_files, tmp_path, steps=1, highvram=True, xformers=True, network_train_unet_only=True,
