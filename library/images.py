@@ -63,7 +63,7 @@ def read_image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as img:
             w, h = img.size
             orientation = img.getexif().get(0x0112, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read this image ({e}); fix or remove the file.") from None
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         w, h = h, w
@@ -83,7 +83,7 @@ def verify_images(paths: list[str], workers: int = 4) -> None:
         try:
             with Image.open(path) as img:
                 img.load()
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return f"{path}: cannot decode this image ({e}); fix or remove the file."
         return None
 
@@ -131,7 +131,7 @@ def load_image(path: str) -> tuple[np.ndarray, np.ndarray | None]:
                 rgba = np.asarray(img.convert("RGBA"))
                 return np.array(rgba[:, :, :3]), np.array(rgba[:, :, 3])
             return np.array(img.convert("RGB")), None
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read this image ({e}); fix or remove the file.") from None
 
 

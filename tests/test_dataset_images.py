@@ -82,6 +82,14 @@ def test_unreadable_image_stops_with_its_path(tmp_path):
         load_image(str(bad))
 
 
+def test_an_image_over_pillows_pixel_limit_is_named(tmp_path, monkeypatch):
+    path = _save(tmp_path / "huge.png", Image.new("RGB", (64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is then past twice the limit, as a 180 MP scan
+    for read in (read_image_size, load_image):
+        with pytest.raises(UserError, match=r"huge\.png: cannot read this image \(Image size .* exceeds limit"):
+            read(path)
+
+
 def test_image_listing_matches_sd_scripts_extensions(tmp_path):
     for name in ("b.png", "a.JPG", "c.webp", "d.bmp", "e.jpeg", "f.Png", "g.gif", "h.txt", "._b.png", ".x.png"):
         (tmp_path / name).write_bytes(b"x")
