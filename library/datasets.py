@@ -137,13 +137,17 @@ class FluxDataset(torch.utils.data.Dataset):
             selector = BucketSelector(cfg.resolution, None, [cfg.resolution])
         buckets: dict[tuple[int, int], list[ImageEntry]] = {}
         self.ar_errors = []
+        unfit = [e for e in self.entries if min(selector.select(*e.size).bucket) <= 0]
+        if unfit:
+            shown = ", ".join(f"{e.path} ({e.size[0]}x{e.size[1]})" for e in unfit[:5])
+            raise UserError(
+                f"{cfg.label}: {len(unfit)} image(s) fit no bucket with bucket_no_upscale: kept at their area, a side "
+                f"would be under bucket_reso_steps ({cfg.bucket_reso_steps}): {shown}"
+                + (f" and {len(unfit) - 5} more" if len(unfit) > 5 else "")
+                + ". Remove or upscale them, or crop the very thin ones."
+            )
         for e in self.entries:
             choice = selector.select(*e.size)
-            if min(choice.bucket) <= 0:
-                raise UserError(
-                    f"{e.path}: image of {e.size[0]}x{e.size[1]} is smaller than bucket_reso_steps "
-                    f"({cfg.bucket_reso_steps}) with bucket_no_upscale in {cfg.label}; remove it or upscale it."
-                )
             e.bucket, e.resized = choice.bucket, choice.resized
             self.ar_errors.append(abs(choice.ar_error))
             buckets.setdefault(e.bucket, []).extend([e] * e.num_repeats)
@@ -419,6 +423,9 @@ def build_dataset_groups(
                 ImageEntry(r.path, r.caption, sub, sub.num_repeats, r.size) for r in tr
             )
             val.extend(ImageEntry(r.path, r.caption, sub, 1, r.size) for r in va)
+        if reg and not train and not val:
+            raise UserError(f"{cfg.label}: only regularisation images (is_reg = true); they are used beside training "
+                            "images, so add a subset of training images or set is_reg = false.")  # fmt: skip
         _extend_reg_repeats(train, reg, cfg.label)
         if not train and not reg and not val:
             raise UserError(f"{cfg.label}: no images left (all subsets were skipped); check num_repeats and image_dir.")

@@ -124,7 +124,7 @@ def test_min_max_are_rounded_to_steps_with_a_warning_and_checked(caplog):
         adjust_min_max_reso((1024, 1024), 256, 512, 64, "d")
 
 
-def _group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5):
+def _group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5, subset_extra=""):
     make_folder(tmp_path / "img", sizes)
     cfg = write_toml(
         tmp_path / "c.toml",
@@ -140,6 +140,7 @@ def _group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5):
           [[datasets.subsets]]
           image_dir = "{tmp_path / "img"}"
           num_repeats = {repeats}
+          {subset_extra}
         """,
     )
     train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
@@ -233,3 +234,15 @@ def test_multiple_datasets_interleave_and_keep_their_batch_sizes(tmp_path):
     shapes = [tuple(train[i]["images"].shape) for i in range(len(train))]
     assert sorted(shapes) == sorted([(2, 3, 64, 64)] * 3 + [(3, 3, 32, 32)] * 2)
     assert shapes != sorted(shapes) and shapes != sorted(shapes, reverse=True)  # interleaved by the seed
+
+
+def test_images_that_fit_no_bucket_without_upscaling_are_listed_together(tmp_path):
+    # kept at their area, 8x200 and 4x300 would be under one 16-pixel step wide
+    with pytest.raises(UserError, match=r"datasets\[0\]: 2 image\(s\) fit no bucket with bucket_no_upscale: .*"
+                                        r"a\.png \(8x200\), .*b\.png \(4x300\)\. Remove or upscale"):
+        _group(tmp_path, {"a.png": (8, 200), "b.png": (4, 300), "c.png": (64, 64)}, "bucket_no_upscale = true")
+
+
+def test_a_dataset_of_regularisation_images_only_says_so(tmp_path):
+    with pytest.raises(UserError, match=r"datasets\[0\]: only regularisation images \(is_reg = true\)"):
+        _group(tmp_path, {"a.png": (64, 64)}, subset_extra="is_reg = true")
