@@ -19,11 +19,18 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
+from library.run_logging import (
+    loggable_config,
+    process_group_kwargs,
+    run_logging_dir,
+    setup_logging,
+    tracker_init_kwargs,
+    tracker_names,
+)
 from library.train_args import DefaultsHelpFormatter, add_train_network_arguments
 
 logger = logging.getLogger(__name__)
@@ -98,42 +105,6 @@ def resolve_dtypes(args, device_type: str):
     return weight_dtype, save_dtype
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record is emitted (GUIs and tests swap it)."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def setup_logging(args) -> None:
-    """Console (and --console_log_file) logging; installed once, beside any handlers the caller has."""
-    root = logging.getLogger()
-    level = getattr(logging, (getattr(args, "console_log_level", None) or "INFO").upper())
-    root.setLevel(level)
-    for handler in [h for h in root.handlers if getattr(h, "flux_trainer", False)]:
-        root.removeHandler(handler)
-        handler.close()
-    handlers: list[logging.Handler] = [_StderrHandler()]
-    if getattr(args, "console_log_file", None):
-        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
-    simple = getattr(args, "console_log_simple", False)
-    formatter = logging.Formatter("%(message)s" if simple else "%(levelname)s %(name)s: %(message)s")
-    for handler in handlers:
-        handler.flux_trainer = True
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
-    for noisy in ("httpx", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 class NetworkTrainer:
     """The training loop; subclasses fill in the model-specific hooks below."""
 
@@ -188,10 +159,10 @@ class NetworkTrainer:
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
-            log_with=self._trackers(args),
-            project_dir=self._run_logging_dir(args),
+            log_with=tracker_names(args),
+            project_dir=run_logging_dir(args),
             cpu=not torch.cuda.is_available(),
-            kwargs_handlers=self._process_group_kwargs(args),
+            kwargs_handlers=process_group_kwargs(args),
         )
         weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
 
@@ -280,9 +251,9 @@ class NetworkTrainer:
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                                           steps_per_epoch)
-        if accelerator.is_main_process and self._trackers(args):
-            init_kwargs = self._tracker_init_kwargs(args)
-            config = self._loggable_config(args) if args.log_config else {}
+        if accelerator.is_main_process and tracker_names(args):
+            init_kwargs = tracker_init_kwargs(args)
+            config = loggable_config(args) if args.log_config else {}
             accelerator.init_trackers(args.log_tracker_name or "network_train", config=config,
                                       init_kwargs=init_kwargs)
 
@@ -528,64 +499,6 @@ class NetworkTrainer:
             if getattr(args, f"metadata_{key}", None) is not None:
                 spec[f"modelspec.{key}"] = str(getattr(args, f"metadata_{key}"))
         return spec
-
-    # ---- trackers ------------------------------------------------------------------------------
-    @staticmethod
-    def _trackers(args):
-        log_with = args.log_with
-        if log_with is None:
-            return "tensorboard" if args.logging_dir else None
-        if log_with in ("tensorboard", "all") and not args.logging_dir:
-            raise UserError(f"--log_with {log_with} needs --logging_dir")
-        if log_with in ("wandb", "all"):
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise UserError(f"--log_with {log_with} needs wandb: pip install wandb") from None
-        return ["tensorboard", "wandb"] if log_with == "all" else log_with
-
-    @staticmethod
-    def _process_group_kwargs(args) -> list:
-        if not args.ddp_timeout:
-            return []
-        import datetime
-
-        from accelerate.utils import InitProcessGroupKwargs
-
-        return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout))]
-
-    @staticmethod
-    def _run_logging_dir(args) -> str | None:
-        """sd-scripts' run folder: <logging_dir>/<log_prefix><YYYYmmddHHMMSS>."""
-        if not args.logging_dir:
-            return None
-        return os.path.join(args.logging_dir, f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
-
-    @staticmethod
-    def _tracker_init_kwargs(args) -> dict:
-        kwargs = {}
-        if args.log_tracker_config:
-            import toml
-
-            if not os.path.isfile(args.log_tracker_config):
-                raise UserError(f"--log_tracker_config {args.log_tracker_config}: file not found")
-            kwargs = toml.load(args.log_tracker_config)
-        if args.wandb_run_name:
-            kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-        if args.wandb_api_key:
-            import wandb
-
-            wandb.login(key=args.wandb_api_key)
-        return kwargs
-
-    @staticmethod
-    def _loggable_config(args) -> dict:
-        secret = ("wandb_api_key", "huggingface_token")
-        return {
-            k: (str(v) if not isinstance(v, (int, float, str, bool)) else v)
-            for k, v in vars(args).items()
-            if v is not None and k not in secret and not (isinstance(v, str) and os.path.sep in v)
-        }
 
 
 def run_length(args, steps_per_epoch: int) -> int:

@@ -14,10 +14,10 @@ import sys
 from typing import Any
 
 from library.errors import UserError
+from library.run_logging import SECRET_ARGS
 
 logger = logging.getLogger(__name__)
 _NOT_SAVED = {"config_file", "output_config"}
-_SECRETS = {"wandb_api_key", "huggingface_token"}  # never written to a file others may see
 
 
 def _config_path(path: str) -> str:
@@ -85,7 +85,7 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     for key, value in vars(args).items():
         if value is None or key in _NOT_SAVED or value == parser.get_default(key):
             continue
-        if key in _SECRETS:
+        if key in SECRET_ARGS:
             secrets.append(key)
             continue
         values[key] = str(value) if isinstance(value, os.PathLike) else value

@@ -1,0 +1,109 @@
+"""How a run reports: console logging (and --console_log_file), and the trackers accelerate logs to
+(TensorBoard, wandb) with sd-scripts' run folder and options."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from library.errors import UserError
+
+SECRET_ARGS = frozenset({"wandb_api_key", "huggingface_token"})  # never logged nor written to a file
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (GUIs and tests swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(args) -> None:
+    """Console (and --console_log_file) logging; installed once, beside any handlers the caller has."""
+    root = logging.getLogger()
+    level = getattr(logging, (getattr(args, "console_log_level", None) or "INFO").upper())
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if getattr(h, "flux_trainer", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [_StderrHandler()]
+    if getattr(args, "console_log_file", None):
+        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
+    simple = getattr(args, "console_log_simple", False)
+    formatter = logging.Formatter("%(message)s" if simple else "%(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.flux_trainer = True
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def tracker_names(args):
+    """accelerate's ``log_with`` from --log_with and --logging_dir (tensorboard when only the folder is given)."""
+    log_with = args.log_with
+    if log_with is None:
+        return "tensorboard" if args.logging_dir else None
+    if log_with in ("tensorboard", "all") and not args.logging_dir:
+        raise UserError(f"--log_with {log_with} needs --logging_dir")
+    if log_with in ("wandb", "all"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError(f"--log_with {log_with} needs wandb: pip install wandb") from None
+    return ["tensorboard", "wandb"] if log_with == "all" else log_with
+
+
+def process_group_kwargs(args) -> list:
+    """--ddp_timeout as accelerate's process-group kwargs."""
+    if not args.ddp_timeout:
+        return []
+    import datetime
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout))]
+
+
+def run_logging_dir(args) -> str | None:
+    """sd-scripts' run folder: <logging_dir>/<log_prefix><YYYYmmddHHMMSS>."""
+    if not args.logging_dir:
+        return None
+    return os.path.join(args.logging_dir, f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+
+
+def tracker_init_kwargs(args) -> dict:
+    """--log_tracker_config, --wandb_run_name and the wandb login of --wandb_api_key."""
+    kwargs = {}
+    if args.log_tracker_config:
+        import toml
+
+        if not os.path.isfile(args.log_tracker_config):
+            raise UserError(f"--log_tracker_config {args.log_tracker_config}: file not found")
+        kwargs = toml.load(args.log_tracker_config)
+    if args.wandb_run_name:
+        kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    if args.wandb_api_key:
+        import wandb
+
+        wandb.login(key=args.wandb_api_key)
+    return kwargs
+
+
+def loggable_config(args) -> dict:
+    """--log_config: the arguments, without secrets and paths."""
+    return {
+        k: (str(v) if not isinstance(v, (int, float, str, bool)) else v)
+        for k, v in vars(args).items()
+        if v is not None and k not in SECRET_ARGS and not (isinstance(v, str) and os.path.sep in v)
+    }
