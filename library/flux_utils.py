@@ -23,7 +23,13 @@ from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, FluxParams, infer_flux_params
-from library.safetensors_io import SafetensorsReader, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8, read_header
+from library.safetensors_io import (
+    SafetensorsReader,
+    dequantize_comfy_scaled_fp8,
+    is_comfy_scale_key,
+    is_comfy_scaled_fp8,
+    read_header,
+)
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
@@ -135,9 +141,12 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
     FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
     _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
     if diffusers:
-        # fp8 scales are applied or attached before the keys are mapped
-        scale = re.compile(r"(^|\.)(scaled_fp8|scale_weight|scale_input|weight_scale)$")
-        stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not scale.search(k)}
+        # fp8 scales (ComfyUI's, and --fp8_scaled's ``weight_scale``) are applied or attached before the keys are mapped
+        stand_ins = {
+            k: torch.empty(shape, device="meta")
+            for k, shape in shapes.items()
+            if not (is_comfy_scale_key(k) or k.endswith(".weight_scale"))
+        }
         try:
             shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
         except KeyError as e:

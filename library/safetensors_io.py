@@ -233,5 +233,10 @@ def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torc
     return state_dict
 
 
+def is_comfy_scale_key(key: str) -> bool:
+    """A key of ComfyUI's scaled fp8 format that holds no weight: the marker or a per-tensor scale."""
+    return key == "scaled_fp8" or key.endswith((".scaled_fp8", ".scale_weight", ".scale_input"))
+
+
 def is_comfy_scaled_fp8(keys: Iterable[str]) -> bool:
     return any(k == "scaled_fp8" or k.endswith((".scaled_fp8", ".scale_weight")) for k in keys)

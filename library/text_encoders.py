@@ -31,7 +31,13 @@ from torch import nn
 from library.checkpoint_kinds import describe_checkpoint
 from library.dtypes import FP8_DTYPES
 from library.errors import CheckpointError
-from library.safetensors_io import dequantize_comfy_scaled_fp8, load_safetensors, read_header, save_safetensors
+from library.safetensors_io import (
+    dequantize_comfy_scaled_fp8,
+    is_comfy_scale_key,
+    load_safetensors,
+    read_header,
+    save_safetensors,
+)
 
 if TYPE_CHECKING:  # transformers is imported when a model is built: it costs seconds
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -45,7 +51,6 @@ CHROMA_DUMMY_POOLED_SHAPE = (77, 1)  # sd-scripts' DummyCLIPL output, kept so TE
 # Parts of larger files that are not the text encoder proper: skipped with one note.
 _CLIP_EXTRAS = ("text_projection.", "logit_scale", "vision_model.", "visual_projection.")
 _T5_EXTRAS = ("decoder.", "lm_head.")
-_SCALED_FP8_SUFFIXES = (".scale_weight", ".scale_input")
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -318,10 +323,6 @@ def _shapes_of(path: str, state_dict: dict[str, torch.Tensor] | None) -> tuple[d
     return {k: e["shape"] for k, e in header.items()}, metadata
 
 
-def _is_scale_key(key: str) -> bool:
-    return key == "scaled_fp8" or key.endswith(_SCALED_FP8_SUFFIXES)
-
-
 def _load_into(
     model: nn.Module,
     key_map: dict[str, str],
@@ -346,10 +347,10 @@ def _load_into(
         raise CheckpointError(f"{path}: incomplete checkpoint, missing keys: {shown}")
 
     used = set(key_map.values())
-    scaled = any(_is_scale_key(k) for k in file_keys)
+    scaled = any(is_comfy_scale_key(k) for k in file_keys)
     ignored, unexpected = [], []
     for k in file_keys:
-        if k in used or (scaled and _is_scale_key(k)):
+        if k in used or (scaled and is_comfy_scale_key(k)):
             continue
         inner = k[len(prefix) :]
         if not k.startswith(prefix) or inner.endswith("position_ids") or inner.startswith(extras):
@@ -364,7 +365,7 @@ def _load_into(
         shown = ", ".join(unexpected[:10]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
         logger.warning("%s: %d unexpected keys, ignored: %s", path, len(unexpected), shown)
 
-    wanted = [k for k in file_keys if k in used or (scaled and _is_scale_key(k))]
+    wanted = [k for k in file_keys if k in used or (scaled and is_comfy_scale_key(k))]
     if state_dict is not None:
         tensors = {k: state_dict[k].to(device) for k in wanted}
     else:
