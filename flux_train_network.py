@@ -79,8 +79,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             args.cache_text_encoder_outputs = True
         if args.cache_latents_to_disk:
             args.cache_latents = True
-        asked = train_network.parse_network_args(args.network_args).get("train_t5xxl", "")
-        if args.cache_text_encoder_outputs and str(asked).strip().lower() in ("true", "1", "yes"):
+        from networks.lora_flux_args import parse_bool
+
+        train_t5xxl = parse_bool("train_t5xxl", train_network.parse_network_args(args.network_args).get("train_t5xxl"))
+        if args.cache_text_encoder_outputs and train_t5xxl:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
         if args.full_bf16 and args.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
@@ -212,12 +214,15 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         with its LoRA as it is now, T5's from before training (T5 itself is freed by then)."""
         from library.flux_sampling import TextConditions
 
+        cached = TextConditions.cat([self.sample_conditions[t] for t in texts])
+        l_pooled = self.clip_l_pooled(ctx, texts)
+        return [l_pooled.to(cached.t5_out.device), cached.t5_out, cached.txt_ids, cached.t5_attn_mask]
+
+    def clip_l_pooled(self, ctx, texts: list[str]):
+        """CLIP-L's pooled output for ``texts``, with its LoRA (T5 is not run)."""
         tokens = self.tokenize_strategy.tokenize(texts)
         with ctx.accelerator.autocast():
-            l_pooled = self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders[:1],
-                                                            tokens)[0]  # fmt: skip
-        cached = TextConditions.cat([self.sample_conditions[t] for t in texts])
-        return [l_pooled.to(cached.t5_out.device), cached.t5_out, cached.txt_ids, cached.t5_attn_mask]
+            return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders[:1], tokens)[0]
 
     def encode_captions_to_numpy(self, captions: list[str]) -> list[dict]:
         l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(self._ctx, captions)
@@ -263,12 +268,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if cached is None:
             outs = self.encode_captions(ctx, batch["captions"])
         elif ctx.train_text_encoder:  # CLIP-L trained live, T5 from the cache (T5 is not run)
-            tokens = self.tokenize_strategy.tokenize(batch["captions"])
-            with ctx.accelerator.autocast():
-                l_pooled = self.encoding_strategy.encode_tokens(
-                    self.tokenize_strategy, [ctx.models.text_encoders[0]], tokens
-                )[0]
-            outs = [l_pooled, cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
+            outs = [self.clip_l_pooled(ctx, batch["captions"]), cached["t5_out"], cached["txt_ids"],
+                    cached["t5_attn_mask"]]  # fmt: skip
         else:
             outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
         l_pooled, t5_out, txt_ids, t5_mask = outs
