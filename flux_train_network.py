@@ -186,6 +186,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             "t5xxl_max_token_length": self.t5_max_length,
             "model_type": args.model_type,
         }
+        if ctx.text_encoder_base_weights:  # the key only when needed: other runs' caches stay valid
+            fingerprint["base_weights"] = ctx.text_encoder_base_weights
         cacher = TextEncoderCacher(self.encode_captions_to_numpy, fingerprint, args.apply_t5_attn_mask,
                                    args.cache_text_encoder_outputs_to_disk, args.text_encoder_batch_size,
                                    args.skip_cache_check, ctx.accelerator.process_index,

@@ -71,6 +71,8 @@ class RunContext:
     train_text_encoder: bool = False
     train_unet: bool = True
     sample_prompts: list | None = None
+    # --base_weights files merged into a text encoder (file identity, multiplier): they change its outputs
+    text_encoder_base_weights: list = field(default_factory=list)
 
 
 def parse_network_args(items: list[str] | None) -> dict[str, str]:
@@ -434,6 +436,8 @@ class NetworkTrainer:
         args = ctx.args
         if not args.base_weights:
             return
+        from library.caches import file_fingerprint
+
         multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights)
         text_encoders, dit = self.network_targets(ctx)
         for path, multiplier in zip(args.base_weights, multipliers, strict=True):
@@ -444,6 +448,8 @@ class NetworkTrainer:
             fp8 = getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)
             module.merge_to(text_encoders, dit, weights_sd, None if fp8 else ctx.weight_dtype, ctx.accelerator.device)
             logger.info("merged --base_weights %s at %s", path, multiplier)
+            if any(k.startswith("lora_te") for k in weights_sd):  # sd-scripts' prefix of text-encoder modules
+                ctx.text_encoder_base_weights.append([file_fingerprint(path), multiplier])
 
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                           steps_per_epoch) -> dict[str, str]:

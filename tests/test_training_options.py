@@ -397,6 +397,45 @@ def test_base_weights_reach_the_cached_text_encoder_outputs(tiny_model_files, tm
     assert any(not torch.allclose(cached[k], without[k], rtol=1e-4, atol=1e-6) for k in cached)
 
 
+
+def test_disk_cached_text_encoder_outputs_are_remade_when_the_merged_base_weights_change(tiny_model_files, tmp_path):
+    from library.flux_utils import load_flow_model
+    from library.safetensors_io import save_safetensors
+    from library.text_encoders import load_clip_l
+    from networks.lora_flux import create_network
+    from tests.test_lora_math import randomize_lora
+
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    network = create_network(1.0, 4, 4, None, [clip, None], dit)
+    randomize_lora(network, std=0.5)
+    clip_base, dit_base = tmp_path / "clip_base.safetensors", tmp_path / "dit_base.safetensors"
+    save_safetensors({k: v for k, v in network.state_dict().items() if k.startswith("lora_te1_")}, clip_base)
+    save_safetensors({k: v for k, v in network.state_dict().items() if k.startswith("lora_unet_")}, dit_base)
+    data = dataset(tmp_path)
+
+    def run(name, **flags):
+        out = str(tmp_path / name)
+        argv = base_argv(tiny_model_files, data, out, steps=2, network_train_unet_only=True, **flags)
+        assert flux_train_network.main(argv) == 0
+        return lora(out)
+
+    def te_files():
+        return {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(data.image_dir, "*_flux_te.npz"))}
+
+    run("with_clip_base", base_weights=[str(clip_base)], cache_text_encoder_outputs_to_disk=True)
+    made_with_base = te_files()
+    assert made_with_base
+    after = run("without", cache_text_encoder_outputs_to_disk=True)  # the files hold the merged CLIP-L's outputs
+    remade = te_files()
+    assert remade.keys() == made_with_base.keys() and all(remade[p] != made_with_base[p] for p in remade)
+    live = run("live")
+    for key in live:
+        torch.testing.assert_close(after[key], live[key], rtol=1e-5, atol=1e-7, msg=key)
+    run("dit_base", base_weights=[str(dit_base)], cache_text_encoder_outputs_to_disk=True)
+    assert te_files() == remade  # a base LoRA of the DiT only leaves the text encoders' outputs alone
+
+
 def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_images(tiny_model_files, tmp_path):
     """A preserved sample's target is the base model's output with the LoRA off; a fresh LoRA
     (lora_up = 0) already outputs exactly that, so its loss and gradients are zero and it stays zero."""
