@@ -20,7 +20,9 @@ Differences from sd-scripts, on purpose:
   Other tensors that differ (conditioning layers, final layer, biases, norms: changes an
   extracted LoRA cannot carry) are listed in a warning, not dropped silently. ``ss_network_dim``
   is the rank the modules have (``--dim`` beyond a layer's width gives that width).
-* ``model.diffusion_model.``-prefixed checkpoints give the usual ``lora_unet_*`` names.
+* ``model.diffusion_model.``-prefixed checkpoints give the usual ``lora_unet_*`` names, the
+  weights of ComfyUI's scaled-fp8 checkpoints are read times their ``scale_weight``, and a model
+  in diffusers' layout is read as its BFL equivalent (sd-scripts finds no block weights in it).
 * The ModelSpec architecture follows the model (dev, schnell or Chroma; sd-scripts always writes
   dev), ``ss_base_model_version`` is ``chroma`` for Chroma, the file carries ``sshs_*`` hashes
   like trained LoRAs, and alpha is a float32 tensor (sd-scripts writes an int64 one).
@@ -33,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # run as `python networks/flux_extract_lora.py`
@@ -45,8 +48,10 @@ from tqdm import tqdm  # noqa: E402
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
 from library.dtypes import device_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
+from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict  # noqa: E402
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
+    is_comfy_scale_key,
     read_header,
     warn_unless_safetensors_name,
 )
@@ -54,6 +59,7 @@ from library.safetensors_io import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 SAVE_PRECISIONS = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DIFFUSERS_BLOCK = re.compile(r"^(?:transformer_blocks|single_transformer_blocks)\.\d+\.")
 
 
 def setup_parser() -> argparse.ArgumentParser:
@@ -116,6 +122,57 @@ def _model_type(keys: list[str]) -> str:
     return "dev" if "guidance_in.in_layer.weight" in keys else "schnell"
 
 
+class DitWeights:
+    """A DiT file's tensors under BFL's names (no ``model.diffusion_model.`` prefix), read as needed, in fp32.
+
+    A BFL file is read a tensor at a time, a weight of ComfyUI's scaled fp8 times its ``scale_weight``;
+    a diffusers file a block at a time, converted by :func:`diffusers_to_bfl` (q, k, v fused, the
+    final modulation's halves swapped), so a model tuned in either layout extracts against the other.
+    """
+
+    def __init__(self, path: str, flag: str) -> None:
+        self.path = path
+        self.header = read_header(path)[0]
+        self.reader = SafetensorsReader(path)
+        self.diffusers = is_diffusers_state_dict(self.header)
+        self.shapes: dict[str, list[int]] = {}
+        self.source: dict[str, str] = {}  # BFL key -> its file key (BFL) or its block's key prefix (diffusers)
+        self._block: tuple[str, dict[str, Tensor]] = ("", {})
+        if not self.diffusers:
+            for key, entry in self.header.items():
+                if not is_comfy_scale_key(key):
+                    name = key.removeprefix(FLUX_PREFIX)
+                    self.shapes[name], self.source[name] = entry["shape"], key
+            return
+        meta = {k: torch.empty(e["shape"], device="meta") for k, e in self.header.items()}
+        for prefix, keys in self._diffusers_blocks().items():
+            try:
+                converted = diffusers_to_bfl({k: meta[k] for k in keys})
+            except KeyError as e:
+                raise UserError(f"{flag} {path}: not a diffusers FLUX.1 / Chroma transformer ({e.args[0]})") from None
+            for name, tensor in converted.items():
+                self.shapes[name], self.source[name] = list(tensor.shape), prefix
+
+    def _diffusers_blocks(self) -> dict[str, list[str]]:
+        blocks: dict[str, list[str]] = {}
+        for key in self.header:
+            m = _DIFFUSERS_BLOCK.match(key)
+            blocks.setdefault(m.group(0) if m else "", []).append(key)
+        return blocks
+
+    def get(self, name: str) -> Tensor:
+        if not self.diffusers:
+            return read_weight(self.reader, self.source[name], self.header)
+        prefix = self.source[name]
+        if self._block[0] != prefix or not self._block[1]:
+            keys = self._diffusers_blocks()[prefix]
+            self._block = (prefix, diffusers_to_bfl({k: self.reader.get(k) for k in keys}))
+        return self._block[1][name].float()
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 def svd(
     model_org: str,
     model_tuned: str,
@@ -139,53 +196,16 @@ def svd(
         raise UserError(f"--clamp_quantile {clamp_quantile}: expected a value in (0, 1]")
     if mem_eff_safe_open:
         logger.warning("--mem_eff_safe_open has no effect here: weights are always read one at a time")
-    org_header, tuned_header = read_header(model_org)[0], read_header(model_tuned)[0]
-    strip = lambda k: k[len(FLUX_PREFIX) :] if k.startswith(FLUX_PREFIX) else k  # noqa: E731
-    org_keys = {strip(k): k for k in org_header}
-    tuned_keys = {strip(k): k for k in tuned_header}
-    keys = [k for k in extraction_keys(list(org_keys)) if len(org_header[org_keys[k]]["shape"]) == 2]
-    if not keys:
-        raise UserError(
-            f"--model_org {model_org}: no double_blocks / single_blocks weights: not a FLUX.1 or Chroma DiT"
-        )
-    missing = [k for k in keys if k not in tuned_keys]
-    if len(missing) == len(keys):
-        raise UserError(f"--model_tuned {model_tuned} shares no block weights with --model_org {model_org}")
-    for key in keys:
-        org_shape = org_header[org_keys[key]]["shape"]
-        tuned_shape = tuned_header[tuned_keys[key]]["shape"] if key in tuned_keys else org_shape
-        if org_shape != tuned_shape:
-            raise UserError(f"{key} has shape {org_shape} in {model_org} but {tuned_shape} in {model_tuned}: "
-                            "not the same architecture")  # fmt: skip
-    if missing:
-        logger.warning("%d weights of --model_org are not in --model_tuned and are skipped: %s",
-                       len(missing), ", ".join(missing[:10]))  # fmt: skip
-    save_dtype = SAVE_PRECISIONS[save_precision]
-    lora_sd: dict[str, Tensor] = {}
-    unchanged = []
-    with SafetensorsReader(model_org) as org_file, SafetensorsReader(model_tuned) as tuned_file:
-        for key in tqdm([k for k in keys if k in tuned_keys], desc="extracting"):
-            delta = tuned_file.get(tuned_keys[key]).float() - org_file.get(org_keys[key]).float()
-            if not delta.any():
-                unchanged.append(key)
-                continue
-            up, down = extract_module(delta.to(device) if device else delta, dim, clamp_quantile)
-            name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
-            lora_sd[f"{name}.lora_up.weight"] = up.to("cpu", save_dtype).contiguous()
-            lora_sd[f"{name}.lora_down.weight"] = down.to("cpu", save_dtype).contiguous()
-            lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=save_dtype or torch.float32)
-        left_out = changed_elsewhere(org_file, tuned_file, org_keys, tuned_keys, set(keys))
-    if unchanged:
-        logger.info("%d weights are the same in both models and get no LoRA module", len(unchanged))
-    if left_out:
-        logger.warning("%d tensors outside the block Linear weights differ between the models and are not in the "
-                       "LoRA: %s", len(left_out), ", ".join(left_out[:10]))  # fmt: skip
-    if not lora_sd:
-        raise UserError(f"--model_tuned {model_tuned} has the same block weights as --model_org: nothing to extract")
+    org = DitWeights(model_org, "--model_org")
+    tuned = DitWeights(model_tuned, "--model_tuned")
+    try:
+        lora_sd = extract_modules(org, tuned, dim, device, clamp_quantile, SAVE_PRECISIONS[save_precision])
+    finally:
+        org.close(), tuned.close()
     # the rank the modules have: --dim beyond a layer's width gives that width
     rank = max(v.shape[0] for k, v in lora_sd.items() if k.endswith(".lora_down.weight"))
 
-    model_type = _model_type(list(org_keys))
+    model_type = _model_type(list(org.shapes))
     metadata = {
         "ss_v2": "False",
         "ss_base_model_version": "chroma" if model_type == "chroma" else "flux1",
@@ -203,12 +223,60 @@ def svd(
     return save_to
 
 
-def changed_elsewhere(org_file, tuned_file, org_keys: dict, tuned_keys: dict, extracted: set[str]) -> list[str]:
+def extract_modules(org: DitWeights, tuned: DitWeights, dim: int, device: str | None, clamp_quantile: float,
+                    save_dtype: torch.dtype | None) -> dict[str, Tensor]:  # fmt: skip
+    """The LoRA state dict of the block weights that differ between the models."""
+    keys = [k for k in extraction_keys(list(org.shapes)) if len(org.shapes[k]) == 2]
+    if not keys:
+        raise UserError(f"--model_org {org.path}: no double_blocks / single_blocks weights: not a FLUX.1 or Chroma DiT")
+    missing = [k for k in keys if k not in tuned.shapes]
+    if len(missing) == len(keys):
+        raise UserError(f"--model_tuned {tuned.path} shares no block weights with --model_org {org.path}")
+    for key in keys:
+        if key in tuned.shapes and list(org.shapes[key]) != list(tuned.shapes[key]):
+            raise UserError(f"{key} has shape {org.shapes[key]} in {org.path} but {tuned.shapes[key]} in "
+                            f"{tuned.path}: not the same architecture")  # fmt: skip
+    if missing:
+        logger.warning("%d weights of --model_org are not in --model_tuned and are skipped: %s",
+                       len(missing), ", ".join(missing[:10]))  # fmt: skip
+    lora_sd: dict[str, Tensor] = {}
+    unchanged = []
+    for key in tqdm([k for k in keys if k in tuned.shapes], desc="extracting"):
+        delta = tuned.get(key) - org.get(key)
+        if not delta.any():
+            unchanged.append(key)
+            continue
+        up, down = extract_module(delta.to(device) if device else delta, dim, clamp_quantile)
+        name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        lora_sd[f"{name}.lora_up.weight"] = up.to("cpu", save_dtype).contiguous()
+        lora_sd[f"{name}.lora_down.weight"] = down.to("cpu", save_dtype).contiguous()
+        lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=save_dtype or torch.float32)
+    if unchanged:
+        logger.info("%d weights are the same in both models and get no LoRA module", len(unchanged))
+    left_out = changed_elsewhere(org, tuned, set(keys))
+    if left_out:
+        logger.warning("%d tensors outside the block Linear weights differ between the models and are not in the "
+                       "LoRA: %s", len(left_out), ", ".join(left_out[:10]))  # fmt: skip
+    if not lora_sd:
+        raise UserError(f"--model_tuned {tuned.path} has the same block weights as --model_org: nothing to extract")
+    return lora_sd
+
+
+def read_weight(reader: SafetensorsReader, key: str, header: dict) -> Tensor:
+    """A tensor in fp32; a weight of a ComfyUI scaled-fp8 file times its ``scale_weight``."""
+    tensor = reader.get(key).float()
+    scale_key = key.removesuffix("weight") + "scale_weight"
+    if key.endswith(".weight") and scale_key in header:
+        tensor = tensor * reader.get(scale_key).float()
+    return tensor
+
+
+def changed_elsewhere(org: DitWeights, tuned: DitWeights, extracted: set[str]) -> list[str]:
     """The tensors of both models, outside ``extracted``, that differ: changes the LoRA cannot carry."""
     changed = []
-    for key in sorted(set(org_keys) & set(tuned_keys) - extracted):
-        org, tuned = org_file.get(org_keys[key]), tuned_file.get(tuned_keys[key])
-        if org.shape != tuned.shape or not torch.equal(org.float(), tuned.float()):
+    for key in sorted(set(org.shapes) & set(tuned.shapes) - extracted):
+        a, b = org.get(key), tuned.get(key)
+        if a.shape != b.shape or not torch.equal(a, b):
             changed.append(key)
     return changed
 

@@ -33,7 +33,7 @@ def tuned(request, tiny_model_files, tmp_path_factory):
 
 
 def extract(base, tuned_file, out, *extra) -> int:
-    args = ["--model_org", base, "--model_tuned", tuned_file, "--save_to", str(out), "--dim", str(RANK)]
+    args = ["--model_org", str(base), "--model_tuned", str(tuned_file), "--save_to", str(out), "--dim", str(RANK)]
     return flux_extract_lora.main(args + [str(e) for e in extra])
 
 
@@ -106,6 +106,54 @@ def test_changes_outside_the_block_weights_are_named_and_the_recorded_rank_is_th
     sd, metadata = load_safetensors(out), read_metadata(out)
     assert max(v.shape[0] for k, v in sd.items() if k.endswith("lora_down.weight")) == 64
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("64", "64.0")
+
+
+
+def test_models_in_diffusers_layout_extract_as_their_bfl_files(tuned, tmp_path):
+    from library.flux_key_mapping import bfl_to_diffusers
+    from library.safetensors_io import save_safetensors
+
+    base, tuned_file, _, _ = tuned
+    as_diffusers = {}
+    for name, path in (("base", base), ("tuned", tuned_file)):
+        as_diffusers[name] = str(tmp_path / f"{name}_diffusers.safetensors")
+        save_safetensors(bfl_to_diffusers(load_safetensors(path)), as_diffusers[name])
+    assert extract(base, tuned_file, tmp_path / "bfl.safetensors") == 0
+    expected = load_safetensors(tmp_path / "bfl.safetensors")
+    for org, tuned_model in ((as_diffusers["base"], as_diffusers["tuned"]), (base, as_diffusers["tuned"])):
+        out = tmp_path / "from_diffusers.safetensors"
+        assert extract(org, tuned_model, out) == 0
+        got = load_safetensors(out)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key].abs(), value.abs(), rtol=1e-4, atol=1e-6, msg=key)  # SVD signs
+
+
+def test_comfy_scaled_fp8_weights_are_read_times_their_scales(tuned, tmp_path):
+    """A ComfyUI scaled-fp8 base: its real weights are fp8 x scale_weight, and only the weight that changed
+    gets a module, with the change the dequantized base and the tuned model differ by."""
+    from library.safetensors_io import save_safetensors
+
+    base, _, _, _ = tuned
+    weights = load_safetensors(base)
+    changed = "double_blocks.0.img_attn.proj.weight"
+    scaled, dequantized = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, dict(weights)
+    for key in flux_extract_lora.extraction_keys(list(weights)):
+        scale = weights[key].abs().max() / 448
+        scaled[key] = (weights[key] / scale).to(torch.float8_e4m3fn)
+        scaled[key.removesuffix("weight") + "scale_weight"] = scale
+        dequantized[key] = scaled[key].float() * scale
+    scaled.update({k: v for k, v in weights.items() if k not in scaled})
+    rows, columns = weights[changed].shape
+    change = torch.outer(torch.linspace(-1, 1, rows), torch.linspace(1, 2, columns))
+    dequantized[changed] = dequantized[changed] + 1e-3 * change
+    save_safetensors(scaled, tmp_path / "base_fp8.safetensors")
+    save_safetensors(dequantized, tmp_path / "tuned.safetensors")
+    out = tmp_path / "extracted.safetensors"
+    assert extract(tmp_path / "base_fp8.safetensors", tmp_path / "tuned.safetensors", out, "--clamp_quantile", "1") == 0
+    (name,) = deltas(load_safetensors(out))
+    assert name == "lora_unet_double_blocks_0_img_attn_proj"
+    torch.testing.assert_close(deltas(load_safetensors(out))[name].float(), 1e-3 * change, rtol=0, atol=1e-7)
 
 
 def test_quantile_matches_torch_and_full_quantile_clamps_nothing():
