@@ -339,8 +339,9 @@ def load_loras(specs, dit, text_encoders, *, merge: bool, device, dtype) -> list
             continue
         network.apply_to(text_encoders, dit)
         info = network.load_state_dict(weights, strict=False)
-        if info.missing_keys:
-            raise UserError(f"{path}: incomplete LoRA, missing {', '.join(info.missing_keys[:3])}")
+        missing = [k for k in info.missing_keys if not k.endswith(".alpha")]  # no alpha: alpha = rank, scale 1
+        if missing:
+            raise UserError(f"{path}: incomplete LoRA, missing {', '.join(missing[:3])}")
         network.to(device, dtype).eval()
         loaded.append(LoadedLoRA(name, multiplier, network))
         logger.info("applied %s (multiplier %g)", path, multiplier)

@@ -85,11 +85,18 @@ _AIT_PREFIXES = (
     ("diffusion_model.", "transformer."),
     ("text_encoder.", "text_encoder."),
 )
-_AIT_BARE = ("transformer_blocks.", "single_transformer_blocks.", *(f"{v}." for v in GLOBAL_MODULES.values()))
+_AIT_BARE = (
+    "transformer_blocks.", "single_transformer_blocks.", *(f"{v}." for v in GLOBAL_MODULES.values()),
+    # BFL's own module paths, as ComfyUI-style peft files name them (diffusion_model.double_blocks.0.img_attn.qkv)
+    "double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+)  # fmt: skip
+# key markers of adapters that are not plain LoRAs: read as one, they would be applied wrongly
 _UNSUPPORTED_KINDS = {
     "oft_": "OFT (oft_* keys)",
     "hada_": "LoHa (hada_* keys)",
     "lokr_": "LoKr (lokr_* keys)",
+    "dora_scale": "DoRA (dora_scale keys)",
+    "lora_magnitude_vector": "DoRA (peft's lora_magnitude_vector keys)",
 }
 
 
@@ -131,16 +138,23 @@ def canonical_format(name: str) -> str:
     return FORMAT_ALIASES[name]
 
 
+def refuse_unsupported_kinds(keys: Iterable[str], source: str = "LoRA") -> None:
+    """UserError naming ``source`` if any key belongs to an adapter other than a plain LoRA (DoRA,
+    LoKr, LoHa, OFT), even beside LoRA modules: its LoRA keys alone would apply another change."""
+    keys = list(keys)
+    for marker, kind in _UNSUPPORTED_KINDS.items():
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):
+            raise UserError(f"{source}: {kind} files are not supported; give a LoRA (lora_down/up or lora_A/B keys)")
+
+
 def detect_format(keys: Iterable[str], source: str = "LoRA") -> str:
     """``sd-scripts`` or ``ai-toolkit`` from the key names; UserError naming ``source`` otherwise."""
     keys = list(keys)
+    refuse_unsupported_kinds(keys, source)
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
         return SD_SCRIPTS
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return AI_TOOLKIT
-    for prefix, kind in _UNSUPPORTED_KINDS.items():
-        if any(k.startswith(prefix) or f".{prefix}" in k for k in keys):
-            raise UserError(f"{source}: {kind} files are not supported; give a LoRA (lora_down/up or lora_A/B keys)")
     shown = ", ".join(keys[:3]) or "no tensors at all"
     raise UserError(
         f"{source}: not a LoRA in sd-scripts' format (lora_unet_*.lora_down.weight) or ai-toolkit's / "
@@ -172,7 +186,7 @@ def _ait_module_name(module: str) -> str | None:
     for prefix, canonical in _AIT_PREFIXES:
         if module.startswith(prefix):
             return canonical + module[len(prefix) :]
-    if module.startswith(_AIT_BARE):
+    if (module + ".").startswith(_AIT_BARE):  # the prefixes end in "." and a module may be one ("img_in")
         return "transformer." + module
     return None
 
@@ -274,6 +288,15 @@ def ai_toolkit_to_sd_scripts_name(module: str) -> tuple[str, int, int] | None:
     return None
 
 
+def bfl_module_to_sd_scripts_name(module: str) -> str | None:
+    """The sd-scripts module of a peft module named by BFL's path (``transformer.double_blocks.0.img_attn.qkv``,
+    read from ``diffusion_model.*`` keys), or None. Its weights already have sd-scripts' layout."""
+    if not module.startswith("transformer."):
+        return None
+    name = "lora_unet_" + module[len("transformer.") :].replace(".", "_")
+    return name if sd_scripts_to_ai_toolkit_names(name) is not None else None
+
+
 # ---- conversion ---------------------------------------------------------------------------
 
 
@@ -332,15 +355,19 @@ def to_sd_scripts(
     modules, leftover = ai_toolkit_modules(sd, metadata)
     groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
     unsupported = list(leftover)
+    out: dict[str, Tensor] = {}
     for name, w in modules.items():
         target = ai_toolkit_to_sd_scripts_name(name)
+        if target is None and (sds_name := bfl_module_to_sd_scripts_name(name)):
+            out[f"{sds_name}.lora_down.weight"], out[f"{sds_name}.lora_up.weight"] = w.down, w.up
+            out[f"{sds_name}.alpha"] = torch.tensor(w.alpha or float(w.rank), dtype=torch.float32)
+            continue
         if target is None:
             unsupported.append(name)
             continue
         sds_name, index, n = target
         groups.setdefault(sds_name, (n, {}))[1][index] = w
     mlp_hidden = _mlp_hidden_hint(modules)
-    out: dict[str, Tensor] = {}
     fused = 0
     for sds_name, (n, parts) in groups.items():
         if n == 1:
@@ -353,6 +380,12 @@ def to_sd_scripts(
         out[f"{sds_name}.lora_down.weight"] = w.down
         out[f"{sds_name}.lora_up.weight"] = w.up
         out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+    if not out:
+        raise UserError(
+            f"{source}: none of its {sum(k.endswith('.lora_A.weight') for k in sd)} LoRA modules "
+            f"(e.g. {next(iter(unsupported), 'none')}) is a "
+            "FLUX.1 / Chroma module in diffusers' or BFL's naming"
+        )
     return Converted(out, sorted(unsupported), AI_TOOLKIT, fused)
 
 

@@ -45,6 +45,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     Raises CheckpointError naming the file if it is missing, truncated or not safetensors.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder; give a single .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     size = path.stat().st_size

@@ -129,6 +129,11 @@ class LoadedLoRA:
                 ", ".join(converted.unsupported),
             )
         modules, leftover = sd_scripts_modules(converted.state_dict)
+        if not modules:
+            raise UserError(
+                f"{path}: none of its {len(sd)} keys (e.g. {next(iter(sd), 'none')}) is a LoRA module this tool "
+                "knows (sd-scripts' lora_unet_* / lora_te*_*, or diffusers' transformer.* / text_encoder.*)"
+            )
         if leftover:
             logger.warning("%s: keys without a lora_down/lora_up pair are skipped: %s", path, ", ".join(leftover))
         self.path, self.ratio, self.format, self.dtype = path, ratio, converted.source_format, dtype
@@ -369,8 +374,8 @@ def save_merged_lora(args, loras: list[LoadedLoRA], save_dtype: torch.dtype | No
     from library.safetensors_io import save_safetensors
 
     sd, alphas, ranks = merge_lora_models(loras, args.concat, args.shuffle)
-    if save_dtype is not None:
-        sd = {k: v.to(save_dtype) for k, v in sd.items()}
+    if save_dtype is not None:  # alphas stay fp32: bf16 would store a concatenated alpha of 257 as 256
+        sd = {k: v if k.endswith(".alpha") else v.to(save_dtype) for k, v in sd.items()}
     first = loras[0].metadata
     base_version = first.get("ss_base_model_version") or "flux1"
     same = lambda values: str(next(iter(values))) if len(set(values)) == 1 else "Dynamic"  # noqa: E731

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from library.errors import CheckpointError, UserError
+from library.lora_formats import refuse_unsupported_kinds
 from networks.lora_flux_args import (  # noqa: F401  (validate_network_args is part of the module API)
     RANK_ARGS,
     TYPE_DIM_KEYS,
@@ -123,6 +124,7 @@ def create_network_from_weights(
     check_known_args(kwargs)
     if weights_sd is None:
         weights_sd, _ = read_lora_file(file)
+    refuse_unsupported_kinds(weights_sd, str(file))
     modules_dim, modules_alpha = {}, {}
     for key, value in weights_sd.items():
         name, _, rest = key.partition(".")

@@ -4,6 +4,7 @@ weight change; golden key names; converted files load in diffusers (peft) and gi
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from library.model_hashes import precalculate_safetensors_hashes
 from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l, load_t5xxl
 from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
-from networks.lora_flux import SPLIT_QKV_METADATA_KEY, create_network
+from networks.lora_flux import SPLIT_QKV_METADATA_KEY, create_network, create_network_from_weights
 from tests.test_lora_diffusers_interop import models  # noqa: F401  (the full-width fixture)
 from tests.test_lora_math import dit_inputs, randomize_lora
 from tests.test_merge_lora import deltas, diffusers_flux, run_diffusers, write_lora
@@ -145,6 +146,64 @@ def test_diffusers_lora_alpha_metadata_is_honoured():
     peft = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {}}
     converted = to_sd_scripts(sd, {"lora_adapter_metadata": json.dumps(peft)}).state_dict
     assert deltas(converted)["lora_unet_double_blocks_0_img_attn_proj"].allclose(2 * (b @ a).double())
+
+
+
+@pytest.mark.parametrize("prefix", ["diffusion_model.", "transformer.", ""])
+def test_peft_files_with_bfl_module_names_read_as_sd_scripts_modules(prefix):
+    """ComfyUI-style peft files name BFL's own modules: their weights already have sd-scripts' layout
+    (fused q, k, v; the final modulation's halves in BFL's order), so only the names change."""
+    g = torch.Generator().manual_seed(3)
+    modules = {"double_blocks.0.img_attn.qkv": (24, 8), "single_blocks.1.linear1": (40, 8),
+               "final_layer.adaLN_modulation.1": (16, 8), "img_in": (8, 6)}  # fmt: skip
+    sd, expected = {}, {}
+    for module, (out_features, in_features) in modules.items():
+        down, up = torch.randn(4, in_features, generator=g), torch.randn(out_features, 4, generator=g)
+        sd[f"{prefix}{module}.lora_A.weight"], sd[f"{prefix}{module}.lora_B.weight"] = down, up
+        expected["lora_unet_" + module.replace(".", "_")] = up.double() @ down.double()
+    sd[f"{prefix}img_in.alpha"] = torch.tensor(2.0)
+    expected["lora_unet_img_in"] *= 0.5
+    converted = to_sd_scripts(sd)
+    assert converted.unsupported == [] and deltas(converted.state_dict).keys() == expected.keys()
+    for name, delta in deltas(converted.state_dict).items():
+        torch.testing.assert_close(delta, expected[name], msg=name)
+
+
+
+def test_bare_diffusers_names_of_whole_modules_are_read():
+    sd = {"x_embedder.lora_A.weight": torch.ones(4, 6), "x_embedder.lora_B.weight": torch.ones(8, 4)}
+    converted = to_sd_scripts(sd)
+    assert converted.unsupported == [] and set(deltas(converted.state_dict)) == {"lora_unet_img_in"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"lora_unet_img_in.dora_scale": torch.ones(1, 6)}, "DoRA (dora_scale keys) files are not supported"),
+        ({"transformer.x_embedder.lora_magnitude_vector": torch.ones(8)},
+         "DoRA (peft's lora_magnitude_vector keys) files are not supported"),
+        ({"lora_unet_txt_in.lokr_w1": torch.ones(2, 2)}, "LoKr (lokr_* keys) files are not supported"),
+        ({"lora_unet_txt_in.hada_w1_a": torch.ones(2, 2)}, "LoHa (hada_* keys) files are not supported"),
+    ],
+)
+def test_other_adapters_beside_lora_modules_are_refused(extra, message):
+    from library.errors import UserError
+
+    lora = {"lora_unet_img_in.lora_down.weight": torch.ones(4, 6), "lora_unet_img_in.lora_up.weight": torch.ones(8, 4)}
+    with pytest.raises(UserError, match=re.escape(f"mixed.safetensors: {message}")):
+        to_sd_scripts({**lora, **extra}, source="mixed.safetensors")
+    # as --network_weights or --base_weights
+    with pytest.raises(UserError, match=re.escape(f"mixed.safetensors: {message}")):
+        create_network_from_weights(1.0, "mixed.safetensors", None, [None, None], None, weights_sd={**lora, **extra})
+
+
+def test_a_peft_file_of_no_flux_module_is_refused():
+    from library.errors import UserError
+
+    sd = {"base_model.model.unet.down.0.lora_A.weight": torch.ones(4, 6),
+          "base_model.model.unet.down.0.lora_B.weight": torch.ones(8, 4)}  # fmt: skip
+    with pytest.raises(UserError, match="sdxl.safetensors: none of its 1 LoRA modules .* is a FLUX.1 / Chroma module"):
+        to_sd_scripts(sd, source="sdxl.safetensors")
 
 
 def test_plain_lora_on_a_fused_linear_comes_back_in_its_shape():

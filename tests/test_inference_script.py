@@ -90,6 +90,18 @@ def test_ai_toolkit_lora_gives_the_same_image_as_the_sd_scripts_file(tiny_model_
     assert np.abs(ours - theirs).max() <= 1
 
 
+
+def test_a_lora_without_alpha_tensors_applies_at_scale_one(tiny_model_files, tmp_path, lora_file):
+    """sd-scripts' rule: a module without alpha has alpha = rank. The fixture's alpha is its rank (4)."""
+    weights = load_safetensors(lora_file)
+    assert all(v.item() == 4.0 for k, v in weights.items() if k.endswith(".alpha"))
+    no_alpha = str(tmp_path / "no_alpha.safetensors")
+    save_safetensors({k: v for k, v in weights.items() if not k.endswith(".alpha")}, no_alpha)
+    with_alpha, _ = generate(tiny_model_files, tmp_path, "alpha", "--seed", 5, "--lora_weights", lora_file)
+    without, _ = generate(tiny_model_files, tmp_path, "no_alpha", "--seed", 5, "--lora_weights", no_alpha)
+    assert np.abs(with_alpha - without).max() == 0
+
+
 def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path):
     from library.flux_sampling import SampleSettings, generate_image, make_encode_prompts
     from library.flux_utils import load_ae, load_flow_model

@@ -183,6 +183,23 @@ def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_p
     assert_close_to(run(from_diffusers, x), run(from_bfl, x), run(dev, x))
 
 
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_concatenated_alpha_is_saved_exactly_in_any_precision(tmp_path, precision):
+    """--concat's alpha is the summed rank (here 17 + 18 = 35): bf16 and fp8 cannot hold it, so alphas stay fp32."""
+    paths = []
+    for rank in (17, 18):
+        paths.append(tmp_path / f"rank{rank}.safetensors")
+        save_safetensors({"lora_unet_img_in.lora_down.weight": torch.full((rank, 6), 0.25),
+                          "lora_unet_img_in.lora_up.weight": torch.full((8, rank), 0.5)}, paths[-1])  # fmt: skip
+    out = tmp_path / "concat.safetensors"
+    assert merge("--save_to", out, "--models", *paths, "--concat", "--save_precision", precision) == 0
+    merged = load_safetensors(out)
+    alpha = merged["lora_unet_img_in.alpha"]
+    assert alpha.dtype == torch.float32 and alpha.item() == 35.0
+    assert merged["lora_unet_img_in.lora_up.weight"].dtype == flux_merge_lora.str_to_dtype(precision, "")
+
+
 def test_concat_merges_loras_exactly_with_each_ratio_once(dev, tmp_path):
     a = write_lora(tmp_path / "a.safetensors", dev, dim=4, alpha=2.0, seed=1)
     b = write_lora(tmp_path / "b.safetensors", dev, dim=2, alpha=8.0, seed=2, in_dims="[2,0,0,0,2]")
@@ -270,6 +287,11 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("overwrite", "is one of the input files"),
         ("clip_without_save_to", "--clip_l needs --clip_l_save_to"),
         ("oft", "OFT (oft_* keys) files are not supported"),
+        ("dora", "dora.safetensors: DoRA (dora_scale keys) files are not supported"),
+        ("dora_lora_merge", "dora.safetensors: DoRA (dora_scale keys) files are not supported"),
+        ("no_flux_module", "none of its 1 LoRA modules (e.g. base_model.model.unet.0.to_q.lora_A.weight) is a FLUX"),
+        ("no_flux_module_lora_merge", "none of its 1 LoRA modules (e.g. base_model.model.unet.0.to_q.lora_A.weight)"),
+        ("folder", "a folder; give a single .safetensors file"),
         ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
         ("device", "--working_device gpu0: not a device name"),
@@ -299,6 +321,18 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         args = ["--save_to", lora, "--models", lora]
     elif case == "clip_without_save_to":
         args = [*flux, "--clip_l", tiny_model_files.clip_l, "--models", lora]
+    elif case.startswith("dora"):  # a DoRA file's LoRA keys alone are another change
+        weights = load_safetensors(lora)
+        weights["lora_unet_double_blocks_0_img_attn_proj.dora_scale"] = torch.ones(1, 64)
+        save_safetensors(weights, tmp_path / "dora.safetensors")
+        args = [*(flux if case == "dora" else ["--save_to", out]), "--models", tmp_path / "dora.safetensors"]
+    elif case.startswith("no_flux_module"):
+        sdxl = tmp_path / "sdxl.safetensors"
+        save_safetensors({"base_model.model.unet.0.to_q.lora_A.weight": torch.ones(4, 8),
+                          "base_model.model.unet.0.to_q.lora_B.weight": torch.ones(8, 4)}, sdxl)  # fmt: skip
+        args = [*(flux if case == "no_flux_module" else ["--save_to", out]), "--models", sdxl]
+    elif case == "folder":  # e.g. a diffusers transformer/ folder
+        args = ["--flux_model", tmp_path, "--save_to", out, "--models", lora]
     else:
         save_safetensors(
             {"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks": torch.zeros(2, 2)}, tmp_path / "o.safetensors"
