@@ -144,7 +144,7 @@ class NetworkTrainer:
         """Trains and returns the path of the final LoRA file (None on the processes that did not write it)."""
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import broadcast_object_list, set_seed
 
         from library.dataset_config import check_caching, load_dataset_configs
         from library.datasets import build_dataset_groups
@@ -152,9 +152,6 @@ class NetworkTrainer:
         self.check_args(args)
         self.warn_about_flags_without_effect(args)
         self.check_inputs_before_loading(args)
-        if args.seed is None:
-            args.seed = random.randint(0, 2**32 - 1)
-        set_seed(args.seed)
         # main(argv) may run several times in one process (GUIs, tests): let each run choose its precision
         from accelerate.state import AcceleratorState
 
@@ -166,6 +163,10 @@ class NetworkTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=process_group_kwargs(args),
         )
+        if args.seed is None:  # one seed for all processes: the same LoRA initialisation, data order and split
+            seed = [random.randint(0, 2**32 - 1)]
+            args.seed = broadcast_object_list(seed)[0] if accelerator.num_processes > 1 else seed[0]
+        set_seed(args.seed)
         weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
 
         configs = load_dataset_configs(args)
@@ -242,7 +243,8 @@ class NetworkTrainer:
                 raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
                                 f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
             network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
-                                                          process_index=accelerator.process_index)
+                                                          getattr(accelerator, "scaler", None),  # fp16's loss scale
+                                                          accelerator.process_index)
             network.load_state_dict(network_state, strict=True)
             if given_step is None:
                 first_step, skip_data = progress.current_step, True
@@ -462,7 +464,8 @@ class NetworkTrainer:
             num_train_images=train_group.num_train_images,
             num_validation_images=sum(1 for _ in val_group.entries()) if val_group else 0,
             num_reg_images=train_group.num_reg_images,
-            num_batches_per_epoch=len(train_group),
+            # sd-scripts records len(train_dataloader) after accelerate's split: one process's batches
+            num_batches_per_epoch=math.ceil(len(train_group) / ctx.accelerator.num_processes),
             num_epochs=num_epochs,
             max_train_steps=args.max_train_steps,
             optimizer=optimizer_name + (f"({optimizer_args})" if optimizer_args else ""),  # as sd-scripts

@@ -1,9 +1,12 @@
 """Stopping a training run cleanly on SIGINT / SIGTERM.
 
-The first signal asks the loop to stop at the next step boundary, where it saves what it has;
-a second one ends the process at once (every file is written under a temporary name and renamed,
-so even that leaves nothing half-written under a final name). In a multi-process run the request
-is shared with an all-reduce at each step, so every process stops at the same step.
+The first signal asks the loop to stop after the current micro-batch, where it saves the weights
+of the last finished step; a second one ends the process at once (every file is written under a
+temporary name and renamed, so even that leaves nothing half-written under a final name). A repeat
+within ``REPEAT_GRACE_S`` of the first is taken as the same request: under ``accelerate launch`` a
+worker often gets one signal twice, from the launcher and from whoever signalled the whole job
+(``kill`` of the process group, SLURM, systemd). In a multi-process run the request is shared with
+an all-reduce after each micro-batch, so every process stops at the same place.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+REPEAT_GRACE_S = 3.0
 
 
 class GracefulStop:
@@ -25,6 +30,7 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> GracefulStop:
@@ -40,10 +46,12 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is None:
-            self.signum = signum
-            logger.warning("%s received: stopping after the current step and saving; send it again to exit at once",
-                           signal.Signals(signum).name)
+            self.signum, self._received_at = signum, time.monotonic()
+            logger.warning("%s received: stopping after the current micro-batch and saving; send it again (after "
+                           "%g s) to exit at once", signal.Signals(signum).name, REPEAT_GRACE_S)  # fmt: skip
             return
+        if time.monotonic() - self._received_at < REPEAT_GRACE_S:
+            return  # the same request delivered twice
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 

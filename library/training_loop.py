@@ -47,6 +47,27 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+
+def average_gradients(params: list[torch.Tensor], reduce, device) -> None:
+    """Each gradient's mean over the processes, in one collective per dtype (``reduce`` is accelerate's).
+
+    A parameter some process has no gradient for (module dropout skipped it there) counts as zero
+    there; one no process has a gradient for keeps none, as in a one-process run. Every process
+    therefore joins the same collectives even when their dropout draws differ.
+    """
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    has_grad = reduce(has_grad, reduction="sum").tolist()
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p, count in zip(params, has_grad, strict=True):
+        if count > 0:
+            groups.setdefault(p.dtype, []).append(p)
+    for group in groups.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        flat = reduce(flat, reduction="mean")
+        for p, grad in zip(group, flat.split([p.numel() for p in group]), strict=True):
+            p.grad = grad.view_as(p)
+
+
 def step_sample_indices(micro: int, num_processes: int, process_index: int, batch_size: int, stride: int) -> range:
     """The indices, unique within an optimizer step, that seed each sample's noise and σ: every
     micro-batch of every process owns ``stride`` (the largest batch size) of them, so a short last
@@ -134,6 +155,10 @@ class TrainingLoop:
                 accelerator.backward(loss)
                 window.append(loss.detach())
                 if micro != accum - 1 and position != len(self.process_batches) - 1:
+                    # a stop between micro-batches keeps the last finished step: a launcher may not wait
+                    # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
+                    if stop.requested(accelerator):
+                        self._stop(stop, global_step, epoch + 1)
                     continue
                 step_loss = self._step_loss(window, accum, global_step)
                 window = []
@@ -205,9 +230,7 @@ class TrainingLoop:
         args, accelerator, network = self.args, self.accelerator, self.network
         params = [p for p in network.parameters() if p.requires_grad]
         if accelerator.num_processes > 1:
-            for p in params:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            average_gradients(params, accelerator.reduce, accelerator.device)
         if args.max_grad_norm:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
         if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms

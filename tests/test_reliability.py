@@ -48,6 +48,7 @@ def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny
     assert started.wait(120), "".join(lines)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # delivered twice, as by a launcher and a kill of the process group
     assert process.wait(120) == 128 + signal.SIGINT
     message = "".join(lines)
     assert "interrupted by SIGINT at step" in message and "Traceback" not in message
@@ -65,8 +66,47 @@ def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny
     assert os.path.isfile(os.path.join(resumed, "lora.safetensors"))
 
 
+def test_a_second_signal_after_the_grace_time_exits_at_once(monkeypatch):
+    from library import interrupts
+
+    killed = []
+    monkeypatch.setattr(interrupts.os, "kill", lambda pid, signum: killed.append(signum))
+    with interrupts.GracefulStop() as stop:
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGTERM, None)  # the same request delivered twice
+        assert stop.name == "SIGTERM" and killed == []
+        monkeypatch.setattr(interrupts, "REPEAT_GRACE_S", 0.0)
+        stop._handle(signal.SIGTERM, None)
+        assert killed == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_stop_between_micro_batches_saves_the_last_finished_step(tiny_model_files, tmp_path, monkeypatch):
+    """With accumulation the loop does not wait for the step to finish (a launcher may kill it first):
+    it saves the weights and state of the last finished step, and a resume redoes the partial one."""
+    batch_loss, calls = flux_train_network.FluxNetworkTrainer.batch_loss, []
+
+    def signalled_in_step_two(self, ctx, batch, step, indices):
+        calls.append(step)
+        if len(calls) == 4:  # the first micro-batch of the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch_loss(self, ctx, batch, step, indices)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", signalled_in_step_two)
+    data = dataset(tmp_path, batch_size=1)
+    flags = dict(steps=3, gradient_accumulation_steps=3, save_state=True, network_train_unet_only=True)
+    out = str(tmp_path / "out")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, out, **flags)) == 128 + signal.SIGINT
+    assert calls == [0, 0, 0, 1]
+    assert sorted(os.listdir(out)) == ["lora-step00000001-state", "lora-step00000001.safetensors"]
+    one_step = str(tmp_path / "one_step")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, one_step, **{**flags, "steps": 1})) == 0
+    stopped = load_safetensors(os.path.join(out, "lora-step00000001.safetensors"))
+    for key, value in load_safetensors(os.path.join(one_step, "lora.safetensors")).items():
+        torch.testing.assert_close(stopped[key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once_without_half_written_files(tiny_model_files, tmp_path):
+def test_a_signal_delivered_twice_stops_once_without_half_written_files(tiny_model_files, tmp_path):
     data = dataset(tmp_path, batch_size=1)
     out = str(tmp_path / "out")
     argv = base_argv(tiny_model_files, data, out, steps=100000, save_every_n_steps=1, cache_latents=True,
@@ -75,9 +115,10 @@ def test_a_second_signal_exits_at_once_without_half_written_files(tiny_model_fil
     assert started.wait(120), "".join(lines)
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) != 0
-    for name in os.listdir(out):  # a temporary ".name.tmp-*" may remain; every final name is complete
+    process.send_signal(signal.SIGTERM)  # within the grace time: the same request
+    assert process.wait(60) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM at step" in "".join(lines)
+    for name in os.listdir(out):  # every final name is complete
         if name.endswith(".safetensors") and not name.startswith("."):
             assert load_safetensors(os.path.join(out, name))
 

@@ -57,6 +57,35 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
     assert all(torch.equal(a[key], c[key]) for key in a)
 
 
+
+def test_resume_restores_the_fp16_loss_scale(tiny_model_files, tmp_path, monkeypatch):
+    """accelerate makes a GradScaler for fp16 on a GPU; here one on the CPU, its scale doubling each step."""
+    import accelerate
+
+    from library import training_loop
+
+    init, run_loop, scales = accelerate.Accelerator.__init__, training_loop.TrainingLoop.run, []
+
+    def with_scaler(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+
+    def recording(self, *args, **kwargs):
+        scales.append(self.accelerator.scaler.get_scale())
+        return run_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    monkeypatch.setattr(training_loop.TrainingLoop, "run", recording)
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    assert run(base_argv(tiny_model_files, data, out, steps=2, save_state_on_train_end=True, cache_latents=True)) == 0
+    state = os.path.join(out, "lora-state")
+    assert torch.load(os.path.join(state, "scaler.pt"), weights_only=False)["scale"] == 4096.0
+    resumed = str(tmp_path / "resumed")
+    assert run(base_argv(tiny_model_files, data, resumed, steps=3, resume=state, cache_latents=True)) == 0
+    assert scales == [1024.0, 4096.0]
+
+
 def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_model_files, tmp_path, capsys, caplog):
     data = dataset(tmp_path, batch_size=1)
     first = str(tmp_path / "first")
