@@ -118,16 +118,19 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         for model in (dit, clip_l, t5xxl, ae):
             if model is not None:
                 model.requires_grad_(False).eval()
-        device = accelerator.device
         dit.cpu_offload_checkpointing = args.cpu_offload_checkpointing  # used once checkpointing is enabled
+        version = "chroma" if args.model_type == "chroma" else "flux1"
+        return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)  # all on the CPU (place_models)
+
+    def place_models(self, ctx) -> None:
+        args, device, models = ctx.args, ctx.accelerator.device, ctx.models
         if args.blocks_to_swap:
-            double, single = dit.enable_block_swap(args.blocks_to_swap, device)
+            double, single = models.dit.enable_block_swap(args.blocks_to_swap, device)
             logger.info("block swap: %d double and %d single blocks move between the CPU and %s",
                         double, single, device)  # fmt: skip
-        dit.move_to_device_except_swap_blocks(device)
-        ae.to(device)
-        version = "chroma" if args.model_type == "chroma" else "flux1"
-        return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)
+        models.dit.move_to_device_except_swap_blocks(device)
+        if not args.cache_latents:  # it encodes every batch; otherwise it comes to the GPU only to decode samples
+            models.ae.to(device)
 
     def check_dataset(self, args, train_group, val_group) -> None:
         self.t5_max_length = args.t5xxl_max_token_length or (256 if self._checkpoint_is_schnell(args) else 512)
@@ -156,8 +159,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                               args.cache_latents_to_disk,
                               args.vae_batch_size or 1, args.skip_cache_check, accelerator.process_index,
                               accelerator.num_processes)
+        ctx.models.ae.to(accelerator.device)
         with __import__("torch").no_grad():
             cacher.cache(groups)
+        ctx.models.ae.to("cpu")  # training reads the cache; samples take the AE to the GPU to decode
         accelerator.wait_for_everyone()
         if args.cache_latents_to_disk:
             check_disk_caches_complete(groups, latents=True)
@@ -172,11 +177,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
                                                       use_clip_l=args.model_type == "flux")
         self.encoding_strategy = FluxTextEncodingStrategy(args.apply_t5_attn_mask)
-        device = ctx.accelerator.device
-        for encoder in ctx.models.text_encoders:
-            if encoder is not None:
-                encoder.to(device)
         if not args.cache_text_encoder_outputs:
+            move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # they encode every batch
             return
         from library.caches import TextEncoderCacher, check_disk_caches_complete, file_fingerprint
 
@@ -205,8 +207,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             with torch.no_grad():
                 texts = texts_to_encode(ctx.sample_prompts, args.model_type)
                 self.sample_conditions = encode_texts(texts, lambda t: self.encode_captions(ctx, t))
+        move_text_encoders(ctx.models.text_encoders, "cpu")  # the GPU is the DiT's now (a trained CLIP-L returns)
 
     def encode_captions(self, ctx, captions: list[str]) -> list:
+        move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # cached runs move them only to encode
         tokens = self.tokenize_strategy.tokenize(captions)
         with ctx.accelerator.autocast():
             return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders, tokens)
@@ -262,6 +266,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             # before; CLIP-L stays while its LoRA trains
             clip_l = ctx.models.text_encoders[0] if ctx.train_text_encoder else None
             ctx.models.text_encoders = [clip_l, None]
+            move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)
 
     def text_conditions(self, ctx, batch: dict):
         """(l_pooled, t5_out, txt_ids, t5_mask) for a batch: from the cache, or encoded now."""
@@ -396,6 +401,15 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             loras=[(args.output_name, getattr(ctx.network, "multiplier", 1.0))],  # the LoRA being trained
             on_image=wandb_sample_logger(accelerator), **text,
         )
+
+
+def move_text_encoders(text_encoders: list, device) -> None:
+    """Moves the (present) text encoders to ``device`` unless they are there: a cheap check per call."""
+    import torch
+
+    for encoder in text_encoders:
+        if encoder is not None and next(encoder.parameters()).device != torch.device(device):
+            encoder.to(device)
 
 
 def trained_text_encoders(text_encoders: list, network) -> list:

@@ -124,6 +124,11 @@ class NetworkTrainer:
         """Tokenizers, text-encoder output caches and anything sampling will need."""
         raise NotImplementedError
 
+    def place_models(self, ctx: RunContext) -> None:
+        """Moves the models to where they train, once the caches are made: until then the DiT waits on
+        the CPU, so the text encoders and the AE have the GPU to themselves while caching."""
+        raise NotImplementedError
+
     def batch_loss(self, ctx: RunContext, batch: dict, step: int, sample_indices: list[int], fixed_sigma=None):
         """Per-sample losses (B,) of one batch."""
         raise NotImplementedError
@@ -192,6 +197,7 @@ class NetworkTrainer:
         ctx.train_text_encoder = not args.network_train_unet_only  # narrowed once the network exists
         self.merge_base_weights(ctx, self.network_module)  # before the text encoders' outputs are cached
         self.prepare_text_encoding(ctx, groups)
+        self.place_models(ctx)
 
         network = self.create_network(ctx)
         ctx.network = network

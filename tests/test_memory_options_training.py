@@ -172,3 +172,38 @@ def test_cudnn_attention_puts_cudnns_kernel_first_for_the_run(deeper_models, dat
     plain = train(deeper_models, data, tmp_path / "plain")
     assert asked and set(asked) == {flux_layers.DEFAULT_ATTENTION_BACKENDS}  # the next run leaves it out again
     assert_same(plain, with_cudnn)
+
+
+def test_the_dit_reaches_the_gpu_only_after_the_caches_and_the_text_encoders_leave(tiny_model_files, tmp_path,
+                                                                                   monkeypatch):  # fmt: skip
+    """While the AE and the text encoders fill the caches, the DiT waits on the CPU (the 8-12 GB recipes
+    do not fit all of them at once), T5 goes to the GPU only to encode, and the AE leaves after caching."""
+    from library.flux_ae import AutoEncoder
+    from library.flux_models import Flux
+
+    events = []
+    place, move = Flux.move_to_device_except_swap_blocks, flux_train_network.move_text_encoders
+    encode = flux_train_network.FluxNetworkTrainer.encode_captions_to_numpy
+    monkeypatch.setattr(Flux, "move_to_device_except_swap_blocks",
+                        lambda self, device: events.append("dit placed") or place(self, device))
+    # the accelerator's device (a torch.device: the GPU on a GPU machine) against the literal "cpu"
+    monkeypatch.setattr(flux_train_network, "move_text_encoders", lambda encoders, device: events.append(
+        "text encoders to " + ("the device" if isinstance(device, torch.device) else device))
+        or move(encoders, device))  # fmt: skip
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "encode_captions_to_numpy",
+                        lambda self, captions: events.append("encode") or encode(self, captions))
+    ae_to = AutoEncoder.to
+    monkeypatch.setattr(AutoEncoder, "to", lambda self, *args, **kwargs: events.append(
+        "ae to " + ("the device" if isinstance(args[0], torch.device) else str(args[0])))
+        or ae_to(self, *args, **kwargs))  # fmt: skip
+    data = dataset(tmp_path)
+    flags = dict(steps=1, network_train_unet_only=True, cache_latents=True, cache_text_encoder_outputs_to_disk=True)
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "first"), **flags)) == 0
+    first = events[: events.index("dit placed") + 1]
+    assert first[:2] == ["ae to the device", "ae to cpu"]  # the latents cached: the AE waits on the CPU
+    assert "encode" in first and "text encoders to the device" in first
+    assert first[-2:] == ["text encoders to cpu", "dit placed"] and "text encoders to cpu" not in first[:-2]
+    events.clear()
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "second"), **flags)) == 0
+    assert events[: events.index("dit placed") + 1] == ["ae to the device", "ae to cpu", "text encoders to cpu",
+                                                        "dit placed"]  # all cached  # fmt: skip
