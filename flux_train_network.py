@@ -188,8 +188,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             "t5xxl_max_token_length": self.t5_max_length,
             "model_type": args.model_type,
         }
-        if ctx.text_encoder_base_weights:  # the key only when needed: other runs' caches stay valid
+        # these keys only when needed, so that other runs' caches stay valid
+        if ctx.text_encoder_base_weights:
             fingerprint["base_weights"] = ctx.text_encoder_base_weights
+        if args.fp8_base and not args.fp8_base_unet:  # encoders stored in fp8 give outputs of their own
+            fingerprint["encoders_in_fp8"] = True
         cacher = TextEncoderCacher(self.encode_captions_to_numpy, fingerprint, args.apply_t5_attn_mask,
                                    args.cache_text_encoder_outputs_to_disk, args.text_encoder_batch_size,
                                    args.skip_cache_check, ctx.accelerator.process_index,

@@ -207,3 +207,19 @@ def test_the_dit_reaches_the_gpu_only_after_the_caches_and_the_text_encoders_lea
     assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "second"), **flags)) == 0
     assert events[: events.index("dit placed") + 1] == ["ae to the device", "ae to cpu", "text encoders to cpu",
                                                         "dit placed"]  # all cached  # fmt: skip
+
+
+def test_text_encoder_outputs_cached_from_fp8_encoders_are_not_reused_by_wider_ones(tiny_model_files, tmp_path):
+    import glob
+
+    data = dataset(tmp_path)
+
+    def cache_files_after(name, **flags):
+        train(tiny_model_files, data, tmp_path / name, mixed_precision="bf16", cache_text_encoder_outputs_to_disk=True,
+              **flags)  # fmt: skip
+        return {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(data.image_dir, "*_flux_te.npz"))}
+
+    from_fp8 = cache_files_after("fp8", fp8_base=True)
+    wide = cache_files_after("bf16")
+    assert wide.keys() == from_fp8.keys() and all(wide[p] != from_fp8[p] for p in wide)
+    assert cache_files_after("fp8_dit_only", fp8_base=True, fp8_base_unet=True) == wide  # encoders not in fp8
