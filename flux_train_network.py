@@ -102,6 +102,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.text_encoders import load_clip_l, load_t5xxl
 
         dit_fp8 = args.fp8_base or args.fp8_base_unet
+        if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
+            raise UserError(f"{'--fp8_base' if args.fp8_base else '--fp8_base_unet'} computes in the mixed "
+                            "precision, and on a CPU --mixed_precision fp16 computes in fp32: use bf16")  # fmt: skip
         te_dtype = FP8 if args.fp8_base and not args.fp8_base_unet else weight_dtype
         path = args.pretrained_model_name_or_path
         dit_dtype = dit_load_dtype(path, weight_dtype) if dit_fp8 else weight_dtype

@@ -173,6 +173,10 @@ class NetworkTrainer:
             args.seed = broadcast_object_list(seed)[0] if accelerator.num_processes > 1 else seed[0]
         set_seed(args.seed)
         weight_dtype, save_dtype = resolve_dtypes(args, accelerator.device.type)
+        if args.full_fp16 and getattr(accelerator, "scaler", None) is not None:
+            from library.dtypes import allow_fp16_gradients
+
+            allow_fp16_gradients(accelerator.scaler)
 
         configs = load_dataset_configs(args)
         check_caching(configs, args)

@@ -74,3 +74,15 @@ def _has_autocast(device_type: str) -> bool:
     # one graph: dynamo before torch 2.13 cannot trace torch._C._is_autocast_available, and breaks
     # the graph at each call (ten graphs for a double block with torch 2.11).
     return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
+def allow_fp16_gradients(scaler) -> None:
+    """Lets a GradScaler unscale fp16 gradients (``--full_fp16``: the LoRA itself is fp16). torch
+    refuses them by default; unscaling only multiplies by 1/scale, and a result that overflows is
+    caught as inf like any other. sd-scripts patches accelerate's scaler the same way."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16

@@ -39,3 +39,24 @@ def test_a_device_index_beyond_the_count_is_named(monkeypatch):
     assert device_from_name("cuda:1", "--device") == torch.device("cuda", 1)
     with pytest.raises(UserError, match=r"^--device cuda:2: there are only 2 cuda devices$"):
         device_from_name("cuda:2", "--device")
+
+
+def test_full_fp16_gradients_are_unscaled_and_stepped():
+    """--full_fp16 trains an fp16 LoRA: accelerate's GradScaler (made for fp16 on a GPU; a CPU one here)
+    refuses to unscale fp16 gradients unless the trainer allows them."""
+    from library.dtypes import allow_fp16_gradients
+
+    def step(allow: bool) -> torch.Tensor:
+        weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+        optimizer = torch.optim.SGD([weight], lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        if allow:
+            allow_fp16_gradients(scaler)
+        scaler.scale((weight.float() * torch.arange(4.0)).sum()).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        return weight.detach()
+
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        step(allow=False)
+    torch.testing.assert_close(step(allow=True), torch.tensor([1.0, 0.5, 0.0, -0.5], dtype=torch.float16))

@@ -169,8 +169,10 @@ def test_fp8_scaled_flag_dest_and_default():
         ({"fp8_scaled": True, "mixed_precision": "bf16"}, "use it with --fp8_base or --fp8_base_unet"),
         ({"fp8_base": True, "fp8_scaled": True, "mixed_precision": "bf16", "base_weights": ["x.safetensors"]},
          "--base_weights cannot be merged into --fp8_scaled weights"),
+        ({"fp8_base": True, "mixed_precision": "fp16"}, "--fp8_base computes in the mixed precision, and on a CPU "
+                                                        "--mixed_precision fp16 computes in fp32: use bf16"),
     ],
-    ids=["no-mixed-precision", "unet-fp32", "scaled-alone", "scaled-base-weights"],
+    ids=["no-mixed-precision", "unet-fp32", "scaled-alone", "scaled-base-weights", "fp16-on-cpu"],
 )  # fmt: skip
 def test_fp8_option_errors_are_clear(tiny_model_files, tmp_path, capsys, flags, message):
     argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), **flags)
