@@ -65,33 +65,52 @@ def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str
     return shapes, metadata
 
 
-def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_keys=frozenset()) -> dict[str, Tensor]:
-    """Reads every tensor, casting each one as it arrives (to ``dtype_of(key)`` if that gives a
-    dtype, else to ``dtype``), so the peak stays near the size of the result. Tensors named in
-    ``scaled_fp8_keys`` are quantized as they arrive to e4m3fn with per-row scales, stored beside
-    them as ``<name>_scale``. ComfyUI scaled-fp8 files are read as stored, then their scales applied."""
-    entries: dict = {}
-    for file in files:
-        entries.update(read_header(file)[0])
-    scaled_fp8 = is_comfy_scaled_fp8(entries)
-    device = torch.device(device)
-    sd: dict[str, Tensor] = {}
-    for file in files:
-        with SafetensorsReader(file) as reader:
+_BLOCK_GROUP = re.compile(r"^(?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.")
+
+
+def _block_group(key: str) -> str:
+    """The block a (prefix-stripped) key belongs to ("" outside the blocks): tensors are read, converted
+    and cast one such group at a time."""
+    m = _BLOCK_GROUP.match(key[len(FLUX_PREFIX) :] if key.startswith(FLUX_PREFIX) else key)
+    return m.group(0) if m else ""
+
+
+def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_keys=frozenset(),
+                  convert=None) -> dict[str, Tensor]:  # fmt: skip
+    """Reads every tensor, without ``model.diffusion_model.``, one block at a time: applies ComfyUI's
+    fp8 scales, ``convert`` (e.g. diffusers' keys to BFL's) and then casts each result to
+    ``dtype_of(key)`` if that gives a dtype, else to ``dtype``; one named in ``scaled_fp8_keys`` is
+    quantized to e4m3fn with per-row scales, stored beside it as ``<name>_scale``. So the peak stays
+    near the size of the result plus one block as the file stores it."""
+    from contextlib import ExitStack
+
+    where: dict[str, SafetensorsReader] = {}
+    groups: dict[str, list[str]] = {}
+    with ExitStack() as stack:
+        for file in files:
+            reader = stack.enter_context(SafetensorsReader(file))
             for key in reader.keys():
-                tensor = reader.get(key)
-                if key in scaled_fp8_keys and not scaled_fp8:
+                where[key] = reader
+                groups.setdefault(_block_group(key), []).append(key)
+        scaled_fp8 = is_comfy_scaled_fp8(where)
+        device = torch.device(device)
+        sd: dict[str, Tensor] = {}
+        for keys in groups.values():
+            group = {key: where[key].get(key) for key in keys}
+            if scaled_fp8:
+                group = dequantize_comfy_scaled_fp8(group, dtype or torch.float32)
+            group = _strip(group)
+            if convert is not None:
+                group = convert(group)
+            for key, tensor in group.items():
+                if key in scaled_fp8_keys:
                     from library.fp8 import quantize_weight
 
                     tensor, sd[f"{key}_scale"] = quantize_weight(tensor, scaled=True)
-                target = None if scaled_fp8 else ((dtype_of(key) if dtype_of else None) or dtype)
+                target = (dtype_of(key) if dtype_of else None) or dtype
                 if target is not None and tensor.is_floating_point() and tensor.dtype != target:
                     tensor = tensor.to(target)
                 sd[key] = tensor.to(device) if device.type != "cpu" else tensor
-    if scaled_fp8:
-        sd = dequantize_comfy_scaled_fp8(sd, dtype or torch.float32)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in sd.items()}
     return sd
 
 
@@ -185,26 +204,26 @@ def load_flow_model(
     del disable_mmap  # the reader never memory-maps
     files, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
 
+    bfl_shapes = shapes
+    if diffusers:
+        stand_ins = {k: torch.empty(v, device="meta") for k, v in shapes.items() if not is_comfy_scale_key(k)}
+        bfl_shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
+    params = infer_chroma_params(bfl_shapes, metadata) if chroma else infer_flux_params(bfl_shapes, metadata)
     dtype_of, scaled_keys = None, frozenset()
-    if fp8_block_linears and not diffusers:
+    if fp8_block_linears:
         from library.fp8 import FP8, block_linears
 
         with torch.device("meta"):
-            skeleton = Chroma(infer_chroma_params(shapes, metadata)) if chroma else Flux(infer_flux_params(shapes))
+            skeleton = Chroma(params) if chroma else Flux(params)
         fp8_keys = {f"{name}.weight" for name, _ in block_linears(skeleton)}
-        fp8_keys |= {FLUX_PREFIX + key for key in fp8_keys}  # files with ComfyUI's prefix
 
         def dtype_of(key: str) -> torch.dtype | None:
             return FP8 if key in fp8_keys else None
 
         if fp8_scaled and dtype is not None:
             scaled_keys = frozenset(fp8_keys)
-    sd = _strip(_load_tensors(files, device, dtype, dtype_of, scaled_keys))
+    sd = _load_tensors(files, device, dtype, dtype_of, scaled_keys, diffusers_to_bfl if diffusers else None)
     scales = {k[: -len("_scale")]: sd.pop(k) for k in [k for k in sd if k.endswith(".weight_scale")]}
-    if diffusers:
-        sd = diffusers_to_bfl(sd)
-        shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    params = infer_chroma_params(shapes, metadata) if chroma else infer_flux_params(shapes, metadata)
     with torch.device("meta"):
         model = Chroma(params) if chroma else Flux(params)
     assign_state_dict(model, sd, ckpt_path)

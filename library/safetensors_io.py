@@ -228,8 +228,8 @@ def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torc
     for key in [k for k in state_dict if k.endswith(".scale_weight")]:
         scale = state_dict.pop(key)
         weight_key = key[: -len("scale_weight")] + "weight"
-        if weight_key in state_dict:
-            state_dict[weight_key] = state_dict[weight_key].to(dtype) * scale.to(dtype)
+        if weight_key in state_dict:  # in fp32, rounded once: a bf16 scale would shift every weight
+            state_dict[weight_key] = (state_dict[weight_key].float() * scale.float()).to(dtype)
     for key in [k for k in state_dict if k.endswith(".scale_input")]:
         del state_dict[key]
     return state_dict

@@ -223,3 +223,36 @@ def test_loading_straight_to_fp8_equals_loading_then_quantizing(tmp_path, scaled
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key].float(), b[key].float()), key
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "fp8_scaled"])
+def test_fp8_loads_of_a_diffusers_file_and_a_comfy_scaled_file_equal_the_bfl_files(tiny_model_files, tmp_path,
+                                                                                   scaled):  # fmt: skip
+    """All three layouts are read block by block into the same fp8 model (ComfyUI's scales applied first)."""
+    from library.flux_key_mapping import bfl_to_diffusers
+    from library.safetensors_io import load_safetensors
+
+    weights = {k: v.to(torch.bfloat16) for k, v in load_safetensors(tiny_model_files.flux_dev).items()}
+    save_safetensors(weights, tmp_path / "bfl.safetensors")
+    save_safetensors(bfl_to_diffusers(weights), tmp_path / "diffusers.safetensors")
+    _, model = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    comfy = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    for name, _ in block_linears(model):
+        weight = weights.pop(f"{name}.weight").float()
+        scale = weight.abs().max() / 448
+        comfy[f"{name}.weight"], comfy[f"{name}.scale_weight"] = (weight / scale).to(FP8), scale
+        weights[f"{name}.weight"] = (comfy[f"{name}.weight"].float() * scale).to(torch.bfloat16)
+    save_safetensors(weights, tmp_path / "bfl_of_comfy.safetensors")  # the weights the ComfyUI file holds
+    save_safetensors({**weights, **comfy}, tmp_path / "comfy.safetensors")
+
+    def load(name):
+        _, dit = load_flow_model(str(tmp_path / name), torch.bfloat16, "cpu", fp8_block_linears=True,
+                                 fp8_scaled=scaled)  # fmt: skip
+        return dit.state_dict()
+
+    for file, reference in (("diffusers", "bfl"), ("comfy", "bfl_of_comfy")):
+        got, expected = load(f"{file}.safetensors"), load(f"{reference}.safetensors")
+        assert got.keys() == expected.keys()
+        assert got["double_blocks.0.img_attn.qkv.weight"].dtype == FP8
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key].float(), value.float()), (file, key)
