@@ -119,6 +119,15 @@ def _fp8_linear_forward(module: nn.Linear, compute_dtype: torch.dtype, x: torch.
     return F.linear(x.to(compute_dtype), module.weight.to(compute_dtype), bias)
 
 
+def changes_text_encoders(lora_path: str) -> bool:
+    """Whether a LoRA file has text-encoder modules (sd-scripts' lora_te*, diffusers' text_encoder.*)."""
+    from library.safetensors_io import read_keys
+
+    if not lora_path.endswith(".safetensors"):
+        return False
+    return any(k.startswith(("lora_te", "text_encoder.")) for k in read_keys(lora_path))
+
+
 def compute_fp8_linears_in(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Makes every Linear with fp8 weights upcast them per call to ``compute_dtype``; returns the count."""
     count = 0
@@ -263,7 +272,7 @@ def check_args(args) -> None:
 def load_pipeline(args) -> Pipeline:
     """Loads every model (checking the files first) and applies or merges the LoRAs."""
     from library.flux_utils import load_ae, load_flow_model
-    from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
+    from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl, store_linears_in_fp8
     from library.tokenizers_flux import FluxTokenizeStrategy
 
     check_args(args)
@@ -290,12 +299,15 @@ def load_pipeline(args) -> Pipeline:
     is_schnell, dit = load_flow_model(args.ckpt_path, compute if fp8_dit else flux_dtype,
                                       "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
     dit.requires_grad_(False).eval()
+    # a LoRA merged into an fp8 encoder goes into its wide weights (on the CPU), which are then stored in fp8
+    merge_first = args.merge_lora_weights and any(changes_text_encoders(path) for path, _ in specs)
+    te_dtypes = {"clip_l": clip_dtype, "t5xxl": t5_dtype}
+    wide_first = {name: merge_first and d in FP8_DTYPES for name, d in te_dtypes.items()}
+    te_load = {name: (compute, "cpu") if wide_first[name] else (d, loading_device) for name, d in te_dtypes.items()}
     clip_l = None
     if args.clip_l:
-        clip_l = load_clip_l(args.clip_l, clip_dtype, loading_device, compute_dtype=compute).requires_grad_(False)
-        compute_fp8_linears_in(clip_l, compute)
-    t5xxl = load_t5xxl(args.t5xxl, t5_dtype, loading_device, compute_dtype=compute).requires_grad_(False)
-    compute_fp8_linears_in(t5xxl, compute)
+        clip_l = load_clip_l(args.clip_l, *te_load["clip_l"], compute_dtype=compute).requires_grad_(False)
+    t5xxl = load_t5xxl(args.t5xxl, *te_load["t5xxl"], compute_dtype=compute).requires_grad_(False)
     ae = load_ae(args.ae, ae_dtype, loading_device).requires_grad_(False).eval()
     text_encoders = [clip_l, t5xxl]
 
@@ -307,6 +319,11 @@ def load_pipeline(args) -> Pipeline:
     )  # fmt: skip
     if args.merge_lora_weights:  # merged into the compute-dtype weights, before any fp8 cast
         pipeline.loras = load_loras(specs, dit, text_encoders, merge=True, device=device, dtype=compute)
+    for encoder, name in ((clip_l, "clip_l"), (t5xxl, "t5xxl")):
+        if encoder is not None and wide_first[name]:
+            store_linears_in_fp8(encoder, te_dtypes[name]).to(loading_device)
+        if encoder is not None:
+            compute_fp8_linears_in(encoder, compute)
     if fp8_dit:
         count = store_block_linears_in_fp8(dit, flux_dtype, compute)
         logger.info("DiT: %d block Linear weights stored in %s, computed in %s", count, flux_dtype, compute)

@@ -52,6 +52,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.parser = parser or setup_parser()
         self.is_schnell = False
         self.sample_conditions = None  # sample prompts encoded before the text encoders were freed
+        self.fp8_after_merge = {"dit": False, "text_encoders": False}  # stored in fp8 once --base_weights merged
 
     # ---- checks before any work ------------------------------------------------------------------
     def check_args(self, args) -> None:
@@ -105,13 +106,19 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
             raise UserError(f"{'--fp8_base' if args.fp8_base else '--fp8_base_unet'} computes in the mixed "
                             "precision, and on a CPU --mixed_precision fp16 computes in fp32: use bf16")  # fmt: skip
-        te_dtype = FP8 if args.fp8_base and not args.fp8_base_unet else weight_dtype
+        te_fp8 = args.fp8_base and not args.fp8_base_unet
+        # base weights merge into the wide weights, which are then stored in fp8: Q(W + dW), not Q(Q(W) + dW),
+        # which rounds away most of a LoRA whose change is a few percent of the weight
+        self.fp8_after_merge = {"dit": dit_fp8 and base_weights_change(args.base_weights, "lora_unet"),
+                                "text_encoders": te_fp8 and base_weights_change(args.base_weights, "lora_te")}
+        te_dtype = FP8 if te_fp8 and not self.fp8_after_merge["text_encoders"] else weight_dtype
         path = args.pretrained_model_name_or_path
-        dit_dtype = dit_load_dtype(path, weight_dtype) if dit_fp8 else weight_dtype
+        quantize_now = dit_fp8 and not self.fp8_after_merge["dit"]
+        dit_dtype = dit_load_dtype(path, weight_dtype) if quantize_now else weight_dtype
         # block weights are stored in fp8 (with their per-row scales for --fp8_scaled) as each is read
         self.is_schnell, dit = load_flow_model(path, dit_dtype, "cpu", model_type=args.model_type,
-                                               fp8_block_linears=dit_fp8, fp8_scaled=args.fp8_scaled)
-        if dit_fp8:
+                                               fp8_block_linears=quantize_now, fp8_scaled=args.fp8_scaled)
+        if quantize_now:
             quantize_dit_(dit, weight_dtype, scaled=args.fp8_scaled)
         clip_l = None
         if args.model_type == "flux":
@@ -124,6 +131,18 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         dit.cpu_offload_checkpointing = args.cpu_offload_checkpointing  # used once checkpointing is enabled
         version = "chroma" if args.model_type == "chroma" else "flux1"
         return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)  # all on the CPU (place_models)
+
+    def merge_base_weights(self, ctx, network_module) -> None:
+        super().merge_base_weights(ctx, network_module)
+        from library.fp8 import quantize_dit_
+        from library.text_encoders import store_linears_in_fp8
+
+        if self.fp8_after_merge["dit"]:
+            quantize_dit_(ctx.models.dit, ctx.weight_dtype, scaled=ctx.args.fp8_scaled)
+        if self.fp8_after_merge["text_encoders"]:
+            for encoder in ctx.models.text_encoders:
+                if encoder is not None:
+                    store_linears_in_fp8(encoder)
 
     def place_models(self, ctx) -> None:
         args, device, models = ctx.args, ctx.accelerator.device, ctx.models
@@ -407,6 +426,13 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             loras=[(args.output_name, getattr(ctx.network, "multiplier", 1.0))],  # the LoRA being trained
             on_image=wandb_sample_logger(accelerator), **text,
         )
+
+
+def base_weights_change(paths: list[str] | None, prefix: str) -> bool:
+    """Whether any --base_weights file has modules named ``prefix...`` (lora_unet: the DiT, lora_te: an encoder)."""
+    from library.safetensors_io import read_keys
+
+    return any(k.startswith(prefix) for path in paths or [] if path.endswith(".safetensors") for k in read_keys(path))
 
 
 def move_text_encoders(text_encoders: list, device) -> None:

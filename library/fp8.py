@@ -244,9 +244,6 @@ def check_fp8_args(args) -> None:
         return
     if not fp8:
         raise UserError("--fp8_scaled chooses how fp8 weights are stored: use it with --fp8_base or --fp8_base_unet")
-    if getattr(args, "base_weights", None):
-        raise UserError("--base_weights cannot be merged into --fp8_scaled weights: drop --fp8_scaled (plain "
-                        "--fp8_base merges them), or merge first with networks/flux_merge_lora.py")  # fmt: skip
     if any(str(a).split("=", 1)[0].strip().startswith("ggpo_") for a in getattr(args, "network_args", None) or []):
         raise UserError("GGPO (network_args ggpo_sigma / ggpo_beta) reads the base weights' norms, which "
                         "--fp8_scaled stores divided by their scales: drop --fp8_scaled (plain --fp8_base works)")

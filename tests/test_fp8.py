@@ -167,12 +167,10 @@ def test_fp8_scaled_flag_dest_and_default():
                              "--mixed_precision bf16"),
         ({"fp8_base_unet": True, "mixed_precision": "no"}, "--fp8_base_unet stores weights in fp8"),
         ({"fp8_scaled": True, "mixed_precision": "bf16"}, "use it with --fp8_base or --fp8_base_unet"),
-        ({"fp8_base": True, "fp8_scaled": True, "mixed_precision": "bf16", "base_weights": ["x.safetensors"]},
-         "--base_weights cannot be merged into --fp8_scaled weights"),
         ({"fp8_base": True, "mixed_precision": "fp16"}, "--fp8_base computes in the mixed precision, and on a CPU "
                                                         "--mixed_precision fp16 computes in fp32: use bf16"),
     ],
-    ids=["no-mixed-precision", "unet-fp32", "scaled-alone", "scaled-base-weights", "fp16-on-cpu"],
+    ids=["no-mixed-precision", "unet-fp32", "scaled-alone", "fp16-on-cpu"],
 )  # fmt: skip
 def test_fp8_option_errors_are_clear(tiny_model_files, tmp_path, capsys, flags, message):
     argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), **flags)
@@ -256,3 +254,45 @@ def test_fp8_loads_of_a_diffusers_file_and_a_comfy_scaled_file_equal_the_bfl_fil
         assert got["double_blocks.0.img_attn.qkv.weight"].dtype == FP8
         for key, value in expected.items():
             assert got[key].dtype == value.dtype and torch.equal(got[key].float(), value.float()), (file, key)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8", "fp8_scaled"])
+def test_base_weights_merge_into_the_wide_weights_before_they_are_stored_in_fp8(tiny_model_files, tmp_path, scaled):
+    """Q(W + dW), not Q(Q(W) + dW): a change of a few percent of a weight is mostly rounded away by the latter."""
+    from types import SimpleNamespace
+
+    from library.text_encoders import load_clip_l, store_linears_in_fp8
+    from tests.test_lora_math import randomize_lora
+
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    network = lora_flux.create_network(1.0, 4, 4, None, [clip, None], dit)
+    randomize_lora(network, std=0.05)
+    base = str(tmp_path / "base.safetensors")
+    save_safetensors(network.state_dict(), base)
+
+    parser = flux_train_network.setup_parser()
+    flags = dict(mixed_precision="bf16", fp8_base=True, fp8_scaled=scaled, base_weights=[base])
+    args = parser.parse_args(base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), **flags))
+    trainer = flux_train_network.FluxNetworkTrainer(parser)
+    trainer.check_args(args)
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+    models = trainer.load_target_model(args, accelerator, torch.bfloat16)
+    ctx = flux_train_network.train_network.RunContext(args, accelerator, torch.bfloat16, models)
+    trainer.merge_base_weights(ctx, lora_flux)
+
+    def merged_then_fp8(dit, clip):
+        merging, weights = lora_flux.create_network_from_weights(1.0, base, None, [clip, None], dit, for_inference=True)
+        merging.merge_to([clip, None], dit, weights)
+        return quantize_dit_(dit, torch.bfloat16, scaled=scaled), store_linears_in_fp8(clip)
+
+    _, wide_dit = load_flow_model(tiny_model_files.flux_dev, torch.bfloat16, "cpu")
+    wide_clip = load_clip_l(tiny_model_files.clip_l, torch.bfloat16, "cpu")
+    expected_dit, expected_clip = merged_then_fp8(wide_dit, wide_clip)
+    for got, expected in ((models.dit, expected_dit), (models.text_encoders[0], expected_clip)):
+        got, expected = got.state_dict(), expected.state_dict()
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+    assert models.dit.double_blocks[0].img_attn.qkv.weight.dtype == FP8
+    assert models.text_encoders[0].encoder.layers[0].mlp.fc1.weight.dtype == FP8

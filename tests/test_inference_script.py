@@ -188,6 +188,28 @@ def test_fp8_dit_and_text_encoders_compute_in_the_compute_dtype(tiny_model_files
     assert difference.max() > 0, "the weights really were fp8"
 
 
+
+def test_a_lora_merged_into_fp8_text_encoders_goes_into_their_wide_weights(tiny_model_files, tmp_path, lora_file):
+    """--merge_lora_weights with an fp8 CLIP-L / T5: Q(W + dW), as the DiT gets, not Q(Q(W) + dW)."""
+    from library.text_encoders import load_clip_l, store_linears_in_fp8
+    from networks.lora_flux import create_network_from_weights
+
+    extra = ("--lora_weights", lora_file, "--merge_lora_weights", "--clip_l_dtype", "fp8", "--t5xxl_dtype", "fp8")
+    pipeline = flux_minimal_inference.load_pipeline(
+        flux_minimal_inference.setup_parser().parse_args(argv(tiny_model_files, str(tmp_path / "p"), *extra)))
+    from library.flux_utils import load_flow_model
+
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    network, weights = create_network_from_weights(1.0, lora_file, None, [clip, None], dit, for_inference=True)
+    network.merge_to([clip, None], dit, weights)
+    expected = store_linears_in_fp8(clip).state_dict()
+    got = pipeline.text_encoders[0].state_dict()
+    assert got["encoder.layers.0.mlp.fc1.weight"].dtype == torch.float8_e4m3fn
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+
+
 def test_offload_gives_the_same_image(tiny_model_files, tmp_path, lora_file):
     a, _ = generate(tiny_model_files, tmp_path, "a", "--seed", 9, "--lora_weights", lora_file)
     b, _ = generate(tiny_model_files, tmp_path, "b", "--seed", 9, "--lora_weights", lora_file, "--offload")
