@@ -316,7 +316,18 @@ class LoRAModule(nn.Module):
             down = sd["lora_down.weight"].to(compute_device, torch.float32)
             up = sd["lora_up.weight"].to(compute_device, torch.float32)
             delta = (up @ down) * (resolve_alpha(sd.get("alpha"), down.shape[0]) / down.shape[0])
-        merged = weight.to(compute_device, torch.float32) + self.multiplier * delta
+        row_scale = self.org_module._buffers.get("weight_scale")  # --fp8_scaled: the weight is W / scale
+        wide = weight.to(compute_device, torch.float32)
+        if row_scale is not None:
+            wide = wide * row_scale.to(compute_device, torch.float32)[:, None]
+        merged = wide + self.multiplier * delta
+        if row_scale is not None:  # the merged rows get scales of their own
+            from library.fp8 import quantize_weight
+
+            quantized, new_scale = quantize_weight(merged, scaled=True)
+            self.org_module.weight.data = quantized.to(weight.device)
+            self.org_module.weight_scale = new_scale.to(row_scale.device, row_scale.dtype)
+            return
         self.org_module.weight.data = merged.to(weight.device, dtype or weight.dtype)
 
     @torch.no_grad()

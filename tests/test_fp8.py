@@ -17,6 +17,7 @@ from library.fp8 import (
     fp8_weight_bytes,
     make_fp8_linear,
     quantize_dit_,
+    quantize_weight,
     row_scales,
 )
 from library.safetensors_io import save_safetensors
@@ -296,3 +297,20 @@ def test_base_weights_merge_into_the_wide_weights_before_they_are_stored_in_fp8(
             assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
     assert models.dit.double_blocks[0].img_attn.qkv.weight.dtype == FP8
     assert models.text_encoders[0].encoder.layers[0].mlp.fc1.weight.dtype == FP8
+
+
+def test_merge_to_into_a_row_scaled_fp8_weight_adds_the_change_in_real_units():
+    """--fp8_scaled stores W / scale: a LoRA merged into it is added to W, and the rows get new scales."""
+    from networks.lora_modules import LoRAModule
+
+    torch.manual_seed(0)
+    linear = make_fp8_linear(nn.Linear(16, 8, bias=False), scaled=True)
+    wide = linear.weight.float() * linear.weight_scale[:, None]  # the weight the layer computes with
+    lora = LoRAModule("lora_unet_x", linear, multiplier=1.0, lora_dim=2, alpha=2)
+    down, up = torch.randn(2, 16) * 0.1, torch.randn(8, 2) * 0.1
+    lora.merge_to({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(2.0)})
+    expected = wide + up @ down
+    assert linear.weight.dtype == FP8 and torch.equal(linear.weight_scale, row_scales(expected))
+    assert torch.equal(linear.weight, quantize_weight(expected, scaled=True)[0])  # Q(W + dW), to the bit
+    merged = linear.weight.float() * linear.weight_scale[:, None]
+    assert (merged - wide).norm() > 0.9 * (up @ down).norm()
