@@ -208,6 +208,7 @@ def _peft_alphas(metadata: Mapping[str, str] | None):
         for pattern, value in (get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", path):
                 lora_alpha = value
+                break  # the first pattern that matches wins, as in peft's get_pattern_key
         if lora_alpha is None:
             return None
         # peft's scale is lora_alpha / r (or / sqrt(r) with rsLoRA); as an sd-scripts alpha: scale * rank

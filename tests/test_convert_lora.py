@@ -147,6 +147,11 @@ def test_diffusers_lora_alpha_metadata_is_honoured():
     converted = to_sd_scripts(sd, {"lora_adapter_metadata": json.dumps(peft)}).state_dict
     assert deltas(converted)["lora_unet_double_blocks_0_img_attn_proj"].allclose(2 * (b @ a).double())
 
+    # overlapping alpha patterns: the first that matches wins, as in peft
+    peft["transformer.alpha_pattern"] = {"to_out.0": 4, "attn.to_out.0": 12}
+    converted = to_sd_scripts(sd, {"lora_adapter_metadata": json.dumps(peft)}).state_dict
+    assert deltas(converted)["lora_unet_double_blocks_0_img_attn_proj"].allclose((b @ a).double())
+
 
 
 @pytest.mark.parametrize("prefix", ["diffusion_model.", "transformer.", ""])
