@@ -185,6 +185,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         with __import__("torch").no_grad():
             cacher.cache(groups)
         ctx.models.ae.to("cpu")  # training reads the cache; samples take the AE to the GPU to decode
+        release_gpu_memory()
         accelerator.wait_for_everyone()
         if args.cache_latents_to_disk:
             check_disk_caches_complete(groups, latents=True)
@@ -436,12 +437,29 @@ def base_weights_change(paths: list[str] | None, prefix: str) -> bool:
 
 
 def move_text_encoders(text_encoders: list, device) -> None:
-    """Moves the (present) text encoders to ``device`` unless they are there: a cheap check per call."""
+    """Moves the (present) text encoders to ``device`` unless they are there: a cheap check per call
+    (accelerate's "cuda" is where parameters on "cuda:0" are). Leaving a GPU hands its memory back."""
     import torch
 
+    device = torch.device(device)
+    moved = False
     for encoder in text_encoders:
-        if encoder is not None and next(encoder.parameters()).device != torch.device(device):
+        if encoder is None:
+            continue
+        at = next(encoder.parameters()).device
+        if at.type != device.type or (device.index is not None and at.index != device.index):
             encoder.to(device)
+            moved = True
+    if moved and device.type == "cpu":
+        release_gpu_memory()
+
+
+def release_gpu_memory() -> None:
+    """Returns the CUDA caching allocator's free blocks, so the DiT that comes next finds one unfragmented pool."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def trained_text_encoders(text_encoders: list, network) -> list:

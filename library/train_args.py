@@ -457,8 +457,8 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "huggingface_repo_visibility": "uploading to Hugging Face is not supported; nothing is uploaded",
     "lowram": "models are loaded tensor by tensor without a memory map, which is what it is for",
     "highvram": "memory is never freed between caching batches anyway",
-    "ddp_gradient_as_bucket_view": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
-    "ddp_static_graph": "gradients are averaged with one explicit all-reduce, not by a DDP wrapper",
+    "ddp_gradient_as_bucket_view": "gradients are averaged by explicit all-reduces, not by a DDP wrapper",
+    "ddp_static_graph": "gradients are averaged by explicit all-reduces, not by a DDP wrapper",
 }
 
 # dest -> what to do instead; setting one stops the run before any work.

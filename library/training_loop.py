@@ -48,24 +48,34 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 
-def average_gradients(params: list[torch.Tensor], reduce, device) -> None:
-    """Each gradient's mean over the processes, in one collective per dtype (``reduce`` is accelerate's).
+def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, device) -> None:
+    """Each gradient's mean over the processes, in one buffer per dtype; ``all_reduce`` sums a tensor
+    in place across them (``torch.distributed.all_reduce``).
 
     A parameter some process has no gradient for (module dropout skipped it there) counts as zero
     there; one no process has a gradient for keeps none, as in a one-process run. Every process
-    therefore joins the same collectives even when their dropout draws differ.
+    therefore joins the same collectives even when their dropout draws differ. Each gradient is
+    freed as it is copied into the buffer, so the gradients exist about once, not three times.
     """
     has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    has_grad = reduce(has_grad, reduction="sum").tolist()
+    all_reduce(has_grad)
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p, count in zip(params, has_grad, strict=True):
+    for p, count in zip(params, has_grad.tolist(), strict=True):
         if count > 0:
             groups.setdefault(p.dtype, []).append(p)
-    for group in groups.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        flat = reduce(flat, reduction="mean")
-        for p, grad in zip(group, flat.split([p.numel() for p in group]), strict=True):
-            p.grad = grad.view_as(p)
+    for dtype, group in groups.items():
+        flat = torch.empty(sum(p.numel() for p in group), dtype=dtype, device=device)
+        chunks = flat.split([p.numel() for p in group])
+        for p, chunk in zip(group, chunks, strict=True):
+            if p.grad is None:
+                chunk.zero_()
+            else:
+                chunk.copy_(p.grad.reshape(-1))
+                p.grad = None
+        all_reduce(flat)
+        flat.div_(processes)
+        for p, chunk in zip(group, chunks, strict=True):
+            p.grad = chunk.view_as(p)
 
 
 def step_sample_indices(micro: int, num_processes: int, process_index: int, batch_size: int, stride: int) -> range:
@@ -230,7 +240,7 @@ class TrainingLoop:
         args, accelerator, network = self.args, self.accelerator, self.network
         params = [p for p in network.parameters() if p.requires_grad]
         if accelerator.num_processes > 1:
-            average_gradients(params, accelerator.reduce, accelerator.device)
+            average_gradients(params, torch.distributed.all_reduce, accelerator.num_processes, accelerator.device)
         if args.max_grad_norm:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
         if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms

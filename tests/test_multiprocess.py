@@ -69,9 +69,10 @@ def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, t
         assert any(f.startswith(stem + "_") and f.endswith("_flux.npz") for f in os.listdir(two_data.image_dir))
 
 
-class ThreadedReduce:
-    """accelerate's reduce between threads standing in for processes: a collective that does not pair
-    up across them (another count, shape or order) fails here as it would hang or crash in gloo/NCCL."""
+class ThreadedAllReduce:
+    """torch.distributed.all_reduce (a sum, in place) between threads standing in for processes: a
+    collective that does not pair up across them (another count, shape or order) fails here as it
+    would hang or crash in gloo/NCCL."""
 
     def __init__(self, processes: int) -> None:
         self.barrier = threading.Barrier(processes, timeout=10)
@@ -79,15 +80,15 @@ class ThreadedReduce:
         self.calls = [0] * processes
 
     def of_process(self, rank: int):
-        def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        def all_reduce(tensor: torch.Tensor) -> None:
             self.calls[rank] += 1
             self.sent[rank] = tensor.clone()
             self.barrier.wait()
             total = torch.stack(self.sent).sum(0)
             self.barrier.wait()
-            return total / len(self.sent) if reduction == "mean" else total
+            tensor.copy_(total)
 
-        return reduce
+        return all_reduce
 
 
 def test_gradients_are_averaged_when_module_dropout_skips_other_modules_on_each_process():
@@ -98,7 +99,7 @@ def test_gradients_are_averaged_when_module_dropout_skips_other_modules_on_each_
         {"a": torch.full((3, 2), 2.0), "c": torch.full((2, 2), 1.0), "d": torch.full((5,), 4.0, dtype=torch.bfloat16)},
         {"b": torch.full((4,), 6.0), "c": torch.full((2, 2), 3.0), "d": torch.full((5,), 2.0, dtype=torch.bfloat16)},
     ]
-    reduce, results = ThreadedReduce(2), [None, None]
+    reduce, results, held = ThreadedAllReduce(2), [None, None], [[], []]
 
     def process(rank: int) -> None:
         params = {n: torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16 if n == "d" else torch.float32))
@@ -106,7 +107,15 @@ def test_gradients_are_averaged_when_module_dropout_skips_other_modules_on_each_
         params["skipped"] = torch.nn.Parameter(torch.zeros(2))
         for name, grad in grads[rank].items():
             params[name].grad = grad
-        average_gradients(list(params.values()), reduce.of_process(rank), "cpu")
+        all_reduce = reduce.of_process(rank)
+
+        def watched(tensor: torch.Tensor) -> None:
+            if tensor.dtype != torch.float32 or tensor.numel() != len(params):  # a gradient buffer, not the flags
+                still_held = [n for n, p in params.items() if p.grad is not None and p.dtype == tensor.dtype]
+                held[rank].append(still_held)
+            all_reduce(tensor)
+
+        average_gradients(list(params.values()), watched, 2, "cpu")
         results[rank] = {n: p.grad for n, p in params.items()}
 
     threads = [threading.Thread(target=process, args=(rank,)) for rank in (0, 1)]
@@ -115,6 +124,7 @@ def test_gradients_are_averaged_when_module_dropout_skips_other_modules_on_each_
     for t in threads:
         t.join()
     assert reduce.calls == [3, 3]  # which parameters have gradients, then one per dtype
+    assert held == [[[], []], [[], []]]  # no gradient of a buffer's dtype is still held while it is reduced
     for rank in (0, 1):
         got = results[rank]
         assert got["skipped"] is None  # as on one process: the optimizer leaves it alone
