@@ -160,6 +160,8 @@ class TrainingLoop:
             window: list[float] = []
             for position, batch in enumerate(loader, start=skip):
                 micro = position % accum
+                if micro == 0 and accum > 1:  # a stop inside this window saves the random state of its start
+                    window_rng = capture_rng_states()
                 self.train_group.set_current_step(global_step)
                 loss = self._micro_step(batch, global_step, micro) / accum
                 accelerator.backward(loss)
@@ -168,7 +170,7 @@ class TrainingLoop:
                     # a stop between micro-batches keeps the last finished step: a launcher may not wait
                     # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
                     if stop.requested(accelerator):
-                        self._stop(stop, global_step, epoch + 1)
+                        self._stop(stop, global_step, epoch + 1, window_rng)
                     continue
                 step_loss = self._step_loss(window, accum, global_step)
                 window = []
@@ -189,12 +191,13 @@ class TrainingLoop:
                 break
         return global_step
 
-    def _stop(self, stop: GracefulStop, step: int, epoch: int) -> None:
-        """Saves the LoRA (and the state with --save_state) at this step boundary, then ends the run."""
+    def _stop(self, stop: GracefulStop, step: int, epoch: int, rng_state: dict | None = None) -> None:
+        """Saves the LoRA (and the state with --save_state) of the last finished step, then ends the run.
+        ``rng_state``: the random state at that step's end, when the stop came later (inside an accumulation)."""
         self._save_model(model_file_name(self.args.output_name, "step", step, self.ext), step, epoch)
         saved = f"saved the LoRA to {self.last_saved}"
         if self.args.save_state:
-            state = self._save_state("step", step, step, epoch)
+            state = self._save_state("step", step, step, epoch, rng_state)
             saved += f" and the training state to {state} (continue with --resume {state})"
         else:
             saved += " (add --save_state to be able to resume)"
@@ -403,9 +406,9 @@ class TrainingLoop:
                 "was left half-written."
             ) from None
 
-    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int) -> str:
+    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int, rng_state: dict | None = None) -> str:
         path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
-        rng_states = [capture_rng_states()]
+        rng_states = [rng_state or capture_rng_states()]
         if self.accelerator.num_processes > 1:  # every process calls this: gather their RNG states to the main one
             rng_states = gather_object(rng_states)
         if not self.accelerator.is_main_process:
@@ -459,5 +462,8 @@ class TrainingLoop:
             collate_fn=collate_first,
             num_workers=workers,
             persistent_workers=bool(args.persistent_data_loader_workers and workers > 0),
+            # each iterator (epoch) draws its workers' base seed from here, not from the global RNG that
+            # dropout draws from: a resumed run starts its iterator at another point of that stream
+            generator=torch.Generator().manual_seed(self.ctx.seed),
         )
         return loader, sampler

@@ -93,16 +93,27 @@ def test_a_stop_between_micro_batches_saves_the_last_finished_step(tiny_model_fi
 
     monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", signalled_in_step_two)
     data = dataset(tmp_path, batch_size=1)
-    flags = dict(steps=3, gradient_accumulation_steps=3, save_state=True, network_train_unet_only=True)
+    flags = dict(steps=3, gradient_accumulation_steps=3, network_train_unet_only=True, network_dropout=0.3)
     out = str(tmp_path / "out")
-    assert flux_train_network.main(base_argv(tiny_model_files, data, out, **flags)) == 128 + signal.SIGINT
+    stopped_run = base_argv(tiny_model_files, data, out, save_state=True, **flags)
+    assert flux_train_network.main(stopped_run) == 128 + signal.SIGINT
     assert calls == [0, 0, 0, 1]
     assert sorted(os.listdir(out)) == ["lora-step00000001-state", "lora-step00000001.safetensors"]
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", batch_loss)
     one_step = str(tmp_path / "one_step")
     assert flux_train_network.main(base_argv(tiny_model_files, data, one_step, **{**flags, "steps": 1})) == 0
     stopped = load_safetensors(os.path.join(out, "lora-step00000001.safetensors"))
     for key, value in load_safetensors(os.path.join(one_step, "lora.safetensors")).items():
         torch.testing.assert_close(stopped[key], value, rtol=0, atol=0, msg=key)
+    # the state holds the random state of the step's end, so the resumed run redoes the step's start exactly
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, straight, **flags)) == 0
+    state = os.path.join(out, "lora-step00000001-state")
+    assert flux_train_network.main(base_argv(tiny_model_files, data, resumed, resume=state, **flags)) == 0
+    a = load_safetensors(os.path.join(straight, "lora.safetensors"))
+    b = load_safetensors(os.path.join(resumed, "lora.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.slow
