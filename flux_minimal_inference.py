@@ -259,8 +259,11 @@ class Pipeline:
 def check_args(args) -> None:
     from library.flux_sampling import MIN_SAMPLE_SIZE
     from library.flux_train_utils import check_model_files
+    from library.sample_prompts import MAX_SEED
 
     check_model_files(args, "--ckpt_path")
+    if args.seed is not None and not 0 <= args.seed < MAX_SEED:
+        raise UserError(f"--seed {args.seed}: a seed is a whole number from 0 to 2**64 - 1")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
     if min(args.width, args.height) < MIN_SAMPLE_SIZE:
@@ -312,8 +315,9 @@ def load_pipeline(args) -> Pipeline:
     text_encoders = [clip_l, t5xxl]
 
     max_length = args.t5xxl_max_token_length or (256 if is_schnell else 512)
+    dit_compute = compute if fp8_dit else flux_dtype  # sampling runs in the DiT's own dtype, as in sd-scripts
     pipeline = Pipeline(
-        args, device, compute, dit, ae, text_encoders, is_schnell,
+        args, device, dit_compute, dit, ae, text_encoders, is_schnell,
         FluxTokenizeStrategy(max_length, args.tokenizer_cache_dir, use_clip_l=args.model_type == "flux"),
         FluxTextEncodingStrategy(args.apply_t5_attn_mask),
     )  # fmt: skip
@@ -329,7 +333,7 @@ def load_pipeline(args) -> Pipeline:
         logger.info("DiT: %d block Linear weights stored in %s, computed in %s", count, flux_dtype, compute)
         dit.to(loading_device)
     if not args.merge_lora_weights:
-        pipeline.loras = load_loras(specs, dit, text_encoders, merge=False, device=device, dtype=compute)
+        pipeline.loras = load_loras(specs, dit, text_encoders, merge=False, device=device, dtype=dit_compute)
     return pipeline
 
 

@@ -424,7 +424,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             output_name=args.output_name, epoch=epoch, steps=step, model_type=args.model_type,
             is_schnell=self.is_schnell, apply_t5_attn_mask=args.apply_t5_attn_mask, device=accelerator.device,
             dtype=ctx.weight_dtype, eval_modules=[ctx.network], autocast=accelerator.autocast,
-            loras=[(args.output_name, getattr(ctx.network, "multiplier", 1.0))],  # the LoRA being trained
+            # the LoRA being trained, by the name of its final file
+            loras=[(args.output_name or "last", getattr(ctx.network, "multiplier", 1.0))],
             on_image=wandb_sample_logger(accelerator), **text,
         )
 

@@ -143,6 +143,8 @@ def line_to_prompt_dict(line: str, where: str = "sample prompt", warnings: _Warn
             number = _parse_int(value, where, option)
             if letter == "s":
                 number = max(1, min(MAX_SAMPLE_STEPS, number))
+            if letter == "d" and number >= MAX_SEED:
+                raise _bad(where, f"the seed must be below 2**64, not {number}")
             result[_INT_OPTIONS[letter]] = number
         elif letter in _FLOAT_OPTIONS:
             result[_FLOAT_OPTIONS[letter]] = _parse_float(value, where, option)

@@ -131,6 +131,7 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
         "a cat --w 80 --h 64 --s 2 --d 3 --m 0.25",
         "a dog --d 4 --n blurry --l 2.5",
         "a tree --d 4 --s x",  # a bad value: reported, then the next line is read
+        "a tree --d 18446744073709551616",  # a seed past 64 bits: reported too
         "a house --d 5 --c 1.0 --n - --m 1,2",  # two multipliers for one LoRA: reported
         "a house --d 5 --g 1.5",
         "",
@@ -154,6 +155,7 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
     ]
     printed = capsys.readouterr().out
     assert "error: interactive prompt: --s needs a whole number" in printed
+    assert "error: interactive prompt: the seed must be below 2**64, not 18446744073709551616" in printed
     assert "error: --m: 2 multipliers given for 1 LoRAs" in printed
 
 
@@ -210,6 +212,15 @@ def test_a_lora_merged_into_fp8_text_encoders_goes_into_their_wide_weights(tiny_
         assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
+
+def test_a_dit_dtype_other_than_the_text_encoders_samples_in_the_dits(tiny_model_files, tmp_path):
+    """--dtype float32 --flux_dtype bfloat16 (fp32 encoders and AE, a bf16 DiT): the sampler feeds the DiT bf16."""
+    image, text = generate(tiny_model_files, tmp_path, "mixed", "--seed", 6, "--dtype", "float32",
+                           "--flux_dtype", "bfloat16")  # fmt: skip
+    wide, _ = generate(tiny_model_files, tmp_path, "wide", "--seed", 6)
+    assert text["seed"] == "6" and 0 < np.abs(image - wide).mean() < 8  # bf16 rounding, the same picture
+
+
 def test_offload_gives_the_same_image(tiny_model_files, tmp_path, lora_file):
     a, _ = generate(tiny_model_files, tmp_path, "a", "--seed", 9, "--lora_weights", lora_file)
     b, _ = generate(tiny_model_files, tmp_path, "b", "--seed", 9, "--lora_weights", lora_file, "--offload")
@@ -237,6 +248,7 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--ckpt_path", "{chroma}"], "flux", "is a Chroma model: add --model_type chroma"),
         (["--height", "48"], "flux", "--width 64 / --height 48: the image must be at least 64 pixels a side"),
         (["--device", "gpu0"], "flux", "--device gpu0: not a device name"),
+        (["--seed", "18446744073709551616"], "flux", "--seed 18446744073709551616: a seed is a whole number from 0"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):

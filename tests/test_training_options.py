@@ -478,3 +478,19 @@ def test_torch_compile_per_block_trains_the_same_lora(tiny_model_files, tmp_path
     # the weights as absolute differences near 1e-7, against updates of about lr = 1e-3 per step.
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_samples_without_an_output_name_name_the_lora_as_its_final_file(tiny_model_files, tmp_path):
+    import json
+
+    data = dataset(tmp_path)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=1, sample_prompts=data.sample_prompts, sample_at_first=True,
+                     network_train_unet_only=True)  # fmt: skip
+    at = argv.index("--output_name")
+    del argv[at : at + 2]
+    assert flux_train_network.main(argv) == 0
+    assert os.path.isfile(os.path.join(out, "last.safetensors"))
+    (first, *_) = sorted(glob.glob(os.path.join(out, "sample", "*.png")))
+    with Image.open(first) as image:
+        assert [lora["name"] for lora in json.loads(image.text["loras"])] == ["last"]
