@@ -82,6 +82,8 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise UserError(f"--network_args {item!r}: expected key=value")
         key, value = item.split("=", 1)
+        if key.strip() == "neuron_dropout":  # the trainer passes --network_dropout to the network under this name
+            raise UserError("--network_args neuron_dropout: give it as --network_dropout (or network_args dropout=...)")
         kwargs[key.strip()] = value.strip()
     return kwargs
 
@@ -319,6 +321,11 @@ class NetworkTrainer:
 
     def check_inputs_before_loading(self, args) -> None:
         """Everything that can be checked without the models, so a typo stops the run in seconds."""
+        rates = [("--learning_rate", args.learning_rate), ("--unet_lr", args.unet_lr)]
+        rates += [("--text_encoder_lr", rate) for rate in args.text_encoder_lr or []]
+        for flag, rate in rates:
+            if rate is not None and rate < 0:  # torch checks only the first group's: the others would train uphill
+                raise UserError(f"{flag} {rate}: a learning rate cannot be negative")
         self.network_module = self.import_network_module(args)
         validate = getattr(self.network_module, "validate_network_args", None)
         if validate is not None:

@@ -134,6 +134,8 @@ def parse_regex_pairs(key: str, value, cast) -> list[tuple[str, float]]:
             number = cast(raw)
         except ValueError:
             raise UserError(f"--network_args {key}: {part!r} has a bad value {raw!r}") from None
+        if number < 0:  # a negative rank, or a learning rate that would train uphill
+            raise UserError(f"--network_args {key}: {part!r} has a negative value")
         pairs.append((pattern, number))
     return pairs
 
@@ -158,7 +160,12 @@ def check_known_args(kwargs: dict) -> None:
 
 def loraplus_ratios(kwargs: dict) -> tuple[float | None, float | None, float | None]:
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-    return tuple(parse_float(k, kwargs.get(k)) for k in keys)
+    ratios = tuple(parse_float(k, kwargs.get(k)) for k in keys)
+    for key, ratio in zip(keys, ratios, strict=True):
+        if ratio == 0:  # lora_up would get learning rate 0: it starts at zero, so the LoRA would never change
+            raise UserError(f"--network_args {key}=0: the ratio multiplies lora_up's learning rate; leave it out "
+                            "for no LoRA+, or give a ratio above 0 (LoRA+ suggests 16)")  # fmt: skip
+    return ratios
 
 
 def ggpo_args(kwargs: dict) -> tuple[float | None, float | None]:

@@ -208,6 +208,14 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"loss_type": "huber"}, "--huber_schedule snr (the default) cannot be used with --loss_type huber"),
         (None, {"full_bf16": True}, "--full_bf16 needs --mixed_precision bf16"),
         (None, {"network_args": ["img_attn_dim"]}, "--network_args 'img_attn_dim': expected key=value"),
+        (None, {"learning_rate": -1e-4}, "--learning_rate -0.0001: a learning rate cannot be negative"),
+        (None, {"unet_lr": -1e-4}, "--unet_lr -0.0001: a learning rate cannot be negative"),
+        (None, {"text_encoder_lr": [1e-5, -0.5]}, "--text_encoder_lr -0.5: a learning rate cannot be negative"),
+        (None, {"text_encoder_lr": [1e-4, 1e-5, 1e-6]}, "--text_encoder_lr takes one rate (both encoders) or two"),
+        (None, {"network_args": ["network_reg_lrs=double_blocks=-1e-3"]},
+         "--network_args network_reg_lrs: 'double_blocks=-1e-3' has a negative value"),
+        (None, {"network_args": ["loraplus_lr_ratio=0"]}, "--network_args loraplus_lr_ratio=0: the ratio multiplies"),
+        (None, {"network_args": ["neuron_dropout=0.1"]}, "--network_args neuron_dropout: give it as --network_dropout"),
     ],
 )
 def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys, drop, flags, message):
