@@ -476,7 +476,6 @@ class NetworkTrainer:
         from library.train_metadata import build_training_metadata, dataset_metadata, network_rank_and_alpha
 
         args, network = ctx.args, ctx.network
-        text_encoder_lr = args.text_encoder_lr
         run = dict(
             num_train_images=train_group.num_train_images,
             num_validation_images=sum(1 for _ in val_group.entries()) if val_group else 0,
@@ -488,10 +487,10 @@ class NetworkTrainer:
             optimizer=optimizer_name + (f"({optimizer_args})" if optimizer_args else ""),  # as sd-scripts
             base_model_version=ctx.models.version,
             **network_rank_and_alpha(network, args),
-            network_args=parse_network_args(args.network_args) | (
-                {"dropout": args.network_dropout} if args.network_dropout is not None else {}
-            ),
-            text_encoder_lr=text_encoder_lr[0] if text_encoder_lr and len(text_encoder_lr) == 1 else text_encoder_lr,
+            # as sd-scripts: the network kwargs with the dropout it passes, only when --network_args is given
+            network_args={"dropout": args.network_dropout} | parse_network_args(args.network_args)
+            if args.network_args else None,
+            text_encoder_lr=args.text_encoder_lr,  # the list as given ("[0.0001]"), as sd-scripts records it
             model_file=args.pretrained_model_name_or_path,
             batch_size_per_device=max(d.config.batch_size for d in train_group.datasets),
             total_batch_size=max(d.config.batch_size for d in train_group.datasets)
@@ -520,6 +519,7 @@ class NetworkTrainer:
             author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
             tags=args.metadata_tags, trigger_phrase=args.metadata_trigger_phrase, usage_hint=args.metadata_usage_hint,
             thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from, timesteps=timesteps,
+            clip_skip=args.clip_skip,
         )
         for key in ("preprocessor", "is_negative_embedding"):
             if getattr(args, f"metadata_{key}", None) is not None:

@@ -107,6 +107,9 @@ class FluxDataset(torch.utils.data.Dataset):
         self.stream = stream
         self.is_training = is_training
         self.batch_size = config.batch_size
+        # regularisation images times their configured repeats, before they are repeated to match the training
+        # images (sd-scripts' num_reg_images, which the metadata records)
+        self.num_reg_images = 0
         self.epoch = 0
         self.step = 0
         self.max_train_steps = 0
@@ -354,7 +357,7 @@ class DatasetGroup(torch.utils.data.Dataset):
 
     @property
     def num_reg_images(self) -> int:
-        return sum(e.num_repeats for e in self.entries() if e.is_reg)
+        return sum(d.num_reg_images for d in self.datasets)
 
     def bucket_info(self) -> list[dict]:
         return [d.bucket_info() for d in self.datasets]
@@ -426,11 +429,13 @@ def build_dataset_groups(
         if reg and not train and not val:
             raise UserError(f"{cfg.label}: only regularisation images (is_reg = true); they are used beside training "
                             "images, so add a subset of training images or set is_reg = false.")  # fmt: skip
+        num_reg_images = sum(e.num_repeats for e in reg)
         _extend_reg_repeats(train, reg, cfg.label)
         if not train and not reg and not val:
             raise UserError(f"{cfg.label}: no images left (all subsets were skipped); check num_repeats and image_dir.")
         if train or reg:
             train_sets.append(FluxDataset(cfg, train + reg, seed, f"train{d}", True))
+            train_sets[-1].num_reg_images = num_reg_images
         if val:
             val_sets.append(FluxDataset(cfg, val, seed, f"val{d}", False))
         logger.info(

@@ -123,11 +123,12 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future
         ss_base_model_version=run["base_model_version"],
         ss_network_dim=run["network_dim"],
         ss_network_alpha=run["network_alpha"],
-        ss_network_args=json.dumps(run.get("network_args") or {}),
         ss_batch_size_per_device=run.get("batch_size_per_device"),
         ss_total_batch_size=run.get("total_batch_size"),
         ss_num_processes=run.get("num_processes", 1),
     )
+    if run.get("network_args") is not None:  # sd-scripts writes it only for a run given --network_args
+        md["ss_network_args"] = json.dumps(run["network_args"])
     md.update(run.get("dataset_keys") or {})
     if run.get("model_file"):
         md["ss_sd_model_name"] = os.path.basename(run["model_file"])
@@ -196,7 +197,7 @@ def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
             "is_dreambooth": cfg.kind == "dreambooth",
             "batch_size_per_device": cfg.batch_size,
             "num_train_images": sum(e.num_repeats for e in dataset.entries if not e.is_reg),
-            "num_reg_images": sum(e.num_repeats for e in dataset.entries if e.is_reg),
+            "num_reg_images": dataset.num_reg_images,
             "resolution": list(cfg.resolution) if cfg.resolution else None,
             "enable_bucket": cfg.enable_bucket,
             "min_bucket_reso": cfg.min_bucket_reso,

@@ -1,6 +1,7 @@
 """The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
+import json
 import os
 import pickle
 import re
@@ -186,13 +187,22 @@ def test_saved_file_has_training_metadata(tiny_model_files, tmp_path):
     assert md["ss_seed"] == "7" and md["ss_num_train_images"] == "6"
     assert md["ss_apply_t5_attn_mask"] == "False"
     assert md["modelspec.architecture"] == "flux-1-dev/lora"
+    assert "ss_network_args" not in md and "modelspec.encoder_layer" not in md  # none given, as sd-scripts
+    assert md["ss_text_encoder_lr"] == "None"
     assert all(isinstance(v, str) for v in md.values())
+
+    given = str(tmp_path / "given")
+    assert run(base_argv(tiny_model_files, data, given, steps=1, network_args=["img_attn_dim=2"], clip_skip=2,
+                         text_encoder_lr=[1e-4])) == 0  # fmt: skip
+    md = read_metadata(os.path.join(given, "lora.safetensors"))
+    assert json.loads(md["ss_network_args"]) == {"img_attn_dim": "2", "dropout": None}  # sd-scripts adds the dropout
+    assert md["ss_text_encoder_lr"] == "[0.0001]" and md["modelspec.encoder_layer"] == "2"
 
 
 def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
     data = dataset(tmp_path)
     out = str(tmp_path / "out")
-    assert run(base_argv(tiny_model_files, data, out, steps=1, no_metadata=True)) == 0
+    assert run(base_argv(tiny_model_files, data, out, steps=1, no_metadata=True, network_args=["img_attn_dim=2"])) == 0
     md = read_metadata(os.path.join(out, "lora.safetensors"))
     ss = {k for k in md if k.startswith("ss_")}
     assert ss == {"ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",

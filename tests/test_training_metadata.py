@@ -87,7 +87,8 @@ def test_folder_run_without_a_toml_records_the_flat_keys(tiny_model_files, tmp_p
     assert (md["ss_resolution"], md["ss_flip_aug"], md["ss_color_aug"], md["ss_enable_bucket"]) == (
         "64", "True", "False", "False")  # fmt: skip
     assert "buckets" in json.loads(md["ss_bucket_info"])
-    assert md["ss_prior_loss_weight"] == "0.25" and md["ss_num_reg_images"] == "18"
+    # the reg images as configured (each once), not as repeated to match the 18 training samples
+    assert md["ss_prior_loss_weight"] == "0.25" and md["ss_num_reg_images"] == str(reg_count) != "18"
     assert "ss_datasets" not in md
 
 
