@@ -262,8 +262,8 @@ def check_args(args) -> None:
     from library.sample_prompts import MAX_SEED
 
     check_model_files(args, "--ckpt_path")
-    if args.seed is not None and not 0 <= args.seed < MAX_SEED:
-        raise UserError(f"--seed {args.seed}: a seed is a whole number from 0 to 2**64 - 1")
+    if args.seed is not None and not -(2**63) <= args.seed < MAX_SEED:  # what torch.Generator.manual_seed takes
+        raise UserError(f"--seed {args.seed}: a seed is a whole number from -2**63 to 2**64 - 1")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
     if min(args.width, args.height) < MIN_SAMPLE_SIZE:
@@ -294,10 +294,11 @@ def load_pipeline(args) -> Pipeline:
     for path, _ in specs:
         if not os.path.isfile(path):
             raise UserError(f"--lora_weights {path}: file not found")
-    logger.info("dtypes: DiT %s, CLIP-L %s, T5 %s, AE %s; compute %s on %s", flux_dtype, clip_dtype, t5_dtype,
-                ae_dtype, compute, device)  # fmt: skip
-
     fp8_dit = flux_dtype in FP8_DTYPES
+    dit_compute = compute if fp8_dit else flux_dtype  # sampling runs in the DiT's own dtype, as in sd-scripts
+    logger.info("dtypes: DiT %s, CLIP-L %s, T5 %s, AE %s; the DiT computes in %s on %s", flux_dtype, clip_dtype,
+                t5_dtype, ae_dtype, dit_compute, device)  # fmt: skip
+
     # an fp8 DiT is loaded on the CPU in the compute dtype, cast, and only then moved to the device
     is_schnell, dit = load_flow_model(args.ckpt_path, compute if fp8_dit else flux_dtype,
                                       "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
@@ -315,7 +316,6 @@ def load_pipeline(args) -> Pipeline:
     text_encoders = [clip_l, t5xxl]
 
     max_length = args.t5xxl_max_token_length or (256 if is_schnell else 512)
-    dit_compute = compute if fp8_dit else flux_dtype  # sampling runs in the DiT's own dtype, as in sd-scripts
     pipeline = Pipeline(
         args, device, dit_compute, dit, ae, text_encoders, is_schnell,
         FluxTokenizeStrategy(max_length, args.tokenizer_cache_dir, use_clip_l=args.model_type == "flux"),

@@ -321,6 +321,9 @@ class NetworkTrainer:
 
     def check_inputs_before_loading(self, args) -> None:
         """Everything that can be checked without the models, so a typo stops the run in seconds."""
+        if args.max_validation_steps is not None and args.max_validation_steps < 1:
+            raise UserError(f"--max_validation_steps {args.max_validation_steps}: give 1 or more (leave it out to "
+                            "validate on every validation batch)")  # fmt: skip
         rates = [("--learning_rate", args.learning_rate), ("--unet_lr", args.unet_lr)]
         rates += [("--text_encoder_lr", rate) for rate in args.text_encoder_lr or []]
         for flag, rate in rates:
@@ -487,9 +490,7 @@ class NetworkTrainer:
             optimizer=optimizer_name + (f"({optimizer_args})" if optimizer_args else ""),  # as sd-scripts
             base_model_version=ctx.models.version,
             **network_rank_and_alpha(network, args),
-            # as sd-scripts: the network kwargs with the dropout it passes, only when --network_args is given
-            network_args={"dropout": args.network_dropout} | parse_network_args(args.network_args)
-            if args.network_args else None,
+            network_args=self.recorded_network_args(args),
             text_encoder_lr=args.text_encoder_lr,  # the list as given ("[0.0001]"), as sd-scripts records it
             model_file=args.pretrained_model_name_or_path,
             batch_size_per_device=max(d.config.batch_size for d in train_group.datasets),
@@ -505,6 +506,17 @@ class NetworkTrainer:
         metadata = build_training_metadata(args, run)
         metadata.update(self.modelspec(ctx))
         return metadata
+
+    @staticmethod
+    def recorded_network_args(args) -> dict | None:
+        """``ss_network_args`` as sd-scripts records it: only for a run given --network_args, with the dropout it
+        passes to create_network appended unless given (not with --dim_from_weights, which passes none)."""
+        if not args.network_args:
+            return None
+        kwargs = parse_network_args(args.network_args)
+        if not args.dim_from_weights:
+            kwargs.setdefault("dropout", args.network_dropout)
+        return kwargs
 
     def modelspec(self, ctx) -> dict[str, str]:
         """``modelspec.*`` keys from --metadata_* (the network module fills what is left out)."""

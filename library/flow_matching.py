@@ -177,6 +177,8 @@ class FlowMatchingConfig:
                 )
             if self.huber_c <= 0:
                 raise UserError(f"--huber_c must be > 0; got {self.huber_c}.")
+            if self.huber_scale <= 0:  # c = huber_c * huber_scale: 0 makes the loss 0, below 0 makes it negative
+                raise UserError(f"--huber_scale must be > 0; got {self.huber_scale}.")
 
     @classmethod
     def from_args(cls, args) -> FlowMatchingConfig:
@@ -204,7 +206,7 @@ def sample_seed(seed: int, step: int, index: int, stream: int = 0) -> int:
 
     Hash-mixed rather than added, so nearby (step, index) pairs give unrelated streams.
     ``stream`` separates uses that share a step: :data:`TRAIN_STREAM`, :data:`VALIDATION_STREAM`
-    (for validation, ``step`` can be the validation batch number, so every run sees the same noise).
+    (validation passes step 0 and an index made from the image's name, so every run sees the same noise).
     """
     data = struct.pack("<4q", *(int(x) % (1 << 63) for x in (seed, step, index, stream)))
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)

@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import os
+import zlib
 
 import torch
 from accelerate.utils import gather_object
@@ -55,7 +56,7 @@ def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, de
     A parameter some process has no gradient for (module dropout skipped it there) counts as zero
     there; one no process has a gradient for keeps none, as in a one-process run. Every process
     therefore joins the same collectives even when their dropout draws differ. Each gradient is
-    freed as it is copied into the buffer, so the gradients exist about once, not three times.
+    freed as it is copied into the buffer: at most two copies exist (accelerate's reduce of a cat held three).
     """
     has_grad = torch.tensor([float(p.grad is not None) for p in params], device=device)
     all_reduce(has_grad)
@@ -334,11 +335,14 @@ class TrainingLoop:
         with torch.no_grad(), self.accelerator.autocast():
             for index in range(count):
                 batch = self.val_group[index]
-                indices = list(range(len(batch["captions"])))
+                # noise seeded by the image file's name (and its flip), not its place in a batch: the same image
+                # gets the same noise at any batch size, and the average is over images, so batching changes nothing
+                indices = [zlib.crc32(f"{os.path.basename(path)}|{flipped}".encode()) for path, flipped
+                           in zip(batch["image_paths"], batch["flippeds"], strict=True)]  # fmt: skip
                 for sigma in VALIDATION_SIGMAS:
-                    losses = self.trainer.batch_loss(self.ctx, batch, index, indices, fixed_sigma=sigma)
-                    total += (losses * batch["loss_weights"].to(losses.device)).mean().item()
-                    n += 1
+                    losses = self.trainer.batch_loss(self.ctx, batch, 0, indices, fixed_sigma=sigma)
+                    total += (losses * batch["loss_weights"].to(losses.device)).sum().item()
+                    n += len(losses)
         self._set_train_mode()
         average = total / max(n, 1)
         train_average = self._moving_average() if self.recent_losses else average

@@ -161,10 +161,13 @@ def check_known_args(kwargs: dict) -> None:
 def loraplus_ratios(kwargs: dict) -> tuple[float | None, float | None, float | None]:
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
     ratios = tuple(parse_float(k, kwargs.get(k)) for k in keys)
-    for key, ratio in zip(keys, ratios, strict=True):
-        if ratio == 0:  # lora_up would get learning rate 0: it starts at zero, so the LoRA would never change
-            raise UserError(f"--network_args {key}=0: the ratio multiplies lora_up's learning rate; leave it out "
-                            "for no LoRA+, or give a ratio above 0 (LoRA+ suggests 16)")  # fmt: skip
+    general, unet, text_encoder = ratios
+    # a part's ratio of 0 falls back to the general one (sd-scripts' `or`); a ratio that ends at 0 would give
+    # lora_up, which starts at zero, learning rate 0: that part of the LoRA would never change
+    for part, ratio in (("DiT", unet or general), ("text encoders", text_encoder or general)):
+        if ratio == 0:
+            raise UserError(f"--network_args loraplus_lr_ratio=0 gives the {part}' lora_up learning rate 0, so the "
+                            "LoRA would not change: leave it out for no LoRA+, or give a ratio above 0 (e.g. 16)")
     return ratios
 
 

@@ -301,6 +301,20 @@ def test_loraplus_puts_up_weights_in_plus_groups_with_specific_ratios_first(flux
     assert param_ids(params[2]["params"]) == lora_params(network, "lora_unet", up_only=False)
 
 
+
+def test_a_part_loraplus_ratio_of_0_falls_back_and_one_that_ends_at_0_is_refused(flux, encoders):
+    from library.errors import UserError
+
+    network = build(flux, encoders, loraplus_lr_ratio="16", loraplus_unet_lr_ratio="0")  # 0: the general ratio
+    _, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(1e-4, 1e-3, 1e-3)
+    assert "unet plus" in descriptions
+    plain = build(flux, encoders, loraplus_unet_lr_ratio="0")  # 0 and no general ratio: no LoRA+
+    _, descriptions = plain.prepare_optimizer_params_with_multiple_te_lrs(1e-4, 1e-3, 1e-3)
+    assert descriptions == ["textencoder 1 ", "unet"]
+    with pytest.raises(UserError, match="loraplus_lr_ratio=0 gives the DiT' lora_up learning rate 0"):
+        build(flux, encoders, loraplus_lr_ratio="0")  # lora_up would never train
+
+
 def test_regex_lrs_group_modules_by_the_last_matching_pattern(flux):
     network = build(flux, network_reg_lrs="double_blocks=1e-3,img_attn=2e-3,nothing_matches=9", loraplus_lr_ratio="2")
     params, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs(None, 1e-4, 1e-4)

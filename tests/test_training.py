@@ -1,7 +1,6 @@
 """The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
-import json
 import os
 import pickle
 import re
@@ -195,7 +194,7 @@ def test_saved_file_has_training_metadata(tiny_model_files, tmp_path):
     assert run(base_argv(tiny_model_files, data, given, steps=1, network_args=["img_attn_dim=2"], clip_skip=2,
                          text_encoder_lr=[1e-4])) == 0  # fmt: skip
     md = read_metadata(os.path.join(given, "lora.safetensors"))
-    assert json.loads(md["ss_network_args"]) == {"img_attn_dim": "2", "dropout": None}  # sd-scripts adds the dropout
+    assert md["ss_network_args"] == '{"img_attn_dim": "2", "dropout": null}'  # sd-scripts appends the dropout
     assert md["ss_text_encoder_lr"] == "[0.0001]" and md["modelspec.encoder_layer"] == "2"
 
 
@@ -224,8 +223,10 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"text_encoder_lr": [1e-4, 1e-5, 1e-6]}, "--text_encoder_lr takes one rate (both encoders) or two"),
         (None, {"network_args": ["network_reg_lrs=double_blocks=-1e-3"]},
          "--network_args network_reg_lrs: 'double_blocks=-1e-3' has a negative value"),
-        (None, {"network_args": ["loraplus_lr_ratio=0"]}, "--network_args loraplus_lr_ratio=0: the ratio multiplies"),
+        (None, {"network_args": ["loraplus_lr_ratio=0"]}, "--network_args loraplus_lr_ratio=0 gives the DiT' lora_up"),
         (None, {"network_args": ["neuron_dropout=0.1"]}, "--network_args neuron_dropout: give it as --network_dropout"),
+        (None, {"loss_type": "huber", "huber_schedule": "constant", "huber_scale": 0}, "--huber_scale must be > 0"),
+        (None, {"max_validation_steps": 0}, "--max_validation_steps 0: give 1 or more"),
     ],
 )
 def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys, drop, flags, message):

@@ -494,3 +494,26 @@ def test_samples_without_an_output_name_name_the_lora_as_its_final_file(tiny_mod
     (first, *_) = sorted(glob.glob(os.path.join(out, "sample", "*.png")))
     with Image.open(first) as image:
         assert [lora["name"] for lora in json.loads(image.text["loras"])] == ["last"]
+
+
+def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batched(tiny_model_files, tmp_path,
+                                                                                  caplog):  # fmt: skip
+    """Each image's noise comes from the image, and the average is over images: batch size 1 and 3 give
+    the same loss for the same (practically untrained) LoRA."""
+    import logging
+    import re
+
+    data = dataset(tmp_path, validation_split=0.5, batch_size=1)
+    with open(data.dataset_toml, encoding="utf-8") as f:
+        config = f.read()
+    losses = []
+    for batch_size in (1, 3):
+        with open(data.dataset_toml, "w", encoding="utf-8") as f:
+            f.write(config.replace("batch_size = 1", f"batch_size = {batch_size}"))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            argv = base_argv(tiny_model_files, data, str(tmp_path / f"b{batch_size}"), steps=1, learning_rate=1e-30,
+                             validate_every_n_steps=1, network_train_unet_only=True)  # fmt: skip
+            assert flux_train_network.main(argv) == 0
+        losses.append([float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)])
+    assert losses[0] and losses[0] == losses[1]
