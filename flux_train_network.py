@@ -352,12 +352,13 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         use_guidance = models.dit.params.guidance_embed or args.model_type == "chroma"
         img_ids = prepare_img_ids(b, h // 2, w // 2).to(device, dtype)
 
-        def velocity(rows):
+        def velocity(rows, conditions=(l_pooled, t5_out, txt_ids, t5_mask)):
+            pooled, txt, ids, txt_mask = conditions
             packed = models.dit(
-                img=pack_latents(x_t[rows].to(dtype)), img_ids=img_ids[rows], txt=t5_out[rows], txt_ids=txt_ids[rows],
-                timesteps=noise.sigmas[rows].to(dtype), y=l_pooled[rows],
+                img=pack_latents(x_t[rows].to(dtype)), img_ids=img_ids[rows], txt=txt[rows], txt_ids=ids[rows],
+                timesteps=noise.sigmas[rows].to(dtype), y=pooled[rows],
                 guidance=guidance[rows] if use_guidance else None,
-                txt_attention_mask=t5_mask[rows] if args.apply_t5_attn_mask else None,
+                txt_attention_mask=txt_mask[rows] if args.apply_t5_attn_mask else None,
             )  # fmt: skip
             return unpack_latents(packed.float(), h // 2, w // 2)
 
@@ -385,7 +386,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         network.set_multiplier(0.0)
         try:
             with torch.no_grad():
-                base = velocity(rows)
+                if ctx.train_text_encoder:  # the base model's text conditions too: a trained encoder LoRA is off
+                    base = velocity(rows, self.text_conditions(ctx, batch))
+                else:
+                    base = velocity(rows)
         finally:
             network.set_multiplier(previous)
         target = flow_velocity(latents, noise.noise.to(latents.device))

@@ -450,6 +450,35 @@ def test_differential_output_preservation_keeps_the_lora_at_zero_on_preserved_im
     assert any(lora(plain)[k].abs().sum() > 0 for k in preserved if k.endswith("lora_up.weight"))
 
 
+
+def test_differential_output_preservation_holds_a_trained_text_encoder_lora_back_too(tiny_model_files, tmp_path):
+    """The base model's output means the encoder without its LoRA as well: a CLIP-L LoRA that changes the
+    preserved captions' conditions gets a loss (and is trained back), not a target made from its own outputs."""
+    from library.flux_utils import load_flow_model
+    from library.safetensors_io import save_safetensors
+    from library.text_encoders import load_clip_l
+    from networks.lora_flux import create_network
+    from tests.test_lora_math import randomize_lora
+
+    clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    network = create_network(1.0, 4, 4, None, [clip, None], dit)
+    randomize_lora(network, std=0.5)
+    weights = {k: (torch.zeros_like(v) if k.startswith("lora_unet") and k.endswith("lora_up.weight") else v)
+               for k, v in network.state_dict().items()}  # fmt: skip
+    start = str(tmp_path / "clip_lora.safetensors")
+    save_safetensors(weights, start)
+    data = dataset(tmp_path)
+    with open(data.dataset_toml, "a", encoding="utf-8") as f:
+        f.write("  custom_attributes = { diff_output_preservation = true }\n")
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=1, network_weights=start, optimizer_args=["weight_decay=0"])
+    assert flux_train_network.main(argv) == 0
+    trained = lora(out)
+    moved = [k for k in weights if k.startswith("lora_te1") and not torch.equal(trained[k], weights[k])]
+    assert moved  # with the encoder's own LoRA outputs as the target its loss was 0 and nothing moved
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
