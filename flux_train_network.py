@@ -350,7 +350,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         b, _, h, w = latents.shape
         guidance = torch.full((b,), float(args.guidance_scale), device=device)  # fp32, as sd-scripts: 1000·g exact
         use_guidance = models.dit.params.guidance_embed or args.model_type == "chroma"
-        img_ids = prepare_img_ids(b, h // 2, w // 2).to(device, dtype)
+        img_ids = prepare_img_ids(b, h // 2, w // 2).to(device)  # fp32, as the sampler: bf16 holds whole numbers to 256
 
         def velocity(rows, conditions=(l_pooled, t5_out, txt_ids, t5_mask)):
             pooled, txt, ids, txt_mask = conditions

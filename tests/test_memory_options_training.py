@@ -223,3 +223,13 @@ def test_text_encoder_outputs_cached_from_fp8_encoders_are_not_reused_by_wider_o
     wide = cache_files_after("bf16")
     assert wide.keys() == from_fp8.keys() and all(wide[p] != from_fp8[p] for p in wide)
     assert cache_files_after("fp8_dit_only", fp8_base=True, fp8_base_unet=True) == wide  # encoders not in fp8
+
+
+def test_position_ids_stay_fp32_in_bf16_training(tiny_model_files, tmp_path, monkeypatch):
+    """bf16 holds whole numbers only up to 256: a bucket over 4096 px would get wrong RoPE positions."""
+    from library.flux_models import Flux
+
+    forward, seen = Flux.forward, set()
+    monkeypatch.setattr(Flux, "forward", lambda self, *a, **k: seen.add(k["img_ids"].dtype) or forward(self, *a, **k))
+    train(tiny_model_files, dataset(tmp_path), tmp_path / "out", mixed_precision="bf16")
+    assert seen == {torch.float32}
