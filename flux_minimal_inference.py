@@ -275,7 +275,8 @@ def check_args(args) -> None:
 def load_pipeline(args) -> Pipeline:
     """Loads every model (checking the files first) and applies or merges the LoRAs."""
     from library.flux_utils import load_ae, load_flow_model
-    from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl, store_linears_in_fp8
+    from library.fp8 import store_linears_in_fp8
+    from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
     from library.tokenizers_flux import FluxTokenizeStrategy
 
     check_args(args)

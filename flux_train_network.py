@@ -137,8 +137,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     def merge_base_weights(self, ctx, network_module) -> None:
         super().merge_base_weights(ctx, network_module)
-        from library.fp8 import quantize_dit_
-        from library.text_encoders import store_linears_in_fp8
+        from library.fp8 import quantize_dit_, store_linears_in_fp8
 
         if self.fp8_after_merge["dit"]:
             quantize_dit_(ctx.models.dit, ctx.weight_dtype, scaled=ctx.args.fp8_scaled)

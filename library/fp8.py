@@ -247,3 +247,17 @@ def check_fp8_args(args) -> None:
     if any(str(a).split("=", 1)[0].strip().startswith("ggpo_") for a in getattr(args, "network_args", None) or []):
         raise UserError("GGPO (network_args ggpo_sigma / ggpo_beta) reads the base weights' norms, which "
                         "--fp8_scaled stores divided by their scales: drop --fp8_scaled (plain --fp8_base works)")
+
+
+@torch.no_grad()
+def store_linears_in_fp8(encoder: nn.Module, fp8: torch.dtype = FP8) -> nn.Module:
+    """What loading a text encoder with an fp8 ``dtype`` gives, for one loaded wider (e.g. to merge base
+    weights first): every ``nn.Linear`` weight stored in ``fp8``, T5's activations kept out of it."""
+    from library.text_encoders import keep_t5_activations_out_of_fp8
+
+    for module in encoder.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data = module.weight.data.to(fp8)
+    if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "block"):  # a T5
+        keep_t5_activations_out_of_fp8(encoder)
+    return encoder

@@ -293,18 +293,6 @@ def load_t5xxl(
     return model.eval()
 
 
-@torch.no_grad()
-def store_linears_in_fp8(encoder: nn.Module, fp8: torch.dtype = torch.float8_e4m3fn) -> nn.Module:
-    """What loading with an fp8 ``dtype`` gives, for an encoder loaded wider (e.g. to merge base
-    weights first): every ``nn.Linear`` weight stored in ``fp8``, T5's activations kept out of it."""
-    for module in encoder.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.data = module.weight.data.to(fp8)
-    if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "block"):  # a T5
-        keep_t5_activations_out_of_fp8(encoder)
-    return encoder
-
-
 def keep_t5_activations_out_of_fp8(model: T5EncoderModel) -> None:
     """Replaces each gated feed-forward's ``forward`` with one that leaves ``wo``'s input dtype alone.
 

@@ -262,7 +262,8 @@ def test_base_weights_merge_into_the_wide_weights_before_they_are_stored_in_fp8(
     """Q(W + dW), not Q(Q(W) + dW): a change of a few percent of a weight is mostly rounded away by the latter."""
     from types import SimpleNamespace
 
-    from library.text_encoders import load_clip_l, store_linears_in_fp8
+    from library.fp8 import store_linears_in_fp8
+    from library.text_encoders import load_clip_l
     from tests.test_lora_math import randomize_lora
 
     clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")

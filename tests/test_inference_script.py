@@ -193,7 +193,8 @@ def test_fp8_dit_and_text_encoders_compute_in_the_compute_dtype(tiny_model_files
 
 def test_a_lora_merged_into_fp8_text_encoders_goes_into_their_wide_weights(tiny_model_files, tmp_path, lora_file):
     """--merge_lora_weights with an fp8 CLIP-L / T5: Q(W + dW), as the DiT gets, not Q(Q(W) + dW)."""
-    from library.text_encoders import load_clip_l, store_linears_in_fp8
+    from library.fp8 import store_linears_in_fp8
+    from library.text_encoders import load_clip_l
     from networks.lora_flux import create_network_from_weights
 
     extra = ("--lora_weights", lora_file, "--merge_lora_weights", "--clip_l_dtype", "fp8", "--t5xxl_dtype", "fp8")
