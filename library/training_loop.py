@@ -159,9 +159,10 @@ class TrainingLoop:
             sampler.indices = self.process_batches[skip:]
             self.epoch_losses = []
             window: list[float] = []
+            window_rng = None
             for position, batch in enumerate(loader, start=skip):
                 micro = position % accum
-                if micro == 0 and accum > 1:  # a stop inside this window saves the random state of its start
+                if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
                     window_rng = capture_rng_states()
                 self.train_group.set_current_step(global_step)
                 loss = self._micro_step(batch, global_step, micro) / accum
