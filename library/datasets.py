@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from library.buckets import BucketSelector, adjust_min_max_reso, check_reso_steps, make_bucket_resolutions
-from library.captions import process_caption
+from library.captions import caption_for_cache, process_caption
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.dataset_sources import ImageRecord, scan_subset, split_subset
 from library.errors import UserError
@@ -222,7 +222,13 @@ class FluxDataset(torch.utils.data.Dataset):
             sub = e.subset
             rng = sample_rng(self.seed, epoch, index, slot, self.stream)
             flip = sub.flip_aug and rng.random() < 0.5
-            caption = process_caption(e.caption, sub.caption, rng, epoch, step, self.max_train_steps)
+            if e.te_outputs is not None or e.te_npz is not None:
+                # the caption the cache was encoded from: a CLIP-L trained live beside cached T5 outputs must
+                # see the same text (the same wildcard choice, no epoch dropout)
+                caption = caption_for_cache(e.caption, sub.caption, e.path)
+            else:  # token warm-up belongs to training: validation captions are whole from the start
+                warm_step = step if self.is_training else math.inf
+                caption = process_caption(e.caption, sub.caption, rng, epoch, warm_step, self.max_train_steps)
             if use_latents:
                 lat, lat_flipped, mask = self._cached_latents(e)
                 if flip:

@@ -159,3 +159,22 @@ def test_set_current_step_reaches_persistent_workers_through_shared_counters(tmp
     train.set_current_epoch(3)
     assert (step.value, epoch.value) == (4, 3)
     assert train[0]["captions"] == ["k, a, b, c, d"]
+
+
+@pytest.mark.parametrize("warmup", ["10", "0.5"])
+def test_validation_captions_are_whole_under_token_warm_up(tmp_path, warmup):
+    """Token warm-up grows training captions; validation, which the loop never steps, sees whole captions
+    (with an integer warm-up it saw token_warmup_min tags for the whole run)."""
+    names = [f"i{k}.png" for k in range(4)]
+    make_folder(tmp_path / "img", {n: (32, 32) for n in names}, {n: "t1, t2, t3, t4, t5, t6" for n in names},
+                ext=".caption")  # fmt: skip
+    train, val = _build(tmp_path, f"""
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          token_warmup_step = {warmup}
+        """, "validation_split = 0.5", 1)
+    train.set_max_train_steps(20)
+    train.set_current_epoch(1)
+    train.set_current_step(0)
+    assert all(c == "t1" for c in train[0]["captions"])  # training starts warm-up at token_warmup_min (1) tag
+    assert all(c.count(",") == 5 for i in range(len(val)) for c in val[i]["captions"])

@@ -25,6 +25,7 @@ from library.caches import (
     owned_paths,
     write_npz_atomic,
 )
+from library.captions import caption_for_cache
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
@@ -523,3 +524,21 @@ def test_two_datasets_sharing_a_latent_file_keep_each_others_mask_and_flipped_la
     alpha = np.asarray(Image.open(tmp_path / "img" / "m.png"))[..., 3] / 255.0
     assert any(m is not None and np.allclose(m[0].numpy(), alpha, atol=1e-6) for m in masks)
     assert LatentCacher(StandInEncoder(), "ae", True).cache([group()]).reused == 2  # the next run encodes nothing
+
+
+def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cached_t5(tmp_path):
+    """CLIP-L trained live encodes batch["captions"] while T5's outputs come from the cache: both must see the
+    same text, so the batch carries the cached caption (its wildcard choice, no epoch-based dropout)."""
+    folder = tmp_path / "img"
+    names = [f"i{k}.png" for k in range(4)]
+    make_folder(folder, {n: (32, 32) for n in names}, {n: "a {red|green|blue|pink|black} car" for n in names})
+    te = FakeTextEncoder()
+    g, _ = _te(tmp_path, te, "enable_wildcard = true\n          caption_dropout_every_n_epochs = 2", to_disk=False)
+    assert len(set(te.seen)) > 1  # the wildcards resolved per image
+    for epoch in (1, 2):
+        g.set_current_epoch(epoch)
+        for index in range(len(g)):
+            batch = g[index]
+            for path, caption in zip(batch["image_paths"], batch["captions"], strict=True):
+                entry = next(e for e in g.entries() if e.path == path)
+                assert caption == caption_for_cache(entry.caption, entry.subset.caption, entry.path) != ""
