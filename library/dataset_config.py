@@ -69,6 +69,12 @@ def _str(v):
     raise _Bad("expected a string (in quotes)")
 
 
+def _separator(v):
+    if _str(v) == "":
+        raise _Bad("an empty separator cannot split a caption; leave the key out for the default ','")
+    return v
+
+
 def _table(v):
     if isinstance(v, dict):
         return dict(v)
@@ -111,7 +117,7 @@ SCHEMA: dict[str, tuple[Any, tuple[str, ...], bool]] = {
     "keep_tokens": (_int, ALL3, False),
     "keep_tokens_separator": (_str, ALL3, False),
     "secondary_separator": (_str, ALL3, False),
-    "caption_separator": (_str, ALL3, False),
+    "caption_separator": (_separator, ALL3, False),
     "enable_wildcard": (_bool, ALL3, False),
     "token_warmup_min": (_int, ALL3, False),
     "token_warmup_step": (_float, ALL3, False),
@@ -513,10 +519,10 @@ def _config_from_dirs(args: argparse.Namespace) -> dict:
                 }
             )
             found += 1
-        if not found and not is_reg:
+        if not found:
             raise UserError(
-                f"{flag} {root}: no sub-folder named <repeats>_<class tokens> (e.g. 10_mychar); "
-                "put the images in such a folder."
+                f"{flag} {root}: no sub-folder named <repeats>_<class tokens> (e.g. "
+                f"{'1_person' if is_reg else '10_mychar'}); put the images in such a folder."
             )
     return {"datasets": [{"subsets": subsets}]}
 

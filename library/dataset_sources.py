@@ -55,7 +55,12 @@ def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tu
     """Regularisation subsets are never split: all of them train, none validate."""
     if sub.is_reg or sub.validation_split <= 0:
         return list(records), []
-    return split_train_val(records, sub.validation_split, seed)
+    train, val = split_train_val(records, sub.validation_split, seed)
+    if not val:
+        logger.warning("%s: validation_split = %s of its %d images rounds to none, so none is held out for "
+                       "validation; %.2g holds out one", sub.describe(), sub.validation_split, len(records),
+                       1 / max(len(records), 1))  # fmt: skip
+    return train, val
 
 
 def _fill_sizes(records: list[ImageRecord], desc: str) -> None:
@@ -157,9 +162,15 @@ def _read_metadata(path: str, where: str) -> dict:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    item = json.loads(line)
-                    if "image_path" not in item:
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError as e:  # its position counts within the line
+                        raise UserError(f"{path}: line {n} is not valid JSON ({e}); fix the file.") from None
+                    if not isinstance(item, dict) or "image_path" not in item:
                         raise UserError(f'{path}: line {n} has no "image_path"; every line needs one.')
+                    if item["image_path"] in metadata:
+                        logger.warning("%s: line %d names %r again; the later line is used", path, n,
+                                       item["image_path"])  # fmt: skip
                     metadata[item["image_path"]] = item
                 return metadata
             metadata = json.load(f)
@@ -196,8 +207,14 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
     sep = sub.caption.caption_separator
     records = []
     for key, md in metadata.items():
+        if not isinstance(md, dict):
+            raise UserError(f'{sub.metadata_file}: entry {key!r} is {type(md).__name__}, not an object like '
+                            '{"caption": "...", "tags": "..."}')  # fmt: skip
         caption = md.get("caption") or ""
         tags = md.get("tags") or ""
+        for name, value in (("caption", caption), ("tags", tags)):
+            if not isinstance(value, str):
+                raise UserError(f"{sub.metadata_file}: entry {key!r}: {name} is {type(value).__name__}, not text")
         if not caption.strip():  # a tagger's entry without a caption: its tags are the caption
             caption, tags = tags, ""
         if sub.caption.enable_wildcard and tags:

@@ -188,6 +188,11 @@ def test_train_data_dir_without_repeat_folders_is_an_error(tmp_path):
     make_folder(tmp_path / "train" / "plain", {"a.png": (64, 64)})
     with pytest.raises(UserError, match=r"--train_data_dir .*train: no sub-folder named <repeats>_<class tokens>"):
         load_dataset_configs(make_args("--train_data_dir", str(tmp_path / "train"), "--resolution", "64"))
+    make_folder(tmp_path / "good" / "10_dog", {"a.png": (64, 64)})
+    make_folder(tmp_path / "reg", {"r.png": (64, 64)})  # images straight in the folder: no regularisation at all
+    with pytest.raises(UserError, match=r"--reg_data_dir .*reg: no sub-folder named <repeats>_<class tokens>"):
+        load_dataset_configs(make_args("--train_data_dir", str(tmp_path / "good"), "--reg_data_dir",
+                                       str(tmp_path / "reg"), "--resolution", "64"))  # fmt: skip
 
 
 def test_dataset_config_wins_over_train_data_dir_with_a_warning(tmp_path, caplog):

@@ -84,6 +84,17 @@ def test_missing_and_malformed_metadata_files(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match=r"bad\.json: not valid JSON"):
         _ft(tmp_path, "bad.json")
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    good = json.dumps({"image_path": "a.png", "caption": "a cat"})
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n\n{good}\n{{broken\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl: line 4 is not valid JSON"):  # the file's line, not 1
+        _ft(tmp_path, "bad.jsonl")
+    (tmp_path / "strings.json").write_text(json.dumps({"a.png": "a photo of a cat"}))
+    with pytest.raises(UserError, match=r"strings\.json: entry 'a\.png' is str, not an object"):
+        _ft(tmp_path, "strings.json")
+    (tmp_path / "lists.json").write_text(json.dumps({"a.png": {"caption": ["a", "cat"]}}))
+    with pytest.raises(UserError, match=r"lists\.json: entry 'a\.png': caption is list, not text"):
+        _ft(tmp_path, "lists.json")
 
 
 def test_in_json_without_toml_builds_a_finetuning_dataset(tmp_path):

@@ -135,6 +135,22 @@ def test_no_validation_group_without_a_split(tmp_path):
     assert build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[1] is None
 
 
+def test_a_split_that_rounds_to_no_image_says_so(tmp_path, caplog):
+    make_folder(tmp_path / "a", {f"a{i}.png": (32, 32) for i in range(4)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+        validation_split = 0.1
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'a'}"
+        """)
+    with caplog.at_level("WARNING"):
+        _, val = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    assert val is None
+    assert "validation_split = 0.1 of its 4 images rounds to none" in caplog.text
+    assert "0.25 holds out one" in caplog.text
+
+
 def test_finetuning_datasets_are_split_without_duplication(tmp_path):
     make_folder(tmp_path / "img", {f"f{i}.png": (32, 32) for i in range(8)})
     meta = {f"f{i}.png": {"caption": f"cap {i}", "tags": "t1, t2"} for i in range(8)}
