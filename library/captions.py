@@ -61,14 +61,16 @@ def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: 
             raise UserError(
                 f"{cap_path}: caption file is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8."
             ) from None
-        if not lines:
-            raise UserError(
-                f"{cap_path}: caption file is empty; write a caption into it, or delete it to use the "
-                "subset's class_tokens."
-            )
         if enable_wildcard:
-            return "\n".join(line.strip() for line in lines if line.strip())
-        return lines[0].strip()
+            text = "\n".join(line.strip() for line in lines if line.strip())
+        else:
+            text = lines[0].strip() if lines else ""
+        if not text:  # nothing, blank lines, or (without wildcards, which use only the first line) a blank first line
+            raise UserError(
+                f"{cap_path}: caption file is empty{' (its first line is blank)' if ''.join(lines).strip() else ''}; "
+                "write a caption into it, or delete it to use the subset's class_tokens."
+            )
+        return text
     return None
 
 

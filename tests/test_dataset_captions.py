@@ -147,3 +147,10 @@ def test_empty_caption_file_names_the_file(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"")
     with pytest.raises(UserError, match=r"a\.txt: caption file is empty"):
         read_caption_file(str(tmp_path / "a.png"), ".txt", False)
+    (tmp_path / "b.txt").write_bytes(b"  \r\n\n")
+    with pytest.raises(UserError, match=r"b\.txt: caption file is empty; "):
+        read_caption_file(str(tmp_path / "b.png"), ".txt", True)
+    (tmp_path / "c.txt").write_text("\na cat\n")  # without wildcards only the first line is read: it is blank
+    with pytest.raises(UserError, match=r"c\.txt: caption file is empty \(its first line is blank\)"):
+        read_caption_file(str(tmp_path / "c.png"), ".txt", False)
+    assert read_caption_file(str(tmp_path / "c.png"), ".txt", True) == "a cat"
