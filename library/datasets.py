@@ -167,10 +167,11 @@ class FluxDataset(torch.utils.data.Dataset):
         rng = random.Random(self.seed + epoch)
         refs = list(self._batch_refs)
         buckets = [list(b) for b in self.buckets]
-        if self.is_training:
-            rng.shuffle(refs)
-            for b in buckets:
-                rng.shuffle(b)
+        # validation is shuffled too, always as epoch 1: a fixed order that mixes the buckets, so that
+        # --max_validation_steps does not see only the first bucket
+        rng.shuffle(refs)
+        for b in buckets:
+            rng.shuffle(b)
         out = [buckets[b][k * self.batch_size : (k + 1) * self.batch_size] for b, k in refs]
         self._order_cache = (epoch, out)
         return out
@@ -322,7 +323,7 @@ class DatasetGroup(torch.utils.data.Dataset):
         if self._order and self._order[0] == epoch:
             return self._order[1]
         order = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
-        if self.is_training and len(self.datasets) > 1:
+        if len(self.datasets) > 1:  # validation too, always as epoch 1 (see FluxDataset.epoch_batches)
             random.Random(f"group:{self.seed}:{epoch}").shuffle(order)
         self._order = (epoch, order)
         return order

@@ -181,3 +181,33 @@ def test_val_datasets_use_a_fixed_order(tmp_path):
     first = [val[i]["image_keys"] for i in range(len(val))]
     val.set_current_epoch(5)
     assert [val[i]["image_keys"] for i in range(len(val))] == first
+
+
+def test_validation_batches_mix_the_buckets_in_one_fixed_order(tmp_path):
+    """--max_validation_steps takes the first batches: they must not all come from one bucket (or dataset)."""
+    sizes = {f"p{i}.png": (32, 64) for i in range(6)} | {f"l{i}.png": (64, 32) for i in range(6)}
+    make_folder(tmp_path / "a", sizes)
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [general]
+        enable_bucket = true
+        bucket_reso_steps = 16
+        min_bucket_reso = 16
+        max_bucket_reso = 96
+        [[datasets]]
+        resolution = 48
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'a'}"
+          validation_split = 1.0
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 't'}"
+        """)
+    make_folder(tmp_path / "t", {"t.png": (48, 48)})
+
+    def first_half():
+        _, val = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+        val.set_current_epoch(1)
+        assert {tuple(val[i]["bucket_reso"]) for i in range(len(val))} == {(32, 64), (64, 32)}  # two buckets
+        return [os.path.basename(val[i]["image_paths"][0])[0] for i in range(len(val) // 2)]
+
+    order = first_half()
+    assert set(order) == {"p", "l"} and first_half() == order
