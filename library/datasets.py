@@ -11,8 +11,10 @@ Public API (the trainer's view):
     DataLoader(group, batch_size=1, shuffle=False, collate_fn=collate_first)):
         len(group)                      batches per epoch, all datasets together
         group[i]                        batch i of the current epoch (dict below)
+        group[(p, i)]                   the same, at position p of the epoch: its step is s + p // accumulation
         group.set_current_epoch(e)      1-based, as sd-scripts; reshuffles (pure function of seed, e)
         group.set_current_step(s), group.set_max_train_steps(n)   token warm-up
+        group.set_accumulation(k)       micro-batches a step
         group.use_shared_counters(epoch_value, step_value)        multiprocessing.Value for workers
         group.datasets, group.entries(), group.num_train_images, group.num_reg_images, group.bucket_info()
     Caches fill entries in place (library.caches), on every process, before training:
@@ -111,7 +113,8 @@ class FluxDataset(torch.utils.data.Dataset):
         # images (sd-scripts' num_reg_images, which the metadata records)
         self.num_reg_images = 0
         self.epoch = 0
-        self.step = 0
+        self.step = 0  # token warm-up's step; with positions (batch_at), the step of the epoch's first batch
+        self.accumulation = 1
         self.max_train_steps = 0
         self._shared: tuple | None = None
         self._order_cache: tuple[int, list] | None = None
@@ -194,9 +197,17 @@ class FluxDataset(torch.utils.data.Dataset):
 
     # --- items ------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:
+        return self.batch_at(index)
+
+    def batch_at(self, index: int, position: int | None = None) -> dict:
+        """Batch ``index`` of the current epoch. With ``position`` (its place in this process's epoch) the
+        step it trains at is the epoch's first step plus position // accumulation, not the step counter's
+        value when a DataLoader worker fetched it ahead."""
         epoch, step = self._counters()
         if not self.is_training:
             epoch = 0  # validation batches are the same every time they are evaluated
+        if position is not None:
+            step += position // self.accumulation
         batch = self.epoch_batches(epoch)[index]
         return self.make_batch(batch, epoch, step, index)
 
@@ -328,10 +339,17 @@ class DatasetGroup(torch.utils.data.Dataset):
         self._order = (epoch, order)
         return order
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Batch ``key`` of the current epoch, or ``(position in the epoch, batch index)`` (``EpochSampler``)."""
+        position, index = key if isinstance(key, tuple) else (None, key)
         epoch = self.datasets[0]._counters()[0]
         d, i = self._epoch_order(epoch)[index]
-        return self.datasets[d][i]
+        return self.datasets[d].batch_at(i, position)
+
+    def set_accumulation(self, steps: int) -> None:
+        """Micro-batches a step (--gradient_accumulation_steps), for the step of a batch at a position."""
+        for d in self.datasets:
+            d.accumulation = steps
 
     def set_current_epoch(self, epoch: int) -> None:
         for d in self.datasets:

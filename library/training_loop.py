@@ -36,13 +36,15 @@ logger = logging.getLogger(__name__)
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """The batch indices this process visits in the current epoch (changed between epochs)."""
+    """(position in the epoch, batch index) of the batches this process visits in the current epoch,
+    from ``start`` (changed between epochs). The dataset reads the step a batch trains at from its
+    position, so DataLoader workers that fetch ahead see the right one."""
 
-    def __init__(self, indices: list[int]):
-        self.indices = indices
+    def __init__(self, indices: list[int], start: int = 0):
+        self.indices, self.start = indices, start
 
     def __iter__(self):
-        return iter(list(self.indices))
+        return iter([(self.start + k, index) for k, index in enumerate(self.indices)])
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -156,7 +158,9 @@ class TrainingLoop:
             self.train_group.set_current_epoch(epoch + 1)
             skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
             skip_data = False  # later epochs start at their beginning
-            sampler.indices = self.process_batches[skip:]
+            sampler.indices, sampler.start = self.process_batches[skip:], skip
+            # the step of the epoch's first batch: each batch's is this plus its position // accum
+            self.train_group.set_current_step(global_step - skip // accum)
             self.epoch_losses = []
             window: list[float] = []
             window_rng = None
@@ -164,7 +168,6 @@ class TrainingLoop:
                 micro = position % accum
                 if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
                     window_rng = capture_rng_states()
-                self.train_group.set_current_step(global_step)
                 loss = self._micro_step(batch, global_step, micro) / accum
                 accelerator.backward(loss)
                 window.append(loss.detach())
@@ -452,6 +455,7 @@ class TrainingLoop:
     def _data_loader(self):
         args = self.args
         sampler = EpochSampler(self.process_batches)
+        self.train_group.set_accumulation(args.gradient_accumulation_steps)  # before workers copy the dataset
         workers = min(args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
         from library.datasets import collate_first
 

@@ -546,3 +546,30 @@ def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batche
             assert flux_train_network.main(argv) == 0
         losses.append([float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)])
     assert losses[0] and losses[0] == losses[1]
+
+
+def test_token_warm_up_follows_the_step_whatever_the_data_loader_workers(tiny_model_files, tmp_path, monkeypatch):
+    """Workers fetch batches ahead of the loop: each batch's warm-up step comes from its place in the epoch,
+    not from a counter the loop sets later, so workers give the captions that no workers give."""
+    data = dataset(tmp_path, batch_size=1)
+    for caption_file in glob.glob(os.path.join(data.image_dir, "*.txt")):
+        with open(caption_file, "w", encoding="utf-8") as f:
+            f.write("t1, t2, t3, t4, t5, t6")
+    with open(data.dataset_toml, "a", encoding="utf-8") as f:
+        f.write("  token_warmup_step = 6\n")
+    batch_loss, seen = flux_train_network.FluxNetworkTrainer.batch_loss, []
+
+    def recording(self, ctx, batch, step, *args, **kwargs):
+        seen.append((step, batch["captions"][0].count(",") + 1))
+        return batch_loss(self, ctx, batch, step, *args, **kwargs)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    runs = []
+    for workers in (0, 2):
+        seen.clear()
+        argv = base_argv(tiny_model_files, data, str(tmp_path / f"w{workers}"), steps=8, network_train_unet_only=True,
+                         gradient_accumulation_steps=2, max_data_loader_n_workers=workers)  # fmt: skip
+        assert flux_train_network.main(argv) == 0
+        runs.append(list(seen))
+    assert runs[0] == runs[1]
+    assert [tags for _, tags in runs[0]][::2] == [1, 1, 2, 3, 4, 5, 6, 6]  # grows with the step, one tag a step
