@@ -485,6 +485,9 @@ def load_user_config(path: str | os.PathLike) -> dict:
 def _config_from_dirs(args: argparse.Namespace) -> dict:
     """sd-scripts' no-TOML layout: <N>_<class tokens> folders, or --in_json for fine-tuning."""
     if args.in_json:
+        if getattr(args, "reg_data_dir", None):
+            logger.warning("--reg_data_dir %s is ignored with --in_json: a fine-tuning dataset has no "
+                           "regularisation images (as in sd-scripts)", args.reg_data_dir)  # fmt: skip
         return {"datasets": [{"subsets": [{"metadata_file": args.in_json, "image_dir": args.train_data_dir}]}]}
     if not args.train_data_dir:
         raise UserError(

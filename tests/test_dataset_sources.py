@@ -108,6 +108,17 @@ def test_in_json_without_toml_builds_a_finetuning_dataset(tmp_path):
     assert [(e.caption, e.num_repeats) for e in g.entries()] == [("hello", 3)]
 
 
+def test_reg_data_dir_beside_in_json_is_named_as_ignored(tmp_path, caplog):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "hello"}}))
+    args = make_args("--in_json", str(tmp_path / "m.json"), "--train_data_dir", str(tmp_path / "img"),
+                     "--reg_data_dir", str(tmp_path / "reg"), "--resolution", "32")  # fmt: skip
+    with caplog.at_level("WARNING"):
+        (d,) = load_dataset_configs(args)
+    assert not any(s.is_reg for s in d.subsets)
+    assert "--reg_data_dir" in caplog.text and "is ignored with --in_json" in caplog.text
+
+
 def _cache_info_group(tmp_path, folder):
     cfg = write_toml(tmp_path / "c.toml", f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\n'
                                           f'image_dir = "{folder}"\ncaption_extension = ".txt"\n'
