@@ -119,15 +119,6 @@ def _fp8_linear_forward(module: nn.Linear, compute_dtype: torch.dtype, x: torch.
     return F.linear(x.to(compute_dtype), module.weight.to(compute_dtype), bias)
 
 
-def changes_text_encoders(lora_path: str) -> bool:
-    """Whether a LoRA file has text-encoder modules (sd-scripts' lora_te*, diffusers' text_encoder.*)."""
-    from library.safetensors_io import read_keys
-
-    if not lora_path.endswith(".safetensors"):
-        return False
-    return any(k.startswith(("lora_te", "text_encoder.")) for k in read_keys(lora_path))
-
-
 def compute_fp8_linears_in(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Makes every Linear with fp8 weights upcast them per call to ``compute_dtype``; returns the count."""
     count = 0
@@ -278,6 +269,7 @@ def load_pipeline(args) -> Pipeline:
     from library.fp8 import store_linears_in_fp8
     from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
     from library.tokenizers_flux import FluxTokenizeStrategy
+    from networks.lora_flux_files import lora_files_have_modules
 
     check_args(args)
     dtype = str_to_dtype(args.dtype, "--dtype")
@@ -305,7 +297,8 @@ def load_pipeline(args) -> Pipeline:
                                       "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
     dit.requires_grad_(False).eval()
     # a LoRA merged into an fp8 encoder goes into its wide weights (on the CPU), which are then stored in fp8
-    merge_first = args.merge_lora_weights and any(changes_text_encoders(path) for path, _ in specs)
+    text_encoder_modules = ("lora_te", "text_encoder.")  # sd-scripts' and diffusers' names
+    merge_first = args.merge_lora_weights and lora_files_have_modules([p for p, _ in specs], text_encoder_modules)
     te_dtypes = {"clip_l": clip_dtype, "t5xxl": t5_dtype}
     wide_first = {name: merge_first and d in FP8_DTYPES for name, d in te_dtypes.items()}
     te_load = {name: (compute, "cpu") if wide_first[name] else (d, loading_device) for name, d in te_dtypes.items()}

@@ -104,6 +104,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flux_utils import load_ae, load_flow_model
         from library.fp8 import FP8, dit_load_dtype, quantize_dit_
         from library.text_encoders import load_clip_l, load_t5xxl
+        from networks.lora_flux_files import lora_files_have_modules
 
         dit_fp8 = args.fp8_base or args.fp8_base_unet
         if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
@@ -112,8 +113,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         te_fp8 = args.fp8_base and not args.fp8_base_unet
         # base weights merge into the wide weights, which are then stored in fp8: Q(W + dW), not Q(Q(W) + dW),
         # which rounds away most of a LoRA whose change is a few percent of the weight
-        self.fp8_after_merge = {"dit": dit_fp8 and base_weights_change(args.base_weights, "lora_unet"),
-                                "text_encoders": te_fp8 and base_weights_change(args.base_weights, "lora_te")}
+        base_weights = args.base_weights or []
+        self.fp8_after_merge = {"dit": dit_fp8 and lora_files_have_modules(base_weights, "lora_unet"),
+                                "text_encoders": te_fp8 and lora_files_have_modules(base_weights, "lora_te")}
         te_dtype = FP8 if te_fp8 and not self.fp8_after_merge["text_encoders"] else weight_dtype
         path = args.pretrained_model_name_or_path
         quantize_now = dit_fp8 and not self.fp8_after_merge["dit"]
@@ -434,13 +436,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             loras=[(args.output_name or "last", getattr(ctx.network, "multiplier", 1.0))],
             on_image=wandb_sample_logger(accelerator), **text,
         )
-
-
-def base_weights_change(paths: list[str] | None, prefix: str) -> bool:
-    """Whether any --base_weights file has modules named ``prefix...`` (lora_unet: the DiT, lora_te: an encoder)."""
-    from library.safetensors_io import read_keys
-
-    return any(k.startswith(prefix) for path in paths or [] if path.endswith(".safetensors") for k in read_keys(path))
 
 
 def move_text_encoders(text_encoders: list, device) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from library.errors import CheckpointError
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
-from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+from library.safetensors_io import load_safetensors, read_keys, read_metadata, save_safetensors
 from networks.lora_flux_targets import is_split_target, split_parts
 
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
@@ -32,6 +32,12 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
         return torch.load(file, map_location="cpu", weights_only=True), {}
     except Exception as e:  # a pickle of anything else, or a truncated file
         raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
+
+
+def lora_files_have_modules(paths, prefixes: str | tuple[str, ...]) -> bool:
+    """Whether any ``.safetensors`` LoRA among ``paths`` has a key starting with one of ``prefixes``, read
+    from its header alone (a ``.pt`` file cannot be looked into without loading it: not counted)."""
+    return any(k.startswith(prefixes) for path in paths if str(path).endswith(".safetensors") for k in read_keys(path))
 
 
 def with_trained_split_alpha(
