@@ -202,13 +202,8 @@ def load_flow_model(
     read (``--fp8_scaled``). Weights stored in fp8 in the file are kept as they are.
     """
     del disable_mmap  # the reader never memory-maps
-    files, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
-
-    bfl_shapes = shapes
-    if diffusers:
-        stand_ins = {k: torch.empty(v, device="meta") for k, v in shapes.items() if not is_comfy_scale_key(k)}
-        bfl_shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
-    params = infer_chroma_params(bfl_shapes, metadata) if chroma else infer_flux_params(bfl_shapes, metadata)
+    files, _, _, diffusers, chroma = _dit_layout(ckpt_path, model_type)
+    params = check_flow_model_file(ckpt_path, model_type)  # from the header, in BFL's names whatever the layout
     dtype_of, scaled_keys = None, frozenset()
     if fp8_block_linears:
         from library.fp8 import FP8, block_linears
