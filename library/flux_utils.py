@@ -102,7 +102,8 @@ def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_key
             group = _strip(group)
             if convert is not None:
                 group = convert(group)
-            for key, tensor in group.items():
+            while group:  # each source tensor is dropped as its cast is made: about one block alive at a time
+                key, tensor = group.popitem()
                 if key in scaled_fp8_keys:
                     from library.fp8 import quantize_weight
 
