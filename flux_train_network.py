@@ -74,8 +74,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         check_model_files(args)
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:
-                logger.warning("Chroma was distilled with guidance 0; --guidance_scale %s is passed to its "
-                               "approximator as given (the guide recommends 0.0)", args.guidance_scale)
+                logger.warning("Chroma is not guidance-distilled and the guide requires --guidance_scale 0.0 for "
+                               "it; %s is passed to its approximator as given", args.guidance_scale)
         if args.cache_text_encoder_outputs_to_disk:
             args.cache_text_encoder_outputs = True
         if args.cache_latents_to_disk:
@@ -261,9 +261,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders[:1], tokens)[0]
 
     def encode_captions_to_numpy(self, captions: list[str]) -> list[dict]:
+        import torch
+
         l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(self._ctx, captions)
         arrays = {"l_pooled": l_pooled, "t5_out": t5_out, "txt_ids": txt_ids, "t5_attn_mask": t5_mask}
-        arrays = {k: v.float().cpu().numpy() if k != "t5_attn_mask" else v.cpu().numpy() for k, v in arrays.items()}
+        # numpy has no bf16: those become fp32; fp16 outputs stay fp16 (half the file, as sd-scripts keeps them)
+        arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in arrays.items()}
         return [{k: v[i] for k, v in arrays.items()} for i in range(len(captions))]
 
     def after_network_created(self, ctx, network) -> None:

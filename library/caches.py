@@ -72,6 +72,14 @@ def te_npz_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + TE_SUFFIX
 
 
+def canonical_path(path: str) -> str:
+    """``path`` with its folder resolved (``img``, ``./img``, ``/data/img`` or a linked folder name one
+    place): two spellings of one image must share its cache checks and its writer. The file name itself
+    is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them."""
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
+
+
 def reso_suffix(bucket: tuple[int, int]) -> str:
     """`_<h>x<w>` of the latent (bucket / 8)."""
     return f"_{bucket[1] // 8}x{bucket[0] // 8}"
@@ -152,8 +160,20 @@ def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+def _rewrite_record(path: str, key: str, record: dict) -> None:
+    """Replaces one JSON record of a cache file; a file that cannot be rewritten keeps its old one (the
+    only cost is that the next run checks the image's content again)."""
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays[key] = np.array(json.dumps(record, sort_keys=True))
+        write_npz_atomic(path, arrays)
+    except (UserError, *UNREADABLE_NPZ) as e:
+        logger.debug("%s: record not updated (%s)", path, e)
+
+
 def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) -> set[str]:
-    """The image files this process caches: sorted unique paths dealt round-robin."""
+    """The files this process caches: sorted unique paths dealt round-robin (give them canonical)."""
     unique = sorted(set(paths))
     return {p for i, p in enumerate(unique) if i % num_processes == process_index}
 
@@ -179,7 +199,7 @@ def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
     owner: dict[str, str] = {}
     for e in entries:
         other = owner.setdefault(e.latents_npz, e.path)
-        if other != e.path:
+        if canonical_path(other) != canonical_path(e.path):
             raise UserError(
                 f"{other} and {e.path} would share the latent cache {os.path.basename(e.latents_npz)} (caches are "
                 "named by the image's name without its extension, as sd-scripts names them); rename one of them, "
@@ -198,16 +218,36 @@ def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
             )
 
 
+def _read_cache_arrays(path: str, keys: list[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a cache file that exist, read in full: a damaged member (which the checks
+    before training, reading the file's directory only, let pass) stops with the file named."""
+    try:
+        with np.load(path) as npz:
+            return {k: npz[k] for k in keys if k in npz.files}
+    except UNREADABLE_NPZ as e:
+        raise UserError(f"{path}: this cache file is damaged ({e}); delete it to re-cache it.") from None
+
+
 def load_latents(entry: ImageEntry) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(latents, flipped latents or None, alpha mask or None) of an entry's disk cache."""
-    sfx = reso_suffix(entry.bucket)
-    with np.load(entry.latents_npz) as npz:
-        if "latents" + sfx not in npz.files:
-            raise UserError(f"{entry.latents_npz}: has no latents{sfx}; delete the file to re-cache it.")
-        lat = torch.from_numpy(npz["latents" + sfx])
-        flipped = torch.from_numpy(npz["latents_flipped" + sfx]) if "latents_flipped" + sfx in npz.files else None
-        mask = torch.from_numpy(npz["alpha_mask" + sfx]) if "alpha_mask" + sfx in npz.files else None
-    return lat, flipped, mask
+    """(latents, flipped latents or None, alpha mask or None) of an entry's disk cache.
+
+    The flipped latents and the mask are read only when the entry's subset asks for them: the file
+    may hold them from another dataset, or from a run with other settings, of this image."""
+    sfx, sub = reso_suffix(entry.bucket), entry.subset
+    keys = ["latents" + sfx]
+    if sub.flip_aug:
+        keys.append("latents_flipped" + sfx)
+    if sub.alpha_mask:
+        keys.append("alpha_mask" + sfx)
+    arrays = _read_cache_arrays(entry.latents_npz, keys)
+    if "latents" + sfx not in arrays:
+        raise UserError(f"{entry.latents_npz}: has no latents{sfx}; delete the file to re-cache it.")
+    flipped, mask = (arrays.get(k + sfx) for k in ("latents_flipped", "alpha_mask"))
+    return (
+        torch.from_numpy(arrays["latents" + sfx]),
+        torch.from_numpy(flipped) if flipped is not None else None,
+        torch.from_numpy(mask) if mask is not None else None,
+    )
 
 
 class LatentCacher:
@@ -272,7 +312,14 @@ class LatentCacher:
         # flip/alpha arrays were checked above; extra ones from an earlier setting do no harm
         if any(rec.get(k) != want[k] for k in want if k not in ("image", "flip_aug", "alpha_mask")):
             return False
-        return _same_image(e.path, rec.get("image", {}))
+        image = rec.get("image", {})
+        if not _same_image(e.path, image):
+            return False
+        mtime = os.stat(e.path).st_mtime_ns
+        if mtime != image.get("mtime_ns"):  # copied or touched, same content: remember the new time
+            rec["image"] = dict(image, mtime_ns=mtime)
+            _rewrite_record(path, "cache_record" + sfx, rec)
+        return True
 
     def cache(self, groups: Iterable) -> CacheStats:
         """Fills entries' `latents*` (RAM) or `latents_npz` (disk). Call on every process."""
@@ -280,12 +327,12 @@ class LatentCacher:
         stats = CacheStats()
         if self.to_disk:
             for e in entries:
-                e.latents_npz = latent_npz_path(e.path, e.size)
+                e.latents_npz = latent_npz_path(canonical_path(e.path), e.size)
             _refuse_shared_slots(entries)
-            mine = owned_paths((e.path for e in entries), self.process_index, self.num_processes)
+            mine = owned_paths((canonical_path(e.path) for e in entries), self.process_index, self.num_processes)
             todo = []
             for e in tqdm(entries, desc="checking latent caches", unit="img", disable=len(entries) < 200):
-                if e.path not in mine:
+                if canonical_path(e.path) not in mine:
                     stats.other_processes += 1
                 elif self.is_valid(e):
                     stats.reused += 1
@@ -330,7 +377,7 @@ class LatentCacher:
     @staticmethod
     def _identity(e: ImageEntry) -> tuple:
         s = e.subset
-        return e.path, e.bucket, e.resized, s.interpolation, s.flip_aug, s.alpha_mask
+        return canonical_path(e.path), e.bucket, e.resized, s.interpolation, s.flip_aug, s.alpha_mask
 
     @staticmethod
     def _condition(e: ImageEntry):
@@ -390,8 +437,11 @@ class LatentCacher:
 
 # --- text-encoder outputs -----------------------------------------------------------------------
 def load_te_outputs(path: str) -> dict[str, np.ndarray]:
-    with np.load(path) as npz:
-        return {k: npz[k] for k in TE_KEYS}
+    arrays = _read_cache_arrays(path, list(TE_KEYS))
+    if len(arrays) != len(TE_KEYS):
+        missing = ", ".join(k for k in TE_KEYS if k not in arrays)
+        raise UserError(f"{path}: has no {missing}; delete the file to re-cache it.")
+    return arrays
 
 
 def _te_arrays(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -461,11 +511,20 @@ class TextEncoderCacher:
         stats = CacheStats()
         texts: dict[str, str] = {}  # unit of work (npz path, or caption in RAM) -> caption
         users: dict[str, list[ImageEntry]] = {}
+        images: dict[str, str] = {}  # npz path -> the first image using it
         for e in entries:
             cap = caption_for_cache(e.caption, e.subset.caption, e.path)
-            unit = te_npz_path(e.path) if self.to_disk else cap
+            unit = te_npz_path(canonical_path(e.path)) if self.to_disk else cap
             if self.to_disk:
                 e.te_npz = unit
+                other = images.setdefault(unit, e.path)
+                if unit in texts and texts[unit] != cap and canonical_path(other) != canonical_path(e.path):
+                    raise UserError(
+                        f"{other} and {e.path} would share the text-encoder cache {os.path.basename(unit)} with "
+                        f"two captions ({texts[unit]!r} and {cap!r}; caches are named by the image's name without "
+                        "its extension, as sd-scripts names them); rename one of them, or cache in RAM only (drop "
+                        "--cache_text_encoder_outputs_to_disk)."
+                    )
                 if unit in texts and texts[unit] != cap:
                     raise UserError(
                         f"{e.path} is used with two different captions ({texts[unit]!r} and {cap!r}, e.g. from two "
