@@ -146,10 +146,15 @@ def _sizes_from_info_cache(records: list[ImageRecord], info_file: str) -> None:
                  "mtime": stats[r.path].st_mtime_ns}
         for r in records
     }  # fmt: skip
-    tmp = info_file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, info_file)
+    tmp = f"{info_file}.{os.getpid()}.tmp"  # several processes may write it at once: the last rename wins
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+        os.replace(tmp, info_file)
+    except OSError as e:  # the sizes were read anyway: only the next run's head start is lost
+        logger.warning("--cache_info: cannot write %s (%s); image sizes are read again next run", info_file, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _read_metadata(path: str, where: str) -> dict:

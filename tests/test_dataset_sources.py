@@ -165,3 +165,21 @@ def test_cache_info_from_sd_scripts_is_measured_once_and_rewritten(tmp_path):
     assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
     entry = json.loads((folder / "metadata_cache.json").read_text())[str(folder / "a.png")]
     assert entry["resolution"] == [40, 32] and "mtime" in entry
+
+
+def test_cache_info_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32)}, {"a.png": "cap"})
+    renamed = []
+
+    def refuse(src, dst):  # a read-only folder, or a disk that is full
+        renamed.append(os.path.basename(src))
+        raise PermissionError(13, "Permission denied", dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with caplog.at_level("WARNING"):
+        assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
+    assert "--cache_info: cannot write" in caplog.text and "metadata_cache.json" in caplog.text
+    # each process writes its own temporary file (several processes list one folder at once)
+    assert renamed == [f"metadata_cache.json.{os.getpid()}.tmp"]
+    assert sorted(os.listdir(folder)) == ["a.png", "a.txt"]
