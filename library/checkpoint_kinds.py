@@ -34,3 +34,21 @@ def describe_checkpoint(keys: Sequence[str]) -> str:
         return "an autoencoder (give it as --ae)"
     shown = ", ".join(list(keys)[:3]) or "no tensors at all"
     return f"no known model (first keys: {shown})"
+
+
+def not_the_expected_kind(path: str, wanted: str, keys: Sequence[str], flag: str, anchor: str) -> str:
+    """The error message for a file without ``anchor``, the key ``wanted`` always has. When the file
+    still looks like what ``flag`` takes, saying "give it as ``flag``" would contradict itself: the
+    message says instead what such a file may be."""
+    kind = describe_checkpoint(keys)
+    if flag not in kind:
+        return f"{path}: expected {wanted}, but this file looks like {kind}"
+    prefix = next((k[: -len(anchor)] for k in keys if k.endswith(anchor)), None)
+    if prefix:
+        return (f"{path}: its keys begin with {prefix!r} ({prefix}{anchor}, ...), which {flag} does not read: "
+                "save it without that prefix")  # fmt: skip
+    return (
+        f"{path}: looks like {kind.split(' (')[0]} but has no {anchor!r}, which {wanted} has: it may be one part "
+        "of a model saved in several files (give the whole model in one file), or a variant this trainer does not "
+        "read"
+    )

@@ -80,6 +80,11 @@ def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path") -
     # an encoder of another width (CLIP-G as --clip_l, say) would fail only at the first step, after caching
     widths = (("--clip_l", "hidden_size", dit.vec_in_dim, "CLIP-L (clip_l.safetensors)"),
               ("--t5xxl", "d_model", dit.context_in_dim, "T5-XXL (t5xxl_fp16.safetensors)"))  # fmt: skip
+    if "--ae" in found and dit.in_channels != 4 * found["--ae"].z_channels:  # the DiT reads 2x2 patches of latents
+        raise UserError(
+            f"--ae {args.ae}: makes {found['--ae'].z_channels}-channel latents, but the DiT "
+            f"{getattr(args, dit_flag[2:])} takes {dit.in_channels // 4}; give the FLUX autoencoder (ae.safetensors)"
+        )
     for flag, width, wanted, what in widths:
         if flag in found and wanted and getattr(found[flag], width) != wanted:
             raise UserError(

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint
+from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint, not_the_expected_kind
 from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
 from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
@@ -145,8 +145,8 @@ def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict,
     shapes = _strip(shapes)
     diffusers = is_diffusers_state_dict(shapes)
     if not diffusers and "img_in.weight" not in shapes:
-        kind = describe_checkpoint(shapes)
-        raise CheckpointError(f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}")
+        raise CheckpointError(not_the_expected_kind(ckpt_path, "a FLUX.1 or Chroma DiT", list(shapes),
+                                                    "--pretrained_model_name_or_path", "img_in.weight"))  # fmt: skip
     chroma = is_chroma_state_dict(shapes)
     if chroma and model_type != "chroma":
         raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
@@ -245,20 +245,30 @@ def load_flow_model(
 def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
     """The autoencoder's widths and depths from the header alone; a file that is no FLUX AE stops here."""
     shapes, _ = _read_shapes([ckpt_path])
-    if "encoder.conv_in.weight" not in shapes or "decoder.conv_in.weight" not in shapes:
-        raise CheckpointError(
-            f"{ckpt_path}: expected the FLUX autoencoder (ae.safetensors), "
-            f"but this file looks like {describe_checkpoint(shapes)}"
-        )
+    for anchor in ("encoder.conv_in.weight", "decoder.conv_in.weight"):
+        if anchor not in shapes:
+            raise CheckpointError(not_the_expected_kind(ckpt_path, "the FLUX autoencoder (ae.safetensors)",
+                                                        list(shapes), "--ae", anchor))  # fmt: skip
     if any(k.startswith("encoder.down_blocks.") for k in shapes):
         raise CheckpointError(
             f"{ckpt_path}: an autoencoder in diffusers' layout (vae/diffusion_pytorch_model.safetensors); give "
             "BFL's ae.safetensors"
         )
+    if "quant_conv.weight" in shapes or "post_quant_conv.weight" in shapes:
+        raise CheckpointError(
+            f"{ckpt_path}: a Stable Diffusion VAE ({shapes['decoder.conv_in.weight'][1]} latent channels, with "
+            "quant_conv), not the FLUX autoencoder; give FLUX's ae.safetensors"
+        )
     try:
-        return infer_ae_params(shapes)
+        params = infer_ae_params(shapes)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path}: unsupported autoencoder layout ({e})") from None
+    with torch.device("meta"):
+        missing = sorted(AutoEncoder(params).state_dict().keys() - shapes.keys())
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise CheckpointError(f"{ckpt_path}: incomplete checkpoint, missing keys: {shown}")
+    return params
 
 
 def load_ae(

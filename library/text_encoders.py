@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from library.checkpoint_kinds import describe_checkpoint
+from library.checkpoint_kinds import not_the_expected_kind
 from library.dtypes import FP8_DTYPES
 from library.errors import CheckpointError
 from library.safetensors_io import (
@@ -51,6 +51,7 @@ CHROMA_DUMMY_POOLED_SHAPE = (77, 1)  # sd-scripts' DummyCLIPL output, kept so TE
 # Parts of larger files that are not the text encoder proper: skipped with one note.
 _CLIP_EXTRAS = ("text_projection.", "logit_scale", "vision_model.", "visual_projection.")
 _T5_EXTRAS = ("decoder.", "lm_head.")
+_TIED_COPIES = ("shared.weight", "encoder.embed_tokens.weight")  # T5 files may store its embedding under both
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -60,8 +61,8 @@ def _first_prefix(keys: Sequence[str], anchor: str) -> str | None:
     return next((k[: -len(anchor)] for k in keys if k.endswith(anchor)), None)
 
 
-def _wrong_kind(path: str, wanted: str, keys: Sequence[str]) -> CheckpointError:
-    return CheckpointError(f"{path}: expected {wanted}, but this file looks like {describe_checkpoint(keys)}")
+def _wrong_kind(path: str, wanted: str, keys: Sequence[str], flag: str, anchor: str) -> CheckpointError:
+    return CheckpointError(not_the_expected_kind(path, wanted, keys, flag, anchor))
 
 
 def _count_blocks(keys: Sequence[str], pattern: str) -> int:
@@ -124,14 +125,16 @@ def infer_clip_l_config(
     )
 
 
-def _encoder_keys(path: str, state_dict, anchor: str, wanted: str) -> tuple[list, str, dict, dict[str, str]]:
+def _encoder_keys(
+    path: str, state_dict, anchor: str, wanted: str, flag: str
+) -> tuple[list, str, dict, dict[str, str]]:
     """(the file's keys, the prefix before ``anchor``, the shapes under that prefix without it, the
     metadata) from the header alone; a file with no key ending in ``anchor`` is not ``wanted``."""
     file_shapes, metadata = _shapes_of(path, state_dict)
     file_keys = list(file_shapes)
     prefix = _first_prefix(file_keys, anchor)
     if prefix is None:
-        raise _wrong_kind(path, wanted, file_keys)
+        raise _wrong_kind(path, wanted, file_keys, flag, anchor)
     shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
     return file_keys, prefix, shapes, metadata
 
@@ -140,14 +143,26 @@ def _clip_l_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None)
     """(the file's keys, the prefix before ``embeddings.``, the config) from the header alone."""
     file_keys, prefix, shapes, metadata = _encoder_keys(
         path, state_dict, "embeddings.token_embedding.weight",
-        "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')",
+        "a CLIP-L text encoder (keys 'text_model.encoder.layers.*')", "--clip_l",
     )  # fmt: skip
     return file_keys, prefix, infer_clip_l_config(shapes, metadata, path, prefix)
 
 
+def _clip_l_model(path: str, state_dict: dict[str, torch.Tensor] | None = None):
+    """(the file's keys, prefix, config, the model on the meta device, model key -> file key)."""
+    from transformers import CLIPTextModel
+
+    file_keys, prefix, config = _clip_l_layout(path, state_dict)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    return file_keys, prefix, config, model, {k: prefix + k for k in model.state_dict()}
+
+
 def check_clip_l_file(path: str) -> CLIPTextConfig:
     """The checks :func:`load_clip_l` makes before reading any weight (milliseconds); the config."""
-    return _clip_l_layout(path)[2]
+    file_keys, _, config, _, key_map = _clip_l_model(path)
+    _refuse_missing_keys(path, key_map, file_keys)
+    return config
 
 
 def load_clip_l(
@@ -167,13 +182,8 @@ def load_clip_l(
     ``state_dict``, if given, is used instead of reading the file (``ckpt_path`` names it in errors).
     Returns the model in eval mode on ``device``.
     """
-    from transformers import CLIPTextModel
-
     path = str(ckpt_path)
-    file_keys, prefix, config = _clip_l_layout(path, state_dict)
-    with torch.device("meta"):
-        model = CLIPTextModel(config)
-    key_map = {k: prefix + k for k in model.state_dict()}
+    file_keys, prefix, config, model, key_map = _clip_l_model(path, state_dict)
     _load_into(
         model, key_map, prefix, path, state_dict, file_keys, dtype, compute_dtype, device, disable_mmap, _CLIP_EXTRAS
     )
@@ -232,7 +242,7 @@ def _t5xxl_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) 
     """(the file's keys, the prefix before ``encoder.``, shapes without it, the config) from the header alone."""
     file_keys, prefix, shapes, _ = _encoder_keys(
         path, state_dict, "encoder.block.0.layer.0.SelfAttention.q.weight",
-        "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')",
+        "a T5 text encoder (keys 'encoder.block.*', 'shared.weight')", "--t5xxl",
     )  # fmt: skip
     if any(re.fullmatch(r"encoder\.block\.[1-9]\d*\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", k)
            for k in shapes):  # fmt: skip
@@ -243,9 +253,25 @@ def _t5xxl_layout(path: str, state_dict: dict[str, torch.Tensor] | None = None) 
     return file_keys, prefix, shapes, infer_t5xxl_config(shapes, path, prefix)
 
 
+def _t5xxl_model(path: str, state_dict: dict[str, torch.Tensor] | None = None):
+    """(the file's keys, prefix, config, the model on the meta device, model key -> file key)."""
+    from transformers import T5EncoderModel
+
+    file_keys, prefix, shapes, config = _t5xxl_layout(path, state_dict)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    key_map = {k: prefix + k for k in model.state_dict()}
+    # The embedding is stored once, under either name (or under both, as one tied tensor): both model keys read it.
+    embed_key = "shared.weight" if "shared.weight" in shapes else "encoder.embed_tokens.weight"
+    key_map["shared.weight"] = key_map["encoder.embed_tokens.weight"] = prefix + embed_key
+    return file_keys, prefix, config, model, key_map
+
+
 def check_t5xxl_file(path: str) -> T5Config:
     """The checks :func:`load_t5xxl` makes before reading any weight (milliseconds); the config."""
-    return _t5xxl_layout(path)[3]
+    file_keys, _, config, _, key_map = _t5xxl_model(path)
+    _refuse_missing_keys(path, key_map, file_keys)
+    return config
 
 
 def load_t5xxl(
@@ -263,16 +289,8 @@ def load_t5xxl(
     applied). ``encoder.embed_tokens.weight`` is tied to ``shared.weight``; either may be absent.
     ``dtype``, ``compute_dtype`` and ``state_dict`` as in :func:`load_clip_l`.
     """
-    from transformers import T5EncoderModel
-
     path = str(ckpt_path)
-    file_keys, prefix, shapes, config = _t5xxl_layout(path, state_dict)
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    key_map = {k: prefix + k for k in model.state_dict()}
-    # The embedding is stored once, under either name: both model keys read that tensor.
-    embed_key = "shared.weight" if "shared.weight" in shapes else "encoder.embed_tokens.weight"
-    key_map["shared.weight"] = key_map["encoder.embed_tokens.weight"] = prefix + embed_key
+    file_keys, prefix, config, model, key_map = _t5xxl_model(path, state_dict)
     _load_into(
         model, key_map, prefix, path, state_dict, file_keys, dtype, compute_dtype, device, disable_mmap, _T5_EXTRAS
     )
@@ -323,6 +341,14 @@ def _shapes_of(path: str, state_dict: dict[str, torch.Tensor] | None) -> tuple[d
     return {k: e["shape"] for k, e in header.items()}, metadata
 
 
+def _refuse_missing_keys(path: str, key_map: dict[str, str], file_keys: list[str]) -> None:
+    present = set(file_keys)
+    missing = sorted({f for f in key_map.values() if f not in present})
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing keys: {shown}")
+
+
 def _load_into(
     model: nn.Module,
     key_map: dict[str, str],
@@ -340,12 +366,7 @@ def _load_into(
 
     ``key_map`` maps each model key to the file key holding it (several may share one).
     """
-    present = set(file_keys)
-    missing = sorted({f for f in key_map.values() if f not in present})
-    if missing:
-        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise CheckpointError(f"{path}: incomplete checkpoint, missing keys: {shown}")
-
+    _refuse_missing_keys(path, key_map, file_keys)
     used = set(key_map.values())
     scaled = any(is_comfy_scale_key(k) for k in file_keys)
     ignored, unexpected = [], []
@@ -353,6 +374,8 @@ def _load_into(
         if k in used or (scaled and is_comfy_scale_key(k)):
             continue
         inner = k[len(prefix) :]
+        if inner in _TIED_COPIES:
+            continue  # the second name of one tied tensor (T5's embedding): read under the other
         if not k.startswith(prefix) or inner.endswith("position_ids") or inner.startswith(extras):
             ignored.append(k)  # other parts of a bigger file, or a buffer that is rebuilt
         else:

@@ -92,6 +92,21 @@ class Env:
         save_safetensors({k: torch.zeros(shape) for k, shape in keys.items()}, path)
         return path
 
+    def edited(self, source: str, name: str, drop=(), rename=None, add=None) -> str:
+        """A copy of the model file ``source`` without the keys starting with ``drop``, with
+        ``rename(key)`` for each key name and the tensors ``add`` added."""
+        from library.safetensors_io import load_safetensors, read_metadata
+
+        tensors = {(rename or str)(k): v for k, v in load_safetensors(source).items() if not k.startswith(tuple(drop))}
+        path = os.path.join(self.tmp, name)
+        save_safetensors({**tensors, **(add or {})}, path, metadata=read_metadata(source))
+        return path
+
+    def autoencoder(self, name: str, **params) -> str:
+        from library.tiny_models import random_model, tiny_ae_params, write_model
+
+        return write_model(random_model(tiny_ae_params(**params)), os.path.join(self.tmp, name))
+
     def text_encoder(self, name: str, umt5: bool = False, **widths) -> str:
         """A tiny CLIP-L (``hidden=``) or T5 (``d_model=``, or a UMT5 with a position bias in every block)."""
         from library.safetensors_io import load_safetensors
@@ -193,6 +208,25 @@ CASES = [
         "encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_in.weight": (8, 4, 3, 3),
         "encoder.down_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)})),
          ("--ae", "vae.safetensors", "diffusers' layout", "ae.safetensors")),
+    Case("an SD VAE given as --ae", lambda e: e.replace(e.argv(), "--ae", e.edited(
+        e.autoencoder("sd_vae.safetensors", z_channels=4), "sd_vae.safetensors",
+        add={"quant_conv.weight": __import__("torch").zeros(8, 8, 1, 1)})),
+         ("--ae", "sd_vae.safetensors", "Stable Diffusion VAE", "ae.safetensors")),
+    Case("an autoencoder of other latents than the DiT's given as --ae",
+         lambda e: e.replace(e.argv(), "--ae", e.autoencoder("ae4.safetensors", z_channels=4)),
+         ("--ae", "ae4.safetensors", "makes 4-channel latents", "takes 16")),
+    Case("an autoencoder file without one tensor", lambda e: e.replace(e.argv(), "--ae", e.edited(
+        e.models.ae, "ae_cut.safetensors", drop=["decoder.norm_out.weight"])),
+         ("--ae", "ae_cut.safetensors", "incomplete checkpoint", "decoder.norm_out.weight")),
+    Case("an autoencoder saved under a key prefix", lambda e: e.replace(e.argv(), "--ae", e.edited(
+        e.models.ae, "ae_prefixed.safetensors", rename=lambda k: "first_stage_model." + k)),
+         ("--ae", "ae_prefixed.safetensors", "keys begin with 'first_stage_model.'", "without that prefix")),
+    Case("a CLIP-L file without its final norm", lambda e: e.replace(e.argv(), "--clip_l", e.edited(
+        e.models.clip_l, "clip_cut.safetensors", drop=["text_model.final_layer_norm."])),
+         ("--clip_l", "clip_cut.safetensors", "incomplete checkpoint", "text_model.final_layer_norm.weight")),
+    Case("the second of two T5 shards given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.edited(
+        e.models.t5xxl, "model-00002-of-00002.safetensors", drop=["shared.", "encoder.block.0."])),
+         ("--t5xxl", "model-00002-of-00002.safetensors", "one part of a model saved in several files")),
     Case("a diffusers-layout LoRA given as the DiT", lambda e: e.replace(
         e.argv(), "--pretrained_model_name_or_path", e.tensors("peft_lora.safetensors", {
             "transformer_blocks.0.attn.to_q.lora_A.weight": (4, 32),

@@ -225,3 +225,16 @@ def test_loader_casts_tensors_one_at_a_time(tmp_path, dev_model):
     assert all(v.dtype == torch.bfloat16 for v in half.values())
     only = load_safetensors(path, keys=["img_in.weight"])
     assert list(only) == ["img_in.weight"] and torch.equal(only["img_in.weight"], dev_model.img_in.weight)
+
+
+def test_a_chroma_variant_without_img_in_is_named_as_such_not_sent_back_to_the_same_flag(tmp_path):
+    # e.g. a pixel-space Chroma (``img_in_patch``): the file looks like Chroma, so "give it as the main model
+    # with --model_type chroma" would contradict itself
+    sd = random_model(tiny_chroma_params(), seed=3).state_dict()
+    sd["img_in_patch.weight"] = sd.pop("img_in.weight")
+    save_safetensors(sd, tmp_path / "radiance.safetensors")
+    for model_type in ("chroma", "flux"):
+        with pytest.raises(CheckpointError) as e:
+            load_flow_model(str(tmp_path / "radiance.safetensors"), None, "cpu", model_type=model_type)
+        assert "looks like a Chroma DiT but has no 'img_in.weight'" in str(e.value)
+        assert "a variant this trainer does not read" in str(e.value) and "--model_type" not in str(e.value)

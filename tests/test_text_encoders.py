@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from transformers.activations import QuickGELUActivation
 
+from library.checkpoint_kinds import describe_checkpoint
 from library.errors import CheckpointError
 from library.text_encoders import (
-    describe_checkpoint,
     infer_clip_l_config,
     infer_t5xxl_config,
     load_clip_l,
@@ -228,6 +228,19 @@ def test_clip_prefixes(tmp_path, prefix):
     ids = _clip_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).pooler_output, ref(ids).pooler_output, rtol=0, atol=1e-6)
+
+
+def test_t5_with_its_tied_embedding_stored_under_both_names_loads_without_a_warning(tmp_path, caplog):
+    ref = _reference_t5()
+    sd = _t5_file_layout(ref)
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()  # as transformers' save_pretrained may write
+    path = tmp_path / "t5.safetensors"
+    save_file(sd, str(path))
+    with caplog.at_level(logging.INFO):
+        model = load_t5xxl(path, torch.float32, "cpu")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "ignoring" not in caplog.text
+    assert torch.equal(model.shared.weight, sd["shared.weight"]) and model.encoder.embed_tokens is model.shared
 
 
 def test_t5_with_prefix_and_only_embed_tokens(tmp_path):
