@@ -85,7 +85,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Base model and tokenizers."""
     add = argument_adder(parser, "model")
     add("--pretrained_model_name_or_path", type=str, default=None,
-        help="DiT checkpoint to train: FLUX.1 dev/schnell or Chroma .safetensors, or a Diffusers FLUX directory")
+        help="DiT checkpoint to train: FLUX.1 dev/schnell or Chroma .safetensors, or a Diffusers FLUX/Chroma directory")
     add("--tokenizer_cache_dir", type=str, default=None,
         help="directory with local tokenizer copies (for offline training); default: none")  # fmt: skip
 

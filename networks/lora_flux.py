@@ -65,6 +65,7 @@ from networks.lora_flux_targets import (
     split_dims,
     split_parts,
     text_encoder_targets,
+    warn_type_dims_without_layers,
 )
 from networks.lora_modules import LoRAInfModule, LoRAModule
 
@@ -313,6 +314,8 @@ class LoRANetwork(nn.Module):
         }
         targets = dit_targets(unet, self.LORA_PREFIX_FLUX, block_classes, ("double", "single") if from_file else kinds,
                               in_dims, all_in_layers=from_file)  # fmt: skip
+        if type_dims is not None and not from_file:
+            warn_type_dims_without_layers(unet, type_dims)
         self.unet_loras: list[LoRAModule] = self._create(targets, skipped)
         logger.info(
             f"LoRA modules: {len(self.unet_loras)} on the DiT, {len(self.text_encoder_loras)} on the text encoders"

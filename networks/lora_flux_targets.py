@@ -99,6 +99,17 @@ def dit_targets(
                 yield lora_name(prefix, path), linear, "final"
 
 
+def warn_type_dims_without_layers(unet: nn.Module, type_dims: Sequence[int | None]) -> None:
+    """One warning per type dim (``img_mod_dim=4``, ...) that names layers this model lacks: Chroma has no
+    modulation Linears, so its ``*_mod_dim`` would otherwise change nothing in silence."""
+    from networks.lora_flux_args import TYPE_DIM_KEYS
+
+    paths = [name for name, module in unet.named_modules() if isinstance(module, nn.Linear)]
+    for key, identifiers, dim in zip(TYPE_DIM_KEYS, TYPE_IDENTIFIERS, type_dims, strict=True):
+        if dim is not None and not any(all(i in path for i in identifiers) for path in paths):
+            logger.warning(f"{key}: this model has no {' '.join(identifiers)} layers; its rank {dim} is ignored")
+
+
 @dataclass
 class RankRules:
     """The (rank, alpha) of a candidate module; rank 0 means no LoRA (spec §g.3–§g.6)."""

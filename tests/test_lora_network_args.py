@@ -92,6 +92,22 @@ def test_in_dims_adapt_the_conditioning_layers_the_model_has_and_warn_about_the_
     assert all(any(layer in w for w in warnings) for layer in missing)
 
 
+def test_modulation_dims_on_chroma_which_has_no_modulation_layers_warn_once_each(flux, caplog):
+    chroma = random_model(tiny_chroma_params())
+    dims = {"img_mod_dim": "8", "txt_mod_dim": "8", "single_mod_dim": "8", "img_attn_dim": "6"}
+    with caplog.at_level(logging.WARNING):
+        network = build(chroma, **dims)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sorted(w.split(":")[0] for w in warnings) == ["img_mod_dim", "single_mod_dim", "txt_mod_dim"]
+    assert all("this model has no" in w and "its rank 8 is ignored" in w for w in warnings)
+    assert {r for n, r in ranks(network).items() if "_img_attn_" in n} == {6}  # what the model has still applies
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build(flux, **dims)  # FLUX.1 has them all: no warning
+        build(flux, train_blocks="single", img_mod_dim="8")  # there, but not trained: no warning either
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_in_dims_zero_entries_skip_layers_and_plain_lists_parse(flux):
     conditioning = {n: r for n, r in ranks(build(flux, in_dims="4,0,0,0,2")).items() if "blocks" not in n}
     assert conditioning == {"lora_unet_img_in": 4, "lora_unet_txt_in": 2}
