@@ -291,10 +291,12 @@ class TrainingLoop:
             old = step_to_remove(step, args.save_every_n_steps, args.save_last_n_steps)
             if old:
                 self._remove("step", old)
+            # states are pruned only by a run that saves them: one that resumed without --save_state must not
+            # delete the states it (or the user) may still resume from
             old_state = step_to_remove(
                 step, args.save_every_n_steps, args.save_last_n_steps_state or args.save_last_n_steps
             )
-            if old_state:
+            if old_state and args.save_state:
                 self._remove_state("step", old_state)
         if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
             logs |= self._validate("step")
@@ -317,7 +319,7 @@ class TrainingLoop:
             if old:
                 self._remove("epoch", old)
             old_state = epoch_to_remove(epoch + 1, n, args.save_last_n_epochs_state or args.save_last_n_epochs)
-            if old_state:
+            if old_state and args.save_state:
                 self._remove_state("epoch", old_state)
         if self.triggers.due(epoch + 1, step):
             self._sample(epoch=epoch + 1, step=step)

@@ -159,6 +159,23 @@ def test_step_saves_are_named_by_step_and_the_last_step_prunes_too(tiny_model_fi
     assert read_metadata(os.path.join(out, "lora-step00000006.safetensors"))["ss_steps"] == "6"
 
 
+def test_a_run_without_save_state_leaves_the_states_in_its_folder_alone(tiny_model_files, tmp_path):
+    # a first run saves states; a second resumes from one in the same folder without --save_state, keeping its
+    # last 2 step saves: it prunes LoRA files, never the states it (or the user) may resume from again
+    first = train(tiny_model_files, tmp_path, steps=4, save_every_n_steps=2, save_state=True,
+                  network_train_unet_only=True)  # fmt: skip
+    states = sorted(n for n in os.listdir(first) if n.endswith("-state"))
+    assert states == ["lora-state", "lora-step00000002-state", "lora-step00000004-state"]
+    argv = base_argv(tiny_model_files, dataset(tmp_path), first, steps=8, save_every_n_steps=2, save_last_n_steps=2,
+                     network_train_unet_only=True, resume=os.path.join(first, "lora-step00000002-state"))  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    assert sorted(n for n in os.listdir(first) if n.endswith("-state")) == states
+    assert sorted(n for n in os.listdir(first) if n.startswith("lora-step")) == [
+        "lora-step00000002-state", "lora-step00000004-state", "lora-step00000006.safetensors",
+        "lora-step00000008.safetensors",
+    ]  # fmt: skip
+
+
 def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path, monkeypatch):
     from library.flux_models import Flux
 
