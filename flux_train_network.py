@@ -159,7 +159,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             models.ae.to(device)
 
     def check_dataset(self, args, train_group, val_group) -> None:
+        from library.tokenizers_flux import FluxTokenizeStrategy
+
         self.t5_max_length = args.t5xxl_max_token_length or (256 if self._checkpoint_is_schnell(args) else 512)
+        # the tokenizers now, before the models: an offline machine without them stops in seconds
+        self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
+                                                      use_clip_l=args.model_type == "flux")  # fmt: skip
 
     @staticmethod
     def _checkpoint_is_schnell(args) -> bool:
@@ -198,11 +203,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         import torch
 
         from library.text_encoders import FluxTextEncodingStrategy
-        from library.tokenizers_flux import FluxTokenizeStrategy
 
         args = ctx.args
-        self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
-                                                      use_clip_l=args.model_type == "flux")
         self.encoding_strategy = FluxTextEncodingStrategy(args.apply_t5_attn_mask)
         if not args.cache_text_encoder_outputs:
             move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # they encode every batch

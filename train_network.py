@@ -26,6 +26,7 @@ from library.errors import TrainingInterrupted, UserError
 from library.run_logging import (
     loggable_config,
     process_group_kwargs,
+    read_tracker_config,
     run_logging_dir,
     setup_logging,
     tracker_init_kwargs,
@@ -193,6 +194,10 @@ class NetworkTrainer:
 
         verify_images([e.path for group in groups for e in group.entries()])
         self.check_dataset(args, train_group, val_group)
+        from library.preflight import rehearse_optimizer_and_schedule
+
+        batches = len(batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes))
+        rehearse_optimizer_and_schedule(args, run_length(args, math.ceil(batches / args.gradient_accumulation_steps)))
         sampling_prompts = self.load_sample_prompts(args)
 
         models = self.load_target_model(args, accelerator, weight_dtype)
@@ -329,6 +334,12 @@ class NetworkTrainer:
         for flag, rate in rates:
             if rate is not None and rate < 0:  # torch checks only the first group's: the others would train uphill
                 raise UserError(f"{flag} {rate}: a learning rate cannot be negative")
+        from library.preflight import check_counts, check_learning_rates
+
+        check_counts(args)
+        check_learning_rates(args)
+        if tracker_names(args):
+            read_tracker_config(args)
         self.network_module = self.import_network_module(args)
         validate = getattr(self.network_module, "validate_network_args", None)
         if validate is not None:

@@ -237,7 +237,8 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
 
     if getattr(args, "fused_backward_pass", False):
         if key != "adafactor":
-            raise UserError(f"--fused_backward_pass works only with --optimizer_type Adafactor, not {optimizer_type}.")
+            raise UserError(f"--fused_backward_pass works only with --optimizer_type Adafactor (where it has no effect "
+                            f"on LoRA training, as in sd-scripts), not {optimizer_type}: remove it.")  # fmt: skip
         if getattr(args, "gradient_accumulation_steps", 1) > 1:
             raise UserError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1.")
 

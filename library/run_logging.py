@@ -82,15 +82,24 @@ def run_logging_dir(args) -> str | None:
     return os.path.join(args.logging_dir, f"{args.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
 
 
+def read_tracker_config(args) -> dict:
+    """The tables of --log_tracker_config (empty without it); a missing or malformed file stops with its name."""
+    if not args.log_tracker_config:
+        return {}
+    import toml
+
+    if not os.path.isfile(args.log_tracker_config):
+        raise UserError(f"--log_tracker_config {args.log_tracker_config}: file not found")
+    try:
+        with open(args.log_tracker_config, encoding="utf-8-sig") as f:
+            return toml.load(f)
+    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--log_tracker_config {args.log_tracker_config}: not valid TOML ({e})") from None
+
+
 def tracker_init_kwargs(args) -> dict:
     """--log_tracker_config, --wandb_run_name and the wandb login of --wandb_api_key."""
-    kwargs = {}
-    if args.log_tracker_config:
-        import toml
-
-        if not os.path.isfile(args.log_tracker_config):
-            raise UserError(f"--log_tracker_config {args.log_tracker_config}: file not found")
-        kwargs = toml.load(args.log_tracker_config)
+    kwargs = read_tracker_config(args)
     if args.wandb_run_name:
         kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
     if args.wandb_api_key:

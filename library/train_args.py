@@ -439,7 +439,8 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "max_timestep": "FLUX timestep sampling ignores it; it is only recorded in the metadata",
     "sample_sampler": "FLUX samples with the Euler flow sampler",
     "controlnet_model_name_or_path": "used only by ControlNet training, not by LoRA training",
-    "fused_backward_pass": "it has no effect on LoRA training (as in sd-scripts)",
+    "fused_backward_pass": "it has no effect on LoRA training (as in sd-scripts, which accepts it only with "
+    "Adafactor and no gradient accumulation; so does this trainer)",
     "huggingface_repo_id": "uploading to Hugging Face is not supported; nothing is uploaded",
     "save_state_to_huggingface": "uploading to Hugging Face is not supported; nothing is uploaded",
     "async_upload": "uploading to Hugging Face is not supported; nothing is uploaded",

@@ -291,6 +291,20 @@ CASES = [
          ("--resume", "its LoRA does not fit this run's network", "lora_unet_x.lora_down.weight not in this")),
     Case("sample prompts file missing", lambda e: e.argv(sample_prompts=os.path.join(e.tmp, "prompts.txt"),
                                                          sample_every_n_steps=1), ("prompts.txt",)),
+    Case("--gradient_accumulation_steps 0", lambda e: e.argv(gradient_accumulation_steps=0),
+         ("--gradient_accumulation_steps 0", "give 1 or more")),
+    Case("--network_dim 0", lambda e: e.argv(network_dim=0), ("--network_dim 0", "the LoRA rank")),
+    Case("a negative --vae_batch_size", lambda e: e.argv(vae_batch_size=-1), ("--vae_batch_size -1",)),
+    Case("a negative --text_encoder_batch_size", lambda e: e.argv(text_encoder_batch_size=-1,
+                                                                  cache_text_encoder_outputs=True),
+         ("--text_encoder_batch_size -1",)),
+    Case("a negative --t5xxl_max_token_length", lambda e: e.argv(t5xxl_max_token_length=-4),
+         ("--t5xxl_max_token_length -4",)),
+    Case("a negative --max_grad_norm", lambda e: e.argv(max_grad_norm=-1.0), ("--max_grad_norm -1.0",)),
+    Case("--max_train_steps 0", lambda e: e.argv(max_train_steps=0), ("--max_train_steps 0",)),
+    Case("a --log_tracker_config that is not TOML", lambda e: e.argv(
+        logging_dir=os.path.join(e.tmp, "logs"), log_tracker_config=e.file("tracker.toml", b"[wandb\nname=")),
+         ("--log_tracker_config", "tracker.toml", "not valid TOML")),
     Case("--config_file missing", lambda e: e.argv(config_file=os.path.join(e.tmp, "run.toml")), ("run.toml",)),
     Case("--log_with wandb without wandb", lambda e: e.argv(log_with="wandb"), ("wandb",)),
 ]
@@ -335,6 +349,27 @@ def test_a_wrong_file_after_the_dit_is_found_before_any_model_loads(env, capsys,
     assert loaded == []  # the file check needs headers only: the 24 GB DiT is not read first
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert error.startswith(f"error: --ae {env.models.t5xxl}: expected the FLUX autoencoder")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(optimizer_type="NoSuchOpt"), "--optimizer_type 'NoSuchOpt' is not a known optimizer"),
+    (dict(optimizer_args=["weight_decay"]), "--optimizer_args: 'weight_decay' is not of the form key=value"),
+    (dict(lr_scheduler="cosine_typo"), "--lr_scheduler 'cosine_typo' is not one of"),
+    (dict(lr_scheduler="linear", lr_warmup_steps=100), "--lr_warmup_steps 100 is longer than the whole run"),
+    (dict(lr_scheduler="cosine_with_min_lr"), "needs --lr_scheduler_min_lr_ratio"),
+    (dict(learning_rate=0.0), "nothing to train: every parameter group has learning rate 0"),
+    (dict(network_train_unet_only=True, network_train_text_encoder_only=True), "exclude each other"),
+], ids=["optimizer", "optimizer_args", "scheduler", "warmup", "min_lr", "lr 0", "unet and te only"])
+def test_optimizer_and_schedule_errors_come_before_any_model_loads(env, capsys, monkeypatch, flags,
+                                                                            message):  # fmt: skip
+    import library.flux_utils
+
+    loaded = []
+    monkeypatch.setattr(library.flux_utils, "load_flow_model", lambda *a, **k: loaded.append(a))
+    assert flux_train_network.main(env.argv(**flags)) == 1
+    assert loaded == []  # not after minutes of loading and caching
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert message in error
 
 
 def test_train_t5xxl_with_cached_text_encoder_outputs_is_refused_before_any_model_loads(env, capsys, monkeypatch):

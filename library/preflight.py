@@ -1,0 +1,84 @@
+"""Checks of a run's settings that need no model, made before the models load: a typo or a value
+that cannot work costs seconds, not the minutes of loading a 24 GB DiT and caching latents."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+
+from library.errors import UserError
+
+# Counts with no meaning below a bound: (flag, smallest value, what it counts). An option left out
+# (None) is never checked.
+COUNT_BOUNDS = (
+    ("gradient_accumulation_steps", 1, "batches per optimizer step"),
+    ("max_train_epochs", 1, "epochs"),
+    ("vae_batch_size", 1, "images per AE call"),
+    ("text_encoder_batch_size", 1, "captions per text-encoder call"),
+    ("t5xxl_max_token_length", 1, "T5 tokens"),
+    ("max_data_loader_n_workers", 0, "DataLoader worker processes"),
+)
+
+
+def check_counts(args) -> None:
+    """Refuses counts below their bound (a batch size of -1 cached nothing; 0 batches per step divided by
+    zero; -1 trained on), naming the flag."""
+    bounds = list(COUNT_BOUNDS)
+    if getattr(args, "max_train_epochs", None) is None:
+        bounds.append(("max_train_steps", 1, "optimizer steps"))
+    if not getattr(args, "dim_from_weights", False):  # the file's ranks are used then
+        bounds.append(("network_dim", 1, "the LoRA rank"))
+    for flag, low, what in bounds:
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise UserError(f"--{flag} {value}: give {low} or more ({what})")
+    max_grad_norm = getattr(args, "max_grad_norm", None)
+    if max_grad_norm is not None and max_grad_norm < 0:  # clipping to a negative norm flips every gradient
+        raise UserError(f"--max_grad_norm {max_grad_norm}: give 0 (no clipping) or more")
+
+
+def check_learning_rates(args) -> None:
+    """Refuses a run in which every part that trains has learning rate 0 (the network leaves such
+    parameter groups out, so there would be nothing to train)."""
+    unet_only, te_only = args.network_train_unet_only, args.network_train_text_encoder_only
+    if unet_only and te_only:
+        raise UserError("nothing to train: --network_train_unet_only and --network_train_text_encoder_only exclude "
+                        "each other")  # fmt: skip
+    unet_rate = args.unet_lr if args.unet_lr is not None else args.learning_rate
+    te_rates = list(args.text_encoder_lr or []) or [args.learning_rate]
+    trained = ([] if te_only else [unet_rate]) + ([] if unet_only else te_rates)
+    if all(rate == 0 for rate in trained):
+        raise UserError("nothing to train: every parameter group has learning rate 0 (check --learning_rate, "
+                        "--unet_lr and --text_encoder_lr)")  # fmt: skip
+
+
+@contextmanager
+def _quiet(*names: str):
+    """Lets the rehearsal's info lines and warnings wait for the real build, which prints them."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> None:
+    """Builds the optimizer and the lr schedule once, on one stand-in parameter: an unknown
+    ``--optimizer_type``, a missing package, ``--optimizer_args`` that do not fit the class, or a
+    schedule that cannot run (an unknown name, a warmup longer than the run, ...) stops here, with
+    the message the real build would give after loading."""
+    import torch
+
+    from library.lr_schedulers import get_scheduler_fix
+    from library.optimizers import get_optimizer
+
+    trial = copy.copy(args)  # Adafactor rewrites the learning rate and the scheduler in the arguments it gets
+    trial.max_train_steps = max_train_steps
+    with _quiet("library.optimizers", "library.lr_schedulers"):
+        _, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1))])
+        get_scheduler_fix(trial, optimizer, 1)
