@@ -106,11 +106,23 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
     that many times per optimizer step, so every step count is multiplied by it.
     """
     if is_schedulefree_optimizer(optimizer, args):
+        unused = (("lr_scheduler", ("constant", None)), ("lr_scheduler_type", (None, "")),
+                  ("lr_warmup_steps", (0, None)))  # fmt: skip
+        asked = [f"--{flag} {getattr(args, flag)}" for flag, unset in unused if getattr(args, flag, None) not in unset]
+        if asked:
+            logger.warning("%s: a schedule-free optimizer schedules itself, so these are not used (its warmup is "
+                           "--optimizer_args warmup_steps=N)", ", ".join(asked))  # fmt: skip
         return ScheduleFreeDummyScheduler(optimizer)
+    name: str = getattr(args, "lr_scheduler", None) or "constant"
+    try:
+        return _build_scheduler(args, optimizer, num_processes, name)
+    except ValueError as e:  # transformers' own checks (polynomial's lr_end above the lr, ...)
+        raise UserError(f"--lr_scheduler {name}: {e}") from None
 
+
+def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int, name: str) -> Any:
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
-    name: str = getattr(args, "lr_scheduler", None) or "constant"
     max_train_steps = getattr(args, "max_train_steps", None) or 0
     total = max_train_steps * num_processes
     warmup_value = getattr(args, "lr_warmup_steps", 0)
@@ -133,6 +145,12 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
             )
 
     if getattr(args, "lr_scheduler_type", None):
+        if name.startswith("adafactor"):  # set so by Adafactor's relative_step (or asked for)
+            raise UserError(
+                f"--lr_scheduler_type {args.lr_scheduler_type} cannot drive Adafactor with relative_step, which "
+                "computes its own step size: add relative_step=False scale_parameter=False warmup_init=False to "
+                "--optimizer_args, or drop --lr_scheduler_type."
+            )
         no_warmup(f"--lr_scheduler_type {args.lr_scheduler_type}")
         return _custom_scheduler(args, optimizer, kwargs)
 
@@ -144,10 +162,15 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
         no_warmup("--lr_scheduler adafactor")
         _, _, initial = name.partition(":")
         try:
-            initial_lr = float(initial) if initial and initial != "None" else 0.0
+            initial_lr = float(initial) if initial and initial != "None" else None
         except ValueError:
             raise UserError(f"--lr_scheduler {name}: expected adafactor or adafactor:<initial lr>.") from None
-        return AdafactorSchedule(optimizer, initial_lr)
+        if initial_lr is None and not optimizer.defaults.get("relative_step"):
+            # the schedule would set every group's lr to 0, which Adafactor then uses as given: train at the
+            # learning rates the groups have instead (sd-scripts stops here with a traceback)
+            logger.info("--lr_scheduler adafactor with relative_step=False: the learning rates are kept constant")
+            return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType.CONSTANT](optimizer)
+        return AdafactorSchedule(optimizer, initial_lr or 0.0)
 
     if name == "piecewise_constant":
         from diffusers.optimization import get_piecewise_constant_schedule
@@ -169,6 +192,8 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
     if kind == SchedulerType.CONSTANT:
         no_warmup("--lr_scheduler constant")
         return schedule_func(optimizer, **kwargs)
+    if total > 0 and warmup > total:  # the learning rate would never reach its value
+        raise UserError(f"--lr_warmup_steps {warmup_value} is longer than the whole run ({max_train_steps} steps).")
     if kind == SchedulerType.CONSTANT_WITH_WARMUP:
         return schedule_func(optimizer, num_warmup_steps=warmup, **kwargs)
     if kind == SchedulerType.INVERSE_SQRT:
@@ -177,8 +202,6 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
 
     if total <= 0:
         raise UserError(f"--lr_scheduler {name} needs --max_train_steps (or --max_train_epochs) to be set.")
-    if warmup > total:
-        raise UserError(f"--lr_warmup_steps {warmup_value} is longer than the whole run ({max_train_steps} steps).")
     common = dict(num_warmup_steps=warmup, num_training_steps=total)
 
     if kind == SchedulerType.COSINE_WITH_RESTARTS:

@@ -186,6 +186,60 @@ def test_unknown_or_metric_driven_schedulers_are_refused(name, why):
         get_scheduler_fix(make_args(lr_scheduler=name), sgd())
 
 
-def test_warmup_longer_than_the_run_is_refused():
-    with pytest.raises(UserError, match="--lr_warmup_steps"):
-        get_scheduler_fix(make_args(lr_scheduler="cosine", lr_warmup_steps=20), sgd())
+@pytest.mark.parametrize("name", ["cosine", "constant_with_warmup", "inverse_sqrt"])
+def test_warmup_longer_than_the_run_is_refused(name):
+    # constant_with_warmup and inverse_sqrt need no run length, but a warmup past the end never reaches the lr
+    with pytest.raises(UserError, match=r"--lr_warmup_steps 20 is longer than the whole run \(10 steps\)"):
+        get_scheduler_fix(make_args(lr_scheduler=name, lr_warmup_steps=20), sgd())
+    assert schedule(3, lr_scheduler=name, lr_warmup_steps=10)[1] == pytest.approx(0.1)  # a warmup as long: fine
+
+
+def _adafactor_args(**kw) -> argparse.Namespace:
+    args = argparse.Namespace(**vars(make_args()), learning_rate=1e-3, optimizer_args=None, use_8bit_adam=False,
+                              use_lion_optimizer=False, fused_backward_pass=False, max_grad_norm=0.0)  # fmt: skip
+    args.optimizer_type = "Adafactor"
+    vars(args).update(kw)
+    return args
+
+
+def test_adafactor_schedule_without_relative_step_keeps_the_learning_rates():
+    # a bare "adafactor" schedule would set every lr to 0, which Adafactor without relative_step uses as given
+    args = _adafactor_args(optimizer_args=["relative_step=False", "scale_parameter=False", "warmup_init=False"],
+                           lr_scheduler="adafactor")  # fmt: skip
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    _, _, optimizer = get_optimizer(args, [{"params": [weight], "lr": 1e-3}])
+    scheduler = get_scheduler_fix(args, optimizer)
+    assert scheduler.get_last_lr() == [1e-3]
+    weight.grad = torch.ones(4, 4)
+    optimizer.step()
+    scheduler.step()
+    assert not torch.equal(weight, torch.ones(4, 4)) and scheduler.get_last_lr() == [1e-3]
+
+
+def test_adafactor_with_relative_step_refuses_a_custom_scheduler():
+    args = _adafactor_args(lr_scheduler_type="CosineAnnealingLR", lr_scheduler_args=["T_max=10"])
+    _, _, optimizer = get_optimizer(args, [torch.nn.Parameter(torch.ones(4, 4))])
+    with pytest.raises(UserError, match="--lr_scheduler_type CosineAnnealingLR cannot drive Adafactor with "
+                                        "relative_step.*relative_step=False"):  # fmt: skip
+        get_scheduler_fix(args, optimizer)
+
+
+def test_schedule_free_optimizers_warn_about_the_schedule_they_do_not_use(caplog):
+    import schedulefree
+
+    optimizer = schedulefree.AdamWScheduleFree([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+    with caplog.at_level("WARNING"):
+        get_scheduler_fix(make_args(optimizer_type="AdamWScheduleFree", lr_scheduler="cosine", lr_warmup_steps=5),
+                          optimizer)  # fmt: skip
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("--lr_scheduler cosine, --lr_warmup_steps 5: a schedule-free optimizer schedules itself")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        get_scheduler_fix(make_args(optimizer_type="AdamWScheduleFree"), optimizer)
+    assert not caplog.records
+
+
+def test_transformers_own_schedule_checks_are_messages():
+    # polynomial decays to lr_end = 1e-7: a learning rate below it is transformers' ValueError
+    with pytest.raises(UserError, match=r"--lr_scheduler polynomial: .*lr_end"):
+        get_scheduler_fix(make_args(lr_scheduler="polynomial"), sgd(lr=1e-8))
