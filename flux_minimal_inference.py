@@ -257,6 +257,8 @@ def check_args(args) -> None:
         raise UserError(f"--seed {args.seed}: a seed is a whole number from -2**63 to 2**64 - 1")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
+    if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
+        raise UserError(f"--t5xxl_max_token_length {args.t5xxl_max_token_length}: give 1 or more (T5 tokens)")
     if min(args.width, args.height) < MIN_SAMPLE_SIZE:
         raise UserError(
             f"--width {args.width} / --height {args.height}: the image must be at least {MIN_SAMPLE_SIZE} pixels a side"

@@ -250,6 +250,7 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--height", "48"], "flux", "--width 64 / --height 48: the image must be at least 64 pixels a side"),
         (["--device", "gpu0"], "flux", "--device gpu0: not a device name"),
         (["--seed", "18446744073709551616"], "flux", "--seed 18446744073709551616: a seed is a whole number from"),
+        (["--t5xxl_max_token_length", "0"], "flux", "--t5xxl_max_token_length 0: give 1 or more"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):
