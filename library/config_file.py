@@ -15,6 +15,7 @@ from typing import Any
 
 from library.errors import UserError
 from library.run_logging import SECRET_ARGS
+from library.train_args import int_or_float
 
 logger = logging.getLogger(__name__)
 _NOT_SAVED = {"config_file", "output_config"}
@@ -36,14 +37,33 @@ def flatten(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def _convert(action: argparse.Action, value: Any, path: str) -> Any:
+    """A TOML value as the command line would give it: converted by the option's type and checked against its
+    choices, so that a config file cannot pass what argparse refuses (``mixed_precision = "fp32"``,
+    ``cache_latents_to_disk = "false"``) or change a value's meaning (``lr_warmup_steps = 1.0`` is 1 step)."""
+    from library.train_args import IGNORED_FOR_FLUX
+
+    def bad(v: Any, why: str) -> UserError:
+        return UserError(f"{path}: {action.dest} = {v!r}: {why}")
+
     def one(v: Any) -> Any:
-        if isinstance(v, str) and callable(action.type) and action.type is not str:
+        if isinstance(v, float) and action.type in (int, int_or_float) and v.is_integer():
+            v = int(v)  # TOML writers may put 1.0 for 1: the command line's "1.0" means 1 step too
+        if isinstance(v, bool) and action.type is not None:
+            raise bad(v, "expected a value, not true or false")
+        if callable(action.type):
             try:
-                return action.type(v)
+                v = action.type(v if isinstance(v, str) or action.type is str else str(v))
             except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-                raise UserError(f"{path}: {action.dest} = {v!r}: {e}") from None
+                raise bad(v, str(e)) from None
+        if action.choices is not None and v not in action.choices and action.dest not in IGNORED_FOR_FLUX:
+            shown = ", ".join(repr(c) for c in action.choices if c is not None)
+            raise bad(v, f"expected one of {shown}")
         return v
 
+    if action.nargs == 0:  # an on/off flag (store_true): a quoted "false" would be a true string
+        if not isinstance(value, bool):
+            raise bad(value, "give true or false, without quotes")
+        return value
     if action.nargs in ("*", "+") and not isinstance(value, list):
         value = [value]
     return [one(v) for v in value] if isinstance(value, list) else one(value)

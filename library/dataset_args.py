@@ -78,6 +78,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket side step (multiple of 16)")
     g.add_argument("--bucket_no_upscale", action="store_true", help="make buckets without upscaling images")
     g.add_argument("--caption_extension", type=str, default=".caption", help="caption file extension")
+    g.add_argument("--caption_extention", type=str, default=None,
+                   help="--caption_extension under sd-scripts' old spelling, kept for old scripts")  # fmt: skip
     g.add_argument("--caption_separator", type=str, default=",", help="separator between caption tags")
     g.add_argument("--shuffle_caption", action="store_true", help="shuffle tags (not with TE caching)")
     g.add_argument("--keep_tokens", type=int, default=0, help="keep the first N tags in place")

@@ -158,7 +158,12 @@ HINTS = {
     "use alpha_mask = true with transparent PNGs for masked loss",
     "seed": "the training seed is the command-line option --seed; the split seed is validation_seed",
 }
-CLI_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+# (--caption_extention, sd-scripts' old spelling, comes after --caption_extension in the arguments: it wins, as there)
+CLI_TO_KEY = {
+    "train_batch_size": "batch_size",
+    "dataset_repeats": "num_repeats",
+    "caption_extention": "caption_extension",
+}
 
 
 def _fail(source: str, path: str, msg: str) -> UserError:

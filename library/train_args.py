@@ -329,7 +329,8 @@ def add_dit_training_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(add, "--cache_text_encoder_outputs_to_disk", "cache CLIP-L/T5 outputs to *_flux_te.npz (implies the above)")
     add("--text_encoder_batch_size", type=int, default=None,
         help="batch size for text-encoder caching (default: the dataset batch size)")
-    _flag(add, "--disable_mmap_load_safetensors", "read safetensors without mmap (faster on WSL)")
+    _flag(add, "--disable_mmap_load_safetensors", "accepted for compatibility; no effect (files are always read "
+          "tensor by tensor without a memory map)")
     add("--weighting_scheme", type=str, default="uniform",
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"],
         help="timestep density for --timestep_sampling sigma and loss weight for sigma_scaled (default uniform)")
@@ -457,6 +458,7 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "huggingface_token": "uploading to Hugging Face is not supported; nothing is uploaded",
     "huggingface_repo_visibility": "uploading to Hugging Face is not supported; nothing is uploaded",
     "lowram": "models are loaded tensor by tensor without a memory map, which is what it is for",
+    "disable_mmap_load_safetensors": "models are loaded tensor by tensor without a memory map already",
     "highvram": "memory is never freed between caching batches anyway",
     "ddp_gradient_as_bucket_view": "gradients are averaged by explicit all-reduces, not by a DDP wrapper",
     "ddp_static_graph": "gradients are averaged by explicit all-reduces, not by a DDP wrapper",
@@ -475,8 +477,9 @@ REFUSED_FOR_FLUX: dict[str, str] = {
 def review_compat_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """Warnings for the no-effect flags set to a non-default value (one line each, naming the
     flag); raises :class:`UserError` listing any refused flag that is set."""
-    def is_set(dest: str) -> bool:
-        return hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest)
+    def is_set(dest: str) -> bool:  # 0, false or "" mean off, as GUIs write them for every option they show
+        value = getattr(args, dest, None)
+        return value != parser.get_default(dest) and value not in (None, False, 0, "")
 
     refused = [f"--{dest} cannot be used for FLUX/Chroma training: {why}" for dest, why in REFUSED_FOR_FLUX.items()
                if is_set(dest)]

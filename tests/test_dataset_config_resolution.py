@@ -74,6 +74,17 @@ def test_cli_names_map_to_config_names_and_cli_defaults_apply(tmp_path):
     assert (d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) == (256, 1024, 64)
 
 
+@pytest.mark.parametrize("flags, extension", [
+    (["--caption_extention", ".txt"], ".txt"),  # sd-scripts' old spelling, which old scripts still pass
+    (["--caption_extension", ".cap", "--caption_extention", ".txt"], ".txt"),  # it wins there too
+    (["--caption_extension", ".cap"], ".cap"),
+])
+def test_the_old_spelling_of_caption_extension_still_sets_it(tmp_path, flags, extension):
+    cfg = write_toml(tmp_path / "c.toml", '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    (d,) = load_dataset_configs(make_args("--dataset_config", cfg, "--resolution", "64", *flags))
+    assert d.subsets[0].caption_extension == extension
+
+
 def test_validation_split_in_a_subset_overrides_its_dataset(tmp_path):
     cfg = write_toml(
         tmp_path / "c.toml",

@@ -246,7 +246,16 @@ def test_review_compat_flags_warns_once_per_ignored_flag_and_not_for_sdpa():
     assert train_args.review_compat_flags(parser.parse_args([]), parser) == []
 
 
-@pytest.mark.parametrize("flag", ["--lowram", "--highvram", "--ddp_static_graph", "--ddp_gradient_as_bucket_view"])
+def test_compat_flags_written_as_off_are_not_warned_about():
+    # GUIs write every option they show: noise_offset = 0, min_snr_gamma = 0, v2 = false mean off, as in sd-scripts
+    parser = flux_parser()
+    args = parser.parse_args(["--noise_offset", "0", "--min_snr_gamma", "0", "--multires_noise_iterations", "0",
+                              "--max_timestep", "0"])  # fmt: skip
+    assert train_args.review_compat_flags(args, parser) == []
+
+
+@pytest.mark.parametrize("flag", ["--lowram", "--highvram", "--ddp_static_graph", "--ddp_gradient_as_bucket_view",
+                                  "--disable_mmap_load_safetensors"])  # fmt: skip
 def test_generic_flags_without_effect_say_so_in_help_and_when_set(flag):
     parser = flux_parser()
     assert actions_by_dest(parser)[flag[2:]].help.startswith("accepted for compatibility; no effect")
