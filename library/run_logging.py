@@ -38,7 +38,12 @@ def setup_logging(args) -> None:
         handler.close()
     handlers: list[logging.Handler] = [_StderrHandler()]
     if getattr(args, "console_log_file", None):
-        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
+        path = args.console_log_file
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"--console_log_file {path}: cannot write it ({e.strerror or e})") from None
     simple = getattr(args, "console_log_simple", False)
     formatter = logging.Formatter("%(message)s" if simple else "%(levelname)s %(name)s: %(message)s")
     for handler in handlers:

@@ -275,3 +275,23 @@ def test_review_compat_flags_refuses_flags_that_cannot_work(argv, flag):
 def test_compat_tables_name_real_dests():
     dests = set(actions_by_dest(flux_parser()))
     assert set(train_args.IGNORED_FOR_FLUX) <= dests and set(train_args.REFUSED_FOR_FLUX) <= dests
+
+
+def test_console_log_file_in_a_folder_not_there_yet_is_made_and_an_unwritable_one_is_a_message(tmp_path):
+    import logging
+    from argparse import Namespace
+
+    from library.errors import UserError
+    from library.run_logging import setup_logging
+
+    path = tmp_path / "logs" / "today" / "train.log"
+    try:
+        setup_logging(Namespace(console_log_file=str(path), console_log_level="INFO"))
+        logging.getLogger("library.test").info("hello from the test")
+        assert "hello from the test" in path.read_text()
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        with pytest.raises(UserError, match=r"--console_log_file .*a_file/train\.log: cannot write it"):
+            setup_logging(Namespace(console_log_file=str(blocker / "train.log"), console_log_level="INFO"))
+    finally:
+        setup_logging(Namespace())  # the console handler alone again
