@@ -197,7 +197,12 @@ class NetworkTrainer:
         from library.preflight import rehearse_optimizer_and_schedule
 
         batches = len(batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes))
-        rehearse_optimizer_and_schedule(args, run_length(args, math.ceil(batches / args.gradient_accumulation_steps)))
+        steps = run_length(args, math.ceil(batches / args.gradient_accumulation_steps))
+        optimizer_class = rehearse_optimizer_and_schedule(args, steps)
+        if args.resume:
+            from library.train_state import check_state_optimizer
+
+            check_state_optimizer(args.resume, optimizer_class)
         sampling_prompts = self.load_sample_prompts(args)
 
         models = self.load_target_model(args, accelerator, weight_dtype)

@@ -67,11 +67,11 @@ def _quiet(*names: str):
             lg.setLevel(level)
 
 
-def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> None:
+def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
     """Builds the optimizer and the lr schedule once, on one stand-in parameter: an unknown
     ``--optimizer_type``, a missing package, ``--optimizer_args`` that do not fit the class, or a
     schedule that cannot run (an unknown name, a warmup longer than the run, ...) stops here, with
-    the message the real build would give after loading."""
+    the message the real build would give after loading. Returns the optimizer's class path."""
     import torch
 
     from library.lr_schedulers import get_scheduler_fix
@@ -80,5 +80,6 @@ def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> None:
     trial = copy.copy(args)  # Adafactor rewrites the learning rate and the scheduler in the arguments it gets
     trial.max_train_steps = max_train_steps
     with _quiet("library.optimizers", "library.lr_schedulers"):
-        _, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1))])
+        name, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1))])
         get_scheduler_fix(trial, optimizer, 1)
+    return name

@@ -134,7 +134,9 @@ def save_training_state(
         if scaler is not None:
             torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step}, f)
+            # sd-scripts reads the first two; the optimizer lets --resume with another one stop with a message
+            json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step,
+                       "optimizer": optimizer_class_path(optimizer)}, f)  # fmt: skip
         old = None
         if os.path.exists(state_dir):  # replace an older state only once the new one is complete
             old = tmp + ".old"
@@ -174,6 +176,27 @@ def read_progress(state_dir: str) -> TrainProgress:
         ) from None
 
 
+def optimizer_class_path(optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+
+
+def check_state_optimizer(state_dir: str, class_path: str) -> None:
+    """Stops when the state was saved with another optimizer than this run builds (``class_path``): its
+    moments would be read under other names, and the first step would fail. States without the record
+    (sd-scripts', or older ones) are checked when loaded."""
+    try:
+        with open(os.path.join(state_dir, TRAIN_STATE_FILE), encoding="utf-8") as f:
+            saved = json.load(f).get("optimizer")
+    except (OSError, ValueError, AttributeError):
+        return  # read_progress names a damaged file
+    if isinstance(saved, str) and saved != class_path:
+        raise UserError(
+            f"--resume {state_dir}: the state was saved with the optimizer {saved}, and this run uses {class_path}. "
+            "Resume with the --optimizer_type (and --optimizer_args) of the run that saved it, or start a new run "
+            "from its LoRA with --network_weights."
+        )
+
+
 def check_state_fits(state_dir: str, network_state: dict[str, torch.Tensor]) -> None:
     """Stops, before the state is loaded (its header is enough), when the state's LoRA has other
     modules or shapes than this run's network (another --network_dim, --network_args or
@@ -204,14 +227,28 @@ def load_training_state(
 
     check_state_dir(state_dir)
     network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
+    hyperparameters = [set(group) for group in optimizer.param_groups]
+    asked_rates = list(getattr(lr_scheduler, "base_lrs", []))
     try:
         optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
         lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
+        # torch takes any optimizer's state whose group sizes match: one saved by another optimizer lacks the
+        # hyper-parameters this one reads (Adafactor's beta1, SGD's momentum), and would fail at the first step
+        lacking = sorted(set().union(*(want - set(group) for want, group in
+                                       zip(hyperparameters, optimizer.param_groups, strict=True))))  # fmt: skip
+        if lacking:
+            raise ValueError(f"it has no {', '.join(lacking)}: it was saved by another optimizer")
     except (ValueError, KeyError) as e:  # torch: "... parameter group that doesn't match the size of ..."
         raise UserError(
             f"--resume {state_dir}: its optimizer or scheduler state does not fit this run ({e}). Resume with the "
             "optimizer, learning-rate and network options of the run that saved it."
         ) from None
+    state_rates = list(getattr(lr_scheduler, "base_lrs", []))
+    if asked_rates != state_rates:
+        logger.warning("--resume %s: the schedule goes on at the state's learning rates %s, not this run's %s "
+                       "(the metadata records this run's); to train at new rates, start a run from the state's LoRA "
+                       "with --network_weights %s", state_dir, state_rates, asked_rates,
+                       os.path.join(state_dir, "model.safetensors"))  # fmt: skip
     rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
         restore_rng_states(read_rng_states(rng_file))

@@ -2,6 +2,7 @@
 with one clear message, and interrupted writes never leave a bad file under a final name."""
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 import flux_train_network
+from library.errors import UserError
 from library.safetensors_io import load_safetensors
-from library.train_state import TrainProgress, save_training_state
+from library.train_state import TrainProgress, load_training_state, save_training_state
 from tests.training_helpers import base_argv, dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,7 +202,8 @@ def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5))
     assert sorted(os.listdir(tmp_path)) == ["lora-state"]
-    assert (tmp_path / "lora-state" / "train_state.json").read_text() == '{"current_epoch": 1, "current_step": 3}'
+    assert json.loads((tmp_path / "lora-state" / "train_state.json").read_text()) == {
+        "current_epoch": 1, "current_step": 3, "optimizer": "torch.optim.sgd.SGD"}  # fmt: skip
     assert torch.equal(load_safetensors(os.path.join(state, "model.safetensors"))["w"], torch.ones(2))
 
 
@@ -236,3 +239,40 @@ def test_state_keeps_each_process_rng_and_each_process_resumes_its_own(tmp_path,
     drawn = torch.rand(3)
     torch.manual_seed(99)
     assert torch.equal(drawn, torch.rand(3))
+
+
+def _sgd_state(tmp_path, lr=0.1):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = str(tmp_path / "lora-state")
+    save_training_state(state, {"w": torch.ones(2)}, optimizer, scheduler, TrainProgress(1, 3))
+    return state
+
+
+def test_a_state_of_another_optimizer_without_its_record_is_refused_when_loaded(tmp_path):
+    """States written before the optimizer was recorded (and sd-scripts' own) are checked by their
+    hyper-parameters: torch would load them, and the first step would fail with a KeyError."""
+    state = _sgd_state(tmp_path)
+    with open(os.path.join(state, "train_state.json"), "w") as f:
+        json.dump({"current_epoch": 1, "current_step": 3}, f)
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(UserError, match=r"--resume .*lora-state: its optimizer or scheduler state does not fit this "
+                                        r"run \(it has no betas.*saved by another optimizer\)"):  # fmt: skip
+        load_training_state(state, adam, torch.optim.lr_scheduler.LambdaLR(adam, lambda s: 1.0))
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    load_training_state(state, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0))  # the same one loads
+
+
+def test_resuming_with_another_learning_rate_says_the_states_rates_go_on(tmp_path, caplog):
+    state = _sgd_state(tmp_path, lr=0.1)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0)
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, sgd, scheduler)
+    assert "the schedule goes on at the state's learning rates [0.1], not this run's [0.05]" in caplog.text
+    assert sgd.param_groups[0]["lr"] == 0.1  # as in sd-scripts: the state's
+    caplog.clear()
+    same = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, same, torch.optim.lr_scheduler.LambdaLR(same, lambda s: 1.0))
+    assert not caplog.records

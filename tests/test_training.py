@@ -102,11 +102,16 @@ def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_m
     assert re.search(r"error: --resume .*lora-state: its LoRA does not fit this run's network \("
                      r"lora_unet_double_blocks_0_img_attn_proj\.lora_down\.weight \(4, 64\) \(network \(8, 64\)\);"
                      r".* and 49 more\)", err)  # fmt: skip
+    other_optimizer = base_argv(tiny_model_files, data, str(tmp_path / "c"), steps=4, resume=state,
+                                network_train_unet_only=True, optimizer_type="SGDNesterov")  # fmt: skip
+    assert run(other_optimizer) == 1  # before the models load: the state records its optimizer
+    assert ("--resume" in (err := capsys.readouterr().err) and "saved with the optimizer torch.optim.adamw.AdamW, "
+            "and this run uses torch.optim.sgd.SGD" in err and "Traceback" not in err)  # fmt: skip
     finished = base_argv(tiny_model_files, data, str(tmp_path / "b"), steps=2, resume=state,
                          network_train_unet_only=True)  # fmt: skip
     assert run(finished) == 1
     assert "the state is at step 2, and this run has 2 steps; raise --max_train_steps" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    assert not any(os.path.exists(tmp_path / name) for name in ("a", "b", "c"))
     # --initial_step replaces the state's step, as in sd-scripts: one more step from the state's LoRA
     again = str(tmp_path / "again")
     assert run(base_argv(tiny_model_files, data, again, steps=2, resume=state, initial_step=1, save_every_n_steps=1,
