@@ -68,7 +68,7 @@ def precalculate_safetensors_hashes(
 
     training_metadata = {k: str(v) for k, v in (metadata or {}).items() if k.startswith("ss_")}
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
-    stream = io.BytesIO(save(contiguous, training_metadata or None))
+    stream = io.BytesIO(save(contiguous, training_metadata))  # {} too: its "__metadata__":{} moves the legacy window
     return addnet_hash_safetensors(stream), addnet_hash_legacy(stream)
 
 

@@ -34,6 +34,9 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# unsigned and newer fp8 types, where this torch has them (a training step counter is stored as U32, say)
+DTYPES.update({name: getattr(torch, attr) for name, attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+               ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)})  # fmt: skip
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 logger = logging.getLogger(__name__)
 _MAX_HEADER = 100 * 1024 * 1024
@@ -67,18 +70,41 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a .safetensors file (header is not a table)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: damaged header (its __metadata__ is not a table)")
     data_start = 8 + header_len
     data_len = 0
     for name, entry in header.items():
-        if entry.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        data_len = max(data_len, entry["data_offsets"][1])
+        data_len = max(data_len, _checked_entry(path, name, entry))
     if data_start + data_len > size:
         raise CheckpointError(
             f"{path}: file is truncated ({size} bytes, the header needs {data_start + data_len}); "
             "download or copy it again"
         )
     return header, metadata, data_start
+
+
+def _checked_entry(path: Path, name: str, entry) -> int:
+    """The end of a tensor's data, once its header entry is known to be whole: a shape, a dtype and a byte
+    range that holds exactly that many elements (else reading it would return memory never written)."""
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: damaged header, tensor {name!r}: {why}; download or copy the file again")
+
+    if not isinstance(entry, dict):
+        raise damaged("its entry is not a table")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise damaged(f"shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+        raise damaged(f"data_offsets {offsets!r}")
+    dtype = DTYPES.get(entry.get("dtype"))
+    if dtype is not None:  # a dtype this torch lacks stops only if that tensor is read (SafetensorsReader.get)
+        needed = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != needed:
+            raise damaged(f"its {offsets[1] - offsets[0]} bytes of data are not the {needed} of shape {shape} in "
+                          f"{entry['dtype']}")  # fmt: skip
+    return offsets[1]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -113,6 +139,9 @@ class SafetensorsReader:
 
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         entry = self.header[key]
+        if entry.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has the dtype {entry.get('dtype')!r}, which this "
+                                  f"torch ({torch.__version__}) cannot hold")  # fmt: skip
         begin, end = entry["data_offsets"]
         tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
         if end > begin:

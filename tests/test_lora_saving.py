@@ -145,6 +145,20 @@ def test_model_hash_is_the_sha256_of_the_tensor_data_and_reproducible(flux, tmp_
     assert read_metadata(c)["sshs_model_hash"] != meta_a["sshs_model_hash"]
 
 
+@pytest.mark.parametrize("metadata", [{"ss_seed": "1", "modelspec.title": "x"}, {"modelspec.title": "x"}, {}])
+def test_legacy_hash_is_of_the_file_sd_scripts_would_write_with_or_without_ss_keys(metadata):
+    """sd-scripts hashes save(tensors, {only the ss_ keys}): an empty table still writes "__metadata__":{},
+    which moves the 64 KiB window at 1 MiB (merged, converted or extracted files have no ss_ keys)."""
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"lora_unet_x{i}.lora_down.weight": torch.randn(64, 1024, generator=g).bfloat16() for i in range(12)}
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    assert len(blob) > 0x110000
+    expected = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    assert precalculate_safetensors_hashes(tensors, metadata)[1] == expected
+
+
 def test_hash_functions_on_known_bytes(tmp_path):
     model_sha, legacy = precalculate_safetensors_hashes({"a": torch.zeros(2)}, {"modelspec.title": "x"})
     assert model_sha == hashlib.sha256(bytes(8)).hexdigest()  # two fp32 zeros

@@ -1,0 +1,64 @@
+"""The safetensors reader against the safetensors package: every dtype it holds, and damaged headers
+refused with the file named instead of returning memory that was never written."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from library.errors import CheckpointError
+from library.safetensors_io import load_safetensors, read_header
+
+
+def _raw_file(path, header: dict, data: bytes) -> str:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.int16])
+def test_every_dtype_the_package_writes_is_read_the_same(tmp_path, dtype):
+    # a training step counter stored as U32 beside the weights must not make the whole file unreadable
+    tensors = {"w": torch.randn(3, 4), "step": torch.arange(6).reshape(2, 3).to(dtype)}
+    save_file(tensors, str(tmp_path / "f.safetensors"))
+    ours, theirs = load_safetensors(tmp_path / "f.safetensors"), load_file(str(tmp_path / "f.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key].view(torch.uint8),
+                                                                    theirs[key].view(torch.uint8))  # fmt: skip
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("a string", "its entry is not a table"),
+    ({"dtype": "F32", "shape": [4]}, "data_offsets None"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 0]}, "its 0 bytes of data are not the 16 of shape [4] in F32"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}, "its 16 bytes of data are not the 8 of shape [2] in F32"),
+    ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "shape [-4]"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "data_offsets [16, 0]"),
+])
+def test_a_damaged_tensor_entry_names_the_file_and_the_tensor(tmp_path, entry, why):
+    path = _raw_file(tmp_path / "bad.safetensors", {"w": entry}, bytes(16))
+    with pytest.raises(CheckpointError) as e:
+        load_safetensors(path)
+    assert str(e.value) == f"{path}: damaged header, tensor 'w': {why}; download or copy the file again"
+
+
+def test_a_metadata_entry_that_is_not_a_table_is_a_damaged_header(tmp_path):
+    path = _raw_file(tmp_path / "bad.safetensors", {"__metadata__": "x", "w": {
+        "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: damaged header \(its __metadata__ is not a table\)"):
+        read_header(path)
+
+
+def test_a_dtype_this_torch_lacks_stops_only_the_tensor_that_has_it(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "odd": {"dtype": "F4_FUTURE", "shape": [2], "data_offsets": [4, 5]}}  # fmt: skip
+    path = _raw_file(tmp_path / "f.safetensors", header, struct.pack("<f", 1.5) + bytes(1))
+    assert set(read_header(path)[0]) == {"w", "odd"}
+    assert load_safetensors(path, keys=["w"])["w"].item() == 1.5
+    with pytest.raises(CheckpointError, match=r"tensor 'odd' has the dtype 'F4_FUTURE', which this torch .* cannot"):
+        load_safetensors(path)
