@@ -399,7 +399,7 @@ class LatentCacher:
             flipped = self.encoder.encode(torch.flip(x, dims=[3])).float().cpu() if batch[0].subset.flip_aug else None
         for i, e in enumerate(batch):
             if torch.isnan(lat[i]).any() or (flipped is not None and torch.isnan(flipped[i]).any()):
-                raise RuntimeError(f"NaN in the latents of {e.path}; check the AE weights and --mixed_precision.")
+                raise UserError(f"NaN in the latents of {e.path}; check the AE weights and --mixed_precision.")
             mask = loaded[i][1]
             if not self.to_disk:
                 e.latents = lat[i].clone()
