@@ -316,6 +316,10 @@ class NetworkTrainer:
         if args.masked_loss and not args.alpha_mask:
             logger.warning("--masked_loss: masks come from each image's alpha channel (--alpha_mask or alpha_mask = "
                            "true in the dataset config); conditioning-image masks are not supported")
+        if args.network_train_unet_only and args.text_encoder_lr:
+            logger.warning("--text_encoder_lr is not used: --network_train_unet_only trains no text-encoder LoRA")
+        if args.network_train_text_encoder_only and args.unet_lr is not None:
+            logger.warning("--unet_lr is not used: --network_train_text_encoder_only trains no DiT LoRA")
 
     def debug_dataset(self, args, train_group) -> None:
         """--debug_dataset: prints the first epoch's batches (files, captions, buckets) and trains nothing."""

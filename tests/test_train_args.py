@@ -295,3 +295,20 @@ def test_console_log_file_in_a_folder_not_there_yet_is_made_and_an_unwritable_on
             setup_logging(Namespace(console_log_file=str(blocker / "train.log"), console_log_level="INFO"))
     finally:
         setup_logging(Namespace())  # the console handler alone again
+
+
+@pytest.mark.parametrize("argv, warning", [
+    (["--network_train_unet_only", "--text_encoder_lr", "1e-5"],
+     "--text_encoder_lr is not used: --network_train_unet_only trains no text-encoder LoRA"),
+    (["--network_train_text_encoder_only", "--unet_lr", "1e-4"],
+     "--unet_lr is not used: --network_train_text_encoder_only trains no DiT LoRA"),
+    (["--masked_loss"], "--masked_loss: masks come from each image's alpha channel"),
+    (["--text_encoder_lr", "1e-5", "--unet_lr", "1e-4"], None),
+])
+def test_settings_narrower_than_their_name_say_so(argv, warning, caplog):
+    from train_network import NetworkTrainer
+
+    with caplog.at_level("WARNING"):
+        NetworkTrainer().warn_about_flags_without_effect(flux_parser().parse_args(argv))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == (warning is not None) and all(m.startswith(warning) for m in messages)
