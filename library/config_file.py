@@ -36,11 +36,15 @@ def flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+_NOT_A_CHOICE = object()
+
+
 def _convert(action: argparse.Action, value: Any, path: str) -> Any:
-    """A TOML value as the command line would give it: converted by the option's type and checked against its
-    choices, so that a config file cannot pass what argparse refuses (``mixed_precision = "fp32"``,
-    ``cache_latents_to_disk = "false"``) or change a value's meaning (``lr_warmup_steps = 1.0`` is 1 step)."""
-    from library.train_args import IGNORED_FOR_FLUX
+    """A TOML value as the command line would give it: converted by the option's type, so that a file cannot
+    change a value's meaning (``lr_warmup_steps = 1.0`` is 1 step, as ``--lr_warmup_steps 1.0``) or pass a
+    quoted ``"false"`` as a true flag. GUIs write every option they show (kohya_ss writes
+    ``dynamo_backend = "no"`` and ``persistent_data_loader_workers = 1``): on/off flags take 0 and 1 too,
+    and a value outside an option's choices warns and leaves the default (:data:`_NOT_A_CHOICE`)."""
 
     def bad(v: Any, why: str) -> UserError:
         return UserError(f"{path}: {action.dest} = {v!r}: {why}")
@@ -55,18 +59,23 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
                 v = action.type(v if isinstance(v, str) or action.type is str else str(v))
             except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
                 raise bad(v, str(e)) from None
-        if action.choices is not None and v not in action.choices and action.dest not in IGNORED_FOR_FLUX:
+        if action.choices is not None and v not in action.choices:
             shown = ", ".join(repr(c) for c in action.choices if c is not None)
-            raise bad(v, f"expected one of {shown}")
+            logger.warning("%s: %s = %r is not one of %s; the default %r is used", path, action.dest, v, shown,
+                           action.default)  # fmt: skip
+            return _NOT_A_CHOICE
         return v
 
     if action.nargs == 0:  # an on/off flag (store_true): a quoted "false" would be a true string
-        if not isinstance(value, bool):
-            raise bad(value, "give true or false, without quotes")
-        return value
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise bad(value, "give true or false, without quotes")
     if action.nargs in ("*", "+") and not isinstance(value, list):
         value = [value]
-    return [one(v) for v in value] if isinstance(value, list) else one(value)
+    if isinstance(value, list):
+        items = [one(v) for v in value]
+        return _NOT_A_CHOICE if _NOT_A_CHOICE in items else items
+    return one(value)
 
 
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -89,7 +98,9 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         if key not in actions:
             logger.warning("%s: unknown key %r ignored", path, key)
             continue
-        values[key] = _convert(actions[key], value, path)
+        converted = _convert(actions[key], value, path)
+        if converted is not _NOT_A_CHOICE:
+            values[key] = converted
     return values
 
 
