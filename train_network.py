@@ -220,18 +220,16 @@ class NetworkTrainer:
         from library.optimizers import get_optimizer, get_optimizer_train_eval_fn, network_param_groups
 
         params, lr_descriptions = network_param_groups(network, args)
-        if not (ctx.train_unet or ctx.train_text_encoder):
-            raise UserError("nothing to train: " + (
-                "--network_train_unet_only and --network_train_text_encoder_only exclude each other"
-                if args.network_train_unet_only else
-                "--network_train_text_encoder_only, but no text encoder has LoRA modules in this run (Chroma's T5 "
-                "needs --network_args train_t5xxl=True)"
-            ))  # fmt: skip
+        if not (ctx.train_unet or ctx.train_text_encoder):  # (both --*_only flags were refused before loading)
+            raise UserError("nothing to train: --network_train_text_encoder_only, but no text encoder has LoRA "
+                            "modules in this run (Chroma's T5 needs --network_args train_t5xxl=True)")  # fmt: skip
+        if not any(p.requires_grad for p in network.parameters()):
+            raise UserError(f"nothing to train: the network has no LoRA module (--network_dim {args.network_dim}, "
+                            "and no network_args give a layer a rank)")  # fmt: skip
         if not any(group["params"] if isinstance(group, dict) else True for group in params):
-            raise UserError(
-                "nothing to train: every parameter group has learning rate 0 (check --learning_rate, "
-                "--unet_lr and --text_encoder_lr)"
-            )
+            from library.preflight import ZERO_RATES
+
+            raise UserError(ZERO_RATES)  # network_reg_lrs of 0 for every module, say
         from library.lr_schedulers import get_scheduler_fix
 
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)

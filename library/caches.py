@@ -27,6 +27,7 @@ to a temporary name and renamed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -77,7 +78,12 @@ def canonical_path(path: str) -> str:
     place): two spellings of one image must share its cache checks and its writer. The file name itself
     is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them."""
     folder, name = os.path.split(path)
-    return os.path.join(os.path.realpath(folder or "."), name)
+    return os.path.join(_real_folder(folder or "."), name)
+
+
+@functools.lru_cache(maxsize=1024)  # a dataset has a few folders and many images in each
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def reso_suffix(bucket: tuple[int, int]) -> str:

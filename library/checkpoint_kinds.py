@@ -52,3 +52,10 @@ def not_the_expected_kind(path: str, wanted: str, keys: Sequence[str], flag: str
         "of a model saved in several files (give the whole model in one file), or a variant this trainer does not "
         "read"
     )
+
+
+def incomplete_checkpoint(path: str, missing: Sequence[str], shown: int = 20) -> str:
+    """The error message for a file without some of the tensors its model needs (sorted, the first ``shown``)."""
+    missing = sorted(missing)
+    listed = ", ".join(missing[:shown]) + (f" ... ({len(missing)} in all)" if len(missing) > shown else "")
+    return f"{path}: incomplete checkpoint, missing keys: {listed}"

@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint, not_the_expected_kind
+from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint, incomplete_checkpoint, not_the_expected_kind
 from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
 from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
@@ -264,10 +264,9 @@ def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt_path}: unsupported autoencoder layout ({e})") from None
     with torch.device("meta"):
-        missing = sorted(AutoEncoder(params).state_dict().keys() - shapes.keys())
+        missing = AutoEncoder(params).state_dict().keys() - shapes.keys()
     if missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise CheckpointError(f"{ckpt_path}: incomplete checkpoint, missing keys: {shown}")
+        raise CheckpointError(incomplete_checkpoint(ckpt_path, missing))
     return params
 
 

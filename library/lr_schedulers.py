@@ -77,8 +77,8 @@ def resolve_step_count(value: int | float | str | None, total_steps: int, flag: 
     return value
 
 
-def _custom_scheduler(args, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]) -> Any:
-    type_name: str = args.lr_scheduler_type
+def custom_scheduler_class(type_name: str) -> type:
+    """The class ``--lr_scheduler_type`` names: a ``torch.optim.lr_scheduler`` name or a dotted class path."""
     if "." not in type_name:
         module, cls_name = torch.optim.lr_scheduler, type_name
     else:
@@ -92,18 +92,26 @@ def _custom_scheduler(args, optimizer: torch.optim.Optimizer, kwargs: dict[str, 
             f"--lr_scheduler_type {type_name}: no class {cls_name!r} in {module.__name__}. Give a "
             "torch.optim.lr_scheduler class name (e.g. CosineAnnealingLR) or a full class path."
         )
+    return getattr(module, cls_name)
+
+
+def _custom_scheduler(args, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]) -> Any:
+    type_name: str = args.lr_scheduler_type
+    scheduler_class = custom_scheduler_class(type_name)
     logger.info("use %s | %s as lr_scheduler", type_name, kwargs)
     try:
-        return getattr(module, cls_name)(optimizer, **kwargs)
-    except TypeError as e:
+        return scheduler_class(optimizer, **kwargs)
+    except (TypeError, ValueError) as e:
         raise UserError(f"--lr_scheduler_args {kwargs} do not fit --lr_scheduler_type {type_name}: {e}") from None
 
 
-def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int = 1) -> Any:
+def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int = 1, build_custom: bool = True) -> Any:
     """Build the lr scheduler named by ``args.lr_scheduler`` (or ``args.lr_scheduler_type``).
 
     ``num_processes`` is the number of training processes: a prepared scheduler is stepped
-    that many times per optimizer step, so every step count is multiplied by it.
+    that many times per optimizer step, so every step count is multiplied by it. With
+    ``build_custom=False`` an ``--lr_scheduler_type`` class is found and checked but not built
+    (returns None): its arguments may be per parameter group, which only the real optimizer has.
     """
     if is_schedulefree_optimizer(optimizer, args):
         unused = (("lr_scheduler", ("constant", None)), ("lr_scheduler_type", (None, "")),
@@ -115,12 +123,12 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
         return ScheduleFreeDummyScheduler(optimizer)
     name: str = getattr(args, "lr_scheduler", None) or "constant"
     try:
-        return _build_scheduler(args, optimizer, num_processes, name)
+        return _build_scheduler(args, optimizer, num_processes, name, build_custom)
     except ValueError as e:  # transformers' own checks (polynomial's lr_end above the lr, ...)
         raise UserError(f"--lr_scheduler {name}: {e}") from None
 
 
-def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int, name: str) -> Any:
+def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int, name: str, build_custom: bool) -> Any:
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
     max_train_steps = getattr(args, "max_train_steps", None) or 0
@@ -152,6 +160,9 @@ def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int,
                 "--optimizer_args, or drop --lr_scheduler_type."
             )
         no_warmup(f"--lr_scheduler_type {args.lr_scheduler_type}")
+        if not build_custom:
+            custom_scheduler_class(args.lr_scheduler_type)
+            return None
         return _custom_scheduler(args, optimizer, kwargs)
 
     if name.startswith("adafactor"):

@@ -9,6 +9,11 @@ from contextlib import contextmanager
 
 from library.errors import UserError
 
+ZERO_RATES = (
+    "nothing to train: every parameter group has learning rate 0 (check --learning_rate, --unet_lr and "
+    "--text_encoder_lr)"
+)
+
 # Counts with no meaning below a bound: (flag, smallest value, what it counts). An option left out
 # (None) is never checked.
 COUNT_BOUNDS = (
@@ -28,7 +33,8 @@ def check_counts(args) -> None:
     if getattr(args, "max_train_epochs", None) is None:
         bounds.append(("max_train_steps", 1, "optimizer steps"))
     if not getattr(args, "dim_from_weights", False):  # the file's ranks are used then
-        bounds.append(("network_dim", 1, "the LoRA rank"))
+        # 0 is a rank: no module but those network_args give one (img_attn_dim=4, in_dims, network_reg_dims)
+        bounds.append(("network_dim", 0, "the LoRA rank"))
     for flag, low, what in bounds:
         value = getattr(args, flag, None)
         if value is not None and value < low:
@@ -49,8 +55,7 @@ def check_learning_rates(args) -> None:
     te_rates = list(args.text_encoder_lr or []) or [args.learning_rate]
     trained = ([] if te_only else [unet_rate]) + ([] if unet_only else te_rates)
     if all(rate == 0 for rate in trained):
-        raise UserError("nothing to train: every parameter group has learning rate 0 (check --learning_rate, "
-                        "--unet_lr and --text_encoder_lr)")  # fmt: skip
+        raise UserError(ZERO_RATES)
 
 
 @contextmanager
@@ -71,15 +76,19 @@ def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
     """Builds the optimizer and the lr schedule once, on one stand-in parameter: an unknown
     ``--optimizer_type``, a missing package, ``--optimizer_args`` that do not fit the class, or a
     schedule that cannot run (an unknown name, a warmup longer than the run, ...) stops here, with
-    the message the real build would give after loading. Returns the optimizer's class path."""
+    the message the real build would give after loading. Returns the optimizer's class path
+    (as :func:`library.train_state.optimizer_class_path` records it)."""
     import torch
 
     from library.lr_schedulers import get_scheduler_fix
     from library.optimizers import get_optimizer
+    from library.train_state import optimizer_class_path
 
     trial = copy.copy(args)  # Adafactor rewrites the learning rate and the scheduler in the arguments it gets
     trial.max_train_steps = max_train_steps
     with _quiet("library.optimizers", "library.lr_schedulers"):
-        name, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1))])
-        get_scheduler_fix(trial, optimizer, 1)
-    return name
+        # 2-D, as every LoRA weight is (Muon takes matrices only); a custom scheduler's arguments may be per
+        # parameter group, which only the real optimizer has: its class is checked, not built
+        _, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1, 1))])
+        get_scheduler_fix(trial, optimizer, 1, build_custom=False)
+    return optimizer_class_path(optimizer)

@@ -137,13 +137,17 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.header)
 
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.header[key].get("dtype")
+        if name not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has the dtype {name!r}, which this torch "
+                                  f"({torch.__version__}) cannot hold")  # fmt: skip
+        return DTYPES[name]
+
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         entry = self.header[key]
-        if entry.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has the dtype {entry.get('dtype')!r}, which this "
-                                  f"torch ({torch.__version__}) cannot hold")  # fmt: skip
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]])
+        tensor = torch.empty(entry["shape"], dtype=self.dtype(key))
         if end > begin:
             self._file.seek(self._data_start + begin)
             if self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:

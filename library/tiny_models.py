@@ -98,7 +98,7 @@ def write_model(model: nn.Module, path: str, metadata: dict[str, str] | None = N
 
 def write_tiny_models(folder: str, seed: int = 0) -> TinyModelFiles:
     """Writes every tiny model file into ``folder`` and returns their paths."""
-    from library.text_encoders import write_tiny_clip_l, write_tiny_t5
+    from library.tiny_text_encoders import write_tiny_clip_l, write_tiny_t5
     from library.tokenizers_flux import write_tiny_tokenizers
 
     os.makedirs(folder, exist_ok=True)

@@ -124,6 +124,7 @@ class TrainingLoop:
         # loss/average: sd-scripts' moving average over the last epoch's worth of steps
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=max(steps_per_epoch, 1))
         self.adapts_step_size = is_dadapt_or_prodigy(resolve_optimizer_type(self.args))
+        self.unchecked_state = self.args.resume  # a state's optimizer moments are known to fit after one step
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, first_step: int, skip_data: bool = True) -> str:
@@ -254,7 +255,17 @@ class TrainingLoop:
         if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms
             network.update_grad_norms()
             network.update_norms()
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except KeyError as e:  # a state saved by another optimizer: torch loads any whose group sizes match
+            if not self.unchecked_state:
+                raise
+            raise UserError(
+                f"--resume {self.unchecked_state}: its optimizer state does not fit this run's optimizer (it has no "
+                f"{e}): it was saved with another --optimizer_type or --optimizer_args. Resume with those of the run "
+                "that saved it, or start a new run from its LoRA with --network_weights."
+            ) from None
+        self.unchecked_state = None
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         logs = {}

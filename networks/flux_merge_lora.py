@@ -56,7 +56,6 @@ from library.lora_formats import (  # noqa: E402
     to_sd_scripts,
 )
 from library.safetensors_io import (  # noqa: E402
-    DTYPES,
     SafetensorsReader,
     read_header,
     read_metadata,
@@ -257,7 +256,7 @@ def stream_merge(
     with SafetensorsReader(src) as reader:
         layout = {}
         for key, entry in reader.header.items():
-            dtype = DTYPES[entry["dtype"]]
+            dtype = reader.dtype(key)
             layout[key] = (entry["shape"], save_dtype if save_dtype is not None and dtype.is_floating_point else dtype)
         merged = 0
 

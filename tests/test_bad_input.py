@@ -110,7 +110,7 @@ class Env:
     def text_encoder(self, name: str, umt5: bool = False, **widths) -> str:
         """A tiny CLIP-L (``hidden=``) or T5 (``d_model=``, or a UMT5 with a position bias in every block)."""
         from library.safetensors_io import load_safetensors
-        from library.text_encoders import write_tiny_clip_l, write_tiny_t5
+        from library.tiny_text_encoders import write_tiny_clip_l, write_tiny_t5
 
         path = os.path.join(self.tmp, name)
         (write_tiny_clip_l if "hidden" in widths else write_tiny_t5)(path, **widths)
@@ -293,7 +293,9 @@ CASES = [
                                                          sample_every_n_steps=1), ("prompts.txt",)),
     Case("--gradient_accumulation_steps 0", lambda e: e.argv(gradient_accumulation_steps=0),
          ("--gradient_accumulation_steps 0", "give 1 or more")),
-    Case("--network_dim 0", lambda e: e.argv(network_dim=0), ("--network_dim 0", "the LoRA rank")),
+    Case("a negative --network_dim", lambda e: e.argv(network_dim=-4), ("--network_dim -4", "the LoRA rank")),
+    Case("--network_dim 0 without ranks in network_args", lambda e: e.argv(network_dim=0, network_train_unet_only=True),
+         ("nothing to train: the network has no LoRA module (--network_dim 0",)),
     Case("a negative --vae_batch_size", lambda e: e.argv(vae_batch_size=-1), ("--vae_batch_size -1",)),
     Case("a negative --text_encoder_batch_size", lambda e: e.argv(text_encoder_batch_size=-1,
                                                                   cache_text_encoder_outputs=True),

@@ -1,7 +1,9 @@
 """networks/flux_merge_lora.py: LoRAs merged into the DiT / CLIP-L / T5 files give the outputs of the
 LoRAs applied at run time; ai-toolkit LoRAs reach every block; merged LoRAs apply each ratio once."""
 
+import json
 import logging
+import struct
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import convert_flux_lora
 from library.flux_key_mapping import bfl_to_diffusers
 from library.flux_utils import load_flow_model
 from library.lora_formats import to_ai_toolkit
-from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+from library.safetensors_io import load_safetensors, read_header, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l, load_t5xxl
 from library.tiny_models import random_model, tiny_flux_params, write_model
 from networks import flux_merge_lora
@@ -295,6 +297,7 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
         ("device", "--working_device gpu0: not a device name"),
+        ("unknown_dtype", "tensor 'extra' has the dtype 'F4', which this torch"),
     ],
 )
 def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys, case, message):
@@ -331,6 +334,15 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         save_safetensors({"base_model.model.unet.0.to_q.lora_A.weight": torch.ones(4, 8),
                           "base_model.model.unet.0.to_q.lora_B.weight": torch.ones(8, 4)}, sdxl)  # fmt: skip
         args = [*(flux if case == "no_flux_module" else ["--save_to", out]), "--models", sdxl]
+    elif case == "unknown_dtype":  # a DiT file with one tensor of a dtype this torch does not know
+        header, metadata, start = read_header(tiny_model_files.flux_dev)
+        end = max(e["data_offsets"][1] for e in header.values())
+        header["extra"] = {"dtype": "F4", "shape": [4], "data_offsets": [end, end + 2]}
+        text = json.dumps({**header, "__metadata__": metadata}).encode()
+        with open(tiny_model_files.flux_dev, "rb") as f:
+            data = f.read()[start : start + end]
+        (tmp_path / "f4.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data + bytes(2))
+        args = ["--flux_model", tmp_path / "f4.safetensors", "--save_to", out, "--models", lora]
     elif case == "folder":  # e.g. a diffusers transformer/ folder
         args = ["--flux_model", tmp_path, "--save_to", out, "--models", lora]
     else:

@@ -18,9 +18,8 @@ from library.text_encoders import (
     infer_t5xxl_config,
     load_clip_l,
     load_t5xxl,
-    write_tiny_clip_l,
-    write_tiny_t5,
 )
+from library.tiny_text_encoders import write_tiny_clip_l, write_tiny_t5
 
 VOCAB = 140
 

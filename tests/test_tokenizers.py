@@ -7,7 +7,8 @@ import torch
 from transformers import CLIPTokenizer, T5TokenizerFast
 
 from library.errors import UserError
-from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl, write_tiny_clip_l, write_tiny_t5
+from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
+from library.tiny_text_encoders import write_tiny_clip_l, write_tiny_t5
 from library.tokenizers_flux import (
     CLIP_L_TOKENIZER_ID,
     T5_XXL_TOKENIZER_ID,

@@ -1,6 +1,7 @@
 """The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
+import json
 import os
 import pickle
 import re
@@ -107,6 +108,16 @@ def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_m
     assert run(other_optimizer) == 1  # before the models load: the state records its optimizer
     assert ("--resume" in (err := capsys.readouterr().err) and "saved with the optimizer torch.optim.adamw.AdamW, "
             "and this run uses torch.optim.sgd.SGD" in err and "Traceback" not in err)  # fmt: skip
+    # a state without that record (sd-scripts', or an older one of ours) stops at its first step, with a message
+    unrecorded = str(tmp_path / "unrecorded-state")
+    shutil.copytree(state, unrecorded)
+    with open(os.path.join(unrecorded, "train_state.json"), "w") as f:
+        json.dump({"current_epoch": 1, "current_step": 2}, f)
+    assert run(base_argv(tiny_model_files, data, str(tmp_path / "d"), steps=4, resume=unrecorded,
+                         network_train_unet_only=True, optimizer_type="SGDNesterov")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "its optimizer state does not fit this run's optimizer (it has no 'momentum')" in err
+    assert "Traceback" not in err
     finished = base_argv(tiny_model_files, data, str(tmp_path / "b"), steps=2, resume=state,
                          network_train_unet_only=True)  # fmt: skip
     assert run(finished) == 1

@@ -1,0 +1,172 @@
+"""Cache files that must not be trusted as they are: arrays another setting left in a latent file, one
+image spelled two ways, two images that name one cache file, damaged arrays, touched images, and the
+dtype the trainer hands the text-encoder cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import caches
+from library.caches import LatentCacher, TextEncoderCacher
+from library.dataset_config import load_dataset_configs
+from library.datasets import build_dataset_groups
+from library.errors import UserError
+from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
+from tests.test_dataset_caches import FP, _group
+
+
+def test_a_mask_left_in_the_file_is_not_the_loss_mask_of_a_subset_without_alpha_mask(tmp_path):
+    # run 1 caches b's alpha as its mask; run 2 turns alpha_mask off for b's subset, while a's (same batch)
+    # keeps it: b must train unmasked (all ones), as it would uncached, not with its old mask from the file
+    for name, seed in (("A", 1), ("B", 2)):
+        make_image(tmp_path / name / f"{name.lower()}.png", (32, 32), seed=seed, mode="RGBA")
+
+    def group(b_alpha: bool):
+        cfg = write_toml(tmp_path / "c.toml", f"""
+            [[datasets]]
+            resolution = 32
+            batch_size = 2
+              [[datasets.subsets]]
+              image_dir = "{tmp_path / 'A'}"
+              alpha_mask = true
+              [[datasets.subsets]]
+              image_dir = "{tmp_path / 'B'}"
+              alpha_mask = {str(b_alpha).lower()}
+            """)
+        return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+
+    LatentCacher(StandInEncoder(), "ae", True).cache([group(True)])
+    g = group(False)
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([g]).reused == 2
+    g.set_current_epoch(1)
+    batch = g[0]
+    masks = dict(zip(batch["image_paths"], batch["alpha_masks"], strict=True))
+    b_mask, a_mask = masks[str(tmp_path / "B" / "b.png")], masks[str(tmp_path / "A" / "a.png")]
+    assert torch.equal(b_mask, torch.ones(32, 32))
+    alpha = np.asarray(Image.open(tmp_path / "A" / "a.png"))[..., 3] / 255.0
+    assert a_mask.min() < 1 and np.allclose(torch.flip(a_mask, [1]).numpy() if batch["flippeds"][0] else a_mask.numpy(),
+                                            alpha, atol=1e-6)  # fmt: skip
+
+
+def _spelled_twice(tmp_path, second_subset: str):
+    """The folder ``img`` as ``.../img`` and as ``..././img`` in two datasets."""
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          caption_extension = ".txt"
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path}/./img"
+          caption_extension = ".txt"
+          {second_subset}
+        """)
+    return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+
+
+def test_one_image_spelled_two_ways_is_refused_two_captions_in_one_file(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)}, {"a.png": "cap"})
+    g = _spelled_twice(tmp_path, 'caption_prefix = "x"')
+    with pytest.raises(UserError, match=r"a\.png is used with two different captions \('cap' and 'x cap'"):
+        TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+
+
+def test_one_image_spelled_two_ways_is_refused_two_resizes_in_one_latent(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+    g = _spelled_twice(tmp_path, 'interpolation_type = "nearest"')
+    with pytest.raises(UserError, match=r"a\.png is resized two ways for one 32x32 bucket"):
+        LatentCacher(StandInEncoder(), "ae", True).cache([g])
+
+
+def test_one_image_spelled_two_ways_with_one_setting_is_encoded_once_by_one_process(tmp_path):
+    make_folder(tmp_path / "img", {n: (32, 32) for n in ("a.png", "b.png", "c.png")})
+    g = _spelled_twice(tmp_path, "")
+    encoders = [StandInEncoder(), StandInEncoder()]
+    stats = [LatentCacher(encoders[p], "ae", True, process_index=p, num_processes=2).cache([g]) for p in range(2)]
+    assert sum(s.encoded for s in stats) == 3  # each image once, though each is listed twice
+    assert sorted(s.encoded for s in stats) == [1, 2]
+
+
+def test_two_images_named_alike_are_refused_one_text_encoder_file_for_two_captions(tmp_path):
+    # caption files would be one (a.txt): a metadata file gives the two images their own captions
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "a.jpg": (32, 32)})
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a.png": {"caption": "red car"}, "a.jpg": {"caption": "blue boat"}}))
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          metadata_file = "{meta}"
+        """)
+    g = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+    with pytest.raises(UserError, match=r"a\.(png|jpg) and .*a\.(png|jpg) would share the text-encoder cache "
+                                        r"a_flux_te\.npz with two captions"):  # fmt: skip
+        TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+
+
+def test_a_cache_file_damaged_inside_names_itself_when_read(tmp_path):
+    # the checks before training read a file's directory only: a damaged array is found when a batch reads it
+    g = _group(tmp_path)
+    LatentCacher(StandInEncoder(), "ae", True).cache([g])
+    TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+    for name, member in (("a_0032x0032_flux.npz", b"latents_4x4.npy"), ("a_flux_te.npz", b"t5_out.npy")):
+        path = tmp_path / "img" / name
+        data = bytearray(path.read_bytes())
+        at = data.index(member) + len(member) + 200  # inside that member's stored bytes
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+    e = next(e for e in g.entries() if e.path.endswith("a.png"))
+    with pytest.raises(UserError, match=r"a_0032x0032_flux\.npz: this cache file is damaged .*delete it"):
+        caches.load_latents(e)
+    with pytest.raises(UserError, match=r"a_flux_te\.npz: this cache file is damaged .*delete it"):
+        caches.load_te_outputs(e.te_npz)
+
+
+def test_a_touched_image_is_read_in_full_once_then_known_by_its_new_time(tmp_path, monkeypatch):
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
+    t = time.time() + 100
+    for name in ("a.png", "b.png"):
+        os.utime(tmp_path / "img" / name, (t, t))
+    hashed = []
+    real_sha = caches._sha256
+    monkeypatch.setattr(caches, "_sha256", lambda path: hashed.append(os.path.basename(path)) or real_sha(path))
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)]).reused == 3
+    assert sorted(hashed) == ["a.png", "b.png"]
+    hashed.clear()
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)]).reused == 3
+    assert hashed == []
+
+
+@pytest.mark.parametrize("dtype,stored", [(torch.float16, np.float16), (torch.bfloat16, np.float32),
+                                          (torch.float32, np.float32)])  # fmt: skip
+def test_trainer_hands_the_cache_fp16_outputs_as_fp16_and_bf16_ones_as_fp32(tmp_path, dtype, stored):
+    """Spec §f.4: fp16 text-encoder outputs stay fp16 in the file; numpy has no bf16, so those become fp32."""
+    from types import SimpleNamespace
+
+    from flux_train_network import FluxNetworkTrainer
+
+    def encode_captions(ctx, captions):
+        n = len(captions)
+        return (torch.full((n, 4), 0.1, dtype=dtype), torch.full((n, 3, 8), 0.2, dtype=dtype),
+                torch.zeros(n, 3, 3, dtype=dtype), torch.ones(n, 3, dtype=torch.int64))  # fmt: skip
+
+    trainer = SimpleNamespace(_ctx=None, encode_captions=encode_captions)
+    outs = FluxNetworkTrainer.encode_captions_to_numpy(trainer, ["a", "b"])
+    assert [o["t5_out"].dtype for o in outs] == [stored, stored] and outs[1]["l_pooled"].dtype == stored
+    assert outs[0]["t5_attn_mask"].dtype == np.int64
+    np.testing.assert_allclose(outs[0]["t5_out"], torch.full((3, 8), 0.2, dtype=dtype).float().numpy())
+    g = _group(tmp_path)
+    encode = lambda caps: FluxNetworkTrainer.encode_captions_to_numpy(trainer, caps)  # noqa: E731
+    TextEncoderCacher(encode, FP, False, True).cache([g])
+    with np.load(tmp_path / "img" / "a_flux_te.npz") as npz:
+        assert npz["t5_out"].dtype == stored and npz["t5_attn_mask"].dtype == np.int64
