@@ -271,7 +271,7 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
     logger.info("use %s.%s | %s", optimizer_class.__module__, optimizer_class.__name__, kwargs)
     try:
         optimizer = optimizer_class(trainable_params, lr=lr, **kwargs)
-    except (TypeError, ValueError) as e:  # an unknown argument, or a value the class refuses
+    except (TypeError, ValueError, IndexError, KeyError) as e:  # an unknown argument, or a value the class refuses
         raise UserError(f"--optimizer_args {kwargs} do not fit {optimizer_class.__name__}: {e}") from None
 
     if is_schedulefree_optimizer(optimizer, args):
