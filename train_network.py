@@ -171,6 +171,9 @@ class NetworkTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=process_group_kwargs(args),
         )
+        from library.preflight import refuse_unsupported_distribution
+
+        refuse_unsupported_distribution(accelerator.distributed_type)
         if args.seed is None:  # one seed for all processes: the same LoRA initialisation, data order and split
             seed = [random.randint(0, 2**32 - 1)]
             args.seed = broadcast_object_list(seed)[0] if accelerator.num_processes > 1 else seed[0]

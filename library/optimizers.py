@@ -235,13 +235,6 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
     optimizer_type = resolve_optimizer_type(args)
     key = optimizer_type.lower()
 
-    if getattr(args, "fused_backward_pass", False):
-        if key != "adafactor":
-            raise UserError(f"--fused_backward_pass works only with --optimizer_type Adafactor (where it has no effect "
-                            f"on LoRA training, as in sd-scripts), not {optimizer_type}: remove it.")  # fmt: skip
-        if getattr(args, "gradient_accumulation_steps", 1) > 1:
-            raise UserError("--fused_backward_pass does not work with --gradient_accumulation_steps > 1.")
-
     kwargs = parse_kv_literals(getattr(args, "optimizer_args", None), "--optimizer_args")
     lr = getattr(args, "learning_rate", None)
 

@@ -92,3 +92,12 @@ def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
         _, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1, 1))])
         get_scheduler_fix(trial, optimizer, 1, build_custom=False)
     return optimizer_class_path(optimizer)
+
+
+def refuse_unsupported_distribution(distributed_type) -> None:
+    """DeepSpeed and FSDP set in ``accelerate config``: the trainer averages gradients itself and keeps whole
+    models on each process, so neither can work (``--deepspeed`` is refused with the other flags)."""
+    name = getattr(distributed_type, "value", str(distributed_type)).upper()
+    if name in ("DEEPSPEED", "FSDP"):
+        raise UserError(f"accelerate is configured for {name}, which this trainer does not support; run "
+                        "`accelerate config` again and choose multi-GPU (DDP) or a single GPU")  # fmt: skip

@@ -153,7 +153,7 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm, 0 to disable (default 1.0)")
     add("--optimizer_args", type=str, default=None, nargs="*",
         help='optimizer keyword arguments as Python literals, e.g. "weight_decay=0.01" "betas=0.9,0.999"')
-    _flag(add, "--fused_backward_pass", "accepted for compatibility (Adafactor only); no effect on LoRA training")
+    _flag(add, "--fused_backward_pass", "accepted for compatibility; no effect on LoRA training")
 
 
 def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +183,7 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     add("--network_module", type=str, default=None, help="network module to train, e.g. networks.lora_flux")
     add("--network_dim", type=int, default=None, help="LoRA rank (default: the module's, 4 for lora_flux)")
     add("--network_alpha", type=float, default=1,
-        help="LoRA alpha; scale is alpha/rank (default 1; 0 or none means alpha = rank)")
+        help="LoRA alpha; scale is alpha/rank (default 1; 0 means alpha = rank)")
     add("--network_dropout", type=float, default=None, help="dropout on the LoRA down output (default none)")
     add("--network_args", type=str, default=None, nargs="*", help="network options as key=value")
     add("--network_weights", type=str, default=None, help="LoRA weights to start from")
@@ -212,7 +212,8 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
         help="Huber c schedule for huber/smooth_l1 (default snr, which FLUX cannot use: pick constant or exponential)")
     add("--huber_c", type=float, default=0.1, help="Huber c (default 0.1)")
     add("--huber_scale", type=float, default=1.0, help="Huber c multiplier (default 1.0)")
-    _flag(add, "--masked_loss", "weight the loss by masks: here the images' alpha channel (see --alpha_mask)")
+    _flag(add, "--masked_loss", "weight the loss by masks: here the images' alpha channel, with --alpha_mask (or "
+          "alpha_mask = true in the dataset config); alone it changes nothing")
     add("--conditioning_data_dir", type=str, default=None,
         help="mask images for --masked_loss (not supported: refused; use --alpha_mask)")
     _flag(add, "--alpha_mask", "weight the loss by each image's alpha channel")
@@ -440,8 +441,8 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "max_timestep": "FLUX timestep sampling ignores it; it is only recorded in the metadata",
     "sample_sampler": "FLUX samples with the Euler flow sampler",
     "controlnet_model_name_or_path": "used only by ControlNet training, not by LoRA training",
-    "fused_backward_pass": "it has no effect on LoRA training (as in sd-scripts, which accepts it only with "
-    "Adafactor and no gradient accumulation; so does this trainer)",
+    "fused_backward_pass": "it has no effect on LoRA training (as in sd-scripts, which still stops a run that sets "
+    "it without Adafactor or with gradient accumulation; a flag without effect does not stop this trainer)",
     "huggingface_repo_id": "uploading to Hugging Face is not supported; nothing is uploaded",
     "save_state_to_huggingface": "uploading to Hugging Face is not supported; nothing is uploaded",
     "async_upload": "uploading to Hugging Face is not supported; nothing is uploaded",

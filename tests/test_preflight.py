@@ -73,3 +73,16 @@ def test_runs_with_nothing_to_train_stop(argv, message):
 ])
 def test_runs_with_something_to_train_pass(argv):
     check_learning_rates(parse(*argv))
+
+
+@pytest.mark.parametrize("kind, refused", [("DEEPSPEED", True), ("FSDP", True), ("MULTI_GPU", False), ("NO", False)])
+def test_deepspeed_or_fsdp_in_accelerate_config_is_refused(kind, refused):
+    from accelerate.utils import DistributedType
+
+    from library.preflight import refuse_unsupported_distribution
+
+    if refused:
+        with pytest.raises(UserError, match=f"accelerate is configured for {kind}, which this trainer does not"):
+            refuse_unsupported_distribution(DistributedType[kind])
+    else:
+        refuse_unsupported_distribution(DistributedType[kind])
