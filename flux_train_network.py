@@ -85,6 +85,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         train_t5xxl = parse_bool("train_t5xxl", train_network.parse_network_args(args.network_args).get("train_t5xxl"))
         if args.cache_text_encoder_outputs and train_t5xxl:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
+        if train_t5xxl and args.network_train_unet_only:
+            logger.warning("network_args train_t5xxl=True has no effect with --network_train_unet_only, which trains "
+                           "no text-encoder LoRA: drop one of them")  # fmt: skip
         if args.text_encoder_lr and len(args.text_encoder_lr) > 2:
             raise UserError(f"--text_encoder_lr takes one rate (both encoders) or two (CLIP-L, then T5), not "
                             f"{len(args.text_encoder_lr)}")  # fmt: skip

@@ -598,3 +598,9 @@ def test_network_dim_0_trains_only_the_layers_network_args_give_a_rank(tiny_mode
                 network_train_unet_only=True)  # fmt: skip
     names = {k.split(".")[0] for k in load_safetensors(os.path.join(out, "lora.safetensors"))}
     assert names and all("_img_attn_" in n for n in names)
+
+
+def test_train_t5xxl_with_network_train_unet_only_says_it_does_nothing(tiny_model_files, tmp_path, caplog):
+    out = train(tiny_model_files, tmp_path, steps=1, network_args=["train_t5xxl=True"], network_train_unet_only=True)
+    assert caplog.text.count("network_args train_t5xxl=True has no effect with --network_train_unet_only") == 1
+    assert not any(k.startswith("lora_te") for k in load_safetensors(os.path.join(out, "lora.safetensors")))
