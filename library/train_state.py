@@ -183,7 +183,7 @@ def optimizer_class_path(optimizer) -> str:
 def check_state_optimizer(state_dir: str, class_path: str) -> None:
     """Stops when the state was saved with another optimizer than this run builds (``class_path``): its
     moments would be read under other names, and the first step would fail. States without the record
-    (sd-scripts', or older ones) are checked when loaded."""
+    (sd-scripts', or older ones) stop with a message at that first step (``TrainingLoop._optimizer_step``)."""
     try:
         with open(os.path.join(state_dir, TRAIN_STATE_FILE), encoding="utf-8") as f:
             saved = json.load(f).get("optimizer")
