@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from library.errors import UserError
-from networks.lora_flux_args import last_match
+from networks.lora_flux_args import TYPE_DIM_KEYS, last_match
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,6 @@ def dit_targets(
 def warn_type_dims_without_layers(unet: nn.Module, type_dims: Sequence[int | None]) -> None:
     """One warning per type dim (``img_mod_dim=4``, ...) that names layers this model lacks: Chroma has no
     modulation Linears, so its ``*_mod_dim`` would otherwise change nothing in silence."""
-    from networks.lora_flux_args import TYPE_DIM_KEYS
-
     paths = [name for name, module in unet.named_modules() if isinstance(module, nn.Linear)]
     for key, identifiers, dim in zip(TYPE_DIM_KEYS, TYPE_IDENTIFIERS, type_dims, strict=True):
         if dim is not None and not any(all(i in path for i in identifiers) for path in paths):
