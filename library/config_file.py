@@ -40,18 +40,21 @@ _NOT_A_CHOICE = object()
 
 
 def _convert(action: argparse.Action, value: Any, path: str) -> Any:
-    """A TOML value as the command line would give it: converted by the option's type, so that a file cannot
-    change a value's meaning (``lr_warmup_steps = 1.0`` is 1 step, as ``--lr_warmup_steps 1.0``) or pass a
-    quoted ``"false"`` as a true flag. GUIs write every option they show (kohya_ss writes
-    ``dynamo_backend = "no"`` and ``persistent_data_loader_workers = 1``): on/off flags take 0 and 1 too,
-    and a value outside an option's choices warns and leaves the default (:data:`_NOT_A_CHOICE`)."""
+    """A TOML value as the command line would give it: converted by the option's type (``max_train_steps =
+    10.0`` is the int 10; a quoted ``"false"`` is no true flag). As in sd-scripts, a TOML float up to 1 for a
+    step count that takes ratios is a ratio: kohya_ss writes its warmup slider's 100% as ``lr_warmup_steps =
+    1.0``, the whole run. GUIs write every option they show (kohya_ss writes ``dynamo_backend = "no"`` and
+    ``persistent_data_loader_workers = 1``): on/off flags take 0 and 1 too, and a value outside an option's
+    choices warns and leaves the default (:data:`_NOT_A_CHOICE`)."""
 
     def bad(v: Any, why: str) -> UserError:
         return UserError(f"{path}: {action.dest} = {v!r}: {why}")
 
     def one(v: Any) -> Any:
+        if isinstance(v, float) and action.type is int_or_float and 0 <= v <= 1:
+            return v  # a ratio of the run, 1.0 included
         if isinstance(v, float) and action.type in (int, int_or_float) and v.is_integer():
-            v = int(v)  # TOML writers may put 1.0 for 1: the command line's "1.0" means 1 step too
+            v = int(v)  # TOML writers may put 10.0 for 10
         if isinstance(v, bool) and action.type is not None:
             raise bad(v, "expected a value, not true or false")
         if callable(action.type):

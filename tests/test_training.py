@@ -311,11 +311,14 @@ def test_config_file_values_outside_the_choices_warn_and_keep_the_default(tmp_pa
 
 def test_config_file_values_take_the_options_types(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text("max_train_steps = 10.0\nlr_warmup_steps = 1.0\noutput_name = 2024\nlearning_rate = 1\n"
+    config.write_text("max_train_steps = 10.0\nlr_warmup_steps = 1.0\nlr_decay_steps = 20.0\noutput_name = 2024\n"
+                      "learning_rate = 1\n"
                       "max_token_length = 75\n")  # fmt: skip
     args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
     assert args.max_train_steps == 10 and type(args.max_train_steps) is int
-    assert args.lr_warmup_steps == 1 and type(args.lr_warmup_steps) is int  # 1 step, as "--lr_warmup_steps 1.0"
+    # a float up to 1 is a ratio, as sd-scripts reads it: kohya_ss writes its warmup slider's 100% as 1.0
+    assert args.lr_warmup_steps == 1.0 and type(args.lr_warmup_steps) is float
+    assert args.lr_decay_steps == 20 and type(args.lr_decay_steps) is int  # above 1: steps
     assert args.output_name == "2024" and args.learning_rate == 1.0 and type(args.learning_rate) is float
     assert args.max_token_length is None  # not one of sd-scripts' 150, 225: it has no effect for FLUX anyway
 
