@@ -71,6 +71,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         check_fp8_args(args)
         check_offload_args(args)
+        if args.torch_compile and args.dynamo_backend == "no":
+            raise UserError("--torch_compile needs a --dynamo_backend to compile with (inductor, the default, is the "
+                            "usual one); \"no\" compiles nothing")  # fmt: skip
         check_model_files(args)
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:

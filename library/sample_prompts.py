@@ -321,7 +321,7 @@ def prepare_sample_prompts(args: Any) -> list[SamplePrompt] | None:
             logger.warning("%s has no effect without --sample_prompts: no sample images will be made", triggers[0])
         return None
     prompts = load_prompts(path)
-    if not triggers:
+    if not triggers and prompts:
         logger.warning(
             "--sample_prompts %s is given but no --sample_every_n_steps, --sample_every_n_epochs or "
             "--sample_at_first: no sample images will be made",
@@ -329,7 +329,7 @@ def prepare_sample_prompts(args: Any) -> list[SamplePrompt] | None:
         )
     if every_steps is not None and every_epochs is not None:
         logger.warning("--sample_every_n_epochs is set, so --sample_every_n_steps is ignored (as in sd-scripts)")
-    if not prompts:
+    if not prompts and triggers:  # (an empty file and no trigger: a GUI that always writes one, sampling off)
         logger.warning("--sample_prompts %s contains no prompts: no sample images will be made", path)
     return prompts
 

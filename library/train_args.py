@@ -23,9 +23,10 @@ LR_SCHEDULERS = (
     "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "inverse_sqrt",
     "piecewise_constant", "adafactor",
 )  # fmt: skip
+# sd-scripts' list (its "tensort" typo kept), with "tensorrt", torch's name, and "no", which GUIs write
 DYNAMO_BACKENDS = (
-    "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
-    "onnxrt", "tensort", "ipex", "tvm",
+    "no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
+    "onnxrt", "tensort", "tensorrt", "ipex", "tvm",
 )  # fmt: skip
 SAMPLE_SAMPLERS = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -125,7 +126,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
           "let attention use cuDNN's fused kernel first where the GPU has it (faster on an H100; off by default: "
           "with torch 2.11 its backward crashed the process on some tensor layouts)")  # fmt: skip
     add("--dynamo_backend", type=str, default="inductor", choices=list(DYNAMO_BACKENDS),
-        help="torch.compile backend (default inductor)")  # fmt: skip
+        help="torch.compile backend for --torch_compile (default inductor; \"no\", which GUIs write, is accepted "
+        "and refused with --torch_compile)")  # fmt: skip
     add("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes (default: accelerate's)")
     _flag(add, "--ddp_gradient_as_bucket_view", "accepted for compatibility; no effect (no DDP wrapper is used)")
     _flag(add, "--ddp_static_graph", "accepted for compatibility; no effect (no DDP wrapper is used)")
@@ -465,6 +467,13 @@ IGNORED_FOR_FLUX: dict[str, str] = {
     "ddp_static_graph": "gradients are averaged by explicit all-reduces, not by a DDP wrapper",
 }
 
+# Values of no-effect flags that mean "as if not set" (kohya_ss writes them on every run): CLIP's last layer
+# and the full timestep range.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "clip_skip": (1,),
+    "max_timestep": (1000,),
+}
+
 # dest -> what to do instead; setting one stops the run before any work.
 REFUSED_FOR_FLUX: dict[str, str] = {
     "weighted_captions": "FLUX has no weighted-caption tokenizer; remove --weighted_captions",
@@ -480,7 +489,8 @@ def review_compat_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
     flag); raises :class:`UserError` listing any refused flag that is set."""
     def is_set(dest: str) -> bool:  # 0, false or "" mean off, as GUIs write them for every option they show
         value = getattr(args, dest, None)
-        return value != parser.get_default(dest) and value not in (None, False, 0, "")
+        neutral = NEUTRAL_VALUES.get(dest, ())
+        return value != parser.get_default(dest) and value not in (None, False, 0, "", *neutral)
 
     refused = [f"--{dest} cannot be used for FLUX/Chroma training: {why}" for dest, why in REFUSED_FOR_FLUX.items()
                if is_set(dest)]

@@ -307,6 +307,8 @@ CASES = [
     Case("a --log_tracker_config that is not TOML", lambda e: e.argv(
         logging_dir=os.path.join(e.tmp, "logs"), log_tracker_config=e.file("tracker.toml", b"[wandb\nname=")),
          ("--log_tracker_config", "tracker.toml", "not valid TOML")),
+    Case("--torch_compile with --dynamo_backend no", lambda e: e.argv(torch_compile=True, dynamo_backend="no"),
+         ("--torch_compile needs a --dynamo_backend",)),
     Case("--config_file missing", lambda e: e.argv(config_file=os.path.join(e.tmp, "run.toml")), ("run.toml",)),
     Case("--log_with wandb without wandb", lambda e: e.argv(log_with="wandb"), ("wandb",)),
 ]

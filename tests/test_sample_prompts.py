@@ -315,4 +315,11 @@ def test_prepare_warns_about_options_that_would_do_nothing(tmp_path, caplog, kw,
     assert any(message in r.getMessage() for r in caplog.records)
 
 
+def test_an_empty_prompts_file_with_sampling_off_is_not_warned_about(tmp_path, caplog):
+    # the kohya_ss GUI writes <output_dir>/sample/prompt.txt and passes it on every run, sampling on or off
+    with caplog.at_level(logging.WARNING):
+        assert prepare_sample_prompts(args(sample_prompts=write(tmp_path, "prompt.txt", ""))) == []
+    assert not caplog.records
+
+
 # endregion

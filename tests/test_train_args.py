@@ -252,6 +252,11 @@ def test_compat_flags_written_as_off_are_not_warned_about():
     args = parser.parse_args(["--noise_offset", "0", "--min_snr_gamma", "0", "--multires_noise_iterations", "0",
                               "--max_timestep", "0"])  # fmt: skip
     assert train_args.review_compat_flags(args, parser) == []
+    # and the values that mean "as if not set": CLIP's last layer, the full timestep range
+    args = parser.parse_args(["--clip_skip", "1", "--max_timestep", "1000", "--dynamo_backend", "no"])
+    assert train_args.review_compat_flags(args, parser) == []
+    (warning,) = train_args.review_compat_flags(parser.parse_args(["--clip_skip", "2"]), parser)
+    assert warning.startswith("--clip_skip has no effect")
 
 
 @pytest.mark.parametrize("flag", ["--lowram", "--highvram", "--ddp_static_graph", "--ddp_gradient_as_bucket_view",
