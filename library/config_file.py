@@ -43,9 +43,9 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
     """A TOML value as the command line would give it: converted by the option's type (``max_train_steps =
     10.0`` is the int 10; a quoted ``"false"`` is no true flag). As in sd-scripts, a TOML float up to 1 for a
     step count that takes ratios is a ratio: kohya_ss writes its warmup slider's 100% as ``lr_warmup_steps =
-    1.0``, the whole run. GUIs write every option they show (kohya_ss writes ``dynamo_backend = "no"`` and
-    ``persistent_data_loader_workers = 1``): on/off flags take 0 and 1 too, and a value outside an option's
-    choices warns and leaves the default (:data:`_NOT_A_CHOICE`)."""
+    1.0``, the whole run. GUIs write every option they show (kohya_ss writes ``persistent_data_loader_workers
+    = 1``): on/off flags take 0 and 1 too, and a value outside an option's choices warns and leaves the
+    default (:data:`_NOT_A_CHOICE`)."""
 
     def bad(v: Any, why: str) -> UserError:
         return UserError(f"{path}: {action.dest} = {v!r}: {why}")
