@@ -71,9 +71,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         check_fp8_args(args)
         check_offload_args(args)
-        if args.torch_compile and args.dynamo_backend == "no":
-            raise UserError("--torch_compile needs a --dynamo_backend to compile with (inductor, the default, is the "
-                            "usual one); \"no\" compiles nothing")  # fmt: skip
+        if args.torch_compile:
+            check_dynamo_backend(args.dynamo_backend)
         check_model_files(args)
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:
@@ -524,6 +523,17 @@ def torch_float32():
     import torch
 
     return torch.float32
+
+
+def check_dynamo_backend(backend: str) -> None:
+    """--torch_compile's backend must be one this torch has (sd-scripts' list names some it does not, or that
+    need a package: tensorrt, onnxrt, ...): found now, not after the models are loaded."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(None):  # every registered one, debug ones included
+        raise UserError(f"--torch_compile needs a --dynamo_backend this torch has, not {backend!r}: one of "
+                        f"{', '.join(torch._dynamo.list_backends())} (inductor, the default, is the usual "
+                        "one)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

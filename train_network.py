@@ -163,6 +163,9 @@ class NetworkTrainer:
         # main(argv) may run several times in one process (GUIs, tests): let each run choose its precision
         from accelerate.state import AcceleratorState
 
+        from library.preflight import refuse_unsupported_distribution
+
+        refuse_unsupported_distribution()  # before the Accelerator, which would ask for DeepSpeed to be installed
         AcceleratorState._reset_state(reset_partial_state=False)
         accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
@@ -171,8 +174,6 @@ class NetworkTrainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=process_group_kwargs(args),
         )
-        from library.preflight import refuse_unsupported_distribution
-
         refuse_unsupported_distribution(accelerator.distributed_type)
         if args.seed is None:  # one seed for all processes: the same LoRA initialisation, data order and split
             seed = [random.randint(0, 2**32 - 1)]

@@ -15,7 +15,7 @@ from typing import Any
 
 from library.errors import UserError
 from library.run_logging import SECRET_ARGS
-from library.train_args import int_or_float
+from library.train_args import IGNORED_FOR_FLUX, int_or_float
 
 logger = logging.getLogger(__name__)
 _NOT_SAVED = {"config_file", "output_config"}
@@ -63,6 +63,8 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
             except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
                 raise bad(v, str(e)) from None
         if action.choices is not None and v not in action.choices:
+            if action.dest in IGNORED_FOR_FLUX:  # no effect either way (kohya_ss writes max_token_length = 75)
+                return _NOT_A_CHOICE
             shown = ", ".join(repr(c) for c in action.choices if c is not None)
             logger.warning("%s: %s = %r is not one of %s; the default %r is used", path, action.dest, v, shown,
                            action.default)  # fmt: skip

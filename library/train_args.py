@@ -13,6 +13,7 @@ compose in any order as long as the other module does the same or is called firs
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def int_or_float(value: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a step count, a ratio below 1 or a percentage") from None
     if number < 1:
         return number
-    if number != int(number):
+    if not math.isfinite(number) or number != int(number):
         raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of steps, a ratio below 1 or a percentage")
     return int(number)
 

@@ -255,17 +255,10 @@ class TrainingLoop:
         if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms
             network.update_grad_norms()
             network.update_norms()
-        try:
+        with self._checking_resumed_state():
             self.optimizer.step()
-        except KeyError as e:  # a state saved by another optimizer: torch loads any whose group sizes match
-            if not self.unchecked_state:
-                raise
-            raise UserError(
-                f"--resume {self.unchecked_state}: its optimizer state does not fit this run's optimizer (it has no "
-                f"{e}): it was saved with another --optimizer_type or --optimizer_args. Resume with those of the run "
-                "that saved it, or start a new run from its LoRA with --network_weights."
-            ) from None
-        self.unchecked_state = None
+        if not accelerator.optimizer_step_was_skipped:  # (fp16's scaler skips a step that overflowed)
+            self.unchecked_state = None
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         logs = {}
@@ -377,8 +370,25 @@ class TrainingLoop:
         self.network.eval()
 
     def _set_train_mode(self) -> None:
-        self.optimizer_train()
+        with self._checking_resumed_state():
+            self.optimizer_train()  # a schedule-free optimizer reads its state here first
         self.network.train()
+
+    @contextlib.contextmanager
+    def _checking_resumed_state(self):
+        """Until the first optimizer step after ``--resume`` has run, a KeyError from the optimizer means a state
+        saved by another optimizer (torch loads any whose group sizes match): one message, no traceback. States
+        that record their optimizer were checked before loading (``train_state.check_state_optimizer``)."""
+        try:
+            yield
+        except KeyError as e:
+            if not self.unchecked_state:
+                raise
+            raise UserError(
+                f"--resume {self.unchecked_state}: its optimizer state does not fit this run's optimizer (it has no "
+                f"{e}): it was saved with another --optimizer_type or --optimizer_args. Resume with those of the run "
+                "that saved it, or start a new run from its LoRA with --network_weights."
+            ) from None
 
     def _sample(self, epoch: int | None, step: int) -> None:
         """Samples on the main process only (only it writes files); the others wait."""

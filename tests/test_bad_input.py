@@ -308,7 +308,10 @@ CASES = [
         logging_dir=os.path.join(e.tmp, "logs"), log_tracker_config=e.file("tracker.toml", b"[wandb\nname=")),
          ("--log_tracker_config", "tracker.toml", "not valid TOML")),
     Case("--torch_compile with --dynamo_backend no", lambda e: e.argv(torch_compile=True, dynamo_backend="no"),
-         ("--torch_compile needs a --dynamo_backend",)),
+         ("--torch_compile needs a --dynamo_backend this torch has, not 'no'", "inductor")),
+    Case("--torch_compile with sd-scripts' misspelt tensort", lambda e: e.argv(torch_compile=True,
+                                                                                dynamo_backend="tensort"),
+         ("--torch_compile needs a --dynamo_backend this torch has, not 'tensort'",)),
     Case("--config_file missing", lambda e: e.argv(config_file=os.path.join(e.tmp, "run.toml")), ("run.toml",)),
     Case("--log_with wandb without wandb", lambda e: e.argv(log_with="wandb"), ("wandb",)),
 ]
@@ -422,3 +425,13 @@ def test_bad_input_through_accelerate_launch(env):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and all(f in errors[0] for f in case.expect), (case.name, result.stderr[-2000:])
         assert output_dir_snapshot(env.out) == before
+
+
+def test_deepspeed_chosen_in_accelerate_config_is_one_message(env, capsys, monkeypatch):
+    # accelerate launch sets this from `accelerate config`; the Accelerator itself would demand DeepSpeed first
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert flux_train_network.main(env.argv()) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (error,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "accelerate is configured for DEEPSPEED, which this trainer does not support" in error

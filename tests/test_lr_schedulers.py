@@ -166,7 +166,7 @@ def test_int_or_float_parses_steps_ratios_and_percentages():
     assert int_or_float("100") == 100 and isinstance(int_or_float("100"), int)
     assert int_or_float("0.1") == 0.1 and int_or_float("10%") == pytest.approx(0.1)
     assert int_or_float("1") == 1 and int_or_float("2.0") == 2
-    for bad in ("1.5", "abc", "%"):
+    for bad in ("1.5", "abc", "%", "inf", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             int_or_float(bad)
 

@@ -86,3 +86,19 @@ def test_deepspeed_or_fsdp_in_accelerate_config_is_refused(kind, refused):
             refuse_unsupported_distribution(DistributedType[kind])
     else:
         refuse_unsupported_distribution(DistributedType[kind])
+
+
+@pytest.mark.parametrize("environ, refused", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED"), ({"ACCELERATE_USE_FSDP": "1"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "false", "ACCELERATE_USE_FSDP": "0"}, None), ({}, None),
+])
+def test_deepspeed_or_fsdp_set_by_accelerate_launch_is_refused_before_the_accelerator(environ, refused):
+    # accelerate launch passes the config's choice in these variables; the Accelerator would first demand that
+    # DeepSpeed be installed
+    from library.preflight import refuse_unsupported_distribution
+
+    if refused:
+        with pytest.raises(UserError, match=f"accelerate is configured for {refused}"):
+            refuse_unsupported_distribution(environ=environ)
+    else:
+        refuse_unsupported_distribution(environ=environ)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import flux_train_network
+from library.errors import UserError
 from library.safetensors_io import load_safetensors
 from library.train_state import TrainProgress, load_training_state, save_training_state
 from tests.training_helpers import base_argv, dataset
@@ -280,3 +281,50 @@ def test_resuming_with_another_learning_rate_says_the_states_rates_go_on(tmp_pat
     with caplog.at_level(logging.WARNING):
         load_training_state(state, same, torch.optim.lr_scheduler.LambdaLR(same, lambda s: 1.0))
     assert not caplog.records
+
+
+def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
+    """The first step after --resume may overflow in fp16 and be skipped: the state is known to fit only once
+    a step has run, so a later KeyError still gets the --resume message, not a traceback."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from library.training_loop import TrainingLoop
+
+    Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    saved_by = torch.optim.RMSprop([weight], lr=1e-3)  # a state of another optimizer, which torch loads
+    weight.grad = torch.ones(2, 2)
+    saved_by.step()
+    adam = torch.optim.AdamW([weight], lr=1e-3)
+    adam.load_state_dict(saved_by.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = AcceleratedOptimizer(adam, device_placement=False, scaler=scaler)
+
+    class Accelerated(types.SimpleNamespace):
+        num_processes = 1
+
+        def clip_grad_norm_(self, *args, **kwargs):
+            pass
+
+        @property
+        def optimizer_step_was_skipped(self):
+            return optimizer.step_was_skipped
+
+    loop = types.SimpleNamespace(
+        args=types.SimpleNamespace(max_grad_norm=0, scale_weight_norms=None), accelerator=Accelerated(),
+        network=torch.nn.ParameterList([weight]), optimizer=optimizer,
+        lr_scheduler=types.SimpleNamespace(step=lambda: None, get_last_lr=lambda: [1e-3]), lr_descriptions=["unet"],
+        adapts_step_size=False, unchecked_state="lora-state",
+    )  # fmt: skip
+    loop._checking_resumed_state = types.MethodType(TrainingLoop._checking_resumed_state, loop)
+    scaler.scale(torch.tensor(1.0))  # as a scaled loss would
+    weight.grad = torch.full((2, 2), float("inf"))  # overflows: the scaler skips the step
+    TrainingLoop._optimizer_step(loop)
+    assert optimizer.step_was_skipped and loop.unchecked_state == "lora-state"
+    scaler.scale(torch.tensor(1.0))
+    weight.grad = torch.ones(2, 2)
+    with pytest.raises(UserError, match=r"--resume lora-state: its optimizer state does not fit this run's optimizer"):
+        TrainingLoop._optimizer_step(loop)

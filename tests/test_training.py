@@ -118,6 +118,12 @@ def test_resume_refuses_another_network_and_a_state_at_the_end_of_the_run(tiny_m
     err = capsys.readouterr().err
     assert "its optimizer state does not fit this run's optimizer (it has no 'momentum')" in err
     assert "Traceback" not in err
+    # a schedule-free optimizer reads the state when switched to train mode, before any step
+    assert run(base_argv(tiny_model_files, data, str(tmp_path / "e"), steps=4, resume=unrecorded,
+                         network_train_unet_only=True, optimizer_type="AdamWScheduleFree")) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "its optimizer state does not fit this run's optimizer (it has no 'train_mode')" in err
+    assert "Traceback" not in err
     finished = base_argv(tiny_model_files, data, str(tmp_path / "b"), steps=2, resume=state,
                          network_train_unet_only=True)  # fmt: skip
     assert run(finished) == 1
@@ -310,7 +316,7 @@ def test_config_file_values_outside_the_choices_warn_and_keep_the_default(tmp_pa
     assert args.text_encoder_lr == [1.0, 2.0] and all(type(rate) is float for rate in args.text_encoder_lr)
 
 
-def test_config_file_values_take_the_options_types(tmp_path):
+def test_config_file_values_take_the_options_types(tmp_path, caplog):
     config = tmp_path / "run.toml"
     config.write_text("max_train_steps = 10.0\nlr_warmup_steps = 1.0\nlr_decay_steps = 20.0\noutput_name = 2024\n"
                       "learning_rate = 1\n"
@@ -322,6 +328,7 @@ def test_config_file_values_take_the_options_types(tmp_path):
     assert args.lr_decay_steps == 20 and type(args.lr_decay_steps) is int  # above 1: steps
     assert args.output_name == "2024" and args.learning_rate == 1.0 and type(args.learning_rate) is float
     assert args.max_token_length is None  # not one of sd-scripts' 150, 225: it has no effect for FLUX anyway
+    assert "max_token_length" not in caplog.text  # and kohya_ss writes 75 on every run: no warning
 
 
 @pytest.mark.parametrize("first_line", ["network_dim = 8", "[network]\nnetwork_dim = 8"])
