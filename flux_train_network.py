@@ -53,6 +53,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.is_schnell = False
         self.sample_conditions = None  # sample prompts encoded before the text encoders were freed
         self.fp8_after_merge = {"dit": False, "text_encoders": False}  # stored in fp8 once --base_weights merged
+        self.uses_dop = self.uses_network_multiplier = False  # set from the dataset by check_dataset
 
     # ---- checks before any work ------------------------------------------------------------------
     def check_args(self, args) -> None:
@@ -84,7 +85,14 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             args.cache_latents = True
         from networks.lora_flux_args import parse_bool
 
-        train_t5xxl = parse_bool("train_t5xxl", train_network.parse_network_args(args.network_args).get("train_t5xxl"))
+        network_args = train_network.parse_network_args(args.network_args)
+        train_t5xxl = parse_bool("train_t5xxl", network_args.get("train_t5xxl"))
+        if (args.fp8_base or args.fp8_base_unet) and args.network_module.startswith("lycoris") and \
+                "bypass_mode" not in network_args:  # fmt: skip
+            # LyCORIS computes with the base weight itself unless in bypass mode, and fp8 cannot be computed
+            # with; it turns bypass mode on for its own Fp8Linear class only, while these fp8 layers stay nn.Linear
+            raise UserError(f"--network_module {args.network_module} with fp8 base weights needs LyCORIS's bypass "
+                            "mode: add bypass_mode=True to --network_args")  # fmt: skip
         if args.cache_text_encoder_outputs and train_t5xxl:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
         if train_t5xxl and args.network_train_unet_only:
@@ -167,6 +175,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.tokenizers_flux import FluxTokenizeStrategy
 
         self.t5_max_length = args.t5xxl_max_token_length or (256 if self._checkpoint_is_schnell(args) else 512)
+        subsets = [s for group in (train_group, val_group) if group is not None for d in group.datasets
+                   for s in d.config.subsets]  # fmt: skip
+        self.uses_dop = any(s.custom_attributes.get(DOP_ATTRIBUTE) for s in subsets)
+        self.uses_network_multiplier = any(d.config.network_multiplier != 1.0 for d in train_group.datasets)
         # the tokenizers now, before the models: an offline machine without them stops in seconds
         self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
                                                       use_clip_l=args.model_type == "flux")  # fmt: skip
@@ -276,9 +288,22 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in arrays.items()}
         return [{k: v[i] for k, v in arrays.items()} for i in range(len(captions))]
 
+    def network_targets(self, ctx):
+        from library.network_interop import text_encoders_for
+
+        return text_encoders_for(ctx.args.network_module, ctx.models.text_encoders), ctx.models.dit
+
     def after_network_created(self, ctx, network) -> None:
         if getattr(network, "train_t5xxl", False) and ctx.args.cache_text_encoder_outputs:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)
+        if not hasattr(network, "set_multiplier"):  # the oldest network interface
+            if self.uses_dop:
+                raise UserError(f"custom_attributes diff_output_preservation needs a network that can be "
+                                f"switched off (set_multiplier); --network_module {ctx.args.network_module} has "
+                                "none")  # fmt: skip
+            if self.uses_network_multiplier:
+                logger.warning("the dataset's network_multiplier is not applied: --network_module %s has no "
+                               "set_multiplier", ctx.args.network_module)  # fmt: skip
 
     def prepare_for_training(self, ctx, network) -> None:
         args = ctx.args

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
+from library.network_interop import OWN_NETWORK_MODULES, report_loaded_weights
 from library.run_logging import (
     loggable_config,
     process_group_kwargs,
@@ -345,7 +346,12 @@ class NetworkTrainer:
         for flag, rate in rates:
             if rate is not None and rate < 0:  # torch checks only the first group's: the others would train uphill
                 raise UserError(f"{flag} {rate}: a learning rate cannot be negative")
-        from library.preflight import check_counts, check_learning_rates
+        from library.preflight import (
+            check_counts,
+            check_learning_rates,
+            check_output_folder,
+            warn_about_earlier_outputs,
+        )
 
         check_counts(args)
         check_learning_rates(args)
@@ -369,41 +375,8 @@ class NetworkTrainer:
             for path in paths or []:
                 if path and not os.path.isfile(path):
                     raise UserError(f"{flag} {path}: file not found")
-        self.check_output_folder(args)
-        self.warn_about_earlier_outputs(args)
-
-    @staticmethod
-    def check_output_folder(args) -> None:
-        """--output_dir (with any folder in --output_name) must be a folder this run can write in, or
-        one it can create: found now, not at the first save after hours of training."""
-        folder = os.path.abspath(os.path.join(args.output_dir, os.path.dirname(args.output_name or "")))
-        existing = folder
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        where = f"--output_dir {args.output_dir}"
-        if folder != os.path.abspath(args.output_dir):
-            where += f" with --output_name {args.output_name}"
-        if not os.path.isdir(existing):
-            raise UserError(f"{where}: {existing} is a file, not a folder; choose another --output_dir")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{where}: cannot write in {existing} (no permission, or a read-only disk); choose "
-                            "another --output_dir")  # fmt: skip
-
-    @staticmethod
-    def warn_about_earlier_outputs(args) -> None:
-        """Files of an earlier run under the same --output_name: this run replaces those it writes
-        again and leaves the others beside its own, which is easy to misread afterwards."""
-        name = args.output_name
-        if args.resume or not name or not os.path.isdir(args.output_dir):  # resuming continues that run on purpose
-            return
-        if os.environ.get("RANK", "0") != "0":  # launched processes: the first one says it
-            return
-        earlier = sorted(f for f in os.listdir(args.output_dir)
-                         if f in (f"{name}.safetensors", f"{name}.pt", f"{name}.ckpt") or f.startswith(f"{name}-"))
-        if earlier:
-            logger.warning("--output_dir %s already holds %d file(s) of an earlier run named %s (e.g. %s); this run "
-                           "replaces those it writes again and leaves the others", args.output_dir, len(earlier),
-                           name, ", ".join(earlier[:3]))  # fmt: skip
+        check_output_folder(args)
+        warn_about_earlier_outputs(args)
 
     @staticmethod
     def import_network_module(args):
@@ -453,7 +426,9 @@ class NetworkTrainer:
             ctx.train_text_encoder = ctx.train_text_encoder and has_text_encoder_modules
         network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
         if args.network_weights:
-            network.load_weights(args.network_weights)
+            loaded = network.load_weights(args.network_weights)
+            if args.network_module not in OWN_NETWORK_MODULES:  # ours reports what it left out itself
+                report_loaded_weights(args.network_weights, loaded)
             logger.info("loaded --network_weights %s", args.network_weights)
             self.warn_if_trained_on_another_model(args.network_weights, ctx.models.version)
         self.prepare_for_training(ctx, network)

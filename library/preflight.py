@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from contextlib import contextmanager
 
 from library.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 ZERO_RATES = (
     "nothing to train: every parameter group has learning rate 0 (check --learning_rate, --unet_lr and "
@@ -110,3 +113,35 @@ def refuse_unsupported_distribution(distributed_type=None, environ=None) -> None
         if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
             raise UserError(f"accelerate is configured for {name}, which this trainer does not support; run "
                             "`accelerate config` again and choose multi-GPU (DDP) or a single GPU")  # fmt: skip
+
+
+def check_output_folder(args) -> None:
+    """--output_dir (with any folder in --output_name) must be a folder this run can write in, or
+    one it can create: found now, not at the first save after hours of training."""
+    folder = os.path.abspath(os.path.join(args.output_dir, os.path.dirname(args.output_name or "")))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    where = f"--output_dir {args.output_dir}"
+    if folder != os.path.abspath(args.output_dir):
+        where += f" with --output_name {args.output_name}"
+    if not os.path.isdir(existing):
+        raise UserError(f"{where}: {existing} is a file, not a folder; choose another --output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: cannot write in {existing} (no permission, or a read-only disk); choose "
+                        "another --output_dir")  # fmt: skip
+
+def warn_about_earlier_outputs(args) -> None:
+    """Files of an earlier run under the same --output_name: this run replaces those it writes
+    again and leaves the others beside its own, which is easy to misread afterwards."""
+    name = args.output_name
+    if args.resume or not name or not os.path.isdir(args.output_dir):  # resuming continues that run on purpose
+        return
+    if os.environ.get("RANK", "0") != "0":  # launched processes: the first one says it
+        return
+    earlier = sorted(f for f in os.listdir(args.output_dir)
+                     if f in (f"{name}.safetensors", f"{name}.pt", f"{name}.ckpt") or f.startswith(f"{name}-"))
+    if earlier:
+        logger.warning("--output_dir %s already holds %d file(s) of an earlier run named %s (e.g. %s); this run "
+                       "replaces those it writes again and leaves the others", args.output_dir, len(earlier),
+                       name, ", ".join(earlier[:3]))  # fmt: skip

@@ -82,3 +82,103 @@ def test_an_older_interface_network_trains_and_saves(tiny_model_files, tmp_path,
     assert any(weights[k].abs().sum() > 0 for k in ups)  # trained: the up weights start at zero
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert logged in scalar_tags(str(tmp_path / "logs"))  # unnamed groups are logged by position
+
+
+TEXT_ENCODER_MODULE = textwrap.dedent('''
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    class Walker(nn.Module):
+        """Names every Linear of every model it is given by its path, as LyCORIS does."""
+        def __init__(self, text_encoders, unet):
+            super().__init__()
+            self.names = []
+            for prefix, model in zip(("lora_te1", "lora_te2"), text_encoders):
+                self.names += [f"{prefix}_{n}".replace(".", "_") for n, m in model.named_modules()
+                               if isinstance(m, nn.Linear)]
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def apply_to(self, text_encoders, unet, apply_text_encoder=True, apply_unet=True):
+            linear = next(m for m in unet.modules() if isinstance(m, nn.Linear))  # something to train
+            original = linear.forward
+            linear.forward = lambda x: original(x) + self.weight * 0.0
+
+        def set_multiplier(self, multiplier):
+            pass
+
+        def prepare_optimizer_params(self, text_encoder_lr, unet_lr, default_lr):
+            return [{"params": [self.weight], "lr": default_lr}]
+
+        def save_weights(self, file, dtype, metadata):
+            save_file({name + ".w": torch.zeros(1) for name in self.names} or {"none": torch.zeros(1)}, file, metadata)
+
+    def create_network(multiplier, network_dim, network_alpha, vae, text_encoders, unet, **kwargs):
+        return Walker(text_encoders, unet)
+''')
+
+
+@pytest.mark.parametrize("model_type", ["flux", "chroma"])
+def test_a_module_walking_the_text_encoders_gets_them_as_sd_scripts_gives_them(tiny_model_files, tmp_path,
+                                                                             monkeypatch, model_type):  # fmt: skip
+    """CLIP-L's Linears named as in CLIP-L files (transformers 5's CLIPTextModel has no text_model level), and a
+    stand-in where the model has no CLIP-L (Chroma), as sd-scripts passes one: LyCORIS walks every encoder."""
+    name = f"walker_network_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(TEXT_ENCODER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(out), model_type=model_type, steps=1)
+    argv[argv.index("networks.lora_flux")] = name
+    assert flux_train_network.main(argv) == 0
+    names = {k.rsplit(".", 1)[0] for k in load_safetensors(os.path.join(str(out), "lora.safetensors"))}
+    clip = {n for n in names if n.startswith("lora_te1_")}
+    if model_type == "flux":
+        assert clip and all(n.startswith("lora_te1_text_model_encoder_layers_") for n in clip)
+        assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in clip
+    else:
+        assert not clip  # no CLIP-L, and nothing to walk in its place
+
+
+def test_diff_output_preservation_needs_a_network_that_can_be_switched_off(tiny_model_files, tmp_path, monkeypatch,
+                                                                          capsys):  # fmt: skip
+    name = f"old_style_network_{tmp_path.name}"
+    (tmp_path / f"{name}.py").write_text(MODULE.replace("PREPARE_OPTIMIZER_PARAMS", OLDEST))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = dataset(tmp_path)
+    toml = tmp_path / "dop.toml"
+    toml.write_text(f"[general]\ncaption_extension = '.txt'\n[[datasets]]\nresolution = 64\n[[datasets.subsets]]\n"
+                    f"image_dir = '{data.image_dir}'\ncustom_attributes = {{ diff_output_preservation = true }}\n")
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, network_train_unet_only=True,
+                     dataset_config=str(toml))  # fmt: skip
+    argv[argv.index("networks.lora_flux")] = name
+    assert flux_train_network.main(argv) == 1
+    assert "diff_output_preservation needs a network that can be switched off (set_multiplier)" in \
+        capsys.readouterr().err  # fmt: skip
+
+
+def test_lycoris_with_fp8_base_weights_asks_for_bypass_mode(tiny_model_files, tmp_path, capsys):
+    # LyCORIS computes with the base weight itself unless in bypass mode; it turns that on for its own Fp8Linear only
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1, fp8_base=True,
+                     mixed_precision="bf16", network_args=["algo=lokr"])  # fmt: skip
+    argv[argv.index("networks.lora_flux")] = "lycoris.kohya"
+    assert flux_train_network.main(argv) == 1
+    assert "with fp8 base weights needs LyCORIS's bypass mode: add bypass_mode=True to --network_args" in \
+        capsys.readouterr().err  # fmt: skip
+
+
+def test_weights_that_fit_no_module_of_a_third_party_network_stop_the_run(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from library.errors import UserError
+    from library.network_interop import report_loaded_weights
+    from library.safetensors_io import save_safetensors
+
+    path = str(tmp_path / "lora.safetensors")
+    save_safetensors({"lora_unet_a.lora_down.weight": torch.zeros(1), "lora_unet_a.alpha": torch.zeros(1)}, path)
+    nothing = SimpleNamespace(unexpected_keys=["lora_unet_a.lora_down.weight", "lora_unet_a.alpha"],
+                              missing_keys=["lora_unet_a.lokr_w1"])  # fmt: skip
+    with pytest.raises(UserError, match=r"--network_weights .*lora\.safetensors: none of its weights belongs"):
+        report_loaded_weights(path, nothing)
+    with caplog.at_level("WARNING"):
+        report_loaded_weights(path, SimpleNamespace(unexpected_keys=["lora_unet_a.alpha"], missing_keys=[]))
+    assert "1 weights have no module here and are ignored (e.g. lora_unet_a.alpha)" in caplog.text

@@ -94,7 +94,7 @@ def test_network_weights_of_another_base_model_are_warned_about(tmp_path, caplog
 def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, monkeypatch):
     from argparse import Namespace
 
-    from train_network import NetworkTrainer
+    from library.preflight import warn_about_earlier_outputs
 
     for name in ("lora.safetensors", "lora-step00000006.safetensors", "other.safetensors"):
         (tmp_path / name).write_bytes(b"")
@@ -102,11 +102,11 @@ def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, 
     args = Namespace(output_dir=str(tmp_path), output_name="lora", resume=None)
     monkeypatch.delenv("RANK", raising=False)
     with caplog.at_level("WARNING"):
-        NetworkTrainer.warn_about_earlier_outputs(args)
-        NetworkTrainer.warn_about_earlier_outputs(Namespace(output_dir=str(tmp_path), output_name="new", resume=None))
-        NetworkTrainer.warn_about_earlier_outputs(Namespace(**{**vars(args), "resume": "lora-state"}))
+        warn_about_earlier_outputs(args)
+        warn_about_earlier_outputs(Namespace(output_dir=str(tmp_path), output_name="new", resume=None))
+        warn_about_earlier_outputs(Namespace(**{**vars(args), "resume": "lora-state"}))
         monkeypatch.setenv("RANK", "1")  # the second of two launched processes leaves it to the first
-        NetworkTrainer.warn_about_earlier_outputs(args)
+        warn_about_earlier_outputs(args)
     assert caplog.messages == [
         f"--output_dir {tmp_path} already holds 3 file(s) of an earlier run named lora (e.g. lora-state, "
         "lora-step00000006.safetensors, lora.safetensors); this run replaces those it writes again and leaves "
@@ -337,12 +337,12 @@ def test_an_output_folder_that_cannot_be_written_stops_the_run_before_loading(tm
     from argparse import Namespace
 
     from library.errors import UserError
-    from train_network import NetworkTrainer
+    from library.preflight import check_output_folder
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a read-only disk answers (root is not refused)
     expected = r"--output_dir .*out with --output_name a/lora: cannot write in .* \(no permission, or a read-only disk"
     with pytest.raises(UserError, match=expected):
-        NetworkTrainer.check_output_folder(Namespace(output_dir=str(tmp_path / "out"), output_name="a/lora"))
+        check_output_folder(Namespace(output_dir=str(tmp_path / "out"), output_name="a/lora"))
 
 def test_flags_without_effect_warn_once_each_and_the_log_file_gets_everything(tiny_model_files, tmp_path, caplog):
     log_file = tmp_path / "train.log"

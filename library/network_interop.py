@@ -1,0 +1,72 @@
+"""How network modules written for sd-scripts (LyCORIS's ``lycoris.kohya``, ...) see the text encoders.
+
+They name a module by its path in the model they are given and walk every model in the list. Two
+things differ from what they were written against: transformers 5's ``CLIPTextModel`` has no
+``text_model`` level, so CLIP-L's Linears would be named ``lora_te1_encoder_layers_...`` instead of
+sd-scripts' ``lora_te1_text_model_encoder_layers_...`` (names every loader and this project's tools
+match); and Chroma has no CLIP-L, where sd-scripts passes a dummy module rather than None. This
+project's own ``networks.lora_flux`` handles both itself and gets the models as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from torch import nn
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OWN_NETWORK_MODULES = ("networks.lora_flux",)
+
+
+class CLIPFileLayout(nn.Module):
+    """CLIP-L under a ``text_model`` attribute: module paths (and LoRA names) as in CLIP-L files. It holds the
+    same modules, so a LoRA hooked into them acts on the model itself."""
+
+    def __init__(self, clip_l: nn.Module):
+        super().__init__()
+        self.text_model = clip_l
+
+
+class NoTextEncoder(nn.Module):
+    """A text encoder the model does not have (Chroma's CLIP-L, a freed T5): no modules to adapt."""
+
+
+def text_encoders_for(network_module_name: str, text_encoders: list) -> list:
+    """The text-encoder list as ``network_module_name`` should receive it (see the module docstring)."""
+    if network_module_name in OWN_NETWORK_MODULES:
+        return text_encoders
+    adapted = []
+    for index, encoder in enumerate(text_encoders):
+        if encoder is None:
+            adapted.append(NoTextEncoder())
+        elif index == 0 and not hasattr(encoder, "text_model"):
+            adapted.append(CLIPFileLayout(encoder))
+        else:
+            adapted.append(encoder)
+    return adapted
+
+
+def report_loaded_weights(path: str | os.PathLike, info) -> None:
+    """What a third-party network's ``load_weights`` left out (torch's missing/unexpected keys, when it returns
+    them): a file none of whose weights fit stops the run, which would otherwise start from scratch in silence
+    (a LoRA file given to a LoKr network, say); a partial fit warns."""
+    unexpected, missing = getattr(info, "unexpected_keys", None), getattr(info, "missing_keys", None)
+    if unexpected is None or missing is None:
+        return
+    from library.safetensors_io import read_keys
+
+    in_file = len(read_keys(path)) if str(path).endswith(".safetensors") else None
+    if unexpected and in_file is not None and len(unexpected) >= in_file:
+        raise UserError(f"--network_weights {path}: none of its weights belongs to this network (e.g. "
+                        f"{unexpected[0]}); give a file trained with the same --network_module and "
+                        "--network_args")  # fmt: skip
+    if unexpected:
+        logger.warning("--network_weights %s: %d weights have no module here and are ignored (e.g. %s)", path,
+                       len(unexpected), unexpected[0])  # fmt: skip
+    if missing:
+        logger.warning("--network_weights %s: %d weights of this network are not in the file and start untrained "
+                       "(e.g. %s)", path, len(missing), missing[0])  # fmt: skip
