@@ -83,15 +83,17 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             args.cache_text_encoder_outputs = True
         if args.cache_latents_to_disk:
             args.cache_latents = True
+        from library.network_interop import network_module_name
         from networks.lora_flux_args import parse_bool
 
         network_args = train_network.parse_network_args(args.network_args)
         train_t5xxl = parse_bool("train_t5xxl", network_args.get("train_t5xxl"))
-        if (args.fp8_base or args.fp8_base_unet) and args.network_module.startswith("lycoris") and \
-                "bypass_mode" not in network_args:  # fmt: skip
+        module_name = network_module_name(args)
+        if (args.fp8_base or args.fp8_base_unet) and module_name.split(".")[0] == "lycoris" and \
+                not parse_bool("bypass_mode", network_args.get("bypass_mode")):  # fmt: skip
             # LyCORIS computes with the base weight itself unless in bypass mode, and fp8 cannot be computed
             # with; it turns bypass mode on for its own Fp8Linear class only, while these fp8 layers stay nn.Linear
-            raise UserError(f"--network_module {args.network_module} with fp8 base weights needs LyCORIS's bypass "
+            raise UserError(f"--network_module {module_name} with fp8 base weights needs LyCORIS's bypass "
                             "mode: add bypass_mode=True to --network_args")  # fmt: skip
         if args.cache_text_encoder_outputs and train_t5xxl:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
@@ -289,9 +291,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         return [{k: v[i] for k, v in arrays.items()} for i in range(len(captions))]
 
     def network_targets(self, ctx):
-        from library.network_interop import text_encoders_for
+        from library.network_interop import network_module_name, text_encoders_for
 
-        return text_encoders_for(ctx.args.network_module, ctx.models.text_encoders), ctx.models.dit
+        return text_encoders_for(network_module_name(ctx.args), ctx.models.text_encoders), ctx.models.dit
 
     def after_network_created(self, ctx, network) -> None:
         if getattr(network, "train_t5xxl", False) and ctx.args.cache_text_encoder_outputs:

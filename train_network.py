@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
-from library.network_interop import OWN_NETWORK_MODULES, report_loaded_weights
+from library.network_interop import OWN_NETWORK_MODULES, network_module_name, report_loaded_weights
 from library.run_logging import (
     loggable_config,
     process_group_kwargs,
@@ -380,7 +380,7 @@ class NetworkTrainer:
 
     @staticmethod
     def import_network_module(args):
-        name = args.network_module or "networks.lora_flux"
+        name = network_module_name(args)
         try:
             return importlib.import_module(name)
         except ImportError as e:
@@ -427,7 +427,7 @@ class NetworkTrainer:
         network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
         if args.network_weights:
             loaded = network.load_weights(args.network_weights)
-            if args.network_module not in OWN_NETWORK_MODULES:  # ours reports what it left out itself
+            if network_module_name(args) not in OWN_NETWORK_MODULES:  # ours reports what it left out itself
                 report_loaded_weights(args.network_weights, loaded)
             logger.info("loaded --network_weights %s", args.network_weights)
             self.warn_if_trained_on_another_model(args.network_weights, ctx.models.version)

@@ -19,7 +19,13 @@ from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-OWN_NETWORK_MODULES = ("networks.lora_flux",)
+DEFAULT_NETWORK_MODULE = "networks.lora_flux"
+OWN_NETWORK_MODULES = (DEFAULT_NETWORK_MODULE,)
+
+
+def network_module_name(args) -> str:
+    """``--network_module``, or this project's LoRA when it is left out."""
+    return getattr(args, "network_module", None) or DEFAULT_NETWORK_MODULE
 
 
 class CLIPFileLayout(nn.Module):
@@ -54,13 +60,17 @@ def report_loaded_weights(path: str | os.PathLike, info) -> None:
     """What a third-party network's ``load_weights`` left out (torch's missing/unexpected keys, when it returns
     them): a file none of whose weights fit stops the run, which would otherwise start from scratch in silence
     (a LoRA file given to a LoKr network, say); a partial fit warns."""
-    unexpected, missing = getattr(info, "unexpected_keys", None), getattr(info, "missing_keys", None)
-    if unexpected is None or missing is None:
+    if isinstance(info, dict):  # LyCORIS: {"missing keys": [...], "unexpected keys": [...]}, empty lists left out
+        unexpected, missing = list(info.get("unexpected keys", [])), list(info.get("missing keys", []))
+    elif hasattr(info, "unexpected_keys") and hasattr(info, "missing_keys"):  # torch's load_state_dict result
+        unexpected, missing = list(info.unexpected_keys), list(info.missing_keys)
+    else:
         return
-    from library.safetensors_io import read_keys
-
-    in_file = len(read_keys(path)) if str(path).endswith(".safetensors") else None
-    if unexpected and in_file is not None and len(unexpected) >= in_file:
+    in_file = _file_keys(path)
+    ignored = set(unexpected)
+    # alphas are scalars any module kind has under the same name: a file of another kind "fits" by its alphas alone
+    fitted = None if in_file is None else [k for k in in_file if k not in ignored and not k.endswith(".alpha")]
+    if unexpected and fitted == []:
         raise UserError(f"--network_weights {path}: none of its weights belongs to this network (e.g. "
                         f"{unexpected[0]}); give a file trained with the same --network_module and "
                         "--network_args")  # fmt: skip
@@ -70,3 +80,18 @@ def report_loaded_weights(path: str | os.PathLike, info) -> None:
     if missing:
         logger.warning("--network_weights %s: %d weights of this network are not in the file and start untrained "
                        "(e.g. %s)", path, len(missing), missing[0])  # fmt: skip
+
+
+def _file_keys(path: str | os.PathLike) -> list[str] | None:
+    if str(path).endswith(".safetensors"):
+        from library.safetensors_io import read_keys
+
+        return read_keys(path)
+    try:  # .pt / .ckpt: a state dict (or one under "state_dict")
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        return list(state) if isinstance(state, dict) else None
+    except Exception:  # noqa: BLE001 - the module loaded it its own way; the keys only sharpen the message
+        return None

@@ -156,14 +156,24 @@ def test_diff_output_preservation_needs_a_network_that_can_be_switched_off(tiny_
         capsys.readouterr().err  # fmt: skip
 
 
-def test_lycoris_with_fp8_base_weights_asks_for_bypass_mode(tiny_model_files, tmp_path, capsys):
+@pytest.mark.parametrize("network_args", [["algo=lokr"], ["algo=lokr", "bypass_mode=False"]])
+def test_lycoris_with_fp8_base_weights_asks_for_bypass_mode(tiny_model_files, tmp_path, capsys, network_args):
     # LyCORIS computes with the base weight itself unless in bypass mode; it turns that on for its own Fp8Linear only
     argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1, fp8_base=True,
-                     mixed_precision="bf16", network_args=["algo=lokr"])  # fmt: skip
+                     mixed_precision="bf16", network_args=network_args)  # fmt: skip
     argv[argv.index("networks.lora_flux")] = "lycoris.kohya"
     assert flux_train_network.main(argv) == 1
     assert "with fp8 base weights needs LyCORIS's bypass mode: add bypass_mode=True to --network_args" in \
         capsys.readouterr().err  # fmt: skip
+
+
+def test_fp8_base_weights_without_network_module_train_this_projects_lora(tiny_model_files, tmp_path):
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1, fp8_base=True,
+                     mixed_precision="bf16", network_train_unet_only=True)  # fmt: skip
+    i = argv.index("--network_module")
+    del argv[i : i + 2]  # left out: networks.lora_flux
+    assert flux_train_network.main(argv) == 0
+    assert load_safetensors(os.path.join(str(tmp_path / "out"), "lora.safetensors"))
 
 
 def test_weights_that_fit_no_module_of_a_third_party_network_stop_the_run(tmp_path, caplog):
@@ -182,3 +192,16 @@ def test_weights_that_fit_no_module_of_a_third_party_network_stop_the_run(tmp_pa
     with caplog.at_level("WARNING"):
         report_loaded_weights(path, SimpleNamespace(unexpected_keys=["lora_unet_a.alpha"], missing_keys=[]))
     assert "1 weights have no module here and are ignored (e.g. lora_unet_a.alpha)" in caplog.text
+    # LyCORIS returns a dict, each list left out when empty; a .pt file counts its keys too
+    lycoris = {"unexpected keys": ["lora_unet_a.lora_down.weight", "lora_unet_a.alpha"]}
+    with pytest.raises(UserError, match="none of its weights belongs"):
+        report_loaded_weights(path, lycoris)
+    torch.save({"lora_unet_a.alpha": torch.zeros(1)}, tmp_path / "lora.pt")
+    with pytest.raises(UserError, match=r"lora\.pt: none of its weights belongs"):
+        report_loaded_weights(str(tmp_path / "lora.pt"), {"unexpected keys": ["lora_unet_a.alpha"]})
+    # a LoRA file given to a LoKr network: only the alphas, which every module kind has, find a place
+    with pytest.raises(UserError, match="none of its weights belongs"):
+        report_loaded_weights(path, {"unexpected keys": ["lora_unet_a.lora_down.weight"],
+                                     "missing keys": ["lora_unet_a.lokr_w1"]})  # fmt: skip
+    report_loaded_weights(path, {})  # everything fitted
+    report_loaded_weights(path, None)  # a module that returns nothing
