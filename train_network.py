@@ -33,7 +33,7 @@ from library.run_logging import (
     tracker_init_kwargs,
     tracker_names,
 )
-from library.train_args import DefaultsHelpFormatter, add_train_network_arguments
+from library.train_args import DEFAULT_MAX_TRAIN_STEPS, DefaultsHelpFormatter, add_train_network_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +319,9 @@ class NetworkTrainer:
         if args.masked_loss and not args.alpha_mask:
             logger.warning("--masked_loss: masks come from each image's alpha channel (--alpha_mask or alpha_mask = "
                            "true in the dataset config); conditioning-image masks are not supported")
+        if args.max_train_epochs is not None and args.max_train_steps != DEFAULT_MAX_TRAIN_STEPS:
+            logger.warning("--max_train_epochs %d sets the run's length: --max_train_steps %s is not used",
+                           args.max_train_epochs, args.max_train_steps)  # fmt: skip
         if args.network_train_unet_only and args.text_encoder_lr:
             logger.warning("--text_encoder_lr is not used: --network_train_unet_only trains no text-encoder LoRA")
         if args.network_train_text_encoder_only and args.unet_lr is not None:

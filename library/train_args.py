@@ -24,6 +24,8 @@ LR_SCHEDULERS = (
     "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "inverse_sqrt",
     "piecewise_constant", "adafactor",
 )  # fmt: skip
+DEFAULT_MAX_TRAIN_STEPS = 1600
+
 # sd-scripts' list (its "tensort" typo kept), with "tensorrt", torch's name, and "no", which GUIs write
 DYNAMO_BACKENDS = (
     "no", "eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
@@ -96,7 +98,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Steps, batches, precision, memory and distribution."""
     add = argument_adder(parser, "training")
     add("--train_batch_size", type=int, default=1, help="batch size when no --dataset_config sets one (default 1)")
-    add("--max_train_steps", type=int, default=1600, help="training steps (default 1600)")
+    add("--max_train_steps", type=int, default=DEFAULT_MAX_TRAIN_STEPS, help="training steps (default 1600)")
     add("--max_train_epochs", type=int, default=None, help="training epochs; overrides --max_train_steps")
     add("--max_data_loader_n_workers", type=int, default=8, help="max DataLoader worker processes (default 8)")
     _flag(add, "--persistent_data_loader_workers", "keep DataLoader workers alive between epochs")

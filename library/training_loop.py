@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import os
+import signal
 import zlib
 
 import torch
@@ -49,6 +50,15 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return len(self.indices)
 
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl+C and SIGTERM: sent to the whole process group (a terminal, ``timeout``,
+    a launcher), they would end the workers, and the batch the trainer waits for with them, before it saves.
+    The trainer stops them itself when it exits."""
+    del worker_id
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, device) -> None:
@@ -497,5 +507,6 @@ class TrainingLoop:
             # each iterator (epoch) draws its workers' base seed from here, not from the global RNG that
             # dropout draws from: a resumed run starts its iterator at another point of that stream
             generator=torch.Generator().manual_seed(self.ctx.seed),
+            worker_init_fn=_leave_stop_signals_to_the_trainer if workers > 0 else None,
         )
         return loader, sampler

@@ -328,3 +328,33 @@ def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     weight.grad = torch.ones(2, 2)
     with pytest.raises(UserError, match=r"--resume lora-state: its optimizer state does not fit this run's optimizer"):
         TrainingLoop._optimizer_step(loop)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_model_files, tmp_path):
+    """`timeout`, a terminal's Ctrl+C or a launcher signal the whole process group, DataLoader workers included:
+    they leave the stop to the trainer, which saves, instead of dying under it mid-batch."""
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=100000, network_train_unet_only=True,
+                     max_data_loader_n_workers=2, persistent_data_loader_workers=True)  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "flux_train_network.py"), *argv],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+                               start_new_session=True)  # fmt: skip
+    started, lines = threading.Event(), []
+
+    def read():
+        for line in process.stderr:
+            lines.append(line)
+            if "start training" in line:
+                started.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(120), "".join(lines)
+    time.sleep(2.0)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(120) == 128 + signal.SIGTERM, "".join(lines)
+    message = "".join(lines)
+    assert "interrupted by SIGTERM at step" in message and "Traceback" not in message
+    assert any(f.startswith("lora-step") and f.endswith(".safetensors") for f in os.listdir(out))

@@ -308,6 +308,10 @@ def test_console_log_file_in_a_folder_not_there_yet_is_made_and_an_unwritable_on
     (["--network_train_text_encoder_only", "--unet_lr", "1e-4"],
      "--unet_lr is not used: --network_train_text_encoder_only trains no DiT LoRA"),
     (["--masked_loss"], "--masked_loss: masks come from each image's alpha channel"),
+    # the examples set max_train_epochs: a --max_train_steps 2 given to try one out would pass unnoticed
+    (["--max_train_epochs", "10", "--max_train_steps", "2"],
+     "--max_train_epochs 10 sets the run's length: --max_train_steps 2 is not used"),
+    (["--max_train_epochs", "10"], None),
     (["--text_encoder_lr", "1e-5", "--unet_lr", "1e-4"], None),
 ])
 def test_settings_narrower_than_their_name_say_so(argv, warning, caplog):
