@@ -354,3 +354,23 @@ def test_output_config_writes_the_arguments(tmp_path, caplog):
     with pytest.raises(UserError, match=r"--output_config: .*saved\.toml exists already"):
         parse_args_with_config(flux_train_network.setup_parser(), [*argv[:3], "--network_dim", "4"])
     assert toml.load(config) == {"network_dim": 12}
+
+
+def _train(models, tmp_path, **flags) -> dict:
+    out = str(tmp_path / "out")
+    assert flux_train_network.main(base_argv(models, dataset(tmp_path), out, steps=1, **flags)) == 0
+    return load_safetensors(os.path.join(out, "lora.safetensors"))
+
+
+def test_network_dim_0_trains_only_the_layers_network_args_give_a_rank(tiny_model_files, tmp_path):
+    # spec §g.3: type dims fall back to --network_dim, and 0 means no module: a way to train selected layers
+    weights = _train(tiny_model_files, tmp_path, network_dim=0, network_args=["img_attn_dim=4"],
+                     network_train_unet_only=True)  # fmt: skip
+    names = {k.split(".")[0] for k in weights}
+    assert names and all("_img_attn_" in n for n in names)
+
+
+def test_train_t5xxl_with_network_train_unet_only_says_it_does_nothing(tiny_model_files, tmp_path, caplog):
+    weights = _train(tiny_model_files, tmp_path, network_args=["train_t5xxl=True"], network_train_unet_only=True)
+    assert caplog.text.count("network_args train_t5xxl=True has no effect with --network_train_unet_only") == 1
+    assert not any(k.startswith("lora_te") for k in weights)

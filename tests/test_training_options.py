@@ -590,17 +590,3 @@ def test_token_warm_up_follows_the_step_whatever_the_data_loader_workers(tiny_mo
         runs.append(list(seen))
     assert runs[0] == runs[1]
     assert [tags for _, tags in runs[0]][::2] == [1, 1, 2, 3, 4, 5, 6, 6]  # grows with the step, one tag a step
-
-
-def test_network_dim_0_trains_only_the_layers_network_args_give_a_rank(tiny_model_files, tmp_path):
-    # spec §g.3: type dims fall back to --network_dim, and 0 means no module: a way to train selected layers
-    out = train(tiny_model_files, tmp_path, steps=1, network_dim=0, network_args=["img_attn_dim=4"],
-                network_train_unet_only=True)  # fmt: skip
-    names = {k.split(".")[0] for k in load_safetensors(os.path.join(out, "lora.safetensors"))}
-    assert names and all("_img_attn_" in n for n in names)
-
-
-def test_train_t5xxl_with_network_train_unet_only_says_it_does_nothing(tiny_model_files, tmp_path, caplog):
-    out = train(tiny_model_files, tmp_path, steps=1, network_args=["train_t5xxl=True"], network_train_unet_only=True)
-    assert caplog.text.count("network_args train_t5xxl=True has no effect with --network_train_unet_only") == 1
-    assert not any(k.startswith("lora_te") for k in load_safetensors(os.path.join(out, "lora.safetensors")))
