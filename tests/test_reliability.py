@@ -23,11 +23,13 @@ from tests.training_helpers import base_argv, dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_training(argv):
-    """Runs flux_train_network.py as a user would and returns (process, event set once steps run)."""
+def start_training(argv, own_process_group: bool = False):
+    """Runs flux_train_network.py as a user would and returns (process, event set once steps run, stderr lines).
+    With ``own_process_group`` it leads a process group of its own, which ``os.killpg`` signals whole."""
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "flux_train_network.py"), *argv],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+                               start_new_session=own_process_group)  # fmt: skip
     started, lines = threading.Event(), []
 
     def read():
@@ -338,19 +340,7 @@ def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_
     out = str(tmp_path / "out")
     argv = base_argv(tiny_model_files, data, out, steps=100000, network_train_unet_only=True,
                      max_data_loader_n_workers=2, persistent_data_loader_workers=True)  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "flux_train_network.py"), *argv],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
-                               start_new_session=True)  # fmt: skip
-    started, lines = threading.Event(), []
-
-    def read():
-        for line in process.stderr:
-            lines.append(line)
-            if "start training" in line:
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    process, started, lines = start_training(argv, own_process_group=True)
     assert started.wait(120), "".join(lines)
     time.sleep(2.0)
     os.killpg(process.pid, signal.SIGTERM)
