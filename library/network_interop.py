@@ -15,7 +15,7 @@ import os
 
 from torch import nn
 
-from library.errors import UserError
+from library.errors import CheckpointError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +83,11 @@ def report_loaded_weights(path: str | os.PathLike, info) -> None:
 
 
 def _file_keys(path: str | os.PathLike) -> list[str] | None:
-    if str(path).endswith(".safetensors"):
-        from library.safetensors_io import read_keys
+    """The weight names of a LoRA file (its header only for ``.safetensors``); None if it cannot be read so."""
+    from library.safetensors_io import read_keys
+    from networks.lora_flux_files import read_lora_file
 
-        return read_keys(path)
-    try:  # .pt / .ckpt: a state dict (or one under "state_dict")
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        return list(state) if isinstance(state, dict) else None
-    except Exception:  # noqa: BLE001 - the module loaded it its own way; the keys only sharpen the message
+    try:
+        return read_keys(path) if str(path).endswith(".safetensors") else list(read_lora_file(path)[0])
+    except CheckpointError:  # the module loaded it its own way; the names only sharpen the message
         return None

@@ -97,20 +97,21 @@ def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
     return optimizer_class_path(optimizer)
 
 
+UNSUPPORTED_DISTRIBUTIONS = ("DEEPSPEED", "FSDP", "MEGATRON_LM")  # accelerate's DistributedType values
+
+
 def refuse_unsupported_distribution(distributed_type=None, environ=None) -> None:
     """DeepSpeed, FSDP (or Megatron-LM) set in ``accelerate config``: the trainer averages gradients itself and
     keeps whole models on each process, so none can work (``--deepspeed`` is refused with the other flags).
     ``accelerate launch`` passes the choice in ``ACCELERATE_USE_*`` variables, which are checked before the
     Accelerator is made (it asks for DeepSpeed to be installed first); ``distributed_type`` is the made one's."""
-    import os
-
     environ = os.environ if environ is None else environ
-    names = [name for name in ("DEEPSPEED", "FSDP", "MEGATRON_LM")
-             if str(environ.get(f"ACCELERATE_USE_{name}", "")).lower() in ("1", "true", "yes")]  # fmt: skip
+    chosen = [name for name in UNSUPPORTED_DISTRIBUTIONS
+              if str(environ.get(f"ACCELERATE_USE_{name}", "")).lower() in ("1", "true", "yes")]  # fmt: skip
     if distributed_type is not None:
-        names.append(getattr(distributed_type, "value", str(distributed_type)).upper())
-    for name in names:
-        if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        chosen.append(getattr(distributed_type, "value", str(distributed_type)).upper())
+    for name in chosen:
+        if name in UNSUPPORTED_DISTRIBUTIONS:
             raise UserError(f"accelerate is configured for {name}, which this trainer does not support; run "
                             "`accelerate config` again and choose multi-GPU (DDP) or a single GPU")  # fmt: skip
 
