@@ -112,6 +112,16 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.flow_config = FlowMatchingConfig.from_args(args)  # validates the math options
         self.validation_config = dataclasses.replace(self.flow_config, ip_noise_gamma=None)
 
+    def text_encoders_with_lora(self, args) -> list[int] | None:
+        """CLIP-L (FLUX.1 only) always, T5 with ``train_t5xxl=True``; None for third-party network modules."""
+        from library.network_interop import OWN_NETWORK_MODULES, network_module_name
+        from networks.lora_flux_args import parse_bool
+
+        if network_module_name(args) not in OWN_NETWORK_MODULES:
+            return None
+        train_t5xxl = parse_bool("train_t5xxl", train_network.parse_network_args(args.network_args).get("train_t5xxl"))
+        return ([0] if args.model_type == "flux" else []) + ([1] if train_t5xxl else [])
+
     # ---- models ----------------------------------------------------------------------------------
     def load_target_model(self, args, accelerator, weight_dtype) -> train_network.TargetModels:
         import torch

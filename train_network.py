@@ -144,6 +144,11 @@ class NetworkTrainer:
         """(text encoders, DiT) as the network module receives them."""
         return ctx.models.text_encoders, ctx.models.dit
 
+    def text_encoders_with_lora(self, args) -> list[int] | None:
+        """The positions in ``--text_encoder_lr`` of the text encoders that get LoRA modules when the
+        text encoders train, or None where that is known only once the network exists."""
+        return None
+
     def sai_model_type(self, ctx: RunContext) -> str:
         """The model kind for ``modelspec.architecture`` (``dev``, ``schnell``, ``chroma``)."""
         raise NotImplementedError
@@ -226,8 +231,9 @@ class NetworkTrainer:
 
         params, lr_descriptions = network_param_groups(network, args)
         if not (ctx.train_unet or ctx.train_text_encoder):  # (both --*_only flags were refused before loading)
-            raise UserError("nothing to train: --network_train_text_encoder_only, but no text encoder has LoRA "
-                            "modules in this run (Chroma's T5 needs --network_args train_t5xxl=True)")  # fmt: skip
+            from library.preflight import NO_TEXT_ENCODER_LORA
+
+            raise UserError(NO_TEXT_ENCODER_LORA)  # a third-party network module, not known before it existed
         if not any(p.requires_grad for p in network.parameters()):
             raise UserError(f"nothing to train: the network has no LoRA module (--network_dim {args.network_dim}, "
                             "and no network_args give a layer a rank)")  # fmt: skip
@@ -357,7 +363,7 @@ class NetworkTrainer:
         )
 
         check_counts(args)
-        check_learning_rates(args)
+        check_learning_rates(args, self.text_encoders_with_lora(args))
         if tracker_names(args):
             read_tracker_config(args)
         self.network_module = self.import_network_module(args)
@@ -555,7 +561,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     try:
         args = parse_args_with_config(parser, argv)
         setup_logging(args)
-        path = (trainer or NetworkTrainer()).train(args)
+        if trainer is None:  # the hooks that load and run a model are a subclass's
+            raise UserError("train_network.py holds the generic loop and trains no model by itself: run "
+                            "flux_train_network.py with the same arguments")  # fmt: skip
+        path = trainer.train(args)
         if path:
             print(f"saved the LoRA to {path}")
         return 0

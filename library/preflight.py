@@ -47,15 +47,29 @@ def check_counts(args) -> None:
         raise UserError(f"--max_grad_norm {max_grad_norm}: give 0 (no clipping) or more")
 
 
-def check_learning_rates(args) -> None:
+NO_TEXT_ENCODER_LORA = (
+    "nothing to train: --network_train_text_encoder_only, but no text encoder gets LoRA modules in this run "
+    "(Chroma has no CLIP-L, and T5 trains only with --network_args train_t5xxl=True)"
+)
+
+
+def check_learning_rates(args, text_encoders_with_lora: list[int] | None = None) -> None:
     """Refuses a run in which every part that trains has learning rate 0 (the network leaves such
-    parameter groups out, so there would be nothing to train)."""
+    parameter groups out, so there would be nothing to train).
+
+    ``text_encoders_with_lora``: the positions in ``--text_encoder_lr`` (one rate for all, or one
+    each) of the text encoders that get LoRA modules, where the model knows them; None counts
+    every rate given."""
     unet_only, te_only = args.network_train_unet_only, args.network_train_text_encoder_only
     if unet_only and te_only:
         raise UserError("nothing to train: --network_train_unet_only and --network_train_text_encoder_only exclude "
                         "each other")  # fmt: skip
+    if te_only and text_encoders_with_lora == []:
+        raise UserError(NO_TEXT_ENCODER_LORA)
     unet_rate = args.unet_lr if args.unet_lr is not None else args.learning_rate
     te_rates = list(args.text_encoder_lr or []) or [args.learning_rate]
+    if text_encoders_with_lora is not None:
+        te_rates = [te_rates[min(i, len(te_rates) - 1)] for i in text_encoders_with_lora]
     trained = ([] if te_only else [unet_rate]) + ([] if unet_only else te_rates)
     if all(rate == 0 for rate in trained):
         raise UserError(ZERO_RATES)

@@ -435,3 +435,13 @@ def test_deepspeed_chosen_in_accelerate_config_is_one_message(env, capsys, monke
     assert "Traceback" not in err
     (error,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "accelerate is configured for DEEPSPEED, which this trainer does not support" in error
+
+
+def test_the_generic_trainer_alone_points_to_the_flux_one(tmp_path, capsys):
+    """train_network.py is the loop without a model: run directly, it stops at once (it used to read and
+    check the dataset and rehearse the optimizer, then end in a NotImplementedError traceback)."""
+    import train_network
+
+    assert train_network.main(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 1
+    assert "run flux_train_network.py with the same arguments" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -75,6 +75,43 @@ def test_runs_with_something_to_train_pass(argv):
     check_learning_rates(parse(*argv))
 
 
+def trained_text_encoders(*argv: str) -> list[int] | None:
+    return flux_train_network.FluxNetworkTrainer().text_encoders_with_lora(parse(*argv))
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], [0]),  # FLUX.1: CLIP-L; T5 only when asked
+    (["--network_args", "train_t5xxl=True"], [0, 1]),
+    (["--model_type", "chroma"], []),  # no CLIP-L
+    (["--model_type", "chroma", "--network_args", "train_t5xxl=True"], [1]),
+    (["--network_module", "lycoris.kohya"], None),  # a third-party module decides for itself
+])
+def test_the_flux_trainer_knows_which_text_encoders_get_lora(argv, expected):
+    assert trained_text_encoders(*argv) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the rates of text encoders without LoRA modules do not count: these runs would train nothing
+    (["--model_type", "chroma", "--unet_lr", "0"], "every parameter group has learning rate 0"),
+    (["--unet_lr", "0", "--text_encoder_lr", "0", "1e-4"], "every parameter group has learning rate 0"),
+    (["--model_type", "chroma", "--network_train_text_encoder_only"], "train_t5xxl=True"),
+])
+def test_flux_runs_with_nothing_to_train_stop_before_loading(argv, message):
+    args = parse(*argv)
+    with pytest.raises(UserError, match=message):
+        check_learning_rates(args, trained_text_encoders(*argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--unet_lr", "0", "--text_encoder_lr", "1e-4", "0"],  # CLIP-L trains
+    ["--unet_lr", "0", "--text_encoder_lr", "0", "1e-4", "--network_args", "train_t5xxl=True"],  # T5 trains
+    ["--model_type", "chroma", "--unet_lr", "0", "--text_encoder_lr", "1e-4", "--network_args", "train_t5xxl=True"],
+    ["--network_module", "lycoris.kohya", "--unet_lr", "0", "--text_encoder_lr", "0", "1e-4"],  # may train T5
+])
+def test_flux_runs_with_a_trained_text_encoder_pass(argv):
+    check_learning_rates(parse(*argv), trained_text_encoders(*argv))
+
+
 @pytest.mark.parametrize("kind, refused", [("DEEPSPEED", True), ("FSDP", True), ("MULTI_GPU", False), ("NO", False)])
 def test_deepspeed_or_fsdp_in_accelerate_config_is_refused(kind, refused):
     from accelerate.utils import DistributedType
