@@ -383,7 +383,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                 images = batch["images"].to(device, models.ae.dtype)
                 chunks = [models.ae.encode(c, sample=False) for c in images.split(args.vae_batch_size or len(images))]
             latents = torch.cat(chunks).float()
-        latents = torch.nan_to_num(latents, nan=0.0)
+        if torch.isnan(latents).any():  # sd-scripts zeroes them without naming the image: name it, then do the same
+            broken = [path for path, lat in zip(batch["image_paths"], latents, strict=True) if torch.isnan(lat).any()]
+            logger.warning("NaN in the latents of %s (its latent cache, or the AE in this precision: try "
+                           "--no_half_vae); trained on as zeros", ", ".join(broken))  # fmt: skip
+            latents = torch.nan_to_num(latents, nan=0.0)
         validation = fixed_sigma is not None
         if validation:  # fixed noise levels, fixed noise, and no input perturbation
             seed = args.validation_seed if args.validation_seed is not None else ctx.seed

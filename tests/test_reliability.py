@@ -157,6 +157,31 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_file(tiny_model
             assert torch.isfinite(tensor).all(), name
 
 
+def test_nan_latents_of_an_image_are_named_and_trained_on_as_zeros(tiny_model_files, tmp_path, monkeypatch, caplog):
+    """Encoded each step (no latent cache), an AE output with NaN names its image and trains on, as
+    sd-scripts does (it zeroes them without a name); the cache refuses them before training instead."""
+    from library.flux_ae import AutoEncoder
+
+    encode = AutoEncoder.encode
+
+    def nan_for_the_first_image(self, x, sample=True):
+        latents = encode(self, x, sample)
+        latents[0, 0, 0, 0] = float("nan")
+        return latents
+
+    monkeypatch.setattr(AutoEncoder, "encode", nan_for_the_first_image)
+    data = dataset(tmp_path, batch_size=1)
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        assert flux_train_network.main(base_argv(tiny_model_files, data, out, steps=1,
+                                                 network_train_unet_only=True)) == 0  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "NaN in the latents of" in r.getMessage()]
+    assert len(warnings) == 1 and os.path.join(data.image_dir, "") in warnings[0], warnings
+    assert "trained on as zeros" in warnings[0]
+    for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
+        assert torch.isfinite(tensor).all()
+
+
 @pytest.mark.parametrize("raised_by", ["os", "safetensors"])  # safetensors' writer raises its own error type
 def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tiny_model_files, tmp_path, capsys,
                                                                             monkeypatch, raised_by):
