@@ -79,10 +79,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             if args.guidance_scale != 0.0:
                 logger.warning("Chroma is not guidance-distilled and the guide requires --guidance_scale 0.0 for "
                                "it; %s is passed to its approximator as given", args.guidance_scale)
-        if args.cache_text_encoder_outputs_to_disk:
-            args.cache_text_encoder_outputs = True
-        if args.cache_latents_to_disk:
-            args.cache_latents = True
         from library.network_interop import network_module_name
         from networks.lora_flux_args import parse_bool
 
@@ -103,10 +99,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if args.text_encoder_lr and len(args.text_encoder_lr) > 2:
             raise UserError(f"--text_encoder_lr takes one rate (both encoders) or two (CLIP-L, then T5), not "
                             f"{len(args.text_encoder_lr)}")  # fmt: skip
-        if args.full_bf16 and args.mixed_precision != "bf16":
-            raise UserError("--full_bf16 needs --mixed_precision bf16")
-        if args.full_fp16 and args.mixed_precision != "fp16":
-            raise UserError("--full_fp16 needs --mixed_precision fp16")
         from library.flow_matching import FlowMatchingConfig
 
         self.flow_config = FlowMatchingConfig.from_args(args)  # validates the math options
@@ -172,6 +164,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             for encoder in ctx.models.text_encoders:
                 if encoder is not None:
                     store_linears_in_fp8(encoder)
+
+    def merged_weights_dtype(self, ctx):
+        # fp8 base weights stay fp8 (merge_to keeps each weight's own dtype when given None)
+        return None if ctx.args.fp8_base or ctx.args.fp8_base_unet else ctx.weight_dtype
 
     def place_models(self, ctx) -> None:
         args, device, models = ctx.args, ctx.accelerator.device, ctx.models
@@ -558,12 +554,6 @@ class PosteriorMeanEncoder:
 
     def encode(self, images):
         return self.ae.encode(images, sample=False)
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
 
 
 def check_dynamo_backend(backend: str) -> None:

@@ -57,7 +57,6 @@ class TargetModels:
     text_encoders: list
     ae: object
     dit: object
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +162,8 @@ class NetworkTrainer:
         from library.dataset_config import check_caching, load_dataset_configs
         from library.datasets import build_dataset_groups
 
+        args.cache_latents = args.cache_latents or args.cache_latents_to_disk
+        args.cache_text_encoder_outputs = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
         self.check_args(args)
         self.warn_about_flags_without_effect(args)
         self.check_inputs_before_loading(args)
@@ -347,14 +348,6 @@ class NetworkTrainer:
 
     def check_inputs_before_loading(self, args) -> None:
         """Everything that can be checked without the models, so a typo stops the run in seconds."""
-        if args.max_validation_steps is not None and args.max_validation_steps < 1:
-            raise UserError(f"--max_validation_steps {args.max_validation_steps}: give 1 or more (leave it out to "
-                            "validate on every validation batch)")  # fmt: skip
-        rates = [("--learning_rate", args.learning_rate), ("--unet_lr", args.unet_lr)]
-        rates += [("--text_encoder_lr", rate) for rate in args.text_encoder_lr or []]
-        for flag, rate in rates:
-            if rate is not None and rate < 0:  # torch checks only the first group's: the others would train uphill
-                raise UserError(f"{flag} {rate}: a learning rate cannot be negative")
         from library.preflight import (
             check_counts,
             check_learning_rates,
@@ -363,6 +356,10 @@ class NetworkTrainer:
         )
 
         check_counts(args)
+        if args.full_bf16 and args.mixed_precision != "bf16":
+            raise UserError("--full_bf16 needs --mixed_precision bf16")
+        if args.full_fp16 and args.mixed_precision != "fp16":
+            raise UserError("--full_fp16 needs --mixed_precision fp16")
         check_learning_rates(args, self.text_encoders_with_lora(args))
         if tracker_names(args):
             read_tracker_config(args)
@@ -472,12 +469,14 @@ class NetworkTrainer:
             module, weights_sd = network_module.create_network_from_weights(
                 multiplier, path, ctx.models.ae, text_encoders, dit, for_inference=True
             )
-            # fp8 base weights stay fp8: merge_to keeps each weight's own dtype when given None
-            fp8 = getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)
-            module.merge_to(text_encoders, dit, weights_sd, None if fp8 else ctx.weight_dtype, ctx.accelerator.device)
+            module.merge_to(text_encoders, dit, weights_sd, self.merged_weights_dtype(ctx), ctx.accelerator.device)
             logger.info("merged --base_weights %s at %s", path, multiplier)
             if any(k.startswith("lora_te") for k in weights_sd):  # sd-scripts' prefix of text-encoder modules
                 ctx.text_encoder_base_weights.append([file_fingerprint(path), multiplier])
+
+    def merged_weights_dtype(self, ctx: RunContext):
+        """The dtype --base_weights merges leave the base weights in; None keeps each weight's own."""
+        return ctx.weight_dtype
 
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                           steps_per_epoch) -> dict[str, str]:

@@ -26,6 +26,7 @@ COUNT_BOUNDS = (
     ("text_encoder_batch_size", 1, "captions per text-encoder call"),
     ("t5xxl_max_token_length", 1, "T5 tokens"),
     ("max_data_loader_n_workers", 0, "DataLoader worker processes"),
+    ("max_validation_steps", 1, "validation batches; leave it out to validate on every one"),
 )
 
 
@@ -54,12 +55,17 @@ NO_TEXT_ENCODER_LORA = (
 
 
 def check_learning_rates(args, text_encoders_with_lora: list[int] | None = None) -> None:
-    """Refuses a run in which every part that trains has learning rate 0 (the network leaves such
-    parameter groups out, so there would be nothing to train).
+    """Refuses a negative learning rate, and a run in which every part that trains has learning rate 0
+    (the network leaves such parameter groups out, so there would be nothing to train).
 
     ``text_encoders_with_lora``: the positions in ``--text_encoder_lr`` (one rate for all, or one
     each) of the text encoders that get LoRA modules, where the model knows them; None counts
     every rate given."""
+    rates = [("--learning_rate", args.learning_rate), ("--unet_lr", args.unet_lr)]
+    rates += [("--text_encoder_lr", rate) for rate in args.text_encoder_lr or []]
+    for flag, rate in rates:
+        if rate is not None and rate < 0:  # torch checks only the first group's: the others would train uphill
+            raise UserError(f"{flag} {rate}: a learning rate cannot be negative")
     unet_only, te_only = args.network_train_unet_only, args.network_train_text_encoder_only
     if unet_only and te_only:
         raise UserError("nothing to train: --network_train_unet_only and --network_train_text_encoder_only exclude "

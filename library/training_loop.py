@@ -158,7 +158,7 @@ class TrainingLoop:
         with GracefulStop() as stop:
             global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
         progress.close()
-        return self._save_final(global_step, min(self.num_epochs, global_step // max(self.steps_per_epoch, 1)))
+        return self._save_final(global_step)
 
     def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
@@ -477,8 +477,8 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             remove_path(os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number)))
 
-    def _save_final(self, steps: int, epoch: int) -> str:
-        epoch = max(epoch, math.ceil(steps / max(self.steps_per_epoch, 1)))
+    def _save_final(self, steps: int) -> str:
+        epoch = math.ceil(steps / max(self.steps_per_epoch, 1))  # the epoch the last step belongs to
         if self.args.save_state or self.args.save_state_on_train_end:
             self._save_state("last", None, steps, epoch)
         path = self._save_model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
