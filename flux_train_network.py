@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 
@@ -53,7 +54,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.is_schnell = False
         self.sample_conditions = None  # sample prompts encoded before the text encoders were freed
         self.fp8_after_merge = {"dit": False, "text_encoders": False}  # stored in fp8 once --base_weights merged
-        self.uses_dop = self.uses_network_multiplier = False  # set from the dataset by check_dataset
+        self.uses_dop = self.uses_network_multiplier = False  # set from the dataset by prepare_before_loading
+        self.t5_max_length = None  # chosen by prepare_before_loading
+        self.tokenize_strategy = self.encoding_strategy = None  # made by prepare_before_loading / prepare_text_encoding
+        self.flow_config = self.validation_config = None  # made by check_args
 
     # ---- checks before any work ------------------------------------------------------------------
     def check_args(self, args) -> None:
@@ -74,7 +78,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         check_offload_args(args)
         if args.torch_compile:
             check_dynamo_backend(args.dynamo_backend)
-        check_model_files(args)
+        # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading
+        self.is_schnell = args.model_type == "flux" and not check_model_files(args).guidance_embed
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:
                 logger.warning("Chroma is not guidance-distilled and the guide requires --guidance_scale 0.0 for "
@@ -138,8 +143,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         quantize_now = dit_fp8 and not self.fp8_after_merge["dit"]
         dit_dtype = dit_load_dtype(path, weight_dtype) if quantize_now else weight_dtype
         # block weights are stored in fp8 (with their per-row scales for --fp8_scaled) as each is read
-        self.is_schnell, dit = load_flow_model(path, dit_dtype, "cpu", model_type=args.model_type,
-                                               fp8_block_linears=quantize_now, fp8_scaled=args.fp8_scaled)
+        _, dit = load_flow_model(path, dit_dtype, "cpu", model_type=args.model_type,
+                                 fp8_block_linears=quantize_now, fp8_scaled=args.fp8_scaled)
         if quantize_now:
             quantize_dit_(dit, weight_dtype, scaled=args.fp8_scaled)
         clip_l = None
@@ -179,10 +184,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if not args.cache_latents:  # it encodes every batch; otherwise it comes to the GPU only to decode samples
             models.ae.to(device)
 
-    def check_dataset(self, args, train_group, val_group) -> None:
+    def prepare_before_loading(self, args, train_group, val_group) -> None:
         from library.tokenizers_flux import FluxTokenizeStrategy
 
-        self.t5_max_length = args.t5xxl_max_token_length or (256 if self._checkpoint_is_schnell(args) else 512)
+        self.t5_max_length = args.t5xxl_max_token_length or (256 if self.is_schnell else 512)
         subsets = [s for group in (train_group, val_group) if group is not None for d in group.datasets
                    for s in d.config.subsets]  # fmt: skip
         self.uses_dop = any(s.custom_attributes.get(DOP_ATTRIBUTE) for s in subsets)
@@ -190,16 +195,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         # the tokenizers now, before the models: an offline machine without them stops in seconds
         self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
                                                       use_clip_l=args.model_type == "flux")  # fmt: skip
-
-    @staticmethod
-    def _checkpoint_is_schnell(args) -> bool:
-        from library.flux_utils import checkpoint_files
-        from library.safetensors_io import read_keys
-
-        if args.model_type == "chroma":
-            return False
-        keys = [k for f in checkpoint_files(args.pretrained_model_name_or_path) for k in read_keys(f)]
-        return not any(k.endswith(("guidance_in.in_layer.bias", "guidance_embedder.linear_1.bias")) for k in keys)
 
     def sai_model_type(self, ctx) -> str:
         if ctx.models.version == "chroma":
@@ -247,11 +242,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             fingerprint["base_weights"] = ctx.text_encoder_base_weights
         if args.fp8_base and not args.fp8_base_unet:  # encoders stored in fp8 give outputs of their own
             fingerprint["encoders_in_fp8"] = True
-        cacher = TextEncoderCacher(self.encode_captions_to_numpy, fingerprint, args.apply_t5_attn_mask,
+        encode = functools.partial(self.encode_captions_to_numpy, ctx)
+        cacher = TextEncoderCacher(encode, fingerprint, args.apply_t5_attn_mask,
                                    args.cache_text_encoder_outputs_to_disk, args.text_encoder_batch_size,
-                                   args.skip_cache_check, ctx.accelerator.process_index,
-                                   ctx.accelerator.num_processes)
-        self._ctx = ctx
+                                   args.skip_cache_check, ctx.accelerator.process_index, ctx.accelerator.num_processes)
         with torch.no_grad():
             cacher.cache(groups)
         ctx.accelerator.wait_for_everyone()
@@ -287,10 +281,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         with ctx.accelerator.autocast():
             return self.encoding_strategy.encode_tokens(self.tokenize_strategy, ctx.models.text_encoders[:1], tokens)[0]
 
-    def encode_captions_to_numpy(self, captions: list[str]) -> list[dict]:
+    def encode_captions_to_numpy(self, ctx, captions: list[str]) -> list[dict]:
         import torch
 
-        l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(self._ctx, captions)
+        l_pooled, t5_out, txt_ids, t5_mask = self.encode_captions(ctx, captions)
         arrays = {"l_pooled": l_pooled, "t5_out": t5_out, "txt_ids": txt_ids, "t5_attn_mask": t5_mask}
         # numpy has no bf16: those become fp32; fp16 outputs stay fp16 (half the file, as sd-scripts keeps them)
         arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy() for k, v in arrays.items()}

@@ -198,18 +198,18 @@ class NetworkTrainer:
         groups = [g for g in (train_group, val_group) if g is not None]
         if len(train_group) == 0:
             raise UserError("the dataset has no images to train on; check image_dir / --train_data_dir")
+        process_batches = batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes)
+        steps_per_epoch = math.ceil(len(process_batches) / args.gradient_accumulation_steps)
         if args.debug_dataset:
-            self.debug_dataset(args, train_group)
+            self.debug_dataset(args, train_group, steps_per_epoch)
             return ""
         from library.images import verify_images
 
         verify_images([e.path for group in groups for e in group.entries()])
-        self.check_dataset(args, train_group, val_group)
+        self.prepare_before_loading(args, train_group, val_group)
         from library.preflight import rehearse_optimizer_and_schedule
 
-        batches = len(batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes))
-        steps = run_length(args, math.ceil(batches / args.gradient_accumulation_steps))
-        optimizer_class = rehearse_optimizer_and_schedule(args, steps)
+        optimizer_class = rehearse_optimizer_and_schedule(args, run_length(args, steps_per_epoch))
         if args.resume:
             from library.train_state import check_state_optimizer
 
@@ -247,9 +247,6 @@ class NetworkTrainer:
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
         optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)
 
-        process_batches = batches_of_process(len(train_group), accelerator.process_index, accelerator.num_processes)
-        accum = args.gradient_accumulation_steps
-        steps_per_epoch = math.ceil(len(process_batches) / accum)
         args.max_train_steps = run_length(args, steps_per_epoch)
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
         if args.save_n_epoch_ratio:
@@ -286,7 +283,7 @@ class NetworkTrainer:
             logger.info("resumed from %s at step %d", args.resume, first_step)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
-                                          steps_per_epoch)
+                                          len(process_batches))
         if accelerator.is_main_process and tracker_names(args):
             init_kwargs = tracker_init_kwargs(args)
             config = loggable_config(args) if args.log_config else {}
@@ -334,10 +331,9 @@ class NetworkTrainer:
         if args.network_train_text_encoder_only and args.unet_lr is not None:
             logger.warning("--unet_lr is not used: --network_train_text_encoder_only trains no DiT LoRA")
 
-    def debug_dataset(self, args, train_group) -> None:
+    def debug_dataset(self, args, train_group, steps_per_epoch: int) -> None:
         """--debug_dataset: prints the first epoch's batches (files, captions, buckets) and trains nothing."""
-        # the run's length, for token warm-up given as a fraction of it (as one process sees it)
-        steps_per_epoch = math.ceil(len(train_group) / args.gradient_accumulation_steps)
+        # the run's length, for token warm-up given as a fraction of it
         train_group.set_max_train_steps(run_length(args, steps_per_epoch))
         train_group.set_current_epoch(1)
         for index in range(len(train_group)):
@@ -392,8 +388,9 @@ class NetworkTrainer:
         except ImportError as e:
             raise UserError(f"--network_module {name}: cannot import it ({e}); is it installed?") from None
 
-    def check_dataset(self, args, train_group, val_group) -> None:
-        """Model-specific dataset checks (bucket steps and the like)."""
+    def prepare_before_loading(self, args, train_group, val_group) -> None:
+        """Model-specific settings that depend on the dataset, and anything cheap to load before the models
+        (a missing tokenizer stops the run in seconds)."""
 
     def load_sample_prompts(self, args):
         """Reads --sample_prompts at start, so a missing file stops the run before any work."""
@@ -479,7 +476,7 @@ class NetworkTrainer:
         return ctx.weight_dtype
 
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
-                          steps_per_epoch) -> dict[str, str]:
+                          batches_per_epoch: int) -> dict[str, str]:
         from library.model_hashes import model_hash, sha256_in_background
         from library.train_metadata import build_training_metadata, dataset_metadata, network_rank_and_alpha
 
@@ -489,7 +486,7 @@ class NetworkTrainer:
             num_validation_images=sum(1 for _ in val_group.entries()) if val_group else 0,
             num_reg_images=train_group.num_reg_images,
             # sd-scripts records len(train_dataloader) after accelerate's split: one process's batches
-            num_batches_per_epoch=math.ceil(len(train_group) / ctx.accelerator.num_processes),
+            num_batches_per_epoch=batches_per_epoch,
             num_epochs=num_epochs,
             max_train_steps=args.max_train_steps,
             optimizer=optimizer_name + (f"({optimizer_args})" if optimizer_args else ""),  # as sd-scripts

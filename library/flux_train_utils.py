@@ -63,11 +63,12 @@ def check_model_file_args(args) -> None:
         raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
 
 
-def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path") -> None:
+def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path"):
     """What each model file is, from its header alone (milliseconds, not the minutes of loading
     24 GB): a missing, truncated or foreign file, a folder where a file belongs, or a file given to
     the wrong flag stops the run here, naming the flag. The DiT goes first: a Chroma file without
-    ``--model_type chroma`` is named as such before CLIP-L is asked for."""
+    ``--model_type chroma`` is named as such before CLIP-L is asked for. Returns the DiT's
+    hyper-parameters, read from its header."""
     from library.flux_utils import check_ae_file, check_flow_model_file
     from library.text_encoders import check_clip_l_file, check_t5xxl_file
 
@@ -91,6 +92,7 @@ def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path") -
                 f"{flag} {getattr(args, flag[2:])}: outputs width {getattr(found[flag], width)}, but the DiT "
                 f"{getattr(args, dit_flag[2:])} takes {wanted}; give the {what} that goes with it"
             )
+    return dit
 
 
 def _check_file(flag: str, path: str, check, folder_allowed: bool = True):

@@ -160,13 +160,13 @@ def test_trainer_hands_the_cache_fp16_outputs_as_fp16_and_bf16_ones_as_fp32(tmp_
         return (torch.full((n, 4), 0.1, dtype=dtype), torch.full((n, 3, 8), 0.2, dtype=dtype),
                 torch.zeros(n, 3, 3, dtype=dtype), torch.ones(n, 3, dtype=torch.int64))  # fmt: skip
 
-    trainer = SimpleNamespace(_ctx=None, encode_captions=encode_captions)
-    outs = FluxNetworkTrainer.encode_captions_to_numpy(trainer, ["a", "b"])
+    trainer = SimpleNamespace(encode_captions=encode_captions)
+    outs = FluxNetworkTrainer.encode_captions_to_numpy(trainer, None, ["a", "b"])
     assert [o["t5_out"].dtype for o in outs] == [stored, stored] and outs[1]["l_pooled"].dtype == stored
     assert outs[0]["t5_attn_mask"].dtype == np.int64
     np.testing.assert_allclose(outs[0]["t5_out"], torch.full((3, 8), 0.2, dtype=dtype).float().numpy())
     g = _group(tmp_path)
-    encode = lambda caps: FluxNetworkTrainer.encode_captions_to_numpy(trainer, caps)  # noqa: E731
+    encode = lambda caps: FluxNetworkTrainer.encode_captions_to_numpy(trainer, None, caps)  # noqa: E731
     TextEncoderCacher(encode, FP, False, True).cache([g])
     with np.load(tmp_path / "img" / "a_flux_te.npz") as npz:
         assert npz["t5_out"].dtype == stored and npz["t5_attn_mask"].dtype == np.int64

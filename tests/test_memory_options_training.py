@@ -191,7 +191,7 @@ def test_the_dit_reaches_the_gpu_only_after_the_caches_and_the_text_encoders_lea
         "text encoders to " + ("the device" if isinstance(device, torch.device) else device))
         or move(encoders, device))  # fmt: skip
     monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "encode_captions_to_numpy",
-                        lambda self, captions: events.append("encode") or encode(self, captions))
+                        lambda self, ctx, captions: events.append("encode") or encode(self, ctx, captions))
     ae_to = AutoEncoder.to
     monkeypatch.setattr(AutoEncoder, "to", lambda self, *args, **kwargs: events.append(
         "ae to " + ("the device" if isinstance(args[0], torch.device) else str(args[0])))

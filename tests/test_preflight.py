@@ -139,3 +139,18 @@ def test_deepspeed_or_fsdp_set_by_accelerate_launch_is_refused_before_the_accele
             refuse_unsupported_distribution(environ=environ)
     else:
         refuse_unsupported_distribution(environ=environ)
+
+
+@pytest.mark.parametrize("checkpoint, schnell, length", [("flux_schnell", True, 256), ("flux_dev", False, 512)])
+def test_schnell_is_known_from_the_header_and_sets_the_t5_length(tiny_model_files, tmp_path, checkpoint, schnell,
+                                                                 length):
+    from types import SimpleNamespace
+
+    m = tiny_model_files
+    args = parse("--pretrained_model_name_or_path", getattr(m, checkpoint), "--clip_l", m.clip_l, "--t5xxl", m.t5xxl,
+                 "--ae", m.ae, "--tokenizer_cache_dir", m.tokenizer_cache_dir, "--output_dir", str(tmp_path))
+    trainer = flux_train_network.FluxNetworkTrainer()
+    trainer.check_args(args)  # reads headers only
+    assert trainer.is_schnell is schnell
+    trainer.prepare_before_loading(args, SimpleNamespace(datasets=[]), None)
+    assert trainer.t5_max_length == length
