@@ -184,20 +184,16 @@ class Pipeline:
                 for m in models:
                     m.to("cpu")
 
-    def encode(self, texts: list[str]):
-        with torch.no_grad():
-            tokens = self.tokenize_strategy.tokenize(list(texts))
-            return self.encoding_strategy.encode_tokens(self.tokenize_strategy, self.text_encoders, tokens)
-
     def generate(self, settings):
         """One image for ``settings`` (a ``SampleSettings``)."""
-        from library.flux_sampling import decode_image, encode_texts, generate_latents
+        from library.flux_sampling import decode_image, encode_texts, generate_latents, make_encode_prompts
 
         texts = [settings.negative_prompt, settings.prompt] if settings.use_cfg else [settings.prompt]
         if settings.negative_prompt and not settings.use_cfg:
             logger.warning("the negative prompt has no effect with a CFG scale of 1 (--cfg_scale / --l)")
         with self.on_device(*self.text_encoders):
-            conditions = encode_texts(texts, self.encode)
+            encode = make_encode_prompts(self.tokenize_strategy, self.encoding_strategy, self.text_encoders)
+            conditions = encode_texts(texts, encode)
         chroma = self.args.model_type == "chroma"
         with self.on_device(self.dit):
             latents = generate_latents(
