@@ -261,26 +261,8 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
-        given_step = self.initial_step(args, steps_per_epoch)
-        first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
-        if args.resume:
-            from library.train_state import check_state_fits, load_training_state, read_progress
-
-            check_state_fits(args.resume, network.state_dict())
-            at = read_progress(args.resume).current_step
-            if given_step is None and at >= args.max_train_steps:
-                raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
-                                f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
-            network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
-                                                          getattr(accelerator, "scaler", None),  # fp16's loss scale
-                                                          accelerator.process_index)
-            network.load_state_dict(network_state, strict=True)
-            if given_step is None:
-                first_step, skip_data = progress.current_step, True
-            else:  # as in sd-scripts, the given step wins over the state's
-                logger.warning("--resume %s: counting from step %d (--initial_step / --initial_epoch), not from the "
-                               "state's step %d", args.resume, given_step, progress.current_step)  # fmt: skip
-            logger.info("resumed from %s at step %d", args.resume, first_step)
+        first_step, skip_data = self.starting_point(args, steps_per_epoch, network, optimizer, lr_scheduler,
+                                                    accelerator)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                                           len(process_batches))
@@ -300,6 +282,33 @@ class NetworkTrainer:
         return final_path if accelerator.is_main_process else None  # the process that wrote it reports it
 
     # ---- pieces of the run -------------------------------------------------------------------
+    def starting_point(self, args, steps_per_epoch: int, network, optimizer, lr_scheduler,
+                       accelerator) -> tuple[int, bool]:
+        """(first step, whether to skip the data before it): step 0, --initial_step / --initial_epoch, or the
+        step of the --resume state, whose network, optimizer, schedule and loss scale are loaded here."""
+        given_step = self.initial_step(args, steps_per_epoch)
+        first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
+        if not args.resume:
+            return first_step, skip_data
+        from library.train_state import check_state_fits, load_training_state, read_progress
+
+        check_state_fits(args.resume, network.state_dict())
+        at = read_progress(args.resume).current_step
+        if given_step is None and at >= args.max_train_steps:
+            raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
+                            f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
+        network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
+                                                      getattr(accelerator, "scaler", None),  # fp16's loss scale
+                                                      accelerator.process_index)
+        network.load_state_dict(network_state, strict=True)
+        if given_step is None:
+            first_step, skip_data = progress.current_step, True
+        else:  # as in sd-scripts, the given step wins over the state's
+            logger.warning("--resume %s: counting from step %d (--initial_step / --initial_epoch), not from the "
+                           "state's step %d", args.resume, given_step, progress.current_step)  # fmt: skip
+        logger.info("resumed from %s at step %d", args.resume, first_step)
+        return first_step, skip_data
+
     @staticmethod
     def initial_step(args, steps_per_epoch: int) -> int | None:
         """--initial_step / --initial_epoch: the step the count starts from, or None when neither is
