@@ -79,7 +79,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if args.torch_compile:
             check_dynamo_backend(args.dynamo_backend)
         # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading
-        self.is_schnell = args.model_type == "flux" and not check_model_files(args).guidance_embed
+        dit_params = check_model_files(args)
+        self.is_schnell = args.model_type == "flux" and not dit_params.guidance_embed
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:
                 logger.warning("Chroma is not guidance-distilled and the guide requires --guidance_scale 0.0 for "

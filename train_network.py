@@ -209,11 +209,17 @@ class NetworkTrainer:
         self.prepare_before_loading(args, train_group, val_group)
         from library.preflight import rehearse_optimizer_and_schedule
 
-        optimizer_class = rehearse_optimizer_and_schedule(args, run_length(args, steps_per_epoch))
+        args.max_train_steps = run_length(args, steps_per_epoch)
+        optimizer_class = rehearse_optimizer_and_schedule(args, args.max_train_steps)
+        given_step = self.initial_step(args, steps_per_epoch)
         if args.resume:
-            from library.train_state import check_state_optimizer
+            from library.train_state import check_state_optimizer, read_progress
 
             check_state_optimizer(args.resume, optimizer_class)
+            at = read_progress(args.resume).current_step
+            if given_step is None and at >= args.max_train_steps:
+                raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
+                                f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
         sampling_prompts = self.load_sample_prompts(args)
 
         models = self.load_target_model(args, accelerator, weight_dtype)
@@ -247,7 +253,6 @@ class NetworkTrainer:
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
         optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)
 
-        args.max_train_steps = run_length(args, steps_per_epoch)
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
         if args.save_n_epoch_ratio:
             args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
@@ -261,8 +266,7 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
-        first_step, skip_data = self.starting_point(args, steps_per_epoch, network, optimizer, lr_scheduler,
-                                                    accelerator)
+        first_step, skip_data = self.starting_point(args, given_step, network, optimizer, lr_scheduler, accelerator)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                                           len(process_batches))
@@ -282,21 +286,17 @@ class NetworkTrainer:
         return final_path if accelerator.is_main_process else None  # the process that wrote it reports it
 
     # ---- pieces of the run -------------------------------------------------------------------
-    def starting_point(self, args, steps_per_epoch: int, network, optimizer, lr_scheduler,
-                       accelerator) -> tuple[int, bool]:
-        """(first step, whether to skip the data before it): step 0, --initial_step / --initial_epoch, or the
-        step of the --resume state, whose network, optimizer, schedule and loss scale are loaded here."""
-        given_step = self.initial_step(args, steps_per_epoch)
+    @staticmethod
+    def starting_point(args, given_step: int | None, network, optimizer, lr_scheduler, accelerator) -> tuple[int, bool]:
+        """(first step, whether to skip the data before it): step 0, ``given_step`` (--initial_step /
+        --initial_epoch), or the step of the --resume state, whose network, optimizer, schedule and loss
+        scale are loaded here."""
         first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
         if not args.resume:
             return first_step, skip_data
-        from library.train_state import check_state_fits, load_training_state, read_progress
+        from library.train_state import check_state_fits, load_training_state
 
         check_state_fits(args.resume, network.state_dict())
-        at = read_progress(args.resume).current_step
-        if given_step is None and at >= args.max_train_steps:
-            raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
-                            f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
         network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
                                                       getattr(accelerator, "scaler", None),  # fp16's loss scale
                                                       accelerator.process_index)
@@ -376,6 +376,10 @@ class NetworkTrainer:
             from library.train_state import check_state_dir
 
             check_state_dir(args.resume)
+            if args.network_weights:
+                logger.warning("--network_weights %s: its weights are replaced by those of the --resume state%s",
+                               args.network_weights, " (its ranks still shape the network: --dim_from_weights)"
+                               if args.dim_from_weights else "; leave it out")  # fmt: skip
         if args.base_weights and args.base_weights_multiplier is not None:
             if len(args.base_weights_multiplier) != len(args.base_weights):
                 raise UserError(
@@ -388,6 +392,13 @@ class NetworkTrainer:
                     raise UserError(f"{flag} {path}: file not found")
         check_output_folder(args)
         warn_about_earlier_outputs(args)
+        if os.environ.get("RANK", "0") == "0":  # launched processes: the first one cleans up
+            from library.train_state import remove_abandoned_temporaries
+
+            removed = remove_abandoned_temporaries(args.output_dir, args.output_name)
+            if removed:
+                logger.info("removed what an interrupted run left half-written in %s: %s", args.output_dir,
+                            ", ".join(removed))  # fmt: skip
 
     @staticmethod
     def import_network_module(args):
@@ -487,7 +498,12 @@ class NetworkTrainer:
     def training_metadata(self, ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                           batches_per_epoch: int) -> dict[str, str]:
         from library.model_hashes import model_hash, sha256_in_background
-        from library.train_metadata import build_training_metadata, dataset_metadata, network_rank_and_alpha
+        from library.train_metadata import (
+            build_training_metadata,
+            dataset_metadata,
+            modelspec_from_args,
+            network_rank_and_alpha,
+        )
 
         args, network = ctx.args, ctx.network
         run = dict(
@@ -515,7 +531,7 @@ class NetworkTrainer:
             run["sd_model_hash"] = model_hash(model_file)
             run["new_sd_model_hash"] = sha256_in_background(model_file)
         metadata = build_training_metadata(args, run)
-        metadata.update(self.modelspec(ctx))
+        metadata.update(modelspec_from_args(args, self.sai_model_type(ctx)))  # --metadata_*, the rest by the network
         return metadata
 
     @staticmethod
@@ -528,26 +544,6 @@ class NetworkTrainer:
         if not args.dim_from_weights:
             kwargs.setdefault("dropout", args.network_dropout)
         return kwargs
-
-    def modelspec(self, ctx) -> dict[str, str]:
-        """``modelspec.*`` keys from --metadata_* (the network module fills what is left out)."""
-        from library.model_hashes import build_modelspec
-
-        args = ctx.args
-        timesteps = None
-        if args.min_timestep is not None or args.max_timestep is not None:
-            timesteps = (args.min_timestep or 0, args.max_timestep or 1000)
-        spec = build_modelspec(
-            self.sai_model_type(ctx), title=args.metadata_title or args.output_name, resolution=args.resolution,
-            author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
-            tags=args.metadata_tags, trigger_phrase=args.metadata_trigger_phrase, usage_hint=args.metadata_usage_hint,
-            thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from, timesteps=timesteps,
-            clip_skip=args.clip_skip,
-        )
-        for key in ("preprocessor", "is_negative_embedding"):
-            if getattr(args, f"metadata_{key}", None) is not None:
-                spec[f"modelspec.{key}"] = str(getattr(args, f"metadata_{key}"))
-        return spec
 
 
 def run_length(args, steps_per_epoch: int) -> int:

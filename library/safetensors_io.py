@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -241,8 +242,9 @@ def save_safetensors(
     try:
         try:
             save_file(contiguous, str(tmp), metadata=metadata)
-        except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type
-            raise OSError(str(e)) from e
+        except SafetensorError as e:  # safetensors' writer reports I/O errors as its own type, errno in the text
+            code = re.search(r"os error (\d+)", str(e))
+            raise (OSError(int(code.group(1)), str(e)) if code else OSError(str(e))) from e
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors 0.8 writes 0600, which other users could not read
         os.replace(tmp, path)
     finally:

@@ -140,6 +140,27 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future
     return {k: v if isinstance(v, Future) else as_metadata_value(v) for k, v in md.items()}
 
 
+def modelspec_from_args(args, architecture: str) -> dict[str, str]:
+    """``modelspec.*`` keys from --metadata_* and the run's settings; ``architecture`` is the model kind
+    (``dev``, ``schnell``, ``chroma``). The network module fills what is left out."""
+    from library.model_hashes import build_modelspec
+
+    timesteps = None
+    if args.min_timestep is not None or args.max_timestep is not None:
+        timesteps = (args.min_timestep or 0, args.max_timestep or 1000)
+    spec = build_modelspec(
+        architecture, title=args.metadata_title or args.output_name, resolution=args.resolution,
+        author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
+        tags=args.metadata_tags, trigger_phrase=args.metadata_trigger_phrase, usage_hint=args.metadata_usage_hint,
+        thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from, timesteps=timesteps,
+        clip_skip=args.clip_skip,
+    )
+    for key in ("preprocessor", "is_negative_embedding"):
+        if getattr(args, f"metadata_{key}", None) is not None:
+            spec[f"modelspec.{key}"] = str(getattr(args, f"metadata_{key}"))
+    return spec
+
+
 def network_rank_and_alpha(network, args) -> dict[str, Any]:
     """The rank and alpha to record: read from the modules (the largest rank), so --dim_from_weights
     records the file's, not the command line's."""

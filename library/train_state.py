@@ -10,11 +10,13 @@ take for a good one.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -67,6 +69,37 @@ def remove_path(path: str) -> None:
         os.remove(path)
 
 
+# what save_safetensors and save_training_state write before the rename: ".{final name}.tmp-{pid}", and
+# ".{state}.tmp-{pid}.old" for the state it replaces
+_TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)(\.old)?")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> list[str]:
+    """Removes the temporary files and state folders of ``output_name``'s saves that a killed run left
+    in ``output_dir`` (hidden, and named after the process that wrote them, which is gone); returns
+    their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    prefix = output_name or ""
+    removed = []
+    for entry in sorted(os.listdir(output_dir)):
+        match = _TEMPORARY_NAME.fullmatch(entry)
+        if match and match["final"].startswith(prefix) and not _process_exists(int(match["pid"])):
+            remove_path(os.path.join(output_dir, entry))
+            removed.append(entry)
+    return removed
+
+
 @dataclass
 class TrainProgress:
     """What ``train_state.json`` records: the epoch in progress and the number of steps done."""
@@ -104,6 +137,15 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _write_torch(obj, path: str) -> None:
+    """``torch.save`` through a buffer: torch's own file writer reports a full disk as a RuntimeError
+    without an errno, Python's file writes it as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def save_training_state(
     state_dir: str,
     network_state: dict[str, torch.Tensor],
@@ -126,13 +168,13 @@ def save_training_state(
     os.makedirs(tmp)
     try:
         save_safetensors(network_state, os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
-        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
+        _write_torch(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
+        _write_torch(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
         for rank, states in enumerate(rng_states or [capture_rng_states()]):
             with open(os.path.join(tmp, f"random_states_{rank}.pkl"), "wb") as f:
                 pickle.dump(states, f)
         if scaler is not None:
-            torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            _write_torch(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
             # sd-scripts reads the first two; the optimizer lets --resume with another one stop with a message
             json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step,
@@ -160,6 +202,44 @@ def check_state_dir(state_dir: str) -> None:
             "Give a '...-state' folder written by --save_state."
         )
     read_progress(state_dir)
+    for name in sorted(os.listdir(state_dir)):
+        problem = _damage(os.path.join(state_dir, name))
+        if problem:
+            raise _damaged(state_dir, name, problem)
+
+
+_TORCH_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _damage(path: str) -> str | None:
+    """What is wrong with a state file, read in full (they are small beside the models): None if nothing."""
+    from library.errors import CheckpointError
+    from library.safetensors_io import read_header
+
+    name = os.path.basename(path)
+    try:
+        if name.endswith(".safetensors"):
+            read_header(path)
+        elif name.endswith((".bin", ".pt")):
+            with open(path, "rb") as f:
+                is_zip = f.read(4) == _TORCH_ZIP_MAGIC
+            if is_zip:  # torch.save's format: every member's checksum is read
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad:
+                    return f"a bad checksum in {bad}"
+        elif name.startswith("random_states_") and name.endswith(".pkl"):
+            read_rng_states(path)
+    except (CheckpointError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, RuntimeError, ValueError,
+            OSError) as e:  # fmt: skip
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _damaged(state_dir: str, name: str, problem: str) -> UserError:
+    weights = os.path.join(state_dir, "model.safetensors")
+    fallback = "" if name == "model.safetensors" else f", or start a new run from its LoRA: --network_weights {weights}"
+    return UserError(f"--resume {state_dir}: {name} is damaged ({problem}); resume from another state{fallback}.")
 
 
 def read_progress(state_dir: str) -> TrainProgress:
@@ -232,8 +312,8 @@ def load_training_state(
     try:
         # torch takes any optimizer's state whose group sizes match: one of another optimizer is stopped before
         # loading by its record (check_state_optimizer), or at the first step without one (TrainingLoop)
-        optimizer.load_state_dict(torch.load(os.path.join(state_dir, "optimizer.bin"), weights_only=False))
-        lr_scheduler.load_state_dict(torch.load(os.path.join(state_dir, "scheduler.bin"), weights_only=False))
+        optimizer.load_state_dict(_load_torch(state_dir, "optimizer.bin"))
+        lr_scheduler.load_state_dict(_load_torch(state_dir, "scheduler.bin"))
     except (ValueError, KeyError) as e:  # torch: "... parameter group that doesn't match the size of ..."
         raise UserError(
             f"--resume {state_dir}: its optimizer or scheduler state does not fit this run ({e}). Resume with the "
@@ -248,10 +328,20 @@ def load_training_state(
     rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
         restore_rng_states(read_rng_states(rng_file))
-    elif process_index > 0:
+    elif process_index == 0:
+        logger.warning("--resume %s: the state has no random_states_0.pkl, so the resumed run's random draws "
+                       "(dropout, caption shuffles) are not those an uninterrupted run would have made", state_dir)
+    else:
         logger.warning("%s has no random_states_%d.pkl (it was saved by fewer processes): process %d keeps "
                        "its seeded random state", state_dir, process_index, process_index)  # fmt: skip
     scaler_file = os.path.join(state_dir, "scaler.pt")
     if scaler is not None and os.path.exists(scaler_file):
-        scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
+        scaler.load_state_dict(_load_torch(state_dir, "scaler.pt"))
     return network_state, read_progress(state_dir)
+
+
+def _load_torch(state_dir: str, name: str):
+    try:
+        return torch.load(os.path.join(state_dir, name), weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        raise _damaged(state_dir, name, f"{type(e).__name__}: {e}") from None

@@ -55,10 +55,39 @@ class EpochSampler(torch.utils.data.Sampler):
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """DataLoader workers ignore Ctrl+C and SIGTERM: sent to the whole process group (a terminal, ``timeout``,
     a launcher), they would end the workers, and the batch the trainer waits for with them, before it saves.
-    The trainer stops them itself when it exits."""
+    The trainer stops them itself when it exits (``_workers_shut_down_on_error``)."""
     del worker_id
     for name in ("SIGINT", "SIGTERM"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_WORKER_ERROR = "library.errors.UserError: "  # how a worker's UserError ends the text torch re-raises it with
+
+
+@contextlib.contextmanager
+def _workers_shut_down_on_error(loader):
+    """An iterator over ``loader`` whose worker processes are shut down as soon as anything goes wrong:
+    they ignore SIGTERM (see above), and Python's exit would otherwise wait on them for ever (an error a
+    worker raised keeps the iterator alive until then). A worker's UserError comes out as its message
+    alone, not inside the worker's traceback."""
+    batches = iter(loader)
+    try:
+        yield batches
+    except UserError as e:
+        text = str(e)
+        _stop_workers(batches)
+        if text.startswith("Caught UserError in DataLoader worker") and _WORKER_ERROR in text:
+            raise UserError(text.rsplit(_WORKER_ERROR, 1)[1].strip()) from None
+        raise
+    except BaseException:
+        _stop_workers(batches)
+        raise
+
+
+def _stop_workers(batches) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator has it
+    if shutdown is not None:
+        shutdown()
 
 
 def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, device) -> None:
@@ -129,6 +158,7 @@ class TrainingLoop:
         self.metadata, self.save_dtype = metadata, save_dtype
         self.ext = "." + (self.args.save_model_as or "safetensors")
         self.saved_files: list[tuple[int, str]] = []  # (steps trained, LoRA file), oldest first
+        self.saved_states: list[tuple[int, str]] = []  # (steps trained, state folder), oldest first
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
         # loss/average: sd-scripts' moving average over the last epoch's worth of steps
@@ -155,10 +185,10 @@ class TrainingLoop:
         self._set_train_mode()
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)
-        with GracefulStop() as stop:
+        with GracefulStop() as stop:  # a signal during the final save waits for it too
             global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
-        progress.close()
-        return self._save_final(global_step)
+            progress.close()
+            return self._save_final(global_step)
 
     def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
@@ -175,33 +205,34 @@ class TrainingLoop:
             self.epoch_losses = []
             window: list[float] = []
             window_rng = None
-            for position, batch in enumerate(loader, start=skip):
-                micro = position % accum
-                if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
-                    window_rng = capture_rng_states()
-                loss = self._micro_step(batch, global_step, micro) / accum
-                accelerator.backward(loss)
-                window.append(loss.detach())
-                if micro != accum - 1 and position != len(self.process_batches) - 1:
-                    # a stop between micro-batches keeps the last finished step: a launcher may not wait
-                    # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
+            with _workers_shut_down_on_error(loader) as batches:
+                for position, batch in enumerate(batches, start=skip):
+                    micro = position % accum
+                    if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
+                        window_rng = capture_rng_states()
+                    loss = self._micro_step(batch, global_step, micro) / accum
+                    accelerator.backward(loss)
+                    window.append(loss.detach())
+                    if micro != accum - 1 and position != len(self.process_batches) - 1:
+                        # a stop between micro-batches keeps the last finished step: a launcher may not wait
+                        # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
+                        if stop.requested(accelerator):
+                            self._stop(stop, global_step, epoch + 1, window_rng)
+                        continue
+                    step_loss = self._step_loss(window, accum, global_step)
+                    window = []
+                    logs = self._optimizer_step()
+                    global_step += 1
+                    self.epoch_losses.append(step_loss)
+                    self.recent_losses.append(step_loss)
+                    logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
+                    self._after_step(epoch, global_step, logs)
                     if stop.requested(accelerator):
-                        self._stop(stop, global_step, epoch + 1, window_rng)
-                    continue
-                step_loss = self._step_loss(window, accum, global_step)
-                window = []
-                logs = self._optimizer_step()
-                global_step += 1
-                self.epoch_losses.append(step_loss)
-                self.recent_losses.append(step_loss)
-                logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
-                self._after_step(epoch, global_step, logs)
-                if stop.requested(accelerator):
-                    self._stop(stop, global_step, epoch + 1)
-                if global_step >= args.max_train_steps:
-                    break
+                        self._stop(stop, global_step, epoch + 1)
+                    if global_step >= args.max_train_steps:
+                        break
             self._after_epoch(epoch, global_step)
             if global_step >= args.max_train_steps:
                 break
@@ -210,10 +241,12 @@ class TrainingLoop:
     def _stop(self, stop: GracefulStop, step: int, epoch: int, rng_state: dict | None = None) -> None:
         """Saves the LoRA (and the state with --save_state) of the last finished step, then ends the run.
         ``rng_state``: the random state at that step's end, when the stop came later (inside an accumulation)."""
-        self._save_model(model_file_name(self.args.output_name, "step", step, self.ext), step, epoch)
+        if not (self.saved_files and self.saved_files[-1][0] == step):  # a save at this step may have just run
+            self._save_model(model_file_name(self.args.output_name, "step", step, self.ext), step, epoch)
         saved = f"saved the LoRA to {self.last_saved}"
         if self.args.save_state:
-            state = self._save_state("step", step, step, epoch, rng_state)
+            state = (self.saved_states[-1][1] if self.saved_states and self.saved_states[-1][0] == step
+                     else self._save_state("step", step, step, epoch, rng_state))  # fmt: skip
             saved += f" and the training state to {state} (continue with --resume {state})"
         else:
             saved += " (add --save_state to be able to resume)"
@@ -452,13 +485,13 @@ class TrainingLoop:
         rng_states = [rng_state or capture_rng_states()]
         if self.accelerator.num_processes > 1:  # every process calls this: gather their RNG states to the main one
             rng_states = gather_object(rng_states)
-        if not self.accelerator.is_main_process:
-            return path
-        scaler = getattr(self.accelerator, "scaler", None)
-        with self._writing(path):
-            save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
-                                TrainProgress(epoch, steps), scaler, rng_states)
-        logger.info("saved the training state to %s", path)
+        if self.accelerator.is_main_process:
+            scaler = getattr(self.accelerator, "scaler", None)
+            with self._writing(path):
+                save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
+                                    TrainProgress(epoch, steps), scaler, rng_states)
+            logger.info("saved the training state to %s", path)
+        self.saved_states.append((steps, path))
         return path
 
     def _save_checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
@@ -479,9 +512,10 @@ class TrainingLoop:
 
     def _save_final(self, steps: int) -> str:
         epoch = math.ceil(steps / max(self.steps_per_epoch, 1))  # the epoch the last step belongs to
+        # the LoRA first: a state that does not fit on the disk then costs the state alone
+        path = self._save_model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
         if self.args.save_state or self.args.save_state_on_train_end:
             self._save_state("last", None, steps, epoch)
-        path = self._save_model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
         self.accelerator.wait_for_everyone()
         return path
 
