@@ -251,6 +251,7 @@ def test_ggpo_uses_the_scaled_update_and_the_gradient_norms():
 def test_ggpo_norms_are_logged_by_the_network():
     model = random_model(tiny_flux_params())
     network = create_network(1.0, 4, 1, None, [None, None], model, ggpo_sigma="0.03", ggpo_beta="0.01")
+    randomize_lora(network)  # lora_up starts at zero: every update norm would be 0
     network.apply_to([None, None], model)
     network.train()
     assert network.grad_norms() is None
@@ -261,6 +262,15 @@ def test_ggpo_norms_are_logged_by_the_network():
     network.update_norms()
     n = len(network.unet_loras)
     assert network.grad_norms().shape == network.weight_norms().shape == network.combined_weight_norms().shape == (n, 1)
+    # each module's mean row norm of its update, of base + update (base rows estimated), and of the update's gradient
+    for i, lora in enumerate(network.unet_loras):
+        (down, up), scale = lora.pairs()[0], lora.scale
+        delta = scale * up.weight @ down.weight
+        grad = scale * (up.weight @ down.weight.grad + up.weight.grad @ down.weight)
+        combined = (lora.org_weight_norm_estimate**2 + delta.square().sum(1)).sqrt()
+        torch.testing.assert_close(network.weight_norms()[i, 0], delta.norm(dim=1).mean())
+        torch.testing.assert_close(network.grad_norms()[i, 0], grad.norm(dim=1).mean())
+        torch.testing.assert_close(network.combined_weight_norms()[i, 0], combined.mean())
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -275,6 +285,7 @@ def test_max_norm_regularization_caps_every_module_update(split):
     assert scaled == sum(v > cap for v in norms.values()) > 0
     assert max(after.values()) == pytest.approx(cap, rel=1e-5) == max_norm
     assert all(after[k] == pytest.approx(v, rel=1e-6) for k, v in norms.items() if v <= cap)
+    assert all(after[k] == pytest.approx(cap, rel=1e-5) for k, v in norms.items() if v > cap)  # at the cap, not below
     assert mean_norm == pytest.approx(sum(min(v, cap) for v in norms.values()) / len(norms))
     if split:  # the fused update of split modules is capped too (sd-scripts scales copies, spec §k.17)
         assert after["lora_unet_double_blocks_0_img_attn_qkv"] <= cap * (1 + 1e-5)

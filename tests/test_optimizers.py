@@ -246,8 +246,21 @@ def test_prodigy_low_learning_rate_and_multiple_lrs_warn(caplog):
     "kw", [{"optimizer_type": "AdamW"}, {"optimizer_type": "Adafactor", "gradient_accumulation_steps": 2}]
 )
 def test_fused_backward_pass_has_no_effect_and_stops_nothing(kw):
-    # no effect on LoRA training (sd-scripts too): one compatibility warning (train_args.IGNORED_FOR_FLUX), no stop
-    get_optimizer(make_args(fused_backward_pass=True, **kw), make_params())
+    """No effect on LoRA training (sd-scripts' stops a run with Adafactor and accumulation): the same optimizer,
+    and one compatibility warning naming the flag."""
+    import flux_train_network
+    from library.train_args import review_compat_flags
+
+    name, optimizer_args, optimizer = get_optimizer(make_args(fused_backward_pass=True, **kw), make_params())
+    plain = get_optimizer(make_args(**kw), make_params())
+    assert (name, optimizer_args, type(optimizer)) == (plain[0], plain[1], type(plain[2]))
+    assert optimizer.defaults == plain[2].defaults
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in plain[2].param_groups]  # fmt: skip
+    parser = flux_train_network.setup_parser()
+    messages = review_compat_flags(parser.parse_args(["--fused_backward_pass"]), parser)
+    assert len(messages) == 1 and "--fused_backward_pass" in messages[0]
+    assert "it has no effect on LoRA training" in messages[0]
 
 
 def test_schedule_free_detection_looks_through_accelerate_wrappers():

@@ -12,7 +12,7 @@ from PIL import Image
 
 import flux_train_network
 from library.safetensors_io import load_safetensors, read_metadata
-from tests.training_helpers import base_argv, dataset
+from tests.training_helpers import base_argv, dataset, logged_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,16 +305,10 @@ def test_initial_step_without_skip_trains_every_batch_of_the_later_epochs(tiny_m
     assert images(epochs[0], epochs[1]) == everything and images(epochs[1], epochs[2]) == everything
 
 def test_loss_average_is_a_moving_average_over_an_epoch_of_steps(tiny_model_files, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     logs = tmp_path / "logs"
     train(tiny_model_files, tmp_path, steps=9, data_kwargs={"batch_size": 2}, network_train_unet_only=True,
           logging_dir=str(logs))  # fmt: skip
-    scalars = {}
-    for events in glob.glob(str(logs / "**" / "events.out.tfevents.*"), recursive=True):  # also the config's
-        accumulator = EventAccumulator(events)
-        accumulator.Reload()
-        scalars |= {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+    scalars = logged_scalars(logs)
     current, average = scalars["loss/current"], scalars["loss/average"]
     losses = [current[step] for step in sorted(current)]
     per_epoch = 4  # six images in buckets of one, two and three: batches of 1, 2, 2 and 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 from library.demo_data import write_demo_dataset
@@ -32,3 +33,15 @@ def base_argv(models, data, output_dir: str, model_type: str = "flux", steps: in
 
 def dataset(tmp_path, **kwargs):
     return write_demo_dataset(os.path.join(str(tmp_path), "data"), **kwargs)
+
+
+def logged_scalars(logging_dir) -> dict[str, dict[int, float]]:
+    """Every scalar a run logged to TensorBoard under ``logging_dir``: {tag: {step: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in glob.glob(os.path.join(str(logging_dir), "**", "events.out.tfevents.*"), recursive=True):
+        accumulator = EventAccumulator(events)
+        accumulator.Reload()
+        scalars |= {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+    return scalars

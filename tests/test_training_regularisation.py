@@ -1,0 +1,63 @@
+"""Regularisation of the LoRA during training, run on the tiny models: --scale_weight_norms caps what is saved
+and logs its max_norm/* values; GGPO logs its norm/* values."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors
+from tests.training_helpers import base_argv, dataset, logged_scalars
+
+
+def update_norms(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each module's ‖scale · up @ down‖ from a saved sd-scripts LoRA file (scale = alpha / rank)."""
+    norms = {}
+    for key in weights:
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            down, up = weights[key].float(), weights[f"{name}.lora_up.weight"].float()
+            scale = weights[f"{name}.alpha"].item() / down.shape[0]
+            norms[name] = (scale * up @ down.flatten(1)).norm().item()
+    return norms
+
+
+def test_scale_weight_norms_caps_every_saved_update_and_logs_it(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out, logs = str(tmp_path / "out"), tmp_path / "logs"
+    cap = 1e-4  # far below what a step at lr 1e-2 gives every module
+    argv = base_argv(tiny_model_files, data, out, steps=2, learning_rate=1e-2, network_train_unet_only=True,
+                     scale_weight_norms=cap, logging_dir=str(logs))  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    norms = update_norms(load_safetensors(os.path.join(out, "lora.safetensors")))
+    assert len(norms) > 10
+    assert all(norm == pytest.approx(cap, rel=1e-3) for norm in norms.values()), norms
+    scalars = logged_scalars(logs)
+    for step in (1, 2):
+        assert scalars["max_norm/keys_scaled"][step] == len(norms)
+        assert scalars["max_norm/max_key_norm"][step] == pytest.approx(cap, rel=1e-3)
+        assert scalars["max_norm/average_key_norm"][step] == pytest.approx(cap, rel=1e-3)
+
+
+def test_ggpo_logs_the_mean_norms_of_the_updates(tiny_model_files, tmp_path):
+    data = dataset(tmp_path)
+    out, logs = str(tmp_path / "out"), tmp_path / "logs"
+    argv = base_argv(tiny_model_files, data, out, steps=2, network_train_unet_only=True, logging_dir=str(logs),
+                     save_every_n_steps=1, network_args=["ggpo_sigma=0.03", "ggpo_beta=0.01"])  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    scalars = logged_scalars(logs)
+    # step 2 logs the norms it perturbed with, measured before its update: those of the LoRA saved after step 1
+    # (row norms, averaged per module, then over the modules)
+    weights = load_safetensors(os.path.join(out, "lora-step00000001.safetensors"))
+    row_norms = []
+    for key in weights:
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            down, up = weights[key].float(), weights[f"{name}.lora_up.weight"].float()
+            row_norms.append((weights[f"{name}.alpha"].item() / down.shape[0] * up @ down).norm(dim=1).mean().item())
+    assert scalars["norm/avg_key_norm"][2] == pytest.approx(sum(row_norms) / len(row_norms), rel=1e-4)
+    for tag in ("norm/avg_grad_norm", "norm/avg_combined_norm"):
+        assert all(math.isfinite(v) and v > 0 for v in scalars[tag].values()), tag
+    assert scalars["norm/avg_combined_norm"][2] > scalars["norm/avg_key_norm"][2]  # base rows + update
