@@ -17,7 +17,9 @@ from tests.test_flux_models import chroma_mask, dit_inputs
 from tests.training_helpers import base_argv, dataset
 
 
-@pytest.mark.parametrize("n, expected", [(16, (8, 16)), (18, (9, 18)), (22, (11, 22)), (28, (14, 28)), (35, (17, 36))])
+# odd N: double = N // 2 rounds down, the extra unit goes to the single blocks (spec §f.1)
+@pytest.mark.parametrize("n, expected", [(1, (0, 2)), (15, (7, 16)), (16, (8, 16)), (18, (9, 18)), (22, (11, 22)),
+                                         (27, (13, 28)), (28, (14, 28)), (35, (17, 36))])  # fmt: skip
 def test_split_is_sd_scripts_at_flux_depth(n, expected):
     assert swap_split(n, 19, 38) == expected
 

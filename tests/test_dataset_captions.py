@@ -85,12 +85,17 @@ def test_tag_dropout_drops_only_flexible_tags():
 def test_caption_dropout_rate():
     assert run("a cat", caption_dropout_rate=1.0) == ""
     outs = [run("a cat", seed=s, caption_dropout_rate=0.5) for s in range(40)]
-    assert 5 < outs.count("") < 35
+    # seeds are fixed and random.Random(seed).random() is the same on every Python, so the count is exact;
+    # it is one draw per caption compared with the full rate (half the rate would drop 11 of these 40)
+    assert outs.count("") == 19
 
 
 def test_caption_dropout_every_n_epochs_uses_1_based_epochs():
     got = [run("a cat", epoch=e, caption_dropout_every_n_epochs=3) for e in range(1, 7)]
     assert got == ["a cat", "a cat", "", "a cat", "a cat", ""]
+    # epoch 0 is outside training (validation, caching): never dropped, although 0 % n == 0
+    assert run("a cat", epoch=0, caption_dropout_every_n_epochs=3) == "a cat"
+    assert run("a cat", epoch=0, caption_dropout_every_n_epochs=1) == "a cat"
 
 
 def test_token_warmup_grows_the_flexible_tags():
@@ -98,6 +103,9 @@ def test_token_warmup_grows_the_flexible_tags():
     # n = floor(step * (8 - 2) / 6) + 2 while step < 6
     got = [run(cap, step=s, keep_tokens=1, token_warmup_min=2, token_warmup_step=6) for s in (0, 3, 5, 6)]
     assert got == ["k, a, b", "k, a, b, c, d, e", "k, a, b, c, d, e, f, g", cap]
+    # a non-whole count is floored: n = floor(step * (8 - 1) / 4) + 1, i.e. 1.75 -> 2 and 5.25 -> 6 tags
+    got = [run(cap, step=s, keep_tokens=1, token_warmup_min=1, token_warmup_step=4) for s in (1, 3)]
+    assert got == ["k, a, b", "k, a, b, c, d, e, f"]
 
 
 def test_token_warmup_fraction_of_max_train_steps():
@@ -105,6 +113,9 @@ def test_token_warmup_fraction_of_max_train_steps():
     # 0.5 of 10 steps = 5; at step 0 -> min 1 tag, at step 5 -> all
     assert run(cap, step=0, max_steps=10, token_warmup_step=0.5) == "a"
     assert run(cap, step=5, max_steps=10, token_warmup_step=0.5) == cap
+    # 0.25 of 10 steps = floor(2.5) = 2: at step 1 -> floor(1 * 4 / 2) + 1 = 3 tags, at step 2 -> all
+    assert run(cap, step=1, max_steps=10, token_warmup_step=0.25) == "a, b, c"
+    assert run(cap, step=2, max_steps=10, token_warmup_step=0.25) == cap
 
 
 def test_caption_for_cache_applies_only_deterministic_transforms():
@@ -135,6 +146,15 @@ def test_caption_file_bom_is_dropped(tmp_path):
 def test_face_crop_named_image_falls_back_to_base_caption(tmp_path):
     (tmp_path / "person.txt").write_text("a person", encoding="utf-8")
     assert read_caption_file(str(tmp_path / "person_10_20_30_40.png"), ".txt", False) == "a person"
+
+
+def test_face_crop_fallback_needs_at_least_5_underscore_fields(tmp_path, monkeypatch):
+    """The rule counts `_` fields of the whole path: use relative names so tmp_path's own underscores do not count."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a person", encoding="utf-8")
+    (tmp_path / ".txt").write_text("nameless", encoding="utf-8")  # what 4 fields minus their last 4 would name
+    assert read_caption_file("p_1_2_3_4.png", ".txt", False) == "a person"  # exactly 5 fields
+    assert read_caption_file("1_2_3_4.png", ".txt", False) is None  # 4 fields: no fallback
 
 
 def test_non_utf8_caption_file_names_the_file(tmp_path):

@@ -104,6 +104,12 @@ def test_sigma_sampling_with_mode_density():
         return 1 - v - scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
 
     assert_cdf_matches(s, lambda q: shift(1 - f(q), S))
+    # the CDF check is too loose to see a few percent off the mode term: compare points with the spec's formula
+    # (v = 0.5 is left out, the mode term is 0 there)
+    vs = [0.0, 0.1, 0.25, 0.4, 0.6, 0.75, 0.9]
+    u = fm.density_u(torch.tensor(vs, dtype=torch.float64), cfg(weighting_scheme="mode", mode_scale=scale))
+    expected = [1 - v - scale * (math.cos(math.pi * v / 2) ** 2 - 1 + v) for v in vs]
+    assert u.tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_sigma_sampling_clamps_u_equal_1_to_the_last_table_entry():
@@ -111,6 +117,14 @@ def test_sigma_sampling_clamps_u_equal_1_to_the_last_table_entry():
     s = fm.sigmas_from_density(u, 3.0)
     table = fm.discrete_flow_sigmas(3.0)
     assert s.tolist() == [1.0, table[500].item(), table[999].item()]
+
+
+def test_sigma_sampling_index_is_floor_of_1000_u():
+    """idx = floor(1000·u), not rounded (spec §d.3); entry i of the table is shift((1000 − i) / 1000)."""
+    S = 3.0
+    u = torch.tensor([0.0006, 0.2504, 0.5007, 0.9996])
+    expected = [shift(torch.tensor((1000 - i) / 1000, dtype=torch.float64), S).item() for i in (0, 250, 500, 999)]
+    assert fm.sigmas_from_density(u, S).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_validation_sigmas_are_fixed_and_noise_is_shared_across_them():
