@@ -348,7 +348,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         else:
             outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
         l_pooled, t5_out, txt_ids, t5_mask = outs
-        return (l_pooled.to(device, dtype), t5_out.to(device, dtype), txt_ids.to(device, dtype), t5_mask.to(device))
+        # (batch tensors are in pinned memory on a GPU machine: the copies need not wait for the GPU)
+        return tuple(t.to(device, dtype, non_blocking=True) for t in (l_pooled, t5_out, txt_ids)) + (
+            t5_mask.to(device, non_blocking=True),)
 
     # ---- the loss of one batch -------------------------------------------------------------------
     def batch_loss(self, ctx, batch, step, sample_indices, fixed_sigma=None):
@@ -368,10 +370,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         args, device, dtype = ctx.args, ctx.accelerator.device, ctx.weight_dtype
         models = ctx.models
         if batch["latents"] is not None:
-            latents = batch["latents"].to(device, torch.float32)
+            latents = batch["latents"].to(device, torch.float32, non_blocking=True)
         else:
             with torch.no_grad():
-                images = batch["images"].to(device, models.ae.dtype)
+                images = batch["images"].to(device, models.ae.dtype, non_blocking=True)
                 chunks = [models.ae.encode(c, sample=False) for c in images.split(args.vae_batch_size or len(images))]
             latents = torch.cat(chunks).float()
         if torch.isnan(latents).any():  # sd-scripts zeroes them without naming the image: name it, then do the same
@@ -410,7 +412,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         target = self.preservation_target(ctx, batch, velocity, latents, noise)
         mask = None
         if batch.get("alpha_masks") is not None:
-            mask = F.interpolate(batch["alpha_masks"].to(device)[:, None], size=(h, w), mode="area")
+            mask = F.interpolate(batch["alpha_masks"].to(device, non_blocking=True)[:, None], size=(h, w), mode="area")
         return per_sample_loss(prediction, latents, noise, x_t, config, target=target, mask=mask)
 
     def preservation_target(self, ctx, batch, velocity, latents, noise):

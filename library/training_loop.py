@@ -260,7 +260,7 @@ class TrainingLoop:
                                       len(batch["captions"]), self.sample_stride)  # fmt: skip
         with accelerator.autocast():
             losses = self.trainer.batch_loss(self.ctx, batch, step, list(indices))
-        return (losses * batch["loss_weights"].to(losses.device)).mean()
+        return (losses * batch["loss_weights"].to(losses.device, non_blocking=True)).mean()
 
     def _step_loss(self, window: list[torch.Tensor], accum: int, step: int) -> float:
         """The step's mean loss over micro-batches and processes; stops before the optimizer on inf/nan."""
@@ -315,11 +315,12 @@ class TrainingLoop:
                 "max_norm/max_key_norm": max_norm,
             }
         if hasattr(network, "grad_norms"):
-            for key, values in (("norm/avg_key_norm", network.weight_norms()),
-                                ("norm/avg_grad_norm", network.grad_norms()),
-                                ("norm/avg_combined_norm", network.combined_weight_norms())):
-                if values is not None:
-                    logs[key] = values.mean().item()
+            norms = {key: values.mean() for key, values in (("norm/avg_key_norm", network.weight_norms()),
+                                                            ("norm/avg_grad_norm", network.grad_norms()),
+                                                            ("norm/avg_combined_norm", network.combined_weight_norms()))
+                     if values is not None}  # fmt: skip
+            if norms:  # read in one transfer
+                logs |= dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
         groups = self.optimizer.param_groups
         for i, (description, lr) in enumerate(zip(self.lr_descriptions, self.lr_scheduler.get_last_lr(), strict=False)):
             logs[f"lr/{description}".rstrip()] = lr
@@ -537,6 +538,7 @@ class TrainingLoop:
             sampler=sampler,
             collate_fn=collate_first,
             num_workers=workers,
+            pin_memory=self.accelerator.device.type == "cuda",  # so that batches go to the GPU without a wait
             persistent_workers=bool(args.persistent_data_loader_workers and workers > 0),
             # each iterator (epoch) draws its workers' base seed from here, not from the global RNG that
             # dropout draws from: a resumed run starts its iterator at another point of that stream

@@ -479,20 +479,31 @@ class LoRANetwork(nn.Module):
     def apply_max_norm_regularization(self, max_norm_value: float, device) -> tuple[int, float, float]:
         """Scales every module whose update norm exceeds ``max_norm_value``; (keys scaled, mean norm, max norm)."""
         results = [lora.apply_max_norm(max_norm_value, device) for lora in self.all_loras()]
-        norms = [norm for _, norm in results]
-        return sum(scaled for scaled, _ in results), sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+        if not results:
+            return 0, 0.0, 0.0
+        scaled, norms = (torch.stack([r[i].float().to(device) for r in results]) for i in (0, 1))
+        keys_scaled, mean_norm, max_norm = torch.stack((scaled.sum(), norms.mean(), norms.max())).tolist()  # one read
+        return int(keys_scaled), mean_norm, max_norm
 
     # ---- GGPO -------------------------------------------------------------------------------
 
+    @property
+    def uses_ggpo(self) -> bool:
+        return self._module_kwargs["ggpo_sigma"] is not None and self._module_kwargs["ggpo_beta"] is not None
+
     def update_norms(self) -> None:
-        for lora in self.all_loras():
-            lora.update_norms()
+        if self.uses_ggpo:  # the trainer calls these every step: no loop over every module without GGPO
+            for lora in self.all_loras():
+                lora.update_norms()
 
     def update_grad_norms(self) -> None:
-        for lora in self.all_loras():
-            lora.update_grad_norms()
+        if self.uses_ggpo:
+            for lora in self.all_loras():
+                lora.update_grad_norms()
 
     def _mean_norms(self, attribute: str) -> Tensor | None:
+        if not self.uses_ggpo:
+            return None
         values = [
             getattr(lora, attribute).mean(dim=0) for lora in self.all_loras() if getattr(lora, attribute) is not None
         ]

@@ -331,15 +331,16 @@ class LoRAModule(nn.Module):
         self.org_module.weight.data = merged.to(weight.device, dtype or weight.dtype)
 
     @torch.no_grad()
-    def apply_max_norm(self, max_norm: float, device=None) -> tuple[bool, float]:
-        """Scales up and down so that ``||scale * up @ down||_F <= max_norm``; returns (scaled, norm after)."""
-        norm = self.delta_weight().to(device if device is not None else self.device).norm().item()
-        ratio = min(1.0, max_norm / norm) if norm > 0 else 1.0
-        if ratio != 1:
-            for down, up in self.pairs():  # both factors take sqrt(ratio): their product takes ratio
-                down.weight.mul_(ratio**0.5)
-                up.weight.mul_(ratio**0.5)
-        return ratio != 1, norm * ratio
+    def apply_max_norm(self, max_norm: float, device=None) -> tuple[Tensor, Tensor]:
+        """Scales up and down so that ``||scale * up @ down||_F <= max_norm``; returns (scaled, norm after) as
+        0-d tensors on the device, so that a network's modules need no host round trip each."""
+        norm = self.delta_weight().to(device if device is not None else self.device).norm()
+        ratio = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))  # x·1 is exact: no branch
+        for down, up in self.pairs():  # both factors take sqrt(ratio): their product takes ratio
+            factor = ratio.sqrt()
+            down.weight.mul_(factor.to(down.weight.device, down.weight.dtype))
+            up.weight.mul_(factor.to(up.weight.device, up.weight.dtype))
+        return norm > max_norm, norm * ratio
 
     # ---- GGPO (LoRA-GGPO: gradient-guided perturbation), spec §g.9 with §k.15 fixed -------
 
