@@ -202,7 +202,8 @@ class LoRAModule(nn.Module):
         # multiplier 0 (DOP's base-model pass) must give exactly the base output, perturbation included
         if not self.enabled or self.multiplier == 0:
             return self.org_forward(x)
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+        drop_module = self.training and self.module_dropout
+        if drop_module and not torch.compiler.is_compiling() and torch.rand(1).item() < self.module_dropout:
             return self.org_forward(x)
 
         downs = [down.weight for down, _ in self.pairs()]
@@ -215,6 +216,8 @@ class LoRAModule(nn.Module):
         else:  # (compiled, the plain form: the compiler fuses the gradient sum with its neighbours)
             lx = F.linear(x.to(dtype), down.to(dtype))
 
+        if drop_module and torch.compiler.is_compiling():  # a Python branch on a random draw would break the graph
+            lx = lx * (torch.rand((), device=lx.device) >= self.module_dropout).to(lx.dtype)
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out

@@ -254,3 +254,28 @@ def test_swapped_blocks_run_eagerly_where_a_compiled_graph_would_keep_their_weig
     torch.testing.assert_close(loss_swapped, loss_plain, rtol=1e-6, atol=0)
     for name in grads_plain:
         torch.testing.assert_close(grads_swapped[name], grads_plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_module_dropout_compiles_into_the_graph_and_still_drops():
+    """Eager, module dropout is a Python branch on a random draw; compiled, that branch broke the graph
+    at every LoRA module, so --torch_compile compiled nothing with module_dropout. Compiled, the draw
+    is a tensor that zeroes the module's update instead: one graph, the base output where it drops."""
+    from networks.lora_modules import LoRAModule
+
+    linear = torch.nn.Linear(8, 8)
+    lora = LoRAModule("lora_unet_x", linear, 1.0, 4, 1, module_dropout=0.5)
+    lora.apply_to()
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    lora.train()
+    x = torch.randn(2, 8)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x: linear(x), backend=counter, fullgraph=True)
+    torch.manual_seed(0)
+    outs = [compiled(x) for _ in range(40)]
+    assert counter.frame_count == 1
+    base = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    dropped = sum(torch.equal(out, base) for out in outs)
+    assert 8 <= dropped <= 32  # about half at 0.5, and never the same on every call
+    lora.eval()  # no dropout outside training
+    assert not any(torch.equal(compiled(x), base) for _ in range(5))
