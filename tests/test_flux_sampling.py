@@ -151,6 +151,18 @@ def test_without_cfg_the_negative_prompt_is_not_run():
     assert [c["batch"] for c in model.calls] == [1, 1]
 
 
+def test_a_cfg_scale_below_one_still_runs_the_negative_prompt():
+    """sd-scripts runs CFG for any scale other than 1 (spec: "CFG when scale ≠ 1"), 0.5 included."""
+    model = ToyVelocity()
+    settings = SampleSettings("p", "n", 64, 64, steps=2, seed=0, cfg_scale=0.5)
+    noise = make_noise(0, 64, 64)
+    latents = generate_latents(model, settings, cond_with(1.0), cond_with(2.0))
+    assert [c["batch"] for c in model.calls] == [2, 2]
+    assert texts_to_encode([SamplePrompt(0, "a", "n", cfg_scale=0.5)]) == ["a", "n"]
+    # constant velocities neg 2, pos 1: v = 2 + 0.5·(1 − 2) = 1.5, integrated from σ = 1 to 0
+    torch.testing.assert_close(pack_latents(latents), noise - 1.5, atol=1e-6, rtol=0)
+
+
 def test_the_t5_mask_reaches_the_dit_only_when_asked():
     model = ToyVelocity()
     denoise(model, make_noise(0, 64, 64), torch.zeros(1, 16, 3), cond_with(0.0, 3), [1.0, 0.0], 1.0)
@@ -191,6 +203,19 @@ def test_noise_depends_only_on_the_seed_and_size():
     torch.manual_seed(123)
     torch.testing.assert_close(make_noise(7, 96, 64), a, rtol=0, atol=0)
     assert not torch.equal(make_noise(8, 96, 64), a)
+
+
+def test_the_starting_noise_is_a_cpu_generator_seeded_with_the_prompts_seed():
+    """The image of a seed is reproducible elsewhere: torch.Generator().manual_seed(seed), (1, h/16·w/16, 64)."""
+    seed, width, height = 1234, 96, 64
+    expected = torch.randn(1, (height // 16) * (width // 16), 64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(make_noise(seed, width, height), expected, rtol=0, atol=0)
+    # through the sampler: a zero velocity leaves the noise as it was, unpacked to (1, 16, h/8, w/8)
+    settings = SampleSettings("p", width=width, height=height, steps=2, seed=seed)
+    latents = generate_latents(ToyVelocity(), settings, cond_with(0.0))
+    h, w = height // 16, width // 16
+    unpacked = expected.view(1, h, w, 16, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, 16, 2 * h, 2 * w)
+    torch.testing.assert_close(latents, unpacked, rtol=0, atol=0)
 
 
 # endregion

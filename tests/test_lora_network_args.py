@@ -144,6 +144,16 @@ def test_block_indices_are_checked_against_the_real_depth(flux, value):
         build(flux, train_single_block_indices=value)
 
 
+@pytest.mark.parametrize("value", ["4", "0-4", "2,4"])
+def test_an_index_equal_to_the_block_count_is_outside_the_range(value):
+    """Blocks are numbered 0 to count − 1: index 4 of 4 blocks is an error naming the range, not a no-op."""
+    from networks.lora_flux_args import parse_block_selection
+
+    with pytest.raises(UserError, match=r"train_double_block_indices=.*outside 0-3 \(this model has 4 blocks"):
+        parse_block_selection("train_double_block_indices", value, 4)
+    assert parse_block_selection("train_double_block_indices", "3", 4) == [False, False, False, True]
+
+
 @pytest.mark.parametrize(
     "value, kinds", [("all", {"double", "single"}), ("double", {"double"}), ("single", {"single"})]
 )

@@ -243,3 +243,26 @@ def test_transformers_own_schedule_checks_are_messages():
     # polynomial decays to lr_end = 1e-7: a learning rate below it is transformers' ValueError
     with pytest.raises(UserError, match=r"--lr_scheduler polynomial: .*lr_end"):
         get_scheduler_fix(make_args(lr_scheduler="polynomial"), sgd(lr=1e-8))
+
+
+def test_ratios_round_down_and_a_whole_run_ratio_is_all_steps():
+    """sd-scripts takes int(ratio × total): floored, and 1.0 (or "100%") is the whole run, not an error."""
+    assert resolve_step_count(0.15, 10, "--x") == 1 and resolve_step_count(0.19, 10, "--x") == 1
+    assert resolve_step_count(1.0, 10, "--x") == 10 and resolve_step_count("100%", 10, "--x") == 10
+    assert schedule(5, lr_scheduler="constant_with_warmup", max_train_steps=4, lr_warmup_steps="100%") == [
+        0, 0.25, 0.5, 0.75, 1]  # fmt: skip
+
+
+def test_warmup_stable_decay_counts_optimizer_steps_on_any_number_of_processes():
+    """Integer decay steps, like warmup steps, are optimizer steps whatever the process count."""
+    kw = dict(lr_scheduler="warmup_stable_decay", lr_warmup_steps=2, lr_decay_steps=4, lr_scheduler_min_lr_ratio=0.2)
+    one, two = schedule(12, **kw), schedule(12, num_processes=2, **kw)
+    decay = [0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * p / 4)) for p in range(4)]
+    assert two == pytest.approx(one) and two == pytest.approx([0.2, 0.6] + [1.0] * 4 + decay + [0.2, 0.2], abs=1e-9)
+
+
+def test_inverse_sqrt_timescale_counts_optimizer_steps_on_any_number_of_processes():
+    """--lr_scheduler_timescale is optimizer steps, so 2 processes give the same lrs as 1."""
+    kw = dict(lr_scheduler="inverse_sqrt", lr_warmup_steps=4, lr_scheduler_timescale=8)
+    one, two = schedule(13, **kw), schedule(13, num_processes=2, **kw)
+    assert two == pytest.approx(one) and two[12] == pytest.approx(1 / math.sqrt((12 + 4) / 8))

@@ -127,3 +127,127 @@ def test_alphas_are_recorded_as_given_whatever_the_buffer_precision():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert [shortest_decimal(torch.tensor(a, dtype=dtype)) for a in given] == given
     assert shortest_decimal(torch.tensor(1 / 3, dtype=torch.float32)) == 0.33333334  # fp32's own, to its precision
+
+
+
+# spec §h.4: every ss_* key of a run (generic, FLUX additions, model file, --vae, per save), plus this project's
+# documented ss_batch_size_per_device / ss_total_batch_size (written with a TOML too) and ss_num_processes
+SPEC_KEYS = """
+ss_session_id ss_training_started_at ss_output_name ss_learning_rate ss_text_encoder_lr ss_unet_lr
+ss_num_train_images ss_num_validation_images ss_num_reg_images ss_num_batches_per_epoch ss_num_epochs
+ss_gradient_checkpointing ss_gradient_accumulation_steps ss_max_train_steps ss_lr_warmup_steps ss_lr_scheduler
+ss_network_module ss_network_dim ss_network_alpha ss_network_dropout ss_mixed_precision ss_full_fp16 ss_v2
+ss_base_model_version ss_clip_skip ss_max_token_length ss_cache_latents ss_seed ss_lowram ss_noise_offset
+ss_multires_noise_iterations ss_multires_noise_discount ss_adaptive_noise_scale ss_zero_terminal_snr
+ss_training_comment ss_sd_scripts_commit_hash ss_optimizer ss_max_grad_norm ss_caption_dropout_rate
+ss_caption_dropout_every_n_epochs ss_caption_tag_dropout_rate ss_face_crop_aug_range ss_prior_loss_weight
+ss_min_snr_gamma ss_scale_weight_norms ss_ip_noise_gamma ss_debiased_estimation ss_noise_offset_random_strength
+ss_ip_noise_gamma_random_strength ss_loss_type ss_huber_schedule ss_huber_scale ss_huber_c ss_fp8_base
+ss_fp8_base_unet ss_validation_seed ss_validation_split ss_max_validation_steps ss_validate_every_n_epochs
+ss_validate_every_n_steps ss_resize_interpolation
+ss_model_type ss_apply_t5_attn_mask ss_weighting_scheme ss_logit_mean ss_logit_std ss_mode_scale ss_guidance_scale
+ss_timestep_sampling ss_sigmoid_scale ss_model_prediction_type ss_discrete_flow_shift
+ss_network_args ss_sd_model_name ss_sd_model_hash ss_new_sd_model_hash ss_vae_name
+ss_training_finished_at ss_steps ss_epoch
+ss_batch_size_per_device ss_total_batch_size ss_num_processes
+""".split()
+
+
+def test_a_save_writes_exactly_the_specified_keys():
+    """A missing or misspelt key is invisible to GUIs and civitai, which read these names."""
+    args = SimpleNamespace(output_name="x", vae="/models/ae.safetensors")
+    run = dict(RUN, network_args={"dropout": None}, model_file="/m/flux1-dev.safetensors", sd_model_hash="12345678",
+               new_sd_model_hash="ab" * 32, batch_size_per_device=2, total_batch_size=2)  # fmt: skip
+    saved = per_save_metadata(build_training_metadata(args, run), steps=5, epoch=1)
+    assert sorted(k for k in saved if k.startswith("ss_")) == sorted(SPEC_KEYS)
+
+
+def test_debiased_estimation_and_max_grad_norm_are_recorded_from_their_flags():
+    """FLUX ignores both, but sd-scripts records them under these names (spec §a, §h.4)."""
+    args = SimpleNamespace(output_name="x", debiased_estimation_loss=True, max_grad_norm=0.5)
+    md = build_training_metadata(args, RUN)
+    assert (md["ss_debiased_estimation"], md["ss_max_grad_norm"]) == ("True", "0.5")
+
+
+def test_a_save_records_the_step_and_the_epoch_it_is_given():
+    """The caller passes the 1-based epoch number, as sd-scripts' save_model(..., epoch + 1)."""
+    saved = per_save_metadata(build_training_metadata(SimpleNamespace(output_name="x"), RUN), steps=40, epoch=2)
+    assert (saved["ss_steps"], saved["ss_epoch"]) == ("40", "2")
+
+
+def test_the_largest_module_rank_is_recorded_when_a_type_dim_exceeds_network_dim():
+    """This project records the rank actually trained (docs §17.4), i.e. the largest module rank."""
+    from library.tiny_models import random_model, tiny_flux_params
+    from library.train_metadata import network_rank_and_alpha
+    from networks.lora_flux import create_network
+
+    model = random_model(tiny_flux_params(depth=1, depth_single=1))
+    network = create_network(1.0, 4, 2, None, [None, None], model, single_dim="8")
+    assert {m.lora_dim for m in network.all_loras()} == {4, 8}
+    args = SimpleNamespace(network_dim=4, network_alpha=2)
+    assert network_rank_and_alpha(network, args) == {"network_dim": 8, "network_alpha": 2.0}
+
+
+def _toml_group(tmp_path, subsets: str):
+    from library.dataset_config import load_dataset_configs
+    from library.datasets import build_dataset_groups
+    from tests.dataset_helpers import make_args, write_toml
+
+    text = f"""
+        [general]
+        resolution = 64
+        caption_extension = ".txt"
+        [[datasets]]
+        {subsets}
+    """
+    cfg = write_toml(tmp_path / "d.toml", text)
+    args = make_args("--dataset_config", cfg)
+    return build_dataset_groups(load_dataset_configs(args), seed=0)[0], args
+
+
+def test_toml_dataset_records_images_with_repeats_lower_cased_tags_and_subset_settings(tmp_path):
+    """sd-scripts' ss_datasets: num_train_images counts repeats, tags are lower-cased, subsets keep their settings."""
+    from library.train_metadata import dataset_metadata
+    from tests.dataset_helpers import make_folder
+
+    make_folder(tmp_path / "train", {"a.png": (64, 64), "b.png": (64, 64)}, {"a.png": "Red, red", "b.png": "RED, Blue"})
+    make_folder(tmp_path / "reg", {"c.png": (64, 64)}, {"c.png": "shape"})
+    subsets = f"""
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "train"}'
+        num_repeats = 3
+        keep_tokens_separator = "|||"
+        secondary_separator = ";;;"
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "reg"}'
+        is_reg = true
+    """
+    group, args = _toml_group(tmp_path, subsets)
+    md = dataset_metadata(group.datasets, True, args)
+    (ds,) = json.loads(md["ss_datasets"])
+    assert ds["num_train_images"] == 2 * 3
+    assert ds["tag_frequency"]["train"] == {"red": 3, "blue": 1}
+    assert json.loads(md["ss_tag_frequency"])["train"] == {"red": 3, "blue": 1}
+    train, reg = ds["subsets"]
+    assert (train["keep_tokens_separator"], train["secondary_separator"]) == ("|||", ";;;")
+    assert (train["is_reg"], reg["is_reg"]) == (False, True)
+    assert (train["num_repeats"], train["img_count"], reg["img_count"]) == (3, 2, 1)
+
+
+def test_folder_dataset_records_keep_tokens(tmp_path):
+    """Without a TOML, ss_keep_tokens is --keep_tokens, as sd-scripts' flat keys."""
+    from library.dataset_config import load_dataset_configs
+    from library.datasets import build_dataset_groups
+    from library.train_metadata import dataset_metadata
+    from tests.dataset_helpers import make_args, make_folder
+
+    make_folder(tmp_path / "data" / "2_sks", {"a.png": (64, 64)}, {"a.png": "Sks, Dog"})
+    args = make_args("--train_data_dir", str(tmp_path / "data"), "--resolution", "64", "--caption_extension", ".txt",
+                     "--keep_tokens", "2")  # fmt: skip
+    group = build_dataset_groups(load_dataset_configs(args), seed=0)[0]
+    md = dataset_metadata(group.datasets, False, args)
+    assert md["ss_keep_tokens"] == 2
+    assert json.loads(md["ss_tag_frequency"]) == {"2_sks": {"sks": 1, "dog": 1}}
+
+
+# endregion
