@@ -1,6 +1,6 @@
 """Cache files that must not be trusted as they are: arrays another setting left in a latent file, one
-image spelled two ways, two images that name one cache file, damaged arrays, touched images, and the
-dtype the trainer hands the text-encoder cache."""
+image spelled two ways, two images that name one cache file, damaged arrays, touched images, the
+dtype the trainer hands the text-encoder cache; and what the flipped latents and the latent keys hold."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from library.caches import LatentCacher, TextEncoderCacher
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
+from library.images import prepare_image
 from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
 from tests.test_dataset_caches import FP, _group
 
@@ -170,3 +171,100 @@ def test_trainer_hands_the_cache_fp16_outputs_as_fp16_and_bf16_ones_as_fp32(tmp_
     TextEncoderCacher(encode, FP, False, True).cache([g])
     with np.load(tmp_path / "img" / "a_flux_te.npz") as npz:
         assert npz["t5_out"].dtype == stored and npz["t5_attn_mask"].dtype == np.int64
+
+
+# --- what the arrays and keys hold ----------------------------------------------------------------------------
+def _latents_of(enc, e, flip: bool = False) -> torch.Tensor:
+    """The stand-in's latents of e's prepared image, mirrored left-right first when ``flip``."""
+    rgb, *_ = prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return enc.encode(torch.flip(x, dims=[3]) if flip else x)[0]
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_flipped_latents_are_those_of_the_left_right_mirrored_image(tmp_path, to_disk):
+    # flip_aug flips horizontally (spec §c.6); the pooling stand-in commutes with that flip, so the flipped
+    # latents are also the latents mirrored along their width, and not along their height
+    g = _group(tmp_path, "flip_aug = true")
+    enc = StandInEncoder()
+    LatentCacher(enc, "ae", to_disk).cache([g])
+    for e in g.entries():
+        lat, flipped = (caches.load_latents(e)[:2] if to_disk else (e.latents, e.latents_flipped))
+        assert torch.allclose(flipped, _latents_of(enc, e, flip=True), atol=1e-6)
+        assert torch.allclose(flipped, torch.flip(lat, dims=[2]), atol=1e-6)
+        assert not torch.allclose(flipped, torch.flip(lat, dims=[1]), atol=1e-3)
+
+
+def test_a_non_square_bucket_keys_its_latents_by_latent_height_then_width(tmp_path):
+    """Spec §f.4: keys end in _<h>x<w> of the latent, e.g. latents_96x64 for a 512 wide, 768 high bucket."""
+    assert caches.reso_suffix((512, 768)) == "_96x64"
+    g = _group(tmp_path, datasets=(("[32, 48]", 1),), size=(40, 60))  # resolution (W, H) = (32, 48)
+    e = next(e for e in g.entries() if e.path.endswith("a.png"))
+    assert e.bucket == (32, 48)
+    enc = StandInEncoder()
+    LatentCacher(enc, "ae", True).cache([g])
+    with np.load(tmp_path / "img" / "a_0040x0060_flux.npz") as npz:
+        assert {"latents_6x4", "original_size_6x4", "crop_ltrb_6x4", "cache_record_6x4"} <= set(npz.files)
+        assert not any(k.endswith("_4x6") for k in npz.files)
+        assert npz["latents_6x4"].shape == (16, 6, 4) and npz["original_size_6x4"].tolist() == [40, 60]
+    assert torch.allclose(caches.load_latents(e)[0], _latents_of(enc, e), atol=1e-6)
+
+
+def test_flipped_latents_and_mask_of_an_older_version_of_the_image_are_dropped(tmp_path):
+    # run 1 caches flip and mask of a.png; a.png is replaced and run 2 (no flip, no mask) re-encodes it: the old
+    # image's flipped latents and mask must go, or run 3 (flip and mask again) would find every key and reuse them
+    image = tmp_path / "img" / "a.png"
+    make_image(image, (32, 32), seed=1, mode="RGBA")
+    flags = "flip_aug = true\nalpha_mask = true"
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, flags, names=("a.png",))]).encoded == 1
+    make_image(image, (32, 32), seed=2, mode="RGBA")
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, names=("a.png",))]).encoded == 1
+    with np.load(tmp_path / "img" / "a_0032x0032_flux.npz") as npz:
+        assert sorted(npz.files) == ["cache_record_4x4", "crop_ltrb_4x4", "latents_4x4", "original_size_4x4"]
+    enc = StandInEncoder()
+    g = _group(tmp_path, flags, names=("a.png",))
+    assert LatentCacher(enc, "ae", True).cache([g]).encoded == 1
+    (e,) = g.entries()
+    _, flipped, mask = caches.load_latents(e)
+    assert torch.allclose(flipped, _latents_of(enc, e, flip=True), atol=1e-6)
+    assert np.allclose(mask.numpy(), np.asarray(Image.open(image))[..., 3] / 255.0, atol=1e-6)
+
+
+def test_a_latent_of_the_same_bucket_but_another_resize_is_encoded_again(tmp_path):
+    # a 40x36 image lands in a 32x32 bucket both ways: covering it without buckets (resized to 36x32), and
+    # kept at its size with bucket_no_upscale (40x36, floored): one key, two crops, so the record must tell
+    make_folder(tmp_path / "img", {"a.png": (40, 36)})
+
+    def group(dataset: str):
+        cfg = write_toml(tmp_path / "c.toml", f"""
+            [[datasets]]
+            {dataset}
+              [[datasets.subsets]]
+              image_dir = "{tmp_path / 'img'}"
+            """)
+        return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+
+    first = group("resolution = 32")
+    assert [(e.bucket, e.resized) for e in first.entries()] == [((32, 32), (36, 32))]
+    LatentCacher(StandInEncoder(), "ae", True).cache([first])
+    second = group("resolution = 64\nenable_bucket = true\nbucket_no_upscale = true\nbucket_reso_steps = 16")
+    (e,) = second.entries()
+    assert (e.bucket, e.resized) == ((32, 32), (40, 36))
+    enc = StandInEncoder()
+    assert LatentCacher(enc, "ae", True).cache([second]).encoded == 1
+    assert torch.allclose(caches.load_latents(e)[0], _latents_of(enc, e), atol=1e-6)
+
+
+def test_te_outputs_cached_without_the_t5_mask_are_encoded_again_with_it(tmp_path):
+    # the trainer's fingerprint leaves the mask flag out (it is the file's apply_t5_attn_mask array, as in
+    # sd-scripts' check, spec §f.4): the array alone must send the file back to the encoder
+    fp = {"t5xxl": "t5.safetensors:1:1", "t5xxl_max_token_length": 8}
+    g = _group(tmp_path)
+    TextEncoderCacher(FakeTextEncoder(), fp, False, True).cache([g])
+    te = FakeTextEncoder()
+    stats = TextEncoderCacher(te, fp, True, True).cache([_group(tmp_path)])
+    assert (stats.encoded, stats.reused, sorted(te.seen)) == (3, 0, ["caption a", "caption b", "caption c"])
+    with np.load(tmp_path / "img" / "a_flux_te.npz") as npz:
+        assert bool(npz["apply_t5_attn_mask"]) is True
+    again = TextEncoderCacher(FakeTextEncoder(), fp, True, True).cache([_group(tmp_path)])
+    assert (again.encoded, again.reused) == (0, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -178,3 +179,37 @@ def test_validation_captions_are_whole_under_token_warm_up(tmp_path, warmup):
     train.set_current_step(0)
     assert all(c == "t1" for c in train[0]["captions"])  # training starts warm-up at token_warmup_min (1) tag
     assert all(c.count(",") == 5 for i in range(len(val)) for c in val[i]["captions"])
+
+
+def test_original_sizes_are_height_then_width(tmp_path):
+    # a 64 wide, 48 high image: (H, W) = (48, 64), as its name says and sd-scripts' original_size is read
+    make_image(tmp_path / "a" / "w.png", (64, 48))
+    train, _ = _build(tmp_path, f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "a"}"')
+    b = train[0]
+    assert b["original_sizes_hw"].tolist() == [[48, 64]] and b["target_sizes_hw"].tolist() == [[32, 32]]
+
+
+def test_regularisation_repeats_start_from_their_own_and_grow_round_robin(tmp_path):
+    """Spec §c.3: reg subsets keep their num_repeats, then gain one per image in turn until reg samples >=
+    training samples; num_train_images counts repeats, num_reg_images the reg repeats before that growth."""
+    make_folder(tmp_path / "t", {"t1.png": (32, 32), "t2.png": (32, 32)})
+    make_folder(tmp_path / "r", {"r1.png": (32, 32)})
+    make_folder(tmp_path / "q", {"q1.png": (32, 32)})
+    train, _ = _build(tmp_path, f"""
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 't'}"
+          num_repeats = 5
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'r'}"
+          is_reg = true
+          num_repeats = 3
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'q'}"
+          is_reg = true
+        """)
+    # 10 training samples; reg starts at r1 3 + q1 1 = 4, then r1, q1, r1, q1, r1, q1 gain one each -> 6 + 4
+    repeats = {os.path.basename(e.path): e.num_repeats for e in train.entries()}
+    assert repeats == {"t1.png": 5, "t2.png": 5, "r1.png": 6, "q1.png": 4}
+    assert (train.num_train_images, train.num_reg_images) == (10, 4)
+    counts = Counter(os.path.basename(e.path) for b in train.datasets[0].epoch_batches(1) for e in b)
+    assert counts == repeats

@@ -11,7 +11,13 @@ from collections import Counter
 
 import pytest
 
-from library.buckets import BucketSelector, adjust_min_max_reso, check_reso_steps, make_bucket_resolutions
+from library.buckets import (
+    BucketSelector,
+    adjust_min_max_reso,
+    check_reso_steps,
+    crop_ltrb,
+    make_bucket_resolutions,
+)
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
@@ -53,6 +59,14 @@ def test_bucket_list_non_square_resolution():
     assert make_bucket_resolutions((96, 64), 32, 128, 32) == [(32, 128), (64, 64), (64, 96), (96, 64), (128, 32)]
 
 
+def test_bucket_list_includes_the_width_max_bucket_reso():
+    # sd-scripts loops while width <= max_size. max_area 4096, square side 64; width 16: min(32, 256) = 32 ->
+    # (16,32),(32,16); width 32 (= max_size): min(32, 128) = 32 -> (32,32), which no other width yields
+    assert make_bucket_resolutions((64, 64), 16, 32, 16) == [(16, 32), (32, 16), (32, 32), (64, 64)]
+    # with min and max not multiples of the step, width 120 (= max) alone yields (120,80): 10000 // 120 = 83 -> 80
+    assert {(120, 80), (80, 120)} <= set(make_bucket_resolutions((100, 100), 40, 120, 16))
+
+
 @pytest.fixture
 def selector64():
     return BucketSelector((64, 64), 16, make_bucket_resolutions((64, 64), 32, 128, 16))
@@ -88,6 +102,29 @@ def test_no_upscale_large_image_is_downscaled_to_the_area_then_floored():
     # 40x30 fits: no resize, bucket floored to (32, 16)
     c = s.select(40, 30)
     assert (c.bucket, c.resized) == ((32, 16), (40, 30))
+
+
+def test_select_takes_the_first_of_two_equally_near_buckets(selector64):
+    # aspect 3.25 (104x32) lies 0.25 from 96/32 = 3 and from 112/32 = 3.5; numpy's argmin in sd-scripts takes
+    # the first in the sorted list. 3.25 > 3 -> scale 32/32 -> (104, 32). Likewise 3.75 between 3.5 and 4.
+    c = selector64.select(104, 32)
+    assert (c.bucket, c.resized) == ((96, 32), (104, 32))
+    assert selector64.select(120, 32).bucket == (112, 32)
+
+
+def test_no_upscale_rounds_half_up_to_the_step():
+    # 79x80 (aspect 0.9875, area 6320 > 4096): width sqrt(4096 * 0.9875) = 63.6 -> int(64.1) = 64, height from it
+    # 64.8 -> 65 -> 64: aspect 1.0 (error 0.0125); height 64.4 -> 64, width from it 63.2 -> 63 -> 48: aspect 0.75.
+    # Width first: resized (64, int(64.81 + 0.5)) = (64, 65), bucket (64, 64). Truncating would give 48x48.
+    s = BucketSelector((64, 64), 16, None, no_upscale=True)
+    c = s.select(79, 80)
+    assert (c.bucket, c.resized) == ((64, 64), (64, 65))
+
+
+def test_crop_ltrb_floors_both_offsets_as_sd_scripts():
+    # get_crop_ltrb: a 32x40 image in a 32x32 bucket is 25.6 wide there; left = (32 - 25.6) // 2 = 3.0, not 3.2
+    assert crop_ltrb((32, 32), (32, 40)) == (3.0, 0, 28.6, 32)
+    assert crop_ltrb((32, 32), (40, 32)) == (0, 3.0, 32, 28.6)
 
 
 def test_without_buckets_images_cover_the_single_resolution():

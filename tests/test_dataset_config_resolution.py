@@ -85,6 +85,52 @@ def test_the_old_spelling_of_caption_extension_still_sets_it(tmp_path, flags, ex
     assert d.subsets[0].caption_extension == extension
 
 
+def test_caption_extension_without_its_dot_gets_one(tmp_path):
+    """Spec §c.3 and the guide: a leading '.' is added if missing, so "txt" reads a.txt, not "atxt"."""
+    make_folder(tmp_path / "img", {"a.png": (32, 32)}, {"a.png": "from the file"})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          caption_extension = "txt"
+        """)
+    configs = load_dataset_configs(make_args("--dataset_config", cfg))
+    assert configs[0].subsets[0].caption_extension == ".txt"
+    train, _ = build_dataset_groups(configs, seed=0)
+    assert [e.caption for e in train.entries()] == ["from the file"]
+
+
+def test_class_tokens_are_inherited_from_general_and_the_dataset(tmp_path):
+    """class_tokens may sit at any level (guide §2, spec §c.2); the nearest wins and captions images without a file."""
+    make_folder(tmp_path / "a", {"a.png": (32, 32)})
+    make_folder(tmp_path / "b", {"b.png": (32, 32)})
+    make_folder(tmp_path / "c", {"c.png": (32, 32)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [general]
+        class_tokens = "general dog"
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'a'}"
+        [[datasets]]
+        resolution = 32
+        class_tokens = "dataset cat"
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'b'}"
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'c'}"
+          class_tokens = "subset fox"
+        """)
+    configs = load_dataset_configs(make_args("--dataset_config", cfg))
+    subsets = [s for d in configs for s in d.subsets]
+    assert [(s.class_tokens, s.origins["class_tokens"]) for s in subsets] == [
+        ("general dog", "[general]"), ("dataset cat", "datasets[1]"), ("subset fox", "datasets[1].subsets[1]")]
+    train, _ = build_dataset_groups(configs, seed=0)
+    captions = {os.path.basename(e.path): e.caption for e in train.entries()}
+    assert captions == {"a.png": "general dog", "b.png": "dataset cat", "c.png": "subset fox"}
+
+
 def test_validation_split_in_a_subset_overrides_its_dataset(tmp_path):
     cfg = write_toml(
         tmp_path / "c.toml",
@@ -306,6 +352,7 @@ interpolation_type = "lanczos" # Example: Use Lanczos interpolation
         ("caption_dropout_rate", "caption_dropout_rate = 0.1"),
         ("shuffle_caption", "shuffle_caption = true"),
         ("token_warmup_step", "token_warmup_step = 10"),
+        ("token_warmup_step", "token_warmup_step = 0.5"),  # a fraction of the run is a warm-up too
         ("caption_tag_dropout_rate", "caption_tag_dropout_rate = 0.2"),
     ],
 )
