@@ -250,4 +250,3 @@ def test_folder_dataset_records_keep_tokens(tmp_path):
     assert json.loads(md["ss_tag_frequency"]) == {"2_sks": {"sks": 1, "dog": 1}}
 
 
-# endregion
