@@ -248,5 +248,3 @@ def test_folder_dataset_records_keep_tokens(tmp_path):
     md = dataset_metadata(group.datasets, False, args)
     assert md["ss_keep_tokens"] == 2
     assert json.loads(md["ss_tag_frequency"]) == {"2_sks": {"sks": 1, "dog": 1}}
-
-
