@@ -111,11 +111,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.validation_config = dataclasses.replace(self.flow_config, ip_noise_gamma=None)
 
     def text_encoders_with_lora(self, args) -> list[int] | None:
-        """CLIP-L (FLUX.1 only) always, T5 with ``train_t5xxl=True``; None for third-party network modules."""
+        """CLIP-L (FLUX.1 only) always, T5 with ``train_t5xxl=True``; None for third-party network modules and
+        with --dim_from_weights (the file's modules decide)."""
         from library.network_interop import OWN_NETWORK_MODULES, network_module_name
         from networks.lora_flux_args import parse_bool
 
-        if network_module_name(args) not in OWN_NETWORK_MODULES:
+        if network_module_name(args) not in OWN_NETWORK_MODULES or args.dim_from_weights:  # the module or file decides
             return None
         train_t5xxl = parse_bool("train_t5xxl", train_network.parse_network_args(args.network_args).get("train_t5xxl"))
         return ([0] if args.model_type == "flux" else []) + ([1] if train_t5xxl else [])
@@ -196,6 +197,18 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         # the tokenizers now, before the models: an offline machine without them stops in seconds
         self.tokenize_strategy = FluxTokenizeStrategy(self.t5_max_length, args.tokenizer_cache_dir,
                                                       use_clip_l=args.model_type == "flux")  # fmt: skip
+
+    @staticmethod
+    def _named_nan_to_zero(latents, batch: dict):
+        """sd-scripts zeroes NaN latents without naming the image: name it, then do the same."""
+        import torch
+
+        if not torch.isnan(latents).any():
+            return latents
+        broken = [path for path, lat in zip(batch["image_paths"], latents, strict=True) if torch.isnan(lat).any()]
+        logger.warning("NaN in the latents of %s (its latent cache, or the AE in this precision: try --no_half_vae); "
+                       "trained on as zeros", ", ".join(broken))  # fmt: skip
+        return torch.nan_to_num(latents, nan=0.0)
 
     def sai_model_type(self, ctx) -> str:
         if ctx.models.version == "chroma":
@@ -369,18 +382,13 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         args, device, dtype = ctx.args, ctx.accelerator.device, ctx.weight_dtype
         models = ctx.models
-        if batch["latents"] is not None:
-            latents = batch["latents"].to(device, torch.float32, non_blocking=True)
+        if batch["latents"] is not None:  # (checked for NaN on the CPU: no wait for the GPU)
+            latents = self._named_nan_to_zero(batch["latents"], batch).to(device, torch.float32, non_blocking=True)
         else:
             with torch.no_grad():
                 images = batch["images"].to(device, models.ae.dtype, non_blocking=True)
                 chunks = [models.ae.encode(c, sample=False) for c in images.split(args.vae_batch_size or len(images))]
-            latents = torch.cat(chunks).float()
-        if torch.isnan(latents).any():  # sd-scripts zeroes them without naming the image: name it, then do the same
-            broken = [path for path, lat in zip(batch["image_paths"], latents, strict=True) if torch.isnan(lat).any()]
-            logger.warning("NaN in the latents of %s (its latent cache, or the AE in this precision: try "
-                           "--no_half_vae); trained on as zeros", ", ".join(broken))  # fmt: skip
-            latents = torch.nan_to_num(latents, nan=0.0)
+            latents = self._named_nan_to_zero(torch.cat(chunks).float(), batch)
         validation = fixed_sigma is not None
         if validation:  # fixed noise levels, fixed noise, and no input perturbation
             seed = args.validation_seed if args.validation_seed is not None else ctx.seed

@@ -240,7 +240,7 @@ class NetworkTrainer:
         if not (ctx.train_unet or ctx.train_text_encoder):  # (both --*_only flags were refused before loading)
             from library.preflight import NO_TEXT_ENCODER_LORA
 
-            raise UserError(NO_TEXT_ENCODER_LORA)  # a third-party network module, not known before it existed
+            raise UserError(NO_TEXT_ENCODER_LORA)  # known only now: a third-party module, or --dim_from_weights
         if not any(p.requires_grad for p in network.parameters()):
             raise UserError(f"nothing to train: the network has no LoRA module (--network_dim {args.network_dim}, "
                             "and no network_args give a layer a rank)")  # fmt: skip
@@ -395,10 +395,10 @@ class NetworkTrainer:
         if os.environ.get("RANK", "0") == "0":  # launched processes: the first one cleans up
             from library.train_state import remove_abandoned_temporaries
 
-            removed = remove_abandoned_temporaries(args.output_dir, args.output_name)
-            if removed:
-                logger.info("removed what an interrupted run left half-written in %s: %s", args.output_dir,
-                            ", ".join(removed))  # fmt: skip
+            cleaned = remove_abandoned_temporaries(args.output_dir, args.output_name)
+            if cleaned:
+                logger.info("cleaned up after an interrupted run in %s (half-written saves removed, a state "
+                            "it was replacing put back): %s", args.output_dir, ", ".join(cleaned))  # fmt: skip
 
     @staticmethod
     def import_network_module(args):

@@ -50,7 +50,8 @@ def check_counts(args) -> None:
 
 NO_TEXT_ENCODER_LORA = (
     "nothing to train: --network_train_text_encoder_only, but no text encoder gets LoRA modules in this run "
-    "(Chroma has no CLIP-L, and T5 trains only with --network_args train_t5xxl=True)"
+    "(Chroma has no CLIP-L; T5 trains only with --network_args train_t5xxl=True; with --dim_from_weights, "
+    "the --network_weights file has no text-encoder modules)"
 )
 
 

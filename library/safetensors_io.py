@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -237,7 +238,12 @@ def save_safetensors(
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # a folder of this process's own: safetensors writes into a temporary file of its own naming beside the
+    # target, which a killed save would leave with a name nobody recognises
+    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    tmp = tmp_dir / path.name
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     try:
         try:
@@ -248,8 +254,18 @@ def save_safetensors(
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors 0.8 writes 0600, which other users could not read
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def write_torch_file(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through a buffer: torch's own file writer reports a full disk as a RuntimeError
+    without an errno, Python's file write raises the OSError it is."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ take for a good one.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -69,35 +68,49 @@ def remove_path(path: str) -> None:
         os.remove(path)
 
 
-# what save_safetensors and save_training_state write before the rename: ".{final name}.tmp-{pid}", and
-# ".{state}.tmp-{pid}.old" for the state it replaces
-_TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)(\.old)?")
+# what save_safetensors and save_training_state write before the rename: ".{final name}.tmp-{pid}" (a folder
+# for both), and ".{state}.tmp-{pid}.old" for the state being replaced
+_TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)(?P<old>\.old)?")
 
 
-def _process_exists(pid: int) -> bool:
+def _abandoned(pid: int) -> bool:
+    """Whether the process that wrote a temporary is gone. Called before this run writes anything, so
+    a temporary named after this very process is a leftover of an earlier one that had its number."""
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
         return True
-    return True
+    except PermissionError:  # another user's
+        return False
+    return False
 
 
 def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> list[str]:
-    """Removes the temporary files and state folders of ``output_name``'s saves that a killed run left
-    in ``output_dir`` (hidden, and named after the process that wrote them, which is gone); returns
-    their names."""
-    if not os.path.isdir(output_dir):
+    """Cleans up after a killed run of the same ``--output_name``: removes the temporaries its saves left
+    (hidden, named after the file or state folder they were to become and the process that wrote them,
+    which is gone), and puts back a state folder it had moved aside to replace (``.old``) when the
+    replacement never arrived. Returns what it removed or put back, relative to ``output_dir``."""
+    if not output_name:  # the default names ("last", "at", "epoch") are too generic to claim
         return []
-    prefix = output_name or ""
-    removed = []
-    for entry in sorted(os.listdir(output_dir)):
+    folder = os.path.join(output_dir, os.path.dirname(output_name))
+    base = re.escape(os.path.basename(output_name))
+    ours = re.compile(rf"{base}(-step\d+|-\d+)?(-state|\.[A-Za-z0-9]+)")  # model_file_name's, state_dir_name's
+    if not os.path.isdir(folder):
+        return []
+    cleaned = []
+    for entry in sorted(os.listdir(folder)):
         match = _TEMPORARY_NAME.fullmatch(entry)
-        if match and match["final"].startswith(prefix) and not _process_exists(int(match["pid"])):
-            remove_path(os.path.join(output_dir, entry))
-            removed.append(entry)
-    return removed
+        if not (match and ours.fullmatch(match["final"]) and _abandoned(int(match["pid"]))):
+            continue
+        path, final = os.path.join(folder, entry), os.path.join(folder, match["final"])
+        if match["old"] and not os.path.exists(final):  # killed between moving the old state aside and renaming
+            os.replace(path, final)
+        else:
+            remove_path(path)
+        cleaned.append(os.path.relpath(path, output_dir))
+    return cleaned
 
 
 @dataclass
@@ -137,15 +150,6 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _write_torch(obj, path: str) -> None:
-    """``torch.save`` through a buffer: torch's own file writer reports a full disk as a RuntimeError
-    without an errno, Python's file writes it as the OSError it is."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    with open(path, "wb") as f:
-        f.write(buffer.getbuffer())
-
-
 def save_training_state(
     state_dir: str,
     network_state: dict[str, torch.Tensor],
@@ -159,7 +163,7 @@ def save_training_state(
 
     ``rng_states`` holds every process's RNG states in rank order (``random_states_<rank>.pkl``,
     as accelerate names them); by default this process's alone, as rank 0."""
-    from library.safetensors_io import save_safetensors
+    from library.safetensors_io import save_safetensors, write_torch_file
 
     parent = os.path.dirname(os.path.abspath(state_dir))
     os.makedirs(parent, exist_ok=True)
@@ -168,13 +172,13 @@ def save_training_state(
     os.makedirs(tmp)
     try:
         save_safetensors(network_state, os.path.join(tmp, "model.safetensors"))
-        _write_torch(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
-        _write_torch(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
+        write_torch_file(optimizer.state_dict(), os.path.join(tmp, "optimizer.bin"))
+        write_torch_file(lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.bin"))
         for rank, states in enumerate(rng_states or [capture_rng_states()]):
             with open(os.path.join(tmp, f"random_states_{rank}.pkl"), "wb") as f:
                 pickle.dump(states, f)
         if scaler is not None:
-            _write_torch(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            write_torch_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
             # sd-scripts reads the first two; the optimizer lets --resume with another one stop with a message
             json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step,
@@ -229,10 +233,23 @@ def _damage(path: str) -> str | None:
                 if bad:
                     return f"a bad checksum in {bad}"
         elif name.startswith("random_states_") and name.endswith(".pkl"):
-            read_rng_states(path)
+            return _rng_file_damage(path)
     except (CheckpointError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, RuntimeError, ValueError,
             OSError) as e:  # fmt: skip
         return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _rng_file_damage(path: str) -> str | None:
+    """A damaged pickle can fail in any way while read, or give values the generators refuse: it is
+    read and tried on the generators (which are then put back as they were)."""
+    current = capture_rng_states()
+    try:
+        restore_rng_states(read_rng_states(path))
+    except Exception as e:  # noqa: BLE001 (whatever the damage raises, the file is what is named)
+        return f"{type(e).__name__}: {e}"
+    finally:
+        restore_rng_states(current)
     return None
 
 
@@ -342,6 +359,7 @@ def load_training_state(
 
 def _load_torch(state_dir: str, name: str):
     try:
-        return torch.load(os.path.join(state_dir, name), weights_only=False)
+        # on the CPU: a state saved on a GPU loads on any machine; load_state_dict moves it to the parameters
+        return torch.load(os.path.join(state_dir, name), map_location="cpu", weights_only=False)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
         raise _damaged(state_dir, name, f"{type(e).__name__}: {e}") from None

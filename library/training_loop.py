@@ -61,9 +61,6 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-_WORKER_ERROR = "library.errors.UserError: "  # how a worker's UserError ends the text torch re-raises it with
-
-
 @contextlib.contextmanager
 def _workers_shut_down_on_error(loader):
     """An iterator over ``loader`` whose worker processes are shut down as soon as anything goes wrong:
@@ -73,11 +70,12 @@ def _workers_shut_down_on_error(loader):
     batches = iter(loader)
     try:
         yield batches
-    except UserError as e:
-        text = str(e)
+    except UserError as e:  # (CheckpointError and the like too)
         _stop_workers(batches)
-        if text.startswith("Caught UserError in DataLoader worker") and _WORKER_ERROR in text:
-            raise UserError(text.rsplit(_WORKER_ERROR, 1)[1].strip()) from None
+        text, kind = str(e), type(e)
+        ending = f"{kind.__module__}.{kind.__qualname__}: "  # how the worker's traceback ends, before the message
+        if text.startswith(f"Caught {kind.__name__} in DataLoader worker") and ending in text:
+            raise kind(text.rsplit(ending, 1)[1].strip()) from None
         raise
     except BaseException:
         _stop_workers(batches)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from library.errors import CheckpointError
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
-from library.safetensors_io import load_safetensors, read_keys, read_metadata, save_safetensors
+from library.safetensors_io import load_safetensors, read_keys, read_metadata, save_safetensors, write_torch_file
 from networks.lora_flux_targets import is_split_target, split_parts
 
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
@@ -90,7 +90,7 @@ def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -
     path = Path(file)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state_dict, tmp)
+        write_torch_file(state_dict, tmp)  # a full disk is an OSError, as for safetensors files
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -216,8 +216,10 @@ class LoRAModule(nn.Module):
         else:  # (compiled, the plain form: the compiler fuses the gradient sum with its neighbours)
             lx = F.linear(x.to(dtype), down.to(dtype))
 
+        keep = None
         if drop_module and torch.compiler.is_compiling():  # a Python branch on a random draw would break the graph
-            lx = lx * (torch.rand((), device=lx.device) >= self.module_dropout).to(lx.dtype)
+            keep = (torch.rand((), device=lx.device) >= self.module_dropout).to(lx.dtype)
+            lx = lx * keep
         scale = self.scale
         if self.training and self.rank_dropout:
             scale = scale / (1.0 - self.rank_dropout)  # keeps the expected update while ranks drop out
@@ -235,8 +237,9 @@ class LoRAModule(nn.Module):
             outs = [up(self._regularize(part)) for part, (_, up) in zip(lxs, self.pairs(), strict=True)]
             delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             out = org + (delta * strength).to(org.dtype)
-        if perturbed:
-            out = out + self._ggpo_perturbation(x).to(out.dtype)
+        if perturbed:  # (not for a dropped module, as eager)
+            perturbation = self._ggpo_perturbation(x).to(out.dtype)
+            out = out + (perturbation if keep is None else perturbation * keep.to(out.dtype))
         return out
 
     def _base_matmul(

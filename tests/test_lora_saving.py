@@ -213,7 +213,10 @@ def test_a_crash_mid_save_never_leaves_a_partial_file_under_the_final_name(flux,
     if suffix == ".safetensors":
         monkeypatch.setattr(safetensors.torch, "save_file", crash_midway(safetensors.torch.save_file))
     else:
-        monkeypatch.setattr(torch, "save", crash_midway(torch.save))
+        import networks.lora_flux_files
+
+        writer = networks.lora_flux_files.write_torch_file
+        monkeypatch.setattr(networks.lora_flux_files, "write_torch_file", crash_midway(writer))
     with pytest.raises(OSError, match="disk full"):
         second.save_weights(file, None, None)
     with pytest.raises(OSError, match="disk full"):

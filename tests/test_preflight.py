@@ -85,6 +85,7 @@ def trained_text_encoders(*argv: str) -> list[int] | None:
     (["--model_type", "chroma"], []),  # no CLIP-L
     (["--model_type", "chroma", "--network_args", "train_t5xxl=True"], [1]),
     (["--network_module", "lycoris.kohya"], None),  # a third-party module decides for itself
+    (["--dim_from_weights", "--network_weights", "x.safetensors"], None),  # so does the file's set of modules
 ])
 def test_the_flux_trainer_knows_which_text_encoders_get_lora(argv, expected):
     assert trained_text_encoders(*argv) == expected

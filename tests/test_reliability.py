@@ -183,6 +183,31 @@ def test_nan_latents_of_an_image_are_named_and_trained_on_as_zeros(tiny_model_fi
         assert torch.isfinite(tensor).all()
 
 
+def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, tmp_path, caplog):
+    """A cache file this trainer did not write (this one refuses NaN when it caches) is checked on the CPU."""
+    import numpy as np
+
+    data = dataset(tmp_path, batch_size=1)
+    flags = dict(network_train_unet_only=True, cache_latents_to_disk=True)
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "first"), steps=1, **flags)) == 0
+    cache = sorted(f for f in os.listdir(data.image_dir) if f.endswith("_flux.npz"))[0]
+    path = os.path.join(data.image_dir, cache)
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    key = next(k for k in arrays if k.startswith("latents_"))
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[0] = np.nan
+    np.savez(path, **arrays)
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        assert flux_train_network.main(base_argv(tiny_model_files, data, out, steps=6, **flags)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "NaN in the latents of" in r.getMessage()]
+    image = re.sub(r"_\d+x\d+_flux\.npz$", ".png", cache)  # sd-scripts' cache name: <stem>_<W>x<H>_flux.npz
+    assert warnings and all(f"NaN in the latents of {os.path.join(data.image_dir, image)} (" in w for w in warnings)
+    for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
+        assert torch.isfinite(tensor).all()
+
+
 @pytest.mark.parametrize("raised_by", ["os", "safetensors"])  # safetensors' writer raises its own error type
 def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tiny_model_files, tmp_path, capsys,
                                                                             monkeypatch, raised_by):
@@ -219,14 +244,14 @@ def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     state = str(tmp_path / "lora-state")
     save_training_state(state, network, optimizer, scheduler, TrainProgress(1, 3))
-    import library.train_state
+    import library.safetensors_io
 
     def fail_on_scheduler(path, *args, **kwargs):  # the disk fills while scheduler.bin is written
         if str(path).endswith("scheduler.bin"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(library.train_state, "open", fail_on_scheduler, raising=False)
+    monkeypatch.setattr(library.safetensors_io, "open", fail_on_scheduler, raising=False)
     with pytest.raises(OSError):
         save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5))
     assert sorted(os.listdir(tmp_path)) == ["lora-state"]
@@ -380,12 +405,12 @@ def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_
 def test_a_full_disk_while_writing_a_state_file_is_an_oserror_with_its_errno():
     """torch.save's own writer reports a full disk as a RuntimeError without an errno, which the trainer
     did not take for a failed write (a raw traceback, and the final LoRA, saved after the state, lost)."""
-    from library.train_state import _write_torch
+    from library.safetensors_io import write_torch_file
 
     with pytest.raises(RuntimeError):
         torch.save({"m": torch.ones(100000)}, "/dev/full")
     with pytest.raises(OSError) as raised:
-        _write_torch({"m": torch.ones(100000)}, "/dev/full")
+        write_torch_file({"m": torch.ones(100000)}, "/dev/full")
     assert raised.value.errno == errno.ENOSPC
 
 
@@ -431,6 +456,20 @@ def test_a_damaged_state_file_stops_before_any_work_naming_it(tmp_path, name, ho
     assert ("--network_weights" in str(raised.value)) == (name != "model.safetensors")
 
 
+def test_random_states_of_the_wrong_kind_are_damage_too(tmp_path):
+    import pickle
+
+    from library.train_state import check_state_dir
+
+    state = _sgd_state(tmp_path)
+    with open(os.path.join(state, "random_states_0.pkl"), "wb") as f:
+        pickle.dump({"python": "not a state", "numpy": None, "torch": torch.zeros(3)}, f)
+    before = torch.get_rng_state()
+    with pytest.raises(UserError, match="random_states_0.pkl is damaged"):
+        check_state_dir(state)
+    assert torch.equal(torch.get_rng_state(), before)  # trying the file left the generators as they were
+
+
 def test_a_state_without_random_states_resumes_with_a_warning(tmp_path, caplog):
     state = _sgd_state(tmp_path)
     os.remove(os.path.join(state, "random_states_0.pkl"))
@@ -443,12 +482,12 @@ def test_a_state_without_random_states_resumes_with_a_warning(tmp_path, caplog):
 def test_a_state_that_does_not_fit_on_the_disk_costs_the_state_alone(tiny_model_files, tmp_path, capsys,
                                                                      monkeypatch):
     """The final LoRA is written before the final state: a disk with room for the LoRA keeps it."""
-    import library.train_state
+    import library.safetensors_io
 
     def no_room(obj, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(library.train_state, "_write_torch", no_room)
+    monkeypatch.setattr(library.safetensors_io, "write_torch_file", no_room)
     data = dataset(tmp_path, batch_size=1)
     out = str(tmp_path / "out")
     argv = base_argv(tiny_model_files, data, out, steps=1, save_state=True, network_train_unet_only=True)
@@ -497,22 +536,54 @@ def test_a_signal_during_a_checkpoint_save_does_not_save_that_step_again(tiny_mo
     assert sorted(os.listdir(out)) == ["lora-step00000001-state", "lora-step00000001.safetensors"]
 
 
-def test_temporaries_a_killed_run_left_are_removed_and_no_others(tmp_path):
+def test_temporaries_a_killed_run_left_are_cleaned_up_and_no_others(tmp_path):
     from library.train_state import remove_abandoned_temporaries
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead, alive = gone.pid, os.getpid()
-    for name in (f".lora.safetensors.tmp-{dead}", f".lora-step00000002.safetensors.tmp-{dead}",
-                 f".other.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{alive}", "lora.safetensors"):
-        (tmp_path / name).write_bytes(b"x")
-    for name in (f".lora-state.tmp-{dead}", f".lora-state.tmp-{dead}.old", "lora-state"):
-        (tmp_path / name).mkdir()
-    removed = remove_abandoned_temporaries(str(tmp_path), "lora")
-    assert removed == sorted([f".lora-state.tmp-{dead}", f".lora-state.tmp-{dead}.old",
-                              f".lora-step00000002.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{dead}"])
-    assert sorted(os.listdir(tmp_path)) == sorted([f".other.safetensors.tmp-{dead}",
-                                                   f".lora.safetensors.tmp-{alive}", "lora.safetensors", "lora-state"])
+    dead, alive, me = gone.pid, os.getppid(), os.getpid()  # (this process is about to run: its own are leftovers)
+    out = tmp_path / "run1"  # --output_name run1/lora writes into a folder of --output_dir
+    out.mkdir()
+    for name in (f".lora-step00000002.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{me}",  # killed saves
+                 f".lora_v2.safetensors.tmp-{dead}", f".other.safetensors.tmp-{dead}",  # other runs'
+                 f".lora.safetensors.tmp-{alive}"):  # still being written
+        (out / name).mkdir()
+        (out / name / ".tmpAbC123").write_bytes(b"x")  # what safetensors writes inside before its rename
+    for name in (f".lora-state.tmp-{dead}", f".lora-state.tmp-{dead}.old",  # killed between the two renames
+                 f".lora-000001-state.tmp-{dead}", f".lora-000001-state.tmp-{dead}.old", "lora-000001-state"):
+        (out / name).mkdir()
+    (out / f".lora-state.tmp-{dead}.old" / "model.safetensors").write_bytes(b"the state it replaced")
+    cleaned = remove_abandoned_temporaries(str(tmp_path), "run1/lora")
+    assert cleaned == [os.path.join("run1", n) for n in sorted([
+        f".lora-000001-state.tmp-{dead}", f".lora-000001-state.tmp-{dead}.old", f".lora-state.tmp-{dead}",
+        f".lora-state.tmp-{dead}.old", f".lora-step00000002.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{me}"])]
+    assert sorted(os.listdir(out)) == sorted([f".lora_v2.safetensors.tmp-{dead}", f".other.safetensors.tmp-{dead}",
+                                              f".lora.safetensors.tmp-{alive}", "lora-000001-state", "lora-state"])
+    # the state that was being replaced, and whose replacement never arrived, is put back
+    assert (out / "lora-state" / "model.safetensors").read_bytes() == b"the state it replaced"
+    assert remove_abandoned_temporaries(str(tmp_path), None) == []  # default names are too generic to claim
+
+
+def test_a_safetensors_save_writes_inside_a_folder_of_its_own_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """safetensors writes a temporary of its own naming beside its target: inside a folder named after this
+    process, a killed save leaves something the next run recognises."""
+    import safetensors.torch
+
+    from library.safetensors_io import save_safetensors
+
+    written = []
+
+    def failing(tensors, filename, metadata=None):
+        written.append(filename)
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError):
+        save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    assert written == [str(tmp_path / f".a.safetensors.tmp-{os.getpid()}" / "a.safetensors")]
+    assert os.listdir(tmp_path) == []
 
 
 def test_network_weights_beside_resume_say_the_state_replaces_them(tmp_path, caplog):
@@ -551,3 +622,15 @@ def test_an_error_in_a_data_loader_worker_ends_the_run_with_its_message(tiny_mod
     assert done.returncode == 1
     assert "error: cannot read /data/x.png: truncated\n" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_error_subclass_raised_in_a_worker_is_its_own_message():
+    from library.errors import CheckpointError
+    from library.training_loop import _workers_shut_down_on_error
+
+    wrapped = ("Caught CheckpointError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\nlibrary.errors.CheckpointError: /m/a.safetensors: damaged\nsecond line')
+    with pytest.raises(CheckpointError) as raised:
+        with _workers_shut_down_on_error([]):
+            raise CheckpointError(wrapped)
+    assert str(raised.value) == "/m/a.safetensors: damaged\nsecond line"
