@@ -2,7 +2,6 @@
 with one clear message, and interrupted writes never leave a bad file under a final name."""
 
 import errno
-import json
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ import torch
 import flux_train_network
 from library.errors import UserError
 from library.safetensors_io import load_safetensors
-from library.train_state import TrainProgress, load_training_state, save_training_state
 from tests.training_helpers import base_argv, dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +39,6 @@ def start_training(argv, own_process_group: bool = False):
 
     threading.Thread(target=read, daemon=True).start()
     return process, started, lines
-
 
 @pytest.mark.slow
 def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny_model_files, tmp_path):
@@ -70,7 +67,6 @@ def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny
                                              cache_latents=True, network_train_unet_only=True)) == 0
     assert os.path.isfile(os.path.join(resumed, "lora.safetensors"))
 
-
 def test_a_second_signal_after_the_grace_time_exits_at_once(monkeypatch):
     from library import interrupts
 
@@ -83,7 +79,6 @@ def test_a_second_signal_after_the_grace_time_exits_at_once(monkeypatch):
         monkeypatch.setattr(interrupts, "REPEAT_GRACE_S", 0.0)
         stop._handle(signal.SIGTERM, None)
         assert killed == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-
 
 def test_a_stop_between_micro_batches_saves_the_last_finished_step(tiny_model_files, tmp_path, monkeypatch):
     """With accumulation the loop does not wait for the step to finish (a launcher may kill it first):
@@ -120,7 +115,6 @@ def test_a_stop_between_micro_batches_saves_the_last_finished_step(tiny_model_fi
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
-
 @pytest.mark.slow
 def test_a_signal_delivered_twice_stops_once_without_half_written_files(tiny_model_files, tmp_path):
     data = dataset(tmp_path, batch_size=1)
@@ -137,7 +131,6 @@ def test_a_signal_delivered_twice_stops_once_without_half_written_files(tiny_mod
     for name in os.listdir(out):  # every final name is complete
         if name.endswith(".safetensors") and not name.startswith("."):
             assert load_safetensors(os.path.join(out, name))
-
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_file(tiny_model_files, tmp_path, capsys):
     data = dataset(tmp_path, batch_size=1)
@@ -156,7 +149,6 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_file(tiny_model
     for name in os.listdir(out):
         for tensor in load_safetensors(os.path.join(out, name)).values():
             assert torch.isfinite(tensor).all(), name
-
 
 def test_nan_latents_of_an_image_are_named_and_trained_on_as_zeros(tiny_model_files, tmp_path, monkeypatch, caplog):
     """Encoded each step (no latent cache), an AE output with NaN names its image and trains on, as
@@ -182,7 +174,6 @@ def test_nan_latents_of_an_image_are_named_and_trained_on_as_zeros(tiny_model_fi
     for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
         assert torch.isfinite(tensor).all()
 
-
 def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, tmp_path, caplog):
     """A cache file this trainer did not write (this one refuses NaN when it caches) is checked on the CPU."""
     import numpy as np
@@ -206,7 +197,6 @@ def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, 
     assert warnings and all(f"NaN in the latents of {os.path.join(data.image_dir, image)} (" in w for w in warnings)
     for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
         assert torch.isfinite(tensor).all()
-
 
 @pytest.mark.parametrize("raised_by", ["os", "safetensors"])  # safetensors' writer raises its own error type
 def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tiny_model_files, tmp_path, capsys,
@@ -236,105 +226,6 @@ def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tin
     assert "No space left on device" in err and "lora-step00000001.safetensors" in err
     assert sorted(os.listdir(out)) == ["lora-step00000001.safetensors"]
     assert load_safetensors(os.path.join(out, "lora-step00000001.safetensors"))
-
-
-def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
-    network = {"w": torch.ones(2)}
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    state = str(tmp_path / "lora-state")
-    save_training_state(state, network, optimizer, scheduler, TrainProgress(1, 3))
-    import library.safetensors_io
-
-    def fail_on_scheduler(path, *args, **kwargs):  # the disk fills while scheduler.bin is written
-        if str(path).endswith("scheduler.bin"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return open(path, *args, **kwargs)
-
-    monkeypatch.setattr(library.safetensors_io, "open", fail_on_scheduler, raising=False)
-    with pytest.raises(OSError):
-        save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5))
-    assert sorted(os.listdir(tmp_path)) == ["lora-state"]
-    assert json.loads((tmp_path / "lora-state" / "train_state.json").read_text()) == {
-        "current_epoch": 1, "current_step": 3, "optimizer": "torch.optim.sgd.SGD"}  # fmt: skip
-    assert torch.equal(load_safetensors(os.path.join(state, "model.safetensors"))["w"], torch.ones(2))
-
-
-def test_state_keeps_each_process_rng_and_each_process_resumes_its_own(tmp_path, caplog):
-    """A multi-process run gathers every process's RNG into random_states_<rank>.pkl; on resume each
-    process restores its own, and a process the state has none for keeps its seeded RNG."""
-    from library.train_state import capture_rng_states, load_training_state
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    per_process = []
-    for seed in (11, 22):
-        torch.manual_seed(seed)
-        per_process.append(capture_rng_states())
-    state = str(tmp_path / "lora-state")
-    save_training_state(state, {"w": torch.ones(2)}, optimizer, scheduler, TrainProgress(1, 3), rng_states=per_process)
-    assert sorted(f for f in os.listdir(state) if f.startswith("random_states")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]  # fmt: skip
-
-    draws = []
-    for rank in (0, 1):
-        torch.manual_seed(99)
-        load_training_state(state, optimizer, scheduler, process_index=rank)
-        draws.append(torch.rand(3))
-    for seed, drawn in zip((11, 22), draws, strict=True):
-        torch.manual_seed(seed)
-        assert torch.equal(drawn, torch.rand(3))
-
-    torch.manual_seed(99)
-    with caplog.at_level(logging.WARNING):
-        load_training_state(state, optimizer, scheduler, process_index=2)
-    assert "has no random_states_2.pkl" in caplog.text
-    drawn = torch.rand(3)
-    torch.manual_seed(99)
-    assert torch.equal(drawn, torch.rand(3))
-
-
-def _sgd_state(tmp_path, lr=0.1):
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    state = str(tmp_path / "lora-state")
-    save_training_state(state, {"w": torch.ones(2)}, optimizer, scheduler, TrainProgress(1, 3))
-    return state
-
-
-def test_a_state_from_an_older_optimizer_version_with_fewer_hyper_parameters_loads(tmp_path):
-    """Optimizers fill in hyper-parameters added since (torch's own; bitsandbytes reads them with defaults):
-    a state without some of them is not a state of another optimizer."""
-    adam = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(adam, lambda s: 1.0)
-    adam.param_groups[0]["params"][0].grad = torch.ones(2)
-    adam.step()
-    state = str(tmp_path / "lora-state")
-    save_training_state(state, {"w": torch.ones(2)}, adam, scheduler, TrainProgress(1, 3))
-    saved = torch.load(os.path.join(state, "optimizer.bin"), weights_only=False)
-    for key in ("foreach", "capturable", "differentiable", "fused", "maximize"):
-        saved["param_groups"][0].pop(key, None)
-    torch.save(saved, os.path.join(state, "optimizer.bin"))
-    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    load_training_state(state, fresh, torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0))
-    fresh.param_groups[0]["params"][0].grad = torch.ones(2)
-    fresh.step()
-
-
-def test_resuming_with_another_learning_rate_says_the_states_rates_go_on(tmp_path, caplog):
-    state = _sgd_state(tmp_path, lr=0.1)
-    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0)
-    with caplog.at_level(logging.WARNING):
-        load_training_state(state, sgd, scheduler)
-    assert "the schedule goes on at the state's learning rates [0.1], not this run's [0.05]" in caplog.text
-    assert sgd.param_groups[0]["lr"] == 0.1  # as in sd-scripts: the state's
-    caplog.clear()
-    same = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
-    with caplog.at_level(logging.WARNING):
-        load_training_state(state, same, torch.optim.lr_scheduler.LambdaLR(same, lambda s: 1.0))
-    assert not caplog.records
-
 
 def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     """The first step after --resume may overflow in fp16 and be skipped: the state is known to fit only once
@@ -382,7 +273,6 @@ def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     with pytest.raises(UserError, match=r"--resume lora-state: its optimizer state does not fit this run's optimizer"):
         TrainingLoop._optimizer_step(loop)
 
-
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_model_files, tmp_path):
     """`timeout`, a terminal's Ctrl+C or a launcher signal the whole process group, DataLoader workers included:
@@ -399,85 +289,6 @@ def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_
     message = "".join(lines)
     assert "interrupted by SIGTERM at step" in message and "Traceback" not in message
     assert any(f.startswith("lora-step") and f.endswith(".safetensors") for f in os.listdir(out))
-
-
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a device that is always full")
-def test_a_full_disk_while_writing_a_state_file_is_an_oserror_with_its_errno():
-    """torch.save's own writer reports a full disk as a RuntimeError without an errno, which the trainer
-    did not take for a failed write (a raw traceback, and the final LoRA, saved after the state, lost)."""
-    from library.safetensors_io import write_torch_file
-
-    with pytest.raises(RuntimeError):
-        torch.save({"m": torch.ones(100000)}, "/dev/full")
-    with pytest.raises(OSError) as raised:
-        write_torch_file({"m": torch.ones(100000)}, "/dev/full")
-    assert raised.value.errno == errno.ENOSPC
-
-
-def test_safetensors_write_errors_keep_their_errno(tmp_path, monkeypatch):
-    import safetensors
-    import safetensors.torch
-
-    from library.safetensors_io import save_safetensors
-
-    def full(*args, **kwargs):
-        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    with pytest.raises(OSError) as raised:
-        save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
-    assert raised.value.errno == errno.ENOSPC and "No space left on device" in str(raised.value)
-    assert os.listdir(tmp_path) == []
-
-
-def _damage(path: str, how: str) -> None:
-    if how == "truncated":
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
-    else:  # bytes changed in the middle: only a checksum notices
-        with open(path, "r+b") as f:
-            f.seek(os.path.getsize(path) // 2)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
-
-
-@pytest.mark.parametrize("name, how", [
-    ("optimizer.bin", "truncated"), ("optimizer.bin", "flipped"), ("scheduler.bin", "truncated"),
-    ("random_states_0.pkl", "truncated"), ("model.safetensors", "truncated"),
-])  # fmt: skip
-def test_a_damaged_state_file_stops_before_any_work_naming_it(tmp_path, name, how):
-    from library.train_state import check_state_dir
-
-    state = _sgd_state(tmp_path)
-    _damage(os.path.join(state, name), how)
-    with pytest.raises(UserError, match=f"--resume {re.escape(state)}: {re.escape(name)} is damaged") as raised:
-        check_state_dir(state)
-    assert ("--network_weights" in str(raised.value)) == (name != "model.safetensors")
-
-
-def test_random_states_of_the_wrong_kind_are_damage_too(tmp_path):
-    import pickle
-
-    from library.train_state import check_state_dir
-
-    state = _sgd_state(tmp_path)
-    with open(os.path.join(state, "random_states_0.pkl"), "wb") as f:
-        pickle.dump({"python": "not a state", "numpy": None, "torch": torch.zeros(3)}, f)
-    before = torch.get_rng_state()
-    with pytest.raises(UserError, match="random_states_0.pkl is damaged"):
-        check_state_dir(state)
-    assert torch.equal(torch.get_rng_state(), before)  # trying the file left the generators as they were
-
-
-def test_a_state_without_random_states_resumes_with_a_warning(tmp_path, caplog):
-    state = _sgd_state(tmp_path)
-    os.remove(os.path.join(state, "random_states_0.pkl"))
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
-    with caplog.at_level(logging.WARNING):
-        load_training_state(state, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
-    assert "has no random_states_0.pkl" in caplog.text and "not those an uninterrupted run" in caplog.text
-
 
 def test_a_state_that_does_not_fit_on_the_disk_costs_the_state_alone(tiny_model_files, tmp_path, capsys,
                                                                      monkeypatch):
@@ -497,7 +308,6 @@ def test_a_state_that_does_not_fit_on_the_disk_costs_the_state_alone(tiny_model_
     assert f"the last good file is {os.path.join(out, 'lora.safetensors')}" in err
     assert sorted(os.listdir(out)) == ["lora.safetensors"]
 
-
 def test_a_signal_during_the_final_save_lets_it_finish(tiny_model_files, tmp_path, monkeypatch):
     from networks.lora_flux import LoRANetwork
 
@@ -513,7 +323,6 @@ def test_a_signal_during_the_final_save_lets_it_finish(tiny_model_files, tmp_pat
     assert flux_train_network.main(base_argv(tiny_model_files, data, out, steps=1, network_train_unet_only=True)) == 0
     assert sorted(os.listdir(out)) == ["lora.safetensors"]
     assert load_safetensors(os.path.join(out, "lora.safetensors"))
-
 
 def test_a_signal_during_a_checkpoint_save_does_not_save_that_step_again(tiny_model_files, tmp_path, monkeypatch):
     from networks.lora_flux import LoRANetwork
@@ -534,68 +343,6 @@ def test_a_signal_during_a_checkpoint_save_does_not_save_that_step_again(tiny_mo
     assert flux_train_network.main(argv) == 128 + signal.SIGINT
     assert saved == ["lora-step00000001.safetensors"]
     assert sorted(os.listdir(out)) == ["lora-step00000001-state", "lora-step00000001.safetensors"]
-
-
-def test_temporaries_a_killed_run_left_are_cleaned_up_and_no_others(tmp_path):
-    from library.train_state import remove_abandoned_temporaries
-
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    dead, alive, me = gone.pid, os.getppid(), os.getpid()  # (this process is about to run: its own are leftovers)
-    out = tmp_path / "run1"  # --output_name run1/lora writes into a folder of --output_dir
-    out.mkdir()
-    for name in (f".lora-step00000002.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{me}",  # killed saves
-                 f".lora_v2.safetensors.tmp-{dead}", f".other.safetensors.tmp-{dead}",  # other runs'
-                 f".lora.safetensors.tmp-{alive}"):  # still being written
-        (out / name).mkdir()
-        (out / name / ".tmpAbC123").write_bytes(b"x")  # what safetensors writes inside before its rename
-    for name in (f".lora-state.tmp-{dead}", f".lora-state.tmp-{dead}.old",  # killed between the two renames
-                 f".lora-000001-state.tmp-{dead}", f".lora-000001-state.tmp-{dead}.old", "lora-000001-state"):
-        (out / name).mkdir()
-    (out / f".lora-state.tmp-{dead}.old" / "model.safetensors").write_bytes(b"the state it replaced")
-    cleaned = remove_abandoned_temporaries(str(tmp_path), "run1/lora")
-    assert cleaned == [os.path.join("run1", n) for n in sorted([
-        f".lora-000001-state.tmp-{dead}", f".lora-000001-state.tmp-{dead}.old", f".lora-state.tmp-{dead}",
-        f".lora-state.tmp-{dead}.old", f".lora-step00000002.safetensors.tmp-{dead}", f".lora.safetensors.tmp-{me}"])]
-    assert sorted(os.listdir(out)) == sorted([f".lora_v2.safetensors.tmp-{dead}", f".other.safetensors.tmp-{dead}",
-                                              f".lora.safetensors.tmp-{alive}", "lora-000001-state", "lora-state"])
-    # the state that was being replaced, and whose replacement never arrived, is put back
-    assert (out / "lora-state" / "model.safetensors").read_bytes() == b"the state it replaced"
-    assert remove_abandoned_temporaries(str(tmp_path), None) == []  # default names are too generic to claim
-
-
-def test_a_safetensors_save_writes_inside_a_folder_of_its_own_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    """safetensors writes a temporary of its own naming beside its target: inside a folder named after this
-    process, a killed save leaves something the next run recognises."""
-    import safetensors.torch
-
-    from library.safetensors_io import save_safetensors
-
-    written = []
-
-    def failing(tensors, filename, metadata=None):
-        written.append(filename)
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
-    with pytest.raises(OSError):
-        save_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
-    assert written == [str(tmp_path / f".a.safetensors.tmp-{os.getpid()}" / "a.safetensors")]
-    assert os.listdir(tmp_path) == []
-
-
-def test_network_weights_beside_resume_say_the_state_replaces_them(tmp_path, caplog):
-    state = _sgd_state(tmp_path)
-    weights = str(tmp_path / "start.safetensors")
-    torch.save({}, weights)
-    args = flux_train_network.setup_parser().parse_args(
-        ["--resume", state, "--network_weights", weights, "--output_dir", str(tmp_path / "out")])
-    with caplog.at_level(logging.WARNING):
-        flux_train_network.FluxNetworkTrainer().check_inputs_before_loading(args)
-    assert f"--network_weights {weights}: its weights are replaced by those of the --resume state" in caplog.text
-
 
 @pytest.mark.slow
 def test_an_error_in_a_data_loader_worker_ends_the_run_with_its_message(tiny_model_files, tmp_path):
@@ -622,7 +369,6 @@ def test_an_error_in_a_data_loader_worker_ends_the_run_with_its_message(tiny_mod
     assert done.returncode == 1
     assert "error: cannot read /data/x.png: truncated\n" in done.stderr
     assert "Traceback" not in done.stderr
-
 
 def test_an_error_subclass_raised_in_a_worker_is_its_own_message():
     from library.errors import CheckpointError
