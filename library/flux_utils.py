@@ -161,12 +161,14 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
     FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
     _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
     if diffusers:
-        # fp8 scales (ComfyUI's, and --fp8_scaled's ``weight_scale``) are applied or attached before the keys are mapped
-        stand_ins = {
-            k: torch.empty(shape, device="meta")
-            for k, shape in shapes.items()
-            if not (is_comfy_scale_key(k) or k.endswith(".weight_scale"))
-        }
+        row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale"))
+        if row_scaled:  # per-row scales of diffusers' separate q, k, v would have to be fused with them
+            raise CheckpointError(
+                f"{ckpt_path}: a diffusers-layout DiT with per-row fp8 scales ({row_scaled[0]}, ...) is not "
+                "supported; give the BFL-layout file (flux1-dev.safetensors) or one without weight_scale tensors"
+            )
+        # ComfyUI's fp8 scales are applied before the keys are mapped
+        stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not is_comfy_scale_key(k)}
         try:
             shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
         except KeyError as e:

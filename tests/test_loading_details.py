@@ -157,3 +157,19 @@ def test_load_weights_reports_the_modules_the_file_lacks_and_the_weights_it_has_
     for key, value in after.items():
         source = before if key.split(".")[0] in dropped else weights
         assert torch.equal(value, source[key]), key
+
+
+def test_a_diffusers_dit_with_row_scales_stops_at_the_header_check(tmp_path):
+    """Its separate q, k, v scales cannot follow the fused BFL weights: a message before any loading, where the
+    header check let it pass and the loader ended in a KeyError traceback."""
+    from library.errors import CheckpointError
+    from library.flux_utils import check_flow_model_file
+
+    weights = bfl_to_diffusers(random_model(tiny_flux_params()).state_dict())
+    weights["transformer_blocks.0.attn.to_q.weight_scale"] = torch.ones(weights["transformer_blocks.0.attn.to_q.weight"]
+                                                                         .shape[0])  # fmt: skip
+    path = tmp_path / "flux_diffusers_scaled.safetensors"
+    save_safetensors(weights, path)
+    for load in (lambda: check_flow_model_file(str(path)), lambda: load_flow_model(str(path), None, "cpu")):
+        with pytest.raises(CheckpointError, match=r"diffusers-layout DiT with per-row fp8 scales \(transformer_blocks"):
+            load()
