@@ -30,6 +30,8 @@ def describe_checkpoint(keys: Sequence[str]) -> str:
         return "a Chroma DiT (the main model: --pretrained_model_name_or_path with --model_type chroma)"
     if has("double_blocks.") or has("single_transformer_blocks."):
         return "a FLUX DiT (the main model: --pretrained_model_name_or_path)"
+    if has("single_blocks."):  # a shard of a BFL-layout DiT holding single blocks only
+        return "a part of a FLUX or Chroma DiT (single blocks only: one shard of a split checkpoint?)"
     if has("decoder.conv_in.") or has("decoder.up."):
         return "an autoencoder (give it as --ae)"
     shown = ", ".join(list(keys)[:3]) or "no tensors at all"

@@ -173,3 +173,11 @@ def test_a_diffusers_dit_with_row_scales_stops_at_the_header_check(tmp_path):
     for load in (lambda: check_flow_model_file(str(path)), lambda: load_flow_model(str(path), None, "cpu")):
         with pytest.raises(CheckpointError, match=r"diffusers-layout DiT with per-row fp8 scales \(transformer_blocks"):
             load()
+
+
+def test_a_shard_of_single_blocks_is_named_as_part_of_a_dit():
+    """A second shard of a BFL-layout DiT was "no known model"."""
+    keys = [f"single_blocks.{i}.linear1.weight" for i in range(3)]
+    expected = "a part of a FLUX or Chroma DiT (single blocks only: one shard of a split checkpoint?)"
+    assert describe_checkpoint(keys) == expected
+    assert describe_checkpoint(["model.diffusion_model." + k for k in keys]) == expected
