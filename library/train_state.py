@@ -320,10 +320,10 @@ def load_training_state(
 ) -> tuple[dict, TrainProgress]:
     """Restores optimizer, scheduler, this process's RNG and scaler; returns the network weights and
     the progress. A process the state has no RNG file for (it was saved by fewer processes) keeps
-    its seeded RNG."""
+    its seeded RNG. The folder is not checked again here: :func:`check_state_dir` reads every file in full,
+    and the trainer calls it before the models load."""
     from library.safetensors_io import load_safetensors
 
-    check_state_dir(state_dir)
     network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
     asked_rates = list(getattr(lr_scheduler, "base_lrs", []))
     try:
