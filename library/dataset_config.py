@@ -350,18 +350,30 @@ class _Resolver:
         return DEFAULT_INTERPOLATION
 
 
+def _cli_flag(key: str) -> str:
+    return "--" + next((cli for cli, k in CLI_TO_KEY.items() if k == key), key)
+
+
 def _cli_table(args: argparse.Namespace) -> dict:
+    """The dataset settings given on the command line, checked with the file's value types (an error
+    names the flag)."""
     out = {}
     for name, value in vars(args).items():
         key = CLI_TO_KEY.get(name, name)
         if value is None or (key not in SCHEMA and key != "prior_loss_weight"):
             continue
-        if key == "resolution":
-            value = parse_resolution(value)
-        elif key == "face_crop_aug_range" and isinstance(value, str):
-            value = tuple(float(x) for x in value.split(","))
-        elif key == "resize_interpolation":
-            value = canonical_interpolation(value)
+        try:
+            if key == "resolution":
+                value = parse_resolution(value)
+            elif key == "face_crop_aug_range" and isinstance(value, str):
+                try:
+                    value = tuple(float(x) for x in value.split(","))
+                except ValueError:
+                    raise _Bad("expected two numbers, e.g. 2.0,4.0") from None
+            if key in SCHEMA:
+                value = SCHEMA[key][0](value)
+        except _Bad as e:
+            raise UserError(f"{_cli_flag(key)} {value!r}: {e}") from None
         out[key] = value
     return out
 
@@ -370,12 +382,11 @@ def _range(source: str, path: str, key: str, value: float, lo: float, hi: float,
     """A value outside [lo, hi] stops the run, naming where it was set: the table, or the command line."""
     if lo <= value <= hi:
         return
-    allowed = f"{lo} or more" if hi == math.inf else f"[{lo}, {hi}]"
+    problem = f"must be {lo} or more" if hi == math.inf else f"is outside [{lo}, {hi}]"
     if origin == "command line":
-        flag = next((cli for cli, k in CLI_TO_KEY.items() if k == key), key)
-        raise UserError(f"--{flag} {value} is outside {allowed}.")
+        raise UserError(f"{_cli_flag(key)} {value} {problem}.")
     where = origin if origin not in (None, "default") else path
-    raise _fail(source, where, f"{key} = {value} is outside {allowed}.")
+    raise _fail(source, where, f"{key} = {value} {problem}.")
 
 
 def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[DatasetConfig]:
@@ -409,8 +420,7 @@ def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[Datase
             prior_loss_weight=float(cli.get("prior_loss_weight", 1.0)),
             validation_seed=r.get("validation_seed"),
         )
-        if dcfg.batch_size < 1:
-            raise _fail(source, f"{label}.batch_size", f"batch_size = {dcfg.batch_size}; it must be 1 or more.")
+        _range(source, f"{label}.batch_size", "batch_size", dcfg.batch_size, 1, math.inf, r.origins["batch_size"])
         if min(resolution) <= 0:
             raise _fail(source, f"{label}.resolution", f"resolution {resolution} must be positive.")
         for j, sub in enumerate(ds["subsets"]):

@@ -204,14 +204,31 @@ def test_interpolation_names_and_cli_flag_are_one_setting(tmp_path):
         ("", "", ["--validation_split", "1.5"], r"^--validation_split 1\.5 is outside \[0\.0, 1\.0\]\.$"),
         ("validation_split = 2.0", "", [], r": \[general\]: validation_split = 2\.0 is outside"),
         ("", "caption_dropout_rate = -0.5", [], r": datasets\[0\]\.subsets\[0\]: caption_dropout_rate = -0\.5 is"),
-        ("", "keep_tokens = -1", [], r": datasets\[0\]\.subsets\[0\]: keep_tokens = -1 is outside 0 or more\.$"),
-        ("token_warmup_step = -1", "", [], r": \[general\]: token_warmup_step = -1\.?0? is outside 0 or more"),
-        ("", "", ["--caption_dropout_every_n_epochs", "-2"], r"^--caption_dropout_every_n_epochs -2 is outside 0 or"),
+        ("", "keep_tokens = -1", [], r": datasets\[0\]\.subsets\[0\]: keep_tokens = -1 must be 0 or more\.$"),
+        ("token_warmup_step = -1", "", [], r": \[general\]: token_warmup_step = -1\.?0? must be 0 or more"),
+        ("", "", ["--caption_dropout_every_n_epochs", "-2"], r"^--caption_dropout_every_n_epochs -2 must be 0 or"),
+        ("", "", ["--train_batch_size", "0"], r"^--train_batch_size 0 must be 1 or more\.$"),
+        ("batch_size = 0", "", [], r": \[general\]: batch_size = 0 must be 1 or more\.$"),
     ],
 )
 def test_a_value_out_of_range_names_where_it_was_set(tmp_path, general, sub, cli, message):
     cfg = write_toml(tmp_path / "c.toml", f'[general]\n{general}\n[[datasets]]\nresolution = 64\n'
                      f'[[datasets.subsets]]\nimage_dir = "a"\n{sub}\n')  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        load_dataset_configs(make_args("--dataset_config", cfg, *cli))
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        # the file refuses an empty separator; from the command line it split the first batch's captions
+        (["--caption_separator", ""], r"^--caption_separator '': an empty separator cannot split a caption"),
+        (["--face_crop_aug_range", "a,b"], r"^--face_crop_aug_range 'a,b': expected two numbers"),
+        (["--face_crop_aug_range", "2.0"], r"^--face_crop_aug_range \(2\.0,\): expected \[number, number\]"),
+    ],
+)
+def test_command_line_settings_pass_the_files_checks(tmp_path, cli, message):
+    cfg = write_toml(tmp_path / "c.toml", '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "a"\n')
     with pytest.raises(UserError, match=message):
         load_dataset_configs(make_args("--dataset_config", cfg, *cli))
 
