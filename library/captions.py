@@ -12,6 +12,8 @@ Differences from sd-scripts, on purpose:
 
 from __future__ import annotations
 
+import codecs
+import io
 import math
 import os
 import random
@@ -40,6 +42,20 @@ class CaptionOptions:
     token_warmup_step: float = 0
 
 
+def read_utf8(path: str, what: str) -> str:
+    """A text file's contents, without a UTF-8 byte-order mark. Not UTF-8: a UserError that names
+    ``what`` it is and the first bad byte's offset in the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: {what} is not valid UTF-8 ({e.reason} at byte {bom + e.start}); re-save it as UTF-8."
+        ) from None
+
+
 def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: bool) -> str | None:
     """The caption for `image_path`, or None when it has no caption file.
 
@@ -54,13 +70,7 @@ def read_caption_file(image_path: str, caption_extension: str, enable_wildcard: 
     for cap_path in candidates:
         if not os.path.isfile(cap_path):
             continue
-        try:
-            with open(cap_path, encoding="utf-8-sig") as f:
-                lines = f.readlines()
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"{cap_path}: caption file is not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8."
-            ) from None
+        lines = io.StringIO(read_utf8(cap_path, "caption file"), newline=None).readlines()
         if enable_wildcard:
             text = "\n".join(line.strip() for line in lines if line.strip())
         else:

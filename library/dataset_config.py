@@ -98,6 +98,12 @@ class DatasetConfig:
     prior_loss_weight: float = 1.0
     validation_seed: int | None = None
     subsets: list[SubsetConfig] = field(default_factory=list)
+    source: str = ""  # the dataset config file (or "command line") it came from
+
+    @property
+    def where(self) -> str:
+        """This dataset in messages: ``file: datasets[0]``."""
+        return f"{self.source}: {self.label}" if self.source else self.label
 
 
 _CAPTION_FIELDS = [f for f in CaptionOptions.__dataclass_fields__]
@@ -194,6 +200,7 @@ def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[Datase
             network_multiplier=float(r.get("network_multiplier", 1.0)),
             prior_loss_weight=float(cli.get("prior_loss_weight", 1.0)),
             validation_seed=r.get("validation_seed"),
+            source=source,
         )
         _range(source, f"{label}.batch_size", "batch_size", dcfg.batch_size, 1, math.inf, r.origins["batch_size"])
         if min(resolution) <= 0:

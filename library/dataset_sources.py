@@ -16,6 +16,7 @@ everything else, so the sets never share an image. Fine-tuning subsets are split
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from library.captions import read_caption_file
+from library.captions import read_caption_file, read_utf8
 from library.dataset_config import SubsetConfig
 from library.errors import UserError
 from library.images import IMAGE_EXTENSIONS, list_images, read_image_size, stop_for_bad_images
@@ -132,7 +133,8 @@ def _sizes_from_info_cache(records: list[ImageRecord], info_file: str) -> None:
         entry = cached.get(os.path.basename(r.path))
         entry = entry if isinstance(entry, dict) else {}
         stat = stats[r.path]
-        valid = isinstance(entry.get("resolution"), list) and len(entry["resolution"]) == 2
+        size = entry.get("resolution")
+        valid = isinstance(size, list) and len(size) == 2 and all(type(n) is int and n > 0 for n in size)
         if valid and entry.get("bytes") == stat.st_size and entry.get("mtime") == stat.st_mtime_ns:
             r.size = tuple(entry["resolution"])
             changed = changed or entry.get("caption") != r.caption
@@ -160,25 +162,25 @@ def _sizes_from_info_cache(records: list[ImageRecord], info_file: str) -> None:
 def _read_metadata(path: str, where: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{where}: {path!r} not found; fix the path.")
+    text = read_utf8(path, "metadata file")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            if path.endswith(".jsonl"):
-                metadata = {}
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        item = json.loads(line)
-                    except json.JSONDecodeError as e:  # its position counts within the line
-                        raise UserError(f"{path}: line {n} is not valid JSON ({e}); fix the file.") from None
-                    if not isinstance(item, dict) or "image_path" not in item:
-                        raise UserError(f'{path}: line {n} has no "image_path"; every line needs one.')
-                    if item["image_path"] in metadata:
-                        logger.warning("%s: line %d names %r again; the later line is used", path, n,
-                                       item["image_path"])  # fmt: skip
-                    metadata[item["image_path"]] = item
-                return metadata
-            metadata = json.load(f)
+        if path.lower().endswith(".jsonl"):
+            metadata = {}
+            for n, line in enumerate(io.StringIO(text, newline=None), 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:  # its position counts within the line
+                    raise UserError(f"{path}: line {n} is not valid JSON ({e}); fix the file.") from None
+                if not isinstance(item, dict) or "image_path" not in item:
+                    raise UserError(f'{path}: line {n} has no "image_path"; every line needs one.')
+                if item["image_path"] in metadata:
+                    logger.warning("%s: line %d names %r again; the later line is used", path, n,
+                                   item["image_path"])  # fmt: skip
+                metadata[item["image_path"]] = item
+            return metadata
+        metadata = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}); fix the file.") from None
     if not isinstance(metadata, dict):
@@ -186,23 +188,35 @@ def _read_metadata(path: str, where: str) -> dict:
     return metadata
 
 
-def _resolve_image_path(key: str, sub: SubsetConfig) -> str:
-    if os.path.isabs(key):
-        base = key
-    elif sub.image_dir:
-        base = os.path.join(sub.image_dir, key)
-    else:
-        raise UserError(
-            f"{sub.metadata_file}: image key {key!r} is a relative path; set image_dir in {sub.label} "
-            "to the folder it is relative to."
-        )
+def _existing_image(base: str) -> str | None:
     if os.path.isfile(base):
         return base
     for ext in IMAGE_EXTENSIONS:  # sd-scripts' older metadata files name images without extension
         for cand in (base + ext, base + ext.upper()):
             if os.path.isfile(cand):
                 return cand
-    raise UserError(f"{sub.metadata_file}: image {key!r} not found (looked for {base}); fix the entry or image_dir.")
+    return None
+
+
+def _resolve_image_path(key: str, sub: SubsetConfig) -> str:
+    """The image a metadata key names: an absolute path as it is; a relative one inside image_dir, or
+    else as written (relative to the working folder: sd-scripts' ``merge_captions_to_metadata.py
+    --full_path`` writes such keys, and sd-scripts tries them first)."""
+    if os.path.isabs(key):
+        bases = [key]
+    else:
+        bases = ([os.path.join(sub.image_dir, key)] if sub.image_dir else []) + [key]
+    for base in bases:
+        found = _existing_image(base)
+        if found:
+            return found
+    if not os.path.isabs(key) and not sub.image_dir:
+        raise UserError(
+            f"{sub.metadata_file}: image key {key!r} is a relative path and not found from the working folder "
+            f"{os.getcwd()}; set image_dir in {sub.label} to the folder it is relative to."
+        )
+    looked = " or ".join(bases)
+    raise UserError(f"{sub.metadata_file}: image {key!r} not found (looked for {looked}); fix the entry or image_dir.")
 
 
 def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:

@@ -124,12 +124,12 @@ class FluxDataset(torch.utils.data.Dataset):
     def _assign_buckets(self) -> None:
         cfg = self.config
         if cfg.enable_bucket:
-            check_reso_steps(cfg.bucket_reso_steps, cfg.label)
+            check_reso_steps(cfg.bucket_reso_steps, cfg.where)
             if cfg.bucket_no_upscale:
                 selector = BucketSelector(cfg.resolution, cfg.bucket_reso_steps, None, no_upscale=True)
             else:
                 lo, hi = adjust_min_max_reso(
-                    cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps, cfg.label
+                    cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps, cfg.where
                 )
                 resos = make_bucket_resolutions(cfg.resolution, lo, hi, cfg.bucket_reso_steps)
                 selector = BucketSelector(cfg.resolution, cfg.bucket_reso_steps, resos)
@@ -137,7 +137,7 @@ class FluxDataset(torch.utils.data.Dataset):
             w, h = cfg.resolution
             if w % 16 or h % 16:
                 raise UserError(
-                    f"{cfg.label}: resolution {cfg.resolution} is not a multiple of 16 in both sides, which FLUX "
+                    f"{cfg.where}: resolution {cfg.resolution} is not a multiple of 16 in both sides, which FLUX "
                     "needs without buckets; use e.g. resolution = [1024, 1024] or enable_bucket = true."
                 )
             selector = BucketSelector(cfg.resolution, None, [cfg.resolution])
@@ -147,7 +147,7 @@ class FluxDataset(torch.utils.data.Dataset):
         if unfit:
             shown = ", ".join(f"{e.path} ({e.size[0]}x{e.size[1]})" for e in unfit[:5])
             raise UserError(
-                f"{cfg.label}: {len(unfit)} image(s) fit no bucket with bucket_no_upscale: kept at their area, a side "
+                f"{cfg.where}: {len(unfit)} image(s) fit no bucket with bucket_no_upscale: kept at their area, a side "
                 f"would be under bucket_reso_steps ({cfg.bucket_reso_steps}): {shown}"
                 + (f" and {len(unfit) - 5} more" if len(unfit) > 5 else "")
                 + ". Remove or upscale them, or crop the very thin ones."
@@ -452,12 +452,12 @@ def build_dataset_groups(
             )
             val.extend(ImageEntry(r.path, r.caption, sub, 1, r.size) for r in va)
         if reg and not train and not val:
-            raise UserError(f"{cfg.label}: only regularisation images (is_reg = true); they are used beside training "
+            raise UserError(f"{cfg.where}: only regularisation images (is_reg = true); they are used beside training "
                             "images, so add a subset of training images or set is_reg = false.")  # fmt: skip
         num_reg_images = sum(e.num_repeats for e in reg)
-        _extend_reg_repeats(train, reg, cfg.label)
+        _extend_reg_repeats(train, reg, cfg.where)
         if not train and not reg and not val:
-            raise UserError(f"{cfg.label}: no images left (all subsets were skipped); check num_repeats and image_dir.")
+            raise UserError(f"{cfg.where}: no images left (all subsets were skipped); check num_repeats and image_dir.")
         if train or reg:
             train_sets.append(FluxDataset(cfg, train + reg, seed, f"train{d}", True))
             train_sets[-1].num_reg_images = num_reg_images

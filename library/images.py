@@ -51,6 +51,11 @@ def list_images(directory: str) -> tuple[list[str], list[str]]:
         if ext in _GLOB_EXTENSIONS:
             if os.path.isfile(path):
                 images.append(path)
+            elif os.path.islink(path):  # sd-scripts' glob lists it, and its loader fails on it later
+                raise UserError(
+                    f"{path}: a link to {os.readlink(path)}, which does not exist; mount or restore its target, "
+                    "or remove the link."
+                )
         elif ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
             skipped.append(path)
     images.sort()

@@ -203,7 +203,7 @@ def test_bucket_reso_steps_24_is_refused_at_build(tmp_path):
           image_dir = "{tmp_path / "img"}"
         """,
     )
-    with pytest.raises(UserError, match=r"datasets\[0\]: bucket_reso_steps = 24 is not a positive multiple of 16"):
+    with pytest.raises(UserError, match=r"c\.toml: datasets\[0\]: bucket_reso_steps = 24 is not a positive multiple"):
         build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
 
 
@@ -212,7 +212,7 @@ def test_resolution_not_multiple_of_16_without_buckets_is_refused(tmp_path):
     cfg = write_toml(
         tmp_path / "c.toml", f'[[datasets]]\nresolution = 60\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n'
     )
-    with pytest.raises(UserError, match=r"datasets\[0\]: resolution \(60, 60\) is not a multiple of 16"):
+    with pytest.raises(UserError, match=r"c\.toml: datasets\[0\]: resolution \(60, 60\) is not a multiple of 16"):
         build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
 
 

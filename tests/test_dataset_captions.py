@@ -157,10 +157,14 @@ def test_face_crop_fallback_needs_at_least_5_underscore_fields(tmp_path, monkeyp
     assert read_caption_file("1_2_3_4.png", ".txt", False) is None  # 4 fields: no fallback
 
 
-def test_non_utf8_caption_file_names_the_file(tmp_path):
+def test_non_utf8_caption_file_names_the_file_and_the_bytes_offset(tmp_path):
     (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(UserError, match=r"a\.txt: caption file is not valid UTF-8 .*re-save it as UTF-8"):
+    with pytest.raises(UserError, match=r"a\.txt: caption file is not valid UTF-8 \(.* at byte 3\); re-save it as"):
         read_caption_file(str(tmp_path / "a.png"), ".txt", False)
+    # the offset counts from the file's start, past a byte-order mark and the reader's first chunk
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbf" + b"x" * 9000 + b"\x93")
+    with pytest.raises(UserError, match=r"b\.txt: caption file is not valid UTF-8 \(.* at byte 9003\)"):
+        read_caption_file(str(tmp_path / "b.png"), ".txt", False)
 
 
 def test_empty_caption_file_names_the_file(tmp_path):

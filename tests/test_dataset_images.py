@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -96,6 +97,14 @@ def test_image_listing_matches_sd_scripts_extensions(tmp_path):
     images, skipped = list_images(str(tmp_path))
     assert [p.rsplit("/", 1)[1] for p in images] == ["a.JPG", "b.png", "c.webp", "d.bmp", "e.jpeg"]
     assert [p.rsplit("/", 1)[1] for p in skipped] == ["f.Png"]
+
+
+def test_a_link_to_a_missing_image_stops_with_its_path(tmp_path):
+    # an image on a drive that is not mounted: sd-scripts' loader fails on it later; skipping it would train without it
+    (tmp_path / "a.png").write_bytes(b"x")
+    os.symlink(tmp_path / "gone" / "b.png", tmp_path / "b.png")
+    with pytest.raises(UserError, match=r"b\.png: a link to .*gone/b\.png, which does not exist; mount or restore"):
+        list_images(str(tmp_path))
 
 
 def test_interpolation_aliases_resize_identically():

@@ -66,9 +66,22 @@ def test_metadata_image_size_yields_to_the_exif_rotated_header(tmp_path):
 
 def test_relative_key_without_image_dir_is_an_error(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"a.png": {"caption": "x"}}))
-    with pytest.raises(UserError, match=r"m\.json: image key 'a\.png' is a relative path; set image_dir in "
-                                        r"datasets\[0\]\.subsets\[0\]"):
+    with pytest.raises(UserError, match=r"m\.json: image key 'a\.png' is a relative path and not found from the "
+                                        r"working folder .*; set image_dir in datasets\[0\]\.subsets\[0\]"):
         _ft(tmp_path, "m.json", image_dir=False)
+
+
+def test_relative_keys_are_found_in_image_dir_then_from_the_working_folder(tmp_path, monkeypatch):
+    # sd-scripts' merge_captions_to_metadata.py --full_path writes keys relative to where it ran
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "img", {"a.png": (32, 32), "b.png": (32, 32)})
+    make_folder(tmp_path, {"b.png": (48, 48)})  # another b.png in the working folder: image_dir's wins
+    (tmp_path / "m.json").write_text(json.dumps({"img/a.png": {"caption": "x"}, "b.png": {"caption": "y"}}))
+    for image_dir in (True, False):
+        entries = _ft(tmp_path, "m.json", image_dir).entries()
+        got = {e.caption: (os.path.relpath(e.path, tmp_path), e.size) for e in entries}
+        b = ("img/b.png", (32, 32)) if image_dir else ("b.png", (48, 48))
+        assert got == {"x": ("img/a.png", (32, 32)), "y": b}
 
 
 def test_missing_metadata_image_is_named(tmp_path):
@@ -95,6 +108,17 @@ def test_missing_and_malformed_metadata_files(tmp_path):
     (tmp_path / "lists.json").write_text(json.dumps({"a.png": {"caption": ["a", "cat"]}}))
     with pytest.raises(UserError, match=r"lists\.json: entry 'a\.png': caption is list, not text"):
         _ft(tmp_path, "lists.json")
+
+
+def test_metadata_file_not_in_utf8_and_an_upper_case_jsonl(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    text = json.dumps({"a.png": {"caption": "猫"}}, ensure_ascii=False)
+    (tmp_path / "sjis.json").write_bytes(text.encode("shift_jis"))
+    with pytest.raises(UserError, match=r"sjis\.json: metadata file is not valid UTF-8 \(.* at byte 23\); re-save it"):
+        _ft(tmp_path, "sjis.json")
+    line = json.dumps({"image_path": "a.png", "caption": "a cat"})
+    (tmp_path / "M.JSONL").write_text(f"{line}\r\n{line}\r\n")  # lines, as .jsonl (two entries for one image)
+    assert [e.caption for e in _ft(tmp_path, "M.JSONL").entries()] == ["a cat"]
 
 
 def test_in_json_without_toml_builds_a_finetuning_dataset(tmp_path):
@@ -165,6 +189,17 @@ def test_cache_info_from_sd_scripts_is_measured_once_and_rewritten(tmp_path):
     assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
     entry = json.loads((folder / "metadata_cache.json").read_text())[str(folder / "a.png")]
     assert entry["resolution"] == [40, 32] and "mtime" in entry
+
+
+def test_cache_info_with_an_edited_size_is_measured_again(tmp_path):
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32)}, {"a.png": "cap"})
+    _cache_info_group(tmp_path, folder)
+    info = json.loads((folder / "metadata_cache.json").read_text())
+    for bad in (["40", 32], [40.0, 32], [0, 32]):  # the byte count and mtime still match
+        next(iter(info.values()))["resolution"] = bad
+        (folder / "metadata_cache.json").write_text(json.dumps(info))
+        assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
 
 
 def test_cache_info_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
