@@ -165,7 +165,17 @@ def detect_format(keys: Iterable[str], source: str = "LoRA") -> str:
 # ---- reading modules ----------------------------------------------------------------------
 
 
-def sd_scripts_modules(sd: Mapping[str, Tensor]) -> tuple[dict[str, LoRAWeights], list[str]]:
+def _checked_pair(down: Tensor, up: Tensor, name: str, source: str) -> tuple[Tensor, Tensor]:
+    """A module's (down, up); a pair whose ranks disagree stops with its name (it multiplies nowhere)."""
+    if down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
+        raise UserError(
+            f"{source}: module {name} is damaged: its down is {tuple(down.shape)} and its up {tuple(up.shape)}, "
+            "so their ranks disagree"
+        )
+    return down, up
+
+
+def sd_scripts_modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> tuple[dict[str, LoRAWeights], list[str]]:
     """The modules of an sd-scripts state dict, and the keys that belong to none."""
     modules, used = {}, set()
     for key in sd:
@@ -177,7 +187,7 @@ def sd_scripts_modules(sd: Mapping[str, Tensor]) -> tuple[dict[str, LoRAWeights]
             continue
         alpha = sd.get(alpha_key)
         alpha = None if alpha is None else float(torch.as_tensor(alpha).float().item())
-        modules[name] = LoRAWeights(sd[key], sd[up_key], alpha)
+        modules[name] = LoRAWeights(*_checked_pair(sd[key], sd[up_key], name, source), alpha)
         used.update((key, up_key, alpha_key))
     return modules, [k for k in sd if k not in used]
 
@@ -218,7 +228,7 @@ def _peft_alphas(metadata: Mapping[str, str] | None):
 
 
 def ai_toolkit_modules(
-    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+    sd: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None, source: str = "LoRA"
 ) -> tuple[dict[str, LoRAWeights], list[str]]:
     """The modules of an ai-toolkit / diffusers state dict (names with ``transformer.`` / ``text_encoder.``)."""
     peft_alpha = _peft_alphas(metadata)
@@ -231,13 +241,13 @@ def ai_toolkit_modules(
         name = _ait_module_name(raw)
         if up_key not in sd or name is None:
             continue
-        down = sd[key]
+        down, up = _checked_pair(sd[key], sd[up_key], raw, source)
         alpha = sd.get(alpha_key)
         if alpha is not None:
             alpha = float(torch.as_tensor(alpha).float().item())
         elif peft_alpha is not None:
             alpha = peft_alpha(name, down.shape[0])
-        modules[name] = LoRAWeights(down, sd[up_key], alpha)
+        modules[name] = LoRAWeights(down, up, alpha)
         used.update((key, up_key, alpha_key))
     return modules, [k for k in sd if k not in used]
 
@@ -353,7 +363,7 @@ def to_sd_scripts(
     fmt = detect_format(sd.keys(), source)
     if fmt == SD_SCRIPTS:
         return Converted(dict(sd), source_format=SD_SCRIPTS)
-    modules, leftover = ai_toolkit_modules(sd, metadata)
+    modules, leftover = ai_toolkit_modules(sd, metadata, source)
     groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
     unsupported = list(leftover)
     out: dict[str, Tensor] = {}
@@ -456,7 +466,7 @@ def to_ai_toolkit(
     fmt = detect_format(sd.keys(), source)
     if fmt == AI_TOOLKIT:
         return Converted(dict(sd), source_format=AI_TOOLKIT)
-    modules, leftover = sd_scripts_modules(sd)
+    modules, leftover = sd_scripts_modules(sd, source)
     out: dict[str, Tensor] = {}
     unsupported = list(leftover)
     for name, w in modules.items():

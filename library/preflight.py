@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 
 from library.errors import UserError
+from library.safetensors_io import output_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +142,12 @@ def check_output_folder(args) -> None:
     """--output_dir (with any folder in --output_name) must be a folder this run can write in, or
     one it can create: found now, not at the first save after hours of training."""
     folder = os.path.abspath(os.path.join(args.output_dir, os.path.dirname(args.output_name or "")))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
     where = f"--output_dir {args.output_dir}"
     if folder != os.path.abspath(args.output_dir):
         where += f" with --output_name {args.output_name}"
-    if not os.path.isdir(existing):
-        raise UserError(f"{where}: {existing} is a file, not a folder; choose another --output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{where}: cannot write in {existing} (no permission, or a read-only disk); choose "
-                        "another --output_dir")  # fmt: skip
+    problem = output_folder_problem(folder)
+    if problem:
+        raise UserError(f"{where}: {problem}; choose another --output_dir")
 
 def warn_about_earlier_outputs(args) -> None:
     """Files of an earlier run under the same --output_name: this run replaces those it writes

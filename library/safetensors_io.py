@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from library.errors import CheckpointError
+from library.errors import CheckpointError, UserError
 
 DTYPES = {
     "F64": torch.float64,
@@ -212,6 +212,28 @@ def write_safetensors_streaming(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def output_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``folder`` (created where missing), or None."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing} (no permission, or a read-only disk)"
+    return None
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """An output file's path, refused before any work if it is a folder or its folder cannot be
+    created or written in (found at the end, it would waste a long merge or extraction)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; give a file name, e.g. {os.path.join(path, 'out.safetensors')}")
+    problem = output_folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise UserError(f"{flag} {path}: {problem}; choose another path")
 
 
 def warn_unless_safetensors_name(path: str | os.PathLike, flag: str) -> None:

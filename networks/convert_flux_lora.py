@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as `python networks/convert_flux_lora.py`
 
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import FORMAT_ALIASES, PEFT_METADATA_KEY, SD_SCRIPTS, canonical_format, convert  # noqa: E402
-from library.safetensors_io import warn_unless_safetensors_name  # noqa: E402
+from library.safetensors_io import check_output_file, warn_unless_safetensors_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.src_path or not args.dst_path:
             raise UserError("--src_path and --dst_path are required: the LoRA to convert and where to write it")
         warn_unless_safetensors_name(args.dst_path, "--dst_path")
+        check_output_file(args.dst_path, "--dst_path")
         convert_file(args.src_path, args.dst_path, args.src, args.dst)
         return 0
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a full disk or a failed write, named by its message
         print(f"error: {e}", file=sys.stderr)
         return 1
 

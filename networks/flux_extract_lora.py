@@ -51,6 +51,7 @@ from library.errors import UserError  # noqa: E402
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict  # noqa: E402
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
+    check_output_file,
     is_comfy_scale_key,
     read_header,
     warn_unless_safetensors_name,
@@ -250,7 +251,8 @@ def extract_modules(org: DitWeights, tuned: DitWeights, dim: int, device: str | 
         name = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
         lora_sd[f"{name}.lora_up.weight"] = up.to("cpu", save_dtype).contiguous()
         lora_sd[f"{name}.lora_down.weight"] = down.to("cpu", save_dtype).contiguous()
-        lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=save_dtype or torch.float32)
+        # fp32 whatever --save_precision: a rank of 301 is 300.0 in bf16
+        lora_sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
     if unchanged:
         logger.info("%d weights are the same in both models and get no LoRA module", len(unchanged))
     left_out = changed_elsewhere(org, tuned, set(keys))
@@ -290,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.abspath(args.save_to) in {os.path.abspath(args.model_org), os.path.abspath(args.model_tuned)}:
             raise UserError(f"--save_to {args.save_to} is one of the models; write the LoRA to another file")
         warn_unless_safetensors_name(args.save_to, "--save_to")
+        check_output_file(args.save_to, "--save_to")
         svd(**vars(args))
         return 0
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a full disk or a failed write, named by its message
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -57,6 +57,7 @@ from library.lora_formats import (  # noqa: E402
 )
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
+    check_output_file,
     read_header,
     read_metadata,
     warn_unless_safetensors_name,
@@ -127,7 +128,7 @@ class LoadedLoRA:
                 len(converted.unsupported),
                 ", ".join(converted.unsupported),
             )
-        modules, leftover = sd_scripts_modules(converted.state_dict)
+        modules, leftover = sd_scripts_modules(converted.state_dict, path)
         if not modules:
             raise UserError(
                 f"{path}: none of its {len(sd)} keys (e.g. {next(iter(sd), 'none')}) is a LoRA module this tool "
@@ -139,11 +140,14 @@ class LoadedLoRA:
         self.modules = {k: LoRAWeights(w.down.to(dtype), w.up.to(dtype), w.alpha) for k, w in modules.items()}
         self.state_dict = converted.state_dict
 
-    def diffusers_dit_modules(self) -> dict[str, LoRAWeights]:
-        """The DiT modules under ai-toolkit's names (``transformer.<diffusers path>``), scales folded in."""
-        ait = to_ai_toolkit(self.state_dict, self.metadata, source=self.path).state_dict
-        modules, _ = ai_toolkit_modules({k: v for k, v in ait.items() if k.startswith("transformer.")})
-        return {k: LoRAWeights(w.down.to(self.dtype), w.up.to(self.dtype), None) for k, w in modules.items()}
+    def diffusers_dit_modules(self) -> tuple[dict[str, LoRAWeights], list[str]]:
+        """The DiT modules under ai-toolkit's names (``transformer.<diffusers path>``), scales folded in,
+        and the DiT modules that have no diffusers counterpart."""
+        converted = to_ai_toolkit(self.state_dict, self.metadata, source=self.path)
+        ait = {k: v for k, v in converted.state_dict.items() if k.startswith("transformer.")}
+        modules, _ = ai_toolkit_modules(ait, source=self.path)
+        weights = {k: LoRAWeights(w.down.to(self.dtype), w.up.to(self.dtype), None) for k, w in modules.items()}
+        return weights, [name for name in converted.unsupported if name.startswith("lora_unet")]
 
 
 def load_loras(models: list[str], ratios: list[float], dtype: torch.dtype) -> list[LoadedLoRA]:
@@ -199,11 +203,11 @@ def plan_model_merges(
     if diffusers_dit:  # a diffusers-layout DiT: its modules are named as in ai-toolkit files
         maps["flux"] = {"transformer." + k[: -len(".weight")]: k for k in headers["flux"] if k.endswith(".weight")}
     for lora in loras:
-        modules = lora.modules
+        modules, unmatched = lora.modules, []
         if diffusers_dit:
-            modules = {k: w for k, w in modules.items() if not k.startswith("lora_unet")}
-            modules.update(lora.diffusers_dit_modules())
-        unmatched = []
+            dit_modules, unmatched = lora.diffusers_dit_modules()
+            modules = {k: w for k, w in modules.items() if not k.startswith("lora_unet")} | dit_modules
+        total = len(modules) + len(unmatched)
         for name, w in modules.items():
             kind = next((k for k, m in maps.items() if name in m), None)
             if kind is None:
@@ -217,10 +221,10 @@ def plan_model_merges(
                     f"{key} in {targets[kind]} is {'x'.join(map(str, shape))}: the LoRA is for another model"
                 )
             plan[kind].setdefault(key, []).append((w, lora.ratio, f"{_stem(lora.path)}:{name}"))
-        if len(unmatched) == len(modules):
+        if len(unmatched) == total:
             given = ", ".join(f"--{'flux_model' if k == 'flux' else k} {p}" for k, p in targets.items())
             raise UserError(
-                f"{lora.path}: none of its {len(modules)} modules (e.g. {unmatched[0]}) is in {given}. "
+                f"{lora.path}: none of its {total} modules (e.g. {unmatched[0]}) is in {given}. "
                 "Is it a LoRA for this model? Text-encoder modules need --clip_l / --t5xxl"
             )
         if unmatched:
@@ -452,10 +456,18 @@ def check_args(args) -> tuple[torch.dtype, torch.dtype | None]:
     if args.save_to and not args.flux_model and (args.clip_l or args.t5xxl):
         raise UserError("--save_to is the merged DiT's file: give --flux_model too, or leave --save_to out")
     inputs = {os.path.abspath(p) for p in [*args.models, args.flux_model, args.clip_l, args.t5xxl] if p}
+    outputs: dict[str, str] = {}
     for flag in ("save_to", "clip_l_save_to", "t5xxl_save_to"):
         path = getattr(args, flag)
-        if path and os.path.abspath(path) in inputs:
+        if not path:
+            continue
+        full = os.path.abspath(path)
+        if full in inputs:
             raise UserError(f"--{flag} {path} is one of the input files; write the result to another file")
+        if full in outputs:
+            raise UserError(f"--{flag} {path} is also --{outputs[full]}; give each result its own file")
+        outputs[full] = flag
+        check_output_file(path, f"--{flag}")
     if (args.concat or args.shuffle) and (args.flux_model or args.clip_l or args.t5xxl):
         logger.warning("--concat / --shuffle only apply when LoRAs are merged into one LoRA (no --flux_model)")
     return merge_dtype, save_dtype
@@ -475,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             loras = load_loras(args.models, args.ratios, merge_dtype)
             merge_to_models(args, loras, merge_dtype, save_dtype)
         return 0
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a full disk or a failed write, named by its message
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -308,13 +308,19 @@ def test_metadata_is_copied_and_hashes_recomputed(tmp_path):
         (["--src_path", "{ae}"], "not a LoRA in sd-scripts' format"),
         (["--src_path", "{ait}", "--dst_path", "{ait}"], "is the source file"),
         (["--src_path", "{missing}"], "file not found"),
+        (["--src_path", "{ait}", "--dst_path", "{tmp}"], "is a folder; give a file name"),
+        (["--src_path", "{damaged}"], "damaged.safetensors: module transformer.proj_out is damaged"),
     ],
 )  # fmt: skip
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, capsys, args, message):
     ait = tmp_path / "ait.safetensors"
     save_safetensors({"transformer.proj_out.lora_A.weight": torch.zeros(1, 4),
                       "transformer.proj_out.lora_B.weight": torch.zeros(4, 1)}, ait)  # fmt: skip
-    paths = {"ait": ait, "ae": tiny_model_files.ae, "missing": tmp_path / "missing.safetensors"}
+    damaged = tmp_path / "damaged.safetensors"  # lora_B's rank is not lora_A's: it was converted as it was
+    save_safetensors({"transformer.proj_out.lora_A.weight": torch.zeros(1, 4),
+                      "transformer.proj_out.lora_B.weight": torch.zeros(4, 2)}, damaged)  # fmt: skip
+    paths = {"ait": ait, "ae": tiny_model_files.ae, "missing": tmp_path / "missing.safetensors", "tmp": tmp_path,
+             "damaged": damaged}  # fmt: skip
     args = [a.format(**paths) for a in args]
     if "--dst_path" not in args:
         args += ["--dst_path", str(tmp_path / "out.safetensors")]

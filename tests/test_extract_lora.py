@@ -70,7 +70,9 @@ def test_clamp_quantile_bounds_magnitudes(tuned, tmp_path):
     out = tmp_path / "clamped.safetensors"
     assert extract(base, tuned_file, out, "--clamp_quantile", "0.6", "--save_precision", "fp16", "--no_metadata") == 0
     sd = load_safetensors(out)
-    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert {v.dtype for k, v in sd.items() if not k.endswith(".alpha")} == {torch.float16}
+    alphas = {k: v for k, v in sd.items() if k.endswith(".alpha")}
+    assert alphas and {v.dtype for v in alphas.values()} == {torch.float32}  # as trained LoRAs: exact at any rank
     assert not any(k.startswith("modelspec.") for k in read_metadata(out))
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()
@@ -210,6 +212,7 @@ def test_extracted_lora_in_inference_gives_the_tuned_image(tiny_model_files, tun
         ("overwrite", "is one of the models"),
         ("not_flux", "no double_blocks / single_blocks weights"),
         ("device", "--device gpu0: not a device name (e.g. cpu, cuda, cuda:1)"),
+        ("save_to_folder", "adir: is a folder; give a file name"),  # before the extraction, not after it
     ],
 )
 def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
@@ -227,6 +230,9 @@ def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
         args = (tiny_model_files.ae, tuned_file, out)
     elif case == "device":
         args = (base, tuned_file, out, "--device", "gpu0")
+    elif case == "save_to_folder":
+        (tmp_path / "adir").mkdir()
+        args = (base, tuned_file, tmp_path / "adir")
     assert extract(*args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]

@@ -298,6 +298,14 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
         ("device", "--working_device gpu0: not a device name"),
         ("unknown_dtype", "tensor 'extra' has the dtype 'F4', which this torch"),
+        ("outputs_collide", "--clip_l_save_to {out} is also --save_to; give each result its own file"),
+        ("t5_output_collides", "--t5xxl_save_to {te} is also --clip_l_save_to"),
+        ("save_to_folder", "--save_to {tmp}/adir: is a folder; give a file name"),
+        ("save_to_under_a_file", "--save_to {lora}/m.safetensors: {lora} is a file, not a folder"),
+        ("damaged", "lora.safetensors: module lora_unet_double_blocks_0_img_attn_proj is damaged: its down is (4, 64)"),
+        ("damaged_lora_merge", "module lora_unet_double_blocks_0_img_attn_proj is damaged"),
+        # an SDXL LoRA has no diffusers name: into a diffusers-layout DiT it matched nothing, with an IndexError
+        ("sdxl_into_diffusers_dit", "none of its 1 modules (e.g. lora_unet_input_blocks_4_1_proj_in) is in"),
     ],
 )
 def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys, case, message):
@@ -345,6 +353,30 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         args = ["--flux_model", tmp_path / "f4.safetensors", "--save_to", out, "--models", lora]
     elif case == "folder":  # e.g. a diffusers transformer/ folder
         args = ["--flux_model", tmp_path, "--save_to", out, "--models", lora]
+    elif case == "outputs_collide":
+        args = [*flux, "--clip_l", tiny_model_files.clip_l, "--clip_l_save_to", out, "--models", lora]
+    elif case == "t5_output_collides":
+        te = tmp_path / "te.safetensors"
+        args = [*flux, "--clip_l", tiny_model_files.clip_l, "--clip_l_save_to", te, "--t5xxl", tiny_model_files.t5xxl,
+                "--t5xxl_save_to", te, "--models", lora]  # fmt: skip
+    elif case == "save_to_folder":
+        (tmp_path / "adir").mkdir()
+        args = ["--flux_model", tiny_model_files.flux_dev, "--save_to", tmp_path / "adir", "--models", lora]
+    elif case == "save_to_under_a_file":
+        args = ["--flux_model", tiny_model_files.flux_dev, "--save_to", f"{lora}/m.safetensors", "--models", lora]
+    elif case.startswith("damaged"):  # lora_up's rank is not lora_down's
+        weights = load_safetensors(lora)
+        weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
+        save_safetensors(weights, lora)
+        args = [*(flux if case == "damaged" else ["--save_to", out]), "--models", lora]
+    elif case == "sdxl_into_diffusers_dit":
+        diffusers_file = tmp_path / "dev_diffusers.safetensors"
+        save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
+        sdxl = tmp_path / "sdxl.safetensors"
+        name = "lora_unet_input_blocks_4_1_proj_in"
+        save_safetensors({f"{name}.lora_down.weight": torch.ones(4, 8), f"{name}.lora_up.weight": torch.ones(8, 4),
+                          f"{name}.alpha": torch.tensor(2.0)}, sdxl)  # fmt: skip
+        args = ["--flux_model", diffusers_file, "--save_to", out, "--models", sdxl]
     else:
         save_safetensors(
             {"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks": torch.zeros(2, 2)}, tmp_path / "o.safetensors"
@@ -352,7 +384,39 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         args = ["--save_to", out, "--models", tmp_path / "o.safetensors"]
     assert merge(*args) == 1
     err = capsys.readouterr().err.strip().splitlines()
+    message = message.format(out=out, tmp=tmp_path, lora=lora, te=tmp_path / "te.safetensors")
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert not out.exists()
+    if case == "t5_output_collides":
+        assert not (tmp_path / "te.safetensors").exists()
+
+
+def test_modules_a_diffusers_layout_dit_cannot_name_are_listed(tiny_model_files, dev, tmp_path, caplog):
+    diffusers_file = tmp_path / "dev_diffusers.safetensors"
+    save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
+    lora = write_lora(tmp_path / "lora.safetensors", dev)
+    weights = load_safetensors(lora)
+    name = "lora_unet_input_blocks_4_1_proj_in"  # one module of another model: before, it was dropped silently
+    weights.update({f"{name}.lora_down.weight": torch.ones(4, 8), f"{name}.lora_up.weight": torch.ones(8, 4)})
+    save_safetensors(weights, lora)
+    with caplog.at_level(logging.WARNING):
+        assert merge("--flux_model", diffusers_file, "--save_to", tmp_path / "m.safetensors", "--models", lora) == 0
+    (record,) = [r for r in caplog.records if "match nothing" in r.getMessage()]
+    assert record.getMessage().endswith(f"1 modules match nothing in the given models and are not merged: {name}")
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_file(tiny_model_files, dev, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def disk_full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(flux_merge_lora, "write_safetensors_streaming", disk_full)
+    out = tmp_path / "m.safetensors"
+    lora = write_lora(tmp_path / "lora.safetensors", dev)
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: [Errno 28] No space left on device: '{out}'"
     assert not out.exists()
 
 
