@@ -373,9 +373,10 @@ class NetworkTrainer:
         if validate is not None:
             validate(neuron_dropout=args.network_dropout, **parse_network_args(args.network_args))
         if args.resume:
-            from library.train_state import check_state_dir
+            from library.train_state import check_state_dir, resume_seed
 
             check_state_dir(args.resume)
+            args.seed = resume_seed(args.resume, args.seed)
             if args.network_weights:
                 logger.warning("--network_weights %s: its weights are replaced by those of the --resume state%s",
                                args.network_weights, " (its ranks still shape the network: --dim_from_weights)"

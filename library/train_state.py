@@ -115,10 +115,12 @@ def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> li
 
 @dataclass
 class TrainProgress:
-    """What ``train_state.json`` records: the epoch in progress and the number of steps done."""
+    """What ``train_state.json`` records: the epoch in progress, the number of steps done and the
+    run's seed (None in states of sd-scripts or of older versions)."""
 
     current_epoch: int
     current_step: int
+    seed: int | None = None
 
 
 def capture_rng_states() -> dict:
@@ -181,8 +183,9 @@ def save_training_state(
             write_torch_file(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
         with open(os.path.join(tmp, TRAIN_STATE_FILE), "w", encoding="utf-8") as f:
             # sd-scripts reads the first two; the optimizer lets --resume with another one stop with a message
+            # (and the seed lets a resume without --seed keep the data order, noise and validation split)
             json.dump({"current_epoch": progress.current_epoch, "current_step": progress.current_step,
-                       "optimizer": optimizer_class_path(optimizer)}, f)  # fmt: skip
+                       "optimizer": optimizer_class_path(optimizer), "seed": progress.seed}, f)  # fmt: skip
         old = None
         if os.path.exists(state_dir):  # replace an older state only once the new one is complete
             old = tmp + ".old"
@@ -265,12 +268,32 @@ def read_progress(state_dir: str) -> TrainProgress:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        return TrainProgress(int(data["current_epoch"]), int(data["current_step"]))
+        seed = data.get("seed")
+        return TrainProgress(int(data["current_epoch"]), int(data["current_step"]), None if seed is None else int(seed))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(
             f"--resume {state_dir}: {TRAIN_STATE_FILE} is damaged ({type(e).__name__}: {e}); resume from another "
             "state, or start again with --network_weights set to a LoRA file of this run."
         ) from None
+
+
+def resume_seed(state_dir: str, seed: int | None) -> int | None:
+    """The seed of a run resumed from ``state_dir``: ``--seed`` if given, else the state's. The seed
+    orders the data, draws the noise and splits off the validation images, so another seed than the
+    saved run's is said (held-out images may then have been trained on)."""
+    saved = read_progress(state_dir).seed
+    if seed is None and saved is not None:
+        logger.info("--resume %s: using the seed %d of the run that saved it", state_dir, saved)
+        return saved
+    if seed is None:
+        logger.warning("--resume %s: the state records no seed (saved by sd-scripts or an older version) and no "
+                       "--seed is given: this run draws a new one, so its data order, noise and validation split "
+                       "differ from the saved run's; give that run's --seed", state_dir)  # fmt: skip
+    elif saved is not None and saved != seed:
+        logger.warning("--resume %s: --seed %d is not the seed %d of the run that saved it: the data order, noise "
+                       "and validation split change from here (held-out images may have been trained on)",
+                       state_dir, seed, saved)  # fmt: skip
+    return seed
 
 
 def optimizer_class_path(optimizer) -> str:

@@ -488,7 +488,7 @@ class TrainingLoop:
             scaler = getattr(self.accelerator, "scaler", None)
             with self._writing(path):
                 save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
-                                    TrainProgress(epoch, steps), scaler, rng_states)
+                                    TrainProgress(epoch, steps, self.args.seed), scaler, rng_states)
             logger.info("saved the training state to %s", path)
         self.saved_states.append((steps, path))
         return path

@@ -244,6 +244,26 @@ def test_a_safetensors_save_writes_inside_a_folder_of_its_own_and_leaves_nothing
     assert os.listdir(tmp_path) == []
 
 
+def test_the_resume_seed_is_the_states_unless_given_and_another_one_is_said(tmp_path, caplog):
+    from library.train_state import resume_seed
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = str(tmp_path / "lora-state")
+    save_training_state(state, {"w": torch.ones(2)}, optimizer, scheduler, TrainProgress(1, 3, 1234))
+    with caplog.at_level(logging.INFO):
+        assert resume_seed(state, None) == 1234
+        assert resume_seed(state, 1234) == 1234
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert resume_seed(state, 5) == 5
+    assert "--seed 5 is not the seed 1234 of the run that saved it" in caplog.text
+    caplog.clear()
+    older = _sgd_state(tmp_path / "older")  # sd-scripts' states, and older ones, record no seed
+    with caplog.at_level(logging.WARNING):
+        assert resume_seed(older, None) is None
+    assert "records no seed" in caplog.text and "give that run's --seed" in caplog.text
+
+
 def test_network_weights_beside_resume_say_the_state_replaces_them(tmp_path, caplog):
     state = _sgd_state(tmp_path)
     weights = str(tmp_path / "start.safetensors")

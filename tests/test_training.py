@@ -2,6 +2,7 @@
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -58,6 +59,29 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
     c = load_safetensors(os.path.join(from_theirs, "lora.safetensors"))
     assert all(torch.equal(a[key], c[key]) for key in a)
 
+
+
+def test_a_resume_without_seed_continues_with_the_saved_runs_seed(tiny_model_files, tmp_path, caplog):
+    """Without --seed each run draws one; the state records it, so the resumed run keeps the data order,
+    the noise and the validation split (a new seed would hold out images the first part trained on)."""
+    data = dataset(tmp_path, batch_size=1)
+
+    def argv(out, **flags):
+        args = base_argv(tiny_model_files, data, str(tmp_path / out), steps=4, cache_latents=True, **flags)
+        at = args.index("--seed")
+        return args[:at] + args[at + 2 :]
+
+    assert run(argv("straight", save_every_n_steps=2, save_state=True)) == 0
+    state = str(tmp_path / "straight" / "lora-step00000002-state")
+    with open(os.path.join(state, "train_state.json")) as f:
+        seed = json.load(f)["seed"]
+    assert isinstance(seed, int)
+    with caplog.at_level(logging.INFO):
+        assert run(argv("resumed", resume=state)) == 0
+    assert f"using the seed {seed} of the run that saved it" in caplog.text
+    a = load_safetensors(str(tmp_path / "straight" / "lora.safetensors"))
+    b = load_safetensors(str(tmp_path / "resumed" / "lora.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_resume_restores_the_fp16_loss_scale(tiny_model_files, tmp_path, monkeypatch):
