@@ -161,6 +161,7 @@ class NetworkTrainer:
 
         from library.dataset_config import check_caching, load_dataset_configs
         from library.datasets import build_dataset_groups
+        from library.preflight import warn_about_validation_without_images
 
         args.cache_latents = args.cache_latents or args.cache_latents_to_disk
         args.cache_text_encoder_outputs = args.cache_text_encoder_outputs or args.cache_text_encoder_outputs_to_disk
@@ -195,6 +196,8 @@ class NetworkTrainer:
         configs = load_dataset_configs(args)
         check_caching(configs, args)
         train_group, val_group = build_dataset_groups(configs, args.seed, args.validation_seed)
+        if val_group is None:
+            warn_about_validation_without_images(args)
         groups = [g for g in (train_group, val_group) if g is not None]
         if len(train_group) == 0:
             raise UserError("the dataset has no images to train on; check image_dir / --train_data_dir")

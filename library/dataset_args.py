@@ -106,7 +106,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--alpha_mask", action="store_true", help="use the alpha channel as loss mask")
     g.add_argument("--validation_split", type=float, default=0.0, help="fraction of images held out (0-1)")
-    g.add_argument("--validation_seed", type=int, default=None, help="seed of the split (default: --seed)")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the validation split and noise (default --seed)")
     g.add_argument("--cache_info", action="store_true",
                    help="keep image sizes in each folder's metadata_cache.json (images and captions are still read "
                    "each run)")  # fmt: skip

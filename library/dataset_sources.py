@@ -61,6 +61,11 @@ def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tu
         logger.warning("%s: validation_split = %s of its %d images rounds to none, so none is held out for "
                        "validation; %.2g holds out one", sub.describe(), sub.validation_split, len(records),
                        1 / max(len(records), 1))  # fmt: skip
+    elif not train and sub.validation_split < 1:
+        n = len(records)
+        fix = f"{(n - 1) / n:.2g} keeps one for training" if n > 1 else "leave validation_split out to train on it"
+        logger.warning("%s: validation_split = %s of its %d images rounds to all of them, so none of them trains; "
+                       "%s", sub.describe(), sub.validation_split, n, fix)  # fmt: skip
     return train, val
 
 

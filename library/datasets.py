@@ -473,8 +473,8 @@ def build_dataset_groups(
         )
     if not train_sets:
         raise UserError(
-            "every image is in the validation split (validation_split = 1.0 everywhere); "
-            "leave some subsets for training."
+            "no image is left for training: validation_split holds out every image of every subset; "
+            "lower it (or leave it out) in some subsets."
         )
     train_group = DatasetGroup(train_sets, seed, True)
     return train_group, (DatasetGroup(val_sets, seed, False) if val_sets else None)

@@ -28,7 +28,19 @@ COUNT_BOUNDS = (
     ("t5xxl_max_token_length", 1, "T5 tokens"),
     ("max_data_loader_n_workers", 0, "DataLoader worker processes"),
     ("max_validation_steps", 1, "validation batches; leave it out to validate on every one"),
+    ("validate_every_n_steps", 1, "steps between validations; leave it out to validate by epoch only"),
+    ("validate_every_n_epochs", 1, "epochs between validations; leave it out to validate every epoch"),
 )
+
+
+def warn_about_validation_without_images(args) -> None:
+    """Validation flags in a run that holds no image out (no validation_split): they do nothing."""
+    given = [f"--{flag}" for flag in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                                      "validation_seed") if getattr(args, flag, None) is not None]  # fmt: skip
+    if given:
+        logger.warning("%s: no image is held out for validation (set validation_split in the dataset config, or "
+                       "--validation_split), so there is no validation and %s", ", ".join(given),
+                       "it has no effect" if len(given) == 1 else "they have no effect")  # fmt: skip
 
 
 def check_counts(args) -> None:

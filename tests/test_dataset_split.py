@@ -10,6 +10,7 @@ import pytest
 from library.dataset_config import load_dataset_configs
 from library.dataset_sources import split_train_val
 from library.datasets import build_dataset_groups
+from library.errors import UserError
 from tests.dataset_helpers import make_args, make_folder, write_toml
 
 PATHS = ["path1", "path2", "path3", "path4", "path5", "path6", "path7"]
@@ -149,6 +150,24 @@ def test_a_split_that_rounds_to_no_image_says_so(tmp_path, caplog):
     assert val is None
     assert "validation_split = 0.1 of its 4 images rounds to none" in caplog.text
     assert "0.25 holds out one" in caplog.text
+
+
+def test_a_split_that_rounds_to_every_image_says_so(tmp_path, caplog):
+    make_folder(tmp_path / "a", {f"a{i}.png": (32, 32) for i in range(6)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+        validation_split = 0.95
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'a'}"
+        """)
+    with caplog.at_level("WARNING"), pytest.raises(UserError) as raised:
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    assert "validation_split = 0.95 of its 6 images rounds to all of them, so none of them trains; 0.83 keeps one" \
+        in caplog.text
+    assert str(raised.value) == ("no image is left for training: validation_split holds out every image of every "
+                                 "subset; lower it (or leave it out) in some subsets.")  # fmt: skip
+    assert split_train_val(list(range(6)), 0.83, 0)[0] != []  # the suggested value does keep one
 
 
 def test_finetuning_datasets_are_split_without_duplication(tmp_path):

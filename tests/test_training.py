@@ -276,6 +276,10 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"network_args": ["neuron_dropout=0.1"]}, "--network_args neuron_dropout: give it as --network_dropout"),
         (None, {"loss_type": "huber", "huber_schedule": "constant", "huber_scale": 0}, "--huber_scale must be > 0"),
         (None, {"max_validation_steps": 0}, "--max_validation_steps 0: give 1 or more"),
+        # -1 validated every step, 0 never by step; 0 and -1 epochs meant every epoch
+        (None, {"validate_every_n_steps": -1}, "--validate_every_n_steps -1: give 1 or more (steps between"),
+        (None, {"validate_every_n_steps": 0}, "--validate_every_n_steps 0: give 1 or more"),
+        (None, {"validate_every_n_epochs": 0}, "--validate_every_n_epochs 0: give 1 or more (epochs between"),
     ],
 )
 def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys, drop, flags, message):
@@ -289,6 +293,17 @@ def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys,
     assert message in err
     assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "out" / "lora.safetensors")
+
+
+def test_validation_flags_without_held_out_images_are_warned_about(tiny_model_files, tmp_path, caplog):
+    data = dataset(tmp_path)  # no validation_split
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, validate_every_n_steps=1,
+                     max_validation_steps=2)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert run(argv) == 0
+    assert ("--validate_every_n_steps, --max_validation_steps: no image is held out for validation (set "
+            "validation_split in the dataset config, or --validation_split), so there is no validation and they "
+            "have no effect") in caplog.text  # fmt: skip
 
 
 def test_chroma_without_t5_mask_is_refused(tiny_model_files, tmp_path, capsys):
