@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -246,7 +247,9 @@ class Pipeline:
 def check_args(args) -> None:
     from library.flux_sampling import MIN_SAMPLE_SIZE
     from library.flux_train_utils import check_model_files
+    from library.safetensors_io import output_folder_problem
     from library.sample_prompts import MAX_SEED
+    from networks.lora_flux_files import check_lora_file
 
     check_model_files(args, "--ckpt_path")
     if args.seed is not None and not -(2**63) <= args.seed < MAX_SEED:  # what torch.Generator.manual_seed takes
@@ -259,6 +262,15 @@ def check_args(args) -> None:
         raise UserError(
             f"--width {args.width} / --height {args.height}: the image must be at least {MIN_SAMPLE_SIZE} pixels a side"
         )
+    for flag in ("cfg_scale", "guidance"):  # inf or nan made a black image
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{flag} {value}: give a finite number")
+    problem = output_folder_problem(args.output_dir)
+    if problem:  # found now, not after the models loaded and the image was made
+        raise UserError(f"--output_dir {args.output_dir}: {problem}; choose another folder")
+    for path, _ in (parse_lora_spec(s) for s in args.lora_weights):
+        check_lora_file(path, "--lora_weights")
 
 
 def load_pipeline(args) -> Pipeline:
@@ -282,9 +294,6 @@ def load_pipeline(args) -> Pipeline:
     device = device_from_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     loading_device = "cpu" if args.offload else device
     specs = [parse_lora_spec(s) for s in args.lora_weights]
-    for path, _ in specs:
-        if not os.path.isfile(path):
-            raise UserError(f"--lora_weights {path}: file not found")
     fp8_dit = flux_dtype in FP8_DTYPES
     dit_compute = compute if fp8_dit else flux_dtype  # sampling runs in the DiT's own dtype, as in sd-scripts
     logger.info("dtypes: DiT %s, CLIP-L %s, T5 %s, AE %s; the DiT computes in %s on %s", flux_dtype, clip_dtype,

@@ -62,8 +62,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > min(_MAX_HEADER, size - 8):
             raise CheckpointError(
-                f"{path}: not a .safetensors file (bad header length). "
-                "Give a .safetensors checkpoint; .ckpt/.pt pickles are not loaded for safety."
+                f"{path}: not a .safetensors file, or a damaged one (bad header length); give a .safetensors "
+                "file, or download or copy it again"
             )
         try:
             header = json.loads(f.read(header_len))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -202,7 +203,8 @@ def _number(key: str, value: Any, where: str) -> int | float:
     is_int_key = key in _INT_OPTIONS.values()
     # bool is an int subclass: `width = true` is a mistake, not 1
     ok = isinstance(value, int) if is_int_key else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value < 0:
+    # inf and nan pass JSON and TOML, and made every sample black
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < 0:
         kind = "a whole number" if is_int_key else "a number"
         raise _bad(where, f"'{key}' must be {kind} of 0 or more, not {value!r}")
     if key == "sample_steps":

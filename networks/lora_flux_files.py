@@ -12,7 +12,14 @@ from torch import Tensor
 
 from library.errors import CheckpointError
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
-from library.safetensors_io import load_safetensors, read_keys, read_metadata, save_safetensors, write_torch_file
+from library.safetensors_io import (
+    load_safetensors,
+    read_header,
+    read_keys,
+    read_metadata,
+    save_safetensors,
+    write_torch_file,
+)
 from networks.lora_flux_targets import is_split_target, split_parts
 
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
@@ -29,9 +36,26 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: file not found")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True), {}
-    except Exception as e:  # a pickle of anything else, or a truncated file
-        raise CheckpointError(f"{file}: not a LoRA state dict ({e})") from None
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle of anything else, a truncated file, or no torch file at all
+        raise CheckpointError(
+            f"{file}: not a LoRA file: neither .safetensors nor a state dict saved by torch ({e})"
+        ) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{file}: holds a {type(state_dict).__name__}, not a LoRA state dict of tensors")
+    return state_dict, {}
+
+
+def check_lora_file(file: str | os.PathLike, flag: str) -> None:
+    """Stops, naming ``flag`` and the file, when ``file`` cannot be read as a LoRA: the header of a
+    ``.safetensors`` file is read, a ``.pt`` / ``.ckpt`` one (a pickle has no header) loaded."""
+    try:
+        if str(file).endswith(".safetensors"):
+            read_header(file)
+        else:
+            read_lora_file(file)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag} {e}") from None
 
 
 def lora_files_have_modules(paths, prefixes: str | tuple[str, ...]) -> bool:

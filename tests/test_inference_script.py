@@ -251,10 +251,32 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--device", "gpu0"], "flux", "--device gpu0: not a device name"),
         (["--seed", "18446744073709551616"], "flux", "--seed 18446744073709551616: a seed is a whole number from"),
         (["--t5xxl_max_token_length", "0"], "flux", "--t5xxl_max_token_length 0: give 1 or more"),
+        (["--steps", "0"], "flux", "--steps 0: at least 1 step is needed"),  # (0 would mean the default)
+        (["--cfg_scale", "inf"], "flux", "--cfg_scale inf: give a finite number"),  # a black image, before
+        (["--guidance", "nan"], "flux", "--guidance nan: give a finite number"),
+        # found after the models had loaded and the image was made: the image was lost
+        (["--output_dir", "{lora}/x"], "flux", "--output_dir {lora}/x: {lora} is a file, not a folder"),
+        (["--lora_weights", "{truncated}"], "flux", "--lora_weights {truncated}: not a .safetensors file"),
+        (["--lora_weights", "{text}"], "flux", "--lora_weights {text}: not a LoRA file: neither .safetensors nor"),
+        (["--lora_weights", "{list_pt}"], "flux", "--lora_weights {list_pt}: holds a list, not a LoRA state dict"),
     ],
 )
-def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, extra, model_type, message):
-    extra = [e.format(lora=lora_file, chroma=tiny_model_files.chroma) for e in extra]
+def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, monkeypatch, extra, model_type,
+                                  message):  # fmt: skip
+    import library.flux_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the models loaded before the error")
+
+    monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
+    files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
+             "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt"}  # fmt: skip
+    with open(lora_file, "rb") as f:
+        (tmp_path / "t.safetensors").write_bytes(f.read()[:6])
+    (tmp_path / "notes.txt").write_text("a LoRA? no")
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    extra = [e.format(**files) for e in extra]
+    message = message.format(**files)
     args = argv(tiny_model_files, str(tmp_path / "x"), *extra, model_type=model_type.split("-")[0])
     if model_type == "chroma-no-mask":
         args.remove("--apply_t5_attn_mask")

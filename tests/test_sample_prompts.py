@@ -234,6 +234,10 @@ def test_missing_file_is_a_user_error_naming_it(tmp_path):
         ("p.json", '[{"prompt": "a", "width": 64.5}]', r"'width' must be a whole number"),
         ("p.json", '[{"prompt": "a", "seed": true}]', r"'seed' must be a whole number"),
         ("p.json", '[{"prompt": "a", "scale": -2}]', r"'scale' must be a number of 0 or more"),
+        # both parse (JSON's Infinity / NaN, TOML's inf / nan) and made every sample black
+        ("p.json", '[{"prompt": "a", "scale": Infinity}]', r"'scale' must be a number of 0 or more, not inf"),
+        ("p.json", '[{"prompt": "a", "guidance_scale": NaN}]', r"'guidance_scale' must be a number of 0 or more, not"),
+        ("p.toml", '[prompt]\nscale = inf\n[[prompt.subset]]\nprompt = "a"\n', r"'scale' must be a number of 0 or"),
         ("p.json", '[{"prompt": "a", "negative_prompt": 5}]', r"'negative_prompt' must be a string"),
         ("p.txt", "ok\nbad --w x\n", r"p\.txt, line 2: --w needs a whole number"),
         ("p.txt", f"p --d {2**64}", r"p\.txt, line 1: the seed must be below 2\*\*64"),
