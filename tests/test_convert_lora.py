@@ -13,7 +13,7 @@ import torch
 
 import convert_flux_lora
 from library.flux_key_mapping import bfl_to_diffusers
-from library.lora_formats import merge_identical_downs, to_sd_scripts
+from library.lora_formats import merge_identical_downs, to_ai_toolkit, to_sd_scripts
 from library.model_hashes import precalculate_safetensors_hashes
 from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l, load_t5xxl
@@ -136,6 +136,24 @@ def test_ai_toolkit_file_to_sd_scripts_golden_keys(tmp_path):
     assert change["lora_unet_single_blocks_0_linear1"][3 * h :].abs().max() == 0  # no proj_mlp in the file
     metadata = read_metadata(out)
     assert metadata["format"] == "pt" and metadata[SPLIT_QKV_METADATA_KEY] == "fused_alpha_x_splits"
+
+
+@pytest.mark.parametrize("alpha, rank, down_factor, up_factor", [
+    (1.0, 16, 0.25, 0.25),  # scale 1/16: halved into down and doubled out of up until they balance
+    (1.0, 4, 0.5, 0.5),
+    (2.0, 16, 0.25, 0.5),  # scale 1/8: balance is not reached exactly; down keeps the smaller share
+    (16.0, 16, 1.0, 1.0),
+    (32.0, 16, 2.0, 1.0),  # a scale above 1 stays on down
+])  # fmt: skip
+def test_the_scale_is_split_between_a_and_b_as_sd_scripts_splits_it(alpha, rank, down_factor, up_factor):
+    """Their product is what matters to a loader, but the split is what sd-scripts writes: files compare equal."""
+    down, up = torch.randn(rank, 8), torch.randn(8, rank)
+    name = "lora_unet_double_blocks_0_img_attn_proj"
+    sd = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)}
+    out = to_ai_toolkit(sd).state_dict
+    part = "transformer.transformer_blocks.0.attn.to_out.0"
+    assert torch.equal(out[f"{part}.lora_A.weight"], down * down_factor)
+    assert torch.equal(out[f"{part}.lora_B.weight"], up * up_factor)
 
 
 def test_diffusers_lora_alpha_metadata_is_honoured():

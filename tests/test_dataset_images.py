@@ -146,6 +146,31 @@ def test_prepare_image_resizes_crops_and_masks(tmp_path):
     assert boxes <= set(range(17)) and len(boxes) > 3  # random_crop: uniform window
 
 
+def test_color_aug_shifts_hue_up_to_16_degrees_or_applies_a_gamma_near_1():
+    """sd-scripts' amounts: a hue shift of up to 8 on OpenCV's 0-180 scale (16 degrees), or a gamma in
+    [0.95, 1.05] on values in [0, 1] (so black and white stay, unlike sd-scripts' power of 0-255 values)."""
+    hues = np.arange(0, 256, 4, dtype=np.uint8)
+    hsv = np.stack([np.tile(hues, (4, 1)), np.full((4, 64), 255, np.uint8), np.full((4, 64), 255, np.uint8)], -1)
+    colours = np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+    grey = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (2, 1, 3))
+    shifts, gammas = [], []
+    for seed in range(300):
+        coloured, greyed = color_aug(colours, random.Random(seed)), color_aug(grey, random.Random(seed))
+        if not np.array_equal(greyed, grey):  # the gamma branch (a hue shift leaves grey as it is)
+            assert greyed[0, 0, 0] == 0 and greyed[0, 255, 0] == 255
+            gammas.append(np.log(greyed[0, 128, 0] / 255) / np.log(128 / 255))
+        elif not np.array_equal(coloured, colours):
+            moved = np.asarray(Image.fromarray(coloured).convert("HSV"))[..., 0].astype(int) - hsv[..., 0]
+            moved = (moved + 128) % 256 - 128  # around the hue circle
+            assert moved.max() - moved.min() <= 3, "one shift for every pixel"
+            shifts.append(np.median(moved) * 360 / 256)  # degrees
+    assert 60 < len(shifts) + len(gammas) < 140  # applied with probability 0.33
+    assert len(shifts) > 25 and len(gammas) > 25  # each half of those
+    assert max(abs(s) for s in shifts) <= 16 + 1.5 and max(abs(s) for s in shifts) > 12
+    assert min(shifts) < 0 < max(shifts)
+    assert 0.95 - 0.01 <= min(gammas) and max(gammas) <= 1.05 + 0.01 and max(gammas) - min(gammas) > 0.05
+
+
 def test_color_aug_is_seeded_and_bounded():
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     outs = [color_aug(rgb, random.Random(s)) for s in range(60)]

@@ -91,6 +91,20 @@ def test_save_precision_casts_every_float_tensor(tiny_model_files, dev, tmp_path
     assert torch.equal(merged["final_layer.linear.weight"], base["final_layer.linear.weight"].bfloat16())
 
 
+def test_precision_is_the_merge_arithmetics_dtype_and_the_default_save_dtype(tiny_model_files, dev, tmp_path):
+    lora = write_lora(tmp_path / "a.safetensors", dev, dim=4, alpha=2.0)
+    out = tmp_path / "merged.safetensors"
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora, "--ratios", 0.5,
+                 "--precision", "bf16") == 0  # fmt: skip
+    merged = load_safetensors(out)
+    assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+    name, key = "lora_unet_double_blocks_0_img_attn_proj", "double_blocks.0.img_attn.proj.weight"
+    sd = load_safetensors(lora)
+    up, down = (sd[f"{name}.lora_{w}.weight"].bfloat16() for w in ("up", "down"))
+    base = load_safetensors(tiny_model_files.flux_dev)[key].bfloat16()
+    assert torch.equal(merged[key], base + (up @ down) * (0.5 * 2.0 / 4))  # each step in bf16, as asked
+
+
 def test_text_encoder_loras_merge_into_clip_l_and_t5(tiny_model_files, dev, tmp_path):
     clip = load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu")
     t5 = load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")
