@@ -126,7 +126,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         import torch
 
         from library.flux_utils import load_ae, load_flow_model
-        from library.fp8 import FP8, dit_load_dtype, quantize_dit_
+        from library.fp8 import FP8, dit_load_dtype, quantize_dit_, t5_file_is_plain_fp8
         from library.text_encoders import load_clip_l, load_t5xxl
         from networks.lora_flux_files import lora_files_have_modules
 
@@ -141,6 +141,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         self.fp8_after_merge = {"dit": dit_fp8 and lora_files_have_modules(base_weights, "lora_unet"),
                                 "text_encoders": te_fp8 and lora_files_have_modules(base_weights, "lora_te")}
         te_dtype = FP8 if te_fp8 and not self.fp8_after_merge["text_encoders"] else weight_dtype
+        t5_dtype = te_dtype
+        if te_dtype == weight_dtype != torch.float32 and not lora_files_have_modules(base_weights, "lora_te3") \
+                and t5_file_is_plain_fp8(args.t5xxl):
+            t5_dtype = None  # an fp8 file stays fp8 (half the memory; autocast widens it to the same outputs)
         path = args.pretrained_model_name_or_path
         quantize_now = dit_fp8 and not self.fp8_after_merge["dit"]
         dit_dtype = dit_load_dtype(path, weight_dtype) if quantize_now else weight_dtype
@@ -152,7 +156,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         clip_l = None
         if args.model_type == "flux":
             clip_l = load_clip_l(args.clip_l, te_dtype, "cpu", compute_dtype=weight_dtype)
-        t5xxl = load_t5xxl(args.t5xxl, te_dtype, "cpu", compute_dtype=weight_dtype)
+        t5xxl = load_t5xxl(args.t5xxl, t5_dtype, "cpu", compute_dtype=weight_dtype)
         ae = load_ae(args.ae, torch.float32 if args.no_half_vae else weight_dtype, "cpu")
         for model in (dit, clip_l, t5xxl, ae):
             if model is not None:

@@ -231,6 +231,19 @@ def dit_load_dtype(ckpt_path: str, compute_dtype: torch.dtype) -> torch.dtype | 
     return None if weights and all(d == "F8_E4M3" for d in weights) else compute_dtype
 
 
+T5_LINEAR_WEIGHTS = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.weight", ".wi_1.weight", ".wo.weight")
+
+
+def t5_file_is_plain_fp8(path: str) -> bool:
+    """Whether a T5 file stores its Linear weights in e4m3 fp8 without scales (``t5xxl_fp8_e4m3fn``).
+    Such weights can stay fp8: widened inside autocast, they give the same outputs as widened on load."""
+    from library.safetensors_io import is_comfy_scaled_fp8, read_header
+
+    entries = read_header(path)[0]
+    weights = [e["dtype"] for k, e in entries.items() if k.endswith(T5_LINEAR_WEIGHTS)]
+    return bool(weights) and all(d == "F8_E4M3" for d in weights) and not is_comfy_scaled_fp8(entries)
+
+
 def check_fp8_args(args) -> None:
     """Refuses fp8 option combinations that cannot work (before any model is loaded)."""
     from library.errors import UserError

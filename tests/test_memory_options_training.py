@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import flux_train_network
-from library.safetensors_io import load_safetensors
+from library.fp8 import T5_LINEAR_WEIGHTS
+from library.safetensors_io import load_safetensors, save_safetensors
 from library.tiny_models import random_model, tiny_flux_params, write_model
 from tests.training_helpers import base_argv, dataset
 
@@ -51,6 +52,31 @@ def test_fp8_base_with_bf16_trains_and_writes_the_lora(deeper_models, data, tmp_
     ups = [k for k in weights if k.endswith("lora_up.weight")]
     assert ups and all(torch.isfinite(weights[k]).all() for k in weights)
     assert any(weights[k].abs().sum() > 0 for k in ups)  # lora_up starts at zero: it was trained
+
+
+def test_an_fp8_t5_file_stays_fp8_without_fp8_base_and_trains_as_widened(tiny_model_files, data, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """t5xxl_fp8_e4m3fn without --fp8_base: kept fp8 (half of T5's memory while captions are encoded), with the
+    same outputs as its weights widened to bf16 on load, so the same LoRA."""
+    t5 = load_safetensors(tiny_model_files.t5xxl)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k.endswith(T5_LINEAR_WEIGHTS) else v for k, v in t5.items()}
+    save_safetensors(fp8, tmp_path / "t5xxl_fp8_e4m3fn.safetensors")
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in fp8.items()}, tmp_path / "t5xxl_widened.safetensors")
+    seen = []
+    original = flux_train_network.FluxNetworkTrainer.load_target_model
+
+    def load_and_look(self, *args, **kwargs):
+        models = original(self, *args, **kwargs)
+        seen.append(models.text_encoders[1].encoder.block[0].layer[0].SelfAttention.q.weight.dtype)
+        return models
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "load_target_model", load_and_look)
+    loras = []
+    for name in ("t5xxl_fp8_e4m3fn", "t5xxl_widened"):
+        models = dataclasses.replace(tiny_model_files, t5xxl=str(tmp_path / f"{name}.safetensors"))
+        loras.append(train(models, data, tmp_path / name, mixed_precision="bf16", cache_text_encoder_outputs=True))
+    assert seen == [torch.float8_e4m3fn, torch.bfloat16]
+    assert_same(*loras)
 
 
 def test_fp8_scaled_trains_with_per_row_scaled_weights(deeper_models, data, tmp_path, caplog, monkeypatch):
