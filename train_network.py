@@ -390,7 +390,9 @@ class NetworkTrainer:
                     f"--base_weights_multiplier has {len(args.base_weights_multiplier)} values for "
                     f"{len(args.base_weights)} --base_weights files; give one per file"
                 )
-        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights)):
+        thumbnail = args.metadata_thumbnail if not (args.metadata_thumbnail or "").startswith("data:") else None
+        for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights),
+                            ("--metadata_thumbnail", [thumbnail])):  # fmt: skip
             for path in paths or []:
                 if path and not os.path.isfile(path):
                     raise UserError(f"{flag} {path}: file not found")

@@ -77,6 +77,10 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
         raise bad(value, "give true or false, without quotes")
     if action.nargs in ("*", "+") and not isinstance(value, list):
         value = [value]
+    if isinstance(value, list) and action.nargs in (None, "?"):
+        if action.dest == "resolution":  # written as in a dataset config: [1024, 768]
+            return one(",".join(str(v) for v in value))
+        raise bad(value, "expected one value, not a list")
     if isinstance(value, list):
         items = [one(v) for v in value]
         return _NOT_A_CHOICE if _NOT_A_CHOICE in items else items
@@ -128,9 +132,15 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     if secrets:
         logger.warning("--output_config: %s not written to %s; give it on the command line", ", ".join(secrets), path)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        toml.dump(values, f)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            toml.dump(values, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"--output_config: cannot write {path} ({e.strerror or e})") from None
     return path
 
 

@@ -126,6 +126,10 @@ def get_scheduler_fix(args, optimizer: torch.optim.Optimizer, num_processes: int
         return _build_scheduler(args, optimizer, num_processes, name, build_custom)
     except ValueError as e:  # transformers' own checks (polynomial's lr_end above the lr, ...)
         raise UserError(f"--lr_scheduler {name}: {e}") from None
+    except TypeError as e:  # an --lr_scheduler_args key the schedule does not take
+        if not getattr(args, "lr_scheduler_args", None):
+            raise
+        raise UserError(f"--lr_scheduler {name} with --lr_scheduler_args {args.lr_scheduler_args}: {e}") from None
 
 
 def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int, name: str, build_custom: bool) -> Any:

@@ -11,6 +11,14 @@ import time
 from library.errors import UserError
 
 SECRET_ARGS = frozenset({"wandb_api_key", "huggingface_token"})  # never logged nor written to a file
+# files and folders, left out of --log_config (they name users, machines and projects) whatever their form
+PATH_ARGS = frozenset({
+    "pretrained_model_name_or_path", "clip_l", "t5xxl", "ae", "vae", "dataset_config", "train_data_dir",
+    "reg_data_dir", "conditioning_data_dir", "in_json", "output_dir", "logging_dir", "tokenizer_cache_dir",
+    "network_weights", "base_weights", "resume", "sample_prompts", "config_file", "output_config",
+    "log_tracker_config", "metadata_thumbnail", "console_log_file",
+})  # fmt: skip
+logger = logging.getLogger(__name__)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -108,16 +116,28 @@ def tracker_init_kwargs(args) -> dict:
     if args.wandb_run_name:
         kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
     if args.wandb_api_key:
-        import wandb
+        if getattr(args, "log_with", None) in ("wandb", "all"):
+            import wandb
 
-        wandb.login(key=args.wandb_api_key)
+            wandb.login(key=args.wandb_api_key)
+        else:
+            logger.warning("--wandb_api_key is not used: wandb logs only with --log_with wandb or all")
     return kwargs
 
 
+def _holds_a_path(value) -> bool:
+    if isinstance(value, os.PathLike):
+        return True
+    if isinstance(value, str):
+        return "/" in value or os.path.sep in value
+    return isinstance(value, (list, tuple)) and any(_holds_a_path(v) for v in value)
+
+
 def loggable_config(args) -> dict:
-    """--log_config: the arguments, without secrets and paths."""
+    """--log_config: the arguments, without secrets and paths (the path options by name, and any other
+    value that holds a path)."""
     return {
         k: (str(v) if not isinstance(v, (int, float, str, bool)) else v)
         for k, v in vars(args).items()
-        if v is not None and k not in SECRET_ARGS and not (isinstance(v, str) and os.path.sep in v)
+        if v is not None and k not in SECRET_ARGS | PATH_ARGS and not _holds_a_path(v)
     }

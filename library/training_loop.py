@@ -346,7 +346,16 @@ class TrainingLoop:
                 self._remove_state("step", old_state)
         if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
             logs |= self._validate("step")
-        self.accelerator.log(logs, step=step)
+        self._log(logs, step, epoch)
+
+    def _log(self, logs: dict, step: int, epoch: int) -> None:
+        """``accelerator.log``, where wandb's values also carry ``global_step`` and ``epoch`` (1-based), as
+        sd-scripts logs them: dashboards made for its runs plot against them."""
+        if not self.accelerator.is_main_process:
+            return
+        for tracker in self.accelerator.trackers:
+            values = logs | {"global_step": step, "epoch": epoch + 1} if tracker.name == "wandb" else logs
+            tracker.log(values, step=step)
 
     def _after_epoch(self, epoch: int, step: int) -> None:
         args = self.args
@@ -357,7 +366,7 @@ class TrainingLoop:
         if self.val_group and (epoch + 1) % every == 0:
             logs |= self._validate("epoch")
         if logs:
-            self.accelerator.log(logs, step=step)
+            self._log(logs, step, epoch)
         n = args.save_every_n_epochs
         if n and (epoch + 1) % n == 0 and epoch + 1 < self.num_epochs:
             self._save_checkpoint("epoch", epoch + 1, step, epoch + 1)

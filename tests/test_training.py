@@ -276,6 +276,10 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"network_args": ["neuron_dropout=0.1"]}, "--network_args neuron_dropout: give it as --network_dropout"),
         (None, {"loss_type": "huber", "huber_schedule": "constant", "huber_scale": 0}, "--huber_scale must be > 0"),
         (None, {"max_validation_steps": 0}, "--max_validation_steps 0: give 1 or more"),
+        # a missing thumbnail was a traceback after the models had loaded
+        (None, {"metadata_thumbnail": "missing.png"}, "--metadata_thumbnail missing.png: file not found"),
+        (None, {"lr_scheduler": "cosine", "lr_scheduler_args": ["bogus=1"]},
+         "--lr_scheduler cosine with --lr_scheduler_args ['bogus=1']: "),
         # -1 validated every step, 0 never by step; 0 and -1 epochs meant every epoch
         (None, {"validate_every_n_steps": -1}, "--validate_every_n_steps -1: give 1 or more (steps between"),
         (None, {"validate_every_n_steps": 0}, "--validate_every_n_steps 0: give 1 or more"),
@@ -334,6 +338,7 @@ def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path, 
     ("cache_latents_to_disk = 2", "cache_latents_to_disk = 2: give true or false, without quotes"),
     ("max_train_steps = 1.5", "max_train_steps = 1.5: invalid literal for int()"),
     ("max_train_steps = true", "max_train_steps = True: expected a value, not true or false"),
+    ("max_train_steps = [2]", "max_train_steps = [2]: expected one value, not a list"),  # was a TypeError later
 ])
 def test_config_file_values_that_mean_something_else_stop(tmp_path, line, message):
     """A quoted "false" would turn a flag on; a fraction of a step has no meaning."""
@@ -371,6 +376,27 @@ def test_config_file_values_take_the_options_types(tmp_path, caplog):
     assert args.output_name == "2024" and args.learning_rate == 1.0 and type(args.learning_rate) is float
     assert args.max_token_length is None  # not one of sd-scripts' 150, 225: it has no effect for FLUX anyway
     assert "max_token_length" not in caplog.text  # and kohya_ss writes 75 on every run: no warning
+
+
+def test_config_file_resolution_may_be_written_as_in_a_dataset_config(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("resolution = [64, 48]\n")
+    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
+    assert args.resolution == "64,48"  # the command line's form, recorded as such in the metadata
+
+
+def test_output_config_into_a_new_folder_creates_it_and_a_blocked_one_is_one_message(tmp_path):
+    config = tmp_path / "configs" / "saved.toml"
+    with pytest.raises(SystemExit):
+        parse_args_with_config(flux_train_network.setup_parser(),
+                               ["--config_file", str(config), "--output_config", "--network_dim", "12"])  # fmt: skip
+    assert toml.load(config) == {"network_dim": 12}
+    (tmp_path / "a_file").write_text("x")
+    blocked = tmp_path / "a_file" / "saved.toml"
+    with pytest.raises(UserError, match=rf"^--output_config: cannot write {re.escape(str(blocked))} \("):
+        parse_args_with_config(flux_train_network.setup_parser(),
+                               ["--config_file", str(blocked), "--output_config"])  # fmt: skip
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "configs"] and os.listdir(tmp_path / "configs") == ["saved.toml"]
 
 
 @pytest.mark.parametrize("first_line", ["network_dim = 8", "[network]\nnetwork_dim = 8"])

@@ -169,6 +169,25 @@ def test_debiased_estimation_and_max_grad_norm_are_recorded_from_their_flags():
     assert (md["ss_debiased_estimation"], md["ss_max_grad_norm"]) == ("True", "0.5")
 
 
+def test_the_commit_recorded_is_this_checkouts(monkeypatch):
+    import subprocess
+
+    from library import model_hashes
+
+    def recorded() -> str:
+        model_hashes.implementation_version.cache_clear()
+        return build_training_metadata(SimpleNamespace(output_name="x"), RUN)["ss_sd_scripts_commit_hash"]
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root)
+    assert recorded() == (head.stdout.strip() if head.returncode == 0 else "(unknown)")
+    # outside a git checkout (an unpacked release): sd-scripts' "(unknown)"
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: SimpleNamespace(returncode=128, stdout=""))
+    assert recorded() == "(unknown)"
+    monkeypatch.undo()
+    model_hashes.implementation_version.cache_clear()
+
+
 def test_a_save_records_the_step_and_the_epoch_it_is_given():
     """The caller passes the 1-based epoch number, as sd-scripts' save_model(..., epoch + 1)."""
     saved = per_save_metadata(build_training_metadata(SimpleNamespace(output_name="x"), RUN), steps=40, epoch=2)

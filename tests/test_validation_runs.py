@@ -1,0 +1,90 @@
+"""Validation runs through the real trainer, in-process on the tiny models: validating leaves the
+training unchanged (train mode and a schedule-free optimizer's weights restored), and the loss does
+not depend on how the validation images are batched."""
+
+import os
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors
+from tests.training_helpers import base_argv, dataset, logged_scalars
+
+
+def train(models, tmp_path, steps=2, data_kwargs=None, **flags) -> str:
+    out = str(tmp_path / "out")
+    argv = base_argv(models, dataset(tmp_path, **(data_kwargs or {})), out, steps=steps, **flags)
+    assert flux_train_network.main(argv) == 0
+    return out
+
+
+def lora(out: str) -> dict:
+    return load_safetensors(os.path.join(out, "lora.safetensors"))
+
+
+@pytest.mark.parametrize("flags, atol", [
+    ({"network_dropout": 0.3, "network_args": ["rank_dropout=0.2", "module_dropout=0.1"]}, 0),  # train mode restored
+    # validated on its eval weights, then switched back: that round trip of lerps rounds (1.5e-8 here);
+    # without the switch to eval weights the LoRA moves by 2.6e-4
+    ({"optimizer_type": "AdamWScheduleFree"}, 1e-6),
+])  # fmt: skip
+def test_validation_leaves_the_training_unchanged(tiny_model_files, tmp_path, flags, atol):
+    outs = []
+    for name, when in (("validated", {"validate_every_n_steps": 1}), ("not", {"validate_every_n_epochs": 1000})):
+        outs.append(train(tiny_model_files, tmp_path / name, steps=3, data_kwargs={"validation_split": 0.34},
+                          network_train_unet_only=True, logging_dir=str(tmp_path / name / "logs"), **when, **flags))
+    validated = logged_scalars(tmp_path / "validated" / "logs")
+    assert set(validated["loss/validation/step_average"]) == {1, 2, 3}
+    assert not any(tag.startswith("loss/validation") for tag in logged_scalars(tmp_path / "not" / "logs"))
+    a, b = lora(outs[0]), lora(outs[1])
+    assert all(torch.allclose(a[key], b[key], rtol=0, atol=atol) for key in a)
+
+
+def test_a_schedule_free_optimizer_validates_on_its_eval_weights(tiny_model_files, tmp_path, monkeypatch):
+    """Schedule-free training steps on one point and evaluates at another: validation switches to it and back."""
+    import schedulefree
+
+    events = []
+    for name in ("eval", "train"):
+        original = getattr(schedulefree.AdamWScheduleFree, name)
+        monkeypatch.setattr(schedulefree.AdamWScheduleFree, name,
+                            lambda self, _original=original, _name=name: events.append(_name) or _original(self))
+    batch_loss = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, *args, fixed_sigma=None, **kwargs):
+        if fixed_sigma is not None:
+            events.append("validation")
+        return batch_loss(self, ctx, *args, fixed_sigma=fixed_sigma, **kwargs)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    train(tiny_model_files, tmp_path, steps=2, data_kwargs={"validation_split": 0.34},
+          optimizer_type="AdamWScheduleFree", validate_every_n_steps=1, network_train_unet_only=True)
+    runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # consecutive repeats as one
+    assert runs.count("validation") == 3  # steps 1 and 2, and the epoch's end
+    for i, event in enumerate(runs):
+        if event == "validation":
+            assert runs[i - 1 : i + 2] == ["eval", "validation", "train"], runs
+
+
+def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batched(tiny_model_files, tmp_path,
+                                                                                  caplog):  # fmt: skip
+    """Each image's noise comes from the image, and the average is over images: batch size 1 and 3 give
+    the same loss for the same (practically untrained) LoRA."""
+    import logging
+    import re
+
+    data = dataset(tmp_path, validation_split=0.5, batch_size=1)
+    with open(data.dataset_toml, encoding="utf-8") as f:
+        config = f.read()
+    losses = []
+    for batch_size in (1, 3):
+        with open(data.dataset_toml, "w", encoding="utf-8") as f:
+            f.write(config.replace("batch_size = 1", f"batch_size = {batch_size}"))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            argv = base_argv(tiny_model_files, data, str(tmp_path / f"b{batch_size}"), steps=1, learning_rate=1e-30,
+                             validate_every_n_steps=1, network_train_unet_only=True)  # fmt: skip
+            assert flux_train_network.main(argv) == 0
+        losses.append([float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)])
+    assert losses[0] and losses[0] == losses[1]
