@@ -310,6 +310,36 @@ def test_validation_flags_without_held_out_images_are_warned_about(tiny_model_fi
             "have no effect") in caplog.text  # fmt: skip
 
 
+def test_disk_cached_text_encoder_outputs_follow_the_t5_file_and_its_length(tiny_model_files, tmp_path):
+    """The cache records what made it: another T5 file or --t5xxl_max_token_length encodes the captions again."""
+    import dataclasses
+    import glob
+
+    import numpy as np
+
+    from library.safetensors_io import save_safetensors
+
+    data = dataset(tmp_path)
+
+    def cached_t5(out, models=tiny_model_files, **flags):
+        argv = base_argv(models, data, str(tmp_path / out), steps=1, cache_text_encoder_outputs_to_disk=True,
+                         network_train_unet_only=True, **flags)  # fmt: skip
+        assert run(argv) == 0
+        (first, *_) = sorted(glob.glob(os.path.join(data.image_dir, "*_flux_te.npz")))
+        with np.load(first) as npz:
+            return npz["t5_out"].copy()
+
+    base = cached_t5("a")
+    assert base.shape[0] == 16
+    assert cached_t5("b", t5xxl_max_token_length=24).shape[0] == 24
+    t5 = load_safetensors(tiny_model_files.t5xxl)
+    t5 = {k: v * 2 if k.endswith("DenseReluDense.wo.weight") else v for k, v in t5.items()}
+    save_safetensors(t5, tmp_path / "other_t5.safetensors")
+    other = cached_t5("c", dataclasses.replace(tiny_model_files, t5xxl=str(tmp_path / "other_t5.safetensors")))
+    assert other.shape == base.shape and not np.array_equal(other, base)
+    assert np.array_equal(cached_t5("d"), base)  # and back: the same outputs as the first run's
+
+
 def test_chroma_without_t5_mask_is_refused(tiny_model_files, tmp_path, capsys):
     data = dataset(tmp_path)
     argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), model_type="chroma")
