@@ -23,7 +23,7 @@ def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     state = str(tmp_path / "lora-state")
-    save_training_state(state, network, optimizer, scheduler, TrainProgress(1, 3))
+    save_training_state(state, network, optimizer, scheduler, TrainProgress(1, 3, 7))
     import library.safetensors_io
 
     def fail_on_scheduler(path, *args, **kwargs):  # the disk fills while scheduler.bin is written
@@ -33,10 +33,10 @@ def test_failed_state_save_keeps_the_older_state(tmp_path, monkeypatch):
 
     monkeypatch.setattr(library.safetensors_io, "open", fail_on_scheduler, raising=False)
     with pytest.raises(OSError):
-        save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5))
+        save_training_state(state, {"w": torch.zeros(2)}, optimizer, scheduler, TrainProgress(1, 5, 7))
     assert sorted(os.listdir(tmp_path)) == ["lora-state"]
     assert json.loads((tmp_path / "lora-state" / "train_state.json").read_text()) == {
-        "current_epoch": 1, "current_step": 3, "optimizer": "torch.optim.sgd.SGD"}  # fmt: skip
+        "current_epoch": 1, "current_step": 3, "optimizer": "torch.optim.sgd.SGD", "seed": 7}  # fmt: skip
     assert torch.equal(load_safetensors(os.path.join(state, "model.safetensors"))["w"], torch.ones(2))
 
 
