@@ -78,7 +78,7 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
     if action.nargs in ("*", "+") and not isinstance(value, list):
         value = [value]
     if isinstance(value, list) and action.nargs in (None, "?"):
-        if action.dest == "resolution":  # written as in a dataset config: [1024, 768]
+        if action.dest in ("resolution", "face_crop_aug_range"):  # written as in a dataset config: [1024, 768]
             return one(",".join(str(v) for v in value))
         raise bad(value, "expected one value, not a list")
     if isinstance(value, list):

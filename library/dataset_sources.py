@@ -52,6 +52,15 @@ def split_train_val(items: list[T], validation_split: float, seed: int) -> tuple
     return shuffled[:cut], shuffled[cut:]
 
 
+def _split_keeping_one(n: int) -> str:
+    """The shortest written validation_split that holds out all but one of ``n`` images."""
+    for digits in range(2, 12):
+        text = f"{(n - 1) / n:.{digits}g}"
+        if round(n * float(text)) == n - 1:
+            return text
+    return repr((n - 1) / n)
+
+
 def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tuple[list, list]:
     """Regularisation subsets are never split: all of them train, none validate."""
     if sub.is_reg or sub.validation_split <= 0:
@@ -63,7 +72,7 @@ def split_subset(records: list[ImageRecord], sub: SubsetConfig, seed: int) -> tu
                        1 / max(len(records), 1))  # fmt: skip
     elif not train and sub.validation_split < 1:
         n = len(records)
-        fix = f"{(n - 1) / n:.2g} keeps one for training" if n > 1 else "leave validation_split out to train on it"
+        fix = f"{_split_keeping_one(n)} keeps one for training" if n > 1 else "leave it out to train on the image"
         logger.warning("%s: validation_split = %s of its %d images rounds to all of them, so none of them trains; "
                        "%s", sub.describe(), sub.validation_split, n, fix)  # fmt: skip
     return train, val

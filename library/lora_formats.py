@@ -165,7 +165,7 @@ def detect_format(keys: Iterable[str], source: str = "LoRA") -> str:
 # ---- reading modules ----------------------------------------------------------------------
 
 
-def _checked_pair(down: Tensor, up: Tensor, name: str, source: str) -> tuple[Tensor, Tensor]:
+def checked_lora_pair(down: Tensor, up: Tensor, name: str, source: str) -> tuple[Tensor, Tensor]:
     """A module's (down, up); a pair whose ranks disagree stops with its name (it multiplies nowhere)."""
     if down.ndim < 2 or up.ndim < 2 or down.shape[0] != up.shape[1]:
         raise UserError(
@@ -187,7 +187,7 @@ def sd_scripts_modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> tuple[
             continue
         alpha = sd.get(alpha_key)
         alpha = None if alpha is None else float(torch.as_tensor(alpha).float().item())
-        modules[name] = LoRAWeights(*_checked_pair(sd[key], sd[up_key], name, source), alpha)
+        modules[name] = LoRAWeights(*checked_lora_pair(sd[key], sd[up_key], name, source), alpha)
         used.update((key, up_key, alpha_key))
     return modules, [k for k in sd if k not in used]
 
@@ -241,7 +241,7 @@ def ai_toolkit_modules(
         name = _ait_module_name(raw)
         if up_key not in sd or name is None:
             continue
-        down, up = _checked_pair(sd[key], sd[up_key], raw, source)
+        down, up = checked_lora_pair(sd[key], sd[up_key], raw, source)
         alpha = sd.get(alpha_key)
         if alpha is not None:
             alpha = float(torch.as_tensor(alpha).float().item())

@@ -38,8 +38,9 @@ def warn_about_validation_without_images(args) -> None:
     given = [f"--{flag}" for flag in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
                                       "validation_seed") if getattr(args, flag, None) is not None]  # fmt: skip
     if given:
-        logger.warning("%s: no image is held out for validation (set validation_split in the dataset config, or "
-                       "--validation_split), so there is no validation and %s", ", ".join(given),
+        logger.warning("%s: no image is held out for validation (validation_split is not set in the dataset config "
+                       "nor as --validation_split, or rounds to no image), so there is no validation and %s",
+                       ", ".join(given),
                        "it has no effect" if len(given) == 1 else "they have no effect")  # fmt: skip
 
 

@@ -218,7 +218,10 @@ def output_folder_problem(folder: str | os.PathLike) -> str | None:
     """Why files cannot be written into ``folder`` (created where missing), or None."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+        parent = os.path.dirname(existing)
+        if parent == existing:  # a drive or network share that is not there (Windows)
+            return f"{existing} does not exist (a drive or share that is not connected?)"
+        existing = parent
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):

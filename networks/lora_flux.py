@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from library.errors import CheckpointError, UserError
-from library.lora_formats import refuse_unsupported_kinds
+from library.lora_formats import checked_lora_pair, refuse_unsupported_kinds
 from networks.lora_flux_args import (  # noqa: F401  (validate_network_args is part of the module API)
     RANK_ARGS,
     TYPE_DIM_KEYS,
@@ -133,6 +133,8 @@ def create_network_from_weights(
             modules_alpha[name] = value
         elif rest == "lora_down.weight":
             modules_dim[name] = value.shape[0]
+            if f"{name}.lora_up.weight" in weights_sd:
+                checked_lora_pair(value, weights_sd[f"{name}.lora_up.weight"], name, str(file))
     if not modules_dim:
         raise CheckpointError(f"{file}: no lora_down weights: not a LoRA in sd-scripts' format")
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from library.dataset_config import load_dataset_configs
-from library.dataset_sources import split_train_val
+from library.dataset_config import SubsetConfig, load_dataset_configs
+from library.dataset_sources import ImageRecord, split_subset, split_train_val
 from library.datasets import build_dataset_groups
 from library.errors import UserError
 from tests.dataset_helpers import make_args, make_folder, write_toml
@@ -168,6 +168,17 @@ def test_a_split_that_rounds_to_every_image_says_so(tmp_path, caplog):
     assert str(raised.value) == ("no image is left for training: validation_split holds out every image of every "
                                  "subset; lower it (or leave it out) in some subsets.")  # fmt: skip
     assert split_train_val(list(range(6)), 0.83, 0)[0] != []  # the suggested value does keep one
+
+
+@pytest.mark.parametrize("n, split, suggested", [(6, 0.95, "0.83"), (300, 0.999, "0.997"), (20000, 0.99999, "0.99995")])
+def test_the_suggested_split_keeps_exactly_one_image_at_any_count(caplog, n, split, suggested):
+    records = [ImageRecord(f"{i}.png", "c", (32, 32)) for i in range(n)]  # no files: splitting reads none
+    sub = SubsetConfig(label="datasets[0].subsets[0]", kind="dreambooth", image_dir="img", validation_split=split)
+    with caplog.at_level("WARNING"):
+        assert split_subset(records, sub, 0)[0] == []
+    assert f"rounds to all of them, so none of them trains; {suggested} keeps one for training" in caplog.text
+    sub.validation_split = float(suggested)
+    assert len(split_subset(records, sub, 0)[0]) == 1
 
 
 def test_finetuning_datasets_are_split_without_duplication(tmp_path):

@@ -72,7 +72,7 @@ def test_clamp_quantile_bounds_magnitudes(tuned, tmp_path):
     sd = load_safetensors(out)
     assert {v.dtype for k, v in sd.items() if not k.endswith(".alpha")} == {torch.float16}
     alphas = {k: v for k, v in sd.items() if k.endswith(".alpha")}
-    assert alphas and {v.dtype for v in alphas.values()} == {torch.float32}  # as trained LoRAs: exact at any rank
+    assert alphas and {v.dtype for v in alphas.values()} == {torch.float32}  # exact at any rank (docs §17.7)
     assert not any(k.startswith("modelspec.") for k in read_metadata(out))
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     up, down = sd[f"{name}.lora_up.weight"].float(), sd[f"{name}.lora_down.weight"].float()

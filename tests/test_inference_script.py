@@ -259,6 +259,8 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--lora_weights", "{truncated}"], "flux", "--lora_weights {truncated}: not a .safetensors file"),
         (["--lora_weights", "{text}"], "flux", "--lora_weights {text}: not a LoRA file: neither .safetensors nor"),
         (["--lora_weights", "{list_pt}"], "flux", "--lora_weights {list_pt}: holds a list, not a LoRA state dict"),
+        (["--lora_weights", "{damaged}"], "flux-loading", "{damaged}: module lora_unet_double_blocks_0_img_attn_proj "
+                                                          "is damaged: its down is (4, 64) and its up (64, 3)"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, monkeypatch, extra, model_type,
@@ -268,9 +270,13 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     def refuse(*args, **kwargs):
         raise AssertionError("the models loaded before the error")
 
-    monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
+    if not model_type.endswith("-loading"):  # errors found before the models load
+        monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
-             "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt"}  # fmt: skip
+             "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors"}
+    weights = load_safetensors(lora_file)  # lora_up's rank is not lora_down's: it was "made for other widths"
+    weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
+    save_safetensors(weights, files["damaged"])
     with open(lora_file, "rb") as f:
         (tmp_path / "t.safetensors").write_bytes(f.read()[:6])
     (tmp_path / "notes.txt").write_text("a LoRA? no")

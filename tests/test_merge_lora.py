@@ -3,6 +3,7 @@ LoRAs applied at run time; ai-toolkit LoRAs reach every block; merged LoRAs appl
 
 import json
 import logging
+import os
 import struct
 
 import pytest
@@ -420,18 +421,25 @@ def test_modules_a_diffusers_layout_dit_cannot_name_are_listed(tiny_model_files,
 
 
 def test_a_failed_write_is_one_line_and_leaves_no_file(tiny_model_files, dev, tmp_path, capsys, monkeypatch):
+    """The disk fills part-way through the merged DiT: one line, and neither the file nor its temporary."""
     import errno
 
-    def disk_full(path, *args):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    count = []
 
-    monkeypatch.setattr(flux_merge_lora, "write_safetensors_streaming", disk_full)
-    out = tmp_path / "m.safetensors"
+    class FailingReader(flux_merge_lora.SafetensorsReader):  # the DiT's reader, which feeds the writer
+        def get(self, key, *args, **kwargs):
+            count.append(key)
+            if len(count) == 5:  # after four tensors are written
+                raise OSError(errno.ENOSPC, "No space left on device", str(out))
+            return super().get(key, *args, **kwargs)
+
+    monkeypatch.setattr(flux_merge_lora, "SafetensorsReader", FailingReader)
+    out = tmp_path / "out" / "m.safetensors"
     lora = write_lora(tmp_path / "lora.safetensors", dev)
     assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", lora) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: [Errno 28] No space left on device: '{out}'"
-    assert not out.exists()
+    assert len(count) == 5 and os.listdir(tmp_path / "out") == []
 
 
 def test_sd_scripts_split_qkv_files_merge_and_convert_at_their_trained_strength(tiny_model_files, dev, tmp_path):

@@ -62,3 +62,27 @@ def test_a_dtype_this_torch_lacks_stops_only_the_tensor_that_has_it(tmp_path):
     assert load_safetensors(path, keys=["w"])["w"].item() == 1.5
     with pytest.raises(CheckpointError, match=r"tensor 'odd' has the dtype 'F4_FUTURE', which this torch .* cannot"):
         load_safetensors(path)
+
+
+def test_an_output_on_a_drive_that_is_not_there_is_named_not_walked_up_for_ever(tmp_path, monkeypatch):
+    """On Windows the parent of "Z:\\" is itself: an unplugged drive ended the walk up to an existing
+    folder never (seen here with nothing existing, so that the walk reaches the root)."""
+    import os
+    import signal
+
+    from library import safetensors_io
+    from library.errors import UserError
+
+    assert safetensors_io.output_folder_problem(tmp_path) is None
+    (tmp_path / "f").write_text("x")
+    assert safetensors_io.output_folder_problem(tmp_path / "f" / "sub") == f"{tmp_path / 'f'} is a file, not a folder"
+    monkeypatch.setattr(safetensors_io.os.path, "exists", lambda path: False)
+    signal.signal(signal.SIGALRM, lambda *args: pytest.fail("the walk up did not end"))
+    signal.alarm(5)
+    try:
+        problem = safetensors_io.output_folder_problem(os.path.join(os.sep, "gone", "out"))
+    finally:
+        signal.alarm(0)
+    assert problem == f"{os.sep} does not exist (a drive or share that is not connected?)"
+    with pytest.raises(UserError, match=r"^--save_to .*m\.safetensors: .* does not exist"):
+        safetensors_io.check_output_file(os.path.join(os.sep, "gone", "m.safetensors"), "--save_to")

@@ -305,9 +305,9 @@ def test_validation_flags_without_held_out_images_are_warned_about(tiny_model_fi
                      max_validation_steps=2)  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert run(argv) == 0
-    assert ("--validate_every_n_steps, --max_validation_steps: no image is held out for validation (set "
-            "validation_split in the dataset config, or --validation_split), so there is no validation and they "
-            "have no effect") in caplog.text  # fmt: skip
+    assert ("--validate_every_n_steps, --max_validation_steps: no image is held out for validation (validation_split "
+            "is not set in the dataset config nor as --validation_split, or rounds to no image), so there is no "
+            "validation and they have no effect") in caplog.text  # fmt: skip
 
 
 def test_disk_cached_text_encoder_outputs_follow_the_t5_file_and_its_length(tiny_model_files, tmp_path):
@@ -410,9 +410,10 @@ def test_config_file_values_take_the_options_types(tmp_path, caplog):
 
 def test_config_file_resolution_may_be_written_as_in_a_dataset_config(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text("resolution = [64, 48]\n")
+    config.write_text("resolution = [64, 48]\nface_crop_aug_range = [2.0, 4.0]\n")
     args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
     assert args.resolution == "64,48"  # the command line's form, recorded as such in the metadata
+    assert args.face_crop_aug_range == "2.0,4.0"
 
 
 def test_output_config_into_a_new_folder_creates_it_and_a_blocked_one_is_one_message(tmp_path):
