@@ -46,6 +46,9 @@ KEEP_ATTENTION_EAGER = (
 
 TRAIN_T5XXL_WITH_CACHE = ("network_args train_t5xxl=True cannot be used with --cache_text_encoder_outputs: a trained "
                           "T5 must run every step. Drop one of them.")
+T5_WEIGHTS_WITH_CACHE = ("--network_weights {file} has T5 modules (lora_te3_*), which --dim_from_weights trains, and a "
+                         "trained T5 must run every step: drop --cache_text_encoder_outputs, or add "
+                         "--network_train_unet_only to train the DiT modules alone")
 
 
 class FluxNetworkTrainer(train_network.NetworkTrainer):
@@ -77,6 +80,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         check_fp8_args(args)
         check_offload_args(args)
         if args.torch_compile:
+            from library.preflight import check_dynamo_backend
+
             check_dynamo_backend(args.dynamo_backend)
         # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading
         dit_params = check_model_files(args)
@@ -99,6 +104,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                             "mode: add bypass_mode=True to --network_args")  # fmt: skip
         if args.cache_text_encoder_outputs and train_t5xxl:
             raise UserError(TRAIN_T5XXL_WITH_CACHE)  # now, not after the models are loaded and the cache built
+        if args.cache_text_encoder_outputs and self._weights_train_t5(args):
+            raise UserError(T5_WEIGHTS_WITH_CACHE.format(file=args.network_weights))
         if train_t5xxl and args.network_train_unet_only:
             logger.warning("network_args train_t5xxl=True has no effect with --network_train_unet_only, which trains "
                            "no text-encoder LoRA: drop one of them")  # fmt: skip
@@ -222,6 +229,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
     # ---- caches and text encoding ----------------------------------------------------------------
     def cache_latents(self, ctx, groups) -> None:
         from library.caches import LatentCacher, check_disk_caches_complete, file_fingerprint
+        from library.flux_ae import PosteriorMeanEncoder
 
         args, accelerator = ctx.args, ctx.accelerator
         cacher = LatentCacher(PosteriorMeanEncoder(ctx.models.ae), file_fingerprint(args.ae) + ":mean",
@@ -313,9 +321,20 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         return text_encoders_for(network_module_name(ctx.args), ctx.models.text_encoders), ctx.models.dit
 
+    @staticmethod
+    def _weights_train_t5(args) -> bool:
+        """--dim_from_weights shapes the network from --network_weights: its T5 modules train unless unet-only."""
+        from networks.lora_flux_files import lora_files_have_modules
+
+        return bool(args.dim_from_weights and args.network_weights and not args.network_train_unet_only
+                    and lora_files_have_modules([args.network_weights], "lora_te3"))  # fmt: skip
+
     def after_network_created(self, ctx, network) -> None:
-        if getattr(network, "train_t5xxl", False) and ctx.args.cache_text_encoder_outputs:
-            raise UserError(TRAIN_T5XXL_WITH_CACHE)
+        args = ctx.args
+        if getattr(network, "train_t5xxl", False) and args.cache_text_encoder_outputs and \
+                not args.network_train_unet_only:  # fmt: skip  (a .pt file's modules are known only now)
+            raise UserError(T5_WEIGHTS_WITH_CACHE.format(file=args.network_weights) if args.dim_from_weights
+                            else TRAIN_T5XXL_WITH_CACHE)  # fmt: skip
         if not hasattr(network, "set_multiplier"):  # the oldest network interface
             if self.uses_dop:
                 raise UserError(f"custom_attributes diff_output_preservation needs a network that can be "
@@ -544,36 +563,6 @@ def checkpoint_text_encoder(encoder) -> None:
         for rate in ("dropout", "attention_dropout"):
             if isinstance(getattr(module, rate, None), float):
                 setattr(module, rate, 0.0)
-
-
-class PosteriorMeanEncoder:
-    """The AE as the latent cache sees it: the posterior mean, so that cached latents are the same
-    whatever the RNG state, the batch or the number of processes (sd-scripts samples the posterior)."""
-
-    def __init__(self, ae):
-        self.ae = ae
-
-    @property
-    def device(self):
-        return self.ae.device
-
-    @property
-    def dtype(self):
-        return self.ae.dtype
-
-    def encode(self, images):
-        return self.ae.encode(images, sample=False)
-
-
-def check_dynamo_backend(backend: str) -> None:
-    """--torch_compile's backend must be one this torch has (sd-scripts' list names some it does not, or that
-    need a package: tensorrt, onnxrt, ...): found now, not after the models are loaded."""
-    import torch._dynamo
-
-    if backend not in torch._dynamo.list_backends(None):  # every registered one, debug ones included
-        raise UserError(f"--torch_compile needs a --dynamo_backend this torch has, not {backend!r}: one of "
-                        f"{', '.join(torch._dynamo.list_backends())} (inductor, the default, is the usual "
-                        "one)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

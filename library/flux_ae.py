@@ -236,3 +236,22 @@ def infer_ae_params(shapes: dict[str, tuple[int, ...]]) -> AutoEncoderParams:
     if any(w % NORM_GROUPS for w in widths):
         raise ValueError(f"AE widths {sorted(widths)} must be multiples of {NORM_GROUPS} (GroupNorm groups)")
     return params
+
+
+class PosteriorMeanEncoder:
+    """The AE as the latent cache sees it: the posterior mean, so that cached latents are the same
+    whatever the RNG state, the batch or the number of processes (sd-scripts samples the posterior)."""
+
+    def __init__(self, ae):
+        self.ae = ae
+
+    @property
+    def device(self):
+        return self.ae.device
+
+    @property
+    def dtype(self):
+        return self.ae.dtype
+
+    def encode(self, images):
+        return self.ae.encode(images, sample=False)

@@ -176,3 +176,14 @@ def warn_about_earlier_outputs(args) -> None:
         logger.warning("--output_dir %s already holds %d file(s) of an earlier run named %s (e.g. %s); this run "
                        "replaces those it writes again and leaves the others", args.output_dir, len(earlier),
                        name, ", ".join(earlier[:3]))  # fmt: skip
+
+
+def check_dynamo_backend(backend: str) -> None:
+    """--torch_compile's backend must be one this torch has (sd-scripts' list names some it does not, or that
+    need a package: tensorrt, onnxrt, ...): found now, not after the models are loaded."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(None):  # every registered one, debug ones included
+        raise UserError(f"--torch_compile needs a --dynamo_backend this torch has, not {backend!r}: one of "
+                        f"{', '.join(torch._dynamo.list_backends())} (inductor, the default, is the usual "
+                        "one)")  # fmt: skip

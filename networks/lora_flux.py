@@ -329,6 +329,12 @@ class LoRANetwork(nn.Module):
                 raise ValueError(f"duplicated LoRA name: {lora.lora_name}")
             names.add(lora.lora_name)
             self.add_module(lora.lora_name, lora)
+        for arg, patterns in (("network_reg_dims", None if from_file else self.reg_dims),
+                              ("network_reg_lrs", self.reg_lrs)):  # fmt: skip
+            for pattern, value in patterns or []:  # a typo would train something else than asked, in silence
+                if not any(pattern.search(name) for name in names | set(skipped)):
+                    logger.warning(f"--network_args {arg}: the pattern {pattern.pattern!r} (= {value}) matches no "
+                                   "module of this network; verbose=True lists the module names")
         if verbose:
             for lora in self.all_loras():
                 split = f" split {lora.split_dims}" if lora.split_dims else ""
@@ -402,6 +408,17 @@ class LoRANetwork(nn.Module):
         check_weights_fit(
             file, weights_sd, self, "Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
         )
+        # a module saved without alpha has scale 1, as every loader (and create_network_from_weights) reads it
+        own = self.state_dict()
+        without_alpha = [k[: -len(".lora_down.weight")] for k in weights_sd if k.endswith(".lora_down.weight")
+                         and f"{k[: -len('.lora_down.weight')]}.alpha" not in weights_sd]  # fmt: skip
+        weights_sd = dict(weights_sd)
+        for name in without_alpha:
+            if f"{name}.alpha" in own:
+                rank = weights_sd[f"{name}.lora_down.weight"].shape[0]
+                weights_sd[f"{name}.alpha"] = torch.tensor(float(rank), dtype=own[f"{name}.alpha"].dtype)
+        if without_alpha:
+            logger.info(f"{file}: {len(without_alpha)} modules have no alpha: alpha = rank (scale 1), as saved")
         info = self.load_state_dict(weights_sd, strict=False)
         if weights_sd and len(info.unexpected_keys) == len(weights_sd):
             raise UserError(

@@ -180,10 +180,19 @@ def ggpo_args(kwargs: dict) -> tuple[float | None, float | None]:
 
 
 def dropout_args(kwargs: dict, neuron_dropout) -> tuple[float | None, float | None, float | None]:
-    """(neuron, rank, module) dropout; sd-scripts' trainer also passes the neuron one as ``dropout``."""
-    neuron = neuron_dropout if neuron_dropout is not None else kwargs.get("dropout")
+    """(neuron, rank, module) dropout. The neuron one is ``--network_dropout`` (``neuron_dropout``) or
+    ``--network_args dropout=`` (sd-scripts' trainer passes the first as the second too): two different
+    values stop, so that every way of making the network trains with the same one."""
+    neuron = parse_float("dropout", kwargs.get("dropout"), below_one=True)
+    if neuron_dropout is not None:
+        if not 0 <= neuron_dropout < 1:
+            raise UserError(f"--network_dropout {neuron_dropout}: expected a number in [0, 1)")
+        if neuron is not None and neuron != neuron_dropout:
+            raise UserError(f"--network_dropout {neuron_dropout} and --network_args dropout={kwargs['dropout']} "
+                            "disagree: give one of them")  # fmt: skip
+        neuron = float(neuron_dropout)
     return (
-        parse_float("dropout", neuron, below_one=True),
+        neuron,
         parse_float("rank_dropout", kwargs.get("rank_dropout"), below_one=True),
         parse_float("module_dropout", kwargs.get("module_dropout"), below_one=True),
     )

@@ -208,6 +208,21 @@ def test_regex_dims_apply_to_text_encoder_modules(flux):
 
 
 @pytest.mark.parametrize("key", ["network_reg_dims", "network_reg_lrs"])
+def test_a_regex_that_matches_no_module_is_warned_about(flux, caplog, key):
+    import logging
+
+    with caplog.at_level(logging.WARNING):  # "dubble" for "double": before, the run trained with no word
+        build(flux, **{key: "dubble_blocks=8,img_attn=2"})
+    messages = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert messages == [f"--network_args {key}: the pattern 'dubble_blocks' (= 8{'.0' if key.endswith('lrs') else ''}) "
+                        "matches no module of this network; verbose=True lists the module names"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a pattern that only sets ranks to 0 still matches its modules
+        build(flux, **{key: "linear2=0"})
+    assert not [r for r in caplog.records if key in r.getMessage()]
+
+
+@pytest.mark.parametrize("key", ["network_reg_dims", "network_reg_lrs"])
 @pytest.mark.parametrize("value", ["img_attn(=4", "no_equals_sign", "img_attn=abc"])
 def test_malformed_regex_args_stop_with_a_message_naming_them(flux, key, value):
     with pytest.raises(UserError, match=key):

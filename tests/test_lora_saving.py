@@ -229,3 +229,23 @@ def test_a_crash_mid_save_never_leaves_a_partial_file_under_the_final_name(flux,
     assert torch.equal(
         again.lora_unet_single_blocks_1_linear1.lora_up.weight, first.lora_unet_single_blocks_1_linear1.lora_up.weight
     )
+
+
+def test_a_file_without_alphas_loads_at_scale_1_whichever_way_it_is_loaded(flux, tmp_path, caplog):
+    """Every loader reads a module without alpha at scale 1 (alpha = rank); --network_alpha 1 must not make it 1/4,
+    and the modules are loaded, not 'untrained'."""
+    import logging
+
+    from networks.lora_flux import create_network_from_weights
+
+    weights = {k: v for k, v in trained(flux, dim=4, alpha=1).state_dict().items() if not k.endswith(".alpha")}
+    path = str(tmp_path / "no_alpha.safetensors")
+    safetensors.torch.save_file(weights, path)
+    network = create_network(1.0, 4, 1.0, None, [None, None], flux)  # alpha 1: scale 1/4 unless the file says
+    with caplog.at_level(logging.INFO):
+        network.load_weights(path)
+    assert {lora.scale for lora in network.all_loras()} == {1.0}
+    assert "not in the file" not in caplog.text and "modules have no alpha: alpha = rank (scale 1)" in caplog.text
+    from_file, _ = create_network_from_weights(1.0, path, None, [None, None], flux)
+    assert {lora.scale for lora in from_file.all_loras()} == {1.0}
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in weights.items())

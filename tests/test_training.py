@@ -276,6 +276,10 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"network_args": ["neuron_dropout=0.1"]}, "--network_args neuron_dropout: give it as --network_dropout"),
         (None, {"loss_type": "huber", "huber_schedule": "constant", "huber_scale": 0}, "--huber_scale must be > 0"),
         (None, {"max_validation_steps": 0}, "--max_validation_steps 0: give 1 or more"),
+        (None, {"network_dropout": 1.5}, "--network_dropout 1.5: expected a number in [0, 1)"),  # named the arg
+        # a plain run took the first, --dim_from_weights the second
+        (None, {"network_dropout": 0.1, "network_args": ["dropout=0.3"]},
+         "--network_dropout 0.1 and --network_args dropout=0.3 disagree: give one of them"),
         # a missing thumbnail was a traceback after the models had loaded
         (None, {"metadata_thumbnail": "missing.png"}, "--metadata_thumbnail missing.png: file not found"),
         (None, {"lr_scheduler": "cosine", "lr_scheduler_args": ["bogus=1"]},
@@ -338,6 +342,31 @@ def test_disk_cached_text_encoder_outputs_follow_the_t5_file_and_its_length(tiny
     other = cached_t5("c", dataclasses.replace(tiny_model_files, t5xxl=str(tmp_path / "other_t5.safetensors")))
     assert other.shape == base.shape and not np.array_equal(other, base)
     assert np.array_equal(cached_t5("d"), base)  # and back: the same outputs as the first run's
+
+
+def test_a_lora_with_t5_modules_and_cached_text_encoder_outputs(tiny_model_files, tmp_path, capsys):
+    """--dim_from_weights trains the file's T5 modules, which cannot run on cached outputs: refused before
+    loading, naming the file (not a network arg never given); unet-only trains the DiT modules alone."""
+    from library.flux_utils import load_flow_model
+    from library.text_encoders import load_clip_l, load_t5xxl
+    from networks.lora_flux import create_network
+
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    encoders = [load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu"),
+                load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")]  # fmt: skip
+    weights = str(tmp_path / "with_t5.safetensors")
+    create_network(1.0, 4, 4.0, None, encoders, dit, train_t5xxl="True").save_weights(weights, None, {})
+    data = dataset(tmp_path)
+    flags = dict(steps=1, network_weights=weights, dim_from_weights=True, cache_text_encoder_outputs=True)
+    assert run(base_argv(tiny_model_files, data, str(tmp_path / "a"), **flags)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --network_weights {weights} has T5 modules (lora_te3_*), which --dim_from_weights " \
+        "trains, and a trained T5 must run every step: drop --cache_text_encoder_outputs, or add " \
+        "--network_train_unet_only to train the DiT modules alone"
+    out = tmp_path / "b"
+    assert run(base_argv(tiny_model_files, data, str(out), network_train_unet_only=True, **flags)) == 0
+    trained = load_safetensors(str(out / "lora.safetensors"))
+    assert any(k.startswith("lora_unet_") for k in trained) and not any(k.startswith("lora_te") for k in trained)
 
 
 def test_chroma_without_t5_mask_is_refused(tiny_model_files, tmp_path, capsys):
