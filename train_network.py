@@ -360,6 +360,7 @@ class NetworkTrainer:
             check_counts,
             check_learning_rates,
             check_output_folder,
+            first_launched_process,
             warn_about_earlier_outputs,
         )
 
@@ -398,7 +399,7 @@ class NetworkTrainer:
                     raise UserError(f"{flag} {path}: file not found")
         check_output_folder(args)
         warn_about_earlier_outputs(args)
-        if os.environ.get("RANK", "0") == "0":  # launched processes: the first one cleans up
+        if first_launched_process():  # the first one cleans up
             from library.train_state import remove_abandoned_temporaries
 
             cleaned = remove_abandoned_temporaries(args.output_dir, args.output_name)

@@ -162,13 +162,19 @@ def check_output_folder(args) -> None:
     if problem:
         raise UserError(f"{where}: {problem}; choose another --output_dir")
 
+def first_launched_process() -> bool:
+    """Whether this is the first of the processes ``accelerate launch`` started (or the only process),
+    known before the Accelerator exists: for the work one process does before it (messages, clean-up)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn_about_earlier_outputs(args) -> None:
     """Files of an earlier run under the same --output_name: this run replaces those it writes
     again and leaves the others beside its own, which is easy to misread afterwards."""
     name = args.output_name
     if args.resume or not name or not os.path.isdir(args.output_dir):  # resuming continues that run on purpose
         return
-    if os.environ.get("RANK", "0") != "0":  # launched processes: the first one says it
+    if not first_launched_process():  # the first one says it
         return
     earlier = sorted(f for f in os.listdir(args.output_dir)
                      if f in (f"{name}.safetensors", f"{name}.pt", f"{name}.ckpt") or f.startswith(f"{name}-"))
