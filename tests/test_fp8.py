@@ -315,3 +315,18 @@ def test_merge_to_into_a_row_scaled_fp8_weight_adds_the_change_in_real_units():
     assert torch.equal(linear.weight, quantize_weight(expected, scaled=True)[0])  # Q(W + dW), to the bit
     merged = linear.weight.float() * linear.weight_scale[:, None]
     assert (merged - wide).norm() > 0.9 * (up @ down).norm()
+
+
+def test_only_a_plain_e4m3_t5_file_counts_as_one_that_can_stay_fp8(tmp_path):
+    """A scaled file would be dequantized and rounded to fp8 again (other outputs), a file with some wide
+    Linears would have those narrowed: both load wide, as before."""
+    from library.fp8 import t5_file_is_plain_fp8
+    from library.tiny_text_encoders import write_tiny_t5
+
+    files = {kind: str(tmp_path / f"{kind}.safetensors") for kind in ("plain", "full", "scaled", "mixed")}
+    plain = write_tiny_t5(files["plain"], fp8="plain")
+    write_tiny_t5(files["full"])
+    write_tiny_t5(files["scaled"], fp8="scaled")
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    save_safetensors({**plain, q: plain[q].to(torch.bfloat16)}, files["mixed"])
+    assert [t5_file_is_plain_fp8(files[kind]) for kind in files] == [True, False, False, False]

@@ -259,6 +259,7 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--lora_weights", "{truncated}"], "flux", "--lora_weights {truncated}: not a .safetensors file"),
         (["--lora_weights", "{text}"], "flux", "--lora_weights {text}: not a LoRA file: neither .safetensors nor"),
         (["--lora_weights", "{list_pt}"], "flux", "--lora_weights {list_pt}: holds a list, not a LoRA state dict"),
+        (["--lora_weights", "{dict_pt}"], "flux", "--lora_weights {dict_pt}: holds a dict, not a LoRA state dict"),
         (["--lora_weights", "{damaged}"], "flux-loading", "{damaged}: module lora_unet_double_blocks_0_img_attn_proj "
                                                           "is damaged: its down is (4, 64) and its up (64, 3)"),
     ],
@@ -273,7 +274,8 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     if not model_type.endswith("-loading"):  # errors found before the models load
         monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
-             "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors"}
+             "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors",
+             "dict_pt": tmp_path / "dict.pt"}
     weights = load_safetensors(lora_file)  # lora_up's rank is not lora_down's: it was "made for other widths"
     weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
     save_safetensors(weights, files["damaged"])
@@ -281,6 +283,7 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
         (tmp_path / "t.safetensors").write_bytes(f.read()[:6])
     (tmp_path / "notes.txt").write_text("a LoRA? no")
     torch.save([torch.ones(2)], tmp_path / "list.pt")
+    torch.save({"epoch": 3, "lora_unet_x.lora_down.weight": torch.ones(2, 2)}, tmp_path / "dict.pt")  # a training save
     extra = [e.format(**files) for e in extra]
     message = message.format(**files)
     args = argv(tiny_model_files, str(tmp_path / "x"), *extra, model_type=model_type.split("-")[0])

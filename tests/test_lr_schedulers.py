@@ -132,6 +132,9 @@ def test_lr_scheduler_type_builds_a_torch_scheduler_with_its_args():
     assert got == [1, 0.5, 0.25]
     with pytest.raises(UserError, match="--lr_scheduler_type"):
         get_scheduler_fix(make_args(lr_scheduler_type="NoSuchLR"), sgd())
+    with pytest.raises(UserError, match=r"^--lr_scheduler_args \{'step_size': 2, 'gama': 0\.5\} do not fit "
+                                        r"--lr_scheduler_type StepLR: "):  # a misspelt key: a TypeError before
+        get_scheduler_fix(make_args(lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=2", "gama=0.5"]), sgd())
     with pytest.raises(UserError, match="--lr_warmup_steps"):
         get_scheduler_fix(make_args(lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=2"],
                                     lr_warmup_steps=3), sgd())  # fmt: skip

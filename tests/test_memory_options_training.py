@@ -78,6 +78,23 @@ def test_an_fp8_t5_file_stays_fp8_without_fp8_base_and_trains_as_widened(tiny_mo
     assert seen == [torch.float8_e4m3fn, torch.bfloat16]
     assert_same(*loras)
 
+    # widened where fp8 weights would not be computed in a wider dtype (no mixed precision: no autocast), and
+    # where T5 modules of --base_weights merge into them (Q(W + dW), not Q(Q(W) + dW))
+    from library.flux_utils import load_flow_model
+    from library.text_encoders import load_clip_l, load_t5xxl
+    from networks.lora_flux import create_network
+
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    encoders = [load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu"),
+                load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")]  # fmt: skip
+    base = str(tmp_path / "with_t5.safetensors")
+    create_network(1.0, 4, 4.0, None, encoders, dit, train_t5xxl="True").save_weights(base, None, {})
+    models = dataclasses.replace(tiny_model_files, t5xxl=str(tmp_path / "t5xxl_fp8_e4m3fn.safetensors"))
+    seen.clear()
+    train(models, data, tmp_path / "fp32", mixed_precision="no", cache_text_encoder_outputs=True)
+    train(models, data, tmp_path / "merged", mixed_precision="bf16", cache_text_encoder_outputs=True, base_weights=base)
+    assert seen == [torch.float32, torch.bfloat16]
+
 
 def test_fp8_scaled_trains_with_per_row_scaled_weights(deeper_models, data, tmp_path, caplog, monkeypatch):
     seen = {}

@@ -22,13 +22,23 @@ def test_log_config_leaves_out_secrets_and_every_path():
         "--output_dir", "out", "--base_weights", os.path.join(home, "a.safetensors"),  # a list of paths
         "--wandb_api_key", "KEY", "--network_dim", "8", "--network_args", "img_attn_dim=4",
         "--optimizer_args", "betas=0.9,0.99", "--log_config",
+        # paths in options that are not path options: a string, and an item of a list
+        "--lr_scheduler_type", "schedulers/mine.py", "--lr_scheduler_args", f"table={home}/t.csv", "warmup=3",
     ])  # fmt: skip
     config = loggable_config(args)
     assert config["network_dim"] == 8 and config["network_args"] == "['img_attn_dim=4']"
     assert config["optimizer_args"] == "['betas=0.9,0.99']" and config["log_config"] is True
-    for left_out in ("pretrained_model_name_or_path", "dataset_config", "output_dir", "base_weights", "wandb_api_key"):
+    for left_out in ("pretrained_model_name_or_path", "dataset_config", "output_dir", "base_weights", "wandb_api_key",
+                     "lr_scheduler_type", "lr_scheduler_args"):  # fmt: skip
         assert left_out not in config
     assert not any("home" in str(v) or "KEY" in str(v) for v in config.values())
+
+
+def test_wandb_run_name_joins_the_tracker_configs_wandb_table(tmp_path):
+    config = tmp_path / "trackers.toml"
+    config.write_text('[wandb]\nentity = "team"\nproject = "p"\n')
+    args = types.SimpleNamespace(log_tracker_config=str(config), wandb_run_name="run-1", wandb_api_key=None)
+    assert tracker_init_kwargs(args) == {"wandb": {"entity": "team", "project": "p", "name": "run-1"}}
 
 
 @pytest.mark.parametrize("log_with, logs_in", [("wandb", True), ("all", True), (None, False), ("tensorboard", False)])

@@ -306,12 +306,12 @@ def test_user_errors_exit_1_with_one_message(tiny_model_files, tmp_path, capsys,
 def test_validation_flags_without_held_out_images_are_warned_about(tiny_model_files, tmp_path, caplog):
     data = dataset(tmp_path)  # no validation_split
     argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, validate_every_n_steps=1,
-                     max_validation_steps=2)  # fmt: skip
+                     max_validation_steps=2, validation_seed=3)  # fmt: skip
     with caplog.at_level(logging.WARNING):
         assert run(argv) == 0
-    assert ("--validate_every_n_steps, --max_validation_steps: no image is held out for validation (validation_split "
-            "is not set in the dataset config nor as --validation_split, or rounds to no image), so there is no "
-            "validation and they have no effect") in caplog.text  # fmt: skip
+    assert ("--validate_every_n_steps, --max_validation_steps, --validation_seed: no image is held out for "
+            "validation (validation_split is not set in the dataset config nor as --validation_split, or rounds to "
+            "no image), so there is no validation and they have no effect") in caplog.text  # fmt: skip
 
 
 def test_disk_cached_text_encoder_outputs_follow_the_t5_file_and_its_length(tiny_model_files, tmp_path):
@@ -435,6 +435,14 @@ def test_config_file_values_take_the_options_types(tmp_path, caplog):
     assert args.output_name == "2024" and args.learning_rate == 1.0 and type(args.learning_rate) is float
     assert args.max_token_length is None  # not one of sd-scripts' 150, 225: it has no effect for FLUX anyway
     assert "max_token_length" not in caplog.text  # and kohya_ss writes 75 on every run: no warning
+
+
+def test_config_file_single_values_of_list_options_and_a_name_without_suffix(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('text_encoder_lr = 1e-5\nnetwork_args = "img_attn_dim=4"\n')
+    # sd-scripts adds .toml to a --config_file given without it
+    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(tmp_path / "run")])
+    assert args.text_encoder_lr == [1e-5] and args.network_args == ["img_attn_dim=4"]  # lists, as on the command line
 
 
 def test_config_file_resolution_may_be_written_as_in_a_dataset_config(tmp_path):
