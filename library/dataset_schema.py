@@ -166,7 +166,7 @@ def _check_table(tbl: dict, level: str, path: str, source: str, dreambooth: bool
             if hint is None:
                 close = difflib.get_close_matches(key, list(SCHEMA) + ["general", "datasets", "subsets"], n=1)
                 hint = f"did you mean `{close[0]}`?" if close else "check the spelling against the documentation"
-            raise config_error(source, where, f"unknown key `{key}`; {hint}.")
+            raise config_error(source, where, f"unknown key `{key}`; {hint}{'' if hint.endswith('?') else '.'}")
         conv, levels, db_only = SCHEMA[key]
         if level not in levels:
             raise config_error(

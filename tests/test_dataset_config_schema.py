@@ -112,6 +112,10 @@ def test_unknown_key_suggests_the_close_name():
     assert "datasets[0].subsets[0].flip_agu: unknown key `flip_agu`; did you mean `flip_aug`?" in msg
 
 
+def test_unknown_top_level_table_suggests_the_close_name():
+    msg = _err({"generl": {"batch_size": 2}, **_ds()})
+    assert msg == "ds.toml: generl: unknown key `generl`; did you mean `general`?"
+
 def test_cli_only_key_in_config_points_to_the_flag():
     msg = _err({"general": {"prior_loss_weight": 1.0}, **_ds()})
     assert "general.prior_loss_weight" in msg and "--prior_loss_weight" in msg

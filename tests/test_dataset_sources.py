@@ -41,6 +41,13 @@ def test_json_metadata_key_without_extension_and_wildcard_tags(tmp_path):
     assert e.path.endswith("a.jpg") and e.caption == "one,t1\ntwo,t1"
 
 
+def test_json_metadata_key_without_extension_finds_an_upper_case_extension(tmp_path):
+    # sd-scripts' older metadata files name images without extension; cameras write .JPG
+    make_folder(tmp_path / "img", {"photo.JPG": (48, 32)})
+    (tmp_path / "m.json").write_text(json.dumps({"photo": {"caption": "a photo"}}))
+    (e,) = _ft(tmp_path, "m.json").entries()
+    assert (e.path, e.caption, e.size) == (str(tmp_path / "img" / "photo.JPG"), "a photo", (48, 32))
+
 @pytest.mark.parametrize("wildcard", [False, True])
 def test_tags_without_caption_are_the_caption(tmp_path, wildcard):
     # tagger output with no caption: the tags stand in for it, with or without wildcards
@@ -109,6 +116,23 @@ def test_missing_and_malformed_metadata_files(tmp_path):
     with pytest.raises(UserError, match=r"lists\.json: entry 'a\.png': caption is list, not text"):
         _ft(tmp_path, "lists.json")
 
+
+def test_json_metadata_that_is_not_an_object_at_the_top_level(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    (tmp_path / "list.json").write_text(json.dumps([{"a.png": {"caption": "x"}}]))
+    with pytest.raises(UserError) as ei:
+        _ft(tmp_path, "list.json")
+    expected = '{"image key": {"caption": ...}}'
+    assert str(ei.value) == f"{tmp_path / 'list.json'}: expected an object {expected} at the top level."
+
+
+def test_jsonl_naming_an_image_twice_warns_and_the_later_line_wins(tmp_path, caplog):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    lines = [json.dumps({"image_path": "a.png", "caption": caption}) for caption in ("first", "second")]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        assert [e.caption for e in _ft(tmp_path, "m.jsonl").entries()] == ["second"]
+    assert f"{tmp_path / 'm.jsonl'}: line 2 names 'a.png' again; the later line is used" in caplog.text
 
 def test_metadata_file_not_in_utf8_and_an_upper_case_jsonl(tmp_path):
     make_folder(tmp_path / "img", {"a.png": (32, 32)})
@@ -201,6 +225,58 @@ def test_cache_info_with_an_edited_size_is_measured_again(tmp_path):
         (folder / "metadata_cache.json").write_text(json.dumps(info))
         assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
 
+
+def test_cache_info_with_an_image_rewritten_to_the_same_byte_count_is_measured_again(tmp_path, monkeypatch):
+    # an editor that only flips the EXIF orientation tag keeps the byte count: the mtime tells the change
+    from PIL import Image
+
+    import library.dataset_sources as sources
+
+    folder = tmp_path / "img"
+    make_folder(folder, {}, {"r.jpg": "cap"})
+
+    def save(orientation):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (64, 32)).save(folder / "r.jpg", exif=exif.tobytes())
+
+    save(1)
+    assert _cache_info_group(tmp_path, folder) == [("r.jpg", "cap", (64, 32))]
+    size_before = os.path.getsize(folder / "r.jpg")
+    measured = []
+    real_size = sources.read_image_size
+    monkeypatch.setattr(sources, "read_image_size", lambda p: measured.append(os.path.basename(p)) or real_size(p))
+    save(6)  # shown rotated by 90 degrees
+    os.utime(folder / "r.jpg", ns=(1, 1))
+    assert os.path.getsize(folder / "r.jpg") == size_before
+    assert _cache_info_group(tmp_path, folder) == [("r.jpg", "cap", (32, 64))]
+    assert measured == ["r.jpg"]
+    entry = json.loads((folder / "metadata_cache.json").read_text())[str(folder / "r.jpg")]
+    assert (entry["resolution"], entry["mtime"]) == ([32, 64], 1)
+
+
+def test_cache_info_drops_a_deleted_image_from_the_file(tmp_path):
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32), "b.png": (32, 48)}, {"a.png": "ay", "b.png": "bee"})
+    _cache_info_group(tmp_path, folder)
+    cached = sorted(json.loads((folder / "metadata_cache.json").read_text()))
+    assert cached == [str(folder / "a.png"), str(folder / "b.png")]
+    os.remove(folder / "b.png")
+    os.remove(folder / "b.txt")
+    assert _cache_info_group(tmp_path, folder) == [("a.png", "ay", (40, 32))]
+    assert list(json.loads((folder / "metadata_cache.json").read_text())) == [str(folder / "a.png")]
+
+
+def test_cache_info_file_that_is_not_an_object_is_unreadable_and_rewritten(tmp_path, caplog):
+    folder = tmp_path / "img"
+    make_folder(folder, {"a.png": (40, 32)}, {"a.png": "cap"})
+    (folder / "metadata_cache.json").write_text("[]")
+    with caplog.at_level("WARNING"):
+        assert _cache_info_group(tmp_path, folder) == [("a.png", "cap", (40, 32))]
+    assert f"{folder / 'metadata_cache.json'}: unreadable (" in caplog.text
+    assert "the images are measured again and the file rewritten" in caplog.text
+    info = json.loads((folder / "metadata_cache.json").read_text())
+    assert info[str(folder / "a.png")]["resolution"] == [40, 32]
 
 def test_cache_info_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     folder = tmp_path / "img"

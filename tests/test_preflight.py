@@ -56,6 +56,11 @@ def test_counts_at_their_bound_pass(argv):
     check_counts(parse(*argv))
 
 
+def test_zero_epochs_are_refused():
+    with pytest.raises(UserError) as ei:
+        check_counts(parse("--max_train_epochs", "0"))
+    assert str(ei.value) == "--max_train_epochs 0: give 1 or more (epochs)"
+
 @pytest.mark.parametrize("argv, message", [
     (["--learning_rate", "0", "--network_train_unet_only"], "every parameter group has learning rate 0"),
     (["--learning_rate", "0", "--unet_lr", "0", "--text_encoder_lr", "0", "0"], "learning rate 0"),

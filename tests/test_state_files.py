@@ -264,6 +264,14 @@ def test_the_resume_seed_is_the_states_unless_given_and_another_one_is_said(tmp_
     assert "records no seed" in caplog.text and "give that run's --seed" in caplog.text
 
 
+def test_a_seed_given_for_a_state_without_one_is_used_without_a_warning(tmp_path, caplog):
+    from library.train_state import resume_seed
+
+    older = _sgd_state(tmp_path)  # records no seed: there is none to differ from
+    with caplog.at_level(logging.INFO):
+        assert resume_seed(older, 5) == 5
+    assert not caplog.records
+
 def test_network_weights_beside_resume_say_the_state_replaces_them(tmp_path, caplog):
     state = _sgd_state(tmp_path)
     weights = str(tmp_path / "start.safetensors")
