@@ -348,6 +348,72 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, capsys, args, mess
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_the_source_file_under_another_spelling_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_safetensors({"transformer.proj_out.lora_A.weight": torch.ones(1, 4),
+                      "transformer.proj_out.lora_B.weight": torch.ones(4, 1)}, "x.safetensors")  # fmt: skip
+    before = (tmp_path / "x.safetensors").read_bytes()
+    assert convert_flux_lora.main(["--src_path", "x.safetensors", "--dst_path", "./x.safetensors"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --dst_path ./x.safetensors is the source file: give another name (the source is kept)"
+    assert (tmp_path / "x.safetensors").read_bytes() == before
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_a_missing_dst_path_is_one_error_line(tmp_path, capsys):
+    ait = tmp_path / "ait.safetensors"
+    save_safetensors({"transformer.proj_out.lora_A.weight": torch.ones(1, 4),
+                      "transformer.proj_out.lora_B.weight": torch.ones(4, 1)}, ait)  # fmt: skip
+    assert convert_flux_lora.main(["--src_path", str(ait)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("error:")] == [
+        "error: --src_path and --dst_path are required: the LoRA to convert and where to write it"
+    ]
+    assert os.listdir(tmp_path) == ["ait.safetensors"]
+
+
+def test_a_failed_write_is_one_error_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import library.safetensors_io
+
+    out = tmp_path / "out.safetensors"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(library.safetensors_io, "save_safetensors", full_disk)
+    ait = tmp_path / "ait.safetensors"
+    save_safetensors({"transformer.proj_out.lora_A.weight": torch.ones(1, 4),
+                      "transformer.proj_out.lora_B.weight": torch.ones(4, 1)}, ait)  # fmt: skip
+    assert convert_flux_lora.main(["--src_path", str(ait), "--dst_path", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.strip().splitlines() if line.startswith("error:")] == [
+        f"error: [Errno 28] No space left on device: '{out}'"
+    ]
+    assert not out.exists()
+
+
+def test_peft_alpha_metadata_is_dropped_when_its_alphas_become_alpha_tensors(tmp_path):
+    """sd-scripts output carries the alphas in .alpha tensors; a stale lora_adapter_metadata would
+    tell a diffusers loader to scale them a second time."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    src = tmp_path / "peft.safetensors"
+    peft = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {}}
+    save_safetensors({"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": a,
+                      "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": b},
+                     src, {"lora_adapter_metadata": json.dumps(peft), "format": "pt"})  # fmt: skip
+    out = tmp_path / "sds.safetensors"
+    assert convert("diffusers", "sd-scripts", src, out) == 0
+    assert read_metadata(out) == {"format": "pt"}
+    converted = load_safetensors(out)
+    assert converted["lora_unet_double_blocks_0_img_attn_proj.alpha"].item() == 8.0
+    (delta,) = deltas(converted).values()
+    torch.testing.assert_close(delta, 2 * b.double() @ a.double())
+
+
 def test_both_script_paths_run_as_programs(tmp_path):
     model = random_model(tiny_flux_params())
     original = write_lora(tmp_path / "lora.safetensors", model)

@@ -110,6 +110,21 @@ def test_changes_outside_the_block_weights_are_named_and_the_recorded_rank_is_th
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("64", "64.0")
 
 
+def test_a_schnell_model_gives_a_schnell_lora(tiny_model_files, tmp_path):
+    from library.safetensors_io import save_safetensors
+
+    weights = load_safetensors(tiny_model_files.flux_schnell)
+    key = "double_blocks.0.img_attn.proj.weight"
+    rows, columns = weights[key].shape
+    weights[key] = weights[key] + 1e-2 * torch.outer(torch.linspace(-1, 1, rows), torch.linspace(1, 2, columns))
+    save_safetensors(weights, tmp_path / "schnell_tuned.safetensors")
+    out = tmp_path / "extracted.safetensors"
+    assert extract(tiny_model_files.flux_schnell, tmp_path / "schnell_tuned.safetensors", out) == 0
+    assert list(deltas(load_safetensors(out))) == ["lora_unet_double_blocks_0_img_attn_proj"]
+    metadata = read_metadata(out)
+    assert metadata["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert metadata["ss_base_model_version"] == "flux1"
+
 
 def test_models_in_diffusers_layout_extract_as_their_bfl_files(tuned, tmp_path):
     from library.flux_key_mapping import bfl_to_diffusers
@@ -213,6 +228,7 @@ def test_extracted_lora_in_inference_gives_the_tuned_image(tiny_model_files, tun
         ("not_flux", "no double_blocks / single_blocks weights"),
         ("device", "--device gpu0: not a device name (e.g. cpu, cuda, cuda:1)"),
         ("save_to_folder", "adir: is a folder; give a file name"),  # before the extraction, not after it
+        ("clamp_quantile", "--clamp_quantile 0.0: expected a value in (0, 1]"),
     ],
 )
 def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
@@ -233,6 +249,8 @@ def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
     elif case == "save_to_folder":
         (tmp_path / "adir").mkdir()
         args = (base, tuned_file, tmp_path / "adir")
+    elif case == "clamp_quantile":
+        args = (base, tuned_file, out, "--clamp_quantile", "0")
     assert extract(*args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]

@@ -200,6 +200,25 @@ def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_p
     assert_close_to(run(from_diffusers, x), run(from_bfl, x), run(dev, x))
 
 
+def test_two_loras_merged_into_the_dit_both_apply_with_their_ratios(tiny_model_files, dev, tmp_path):
+    """Both LoRAs change the same weights: each merged weight is W + a * delta W_a + b * delta W_b."""
+    a = write_lora(tmp_path / "a.safetensors", dev, dim=4, alpha=2.0, seed=1)
+    b = write_lora(tmp_path / "b.safetensors", dev, dim=2, alpha=8.0, seed=2)
+    out = tmp_path / "ab_merged.safetensors"
+    assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", out, "--models", a, b,
+                 "--ratios", 0.5, -1.2) == 0  # fmt: skip
+    base, merged = load_safetensors(tiny_model_files.flux_dev), load_safetensors(out)
+    da, db = deltas(load_safetensors(a)), deltas(load_safetensors(b))
+    assert da.keys() == db.keys()
+    names = flux_merge_lora.lora_name_map(list(base), "flux")
+    for name in da:
+        key = names[name]
+        change = merged[key].double() - base[key].double()
+        expected = 0.5 * da[name] - 1.2 * db[name]
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item(), msg=name)
+    untouched = set(base) - {names[name] for name in da}
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
+
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_concatenated_alpha_is_saved_exactly_in_any_precision(tmp_path, precision):
@@ -301,6 +320,13 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("ratios", "--ratios: 1 given for 2 --models; give one per LoRA"),
         ("nothing_matches", "none of its 12 modules (e.g. lora_te1_text_model_encoder_layers_0_"),
         ("other_model", "the LoRA is for another model"),
+        # the output width fits; the input width does not
+        ("other_input_width", "img_attn_proj changes a 64x32 weight, but double_blocks.0.img_attn.proj.weight in "),
+        ("more_ratios", "--ratios: 2 given for 1 --models; give one per LoRA"),
+        ("scaled_fp8", "scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged into"),
+        ("clip_save_to_without_clip", "--clip_l_save_to needs --clip_l: the model to merge into"),
+        ("save_to_without_flux_model", "--save_to is the merged DiT's file: give --flux_model too"),
+        ("fp8_precision", "--precision fp8: the merge arithmetic needs float, fp16 or bf16"),
         ("overwrite", "is one of the input files"),
         ("clip_without_save_to", "--clip_l needs --clip_l_save_to"),
         ("oft", "OFT (oft_* keys) files are not supported"),
@@ -337,6 +363,25 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
     elif case == "other_model":
         wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
         args = [*flux, "--models", write_lora(tmp_path / "wide.safetensors", wide)]
+    elif case == "other_input_width":
+        weights = load_safetensors(lora)
+        weights["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = torch.ones(4, 32)
+        save_safetensors(weights, lora)
+        args = [*flux, "--models", lora]
+    elif case == "more_ratios":
+        args = [*flux, "--models", lora, "--ratios", 1.0, 0.5]
+    elif case == "scaled_fp8":  # ComfyUI's scaled fp8: its weights are fp8 x scale_weight
+        weights = load_safetensors(tiny_model_files.flux_dev)
+        weights["double_blocks.0.img_attn.proj.scale_weight"] = torch.tensor(0.5)
+        save_safetensors(weights, tmp_path / "scaled.safetensors")
+        args = ["--flux_model", tmp_path / "scaled.safetensors", "--save_to", out, "--models", lora]
+    elif case == "clip_save_to_without_clip":
+        args = [*flux, "--clip_l_save_to", tmp_path / "te.safetensors", "--models", lora]
+    elif case == "save_to_without_flux_model":
+        args = ["--save_to", out, "--clip_l", tiny_model_files.clip_l, "--clip_l_save_to", tmp_path / "te.safetensors",
+                "--models", lora]  # fmt: skip
+    elif case == "fp8_precision":
+        args = [*flux, "--models", lora, "--precision", "fp8"]
     elif case.startswith("loras_of_other_widths"):  # same rank, no base model: no weight to check against
         wide = random_model(tiny_flux_params(hidden_size=96, num_heads=6))
         args = ["--save_to", out, "--models", lora, write_lora(tmp_path / "wide.safetensors", wide)]
@@ -402,7 +447,7 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
     message = message.format(out=out, tmp=tmp_path, lora=lora, te=tmp_path / "te.safetensors")
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
     assert not out.exists()
-    if case == "t5_output_collides":
+    if case in ("t5_output_collides", "clip_save_to_without_clip", "save_to_without_flux_model"):
         assert not (tmp_path / "te.safetensors").exists()
 
 
