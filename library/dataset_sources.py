@@ -214,8 +214,9 @@ def _existing_image(base: str) -> str | None:
 
 def _resolve_image_path(key: str, sub: SubsetConfig) -> str:
     """The image a metadata key names: an absolute path as it is; a relative one inside image_dir, or
-    else as written (relative to the working folder: sd-scripts' ``merge_captions_to_metadata.py
-    --full_path`` writes such keys, and sd-scripts tries them first)."""
+    else as written, relative to the working folder (sd-scripts' ``merge_captions_to_metadata.py
+    --full_path`` writes such keys). sd-scripts tries the key as written first; here the folder the
+    config names wins over a file of the same name in the working folder."""
     if os.path.isabs(key):
         bases = [key]
     else:
