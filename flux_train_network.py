@@ -421,14 +421,13 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         seeds = per_sample_seeds(seed, step, sample_indices, stream=stream)
         noise = sample_noise_and_sigmas(config, latents.shape[1:], seeds, fixed_sigma=fixed_sigma, device=device)
         x_t = noisy_input(latents, noise)
-        l_pooled, t5_out, txt_ids, t5_mask = self.text_conditions(ctx, batch)
 
         b, _, h, w = latents.shape
         guidance = torch.full((b,), float(args.guidance_scale), device=device)  # fp32, as sd-scripts: 1000·g exact
         use_guidance = models.dit.params.guidance_embed or args.model_type == "chroma"
         img_ids = prepare_img_ids(b, h // 2, w // 2).to(device)  # fp32, as the sampler: bf16 holds whole numbers to 256
 
-        def velocity(rows, conditions=(l_pooled, t5_out, txt_ids, t5_mask)):
+        def velocity(rows, conditions):
             pooled, txt, ids, txt_mask = conditions
             packed = models.dit(
                 img=pack_latents(x_t[rows].to(dtype)), img_ids=img_ids[rows], txt=txt[rows], txt_ids=ids[rows],
@@ -438,15 +437,16 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             )  # fmt: skip
             return unpack_latents(packed.float(), h // 2, w // 2)
 
-        with self.network_multiplier(ctx, batch):
-            prediction = velocity(slice(None))
-        target = self.preservation_target(ctx, batch, velocity, latents, noise)
+        with self.network_multiplier(ctx, batch):  # the whole network's: a text-encoder LoRA trained live too
+            conditions = self.text_conditions(ctx, batch)
+            prediction = velocity(slice(None), conditions)
+        target = self.preservation_target(ctx, batch, velocity, latents, noise, conditions)
         mask = None
         if batch.get("alpha_masks") is not None:
             mask = F.interpolate(batch["alpha_masks"].to(device, non_blocking=True)[:, None], size=(h, w), mode="area")
         return per_sample_loss(prediction, latents, noise, x_t, config, target=target, mask=mask)
 
-    def preservation_target(self, ctx, batch, velocity, latents, noise):
+    def preservation_target(self, ctx, batch, velocity, latents, noise, conditions):
         """Differential output preservation (spec §d.7): samples whose subset sets
         ``custom_attributes = { diff_output_preservation = true }`` learn the base model's own output
         (the LoRA switched off) instead of the data, so the LoRA leaves what they show unchanged."""
@@ -463,9 +463,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         try:
             with torch.no_grad():
                 if ctx.train_text_encoder:  # the base model's text conditions too: a trained encoder LoRA is off
-                    base = velocity(rows, self.text_conditions(ctx, batch))
-                else:
-                    base = velocity(rows)
+                    conditions = self.text_conditions(ctx, batch)
+                base = velocity(rows, conditions)
         finally:
             network.set_multiplier(previous)
         target = flow_velocity(latents, noise.noise.to(latents.device))

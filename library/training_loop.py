@@ -88,6 +88,13 @@ def _stop_workers(batches) -> None:
         shutdown()
 
 
+def _lora_switched_off(batch: dict) -> bool:
+    """A batch of a dataset with network_multiplier 0: the LoRA is off, so its loss has no graph and the
+    batch adds no gradient (another process's batches may, and gradients are averaged without it)."""
+    multipliers = batch.get("network_multipliers")
+    return multipliers is not None and not bool(multipliers.any())
+
+
 def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, device) -> None:
     """Each gradient's mean over the processes, in one buffer per dtype; ``all_reduce`` sums a tensor
     in place across them (``torch.distributed.all_reduce``).
@@ -209,7 +216,8 @@ class TrainingLoop:
                     if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
                         window_rng = capture_rng_states()
                     loss = self._micro_step(batch, global_step, micro) / accum
-                    accelerator.backward(loss)
+                    if loss.requires_grad or not _lora_switched_off(batch):
+                        accelerator.backward(loss)
                     window.append(loss.detach())
                     if micro != accum - 1 and position != len(self.process_batches) - 1:
                         # a stop between micro-batches keeps the last finished step: a launcher may not wait

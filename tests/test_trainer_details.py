@@ -269,6 +269,24 @@ def test_a_dataset_network_multiplier_applies_during_the_forward_only(tiny_model
 # ---- training runs -------------------------------------------------------------------------------
 
 
+def test_a_dataset_network_multiplier_of_0_holds_the_text_encoder_lora_back_too(tiny_model_files, tmp_path):
+    """The multiplier is the whole network's during its batches: CLIP-L's LoRA, trained live, encoded at 1.0."""
+    from library.safetensors_io import load_safetensors
+
+    data = dataset(tmp_path)
+    with open(data.dataset_toml, encoding="utf-8") as f:
+        config = f.read().replace("batch_size = 2\n", "batch_size = 2\nnetwork_multiplier = 0.0\n")
+    with open(data.dataset_toml, "w", encoding="utf-8") as f:
+        f.write(config)
+    out = str(tmp_path / "out")
+    argv = base_argv(tiny_model_files, data, out, steps=2, learning_rate=1e-2, optimizer_args=["weight_decay=0"])
+    assert flux_train_network.main(argv) == 0
+    weights = load_safetensors(os.path.join(out, "lora.safetensors"))
+    ups = {k: v for k, v in weights.items() if k.endswith("lora_up.weight")}
+    assert any(k.startswith("lora_te1_") for k in ups) and any(k.startswith("lora_unet_") for k in ups)
+    assert all(not v.any() for v in ups.values())  # lora_up starts at zero, and no gradient reached any
+
+
 def record_batch_losses(monkeypatch):
     """Each batch_loss call: (step, fixed sigma, image paths, weighted per-sample losses)."""
     calls = []
