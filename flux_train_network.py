@@ -77,14 +77,15 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.fp8 import check_fp8_args
         from library.offloading import check_offload_args
 
+        # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading;
+        # the files first, so that a missing or damaged one is named by its flag
+        dit_params = check_model_files(args)
         check_fp8_args(args)
         check_offload_args(args)
         if args.torch_compile:
             from library.preflight import check_dynamo_backend
 
             check_dynamo_backend(args.dynamo_backend)
-        # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading
-        dit_params = check_model_files(args)
         self.is_schnell = args.model_type == "flux" and not dit_params.guidance_embed
         if args.model_type == "chroma":
             if args.guidance_scale != 0.0:

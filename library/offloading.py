@@ -300,12 +300,15 @@ def check_offload_args(args) -> None:
     the bound on ``--blocks_to_swap`` comes from the checkpoint's real depth (its header only is read)."""
     from library.errors import UserError
 
+    # --split_mode is turned into --blocks_to_swap (18) before this check: name the flag the user gave
+    swap = f"--split_mode (--blocks_to_swap {args.blocks_to_swap})" if getattr(args, "split_mode", False) \
+        else "--blocks_to_swap"
     if args.cpu_offload_checkpointing:
         if not args.gradient_checkpointing:
             raise UserError("--cpu_offload_checkpointing moves what gradient checkpointing keeps to the CPU: "
                             "add --gradient_checkpointing")  # fmt: skip
         if args.blocks_to_swap:
-            raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap: use one of them")
+            raise UserError(f"--cpu_offload_checkpointing cannot be combined with {swap}: use one of them")
     if args.gradient_checkpointing_keep_attention:
         if not args.gradient_checkpointing:
             raise UserError("--gradient_checkpointing_keep_attention changes what gradient checkpointing keeps: "
@@ -315,12 +318,12 @@ def check_offload_args(args) -> None:
                             "--cpu_offload_checkpointing is there to avoid: use one of them")  # fmt: skip
     if args.blocks_to_swap and args.torch_compile:  # compiled graphs keep their weights for backward (Flux._run)
         if not args.gradient_checkpointing:
-            raise UserError("--torch_compile with --blocks_to_swap needs --gradient_checkpointing: without it, "
+            raise UserError(f"--torch_compile with {swap} needs --gradient_checkpointing: without it, "
                             "each compiled block keeps its weights for its backward, so every swapped block "
                             "would stay on the GPU")  # fmt: skip
         if args.gradient_checkpointing_keep_attention:
             raise UserError("--gradient_checkpointing_keep_attention cannot be combined with --torch_compile and "
-                            "--blocks_to_swap: it needs the checkpoint inside the compiled graph, which keeps every "
+                            f"{swap}: it needs the checkpoint inside the compiled graph, which keeps every "
                             "swapped block's weights on the GPU until backward. Drop one of them")  # fmt: skip
     if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         raise UserError(f"--blocks_to_swap must be 0 or more, not {args.blocks_to_swap}")
@@ -329,4 +332,5 @@ def check_offload_args(args) -> None:
         try:
             swap_split(args.blocks_to_swap, double, single)
         except ValueError as e:
-            raise UserError(f"{args.pretrained_model_name_or_path}: {e}") from None
+            given = " (set by --split_mode)" if getattr(args, "split_mode", False) else ""
+            raise UserError(f"{args.pretrained_model_name_or_path}: {e}{given}") from None

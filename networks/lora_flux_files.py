@@ -59,9 +59,13 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> None:
 
 
 def lora_files_have_modules(paths, prefixes: str | tuple[str, ...]) -> bool:
-    """Whether any ``.safetensors`` LoRA among ``paths`` has a key starting with one of ``prefixes``, read
-    from its header alone (a ``.pt`` file cannot be looked into without loading it: not counted)."""
-    return any(k.startswith(prefixes) for path in paths if str(path).endswith(".safetensors") for k in read_keys(path))
+    """Whether any LoRA among ``paths`` has a key starting with one of ``prefixes``: a ``.safetensors``
+    file's header is read, a ``.pt`` / ``.ckpt`` one (a pickle has no header; LoRAs are small) loaded."""
+    return any(k.startswith(prefixes) for path in paths for k in _lora_keys(path))
+
+
+def _lora_keys(path) -> list[str]:
+    return read_keys(path) if str(path).endswith(".safetensors") else list(read_lora_file(path)[0])
 
 
 def with_trained_split_alpha(

@@ -277,6 +277,11 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
         (None, {"loss_type": "huber", "huber_schedule": "constant", "huber_scale": 0}, "--huber_scale must be > 0"),
         (None, {"max_validation_steps": 0}, "--max_validation_steps 0: give 1 or more"),
         (None, {"network_dropout": 1.5}, "--network_dropout 1.5: expected a number in [0, 1)"),  # named the arg
+        # the model file is checked before the swap bounds read it: a missing one is named by its flag
+        (None, {"blocks_to_swap": 1, "pretrained_model_name_or_path": "missing.safetensors"},
+         "--pretrained_model_name_or_path missing.safetensors: "),
+        (None, {"split_mode": True, "gradient_checkpointing": True, "cpu_offload_checkpointing": True},
+         "--cpu_offload_checkpointing cannot be combined with --split_mode (--blocks_to_swap 18): use one of them"),
         # a plain run took the first, --dim_from_weights the second
         (None, {"network_dropout": 0.1, "network_args": ["dropout=0.3"]},
          "--network_dropout 0.1 and --network_args dropout=0.3 disagree: give one of them"),
