@@ -136,33 +136,32 @@ def test_no_validation_group_without_a_split(tmp_path):
     assert build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[1] is None
 
 
-def test_a_split_that_rounds_to_no_image_says_so(tmp_path, caplog):
-    make_folder(tmp_path / "a", {f"a{i}.png": (32, 32) for i in range(4)})
+def _one_folder(tmp_path, images: int, split: float):
+    """The dataset config of one folder of ``images`` images with ``validation_split = split``."""
+    make_folder(tmp_path / "a", {f"a{i}.png": (32, 32) for i in range(images)})
     cfg = write_toml(tmp_path / "c.toml", f"""
         [[datasets]]
         resolution = 32
-        validation_split = 0.1
+        validation_split = {split}
           [[datasets.subsets]]
           image_dir = "{tmp_path / 'a'}"
         """)
+    return load_dataset_configs(make_args("--dataset_config", cfg))
+
+
+def test_a_split_that_rounds_to_no_image_says_so(tmp_path, caplog):
+    configs = _one_folder(tmp_path, 4, 0.1)
     with caplog.at_level("WARNING"):
-        _, val = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+        _, val = build_dataset_groups(configs, seed=0)
     assert val is None
     assert "validation_split = 0.1 of its 4 images rounds to none" in caplog.text
     assert "0.25 holds out one" in caplog.text
 
 
 def test_a_split_that_rounds_to_every_image_says_so(tmp_path, caplog):
-    make_folder(tmp_path / "a", {f"a{i}.png": (32, 32) for i in range(6)})
-    cfg = write_toml(tmp_path / "c.toml", f"""
-        [[datasets]]
-        resolution = 32
-        validation_split = 0.95
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / 'a'}"
-        """)
+    configs = _one_folder(tmp_path, 6, 0.95)
     with caplog.at_level("WARNING"), pytest.raises(UserError) as raised:
-        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+        build_dataset_groups(configs, seed=0)
     assert "validation_split = 0.95 of its 6 images rounds to all of them, so none of them trains; 0.83 keeps one" \
         in caplog.text
     assert str(raised.value) == ("no image is left for training: validation_split holds out every image of every "
