@@ -116,6 +116,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flow_matching import FlowMatchingConfig
 
         self.flow_config = FlowMatchingConfig.from_args(args)  # validates the math options
+        for message in self.flow_config.unused_options():
+            logger.warning(message)
         self.validation_config = dataclasses.replace(self.flow_config, ip_noise_gamma=None)
 
     def text_encoders_with_lora(self, args) -> list[int] | None:

@@ -180,6 +180,30 @@ class FlowMatchingConfig:
             if self.huber_scale <= 0:  # c = huber_c * huber_scale: 0 makes the loss 0, below 0 makes it negative
                 raise UserError(f"--huber_scale must be > 0; got {self.huber_scale}.")
 
+    def unused_options(self) -> list[str]:
+        """The options set away from their defaults that this configuration never reads, one message each
+        (``--weighting_scheme logit_normal`` beside ``--timestep_sampling shift`` is a common mix-up)."""
+        default = FlowMatchingConfig()
+        density = self.timestep_sampling == "sigma"
+        used = {
+            "sigmoid_scale": self.timestep_sampling in ("sigmoid", "shift", "flux_shift"),
+            "weighting_scheme": (density and self.weighting_scheme in ("logit_normal", "mode"))
+            or (self.model_prediction_type == "sigma_scaled" and self.weighting_scheme in ("sigma_sqrt", "cosmap"))
+            or self.weighting_scheme == "none",
+            "logit_mean": density and self.weighting_scheme == "logit_normal",
+            "logit_std": density and self.weighting_scheme == "logit_normal",
+            "mode_scale": density and self.weighting_scheme == "mode",
+            "ip_noise_gamma_random_strength": bool(self.ip_noise_gamma),
+        }
+        return [
+            f"--{name} {getattr(self, name)} has no effect with --timestep_sampling {self.timestep_sampling}, "
+            f"--weighting_scheme {self.weighting_scheme}, --model_prediction_type {self.model_prediction_type}"
+            + (" and no --ip_noise_gamma" if name == "ip_noise_gamma_random_strength" else "")
+            + " (docs section 8 says which option each method reads)"
+            for name, is_used in used.items()
+            if not is_used and getattr(self, name) != getattr(default, name)
+        ]
+
     @classmethod
     def from_args(cls, args) -> FlowMatchingConfig:
         """Build from an argparse namespace; missing attributes take the defaults above."""

@@ -375,3 +375,21 @@ def test_euler_on_the_exact_velocity_lands_on_the_clean_latent():
 
 
 # endregion
+
+
+@pytest.mark.parametrize("options, unused", [
+    ({"timestep_sampling": "shift", "weighting_scheme": "logit_normal", "logit_mean": 1.0,
+      "model_prediction_type": "raw"}, ["weighting_scheme", "logit_mean"]),
+    ({"sigmoid_scale": 2.0}, ["sigmoid_scale"]),  # the default sigma sampling draws from the density
+    ({"weighting_scheme": "mode", "mode_scale": 0.8, "logit_std": 2.0}, ["logit_std"]),
+    ({"ip_noise_gamma_random_strength": True}, ["ip_noise_gamma_random_strength"]),
+    # each read where it is set
+    ({"timestep_sampling": "sigmoid", "sigmoid_scale": 2.0}, []),
+    ({"weighting_scheme": "logit_normal", "logit_mean": 1.0, "logit_std": 2.0}, []),
+    ({"timestep_sampling": "shift", "weighting_scheme": "cosmap"}, []),  # the sigma_scaled loss weight
+    ({"ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}, []),
+])  # fmt: skip
+def test_options_the_chosen_methods_never_read_are_named(options, unused):
+    messages = fm.FlowMatchingConfig(**options).unused_options()
+    assert [m.split()[0] for m in messages] == [f"--{name}" for name in unused]
+    assert all("has no effect with --timestep_sampling" in m for m in messages)
