@@ -71,6 +71,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         for message in review_compat_flags(args, self.parser):
             logger.warning(message)
         if args.split_mode:
+            args.swap_from_split_mode = args.blocks_to_swap is None  # for messages that name the flag
             if args.blocks_to_swap is None:
                 args.blocks_to_swap = 18
             logger.warning("--split_mode is deprecated: using --blocks_to_swap %d instead", args.blocks_to_swap)
@@ -440,9 +441,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             )  # fmt: skip
             return unpack_latents(packed.float(), h // 2, w // 2)
 
-        with self.network_multiplier(ctx, batch):  # the whole network's: a text-encoder LoRA trained live too
-            conditions = self.text_conditions(ctx, batch)
-            prediction = velocity(slice(None), conditions)
+        # (the dataset's network_multiplier is set around this call and its backward: TrainingLoop)
+        conditions = self.text_conditions(ctx, batch)
+        prediction = velocity(slice(None), conditions)
         target = self.preservation_target(ctx, batch, velocity, latents, noise, conditions)
         mask = None
         if batch.get("alpha_masks") is not None:
@@ -473,25 +474,6 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         target = flow_velocity(latents, noise.noise.to(latents.device))
         target[rows] = base
         return target
-
-    def network_multiplier(self, ctx, batch):
-        """Applies the dataset's network_multiplier for the batch (1.0 unless a dataset sets it)."""
-        import contextlib
-
-        multipliers = batch.get("network_multipliers")
-        network = ctx.network
-        if multipliers is None or not hasattr(network, "set_multiplier") or bool((multipliers == 1.0).all()):
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def applied():
-            network.set_multiplier(float(multipliers[0]))
-            try:
-                yield
-            finally:
-                network.set_multiplier(1.0)
-
-        return applied()
 
     # ---- samples ---------------------------------------------------------------------------------
     def sample_images(self, ctx, epoch, step) -> None:

@@ -300,9 +300,9 @@ def check_offload_args(args) -> None:
     the bound on ``--blocks_to_swap`` comes from the checkpoint's real depth (its header only is read)."""
     from library.errors import UserError
 
-    # --split_mode is turned into --blocks_to_swap (18) before this check: name the flag the user gave
-    swap = f"--split_mode (--blocks_to_swap {args.blocks_to_swap})" if getattr(args, "split_mode", False) \
-        else "--blocks_to_swap"
+    # --split_mode alone is turned into --blocks_to_swap 18 before this check: name the flag the user gave
+    from_split_mode = getattr(args, "split_mode", False) and getattr(args, "swap_from_split_mode", False)
+    swap = f"--split_mode (--blocks_to_swap {args.blocks_to_swap})" if from_split_mode else "--blocks_to_swap"
     if args.cpu_offload_checkpointing:
         if not args.gradient_checkpointing:
             raise UserError("--cpu_offload_checkpointing moves what gradient checkpointing keeps to the CPU: "
@@ -332,5 +332,5 @@ def check_offload_args(args) -> None:
         try:
             swap_split(args.blocks_to_swap, double, single)
         except ValueError as e:
-            given = " (set by --split_mode)" if getattr(args, "split_mode", False) else ""
+            given = " (set by --split_mode)" if from_split_mode else ""
             raise UserError(f"{args.pretrained_model_name_or_path}: {e}{given}") from None

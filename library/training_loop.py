@@ -88,9 +88,27 @@ def _stop_workers(batches) -> None:
         shutdown()
 
 
+def dataset_multiplier(network, batch: dict):
+    """A context in which the network runs at the batch's dataset ``network_multiplier`` (1.0 unless a
+    dataset sets it). The trainer holds it through the backward too: checkpointed blocks run their
+    forward again there, and must see the multiplier the first pass saw."""
+    multipliers = batch.get("network_multipliers")
+    if multipliers is None or not hasattr(network, "set_multiplier") or bool((multipliers == 1.0).all()):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def applied():
+        network.set_multiplier(float(multipliers[0]))
+        try:
+            yield
+        finally:
+            network.set_multiplier(1.0)
+
+    return applied()
+
+
 def _lora_switched_off(batch: dict) -> bool:
-    """A batch of a dataset with network_multiplier 0: the LoRA is off, so its loss has no graph and the
-    batch adds no gradient (another process's batches may, and gradients are averaged without it)."""
+    """A batch of a dataset with network_multiplier 0: the LoRA is off and the batch adds no gradient."""
     multipliers = batch.get("network_multipliers")
     return multipliers is not None and not bool(multipliers.any())
 
@@ -215,8 +233,11 @@ class TrainingLoop:
                     micro = position % accum
                     if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
                         window_rng = capture_rng_states()
-                    loss = self._micro_step(batch, global_step, micro) / accum
-                    if loss.requires_grad or not _lora_switched_off(batch):
+                    with dataset_multiplier(self.network, batch):
+                        loss = self._micro_step(batch, global_step, micro) / accum
+                        if _lora_switched_off(batch):  # zero gradients, not none: fp16's scaler and the
+                            # gradient averaging across processes expect every step to have some
+                            loss = loss + sum(p.sum() for p in self.network.parameters() if p.requires_grad) * 0.0
                         accelerator.backward(loss)
                     window.append(loss.detach())
                     if micro != accum - 1 and position != len(self.process_batches) - 1:
@@ -409,7 +430,8 @@ class TrainingLoop:
                 indices = [zlib.crc32(f"{os.path.basename(path)}|{flipped}".encode()) for path, flipped
                            in zip(batch["image_paths"], batch["flippeds"], strict=True)]  # fmt: skip
                 for sigma in VALIDATION_SIGMAS:
-                    losses = self.trainer.batch_loss(self.ctx, batch, 0, indices, fixed_sigma=sigma)
+                    with dataset_multiplier(self.network, batch):
+                        losses = self.trainer.batch_loss(self.ctx, batch, 0, indices, fixed_sigma=sigma)
                     total += (losses * batch["loss_weights"].to(losses.device)).sum().item()
                     n += len(losses)
         self._set_train_mode()

@@ -249,42 +249,54 @@ def test_alpha_masks_weight_the_loss_at_latent_size_by_area(tiny_model_files, tm
     assert (left + right).item() == pytest.approx(plain.item(), rel=1e-5) and left.item() != right.item()
 
 
-def test_a_dataset_network_multiplier_applies_during_the_forward_only(tiny_model_files, tmp_path):
-    trainer, ctx, dit = loss_setup(tiny_model_files, tmp_path)
+def test_a_dataset_network_multiplier_is_set_for_its_batches_and_put_back():
+    from library.training_loop import dataset_multiplier
+
     events = []
 
     class Net:
-        multiplier = 1.0
-
         def set_multiplier(self, m):
             events.append(m)
-            self.multiplier = m
 
-    ctx.network = dit.network = Net()
-    trainer.batch_loss(ctx, a_batch(network_multipliers=torch.tensor([0.5])), 0, [0])
-    trainer.batch_loss(ctx, a_batch(network_multipliers=torch.tensor([1.0])), 0, [0])
-    assert dit.multipliers == [0.5, 1.0] and events == [0.5, 1.0] and ctx.network.multiplier == 1.0
+    for multipliers in (torch.tensor([0.5, 0.5]), torch.tensor([1.0]), None):
+        with dataset_multiplier(Net(), {"network_multipliers": multipliers}):
+            events.append("inside")
+    assert events == [0.5, "inside", 1.0, "inside", "inside"]
 
 
 # ---- training runs -------------------------------------------------------------------------------
 
 
-def test_a_dataset_network_multiplier_of_0_holds_the_text_encoder_lora_back_too(tiny_model_files, tmp_path):
-    """The multiplier is the whole network's during its batches: CLIP-L's LoRA, trained live, encoded at 1.0."""
+def _train_at_multiplier(models, tmp_path, multiplier: float, **flags) -> dict:
     from library.safetensors_io import load_safetensors
 
     data = dataset(tmp_path)
     with open(data.dataset_toml, encoding="utf-8") as f:
-        config = f.read().replace("batch_size = 2\n", "batch_size = 2\nnetwork_multiplier = 0.0\n")
+        config = f.read().replace("batch_size = 2\n", f"batch_size = 2\nnetwork_multiplier = {multiplier}\n")
     with open(data.dataset_toml, "w", encoding="utf-8") as f:
         f.write(config)
     out = str(tmp_path / "out")
-    argv = base_argv(tiny_model_files, data, out, steps=2, learning_rate=1e-2, optimizer_args=["weight_decay=0"])
+    argv = base_argv(models, data, out, steps=2, learning_rate=1e-2, optimizer_args=["weight_decay=0"], **flags)
     assert flux_train_network.main(argv) == 0
-    weights = load_safetensors(os.path.join(out, "lora.safetensors"))
+    return load_safetensors(os.path.join(out, "lora.safetensors"))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_dataset_network_multiplier_of_0_holds_the_whole_lora_back(tiny_model_files, tmp_path, checkpointing):
+    """The multiplier is the whole network's during its batches (CLIP-L's LoRA, trained live, was encoded at 1.0),
+    and through their backward (checkpointed blocks ran again at 1.0: a CheckpointError, or gradients)."""
+    weights = _train_at_multiplier(tiny_model_files, tmp_path, 0.0, gradient_checkpointing=checkpointing)
     ups = {k: v for k, v in weights.items() if k.endswith("lora_up.weight")}
     assert any(k.startswith("lora_te1_") for k in ups) and any(k.startswith("lora_unet_") for k in ups)
     assert all(not v.any() for v in ups.values())  # lora_up starts at zero, and no gradient reached any
+
+
+def test_a_dataset_network_multiplier_trains_the_same_with_gradient_checkpointing(tiny_model_files, tmp_path):
+    plain = _train_at_multiplier(tiny_model_files, tmp_path / "plain", 0.5)
+    checkpointed = _train_at_multiplier(tiny_model_files, tmp_path / "checkpointed", 0.5, gradient_checkpointing=True)
+    assert plain.keys() == checkpointed.keys()
+    for key, value in plain.items():  # (the backward ran at 1.0: up to twice the update)
+        torch.testing.assert_close(checkpointed[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def record_batch_losses(monkeypatch):

@@ -282,6 +282,9 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
          "--pretrained_model_name_or_path missing.safetensors: "),
         (None, {"split_mode": True, "gradient_checkpointing": True, "cpu_offload_checkpointing": True},
          "--cpu_offload_checkpointing cannot be combined with --split_mode (--blocks_to_swap 18): use one of them"),
+        (None, {"split_mode": True, "blocks_to_swap": 1, "gradient_checkpointing": True,
+                "cpu_offload_checkpointing": True},  # the swap is the one given: its flag is named
+         "--cpu_offload_checkpointing cannot be combined with --blocks_to_swap: use one of them"),
         # a plain run took the first, --dim_from_weights the second
         (None, {"network_dropout": 0.1, "network_args": ["dropout=0.3"]},
          "--network_dropout 0.1 and --network_args dropout=0.3 disagree: give one of them"),
