@@ -139,7 +139,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flux_utils import load_ae, load_flow_model
         from library.fp8 import FP8, dit_load_dtype, quantize_dit_, t5_file_is_plain_fp8
         from library.text_encoders import load_clip_l, load_t5xxl
-        from networks.lora_flux_files import lora_files_have_modules
+        from networks.lora_flux_files import lora_file_keys
 
         dit_fp8 = args.fp8_base or args.fp8_base_unet
         if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
@@ -148,12 +148,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         te_fp8 = args.fp8_base and not args.fp8_base_unet
         # base weights merge into the wide weights, which are then stored in fp8: Q(W + dW), not Q(Q(W) + dW),
         # which rounds away most of a LoRA whose change is a few percent of the weight
-        base_weights = args.base_weights or []
-        self.fp8_after_merge = {"dit": dit_fp8 and lora_files_have_modules(base_weights, "lora_unet"),
-                                "text_encoders": te_fp8 and lora_files_have_modules(base_weights, "lora_te")}
+        base_keys = lora_file_keys(args.base_weights or [])  # read once (a .pt file is loaded whole)
+        self.fp8_after_merge = {"dit": dit_fp8 and any(k.startswith("lora_unet") for k in base_keys),
+                                "text_encoders": te_fp8 and any(k.startswith("lora_te") for k in base_keys)}
         te_dtype = FP8 if te_fp8 and not self.fp8_after_merge["text_encoders"] else weight_dtype
         t5_dtype = te_dtype
-        if te_dtype == weight_dtype != torch.float32 and not lora_files_have_modules(base_weights, "lora_te3") \
+        if te_dtype == weight_dtype != torch.float32 and not any(k.startswith("lora_te3") for k in base_keys) \
                 and t5_file_is_plain_fp8(args.t5xxl):
             t5_dtype = None  # an fp8 file stays fp8 (half the memory; autocast widens it to the same outputs)
         path = args.pretrained_model_name_or_path

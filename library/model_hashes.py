@@ -108,15 +108,19 @@ def sha256_in_background(filename: str | os.PathLike) -> Future:
 
 
 @functools.lru_cache(maxsize=1)
-def implementation_version() -> str:
-    """``flux-lora-trainer/<git commit>`` of this checkout, or ``flux-lora-trainer/unknown``."""
+def git_commit() -> str | None:
+    """The git commit of this checkout, or None outside one (an unpacked release)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=5)
-        commit = result.stdout.strip() if result.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{PROJECT_NAME}/{commit or 'unknown'}"
+        return None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def implementation_version() -> str:
+    """``flux-lora-trainer/<git commit>`` of this checkout, or ``flux-lora-trainer/unknown``."""
+    return f"{PROJECT_NAME}/{git_commit() or 'unknown'}"
 
 
 def _resolution(resolution: int | str | tuple[int, ...] | list[int] | None) -> str:

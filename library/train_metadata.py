@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from library.model_hashes import git_commit
+
 # args attribute -> metadata key, copied verbatim
 _FROM_ARGS = {
     "learning_rate": "ss_learning_rate",
@@ -92,13 +94,6 @@ def as_metadata_value(value: Any) -> str:
     return str(value)
 
 
-def _commit_hash() -> str:
-    from library.model_hashes import implementation_version
-
-    commit = implementation_version().partition("/")[2]
-    return "(unknown)" if commit in ("", "unknown") else commit
-
-
 def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future]:
     """All ``ss_*`` keys known at the start of training.
 
@@ -112,8 +107,8 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future
         "ss_session_id": uuid.uuid4().int % (2**31),
         "ss_training_started_at": time.time(),
         "ss_output_name": args.output_name,
-        # the commit of the code that trained (this project's: sd-scripts writes its own, or "(unknown)")
-        "ss_sd_scripts_commit_hash": _commit_hash(),
+        # the commit of the code that trained (this project's; sd-scripts writes its own), as sd-scripts words it
+        "ss_sd_scripts_commit_hash": git_commit() or "(unknown)",
     }
     for attr, key in _FROM_ARGS.items():
         md[key] = getattr(args, attr, None)

@@ -409,15 +409,11 @@ class LoRANetwork(nn.Module):
             file, weights_sd, self, "Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
         )
         # a module saved without alpha has scale 1, as every loader (and create_network_from_weights) reads it
-        own = self.state_dict()
-        without_alpha = [k[: -len(".lora_down.weight")] for k in weights_sd if k.endswith(".lora_down.weight")
-                         and f"{k[: -len('.lora_down.weight')]}.alpha" not in weights_sd]  # fmt: skip
-        weights_sd = dict(weights_sd)
-        for name in without_alpha:
-            if f"{name}.alpha" in own:
-                rank = weights_sd[f"{name}.lora_down.weight"].shape[0]
-                weights_sd[f"{name}.alpha"] = torch.tensor(float(rank), dtype=own[f"{name}.alpha"].dtype)
+        suffix = ".lora_down.weight"
+        downs = {k.removesuffix(suffix): v for k, v in weights_sd.items() if k.endswith(suffix)}
+        without_alpha = [name for name in downs if f"{name}.alpha" not in weights_sd]
         if without_alpha:
+            weights_sd = weights_sd | {f"{n}.alpha": torch.tensor(float(downs[n].shape[0])) for n in without_alpha}
             logger.info(f"{file}: {len(without_alpha)} modules have no alpha: alpha = rank (scale 1), as saved")
         info = self.load_state_dict(weights_sd, strict=False)
         if weights_sd and len(info.unexpected_keys) == len(weights_sd):

@@ -59,13 +59,15 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> None:
 
 
 def lora_files_have_modules(paths, prefixes: str | tuple[str, ...]) -> bool:
-    """Whether any LoRA among ``paths`` has a key starting with one of ``prefixes``: a ``.safetensors``
-    file's header is read, a ``.pt`` / ``.ckpt`` one (a pickle has no header; LoRAs are small) loaded."""
-    return any(k.startswith(prefixes) for path in paths for k in _lora_keys(path))
+    """Whether any LoRA among ``paths`` has a key starting with one of ``prefixes``."""
+    return any(k.startswith(prefixes) for k in lora_file_keys(paths))
 
 
-def _lora_keys(path) -> list[str]:
-    return read_keys(path) if str(path).endswith(".safetensors") else list(read_lora_file(path)[0])
+def lora_file_keys(paths) -> list[str]:
+    """The keys of the LoRA files ``paths``: a ``.safetensors`` file's header is read, a ``.pt`` / ``.ckpt``
+    one (a pickle has no header; LoRAs are small) loaded."""
+    return [k for path in paths for k in (read_keys(path) if str(path).endswith(".safetensors")
+                                          else read_lora_file(path)[0])]  # fmt: skip
 
 
 def with_trained_split_alpha(

@@ -175,7 +175,7 @@ def test_the_commit_recorded_is_this_checkouts(monkeypatch):
     from library import model_hashes
 
     def recorded() -> str:
-        model_hashes.implementation_version.cache_clear()
+        model_hashes.git_commit.cache_clear()
         return build_training_metadata(SimpleNamespace(output_name="x"), RUN)["ss_sd_scripts_commit_hash"]
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +185,7 @@ def test_the_commit_recorded_is_this_checkouts(monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: SimpleNamespace(returncode=128, stdout=""))
     assert recorded() == "(unknown)"
     monkeypatch.undo()
-    model_hashes.implementation_version.cache_clear()
+    model_hashes.git_commit.cache_clear()
 
 
 def test_a_save_records_the_step_and_the_epoch_it_is_given():
