@@ -411,7 +411,7 @@ class LoRANetwork(nn.Module):
         # a module saved without alpha has scale 1, as every loader (and create_network_from_weights) reads it
         suffix = ".lora_down.weight"
         downs = {k.removesuffix(suffix): v for k, v in weights_sd.items() if k.endswith(suffix)}
-        without_alpha = [name for name in downs if f"{name}.alpha" not in weights_sd]
+        without_alpha = [name for name in downs if f"{name}.alpha" not in weights_sd and name in self._modules]
         if without_alpha:
             weights_sd = weights_sd | {f"{n}.alpha": torch.tensor(float(downs[n].shape[0])) for n in without_alpha}
             logger.info(f"{file}: {len(without_alpha)} modules have no alpha: alpha = rank (scale 1), as saved")
