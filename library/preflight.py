@@ -30,6 +30,14 @@ COUNT_BOUNDS = (
     ("max_validation_steps", 1, "validation batches; leave it out to validate on every one"),
     ("validate_every_n_steps", 1, "steps between validations; leave it out to validate by epoch only"),
     ("validate_every_n_epochs", 1, "epochs between validations; leave it out to validate every epoch"),
+    # 0 leaves these off, as an absent flag does; a negative count saved at odd times or pruned each save at once
+    ("save_every_n_epochs", 0, "epochs between saves; 0 saves at the end only"),
+    ("save_every_n_steps", 0, "steps between saves; 0 saves by epoch only"),
+    ("save_n_epoch_ratio", 0, "saves over the run; 0 leaves it to --save_every_n_epochs"),
+    ("save_last_n_epochs", 0, "epoch saves to keep; 0 keeps all"),
+    ("save_last_n_epochs_state", 0, "epoch states to keep; 0 keeps all"),
+    ("save_last_n_steps", 0, "steps whose saves are kept; 0 keeps all"),
+    ("save_last_n_steps_state", 0, "steps whose states are kept; 0 keeps all"),
 )
 
 

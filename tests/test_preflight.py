@@ -51,9 +51,21 @@ def test_the_rehearsal_stops_what_cannot(argv, message):
     ["--max_train_epochs", "2", "--max_train_steps", "0"],  # the epochs set the length
     ["--max_grad_norm", "0"],  # no clipping
     ["--max_data_loader_n_workers", "0"],
+    ["--save_every_n_steps", "0", "--save_every_n_epochs", "0", "--save_n_epoch_ratio", "0"],  # off, as left out
+    ["--save_last_n_steps", "0", "--save_last_n_epochs", "0", "--save_last_n_steps_state", "0",
+     "--save_last_n_epochs_state", "0"],  # keep every save
 ])
 def test_counts_at_their_bound_pass(argv):
     check_counts(parse(*argv))
+
+
+@pytest.mark.parametrize("flag", ["save_every_n_steps", "save_every_n_epochs", "save_n_epoch_ratio",
+                                  "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs",
+                                  "save_last_n_epochs_state"])
+def test_negative_save_counts_are_refused(flag):
+    # --save_last_n_steps -1 deleted each step save right after writing it; --save_every_n_steps -2 saved every 2
+    with pytest.raises(UserError, match=rf"^--{flag} -1: give 0 or more \("):
+        check_counts(parse(f"--{flag}", "-1"))
 
 
 def test_zero_epochs_are_refused():
