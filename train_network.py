@@ -297,12 +297,13 @@ class NetworkTrainer:
         first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
         if not args.resume:
             return first_step, skip_data
+        from library.optimizers import optimizer_arg_names
         from library.train_state import check_state_fits, load_training_state
 
         check_state_fits(args.resume, network.state_dict())
         network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
                                                       getattr(accelerator, "scaler", None),  # fp16's loss scale
-                                                      accelerator.process_index)
+                                                      accelerator.process_index, optimizer_arg_names(args))
         network.load_state_dict(network_state, strict=True)
         if given_step is None:
             first_step, skip_data = progress.current_step, True

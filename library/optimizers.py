@@ -224,6 +224,11 @@ def network_param_groups(network, args) -> tuple[list, list[str]]:
     return params, descriptions
 
 
+def optimizer_arg_names(args) -> list[str]:
+    """The hyper-parameters ``--optimizer_args`` sets, in the order given."""
+    return list(parse_kv_literals(getattr(args, "optimizer_args", None), "--optimizer_args"))
+
+
 def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Optimizer]:
     """Build the optimizer named by ``args.optimizer_type`` for ``trainable_params``.
 

@@ -149,7 +149,9 @@ def restore_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # one state per GPU the saving machine saw: a machine with fewer (or more) restores those both have
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
 
 
 def save_training_state(
@@ -199,6 +201,10 @@ def save_training_state(
 
 def check_state_dir(state_dir: str) -> None:
     """Stops before any work if ``--resume`` does not name a complete training state."""
+    if os.path.isfile(state_dir):
+        raise UserError(f"--resume {state_dir}: a file, not a training state folder. Give a '...-state' folder "
+                        f"written by --save_state, or start a new run from a LoRA file with --network_weights "
+                        f"{state_dir}.")  # fmt: skip
     if not os.path.isdir(state_dir):
         raise UserError(f"--resume {state_dir}: no such directory. Give a '...-state' folder written by --save_state.")
     needed = ("model.safetensors", "optimizer.bin", "scheduler.bin", TRAIN_STATE_FILE)
@@ -268,6 +274,8 @@ def read_progress(state_dir: str) -> TrainProgress:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
         seed = data.get("seed")
         return TrainProgress(int(data["current_epoch"]), int(data["current_step"]), None if seed is None else int(seed))
     except (ValueError, KeyError, TypeError) as e:
@@ -339,16 +347,18 @@ def check_state_fits(state_dir: str, network_state: dict[str, torch.Tensor]) -> 
 
 
 def load_training_state(
-    state_dir: str, optimizer, lr_scheduler, scaler=None, process_index: int = 0
+    state_dir: str, optimizer, lr_scheduler, scaler=None, process_index: int = 0, asked_options=()
 ) -> tuple[dict, TrainProgress]:
     """Restores optimizer, scheduler, this process's RNG and scaler; returns the network weights and
     the progress. A process the state has no RNG file for (it was saved by fewer processes) keeps
-    its seeded RNG. The folder is not checked again here: :func:`check_state_dir` reads every file in full,
-    and the trainer calls it before the models load."""
+    its seeded RNG. ``asked_options``: the names this run's ``--optimizer_args`` set, said where the
+    state's values differ. The folder is not checked again here: :func:`check_state_dir` reads every
+    file in full, and the trainer calls it before the models load."""
     from library.safetensors_io import load_safetensors
 
     network_state = load_safetensors(os.path.join(state_dir, "model.safetensors"))
     asked_rates = list(getattr(lr_scheduler, "base_lrs", []))
+    asked_groups = [dict(group) for group in optimizer.param_groups]
     try:
         # torch takes any optimizer's state whose group sizes match: one of another optimizer is stopped before
         # loading by its record (check_state_optimizer), or at the first step without one (TrainingLoop)
@@ -365,6 +375,7 @@ def load_training_state(
                        "(the metadata records this run's); to train at new rates, start a run from the state's LoRA "
                        "with --network_weights %s", state_dir, state_rates, asked_rates,
                        os.path.join(state_dir, "model.safetensors"))  # fmt: skip
+    _say_changed_optimizer_options(state_dir, asked_groups, optimizer.param_groups, asked_options)
     rng_file = os.path.join(state_dir, f"random_states_{process_index}.pkl")
     if os.path.exists(rng_file):
         restore_rng_states(read_rng_states(rng_file))
@@ -378,6 +389,27 @@ def load_training_state(
     if scaler is not None and os.path.exists(scaler_file):
         scaler.load_state_dict(_load_torch(state_dir, "scaler.pt"))
     return network_state, read_progress(state_dir)
+
+
+def _say_changed_optimizer_options(state_dir: str, asked: list[dict], loaded: list[dict], names) -> None:
+    """torch's ``load_state_dict`` puts back the saved groups' hyper-parameters, so changed ``--optimizer_args``
+    do not take effect: said as the learning rates are."""
+    for before, after in zip(asked, loaded, strict=False):
+        changed = [n for n in names if n in before and n in after and _differs(before[n], after[n])]
+        if changed:  # every group got the same --optimizer_args: the first that differs tells it
+            logger.warning("--resume %s: the optimizer goes on with the state's %s, not this run's --optimizer_args "
+                           "%s; to train with new ones, start a run from the state's LoRA with --network_weights %s",
+                           state_dir, ", ".join(f"{n}={after[n]}" for n in changed),
+                           ", ".join(f"{n}={before[n]}" for n in changed),
+                           os.path.join(state_dir, "model.safetensors"))  # fmt: skip
+            return
+
+
+def _differs(a, b) -> bool:
+    try:
+        return bool(a != b)
+    except (RuntimeError, TypeError, ValueError):  # tensors of several elements
+        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def _load_torch(state_dir: str, name: str):

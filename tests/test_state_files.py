@@ -116,6 +116,81 @@ def test_resuming_with_another_learning_rate_says_the_states_rates_go_on(tmp_pat
     assert not caplog.records
 
 
+def test_resuming_with_other_optimizer_args_says_the_states_go_on(tmp_path, caplog):
+    """torch's load_state_dict puts back the saved groups' hyper-parameters: --optimizer_args changed for the
+    resumed run were dropped without a word (and ss_optimizer recorded the new ones)."""
+    state = _sgd_state(tmp_path)  # momentum 0.9, weight_decay 0
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.5, weight_decay=0.01)
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0),
+                            asked_options=("momentum", "weight_decay", "nesterov"))  # fmt: skip
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["weight_decay"] == 0
+    assert ("the optimizer goes on with the state's momentum=0.9, weight_decay=0, not this run's --optimizer_args "
+            "momentum=0.5, weight_decay=0.01") in caplog.text
+    caplog.clear()
+    same = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, same, torch.optim.lr_scheduler.LambdaLR(same, lambda s: 1.0),
+                            asked_options=("momentum",))  # fmt: skip
+    assert not caplog.records
+
+
+def test_a_state_saved_where_more_gpus_were_visible_resumes_on_fewer(tmp_path, monkeypatch):
+    """torch.cuda.get_rng_state_all() holds one state per visible GPU: restoring a 2-GPU machine's state
+    on a 1-GPU one raised IndexError, and the state was refused as damaged."""
+    import pickle
+
+    from library.train_state import check_state_dir, restore_rng_states
+
+    state = _sgd_state(tmp_path)
+    rng_file = os.path.join(state, "random_states_0.pkl")
+    with open(rng_file, "rb") as f:
+        states = pickle.load(f)
+    cuda_states = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    with open(rng_file, "wb") as f:
+        pickle.dump(states | {"cuda": cuda_states}, f)
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+
+    def set_rng_state(new_state, device="cuda"):
+        index = torch.device(device).index if not isinstance(device, int) else device
+        if (index or 0) >= 1:
+            raise IndexError("list index out of range")  # as torch on a machine with one GPU
+        restored[index or 0] = new_state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda new_states: [set_rng_state(s, i) for i, s in enumerate(new_states)])  # fmt: skip
+    check_state_dir(state)  # not damaged
+    restore_rng_states(states | {"cuda": cuda_states})
+    assert list(restored) == [0] and torch.equal(restored[0], cuda_states[0])
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"a"'])
+def test_a_train_state_json_that_is_not_an_object_is_named(tmp_path, content):
+    from library.train_state import check_state_dir
+
+    state = _sgd_state(tmp_path)
+    with open(os.path.join(state, "train_state.json"), "w") as f:
+        f.write(content)
+    with pytest.raises(UserError, match=f"--resume {re.escape(state)}: train_state.json is damaged"):
+        check_state_dir(state)
+
+
+def test_a_lora_file_given_to_resume_is_told_apart_from_a_missing_folder(tmp_path):
+    from library.train_state import check_state_dir
+
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"x")
+    with pytest.raises(UserError) as raised:
+        check_state_dir(str(lora))
+    assert str(raised.value) == (f"--resume {lora}: a file, not a training state folder. Give a '...-state' folder "
+                                 f"written by --save_state, or start a new run from a LoRA file with "
+                                 f"--network_weights {lora}.")  # fmt: skip
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a device that is always full")
 def test_a_full_disk_while_writing_a_state_file_is_an_oserror_with_its_errno():
     """torch.save's own writer reports a full disk as a RuntimeError without an errno, which the trainer
