@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
 import math
 import os
@@ -13,25 +12,15 @@ import signal
 import zlib
 
 import torch
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from library.errors import TrainingInterrupted, UserError
 from library.flow_matching import VALIDATION_SIGMAS
 from library.interrupts import GracefulStop
 from library.optimizers import is_dadapt_or_prodigy, resolve_optimizer_type
+from library.run_saves import RunSaves
 from library.sample_prompts import SampleTriggers
-from library.train_metadata import minimal_metadata, per_save_metadata
-from library.train_state import (
-    TrainProgress,
-    capture_rng_states,
-    epoch_to_remove,
-    model_file_name,
-    remove_path,
-    save_training_state,
-    state_dir_name,
-    step_to_remove,
-)
+from library.train_state import capture_rng_states
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +167,8 @@ class TrainingLoop:
         self.optimizer_train, self.optimizer_eval = optimizer_train, optimizer_eval
         self.process_batches = process_batches
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
-        self.metadata, self.save_dtype = metadata, save_dtype
-        self.ext = "." + (self.args.save_model_as or "safetensors")
-        self.saved_files: list[tuple[int, str]] = []  # (steps trained, LoRA file), oldest first
-        self.saved_states: list[tuple[int, str]] = []  # (steps trained, state folder), oldest first
+        self.saves = RunSaves(self.args, self.accelerator, self.network, optimizer, lr_scheduler, metadata, save_dtype,
+                              self._set_eval_mode, self._set_train_mode)  # fmt: skip
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
         # loss/average: sd-scripts' moving average over the last epoch's worth of steps
@@ -211,7 +198,11 @@ class TrainingLoop:
         with GracefulStop() as stop:  # a signal during the final save waits for it too
             global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
             progress.close()
-            return self._save_final(global_step)
+            if stop.signum:
+                logger.warning("%s received at the end of the run: it has finished its steps, so it saves its final "
+                               "files as usual (skipping sampling and validation not yet run)", stop.name)  # fmt: skip
+            # the epoch the last step belongs to
+            return self.saves.final(global_step, math.ceil(global_step / max(self.steps_per_epoch, 1)))
 
     def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
@@ -227,7 +218,7 @@ class TrainingLoop:
             self.train_group.set_current_step(global_step - skip // accum)
             self.epoch_losses = []
             window: list[float] = []
-            window_rng = None
+            window_rng, stopping, epoch_done = None, False, False
             with _workers_shut_down_on_error(loader) as batches:
                 for position, batch in enumerate(batches, start=skip):
                     micro = position % accum
@@ -255,29 +246,27 @@ class TrainingLoop:
                     logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
-                    self._after_step(epoch, global_step, logs)
-                    if stop.requested(accelerator):
-                        self._stop(stop, global_step, epoch + 1)
-                    if global_step >= args.max_train_steps:
+                    # a stop still makes the saves due at this step, not its sampling and validation (a launcher
+                    # may not wait for them); a signal during those is acted on before another step runs
+                    stopping = stop.requested(accelerator)
+                    self._after_step(epoch, global_step, logs, stopping)
+                    stopping = stopping or stop.requested(accelerator)
+                    epoch_done = position == len(self.process_batches) - 1
+                    if stopping or global_step >= args.max_train_steps:
                         break
-            self._after_epoch(epoch, global_step)
-            if global_step >= args.max_train_steps:
+            if stopping and not epoch_done and global_step < args.max_train_steps:
+                self._stop(stop, global_step, epoch + 1)
+            self._after_epoch(epoch, global_step, stopping)
+            if global_step >= args.max_train_steps:  # a stop at the last step ends the run as finished
                 break
+            if stopping or stop.requested(accelerator):
+                self._stop(stop, global_step, epoch + 1)
         return global_step
 
     def _stop(self, stop: GracefulStop, step: int, epoch: int, rng_state: dict | None = None) -> None:
         """Saves the LoRA (and the state with --save_state) of the last finished step, then ends the run.
         ``rng_state``: the random state at that step's end, when the stop came later (inside an accumulation)."""
-        if not (self.saved_files and self.saved_files[-1][0] == step):  # a save at this step may have just run
-            self._save_model(model_file_name(self.args.output_name, "step", step, self.ext), step, epoch)
-        saved = f"saved the LoRA to {self.last_saved}"
-        if self.args.save_state:
-            state = (self.saved_states[-1][1] if self.saved_states and self.saved_states[-1][0] == step
-                     else self._save_state("step", step, step, epoch, rng_state))  # fmt: skip
-            saved += f" and the training state to {state} (continue with --resume {state})"
-        else:
-            saved += " (add --save_state to be able to resume)"
-        self.accelerator.wait_for_everyone()
+        saved = self.saves.for_stop(step, epoch, rng_state)
         raise TrainingInterrupted(f"interrupted by {stop.name} at step {step} of {self.args.max_train_steps}: {saved}",
                                   stop.exit_code)
 
@@ -298,22 +287,9 @@ class TrainingLoop:
             raise UserError(
                 f"the loss became {loss.item()} at step {step + 1}. Likely causes: fp16 overflow (use "
                 "--mixed_precision bf16), or a learning rate too high (lower --learning_rate / --unet_lr). "
-                f"No weights were written for this step; {self._files_before_failure(step)}"
+                f"No weights were written for this step; {self.saves.before_failure(step)}"
             )
         return loss.item()
-
-    def _files_before_failure(self, step: int) -> str:
-        """Which saved LoRA to fall back on when the forward after ``step`` steps gave inf/nan: a
-        file saved at ``step`` holds the very weights that gave it, so the one before is named too."""
-        saved = [(s, p) for s, p in self.saved_files if os.path.exists(p)]
-        if not saved:
-            return "nothing has been saved yet"
-        last_step, last = saved[-1]
-        if last_step < step:
-            return f"the last good file is: {last}"
-        before = saved[-2][1] if len(saved) > 1 else "none"
-        return (f"the last file saved, {last}, holds the weights that gave this loss and may be bad too; "
-                f"the one before it is: {before}")  # fmt: skip
 
     def _optimizer_step(self) -> dict:
         args, accelerator, network = self.args, self.accelerator, self.network
@@ -356,24 +332,13 @@ class TrainingLoop:
         return logs
 
     # ---- between steps and epochs --------------------------------------------------------------
-    def _after_step(self, epoch: int, step: int, logs: dict) -> None:
+    def _after_step(self, epoch: int, step: int, logs: dict, stopping: bool = False) -> None:
+        """Sampling, saves and validation due after ``step``; the saves alone when ``stopping``."""
         args = self.args
-        if self.triggers.due(None, step):
+        if self.triggers.due(None, step) and not stopping:
             self._sample(epoch=None, step=step)
-        # unlike epoch saves, a step save at the last step is kept (spec §h.2): it prunes the older ones
-        if args.save_every_n_steps and step % args.save_every_n_steps == 0:
-            self._save_checkpoint("step", step, step, epoch + 1)
-            old = step_to_remove(step, args.save_every_n_steps, args.save_last_n_steps)
-            if old:
-                self._remove("step", old)
-            # states are pruned only by a run that saves them: one that resumed without --save_state must not
-            # delete the states it (or the user) may still resume from
-            old_state = step_to_remove(
-                step, args.save_every_n_steps, args.save_last_n_steps_state or args.save_last_n_steps
-            )
-            if old_state and args.save_state:
-                self._remove_state("step", old_state)
-        if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+        self.saves.at_step(step, epoch + 1)
+        if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0 and not stopping:
             logs |= self._validate("step")
         self._log(logs, step, epoch)
 
@@ -386,26 +351,20 @@ class TrainingLoop:
             values = logs | {"global_step": step, "epoch": epoch + 1} if tracker.name == "wandb" else logs
             tracker.log(values, step=step)
 
-    def _after_epoch(self, epoch: int, step: int) -> None:
+    def _after_epoch(self, epoch: int, step: int, stopping: bool = False) -> None:
+        """Validation, saves and sampling due at an epoch's end; the saves alone when ``stopping``."""
         args = self.args
         logs = {}
         if self.epoch_losses:
             logs["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
         every = args.validate_every_n_epochs or 1
-        if self.val_group and (epoch + 1) % every == 0:
+        if self.val_group and (epoch + 1) % every == 0 and not stopping:
             logs |= self._validate("epoch")
         if logs:
             self._log(logs, step, epoch)
-        n = args.save_every_n_epochs
-        if n and (epoch + 1) % n == 0 and epoch + 1 < self.num_epochs:
-            self._save_checkpoint("epoch", epoch + 1, step, epoch + 1)
-            old = epoch_to_remove(epoch + 1, n, args.save_last_n_epochs)
-            if old:
-                self._remove("epoch", old)
-            old_state = epoch_to_remove(epoch + 1, n, args.save_last_n_epochs_state or args.save_last_n_epochs)
-            if old_state and args.save_state:
-                self._remove_state("epoch", old_state)
-        if self.triggers.due(epoch + 1, step):
+        if epoch + 1 < self.num_epochs:  # the last epoch's save is the final one
+            self.saves.at_epoch_end(epoch + 1, step)
+        if self.triggers.due(epoch + 1, step) and not stopping:
             self._sample(epoch=epoch + 1, step=step)
 
     def _validate(self, kind: str) -> dict:
@@ -480,82 +439,6 @@ class TrainingLoop:
             finally:
                 self._set_train_mode()
         self.accelerator.wait_for_everyone()
-
-    # ---- files --------------------------------------------------------------------------------
-    def _metadata(self, steps: int, epoch: int) -> dict[str, str] | None:
-        if self.ext != ".safetensors":
-            return None
-        metadata = per_save_metadata(self.metadata, steps, epoch)
-        return minimal_metadata(metadata) if self.args.no_metadata else metadata
-
-    def _save_model(self, file_name: str, steps: int, epoch: int) -> str:
-        path = os.path.join(self.args.output_dir, file_name)
-        if self.accelerator.is_main_process:
-            self._set_eval_mode()
-            with self._writing(path):
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a folder in --output_name too
-                self.network.save_weights(path, self.save_dtype, self._metadata(steps, epoch))
-            self._set_train_mode()
-            logger.info("saved %s", path)
-        self.saved_files.append((steps, path))
-        return path
-
-    @property
-    def last_saved(self) -> str | None:
-        return self.saved_files[-1][1] if self.saved_files else None
-
-    @contextlib.contextmanager
-    def _writing(self, path: str):
-        """Turns a failed write (disk full, permissions) into one clear message; files are written
-        under temporary names, so everything saved before is intact."""
-        try:
-            yield
-        except OSError as e:
-            earlier = f"the last good file is {self.last_saved}" if self.last_saved else "nothing was saved before"
-            remedy = "Free space on that disk or choose" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Choose"
-            raise UserError(
-                f"could not write {path}: {e.strerror or e}. {remedy} another --output_dir; {earlier}, and no file "
-                "was left half-written."
-            ) from None
-
-    def _save_state(self, kind: str, number: int | None, steps: int, epoch: int, rng_state: dict | None = None) -> str:
-        path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
-        rng_states = [rng_state or capture_rng_states()]
-        if self.accelerator.num_processes > 1:  # every process calls this: gather their RNG states to the main one
-            rng_states = gather_object(rng_states)
-        if self.accelerator.is_main_process:
-            scaler = getattr(self.accelerator, "scaler", None)
-            with self._writing(path):
-                save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
-                                    TrainProgress(epoch, steps, self.args.seed), scaler, rng_states)
-            logger.info("saved the training state to %s", path)
-        self.saved_states.append((steps, path))
-        return path
-
-    def _save_checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
-        self._save_model(model_file_name(self.args.output_name, kind, number, self.ext), steps, epoch)
-        if self.args.save_state:
-            self._save_state(kind, number, steps, epoch)
-        self.accelerator.wait_for_everyone()
-
-    def _remove(self, kind: str, number: int) -> None:
-        if self.accelerator.is_main_process:
-            remove_path(
-                os.path.join(self.args.output_dir, model_file_name(self.args.output_name, kind, number, self.ext))
-            )
-
-    def _remove_state(self, kind: str, number: int) -> None:
-        if self.accelerator.is_main_process:
-            remove_path(os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number)))
-
-    def _save_final(self, steps: int) -> str:
-        epoch = math.ceil(steps / max(self.steps_per_epoch, 1))  # the epoch the last step belongs to
-        # the LoRA first: a state that does not fit on the disk then costs the state alone
-        path = self._save_model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
-        if self.args.save_state or self.args.save_state_on_train_end:
-            self._save_state("last", None, steps, epoch)
-        self.accelerator.wait_for_everyone()
-        return path
 
     def _data_loader(self):
         args = self.args

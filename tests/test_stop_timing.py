@@ -1,0 +1,103 @@
+"""A stop request at a step with more work due: the saves an uninterrupted run makes there are made, the
+sampling and validation are skipped (a launcher may not wait for them), a stop at the last step ends the run
+as finished, and a signal during sampling is acted on before another step runs."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+import flux_train_network
+from library.safetensors_io import load_safetensors
+from tests.training_helpers import base_argv, dataset
+
+FLAGS = dict(network_train_unet_only=True, save_state=True)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Steps whose batch loss ran, steps sampled at, and ``signal_at``: (what, step) pairs that send SIGINT."""
+    trainer = flux_train_network.FluxNetworkTrainer
+    batch_loss, sample_images = trainer.batch_loss, trainer.sample_images
+    log = {"steps": [], "samples": [], "signal_at": set()}
+
+    def loss(self, ctx, batch, step, indices, **kwargs):
+        log["steps"].append(step)
+        if ("step", step) in log["signal_at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch_loss(self, ctx, batch, step, indices, **kwargs)
+
+    def sample(self, ctx, epoch, step):
+        log["samples"].append(step)
+        if ("sample", step) in log["signal_at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample_images(self, ctx, epoch, step)
+
+    monkeypatch.setattr(trainer, "batch_loss", loss)
+    monkeypatch.setattr(trainer, "sample_images", sample)
+    return log
+
+
+def assert_same_lora(path_a, path_b):
+    a, b = load_safetensors(path_a), load_safetensors(path_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_stop_in_the_last_step_ends_the_run_as_finished(tiny_model_files, tmp_path, recorded, caplog):
+    """It saved lora-step00000003 and its state, exited 130, and the --resume it suggested was refused: the
+    state had no steps left, and no final lora.safetensors was ever written."""
+    data = dataset(tmp_path, batch_size=1, num_images=2)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=3, sample_prompts=data.sample_prompts,
+                     sample_every_n_steps=1, **FLAGS)  # fmt: skip
+    recorded["signal_at"].add(("step", 2))
+    assert flux_train_network.main(argv) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["lora-state", "lora.safetensors", "sample"]
+    assert recorded["samples"] == [1, 2]  # the last step's sampling is skipped
+    assert "SIGINT received at the end of the run: it has finished its steps" in caplog.text
+    recorded["signal_at"].clear()
+    straight = base_argv(tiny_model_files, data, str(tmp_path / "straight"), steps=3, **FLAGS)
+    assert flux_train_network.main(straight) == 0
+    assert_same_lora(tmp_path / "straight" / "lora.safetensors", tmp_path / "out" / "lora.safetensors")
+
+
+def test_a_stop_in_an_epochs_last_step_makes_that_epochs_save(tiny_model_files, tmp_path, recorded, capsys):
+    """The stop came before the epoch's end: lora-step00000002 was saved, and the resumed run, starting at
+    epoch 2, never wrote lora-000001 (nor sampled epoch 1)."""
+    data = dataset(tmp_path, batch_size=1, num_images=2)  # 2 steps an epoch
+    flags = dict(steps=4, save_every_n_epochs=1, **FLAGS)
+    out = tmp_path / "out"
+    recorded["signal_at"].add(("step", 1))
+    argv = base_argv(tiny_model_files, data, str(out), sample_prompts=data.sample_prompts, sample_every_n_epochs=1,
+                     **flags)  # fmt: skip
+    assert flux_train_network.main(argv) == 128 + signal.SIGINT
+    assert sorted(os.listdir(out)) == ["lora-000001-state", "lora-000001.safetensors"]
+    assert recorded["samples"] == []  # the epoch's sampling is skipped
+    assert f"continue with --resume {out / 'lora-000001-state'}" in capsys.readouterr().err
+    recorded["signal_at"].clear()
+
+    straight = tmp_path / "straight"
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(straight), **flags)) == 0
+    assert_same_lora(straight / "lora-000001.safetensors", out / "lora-000001.safetensors")
+    resumed = base_argv(tiny_model_files, data, str(out), resume=str(out / "lora-000001-state"), **flags)
+    assert flux_train_network.main(resumed) == 0
+    assert_same_lora(straight / "lora.safetensors", out / "lora.safetensors")
+
+
+@pytest.mark.parametrize("every, signalled_sample, saved_at", [
+    ("sample_every_n_steps", 1, 1),  # the sampling after step 1
+    ("sample_every_n_epochs", 2, 2),  # the sampling at the first epoch's end
+])  # fmt: skip
+def test_a_signal_during_sampling_stops_before_another_step(tiny_model_files, tmp_path, recorded, every,
+                                                           signalled_sample, saved_at):  # fmt: skip
+    """It was looked at only after the next step (after the epoch's end: one step of the next epoch)."""
+    data = dataset(tmp_path, batch_size=1, num_images=2)
+    recorded["signal_at"].add(("sample", signalled_sample))
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=4, sample_prompts=data.sample_prompts,
+                     **{every: 1}, **FLAGS)  # fmt: skip
+    assert flux_train_network.main(argv) == 128 + signal.SIGINT
+    assert recorded["steps"] == list(range(saved_at))
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        f"lora-step{saved_at:08d}-state", f"lora-step{saved_at:08d}.safetensors", "sample"]  # fmt: skip
