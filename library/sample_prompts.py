@@ -170,7 +170,7 @@ def _from_dict(entry: Mapping[str, Any], index: int, where: str, warnings: _Warn
             letter, why = _IGNORED_KEYS[key]
             ignored[key] = value
             warnings.once(f"--{letter}", f"{warnings.source}: '{key}' is ignored for FLUX: {why}")
-        elif key in _BOOKKEEPING_KEYS or key == "prompt":
+        elif key in _BOOKKEEPING_KEYS or key == "prompt" or value is None:  # JSON's null: not given, as sd-scripts
             continue
         elif key not in _DICT_KEYS:
             warnings.once(

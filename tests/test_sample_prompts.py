@@ -194,6 +194,12 @@ def test_json_mixes_lines_and_dicts(tmp_path):
     assert isinstance(prompts[1].cfg_scale, float)
 
 
+def test_json_null_means_not_given_as_in_sd_scripts(tmp_path):
+    """sd-scripts reads each key with dict.get: a null seed is a random one, a null negative prompt none."""
+    items = [{"prompt": "a dog", "seed": None, "negative_prompt": None, "width": None, "scale": None}]
+    assert load_prompts(write(tmp_path, "p.json", json.dumps(items))) == [SamplePrompt(0, "a dog")]
+
+
 def test_to_dict_uses_sd_scripts_keys():
     p = SamplePrompt(3, "x", "n", 64, 80, 5, 6, 2.0, 0.0)
     assert p.to_dict() == {
