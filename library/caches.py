@@ -27,7 +27,6 @@ to a temporary name and renamed.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from library.buckets import crop_ltrb
 from library.captions import caption_for_cache
 from library.datasets import DatasetGroup, ImageEntry
 from library.errors import UserError
-from library.images import prepare_image
+from library.images import canonical_path, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +70,6 @@ def latent_npz_path(image_path: str, size: tuple[int, int]) -> str:
 
 def te_npz_path(image_path: str) -> str:
     return os.path.splitext(image_path)[0] + TE_SUFFIX
-
-
-def canonical_path(path: str) -> str:
-    """``path`` with its folder resolved (``img``, ``./img``, ``/data/img`` or a linked folder name one
-    place): two spellings of one image must share its cache checks and its writer. The file name itself
-    is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them."""
-    folder, name = os.path.split(path)
-    return os.path.join(_real_folder(folder or "."), name)
-
-
-@functools.lru_cache(maxsize=1024)  # a dataset has a few folders and many images in each
-def _real_folder(folder: str) -> str:
-    return os.path.realpath(folder)
 
 
 def reso_suffix(bucket: tuple[int, int]) -> str:
@@ -519,7 +505,7 @@ class TextEncoderCacher:
         users: dict[str, list[ImageEntry]] = {}
         images: dict[str, str] = {}  # npz path -> the first image using it
         for e in entries:
-            cap = caption_for_cache(e.caption, e.subset.caption, e.path)
+            cap = caption_for_cache(e.caption, e.subset.caption, canonical_path(e.path))
             unit = te_npz_path(canonical_path(e.path)) if self.to_disk else cap
             if self.to_disk:
                 e.te_npz = unit

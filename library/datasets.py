@@ -62,7 +62,7 @@ from library.captions import caption_for_cache, process_caption
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.dataset_sources import ImageRecord, scan_subset, split_subset
 from library.errors import UserError
-from library.images import choose_crop, color_aug, prepare_image
+from library.images import canonical_path, choose_crop, color_aug, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class FluxDataset(torch.utils.data.Dataset):
             if e.te_outputs is not None or e.te_npz is not None:
                 # the caption the cache was encoded from: a CLIP-L trained live beside cached T5 outputs must
                 # see the same text (the same wildcard choice, no epoch dropout)
-                caption = caption_for_cache(e.caption, sub.caption, e.path)
+                caption = caption_for_cache(e.caption, sub.caption, canonical_path(e.path))
             else:  # token warm-up belongs to training: validation captions are whole from the start
                 warm_step = step if self.is_training else math.inf
                 caption = process_caption(e.caption, sub.caption, rng, epoch, warm_step, self.max_train_steps)

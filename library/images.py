@@ -6,6 +6,7 @@ dataset. Resizing uses Pillow, which antialiases when downscaling; `area` is Pil
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -38,6 +39,19 @@ DEFAULT_INTERPOLATION = "bicubic"  # the guide's default (sd-scripts: area down,
 def canonical_interpolation(name: str) -> str:
     """`linear` -> `bilinear`, `cubic` -> `bicubic`, `box` -> `area`; others unchanged."""
     return CANONICAL_INTERPOLATION.get(name, name)
+
+
+def canonical_path(path: str) -> str:
+    """``path`` with its folder resolved (``img``, ``./img``, ``/data/img`` or a linked folder name one
+    place): two spellings of one image must share its cache checks and its writer. The file name itself
+    is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them."""
+    folder, name = os.path.split(path)
+    return os.path.join(_real_folder(folder or "."), name)
+
+
+@functools.lru_cache(maxsize=1024)  # a dataset has a few folders and many images in each
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
 
 
 def list_images(directory: str) -> tuple[list[str], list[str]]:

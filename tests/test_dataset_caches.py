@@ -29,7 +29,7 @@ from library.captions import caption_for_cache
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
-from library.images import prepare_image
+from library.images import canonical_path, prepare_image
 from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
 
 
@@ -526,6 +526,26 @@ def test_two_datasets_sharing_a_latent_file_keep_each_others_mask_and_flipped_la
     assert LatentCacher(StandInEncoder(), "ae", True).cache([group()]).reused == 2  # the next run encodes nothing
 
 
+def test_a_wildcard_choice_does_not_depend_on_how_the_folder_is_spelled(tmp_path):
+    """The choice was seeded by the path as written: one folder spelled two ways was refused as one image with
+    two captions, and spelled another way in a later run it was encoded again with another choice."""
+    names = [f"i{k}.png" for k in range(4)]
+    make_folder(tmp_path / "img", {n: (32, 32) for n in names}, {n: "a {red|green|blue|pink|black} car" for n in names})
+
+    def group(*spellings):
+        text = "".join(f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+                       f'caption_extension = ".txt"\nenable_wildcard = true\n' for folder in spellings)  # fmt: skip
+        config = write_toml(tmp_path / "c.toml", text)
+        return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", config)), seed=0)[0]
+
+    first = FakeTextEncoder()
+    two_spellings = group(tmp_path / "img", f"{tmp_path}/img/../img")
+    assert TextEncoderCacher(first, FP, False, True).cache([two_spellings]).encoded == 4
+    assert len(set(first.seen)) > 1  # the wildcards resolved per image
+    again = FakeTextEncoder()
+    assert TextEncoderCacher(again, FP, False, True).cache([group(f"{tmp_path}/./img")]).reused == 4
+
+
 def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cached_t5(tmp_path):
     """CLIP-L trained live encodes batch["captions"] while T5's outputs come from the cache: both must see the
     same text, so the batch carries the cached caption (its wildcard choice, no epoch-based dropout)."""
@@ -541,5 +561,5 @@ def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cach
             batch = g[index]
             for path, caption in zip(batch["image_paths"], batch["captions"], strict=True):
                 entry = next(e for e in g.entries() if e.path == path)
-                assert caption == caption_for_cache(entry.caption, entry.subset.caption, entry.path) != ""
+                assert caption == caption_for_cache(entry.caption, entry.subset.caption, canonical_path(path)) != ""
 
