@@ -200,7 +200,7 @@ def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
     first: dict[tuple[str, tuple[int, int]], ImageEntry] = {}
     for e in entries:
         other = first.setdefault((e.latents_npz, e.bucket), e)
-        if (other.resized, other.subset.interpolation) != (e.resized, e.subset.interpolation):
+        if (other.resized, _resampling(other)) != (e.resized, _resampling(e)):
             raise UserError(
                 f"{e.path} is resized two ways for one {e.bucket[0]}x{e.bucket[1]} bucket ({other.subset.label}: "
                 f"to {other.resized[0]}x{other.resized[1]} with {other.subset.interpolation}; {e.subset.label}: "
@@ -208,6 +208,11 @@ def _refuse_shared_slots(entries: list[ImageEntry]) -> None:
                 "per bucket. Use the same interpolation and bucket settings for both, or cache in RAM only "
                 "(drop --cache_latents_to_disk)."
             )
+
+
+def _resampling(e: ImageEntry) -> str | None:
+    """The interpolation e's latents depend on: none when the image keeps its size."""
+    return None if tuple(e.resized) == tuple(e.size) else e.subset.interpolation
 
 
 def _read_cache_arrays(path: str, keys: list[str]) -> dict[str, np.ndarray]:
@@ -302,7 +307,8 @@ class LatentCacher:
             return False
         want = self._record(e, {})
         # flip/alpha arrays were checked above; extra ones from an earlier setting do no harm
-        if any(rec.get(k) != want[k] for k in want if k not in ("image", "flip_aug", "alpha_mask")):
+        unchecked = ("image", "flip_aug", "alpha_mask") + (() if _resampling(e) else ("interpolation",))
+        if any(rec.get(k) != want[k] for k in want if k not in unchecked):
             return False
         image = rec.get("image", {})
         if not _same_image(e.path, image):

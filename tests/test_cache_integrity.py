@@ -82,7 +82,7 @@ def test_one_image_spelled_two_ways_is_refused_two_captions_in_one_file(tmp_path
 
 
 def test_one_image_spelled_two_ways_is_refused_two_resizes_in_one_latent(tmp_path):
-    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+    make_folder(tmp_path / "img", {"a.png": (96, 64)})  # resized to 48x32
     g = _spelled_twice(tmp_path, 'interpolation_type = "nearest"')
     with pytest.raises(UserError, match=r"a\.png is resized two ways for one 32x32 bucket"):
         LatentCacher(StandInEncoder(), "ae", True).cache([g])

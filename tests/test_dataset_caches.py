@@ -209,6 +209,17 @@ def test_changed_interpolation_recaches(tmp_path):
     assert stats.encoded == 3
 
 
+def test_the_interpolation_of_an_image_that_is_not_resized_does_not_matter(tmp_path):
+    """It was compared all the same: a new interpolation_type re-encoded images it never touched, and two
+    datasets with two interpolations were refused as resizing one 32x32 image two ways."""
+    LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])  # 32x32 images at resolution 32
+    stats = LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path, 'interpolation_type = "nearest"')])
+    assert (stats.encoded, stats.reused) == (0, 3)
+    two_interpolations = _one_folder_twice(tmp_path, 'interpolation_type = "lanczos"')
+    stats = LatentCacher(StandInEncoder(), "ae", True).cache([two_interpolations])
+    assert (stats.encoded, stats.reused) == (0, 6)
+
+
 def test_skip_cache_check_trusts_existing_files(tmp_path):
     LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)])
     make_image(tmp_path / "img" / "b.png", (32, 32), seed=99)
@@ -437,7 +448,7 @@ def _one_folder_twice(tmp_path, second_subset: str = ""):
 
 
 def test_latents_of_one_image_resized_two_ways_for_one_bucket_are_refused_on_disk(tmp_path):
-    make_folder(tmp_path / "img", {"a.png": (48, 32)})
+    make_folder(tmp_path / "img", {"a.png": (96, 64)})  # resized to 48x32; one only cropped would not matter
     g = _one_folder_twice(tmp_path, 'interpolation_type = "nearest"')
     message = (r"a\.png is resized two ways for one 32x32 bucket \(datasets\[0\]\.subsets\[0\]: to 48x32 with bicubic; "
                r"datasets\[1\]\.subsets\[0\]: to 48x32 with nearest\)")  # fmt: skip
