@@ -25,9 +25,11 @@ from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
 from library.network_interop import OWN_NETWORK_MODULES, network_module_name, report_loaded_weights
 from library.run_logging import (
+    first_launched_process,
     loggable_config,
     process_group_kwargs,
     read_tracker_config,
+    record_in_log_file,
     run_logging_dir,
     setup_logging,
     tracker_init_kwargs,
@@ -361,7 +363,6 @@ class NetworkTrainer:
             check_counts,
             check_learning_rates,
             check_output_folder,
-            first_launched_process,
             warn_about_earlier_outputs,
         )
 
@@ -576,12 +577,16 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         path = trainer.train(args)
         if path:
             print(f"saved the LoRA to {path}")
+            record_in_log_file(f"saved the LoRA to {path}")
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        record_in_log_file(f"error: {e}")
         return 1
     except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
+        if first_launched_process():  # every process stopped at the same step: one says what was saved
+            print(str(e), file=sys.stderr)
+            record_in_log_file(str(e))
         return e.exit_code
     except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
         print("interrupted while loading, caching or saving: every file written so far is complete (each is "

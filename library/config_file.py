@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from library.errors import UserError
-from library.run_logging import SECRET_ARGS
+from library.run_logging import SECRET_ARGS, first_launched_process
 from library.train_args import IGNORED_FOR_FLUX, int_or_float
 
 logger = logging.getLogger(__name__)
@@ -152,8 +152,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             raise UserError("--output_config needs --config_file to name the file to write")
         return args
     if args.output_config:
-        path = write_config_file(args.config_file, args, parser)
-        print(f"wrote the arguments to {path}")
+        if first_launched_process():  # under accelerate launch every process gets here: one writes
+            path = write_config_file(args.config_file, args, parser)
+            print(f"wrote the arguments to {path}")
         sys.exit(0)
     defaults = read_config_file(args.config_file, parser)
     originals = {k: parser.get_default(k) for k in defaults}

@@ -64,11 +64,13 @@ class GracefulStop:
         return 128 + (self.signum or signal.SIGINT)
 
     def requested(self, accelerator) -> bool:
-        """Whether any process got a signal (a collective call in multi-process runs)."""
+        """Whether any process got a signal (a collective call in multi-process runs); a process that
+        got none takes on the signal another one got, to report it."""
         if accelerator.num_processes == 1:
             return self.signum is not None
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
-        stop = accelerator.reduce(flag, reduction="sum").item() > 0
-        if stop and self.signum is None:
-            self.signum = signal.SIGTERM  # another process was signalled
-        return stop
+        flags = torch.tensor([float(self.signum == s) for s in HANDLED], device=accelerator.device)
+        received = [s for s, count in zip(HANDLED, accelerator.reduce(flags, reduction="sum").tolist(), strict=True)
+                    if count > 0]  # fmt: skip
+        if received and self.signum is None:
+            self.signum = received[0]
+        return bool(received)

@@ -9,6 +9,7 @@ import os
 from contextlib import contextmanager
 
 from library.errors import UserError
+from library.run_logging import first_launched_process
 from library.safetensors_io import output_folder_problem
 
 logger = logging.getLogger(__name__)
@@ -169,12 +170,6 @@ def check_output_folder(args) -> None:
     problem = output_folder_problem(folder)
     if problem:
         raise UserError(f"{where}: {problem}; choose another --output_dir")
-
-def first_launched_process() -> bool:
-    """Whether this is the first of the processes ``accelerate launch`` started (or the only process),
-    known before the Accelerator exists: for the work one process does before it (messages, clean-up)."""
-    return os.environ.get("RANK", "0") == "0"
-
 
 def warn_about_earlier_outputs(args) -> None:
     """Files of an earlier run under the same --output_name: this run replaces those it writes

@@ -36,8 +36,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def first_launched_process() -> bool:
+    """Whether this is the first of the processes ``accelerate launch`` started (or the only process),
+    known before the Accelerator exists: for the work one process does before it (messages, clean-up)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup_logging(args) -> None:
-    """Console (and --console_log_file) logging; installed once, beside any handlers the caller has."""
+    """Console (and --console_log_file) logging; installed once, beside any handlers the caller has. Of
+    several processes, the first writes the log file (the others would repeat each of its lines)."""
     root = logging.getLogger()
     level = getattr(logging, (getattr(args, "console_log_level", None) or "INFO").upper())
     root.setLevel(level)
@@ -45,7 +52,7 @@ def setup_logging(args) -> None:
         root.removeHandler(handler)
         handler.close()
     handlers: list[logging.Handler] = [_StderrHandler()]
-    if getattr(args, "console_log_file", None):
+    if getattr(args, "console_log_file", None) and first_launched_process():
         path = args.console_log_file
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -60,6 +67,16 @@ def setup_logging(args) -> None:
         root.addHandler(handler)
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def record_in_log_file(message: str) -> None:
+    """Adds a message printed to the console (the run's outcome: its error, or where it stopped) to the
+    --console_log_file, which otherwise ends without it."""
+    record = logging.makeLogRecord({"name": "train_network", "msg": message, "levelno": logging.ERROR,
+                                    "levelname": "ERROR"})  # fmt: skip
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "flux_trainer", False) and isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def tracker_names(args):

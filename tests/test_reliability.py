@@ -2,6 +2,7 @@
 with one clear message, and interrupted writes never leave a bad file under a final name."""
 
 import errno
+import io
 import logging
 import os
 import re
@@ -66,6 +67,36 @@ def test_sigint_saves_lora_and_state_at_a_step_boundary_and_the_run_resumes(tiny
     assert flux_train_network.main(base_argv(tiny_model_files, data, resumed, steps=step + 2, resume=state,
                                              cache_latents=True, network_train_unet_only=True)) == 0
     assert os.path.isfile(os.path.join(resumed, "lora.safetensors"))
+
+def test_processes_agree_on_the_signal_one_of_them_got(monkeypatch):
+    """A process that got no signal called it SIGTERM whatever the other one got, and every process printed
+    its own "interrupted by" message."""
+    from library import interrupts
+    from library.errors import TrainingInterrupted
+
+    class TwoProcesses:  # the other process got SIGINT
+        num_processes, device = 2, "cpu"
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            return tensor + torch.tensor([float(s == signal.SIGINT) for s in interrupts.HANDLED])
+
+    stop = interrupts.GracefulStop()
+    assert stop.requested(TwoProcesses()) and stop.name == "SIGINT" and stop.exit_code == 130
+
+    class Stopped:
+        def train(self, args):
+            raise TrainingInterrupted("interrupted by SIGINT at step 2 of 4: saved ...", 130)
+
+    import train_network
+
+    for rank, printed in (("1", ""), ("0", "interrupted by SIGINT at step 2 of 4: saved ...\n")):
+        monkeypatch.setenv("RANK", rank)
+        stderr = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert train_network.main([], trainer=Stopped()) == 130
+        assert stderr.getvalue() == printed
+
 
 def test_a_second_signal_after_the_grace_time_exits_at_once(monkeypatch):
     from library import interrupts

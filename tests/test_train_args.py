@@ -302,6 +302,32 @@ def test_console_log_file_in_a_folder_not_there_yet_is_made_and_an_unwritable_on
         setup_logging(Namespace())  # the console handler alone again
 
 
+def test_the_console_log_file_is_written_by_the_first_process_and_ends_with_the_outcome(tmp_path, monkeypatch,
+                                                                                          capsys):  # fmt: skip
+    """Every process of a multi-GPU run wrote each line into it; the run's error, printed to the console, was
+    missing from it."""
+    import logging
+    from argparse import Namespace
+
+    import train_network
+    from library.run_logging import setup_logging
+
+    path = tmp_path / "train.log"
+    try:
+        monkeypatch.setenv("RANK", "1")
+        setup_logging(Namespace(console_log_file=str(path), console_log_level="INFO"))
+        logging.getLogger("library.test").info("from the second process")
+        assert not path.exists()
+        monkeypatch.delenv("RANK")
+        assert train_network.main(["--console_log_file", str(path), "--network_module", "no.such.module"],
+                                  trainer=train_network.NetworkTrainer()) == 1  # fmt: skip
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ")
+        assert path.read_text().strip().splitlines()[-1] == f"ERROR train_network: {error}"
+    finally:
+        setup_logging(Namespace())  # the console handler alone again
+
+
 @pytest.mark.parametrize("argv, warning", [
     (["--network_train_unet_only", "--text_encoder_lr", "1e-5"],
      "--text_encoder_lr is not used: --network_train_unet_only trains no text-encoder LoRA"),

@@ -475,6 +475,20 @@ def test_output_config_into_a_new_folder_creates_it_and_a_blocked_one_is_one_mes
     assert sorted(os.listdir(tmp_path)) == ["a_file", "configs"] and os.listdir(tmp_path / "configs") == ["saved.toml"]
 
 
+def test_output_config_under_several_processes_is_written_by_the_first(tmp_path, monkeypatch):
+    """Every process raced to write it: one wrote it, the next stopped with "exists already" (exit 1)."""
+    config = tmp_path / "saved.toml"
+    argv = ["--config_file", str(config), "--output_config", "--network_dim", "12"]
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exited:
+        parse_args_with_config(flux_train_network.setup_parser(), argv)
+    assert exited.value.code == 0 and not config.exists()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        parse_args_with_config(flux_train_network.setup_parser(), argv)
+    assert toml.load(config) == {"network_dim": 12}
+
+
 @pytest.mark.parametrize("first_line", ["network_dim = 8", "[network]\nnetwork_dim = 8"])
 def test_config_file_with_a_bom_reads_its_first_key(tmp_path, first_line):
     config = tmp_path / "bom.toml"
