@@ -589,9 +589,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             record_in_log_file(str(e))
         return e.exit_code
     except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
-        print("interrupted while loading, caching or saving: every file written so far is complete (each is "
-              "written under a temporary name), and cache files already made are reused by the next run",
-              file=sys.stderr)  # fmt: skip
+        message = ("interrupted while loading, caching or saving: every file written so far is complete (each is "
+                   "written under a temporary name), and cache files already made are reused by the next run")
+        print(message, file=sys.stderr)
+        record_in_log_file(message)
         return 130
 
 
