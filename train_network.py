@@ -35,6 +35,7 @@ from library.run_logging import (
     tracker_init_kwargs,
     tracker_names,
 )
+from library.run_start import check_resume_step, initial_step, run_length, starting_point
 from library.train_args import DEFAULT_MAX_TRAIN_STEPS, DefaultsHelpFormatter, add_train_network_arguments
 
 logger = logging.getLogger(__name__)
@@ -216,15 +217,12 @@ class NetworkTrainer:
 
         args.max_train_steps = run_length(args, steps_per_epoch)
         optimizer_class = rehearse_optimizer_and_schedule(args, args.max_train_steps)
-        given_step = self.initial_step(args, steps_per_epoch)
+        given_step = initial_step(args, steps_per_epoch)
         if args.resume:
-            from library.train_state import check_state_optimizer, read_progress
+            from library.train_state import check_state_optimizer
 
             check_state_optimizer(args.resume, optimizer_class)
-            at = read_progress(args.resume).current_step
-            if given_step is None and at >= args.max_train_steps:
-                raise UserError(f"--resume {args.resume}: the state is at step {at}, and this run has "
-                                f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")
+            check_resume_step(args, given_step, steps_per_epoch)
         sampling_prompts = self.load_sample_prompts(args)
 
         models = self.load_target_model(args, accelerator, weight_dtype)
@@ -271,7 +269,7 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
-        first_step, skip_data = self.starting_point(args, given_step, network, optimizer, lr_scheduler, accelerator)
+        first_step, skip_data = starting_point(args, given_step, network, optimizer, lr_scheduler, accelerator)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,
                                           len(process_batches))
@@ -291,47 +289,6 @@ class NetworkTrainer:
         return final_path if accelerator.is_main_process else None  # the process that wrote it reports it
 
     # ---- pieces of the run -------------------------------------------------------------------
-    @staticmethod
-    def starting_point(args, given_step: int | None, network, optimizer, lr_scheduler, accelerator) -> tuple[int, bool]:
-        """(first step, whether to skip the data before it): step 0, ``given_step`` (--initial_step /
-        --initial_epoch), or the step of the --resume state, whose network, optimizer, schedule and loss
-        scale are loaded here."""
-        first_step, skip_data = given_step or 0, bool(args.skip_until_initial_step)
-        if not args.resume:
-            return first_step, skip_data
-        from library.optimizers import optimizer_arg_names
-        from library.train_state import check_state_fits, load_training_state
-
-        check_state_fits(args.resume, network.state_dict())
-        network_state, progress = load_training_state(args.resume, optimizer.optimizer, lr_scheduler,
-                                                      getattr(accelerator, "scaler", None),  # fp16's loss scale
-                                                      accelerator.process_index, optimizer_arg_names(args))
-        network.load_state_dict(network_state, strict=True)
-        if given_step is None:
-            first_step, skip_data = progress.current_step, True
-        else:  # as in sd-scripts, the given step wins over the state's
-            logger.warning("--resume %s: counting from step %d (--initial_step / --initial_epoch), not from the "
-                           "state's step %d", args.resume, given_step, progress.current_step)  # fmt: skip
-        logger.info("resumed from %s at step %d", args.resume, first_step)
-        return first_step, skip_data
-
-    @staticmethod
-    def initial_step(args, steps_per_epoch: int) -> int | None:
-        """--initial_step / --initial_epoch: the step the count starts from, or None when neither is
-        given. With --resume it replaces the state's step, as in sd-scripts."""
-        if args.initial_step is not None:
-            step = args.initial_step
-        elif args.initial_epoch is not None:
-            step = (args.initial_epoch - 1) * steps_per_epoch
-        else:
-            return None
-        if not 0 <= step < args.max_train_steps:
-            raise UserError(f"--initial_step / --initial_epoch give step {step}, outside 0..{args.max_train_steps - 1}")
-        logger.info("counting steps from %d (%s); %s", step,
-                    "skipping the batches before it" if args.skip_until_initial_step else "data from the epoch start",
-                    "the lr schedule is the state's" if args.resume else "the lr schedule starts at its beginning")
-        return step
-
     def warn_about_flags_without_effect(self, args) -> None:
         """Settings whose effect is narrower than their name suggests (the flags that do nothing at
         all are ``IGNORED_FOR_FLUX``, warned about with the other compatibility flags)."""
@@ -553,13 +510,6 @@ class NetworkTrainer:
         if not args.dim_from_weights:
             kwargs.setdefault("dropout", args.network_dropout)
         return kwargs
-
-
-def run_length(args, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run: --max_train_epochs whole epochs when given, else --max_train_steps."""
-    if args.max_train_epochs is not None:
-        return args.max_train_epochs * steps_per_epoch
-    return args.max_train_steps
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,

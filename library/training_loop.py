@@ -215,7 +215,8 @@ class TrainingLoop:
             skip_data = False  # later epochs start at their beginning
             sampler.indices, sampler.start = self.process_batches[skip:], skip
             # the step of the epoch's first batch: each batch's is this plus its position // accum
-            self.train_group.set_current_step(global_step - skip // accum)
+            epoch_first_step = global_step - skip // accum
+            self.train_group.set_current_step(epoch_first_step)
             self.epoch_losses = []
             window: list[float] = []
             window_rng, stopping, epoch_done = None, False, False
@@ -235,7 +236,10 @@ class TrainingLoop:
                         # a stop between micro-batches keeps the last finished step: a launcher may not wait
                         # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
                         if stop.requested(accelerator):
-                            self._stop(stop, global_step, epoch + 1, window_rng)
+                            # the state records the epoch of the last finished step: the one before, if none of
+                            # this epoch's has finished
+                            last_epoch = epoch + 1 if global_step > epoch_first_step or epoch == 0 else epoch
+                            self._stop(stop, global_step, last_epoch, window_rng)
                         continue
                     step_loss = self._step_loss(window, accum, global_step)
                     window = []

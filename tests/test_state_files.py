@@ -135,6 +135,27 @@ def test_resuming_with_other_optimizer_args_says_the_states_go_on(tmp_path, capl
     assert not caplog.records
 
 
+def test_a_state_whose_step_falls_in_another_epoch_of_this_run_is_said(tmp_path, caplog):
+    """Another batch size, repeats or accumulation mapped the state's step onto another epoch without a word."""
+    import argparse
+
+    from library.run_start import check_resume_step
+
+    state = _sgd_state(tmp_path)  # step 3, saved in epoch 1
+    args = argparse.Namespace(resume=state, max_train_steps=20)
+    with caplog.at_level(logging.WARNING):
+        check_resume_step(args, None, 3)
+        check_resume_step(args, None, 4)
+        check_resume_step(args, 6, 2)  # --initial_step given: it wins over the state's step
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        check_resume_step(args, None, 2)
+    assert (f"--resume {state}: the state was saved at step 3 in epoch 1, but with this run's 2 steps an epoch that "
+            "step falls in epoch 2") in caplog.text
+    with pytest.raises(UserError, match="the state is at step 3, and this run has 3 steps"):
+        check_resume_step(argparse.Namespace(resume=state, max_train_steps=3), None, 2)
+
+
 def test_a_state_saved_where_more_gpus_were_visible_resumes_on_fewer(tmp_path, monkeypatch):
     """torch.cuda.get_rng_state_all() holds one state per visible GPU: restoring a 2-GPU machine's state
     on a 1-GPU one raised IndexError, and the state was refused as damaged."""

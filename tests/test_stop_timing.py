@@ -2,6 +2,7 @@
 sampling and validation are skipped (a launcher may not wait for them), a stop at the last step ends the run
 as finished, and a signal during sampling is acted on before another step runs."""
 
+import json
 import os
 import signal
 
@@ -101,3 +102,20 @@ def test_a_signal_during_sampling_stops_before_another_step(tiny_model_files, tm
     assert recorded["steps"] == list(range(saved_at))
     assert sorted(os.listdir(tmp_path / "out")) == [
         f"lora-step{saved_at:08d}-state", f"lora-step{saved_at:08d}.safetensors", "sample"]  # fmt: skip
+
+
+def test_a_stop_before_an_epochs_first_step_records_the_epoch_of_the_last_finished_one(tiny_model_files, tmp_path,
+                                                                                       recorded, caplog):  # fmt: skip
+    """The state said epoch 2 for step 1 of a 1-step epoch, which a resume then took for a changed dataset."""
+    data = dataset(tmp_path, batch_size=1, num_images=2)  # with accumulation 2: one step an epoch
+    flags = dict(steps=3, gradient_accumulation_steps=2, **FLAGS)
+    out = tmp_path / "out"
+    recorded["signal_at"].add(("step", 1))  # the first micro-batch of epoch 2's step
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), **flags)) == 128 + signal.SIGINT
+    assert recorded["steps"] == [0, 0, 1]
+    state = out / "lora-step00000001-state"
+    assert json.loads((state / "train_state.json").read_text())["current_epoch"] == 1
+    recorded["signal_at"].clear()
+    caplog.clear()
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), resume=str(state), **flags)) == 0
+    assert "falls in epoch" not in caplog.text

@@ -14,6 +14,7 @@ import torch
 
 import flux_train_network
 import train_network
+from library import run_start
 from library.errors import UserError
 from library.optimizers import get_optimizer, is_dadapt_or_prodigy, network_param_groups
 from library.preflight import check_learning_rates
@@ -28,15 +29,15 @@ def ns(**kw) -> argparse.Namespace:
 
 
 def test_run_length_counts_whole_epochs_or_the_given_steps():
-    assert train_network.run_length(ns(max_train_epochs=3, max_train_steps=1600), 7) == 21
-    assert train_network.run_length(ns(max_train_epochs=None, max_train_steps=10), 7) == 10
+    assert run_start.run_length(ns(max_train_epochs=3, max_train_steps=1600), 7) == 21
+    assert run_start.run_length(ns(max_train_epochs=None, max_train_steps=10), 7) == 10
 
 
 def test_initial_epoch_is_one_based_and_initial_step_wins():
     def start(**kw):
         base = dict(initial_step=None, initial_epoch=None, max_train_steps=20, skip_until_initial_step=False,
                     resume=None)  # fmt: skip
-        return train_network.NetworkTrainer.initial_step(ns(**(base | kw)), 4)
+        return run_start.initial_step(ns(**(base | kw)), 4)
 
     assert start() is None
     assert start(initial_epoch=1) == 0
