@@ -41,7 +41,7 @@ def checkpoint_files(ckpt_path: str) -> list[str]:
     """The safetensors file(s) behind a path: a file, a sharded file's first shard, or a diffusers folder."""
     if os.path.isdir(ckpt_path):
         for folder in (os.path.join(ckpt_path, "transformer"), ckpt_path):
-            files = sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors")))
+            files = sorted(glob.glob(os.path.join(glob.escape(folder), "diffusion_pytorch_model*.safetensors")))
             if files:
                 return files
         raise CheckpointError(

@@ -53,7 +53,7 @@ def test_diffusers_file_folder_and_shards_load(tmp_path, dev_model):
     _, from_file = load_flow_model(str(tmp_path / "flux_diffusers.safetensors"), None, "cpu")
     assert_same_weights(from_file, dev_model)
 
-    folder = tmp_path / "FLUX.1-dev" / "transformer"
+    folder = tmp_path / "FLUX.1-dev [fp32]" / "transformer"  # brackets: a glob pattern matched no shard
     folder.mkdir(parents=True)
     keys = sorted(diffusers_sd)
     half = len(keys) // 2
@@ -61,7 +61,7 @@ def test_diffusers_file_folder_and_shards_load(tmp_path, dev_model):
         save_safetensors(
             {k: diffusers_sd[k] for k in part}, folder / f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
         )
-    _, from_folder = load_flow_model(str(tmp_path / "FLUX.1-dev"), None, "cpu")
+    _, from_folder = load_flow_model(str(tmp_path / "FLUX.1-dev [fp32]"), None, "cpu")
     assert_same_weights(from_folder, dev_model)
     _, from_shard = load_flow_model(str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"), None, "cpu")
     assert_same_weights(from_shard, dev_model)
