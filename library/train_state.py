@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 
@@ -78,13 +79,37 @@ def _abandoned(pid: int) -> bool:
     a temporary named after this very process is a leftover of an earlier one that had its number."""
     if pid == os.getpid():
         return True
+    return not (_windows_process_exists(pid) if sys.platform == "win32" else _posix_process_exists(pid))
+
+
+def _posix_process_exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process is there
     except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's
         return False
-    return False
+    except OSError:  # PermissionError: another user's; anything else: leave its files alone
+        return True
+    return True
+
+
+_STILL_ACTIVE = 259  # GetExitCodeProcess of a running process
+_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+_ERROR_INVALID_PARAMETER = 87  # OpenProcess of a process id in use by none
+
+
+def _windows_process_exists(pid: int) -> bool:
+    """Asks the kernel: on Windows os.kill(pid, 0) sends Ctrl+C to that process's console group (0 is
+    CTRL_C_EVENT), and raises for a process that is gone."""
+    import _winapi
+
+    try:
+        handle = _winapi.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    except OSError as e:  # access denied: another user's, which is there
+        return getattr(e, "winerror", None) != _ERROR_INVALID_PARAMETER
+    try:
+        return _winapi.GetExitCodeProcess(handle) == _STILL_ACTIVE
+    finally:
+        _winapi.CloseHandle(handle)
 
 
 def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> list[str]:

@@ -318,6 +318,37 @@ def test_temporaries_a_killed_run_left_are_cleaned_up_and_no_others(tmp_path):
     assert remove_abandoned_temporaries(str(tmp_path), None) == []  # default names are too generic to claim
 
 
+def test_on_windows_the_writer_of_a_temporary_is_looked_up_without_a_signal(tmp_path, monkeypatch):
+    """os.kill(pid, 0) is Ctrl+C to pid's console group on Windows (0 is CTRL_C_EVENT), and raised OSError for a
+    process that is gone: every run into that folder then ended in a traceback."""
+    import types
+
+    from library import train_state
+
+    processes = {111: 259, 222: 0}  # running (STILL_ACTIVE), exited with 0
+
+    def open_process(access, inherit, pid):
+        if pid == 444:
+            raise OSError(13, "Access is denied")  # another user's: it is there
+        if pid not in processes:
+            error = OSError(22, "The parameter is incorrect")
+            error.winerror = 87
+            raise error
+        return pid
+
+    closed = []
+    winapi = types.SimpleNamespace(OpenProcess=open_process, GetExitCodeProcess=processes.__getitem__,
+                                   CloseHandle=closed.append)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "_winapi", winapi)
+    monkeypatch.setattr(train_state.sys, "platform", "win32")
+    monkeypatch.setattr(train_state.os, "kill", lambda *a: pytest.fail("os.kill on Windows"))
+    for pid in (111, 222, 333, 444):
+        (tmp_path / f".lora.safetensors.tmp-{pid}").mkdir()
+    cleaned = train_state.remove_abandoned_temporaries(str(tmp_path), "lora")
+    assert cleaned == [".lora.safetensors.tmp-222", ".lora.safetensors.tmp-333"]
+    assert closed == [111, 222]
+
+
 def test_a_safetensors_save_writes_inside_a_folder_of_its_own_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """safetensors writes a temporary of its own naming beside its target: inside a folder named after this
     process, a killed save leaves something the next run recognises."""
