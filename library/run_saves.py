@@ -148,8 +148,15 @@ class RunSaves:
         self.accelerator.wait_for_everyone()
 
     def _remove(self, name: str) -> None:
-        if self.accelerator.is_main_process:
-            remove_path(os.path.join(self.args.output_dir, name))
+        """Prunes an older save; one that cannot be removed (on Windows, a file another program has open)
+        stays, said in a warning: the run goes on."""
+        if not self.accelerator.is_main_process:
+            return
+        path = os.path.join(self.args.output_dir, name)
+        try:
+            remove_path(path)
+        except OSError as e:
+            logger.warning("could not remove the older save %s (%s); it stays", path, e.strerror or e)
 
     def _metadata(self, steps: int, epoch: int) -> dict[str, str] | None:
         if self.ext != ".safetensors":

@@ -411,3 +411,22 @@ def test_an_error_subclass_raised_in_a_worker_is_its_own_message():
         with _workers_shut_down_on_error([]):
             raise CheckpointError(wrapped)
     assert str(raised.value) == "/m/a.safetensors: damaged\nsecond line"
+
+
+def test_an_older_save_that_cannot_be_pruned_is_said_and_the_run_goes_on(tiny_model_files, tmp_path, monkeypatch,
+                                                                          caplog):  # fmt: skip
+    """On Windows a file another program has open cannot be removed: the PermissionError ended the run."""
+    from library import train_state
+
+    def in_use(path):
+        raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+    monkeypatch.setattr(train_state.os, "remove", in_use)
+    data = dataset(tmp_path, batch_size=1)
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model_files, data, str(out), steps=3, save_every_n_steps=1, save_last_n_steps=1,
+                     network_train_unet_only=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["lora-step00000001.safetensors", "lora-step00000002.safetensors",
+                                       "lora-step00000003.safetensors", "lora.safetensors"]  # fmt: skip
+    assert f"could not remove the older save {out / 'lora-step00000001.safetensors'} (The process cannot" in caplog.text
