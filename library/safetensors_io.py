@@ -239,6 +239,16 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
         raise UserError(f"{flag} {path}: {problem}; choose another path")
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: spelled another way, through a link, or (on Windows and macOS,
+    whose file systems ignore case) in another case. Comparing absolute paths missed the last two, and
+    an output written over its input destroyed it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (yet)
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
 def warn_unless_safetensors_name(path: str | os.PathLike, flag: str) -> None:
     """The helper tools write safetensors only: a ``.ckpt`` (or other) name would mislead other tools."""
     if not str(path).lower().endswith(".safetensors"):

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as `python networks/convert_flux_lora.py`
 
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import FORMAT_ALIASES, PEFT_METADATA_KEY, SD_SCRIPTS, canonical_format, convert  # noqa: E402
-from library.safetensors_io import check_output_file, warn_unless_safetensors_name  # noqa: E402
+from library.safetensors_io import check_output_file, same_file, warn_unless_safetensors_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def convert_file(src_path: str, dst_path: str, src: str, dst: str) -> list[str]:
 
     if canonical_format(src) == canonical_format(dst):
         raise UserError(f"--src {src} and --dst {dst} are the same format: nothing to convert")
-    if os.path.abspath(src_path) == os.path.abspath(dst_path):
+    if same_file(src_path, dst_path):
         raise UserError(f"--dst_path {dst_path} is the source file: give another name (the source is kept)")
     sd, metadata = read_lora_file(src_path)
     logger.info("converting %s (%d tensors) from %s to %s", src_path, len(sd), src, dst)

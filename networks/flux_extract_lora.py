@@ -54,6 +54,7 @@ from library.safetensors_io import (  # noqa: E402
     check_output_file,
     is_comfy_scale_key,
     read_header,
+    same_file,
     warn_unless_safetensors_name,
 )
 
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if os.path.abspath(args.save_to) in {os.path.abspath(args.model_org), os.path.abspath(args.model_tuned)}:
+        if any(same_file(args.save_to, model) for model in (args.model_org, args.model_tuned)):
             raise UserError(f"--save_to {args.save_to} is one of the models; write the LoRA to another file")
         warn_unless_safetensors_name(args.save_to, "--save_to")
         check_output_file(args.save_to, "--save_to")

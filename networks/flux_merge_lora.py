@@ -60,6 +60,7 @@ from library.safetensors_io import (  # noqa: E402
     check_output_file,
     read_header,
     read_metadata,
+    same_file,
     warn_unless_safetensors_name,
     write_safetensors_streaming,
 )
@@ -455,18 +456,18 @@ def check_args(args) -> tuple[torch.dtype, torch.dtype | None]:
         raise UserError("--save_to is required: where to write the merged LoRA")
     if args.save_to and not args.flux_model and (args.clip_l or args.t5xxl):
         raise UserError("--save_to is the merged DiT's file: give --flux_model too, or leave --save_to out")
-    inputs = {os.path.abspath(p) for p in [*args.models, args.flux_model, args.clip_l, args.t5xxl] if p}
-    outputs: dict[str, str] = {}
+    inputs = [p for p in [*args.models, args.flux_model, args.clip_l, args.t5xxl] if p]
+    outputs: dict[str, str] = {}  # path -> flag
     for flag in ("save_to", "clip_l_save_to", "t5xxl_save_to"):
         path = getattr(args, flag)
         if not path:
             continue
-        full = os.path.abspath(path)
-        if full in inputs:
+        if any(same_file(path, p) for p in inputs):
             raise UserError(f"--{flag} {path} is one of the input files; write the result to another file")
-        if full in outputs:
-            raise UserError(f"--{flag} {path} is also --{outputs[full]}; give each result its own file")
-        outputs[full] = flag
+        earlier = next((other for other in outputs if same_file(path, other)), None)
+        if earlier is not None:
+            raise UserError(f"--{flag} {path} is also --{outputs[earlier]}; give each result its own file")
+        outputs[path] = flag
         check_output_file(path, f"--{flag}")
     if (args.concat or args.shuffle) and (args.flux_model or args.clip_l or args.t5xxl):
         logger.warning("--concat / --shuffle only apply when LoRAs are merged into one LoRA (no --flux_model)")

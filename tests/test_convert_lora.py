@@ -358,6 +358,11 @@ def test_the_source_file_under_another_spelling_is_refused(tmp_path, capsys, mon
     assert err[-1] == "error: --dst_path ./x.safetensors is the source file: give another name (the source is kept)"
     assert (tmp_path / "x.safetensors").read_bytes() == before
     assert os.listdir(tmp_path) == ["x.safetensors"]
+    # another name for the same file: a link here, a name in another case on Windows' and macOS' file systems
+    os.link(tmp_path / "x.safetensors", tmp_path / "X.safetensors")
+    assert convert_flux_lora.main(["--src_path", "x.safetensors", "--dst_path", "X.safetensors"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("is the source file: give another name "
+                                                                     "(the source is kept)")  # fmt: skip
 
 
 def test_a_missing_dst_path_is_one_error_line(tmp_path, capsys):

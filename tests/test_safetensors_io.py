@@ -4,6 +4,7 @@ refused with the file named instead of returning memory that was never written."
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -86,3 +87,17 @@ def test_an_output_on_a_drive_that_is_not_there_is_named_not_walked_up_for_ever(
     assert problem == f"{os.sep} does not exist (a drive or share that is not connected?)"
     with pytest.raises(UserError, match=r"^--save_to .*m\.safetensors: .* does not exist"):
         safetensors_io.check_output_file(os.path.join(os.sep, "gone", "m.safetensors"), "--save_to")
+
+
+def test_same_file_sees_through_spellings_and_links(tmp_path):
+    from library.safetensors_io import same_file
+
+    (tmp_path / "models").mkdir()
+    model = tmp_path / "models" / "tuned.safetensors"
+    model.write_bytes(b"x")
+    os.link(model, tmp_path / "models" / "Tuned.safetensors")  # what a case-insensitive file system makes of it
+    os.symlink(tmp_path / "models", tmp_path / "linked")
+    assert same_file(model, tmp_path / "models" / "Tuned.safetensors")
+    assert same_file(model, tmp_path / "linked" / "tuned.safetensors")
+    assert same_file(tmp_path / "linked" / "new.safetensors", tmp_path / "models" / "new.safetensors")  # not there yet
+    assert not same_file(model, tmp_path / "models" / "other.safetensors")
