@@ -95,9 +95,8 @@ def _scan_dreambooth(sub: SubsetConfig) -> list[ImageRecord]:
         raise UserError(f"{where}: directory {sub.image_dir!r} not found; fix the path or remove the subset.")
     paths, skipped = list_images(sub.image_dir)
     for p in skipped:
-        logger.warning(
-            "%s: skipped %s: rename its extension to lower or upper case (sd-scripts ignores it too)", sub.label, p
-        )
+        logger.warning("%s: skipped %s: rename its extension to lower or upper case (sd-scripts ignores it too, "
+                       "except on Windows)", sub.label, p)  # fmt: skip
     if not paths:
         raise UserError(
             f"{where}: directory {sub.image_dir!r} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from library.errors import UserError
 # with it the validation-split membership, identical to sd-scripts'.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _GLOB_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS))
+# sd-scripts globs each of those; on Windows glob ignores case, so ".Png" is an image there too
+_GLOB_IGNORES_CASE = sys.platform == "win32"
 
 # Names accepted for `interpolation_type` (the guide) and `resize_interpolation` (sd-scripts).
 INTERPOLATIONS = {
@@ -62,7 +65,7 @@ def list_images(directory: str) -> tuple[list[str], list[str]]:
             continue
         path = os.path.join(directory, name)
         ext = os.path.splitext(name)[1]
-        if ext in _GLOB_EXTENSIONS:
+        if ext in _GLOB_EXTENSIONS or (_GLOB_IGNORES_CASE and ext.lower() in IMAGE_EXTENSIONS):
             if os.path.isfile(path):
                 images.append(path)
             elif os.path.islink(path):  # sd-scripts' glob lists it, and its loader fails on it later

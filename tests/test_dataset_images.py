@@ -99,6 +99,16 @@ def test_image_listing_matches_sd_scripts_extensions(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in skipped] == ["f.Png"]
 
 
+def test_on_windows_a_mixed_case_extension_is_an_image_as_sd_scripts_globs_it(tmp_path, monkeypatch):
+    from library import images as images_module
+
+    monkeypatch.setattr(images_module, "_GLOB_IGNORES_CASE", True)
+    for name in ("b.png", "f.Png", "g.gif"):
+        (tmp_path / name).write_bytes(b"x")
+    images, skipped = list_images(str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in images] == ["b.png", "f.Png"] and skipped == []
+
+
 def test_a_link_to_a_missing_image_stops_with_its_path(tmp_path):
     # an image on a drive that is not mounted: sd-scripts' loader fails on it later; skipping it would train without it
     (tmp_path / "a.png").write_bytes(b"x")
