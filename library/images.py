@@ -47,9 +47,10 @@ def canonical_interpolation(name: str) -> str:
 def canonical_path(path: str) -> str:
     """``path`` with its folder resolved (``img``, ``./img``, ``/data/img`` or a linked folder name one
     place): two spellings of one image must share its cache checks and its writer. The file name itself
-    is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them."""
+    is kept, so a dataset of linked images still gets its caches beside the links, as sd-scripts writes them;
+    on Windows, whose file names ignore case, in lower case (``A.png`` and ``a.jpg`` share one cache file there)."""
     folder, name = os.path.split(path)
-    return os.path.join(_real_folder(folder or "."), name)
+    return os.path.normcase(os.path.join(_real_folder(folder or "."), name))
 
 
 @functools.lru_cache(maxsize=1024)  # a dataset has a few folders and many images in each
