@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -21,7 +22,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+# SIGBREAK (Windows): Ctrl+Break, and the console event a parent process sends to stop a child (SIGTERM never
+# comes from outside there)
+HANDLED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
 REPEAT_GRACE_S = 3.0
 
 
@@ -52,8 +55,11 @@ class GracefulStop:
             return
         if time.monotonic() - self._received_at < REPEAT_GRACE_S:
             return  # the same request delivered twice
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        if sys.platform == "win32":  # os.kill there is TerminateProcess with the signal number as the exit status
+            os._exit(128 + signum)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from library.errors import TrainingInterrupted, UserError
 from library.flow_matching import VALIDATION_SIGMAS
-from library.interrupts import GracefulStop
+from library.interrupts import HANDLED, GracefulStop
 from library.optimizers import is_dadapt_or_prodigy, resolve_optimizer_type
 from library.run_saves import RunSaves
 from library.sample_prompts import SampleTriggers
@@ -46,8 +46,8 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     a launcher), they would end the workers, and the batch the trainer waits for with them, before it saves.
     The trainer stops them itself when it exits (``_workers_shut_down_on_error``)."""
     del worker_id
-    for name in ("SIGINT", "SIGTERM"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

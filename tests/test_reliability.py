@@ -98,6 +98,21 @@ def test_processes_agree_on_the_signal_one_of_them_got(monkeypatch):
         assert stderr.getvalue() == printed
 
 
+def test_on_windows_a_second_signal_exits_with_the_status_of_a_signal(monkeypatch):
+    """os.kill(own pid, SIGINT) is TerminateProcess with exit status 2 on Windows, not 130."""
+    from library import interrupts
+
+    exits = []
+    monkeypatch.setattr(interrupts.sys, "platform", "win32")
+    monkeypatch.setattr(interrupts.os, "_exit", exits.append)
+    monkeypatch.setattr(interrupts.os, "kill", lambda *a: pytest.fail("os.kill on Windows"))
+    monkeypatch.setattr(interrupts, "REPEAT_GRACE_S", 0.0)
+    with interrupts.GracefulStop() as stop:
+        stop._handle(signal.SIGINT, None)
+        stop._handle(signal.SIGINT, None)
+    assert exits == [130]
+
+
 def test_a_second_signal_after_the_grace_time_exits_at_once(monkeypatch):
     from library import interrupts
 
