@@ -134,8 +134,16 @@ def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> li
             os.replace(path, final)
         else:
             remove_path(path)
-        cleaned.append(os.path.relpath(path, output_dir))
+        cleaned.append(_shown_in(path, output_dir))
     return cleaned
+
+
+def _shown_in(path: str, folder: str) -> str:
+    """``path`` relative to ``folder``, or whole where it cannot be (another drive on Windows)."""
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:
+        return path
 
 
 @dataclass

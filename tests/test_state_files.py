@@ -349,6 +349,21 @@ def test_on_windows_the_writer_of_a_temporary_is_looked_up_without_a_signal(tmp_
     assert closed == [111, 222]
 
 
+def test_a_cleaned_temporary_on_another_drive_is_named_whole(tmp_path, monkeypatch):
+    """An absolute --output_name on another drive than --output_dir: relpath raised ValueError on Windows."""
+    from library import train_state
+
+    def across_drives(path, start=None):
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f".lora.safetensors.tmp-{gone.pid}").mkdir()
+    monkeypatch.setattr(train_state.os.path, "relpath", across_drives)
+    cleaned = train_state.remove_abandoned_temporaries(str(tmp_path / "out"), str(tmp_path / "lora"))
+    assert cleaned == [str(tmp_path / f".lora.safetensors.tmp-{gone.pid}")]
+
+
 def test_a_safetensors_save_writes_inside_a_folder_of_its_own_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     """safetensors writes a temporary of its own naming beside its target: inside a folder named after this
     process, a killed save leaves something the next run recognises."""
