@@ -51,6 +51,7 @@ from torch import nn
 
 from library.dtypes import FP8_DTYPES, device_from_name, dtype_from_name
 from library.errors import UserError
+from library.run_logging import tolerant_stdout
 
 logger = logging.getLogger(__name__)
 
@@ -453,6 +454,7 @@ def interactive(pipeline: Pipeline, base, stdin=None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parses ``argv``, generates, and returns the exit status (1 with one ``error:`` line for user errors)."""
+    tolerant_stdout()
     args = setup_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

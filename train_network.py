@@ -32,6 +32,7 @@ from library.run_logging import (
     record_in_log_file,
     run_logging_dir,
     setup_logging,
+    tolerant_stdout,
     tracker_init_kwargs,
     tracker_names,
 )
@@ -518,6 +519,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     from library.config_file import parse_args_with_config
 
     parser = parser or setup_parser()
+    tolerant_stdout()
     try:
         args = parse_args_with_config(parser, argv)
         setup_logging(args)

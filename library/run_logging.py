@@ -42,6 +42,14 @@ def first_launched_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def tolerant_stdout() -> None:
+    """Lets paths and captions print whatever stdout's encoding: redirected on Windows (a GUI, ``> log``) it
+    encodes with the locale's code page and strictly, so a name outside it raised UnicodeEncodeError after
+    the work was done (stderr already escapes what it cannot encode)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def setup_logging(args) -> None:
     """Console (and --console_log_file) logging; installed once, beside any handlers the caller has. Of
     several processes, the first writes the log file (the others would repeat each of its lines)."""

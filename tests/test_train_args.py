@@ -347,3 +347,22 @@ def test_settings_narrower_than_their_name_say_so(argv, warning, caplog):
         NetworkTrainer().warn_about_flags_without_effect(flux_parser().parse_args(argv))
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == (warning is not None) and all(m.startswith(warning) for m in messages)
+
+
+def test_a_path_the_console_cannot_encode_still_prints(monkeypatch):
+    """On Windows a redirected stdout encodes with the code page, strictly: printing where a LoRA was saved
+    raised UnicodeEncodeError after the training had finished."""
+    import io
+    import sys
+
+    import train_network
+
+    class Trained:
+        def train(self, args):
+            return "output/学習/lora.safetensors"
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert train_network.main([], trainer=Trained()) == 0
+    stdout.flush()
+    assert stdout.buffer.getvalue() == b"saved the LoRA to output/\\u5b66\\u7fd2/lora.safetensors\n"
