@@ -8,6 +8,7 @@ on top of the copies). Writes go to a temporary name and are renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,8 @@ import os
 import re
 import shutil
 import struct
+import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -224,9 +227,24 @@ def output_folder_problem(folder: str | os.PathLike) -> str | None:
         existing = parent
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not _can_write_in(existing):
         return f"cannot write in {existing} (no permission, or a read-only disk)"
     return None
+
+
+def _can_write_in(folder: str) -> bool:
+    if sys.platform != "win32":
+        return os.access(folder, os.W_OK | os.X_OK)
+    # there os.access reads only the read-only attribute, which folders ignore (ACLs, Controlled Folder Access
+    # and read-only shares are found at the first save, hours later): a file is written and removed instead
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+    except OSError:
+        return False
+    os.close(handle)
+    with contextlib.suppress(OSError):
+        os.remove(probe)
+    return True
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> None:

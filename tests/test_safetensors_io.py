@@ -101,3 +101,23 @@ def test_same_file_sees_through_spellings_and_links(tmp_path):
     assert same_file(model, tmp_path / "linked" / "tuned.safetensors")
     assert same_file(tmp_path / "linked" / "new.safetensors", tmp_path / "models" / "new.safetensors")  # not there yet
     assert not same_file(model, tmp_path / "models" / "other.safetensors")
+
+
+def test_on_windows_a_folder_is_tried_with_a_file_not_asked_with_os_access(tmp_path, monkeypatch):
+    """There os.access reads only the read-only attribute, which folders ignore: a folder an ACL protects passed,
+    and the first save failed hours later."""
+    import tempfile
+
+    from library import safetensors_io
+
+    monkeypatch.setattr(safetensors_io.sys, "platform", "win32")
+    monkeypatch.setattr(safetensors_io.os, "access", lambda *a: pytest.fail("os.access on Windows"))
+    assert safetensors_io.output_folder_problem(tmp_path / "new") is None
+    assert os.listdir(tmp_path) == []  # the trial file is gone
+
+    def denied(**kwargs):
+        raise PermissionError(13, "Access is denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    assert safetensors_io.output_folder_problem(tmp_path / "new") == (
+        f"cannot write in {tmp_path} (no permission, or a read-only disk)")  # fmt: skip
