@@ -18,6 +18,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -211,10 +212,27 @@ def write_safetensors_streaming(
                 data = tensor.to("cpu", layout[key][1]).contiguous().reshape(-1)
                 if data.numel():
                     f.write(memoryview(data.view(torch.uint8).numpy()))
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# Windows refuses to replace a file another program has open without sharing its deletion (a virus scanner
+# or indexer looking at the file just saved, for a moment): the rename is tried again for about a second
+_REPLACE_TRIES, _REPLACE_WAIT_S = 10, 0.1
+
+
+def replace_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace``, tried again for a while on Windows while ``dst`` is in use."""
+    for attempt in range(_REPLACE_TRIES):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if sys.platform != "win32" or attempt == _REPLACE_TRIES - 1:
+                raise
+            time.sleep(_REPLACE_WAIT_S)
 
 
 def output_folder_problem(folder: str | os.PathLike) -> str | None:
@@ -305,7 +323,7 @@ def save_safetensors(
             code = re.search(r"os error (\d+)", str(e))
             raise (OSError(int(code.group(1)), str(e)) if code else OSError(str(e))) from e
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors 0.8 writes 0600, which other users could not read
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

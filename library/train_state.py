@@ -200,7 +200,7 @@ def save_training_state(
 
     ``rng_states`` holds every process's RNG states in rank order (``random_states_<rank>.pkl``,
     as accelerate names them); by default this process's alone, as rank 0."""
-    from library.safetensors_io import save_safetensors, write_torch_file
+    from library.safetensors_io import replace_file, save_safetensors, write_torch_file
 
     parent = os.path.dirname(os.path.abspath(state_dir))
     os.makedirs(parent, exist_ok=True)
@@ -224,8 +224,8 @@ def save_training_state(
         old = None
         if os.path.exists(state_dir):  # replace an older state only once the new one is complete
             old = tmp + ".old"
-            os.replace(state_dir, old)
-        os.replace(tmp, state_dir)
+            replace_file(state_dir, old)
+        replace_file(tmp, state_dir)
         if old:
             remove_path(old)
     finally:

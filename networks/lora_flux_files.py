@@ -17,6 +17,7 @@ from library.safetensors_io import (
     read_header,
     read_keys,
     read_metadata,
+    replace_file,
     save_safetensors,
     write_torch_file,
 )
@@ -121,7 +122,7 @@ def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write_torch_file(state_dict, tmp)  # a full disk is an OSError, as for safetensors files
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -121,3 +121,29 @@ def test_on_windows_a_folder_is_tried_with_a_file_not_asked_with_os_access(tmp_p
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     assert safetensors_io.output_folder_problem(tmp_path / "new") == (
         f"cannot write in {tmp_path} (no permission, or a read-only disk)")  # fmt: skip
+
+
+def test_on_windows_a_save_onto_a_file_in_use_for_a_moment_is_tried_again(tmp_path, monkeypatch):
+    """A virus scanner or indexer holding the file just saved made the next save's rename fail, and the final
+    LoRA was lost; elsewhere a refused rename is an error at once."""
+    from library import safetensors_io
+
+    replace, calls = os.replace, []
+
+    def busy_twice(src, dst):
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(13, "Access is denied")
+        replace(src, dst)
+
+    monkeypatch.setattr(safetensors_io.os, "replace", busy_twice)
+    monkeypatch.setattr(safetensors_io.time, "sleep", lambda s: None)
+    monkeypatch.setattr(safetensors_io.sys, "platform", "win32")
+    target = tmp_path / "lora.safetensors"
+    safetensors_io.save_safetensors({"w": torch.ones(2)}, target)
+    assert len(calls) == 3 and torch.equal(load_safetensors(target)["w"], torch.ones(2))
+    monkeypatch.setattr(safetensors_io.sys, "platform", "linux")
+    calls.clear()
+    with pytest.raises(PermissionError):
+        safetensors_io.save_safetensors({"w": torch.zeros(2)}, target)
+    assert len(calls) == 1 and torch.equal(load_safetensors(target)["w"], torch.ones(2))
