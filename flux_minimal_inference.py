@@ -245,14 +245,15 @@ class Pipeline:
             lora.multiplier = m
 
 
-def check_args(args) -> None:
+def check_args(args):
+    """Stops on what can be checked before loading; returns the DiT's hyper-parameters, read from its header."""
     from library.flux_sampling import MIN_SAMPLE_SIZE
     from library.flux_train_utils import check_model_files
     from library.safetensors_io import output_folder_problem
     from library.sample_prompts import MAX_SEED
     from networks.lora_flux_files import check_lora_file
 
-    check_model_files(args, "--ckpt_path")
+    dit_params = check_model_files(args, "--ckpt_path")
     if args.seed is not None and not -(2**63) <= args.seed < MAX_SEED:  # what torch.Generator.manual_seed takes
         raise UserError(f"--seed {args.seed}: a seed is a whole number from -2**63 to 2**64 - 1")
     if args.steps is not None and args.steps < 1:
@@ -272,6 +273,7 @@ def check_args(args) -> None:
         raise UserError(f"--output_dir {args.output_dir}: {problem}; choose another folder")
     for path, _ in (parse_lora_spec(s) for s in args.lora_weights):
         check_lora_file(path, "--lora_weights")
+    return dit_params
 
 
 def load_pipeline(args) -> Pipeline:
@@ -282,7 +284,11 @@ def load_pipeline(args) -> Pipeline:
     from library.tokenizers_flux import FluxTokenizeStrategy
     from networks.lora_flux_files import lora_files_have_modules
 
-    check_args(args)
+    dit_params = check_args(args)
+    # the tokenizers now, before the models: an offline machine without them stops in seconds, not minutes
+    schnell_file = args.model_type == "flux" and not dit_params.guidance_embed
+    max_length = args.t5xxl_max_token_length or (256 if schnell_file else 512)
+    tokenize_strategy = FluxTokenizeStrategy(max_length, args.tokenizer_cache_dir, use_clip_l=args.model_type == "flux")
     dtype = str_to_dtype(args.dtype, "--dtype")
     compute = torch.bfloat16 if dtype in FP8_DTYPES else dtype
     clip_dtype = str_to_dtype(args.clip_l_dtype, "--clip_l_dtype", dtype)
@@ -317,12 +323,8 @@ def load_pipeline(args) -> Pipeline:
     ae = load_ae(args.ae, ae_dtype, loading_device).requires_grad_(False).eval()
     text_encoders = [clip_l, t5xxl]
 
-    max_length = args.t5xxl_max_token_length or (256 if is_schnell else 512)
-    pipeline = Pipeline(
-        args, device, dit_compute, dit, ae, text_encoders, is_schnell,
-        FluxTokenizeStrategy(max_length, args.tokenizer_cache_dir, use_clip_l=args.model_type == "flux"),
-        FluxTextEncodingStrategy(args.apply_t5_attn_mask),
-    )  # fmt: skip
+    pipeline = Pipeline(args, device, dit_compute, dit, ae, text_encoders, is_schnell, tokenize_strategy,
+                        FluxTextEncodingStrategy(args.apply_t5_attn_mask))  # fmt: skip
     if args.merge_lora_weights:  # merged into the compute-dtype weights, before any fp8 cast
         pipeline.loras = load_loras(specs, dit, text_encoders, merge=True, device=device, dtype=compute)
     for encoder, name in ((clip_l, "clip_l"), (t5xxl, "t5xxl")):

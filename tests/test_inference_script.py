@@ -260,6 +260,8 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--lora_weights", "{text}"], "flux", "--lora_weights {text}: not a LoRA file: neither .safetensors nor"),
         (["--lora_weights", "{list_pt}"], "flux", "--lora_weights {list_pt}: holds a list, not a LoRA state dict"),
         (["--lora_weights", "{dict_pt}"], "flux", "--lora_weights {dict_pt}: holds a dict, not a LoRA state dict"),
+        # found after the DiT, CLIP-L, T5 and the AE had loaded: minutes with the real files
+        (["--tokenizer_cache_dir", "{tmp}/no_tokenizers"], "flux", "Could not load the tokenizer"),
         (["--lora_weights", "{damaged}"], "flux-loading", "{damaged}: module lora_unet_double_blocks_0_img_attn_proj "
                                                           "is damaged: its down is (4, 64) and its up (64, 3)"),
     ],
@@ -275,7 +277,8 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
         monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
              "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors",
-             "dict_pt": tmp_path / "dict.pt"}
+             "dict_pt": tmp_path / "dict.pt", "tmp": tmp_path}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network retries for the tokenizer that is not there
     weights = load_safetensors(lora_file)  # lora_up's rank is not lora_down's: it was "made for other widths"
     weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
     save_safetensors(weights, files["damaged"])
