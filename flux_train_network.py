@@ -232,7 +232,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     # ---- caches and text encoding ----------------------------------------------------------------
     def cache_latents(self, ctx, groups) -> None:
-        from library.caches import LatentCacher, check_disk_caches_complete, file_fingerprint
+        from library.cache_files import file_fingerprint
+        from library.caches import LatentCacher, check_disk_caches_complete
         from library.flux_ae import PosteriorMeanEncoder
 
         args, accelerator = ctx.args, ctx.accelerator
@@ -259,7 +260,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if not args.cache_text_encoder_outputs:
             move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # they encode every batch
             return
-        from library.caches import TextEncoderCacher, check_disk_caches_complete, file_fingerprint
+        from library.cache_files import file_fingerprint
+        from library.caches import TextEncoderCacher, check_disk_caches_complete
 
         fingerprint = {
             "t5xxl": file_fingerprint(args.t5xxl),

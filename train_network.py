@@ -445,7 +445,7 @@ class NetworkTrainer:
         args = ctx.args
         if not args.base_weights:
             return
-        from library.caches import file_fingerprint
+        from library.cache_files import file_fingerprint
 
         multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights)
         text_encoders, dit = self.network_targets(ctx)

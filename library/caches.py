@@ -10,7 +10,7 @@ Public API:
         encode_captions(list[str]) -> list[{l_pooled, t5_out, txt_ids, t5_attn_mask}] (numpy).
     check_disk_caches_complete(groups, latents=True, te=False)
         after a barrier in multi-process runs: every entry's file is there.
-    load_latents(entry), load_te_outputs(npz_path), file_fingerprint(path), owned_paths(...)
+    load_latents(entry), load_te_outputs(npz_path); the files themselves: library/cache_files.py
 
 Files and keys are sd-scripts' (spec §f.4). Beyond sd-scripts, each file carries a JSON record
 (`cache_record_<h>x<w>` in latent files, `cache_record` in text-encoder files) of what it was
@@ -27,11 +27,9 @@ to a temporary name and renamed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +39,21 @@ import torch
 from tqdm import tqdm
 
 from library.buckets import crop_ltrb
+from library.cache_files import (
+    LATENT_SUFFIX,
+    TE_SUFFIX,
+    UNREADABLE_NPZ,
+    image_identity,
+    latent_npz_path,
+    npz_keys,
+    owned_paths,
+    read_record,
+    reso_suffix,
+    rewrite_record,
+    same_image,
+    te_npz_path,
+    write_npz_atomic,
+)
 from library.captions import caption_for_cache
 from library.datasets import DatasetGroup, ImageEntry
 from library.errors import UserError
@@ -48,8 +61,6 @@ from library.images import canonical_path, prepare_image
 
 logger = logging.getLogger(__name__)
 
-LATENT_SUFFIX = "_flux.npz"
-TE_SUFFIX = "_flux_te.npz"
 TE_KEYS = ("l_pooled", "t5_out", "txt_ids", "t5_attn_mask")
 RECORD_VERSION = 1
 
@@ -62,112 +73,9 @@ class CacheStats:
     legacy_reencoded: int = 0
 
 
-# --- helpers -----------------------------------------------------------------------------------
-def latent_npz_path(image_path: str, size: tuple[int, int]) -> str:
-    """`<stem>_<W:04d>x<H:04d>_flux.npz` with the original image size."""
-    return os.path.splitext(image_path)[0] + f"_{size[0]:04d}x{size[1]:04d}" + LATENT_SUFFIX
-
-
-def te_npz_path(image_path: str) -> str:
-    return os.path.splitext(image_path)[0] + TE_SUFFIX
-
-
-def reso_suffix(bucket: tuple[int, int]) -> str:
-    """`_<h>x<w>` of the latent (bucket / 8)."""
-    return f"_{bucket[1] // 8}x{bucket[0] // 8}"
-
-
-def file_fingerprint(path: str) -> str:
-    """A cheap identity of a model file (name, size, mtime) for cache records."""
-    st = os.stat(path)
-    return f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def image_identity(path: str) -> dict:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
-
-
-def _same_image(path: str, recorded: dict) -> bool:
-    st = os.stat(path)
-    if st.st_size != recorded.get("size"):
-        return False
-    if st.st_mtime_ns == recorded.get("mtime_ns"):
-        return True
-    return _sha256(path) == recorded.get("sha256")  # touched or copied, maybe not changed
-
-
-# what np.load raises on a damaged file: an empty one (EOFError, as a crash or an interrupted copy
-# leaves), a truncated or garbage one
-UNREADABLE_NPZ = (OSError, ValueError, EOFError, zipfile.BadZipFile)
-
-
-def _npz_keys(path: str) -> set[str]:
-    """Array names in an npz without reading the arrays."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
-    except (OSError, zipfile.BadZipFile):
-        return set()
-
-
-def _read_record(npz, key: str) -> dict | None:
-    """The JSON record under ``key`` of an npz file (or of its arrays as a dict), None if absent or damaged."""
-    if key not in npz:
-        return None
-    try:
-        return json.loads(str(npz[key]))
-    except (ValueError, TypeError):
-        return None
-
-
 def _same_source(old: dict | None, new: dict) -> bool:
     """Whether two cache records are of the same image file, encoder and resize (the flags aside)."""
     return old is not None and all(old.get(k) == v for k, v in new.items() if k not in ("flip_aug", "alpha_mask"))
-
-
-def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez to a temporary name in the same folder, then os.replace."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(
-                f"{path}: cannot write this cache file ({e}); make the folder writable and free "
-                "some space, or cache in RAM only (drop the *_to_disk option)."
-            ) from None
-        raise
-
-
-def _rewrite_record(path: str, key: str, record: dict) -> None:
-    """Replaces one JSON record of a cache file; a file that cannot be rewritten keeps its old one (the
-    only cost is that the next run checks the image's content again)."""
-    try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        arrays[key] = np.array(json.dumps(record, sort_keys=True))
-        write_npz_atomic(path, arrays)
-    except (UserError, *UNREADABLE_NPZ) as e:
-        logger.debug("%s: record not updated (%s)", path, e)
-
-
-def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) -> set[str]:
-    """The files this process caches: sorted unique paths dealt round-robin (give them canonical)."""
-    unique = sorted(set(paths))
-    return {p for i, p in enumerate(unique) if i % num_processes == process_index}
 
 
 def _device_dtype(encoder) -> tuple[torch.device, torch.dtype]:
@@ -288,7 +196,7 @@ class LatentCacher:
         path, sfx = e.latents_npz, reso_suffix(e.bucket)
         if not os.path.exists(path):
             return False
-        keys = _npz_keys(path)
+        keys = npz_keys(path)
         needed = (
             {"latents" + sfx}
             | ({"latents_flipped" + sfx} if e.subset.flip_aug else set())
@@ -300,7 +208,7 @@ class LatentCacher:
             return True  # sd-scripts' checks only: its files have no record
         try:
             with np.load(path) as npz:
-                rec = _read_record(npz, "cache_record" + sfx)
+                rec = read_record(npz, "cache_record" + sfx)
         except UNREADABLE_NPZ:
             return False
         if rec is None:
@@ -311,12 +219,12 @@ class LatentCacher:
         if any(rec.get(k) != want[k] for k in want if k not in unchecked):
             return False
         image = rec.get("image", {})
-        if not _same_image(e.path, image):
+        if not same_image(e.path, image):
             return False
         mtime = os.stat(e.path).st_mtime_ns
         if mtime != image.get("mtime_ns"):  # copied or touched, same content: remember the new time
             rec["image"] = dict(image, mtime_ns=mtime)
-            _rewrite_record(path, "cache_record" + sfx, rec)
+            rewrite_record(path, "cache_record" + sfx, rec)
         return True
 
     def cache(self, groups: Iterable) -> CacheStats:
@@ -418,7 +326,7 @@ class LatentCacher:
                 logger.warning("%s: unreadable, replacing it", e.latents_npz)
             # the flipped latents and mask of another dataset's entry for this very image and resize
             # stay; those of another image or setting are stale
-            if not _same_source(_read_record(arrays, "cache_record" + sfx), record):
+            if not _same_source(read_record(arrays, "cache_record" + sfx), record):
                 for k in ("latents_flipped", "alpha_mask"):
                     arrays.pop(k + sfx, None)
         arrays["latents" + sfx] = lat.numpy()
@@ -486,7 +394,7 @@ class TextEncoderCacher:
         """'valid', 'missing', 'stale' or 'legacy' (an sd-scripts file without a record)."""
         if not os.path.exists(path):
             return "missing"
-        keys = _npz_keys(path)
+        keys = npz_keys(path)
         if not set(TE_KEYS) | {"apply_t5_attn_mask"} <= keys:
             return "stale"
         if self.skip_cache_check:
@@ -495,7 +403,7 @@ class TextEncoderCacher:
             with np.load(path) as npz:
                 if bool(npz["apply_t5_attn_mask"]) != self.apply_t5_attn_mask:
                     return "stale"
-                rec = _read_record(npz, "cache_record")
+                rec = read_record(npz, "cache_record")
         except UNREADABLE_NPZ:
             return "stale"
         if rec is None:
@@ -583,9 +491,9 @@ def check_disk_caches_complete(groups: Iterable, latents: bool = True, te: bool 
     for e in _all_entries(groups):
         if latents and e.latents_npz is not None:
             sfx = reso_suffix(e.bucket)
-            if "latents" + sfx not in _npz_keys(e.latents_npz):
+            if "latents" + sfx not in npz_keys(e.latents_npz):
                 raise UserError(
                     f"{e.latents_npz}: latents{sfx} missing after caching; did a process fail? Run again to re-cache."
                 )
-        if te and e.te_npz is not None and not set(TE_KEYS) <= _npz_keys(e.te_npz):
+        if te and e.te_npz is not None and not set(TE_KEYS) <= npz_keys(e.te_npz):
             raise UserError(f"{e.te_npz}: text-encoder outputs missing after caching; run again to re-cache.")

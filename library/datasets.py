@@ -18,7 +18,7 @@ Public API (the trainer's view):
         group.use_shared_counters(epoch_value, step_value)        multiprocessing.Value for workers
         group.datasets, group.entries(), group.num_train_images, group.num_reg_images, group.bucket_info()
     Caches fill entries in place (library.caches), on every process, before training:
-        LatentCacher(ae, caches.file_fingerprint(ae_path), to_disk=args.cache_latents_to_disk,
+        LatentCacher(ae, cache_files.file_fingerprint(ae_path), to_disk=args.cache_latents_to_disk,
                      batch_size=args.vae_batch_size, skip_cache_check=args.skip_cache_check,
                      process_index=acc.process_index, num_processes=acc.num_processes).cache([train, val])
         TextEncoderCacher(encode_captions, {"t5xxl_max_token_length": n, "apply_t5_attn_mask": m,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library import caches
+from library import cache_files, caches
 from library.caches import LatentCacher, TextEncoderCacher
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
@@ -139,8 +139,8 @@ def test_a_touched_image_is_read_in_full_once_then_known_by_its_new_time(tmp_pat
     for name in ("a.png", "b.png"):
         os.utime(tmp_path / "img" / name, (t, t))
     hashed = []
-    real_sha = caches._sha256
-    monkeypatch.setattr(caches, "_sha256", lambda path: hashed.append(os.path.basename(path)) or real_sha(path))
+    real_sha = cache_files._sha256
+    monkeypatch.setattr(cache_files, "_sha256", lambda path: hashed.append(os.path.basename(path)) or real_sha(path))
     assert LatentCacher(StandInEncoder(), "ae", True).cache([_group(tmp_path)]).reused == 3
     assert sorted(hashed) == ["a.png", "b.png"]
     hashed.clear()
@@ -197,7 +197,7 @@ def test_flipped_latents_are_those_of_the_left_right_mirrored_image(tmp_path, to
 
 def test_a_non_square_bucket_keys_its_latents_by_latent_height_then_width(tmp_path):
     """Spec §f.4: keys end in _<h>x<w> of the latent, e.g. latents_96x64 for a 512 wide, 768 high bucket."""
-    assert caches.reso_suffix((512, 768)) == "_96x64"
+    assert cache_files.reso_suffix((512, 768)) == "_96x64"
     g = _group(tmp_path, datasets=(("[32, 48]", 1),), size=(40, 60))  # resolution (W, H) = (32, 48)
     e = next(e for e in g.entries() if e.path.endswith("a.png"))
     assert e.bucket == (32, 48)

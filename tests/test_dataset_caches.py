@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library import caches
+from library import cache_files, caches
 from library.caches import (
     LatentCacher,
     TextEncoderCacher,
@@ -485,7 +485,7 @@ def test_real_autoencoder_caches_and_reloads(tmp_path):
     ae = tiny.random_model(tiny.tiny_ae_params(), seed=0).eval()
     ae.reg.sample = False  # the posterior mean, so the comparison below is exact
     assert isinstance(ae, flux_ae.AutoEncoder)
-    fingerprint = caches.file_fingerprint(tiny.write_model(ae, str(tmp_path / "ae.safetensors")))
+    fingerprint = cache_files.file_fingerprint(tiny.write_model(ae, str(tmp_path / "ae.safetensors")))
     g = _group(tmp_path, datasets=((32, 2),))
     LatentCacher(ae, fingerprint, True, batch_size=2).cache([g])
     e = next(iter(g.entries()))

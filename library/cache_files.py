@@ -1,0 +1,123 @@
+"""The files of the latent and text-encoder caches: sd-scripts' names beside the images, the identity of
+the image a file was made from, the JSON records inside, atomic writes, and which process writes which
+file. What goes into the files is library/caches.py's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterable
+
+import numpy as np
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LATENT_SUFFIX = "_flux.npz"
+TE_SUFFIX = "_flux_te.npz"
+
+
+def latent_npz_path(image_path: str, size: tuple[int, int]) -> str:
+    """`<stem>_<W:04d>x<H:04d>_flux.npz` with the original image size."""
+    return os.path.splitext(image_path)[0] + f"_{size[0]:04d}x{size[1]:04d}" + LATENT_SUFFIX
+
+
+def te_npz_path(image_path: str) -> str:
+    return os.path.splitext(image_path)[0] + TE_SUFFIX
+
+
+def reso_suffix(bucket: tuple[int, int]) -> str:
+    """`_<h>x<w>` of the latent (bucket / 8)."""
+    return f"_{bucket[1] // 8}x{bucket[0] // 8}"
+
+
+def file_fingerprint(path: str) -> str:
+    """A cheap identity of a model file (name, size, mtime) for cache records."""
+    st = os.stat(path)
+    return f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
+def same_image(path: str, recorded: dict) -> bool:
+    st = os.stat(path)
+    if st.st_size != recorded.get("size"):
+        return False
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return True
+    return _sha256(path) == recorded.get("sha256")  # touched or copied, maybe not changed
+
+
+# what np.load raises on a damaged file: an empty one (EOFError, as a crash or an interrupted copy
+# leaves), a truncated or garbage one
+UNREADABLE_NPZ = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
+def npz_keys(path: str) -> set[str]:
+    """Array names in an npz without reading the arrays."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {n[:-4] for n in z.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile):
+        return set()
+
+
+def read_record(npz, key: str) -> dict | None:
+    """The JSON record under ``key`` of an npz file (or of its arrays as a dict), None if absent or damaged."""
+    if key not in npz:
+        return None
+    try:
+        return json.loads(str(npz[key]))
+    except (ValueError, TypeError):
+        return None
+
+
+def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary name in the same folder, then os.replace."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"{path}: cannot write this cache file ({e}); make the folder writable and free "
+                "some space, or cache in RAM only (drop the *_to_disk option)."
+            ) from None
+        raise
+
+
+def rewrite_record(path: str, key: str, record: dict) -> None:
+    """Replaces one JSON record of a cache file; a file that cannot be rewritten keeps its old one (the
+    only cost is that the next run checks the image's content again)."""
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays[key] = np.array(json.dumps(record, sort_keys=True))
+        write_npz_atomic(path, arrays)
+    except (UserError, *UNREADABLE_NPZ) as e:
+        logger.debug("%s: record not updated (%s)", path, e)
+
+
+def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) -> set[str]:
+    """The files this process caches: sorted unique paths dealt round-robin (give them canonical)."""
+    unique = sorted(set(paths))
+    return {p for i, p in enumerate(unique) if i % num_processes == process_index}
