@@ -210,9 +210,10 @@ class NetworkTrainer:
         if args.debug_dataset:
             self.debug_dataset(args, train_group, steps_per_epoch)
             return ""
+        from library.cache_files import images_to_decode
         from library.images import verify_images
 
-        verify_images([e.path for group in groups for e in group.entries()])
+        verify_images(images_to_decode([e for group in groups for e in group.entries()], args.cache_latents_to_disk))
         self.prepare_before_loading(args, train_group, val_group)
         from library.preflight import rehearse_optimizer_and_schedule
 

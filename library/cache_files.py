@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from library.errors import UserError
+from library.images import canonical_path
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +122,21 @@ def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) ->
     """The files this process caches: sorted unique paths dealt round-robin (give them canonical)."""
     unique = sorted(set(paths))
     return {p for i, p in enumerate(unique) if i % num_processes == process_index}
+
+
+def images_to_decode(entries: list, latents_on_disk: bool) -> list[str]:
+    """The images to decode before the models load, so that a damaged one stops the run in seconds: all
+    of them, except, when latents are cached to disk, those whose cache file is newer than the image
+    (training reads the file, not the image; one that proves stale is encoded, and so decoded, during
+    caching, which names a damaged image too). Decoding 20,000 photos took minutes on every run."""
+    paths = sorted({e.path for e in entries})
+    if not latents_on_disk:
+        return paths
+    cached = set()
+    for e in entries:
+        try:
+            if os.stat(latent_npz_path(canonical_path(e.path), e.size)).st_mtime_ns >= os.stat(e.path).st_mtime_ns:
+                cached.add(e.path)
+        except OSError:  # no cache file yet
+            pass
+    return [p for p in paths if p not in cached]

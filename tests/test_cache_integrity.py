@@ -287,3 +287,19 @@ def test_on_windows_names_that_differ_in_case_alone_are_refused_one_cache_file(t
         TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
     with pytest.raises(UserError, match=r"would share the latent cache a_0032x0032_flux\.npz"):
         LatentCacher(StandInEncoder(), "ae", True).cache([g])
+
+
+def test_images_with_a_newer_latent_file_are_not_decoded_before_the_models_load(tmp_path):
+    """verify_images decoded every image on every run, cached or not: minutes for 20,000 photos."""
+    from library.cache_files import images_to_decode
+
+    g = _group(tmp_path)  # a.png, b.png, c.png
+    entries = list(g.entries())
+    paths = sorted(e.path for e in entries)
+    assert images_to_decode(entries, latents_on_disk=True) == paths  # nothing cached yet
+    LatentCacher(StandInEncoder(), "ae", True).cache([g])
+    assert images_to_decode(entries, latents_on_disk=True) == []
+    assert images_to_decode(entries, latents_on_disk=False) == paths  # in RAM, caching decodes them after loading
+    later = time.time() + 100
+    os.utime(tmp_path / "img" / "b.png", (later, later))  # edited since its latents were made
+    assert images_to_decode(entries, latents_on_disk=True) == [str(tmp_path / "img" / "b.png")]
