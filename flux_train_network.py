@@ -247,7 +247,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         ctx.models.ae.to("cpu")  # training reads the cache; samples take the AE to the GPU to decode
         release_gpu_memory()
         accelerator.wait_for_everyone()
-        if args.cache_latents_to_disk:
+        if args.cache_latents_to_disk and accelerator.num_processes > 1:  # the files the other processes wrote
             check_disk_caches_complete(groups, latents=True)
 
     def prepare_text_encoding(self, ctx, groups) -> None:
@@ -281,7 +281,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         with torch.no_grad():
             cacher.cache(groups)
         ctx.accelerator.wait_for_everyone()
-        if args.cache_text_encoder_outputs_to_disk:
+        if args.cache_text_encoder_outputs_to_disk and ctx.accelerator.num_processes > 1:
             check_disk_caches_complete(groups, latents=False, te=True)
         if ctx.sample_prompts:
             # the text encoders may be freed once the network exists: encode the sample prompts now

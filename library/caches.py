@@ -444,7 +444,7 @@ class TextEncoderCacher:
             mine = owned_paths(todo, self.process_index, self.num_processes)
             stats.other_processes = len(todo) - len(mine)
             todo = []
-            for unit in sorted(mine):
+            for unit in tqdm(sorted(mine), desc="checking text-encoder caches", unit="file", disable=len(mine) < 200):
                 state = self.check(unit, texts[unit])
                 if state == "valid":
                     stats.reused += 1
