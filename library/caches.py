@@ -74,8 +74,10 @@ class CacheStats:
 
 
 def _same_source(old: dict | None, new: dict) -> bool:
-    """Whether two cache records are of the same image file, encoder and resize (the flags aside)."""
-    return old is not None and all(old.get(k) == v for k, v in new.items() if k not in ("flip_aug", "alpha_mask"))
+    """Whether two cache records are of the same image file, encoder and resize (the flags aside; the
+    interpolation too when the image keeps its size, which ``new`` records as None)."""
+    ignored = ("flip_aug", "alpha_mask") + (("interpolation",) if new.get("interpolation") is None else ())
+    return old is not None and all(old.get(k) == v for k, v in new.items() if k not in ignored)
 
 
 def _device_dtype(encoder) -> tuple[torch.device, torch.dtype]:
@@ -184,7 +186,7 @@ class LatentCacher:
             "version": RECORD_VERSION,
             "image": identity,
             "ae": self.ae_fingerprint,
-            "interpolation": s.interpolation,
+            "interpolation": _resampling(e),
             "resized": list(e.resized),
             "bucket": list(e.bucket),
             "flip_aug": s.flip_aug,
@@ -283,7 +285,7 @@ class LatentCacher:
     @staticmethod
     def _identity(e: ImageEntry) -> tuple:
         s = e.subset
-        return canonical_path(e.path), e.bucket, e.resized, s.interpolation, s.flip_aug, s.alpha_mask
+        return canonical_path(e.path), e.bucket, e.resized, _resampling(e), s.flip_aug, s.alpha_mask
 
     @staticmethod
     def _condition(e: ImageEntry):

@@ -557,6 +557,27 @@ def test_a_wildcard_choice_does_not_depend_on_how_the_folder_is_spelled(tmp_path
     assert TextEncoderCacher(again, FP, False, True).cache([group(f"{tmp_path}/./img")]).reused == 4
 
 
+def test_two_datasets_with_two_interpolations_of_an_image_that_keeps_its_size_keep_each_others_arrays(tmp_path):
+    """Accepted as one latent, the image was still encoded once per interpolation, and each write took the other
+    dataset's mask or flipped latents for stale: one dataset trained without its mask, alternating each run."""
+    make_image(tmp_path / "img" / "m.png", (32, 32), mode="RGBA")
+    text = "".join(
+        f'[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n{extra}\n'
+        for extra in ("alpha_mask = true", 'flip_aug = true\ninterpolation_type = "lanczos"')
+    )
+    config = write_toml(tmp_path / "c.toml", text)
+
+    def group():
+        return build_dataset_groups(load_dataset_configs(make_args("--dataset_config", config)), seed=0)[0]
+
+    for run in range(2):
+        stats = LatentCacher(StandInEncoder(), "ae", True).cache([group()])
+        assert (stats.encoded, stats.reused) == ((2, 0) if run == 0 else (0, 2))
+        (npz,) = [f for f in os.listdir(tmp_path / "img") if f.endswith(".npz")]
+        with np.load(tmp_path / "img" / npz) as cached:
+            assert {"latents_4x4", "latents_flipped_4x4", "alpha_mask_4x4"} <= set(cached.files)
+
+
 def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cached_t5(tmp_path):
     """CLIP-L trained live encodes batch["captions"] while T5's outputs come from the cache: both must see the
     same text, so the batch carries the cached caption (its wildcard choice, no epoch-based dropout)."""
