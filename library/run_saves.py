@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -30,9 +31,10 @@ logger = logging.getLogger(__name__)
 
 class RunSaves:
     def __init__(self, args, accelerator, network, optimizer, lr_scheduler, metadata: dict, save_dtype,
-                 eval_mode: Callable[[], None], train_mode: Callable[[], None]):  # fmt: skip
+                 steps_per_epoch: int, eval_mode: Callable[[], None], train_mode: Callable[[], None]):  # fmt: skip
         """``eval_mode`` / ``train_mode`` switch the network (and a schedule-free optimizer, whose
         weights differ between the two) around a save."""
+        self.steps_per_epoch = max(steps_per_epoch, 1)
         self.args, self.accelerator, self.network = args, accelerator, network
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.metadata, self.save_dtype = metadata, save_dtype
@@ -86,7 +88,7 @@ class RunSaves:
         saved = f"saved the LoRA to {self.last_saved}"
         if self.args.save_state:
             state = (self.states[-1][1] if self.states and self.states[-1][0] == step
-                     else self.state("step", step, step, epoch, rng_state))  # fmt: skip
+                     else self.state("step", step, step, rng_state))  # fmt: skip
             saved += f" and the training state to {state} (continue with --resume {state})"
         else:
             saved += " (add --save_state to be able to resume)"
@@ -97,7 +99,7 @@ class RunSaves:
         # the LoRA first: a state that does not fit on the disk then costs the state alone
         path = self.model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
         if self.args.save_state or self.args.save_state_on_train_end:
-            self.state("last", None, steps, epoch)
+            self.state("last", None, steps)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -127,16 +129,20 @@ class RunSaves:
         self.files.append((steps, path))
         return path
 
-    def state(self, kind: str, number: int | None, steps: int, epoch: int, rng_state: dict | None = None) -> str:
+    def state(self, kind: str, number: int | None, steps: int, rng_state: dict | None = None) -> str:
         path = os.path.join(self.args.output_dir, state_dir_name(self.args.output_name, kind, number))
         rng_states = [rng_state or capture_rng_states()]
         if self.accelerator.num_processes > 1:  # every process calls this: gather their RNG states to the main one
             rng_states = gather_object(rng_states)
         if self.accelerator.is_main_process:
             scaler = getattr(self.accelerator, "scaler", None)
+            # the epoch the last finished step falls in, counted as --resume counts it (run_start.check_resume_step),
+            # not the loop's, from which a stop before an epoch's first step or --initial_step without
+            # --skip_until_initial_step set it apart
+            progress = TrainProgress(max(1, math.ceil(steps / self.steps_per_epoch)), steps, self.args.seed)
             with self._writing(path):
                 save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
-                                    TrainProgress(epoch, steps, self.args.seed), scaler, rng_states)
+                                    progress, scaler, rng_states)
             logger.info("saved the training state to %s", path)
         self.states.append((steps, path))
         return path
@@ -144,7 +150,7 @@ class RunSaves:
     def _checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
         self.model(model_file_name(self.args.output_name, kind, number, self.ext), steps, epoch)
         if self.args.save_state:
-            self.state(kind, number, steps, epoch)
+            self.state(kind, number, steps)
         self.accelerator.wait_for_everyone()
 
     def _remove(self, name: str) -> None:
@@ -154,6 +160,10 @@ class RunSaves:
             return
         path = os.path.join(self.args.output_dir, name)
         try:
+            if os.path.isdir(path):  # a state: moved aside first, so that one with a file in use stays whole
+                aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+                os.replace(path, aside)  # (what it leaves, the next run's clean-up removes)
+                path = aside
             remove_path(path)
         except OSError as e:
             logger.warning("could not remove the older save %s (%s); it stays", path, e.strerror or e)

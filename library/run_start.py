@@ -51,9 +51,10 @@ def check_resume_step(args, given_step: int | None, steps_per_epoch: int) -> Non
     if progress.current_step > 0 and progress.current_epoch != epoch_here:
         logger.warning("--resume %s: the state was saved at step %d in epoch %d, but with this run's %d steps an "
                        "epoch that step falls in epoch %d: the dataset, batch size, repeats, gradient accumulation "
-                       "or number of processes changed, so the data order does not continue the saved run's",
-                       args.resume, progress.current_step, progress.current_epoch, steps_per_epoch,
-                       epoch_here)  # fmt: skip
+                       "or number of processes changed (or the saved run counted its steps from --initial_step or "
+                       "a resume without --skip_until_initial_step, as sd-scripts does), so the data order does not "
+                       "continue the saved run's", args.resume, progress.current_step, progress.current_epoch,
+                       steps_per_epoch, epoch_here)  # fmt: skip
 
 
 def starting_point(args, given_step: int | None, network, optimizer, lr_scheduler, accelerator) -> tuple[int, bool]:

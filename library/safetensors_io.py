@@ -276,9 +276,9 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name one file: spelled another way, through a link, or (on Windows and macOS,
-    whose file systems ignore case) in another case. Comparing absolute paths missed the last two, and
-    an output written over its input destroyed it."""
+    """Whether two paths name one file: spelled another way, through a link, or in another case where the
+    file system ignores it (for files that exist; for others, Windows' case rule). Comparing absolute paths
+    missed the last two, and an output written over its input destroyed it."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them is not there (yet)

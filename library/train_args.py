@@ -282,7 +282,8 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     add = argument_adder(parser, "logging")
     add("--console_log_level", type=str, default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="console log level (default INFO)")
-    add("--console_log_file", type=str, default=None, help="write the console log to this file")
+    add("--console_log_file", type=str, default=None,
+        help="write the console log to this file (the first process of several writes it)")
     _flag(add, "--console_log_simple", "plain console log lines")
     add("--logging_dir", type=str, default=None,
         help="TensorBoard directory; runs go to <dir>/<log_prefix><YYYYmmddHHMMSS>")

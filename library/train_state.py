@@ -439,6 +439,8 @@ def _say_changed_optimizer_options(state_dir: str, asked: list[dict], loaded: li
 
 
 def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # betas=(0.9, 0.999) may come back a list
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b, strict=False))
     try:
         return bool(a != b)
     except (RuntimeError, TypeError, ValueError):  # tensors of several elements

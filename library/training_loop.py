@@ -168,7 +168,7 @@ class TrainingLoop:
         self.process_batches = process_batches
         self.steps_per_epoch, self.num_epochs = steps_per_epoch, num_epochs
         self.saves = RunSaves(self.args, self.accelerator, self.network, optimizer, lr_scheduler, metadata, save_dtype,
-                              self._set_eval_mode, self._set_train_mode)  # fmt: skip
+                              steps_per_epoch, self._set_eval_mode, self._set_train_mode)  # fmt: skip
         self.triggers = SampleTriggers.from_args(self.args) if ctx.sample_prompts else SampleTriggers(None, None, False)
         self.epoch_losses: list[float] = []
         # loss/average: sd-scripts' moving average over the last epoch's worth of steps
@@ -199,8 +199,9 @@ class TrainingLoop:
             global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
             progress.close()
             if stop.signum:
-                logger.warning("%s received at the end of the run: it has finished its steps, so it saves its final "
-                               "files as usual (skipping sampling and validation not yet run)", stop.name)  # fmt: skip
+                logger.warning("%s received at the end of the run: it has finished its steps, so it saves its "
+                               "final files as usual (skipping any sampling and validation still due)",
+                               stop.name)  # fmt: skip
             # the epoch the last step belongs to
             return self.saves.final(global_step, math.ceil(global_step / max(self.steps_per_epoch, 1)))
 
@@ -215,8 +216,7 @@ class TrainingLoop:
             skip_data = False  # later epochs start at their beginning
             sampler.indices, sampler.start = self.process_batches[skip:], skip
             # the step of the epoch's first batch: each batch's is this plus its position // accum
-            epoch_first_step = global_step - skip // accum
-            self.train_group.set_current_step(epoch_first_step)
+            self.train_group.set_current_step(global_step - skip // accum)
             self.epoch_losses = []
             window: list[float] = []
             window_rng, stopping, epoch_done = None, False, False
@@ -236,10 +236,7 @@ class TrainingLoop:
                         # a stop between micro-batches keeps the last finished step: a launcher may not wait
                         # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
                         if stop.requested(accelerator):
-                            # the state records the epoch of the last finished step: the one before, if none of
-                            # this epoch's has finished
-                            last_epoch = epoch + 1 if global_step > epoch_first_step or epoch == 0 else epoch
-                            self._stop(stop, global_step, last_epoch, window_rng)
+                            self._stop(stop, global_step, epoch + 1, window_rng)
                         continue
                     step_loss = self._step_loss(window, accum, global_step)
                     window = []

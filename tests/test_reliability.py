@@ -445,3 +445,26 @@ def test_an_older_save_that_cannot_be_pruned_is_said_and_the_run_goes_on(tiny_mo
     assert sorted(os.listdir(out)) == ["lora-step00000001.safetensors", "lora-step00000002.safetensors",
                                        "lora-step00000003.safetensors", "lora.safetensors"]  # fmt: skip
     assert f"could not remove the older save {out / 'lora-step00000001.safetensors'} (The process cannot" in caplog.text
+
+
+def test_an_older_state_with_a_file_in_use_is_kept_whole_and_said(tiny_model_files, tmp_path, monkeypatch, caplog):
+    """rmtree ignored its errors: on Windows a state folder with a file open elsewhere was left half deleted."""
+    from library import run_saves
+
+    replace = os.replace
+
+    def in_use(src, dst):
+        if os.path.basename(str(src)) == "lora-step00000001-state":
+            raise PermissionError(13, "The process cannot access the file because it is being used by another "
+                                      "process")  # fmt: skip
+        return replace(src, dst)
+
+    monkeypatch.setattr(run_saves.os, "replace", in_use)
+    data = dataset(tmp_path, batch_size=1)
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model_files, data, str(out), steps=3, save_every_n_steps=1, save_last_n_steps=1,
+                     save_state=True, network_train_unet_only=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    assert "lora-step00000001-state" in os.listdir(out) and not [n for n in os.listdir(out) if n.startswith(".")]
+    assert sorted(os.listdir(out / "lora-step00000001-state")) == sorted(os.listdir(out / "lora-state"))  # whole
+    assert f"could not remove the older save {out / 'lora-step00000001-state'} (The process cannot" in caplog.text

@@ -135,6 +135,21 @@ def test_resuming_with_other_optimizer_args_says_the_states_go_on(tmp_path, capl
     assert not caplog.records
 
 
+def test_a_sequence_option_saved_as_a_list_is_the_same_as_a_tuple(tmp_path, caplog):
+    adam = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1, betas=(0.8, 0.99))
+    state = str(tmp_path / "lora-state")
+    save_training_state(state, {"w": torch.ones(2)}, adam, torch.optim.lr_scheduler.LambdaLR(adam, lambda s: 1.0),
+                        TrainProgress(1, 3))  # fmt: skip
+    saved = torch.load(os.path.join(state, "optimizer.bin"), weights_only=False)
+    saved["param_groups"][0]["betas"] = [0.8, 0.99]  # as another writer may store it
+    torch.save(saved, os.path.join(state, "optimizer.bin"))
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1, betas=(0.8, 0.99))
+    with caplog.at_level(logging.WARNING):
+        load_training_state(state, fresh, torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0),
+                            asked_options=("betas",))  # fmt: skip
+    assert not caplog.records
+
+
 def test_a_state_whose_step_falls_in_another_epoch_of_this_run_is_said(tmp_path, caplog):
     """Another batch size, repeats or accumulation mapped the state's step onto another epoch without a word."""
     import argparse

@@ -119,3 +119,21 @@ def test_a_stop_before_an_epochs_first_step_records_the_epoch_of_the_last_finish
     caplog.clear()
     assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), resume=str(state), **flags)) == 0
     assert "falls in epoch" not in caplog.text
+
+
+def test_a_state_of_a_run_started_at_initial_step_resumes_without_a_layout_warning(tiny_model_files, tmp_path,
+                                                                                   recorded, caplog):  # fmt: skip
+    """Without --skip_until_initial_step the loop's epoch is not the one the step falls in: the state recorded
+    the loop's, and resuming it said that the dataset or batch size had changed."""
+    data = dataset(tmp_path, batch_size=1, num_images=4)  # with accumulation 2: two steps an epoch
+    flags = dict(steps=6, gradient_accumulation_steps=2, **FLAGS)
+    out = tmp_path / "out"
+    recorded["signal_at"].add(("step", 3))  # the first micro-batch after --initial_step 3
+    argv = base_argv(tiny_model_files, data, str(out), initial_step=3, **flags)
+    assert flux_train_network.main(argv) == 128 + signal.SIGINT
+    state = out / "lora-step00000003-state"
+    assert json.loads((state / "train_state.json").read_text())["current_epoch"] == 2  # step 3 of 2-step epochs
+    recorded["signal_at"].clear()
+    caplog.clear()
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), resume=str(state), **flags)) == 0
+    assert "falls in epoch" not in caplog.text
