@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,8 +267,11 @@ class LatentCacher:
             tqdm(total=len(todo), desc="caching latents", unit="img", disable=not todo) as bar,
             ThreadPoolExecutor(self.num_workers) as pool,
         ):
-            for b in batches:
-                self._encode_batch(b, pool)
+            # the next batch's images are read, resized and hashed while this one is encoded
+            upcoming = self._load(batches[0], pool) if batches else []
+            for i, b in enumerate(batches):
+                loaded, upcoming = upcoming, self._load(batches[i + 1], pool) if i + 1 < len(batches) else []
+                self._encode_batch(b, [f.result() for f in loaded])
                 for e in b:
                     for twin in same[self._identity(e)][1:]:
                         twin.latents, twin.latents_flipped, twin.alpha_mask = e.latents, e.latents_flipped, e.alpha_mask
@@ -291,14 +294,16 @@ class LatentCacher:
     def _condition(e: ImageEntry):
         return e.bucket, e.subset.flip_aug, e.subset.alpha_mask
 
-    def _encode_batch(self, batch: list[ImageEntry], pool: ThreadPoolExecutor) -> None:
-        loaded = list(
-            pool.map(
-                lambda e: prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation, None, e.subset.alpha_mask),
-                batch,
-            )
-        )
-        identities = list(pool.map(lambda e: image_identity(e.path), batch)) if self.to_disk else [None] * len(batch)
+    def _load(self, batch: list[ImageEntry], pool: ThreadPoolExecutor) -> list[Future]:
+        """Futures of each entry's (prepared image, identity of its file or None)."""
+        def load(e: ImageEntry):
+            image = prepare_image(e.path, e.bucket, e.resized, e.subset.interpolation, None, e.subset.alpha_mask)
+            return image, image_identity(e.path) if self.to_disk else None
+
+        return [pool.submit(load, e) for e in batch]
+
+    def _encode_batch(self, batch: list[ImageEntry], images_and_identities: list[tuple]) -> None:
+        loaded, identities = zip(*images_and_identities, strict=True)
         x = torch.stack([torch.from_numpy(rgb).permute(2, 0, 1) for rgb, *_ in loaded]).float() / 127.5 - 1.0
         device, dtype = _device_dtype(self.encoder)
         x = x.to(device=device, dtype=dtype)

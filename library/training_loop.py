@@ -61,20 +61,45 @@ def _workers_shut_down_on_error(loader):
         yield batches
     except UserError as e:  # (CheckpointError and the like too)
         _stop_workers(batches)
-        text, kind = str(e), type(e)
-        ending = f"{kind.__module__}.{kind.__qualname__}: "  # how the worker's traceback ends, before the message
-        if text.startswith(f"Caught {kind.__name__} in DataLoader worker") and ending in text:
-            raise kind(text.rsplit(ending, 1)[1].strip()) from None
+        if _message_of(e) != str(e):
+            raise type(e)(_message_of(e)) from None
         raise
     except BaseException:
         _stop_workers(batches)
         raise
 
 
+def _message_of(error: UserError) -> str:
+    """A UserError's message; of one raised in a DataLoader worker, without the worker's traceback that torch
+    puts around it."""
+    text, kind = str(error), type(error)
+    ending = f"{kind.__module__}.{kind.__qualname__}: "  # how the worker's traceback ends, before the message
+    if text.startswith(f"Caught {kind.__name__} in DataLoader worker") and ending in text:
+        return text.rsplit(ending, 1)[1].strip()
+    return text
+
+
 def _stop_workers(batches) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator has it
     if shutdown is not None:
         shutdown()
+
+
+class _BatchError(Exception):
+    """A batch could not be read (a damaged cache file, an image changed during the run): its message."""
+
+
+def _naming_batch_errors(batches):
+    """The batches, with an error in reading one told apart from errors in training on it."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise _BatchError(_message_of(e)) from None
+        yield batch
 
 
 def dataset_multiplier(network, batch: dict):
@@ -180,7 +205,7 @@ class TrainingLoop:
     def run(self, first_step: int, skip_data: bool = True) -> str:
         """Trains from ``first_step``; with ``skip_data`` the batches before it are skipped (resume)."""
         args, accelerator = self.args, self.accelerator
-        global_step = first_step
+        global_step = self.first_step = first_step
         first_epoch = first_step // self.steps_per_epoch
         loader, sampler = self._data_loader()
         progress = tqdm(
@@ -196,8 +221,10 @@ class TrainingLoop:
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)
         with GracefulStop() as stop:  # a signal during the final save waits for it too
-            global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
-            progress.close()
+            try:
+                global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)
+            finally:  # before the message of a stop or an error
+                progress.close()
             if stop.signum:
                 logger.warning("%s received at the end of the run: it has finished its steps, so it saves its "
                                "final files as usual (skipping any sampling and validation still due)",
@@ -208,60 +235,64 @@ class TrainingLoop:
     def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
         accum = args.gradient_accumulation_steps
-        for epoch in range(first_epoch, self.num_epochs):
-            if global_step >= args.max_train_steps:
-                break
-            self.train_group.set_current_epoch(epoch + 1)
-            skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
-            skip_data = False  # later epochs start at their beginning
-            sampler.indices, sampler.start = self.process_batches[skip:], skip
-            # the step of the epoch's first batch: each batch's is this plus its position // accum
-            self.train_group.set_current_step(global_step - skip // accum)
-            self.epoch_losses = []
-            window: list[float] = []
-            window_rng, stopping, epoch_done = None, False, False
-            with _workers_shut_down_on_error(loader) as batches:
-                for position, batch in enumerate(batches, start=skip):
-                    micro = position % accum
-                    if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
-                        window_rng = capture_rng_states()
-                    with dataset_multiplier(self.network, batch):
-                        loss = self._micro_step(batch, global_step, micro) / accum
-                        if _lora_switched_off(batch):  # zero gradients, not none: fp16's scaler and the
-                            # gradient averaging across processes expect every step to have some
-                            loss = loss + sum(p.sum() for p in self.network.parameters() if p.requires_grad) * 0.0
-                        accelerator.backward(loss)
-                    window.append(loss.detach())
-                    if micro != accum - 1 and position != len(self.process_batches) - 1:
-                        # a stop between micro-batches keeps the last finished step: a launcher may not wait
-                        # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
-                        if stop.requested(accelerator):
-                            self._stop(stop, global_step, epoch + 1, window_rng)
-                        continue
-                    step_loss = self._step_loss(window, accum, global_step)
-                    window = []
-                    logs = self._optimizer_step()
-                    global_step += 1
-                    self.epoch_losses.append(step_loss)
-                    self.recent_losses.append(step_loss)
-                    logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
-                    # a stop still makes the saves due at this step, not its sampling and validation (a launcher
-                    # may not wait for them); a signal during those is acted on before another step runs
-                    stopping = stop.requested(accelerator)
-                    self._after_step(epoch, global_step, logs, stopping)
-                    stopping = stopping or stop.requested(accelerator)
-                    epoch_done = position == len(self.process_batches) - 1
-                    if stopping or global_step >= args.max_train_steps:
-                        break
-            if stopping and not epoch_done and global_step < args.max_train_steps:
-                self._stop(stop, global_step, epoch + 1)
-            self._after_epoch(epoch, global_step, stopping)
-            if global_step >= args.max_train_steps:  # a stop at the last step ends the run as finished
-                break
-            if stopping or stop.requested(accelerator):
-                self._stop(stop, global_step, epoch + 1)
+        try:
+            for epoch in range(first_epoch, self.num_epochs):
+                if global_step >= args.max_train_steps:
+                    break
+                self.train_group.set_current_epoch(epoch + 1)
+                skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
+                skip_data = False  # later epochs start at their beginning
+                sampler.indices, sampler.start = self.process_batches[skip:], skip
+                # the step of the epoch's first batch: each batch's is this plus its position // accum
+                self.train_group.set_current_step(global_step - skip // accum)
+                self.epoch_losses = []
+                window: list[float] = []
+                window_rng, stopping, epoch_done = None, False, False
+                with _workers_shut_down_on_error(loader) as batches:
+                    for position, batch in enumerate(_naming_batch_errors(batches), start=skip):
+                        micro = position % accum
+                        if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
+                            window_rng = capture_rng_states()
+                        with dataset_multiplier(self.network, batch):
+                            loss = self._micro_step(batch, global_step, micro) / accum
+                            if _lora_switched_off(batch):  # zero gradients, not none: fp16's scaler and the
+                                # gradient averaging across processes expect every step to have some
+                                loss = loss + sum(p.sum() for p in self.network.parameters() if p.requires_grad) * 0.0
+                            accelerator.backward(loss)
+                        window.append(loss.detach())
+                        if micro != accum - 1 and position != len(self.process_batches) - 1:
+                            # a stop between micro-batches keeps the last finished step: a launcher may not wait
+                            # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
+                            if stop.requested(accelerator):
+                                self._stop(stop, global_step, epoch + 1, window_rng)
+                            continue
+                        step_loss = self._step_loss(window, accum, global_step)
+                        window = []
+                        logs = self._optimizer_step()
+                        global_step += 1
+                        self.epoch_losses.append(step_loss)
+                        self.recent_losses.append(step_loss)
+                        logs |= {"loss/current": step_loss, "loss/average": self._moving_average()}
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
+                        # a stop still makes the saves due at this step, not its sampling and validation (a launcher
+                        # may not wait for them); a signal during those is acted on before another step runs
+                        stopping = stop.requested(accelerator)
+                        self._after_step(epoch, global_step, logs, stopping)
+                        stopping = stopping or stop.requested(accelerator)
+                        epoch_done = position == len(self.process_batches) - 1
+                        if stopping or global_step >= args.max_train_steps:
+                            break
+                if stopping and not epoch_done and global_step < args.max_train_steps:
+                    self._stop(stop, global_step, epoch + 1)
+                self._after_epoch(epoch, global_step, stopping)
+                if global_step >= args.max_train_steps:  # a stop at the last step ends the run as finished
+                    break
+                if stopping or stop.requested(accelerator):
+                    self._stop(stop, global_step, epoch + 1)
+        except _BatchError as e:  # a batch that cannot be read: the steps trained so far are kept
+            saved = self._save_before_failing(global_step, epoch + 1, window_rng if window else None)
+            raise UserError(f"{e}{saved}") from None
         return global_step
 
     def _stop(self, stop: GracefulStop, step: int, epoch: int, rng_state: dict | None = None) -> None:
@@ -270,6 +301,13 @@ class TrainingLoop:
         saved = self.saves.for_stop(step, epoch, rng_state)
         raise TrainingInterrupted(f"interrupted by {stop.name} at step {step} of {self.args.max_train_steps}: {saved}",
                                   stop.exit_code)
+
+    def _save_before_failing(self, step: int, epoch: int, rng_state: dict | None) -> str:
+        """After a batch that cannot be read, saves the steps trained so far, as a stop does; says what it
+        saved. Not with several processes: the others go on to the next collective and would wait here."""
+        if self.accelerator.num_processes > 1 or step == self.first_step:
+            return ""
+        return f" Before stopping, {self.saves.for_stop(step, epoch, rng_state)}."
 
     def _micro_step(self, batch: dict, step: int, micro: int) -> torch.Tensor:
         accelerator = self.accelerator

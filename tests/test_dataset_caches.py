@@ -595,3 +595,33 @@ def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cach
                 entry = next(e for e in g.entries() if e.path == path)
                 assert caption == caption_for_cache(entry.caption, entry.subset.caption, canonical_path(path)) != ""
 
+
+
+def test_the_next_batchs_images_are_read_while_a_batch_is_encoded(tmp_path, monkeypatch):
+    """Images were read, resized and hashed one batch at a time while the encoder waited (with vae_batch_size 1,
+    one image at a time)."""
+    import threading
+
+    g = _group(tmp_path)  # a.png, b.png, c.png in one bucket
+    prepare_image, read, second_read = caches.prepare_image, [], threading.Event()
+
+    def prepare(path, *args, **kwargs):
+        read.append(os.path.basename(path))
+        if len(read) == 2:
+            second_read.set()
+        return prepare_image(path, *args, **kwargs)
+
+    class Waiting(StandInEncoder):
+        def encode(self, x):
+            if not self.calls:  # the first image's encode: the second image is read meanwhile
+                assert second_read.wait(10), "the next batch was not read while this one was encoded"
+            return super().encode(x)
+
+    monkeypatch.setattr(caches, "prepare_image", prepare)
+    encoder = Waiting()
+    for to_disk in (True, False):
+        read.clear()
+        second_read.clear()
+        encoder.calls.clear()
+        stats = LatentCacher(encoder, "ae", to_disk, batch_size=1).cache([g] if to_disk else [_group(tmp_path)])
+        assert stats.encoded == 3 and encoder.calls == [1, 1, 1] and sorted(read) == ["a.png", "b.png", "c.png"]

@@ -137,3 +137,34 @@ def test_a_state_of_a_run_started_at_initial_step_resumes_without_a_layout_warni
     caplog.clear()
     assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), resume=str(state), **flags)) == 0
     assert "falls in epoch" not in caplog.text
+
+
+def test_a_batch_that_cannot_be_read_keeps_the_steps_trained_before_it(tiny_model_files, tmp_path, monkeypatch,
+                                                                        capsys):  # fmt: skip
+    """A cache file damaged inside (found when read) ended the run with every step since the last save lost."""
+    from library.datasets import DatasetGroup
+    from library.errors import UserError
+
+    item, fetched = DatasetGroup.__getitem__, []
+
+    def damaged_third(self, index):
+        fetched.append(index)
+        if len(fetched) == 3:
+            raise UserError("/data/c_0064x0064_flux.npz: this cache file is damaged (...); delete it to re-cache it.")
+        return item(self, index)
+
+    monkeypatch.setattr(DatasetGroup, "__getitem__", damaged_third)
+    data = dataset(tmp_path, batch_size=1)
+    out = tmp_path / "out"
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(out), steps=4, **FLAGS)) == 1
+    state = out / "lora-step00000002-state"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (  # the last line: the progress bar went first
+        "error: /data/c_0064x0064_flux.npz: this cache file is damaged (...); delete it to re-cache it. Before "
+        f"stopping, saved the LoRA to {out / 'lora-step00000002.safetensors'} and the training state to {state} "
+        f"(continue with --resume {state}).")  # fmt: skip
+    assert sorted(os.listdir(out)) == ["lora-step00000002-state", "lora-step00000002.safetensors"]
+    fetched.clear()
+    monkeypatch.setattr(DatasetGroup, "__getitem__", damaged_third)
+    flags = dict(FLAGS, save_state=False)
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "first"), steps=4, **flags)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("(add --save_state to be able to resume).")
