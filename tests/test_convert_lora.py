@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 import convert_flux_lora
@@ -446,3 +447,19 @@ def test_an_output_name_other_than_safetensors_is_warned_about(tmp_path, caplog)
     assert load_safetensors(out)["lora_unet_final_layer_linear.lora_up.weight"].shape == (4, 1)
     (record,) = [r for r in caplog.records if "whatever its name" in r.getMessage()]
     assert record.getMessage().startswith(f"--dst_path {out}: the file is written in safetensors format")
+
+
+def test_converting_a_damaged_sd_scripts_lora_names_the_file(tmp_path, capsys):
+    from networks import convert_flux_lora
+
+    damaged = tmp_path / "damaged.safetensors"  # lora_up's rank is not lora_down's
+    safetensors.torch.save_file({"lora_unet_final_layer_linear.lora_down.weight": torch.zeros(2, 4),
+                                 "lora_unet_final_layer_linear.lora_up.weight": torch.zeros(4, 3)},
+                                str(damaged))  # fmt: skip
+    out = tmp_path / "out.safetensors"
+    assert convert_flux_lora.main(["--src", "sd-scripts", "--dst", "ai-toolkit", "--src_path", str(damaged),
+                                   "--dst_path", str(out)]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {damaged}: module lora_unet_final_layer_linear is damaged: its down is "
+                              "(2, 4) and its up (4, 3)")  # fmt: skip
+    assert not out.exists()

@@ -240,3 +240,34 @@ def test_validation_batches_mix_the_buckets_in_one_fixed_order(tmp_path):
 
     order = first_half()
     assert set(order) == {"p", "l"} and first_half() == order
+
+
+def test_a_one_image_subset_split_to_all_says_to_leave_the_split_out(caplog):
+    """No validation_split keeps one of one image: the advice is to leave it out, not a split of 0."""
+    from library.dataset_config import SubsetConfig
+    from library.dataset_sources import ImageRecord, split_subset
+
+    sub = SubsetConfig(label="datasets[0].subsets[0]", kind="dreambooth", image_dir="img", validation_split=0.9)
+    with caplog.at_level("WARNING"):
+        train, val = split_subset([ImageRecord("a.png", "c", (32, 32))], sub, 0)
+    assert (train, len(val)) == ([], 1)
+    assert ("validation_split = 0.9 of its 1 images rounds to all of them, so none of them trains; leave it out "
+            "to train on the image") in caplog.text  # fmt: skip
+    assert "keeps one for training" not in caplog.text
+
+
+def test_a_dataset_of_regularisation_images_only_names_its_config_file(tmp_path):
+    from library.dataset_config import load_dataset_configs
+    from library.datasets import build_dataset_groups
+
+    make_folder(tmp_path / "img", {"a.png": (64, 64)})
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 64
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / 'img'}"
+          is_reg = true
+        """)  # fmt: skip
+    with pytest.raises(UserError) as raised:
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    assert str(raised.value).startswith(f"{cfg}: datasets[0]: only regularisation images (is_reg = true)")

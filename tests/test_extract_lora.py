@@ -1,6 +1,7 @@
 """networks/flux_extract_lora.py: extracting from (base, base + a rank-r LoRA) at --dim r recovers the LoRA's
 weight changes, and the extracted file loads in the trainer and in inference."""
 
+import errno
 import os
 
 import numpy as np
@@ -254,4 +255,27 @@ def test_user_errors(tiny_model_files, tuned, tmp_path, capsys, case, message):
     assert extract(*args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err[-1]
+    assert not out.exists()
+
+
+def test_an_extraction_that_fails_to_write_is_one_error_line(tiny_model_files, tmp_path, capsys, monkeypatch):
+    import library.safetensors_io
+    from library.safetensors_io import load_safetensors, save_safetensors
+    from networks import flux_extract_lora
+
+    weights = load_safetensors(tiny_model_files.flux_dev)
+    key = next(k for k in weights if k.startswith("double_blocks.0.") and k.endswith("qkv.weight"))
+    tuned = str(tmp_path / "tuned.safetensors")
+    save_safetensors(weights | {key: weights[key] + 0.1 * torch.ones_like(weights[key])}, tuned)
+    out = tmp_path / "lora.safetensors"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    monkeypatch.setattr(library.safetensors_io, "save_safetensors", full_disk)
+    argv = ["--model_org", tiny_model_files.flux_dev, "--model_tuned", tuned, "--save_to", str(out), "--dim", "2"]
+    assert flux_extract_lora.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
     assert not out.exists()

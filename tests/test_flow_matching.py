@@ -393,3 +393,19 @@ def test_options_the_chosen_methods_never_read_are_named(options, unused):
     messages = fm.FlowMatchingConfig(**options).unused_options()
     assert [m.split()[0] for m in messages] == [f"--{name}" for name in unused]
     assert all("has no effect with --timestep_sampling" in m for m in messages)
+
+
+@pytest.mark.parametrize("options, unused", [
+    ({"timestep_sampling": "flux_shift", "sigmoid_scale": 2.0}, []),  # flux_shift draws sigmoid(scale · z) too
+    ({"weighting_scheme": "none"}, []),  # sd-scripts' name for no weighting: read, as uniform is
+    # sigma_sqrt and cosmap weight only the sigma_scaled prediction's loss
+    ({"timestep_sampling": "shift", "weighting_scheme": "sigma_sqrt", "model_prediction_type": "raw"},
+     ["weighting_scheme"]),
+    ({"timestep_sampling": "shift", "weighting_scheme": "cosmap", "model_prediction_type": "additive"},
+     ["weighting_scheme"]),
+])  # fmt: skip
+def test_unused_options_follow_what_each_method_reads(options, unused):
+    from library.flow_matching import FlowMatchingConfig
+
+    messages = FlowMatchingConfig(**options).unused_options()
+    assert [m.split()[0] for m in messages] == [f"--{name}" for name in unused]

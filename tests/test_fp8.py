@@ -4,6 +4,7 @@ what stays in the compute dtype, the error of scaled vs plain fp8, memory, fp8 f
 import copy
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -335,3 +336,11 @@ def test_only_a_plain_e4m3_t5_file_counts_as_one_that_can_stay_fp8(tmp_path):
     q = "encoder.block.0.layer.0.SelfAttention.q.weight"
     save_safetensors({**plain, q: plain[q].to(torch.bfloat16)}, files["mixed"])
     assert [t5_file_is_plain_fp8(files[kind]) for kind in files] == [True, False, False, False]
+
+
+def test_a_file_without_t5_linear_weights_is_not_a_plain_fp8_t5(tmp_path):
+    from library.fp8 import t5_file_is_plain_fp8
+
+    path = str(tmp_path / "not_t5.safetensors")
+    safetensors.torch.save_file({"shared.weight": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, path)
+    assert t5_file_is_plain_fp8(path) is False

@@ -3,6 +3,7 @@
 import logging
 
 import pytest
+import safetensors.torch
 import torch
 
 from library.errors import UserError
@@ -470,3 +471,30 @@ def test_entry_points_keep_sd_scripts_signatures():
         "pre_calculation",
     ):
         assert callable(getattr(network, name)), name
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_network_dropout_outside_0_to_1_is_refused(value):
+    from networks.lora_flux_args import dropout_args
+
+    with pytest.raises(UserError, match=rf"^--network_dropout {value}: expected a number in \[0, 1\)$"):
+        dropout_args({}, value)
+
+
+def test_load_weights_lists_only_the_files_own_keys_as_unexpected(tmp_path, caplog):
+    """A module of another model without alpha: its two weights are ignored, and no alpha is made up for it."""
+    from library.tiny_models import random_model, tiny_flux_params
+    from networks.lora_flux import create_network
+
+    flux = random_model(tiny_flux_params())
+    network = create_network(1.0, 4, 4.0, None, [None, None], flux)
+    weights = dict(network.state_dict())
+    foreign = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(8, 4)}  # fmt: skip
+    path = str(tmp_path / "extra.safetensors")
+    safetensors.torch.save_file(weights | foreign, path)
+    with caplog.at_level(logging.INFO):
+        info = network.load_weights(path)
+    assert sorted(info.unexpected_keys) == sorted(foreign)
+    assert "2 weights have no module here and are ignored" in caplog.text
+    assert "modules have no alpha" not in caplog.text

@@ -3,6 +3,9 @@ nothing that can."""
 
 from __future__ import annotations
 
+import logging
+from argparse import Namespace
+
 import pytest
 
 import flux_train_network
@@ -172,3 +175,23 @@ def test_schnell_is_known_from_the_header_and_sets_the_t5_length(tiny_model_file
     assert trainer.is_schnell is schnell
     trainer.prepare_before_loading(args, SimpleNamespace(datasets=[]), None)
     assert trainer.t5_max_length == length
+
+
+def test_a_validation_flag_alone_without_held_out_images_is_one_flag_that_has_no_effect(caplog):
+    from library.preflight import warn_about_validation_without_images
+
+    with caplog.at_level(logging.WARNING):
+        warn_about_validation_without_images(Namespace(validation_seed=3))
+    assert "--validation_seed: no image is held out for validation" in caplog.text
+    assert caplog.text.rstrip().endswith("so there is no validation and it has no effect")
+
+
+def test_an_output_name_folder_that_is_a_file_stops_the_run(tmp_path):
+    from library.preflight import check_output_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("x")  # --output_name a/lora needs out/a to be a folder
+    expected = rf"^--output_dir {out} with --output_name a/lora: {out / 'a'} is a file, not a folder; choose another"
+    with pytest.raises(UserError, match=expected):
+        check_output_folder(Namespace(output_dir=str(out), output_name="a/lora"))

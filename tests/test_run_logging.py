@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import types
+from argparse import Namespace
 
 import pytest
 import torch
@@ -88,3 +89,13 @@ def test_wandb_logs_carry_global_step_and_epoch_and_tensorboard_does_not(tiny_mo
     assert epoch_ends and all(last_step_of[epoch] == step for step, epoch in epoch_ends)
     assert logged["tensorboard"] and not any("global_step" in v or "epoch" in v for _, v in logged["tensorboard"])
     assert all(torch.isfinite(torch.tensor(v["loss/current"])) for _, v in logged["tensorboard"] if "loss/current" in v)
+
+
+@pytest.mark.parametrize("option", ["resume", "output_dir", "network_weights", "pretrained_model_name_or_path",
+                                    "sample_prompts", "logging_dir", "console_log_file"])  # fmt: skip
+def test_log_config_leaves_out_path_options_given_as_bare_names(option):
+    """A folder or file in the working folder has no separator, and still names the user's files."""
+    from library.run_logging import loggable_config
+
+    assert option not in loggable_config(Namespace(**{option: "my_project_v3", "network_dim": 4}))
+    assert loggable_config(Namespace(network_dim=4)) == {"network_dim": 4}

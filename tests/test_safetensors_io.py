@@ -147,3 +147,11 @@ def test_on_windows_a_save_onto_a_file_in_use_for_a_moment_is_tried_again(tmp_pa
     with pytest.raises(PermissionError):
         safetensors_io.save_safetensors({"w": torch.zeros(2)}, target)
     assert len(calls) == 1 and torch.equal(load_safetensors(target)["w"], torch.ones(2))
+
+
+def test_an_output_folder_that_cannot_be_searched_is_refused(tmp_path, monkeypatch):
+    """Writable but without search (execute) permission: no file can be created in it."""
+    from library.safetensors_io import output_folder_problem
+
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.X_OK)  # as a folder of mode 0o666 answers
+    assert output_folder_problem(tmp_path) == f"cannot write in {tmp_path} (no permission, or a read-only disk)"

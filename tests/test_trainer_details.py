@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import types
+from argparse import Namespace
 
 import pytest
 import torch
@@ -377,3 +378,63 @@ def test_skipping_to_an_initial_step_trains_what_the_full_run_trained_from_there
     assert [s for s, _ in full] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert skipped == [c for c in full if c[0] >= 4]
     assert sorted(os.listdir(tmp_path / "skip")) == ["lora-step00000005.safetensors", "lora.safetensors"]
+
+
+def test_the_trainer_warns_about_a_timestep_option_its_sampling_never_reads(tiny_model_files, tmp_path, caplog):
+    trainer = flux_train_network.FluxNetworkTrainer()
+    args = trainer.parser.parse_args(base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"),
+                                               sigmoid_scale=2.0))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        trainer.check_args(args)  # the default sigma sampling draws from the density: the scale is not read
+    assert caplog.text.count("--sigmoid_scale 2.0 has no effect with --timestep_sampling sigma") == 1
+
+
+def _check_args(models, tmp_path, **flags):
+    trainer = flux_train_network.FluxNetworkTrainer()
+    trainer.check_args(trainer.parser.parse_args(base_argv(models, dataset(tmp_path), str(tmp_path / "out"),
+                                                           **flags)))  # fmt: skip
+
+
+def test_split_mode_beyond_the_model_depth_says_split_mode_set_the_swap(tiny_model_files, tmp_path):
+    with pytest.raises(UserError) as raised:
+        _check_args(tiny_model_files, tmp_path, split_mode=True)
+    message = str(raised.value)
+    assert "--blocks_to_swap 18 is more than this model allows" in message
+    assert message.endswith("(set by --split_mode)")
+
+
+def test_split_mode_with_torch_compile_names_split_mode(tiny_model_files, tmp_path):
+    with pytest.raises(UserError, match=r"^--torch_compile with --split_mode \(--blocks_to_swap 18\) needs "
+                                        r"--gradient_checkpointing: "):  # fmt: skip
+        _check_args(tiny_model_files, tmp_path, split_mode=True, torch_compile=True)
+
+
+def test_a_data_url_thumbnail_is_not_looked_for_as_a_file(tiny_model_files, tmp_path):
+    trainer = flux_train_network.FluxNetworkTrainer()
+    thumbnail = "data:image/png;base64,iVBORw0KGgo="
+    args = trainer.parser.parse_args(base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"),
+                                               metadata_thumbnail=thumbnail))  # fmt: skip
+    trainer.check_inputs_before_loading(args)  # a missing file would stop here
+    with pytest.raises(UserError, match="^--metadata_thumbnail missing.png: file not found$"):
+        trainer.check_inputs_before_loading(Namespace(**(vars(args) | {"metadata_thumbnail": "missing.png"})))
+
+
+def test_t5_modules_with_cached_outputs_stop_before_the_models_load(tiny_model_files, tmp_path, capsys, monkeypatch):
+    from library.flux_utils import load_flow_model
+    from library.text_encoders import load_clip_l, load_t5xxl
+    from networks.lora_flux import create_network
+
+    _, dit = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
+    encoders = [load_clip_l(tiny_model_files.clip_l, torch.float32, "cpu"),
+                load_t5xxl(tiny_model_files.t5xxl, torch.float32, "cpu")]  # fmt: skip
+    weights = str(tmp_path / "with_t5.safetensors")
+    create_network(1.0, 4, 4.0, None, encoders, dit, train_t5xxl="True").save_weights(weights, None, {})
+    loaded = []
+    original = flux_train_network.FluxNetworkTrainer.load_target_model
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "load_target_model",
+                        lambda self, *a, **k: loaded.append(1) or original(self, *a, **k))  # fmt: skip
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1, network_weights=weights,
+                     dim_from_weights=True, cache_text_encoder_outputs=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 1
+    assert "has T5 modules (lora_te3_*), which --dim_from_weights trains" in capsys.readouterr().err
+    assert loaded == []

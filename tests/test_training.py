@@ -1,6 +1,7 @@
 """The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
+import errno
 import json
 import logging
 import os
@@ -532,3 +533,19 @@ def test_train_t5xxl_with_network_train_unet_only_says_it_does_nothing(tiny_mode
     weights = _train(tiny_model_files, tmp_path, network_args=["train_t5xxl=True"], network_train_unet_only=True)
     assert caplog.text.count("network_args train_t5xxl=True has no effect with --network_train_unet_only") == 1
     assert not any(k.startswith("lora_te") for k in weights)
+
+
+def test_output_config_that_fails_to_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk part-way through --output_config: one message, and neither the file nor its .tmp."""
+    from library.config_file import parse_args_with_config
+
+    def full_disk(values, f):
+        f.write("network_dim = ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(toml, "dump", full_disk)
+    config = tmp_path / "saved.toml"
+    with pytest.raises(UserError, match=r"^--output_config: cannot write .*saved\.toml \(No space left on device\)$"):
+        parse_args_with_config(flux_train_network.setup_parser(),
+                               ["--config_file", str(config), "--output_config", "--network_dim", "12"])  # fmt: skip
+    assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -267,3 +268,19 @@ def test_folder_dataset_records_keep_tokens(tmp_path):
     md = dataset_metadata(group.datasets, False, args)
     assert md["ss_keep_tokens"] == 2
     assert json.loads(md["ss_tag_frequency"]) == {"2_sks": {"sks": 1, "dog": 1}}
+
+
+def test_a_failed_git_command_gives_no_commit_whatever_it_printed(monkeypatch):
+    """`git rev-parse HEAD` in a repository without commits prints HEAD and fails: no commit, not 'HEAD'."""
+    from library import model_hashes
+
+    def no_commits(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, stdout="HEAD\n", stderr="fatal: ambiguous argument 'HEAD'")
+
+    monkeypatch.setattr(model_hashes.subprocess, "run", no_commits)
+    model_hashes.git_commit.cache_clear()
+    try:
+        assert model_hashes.git_commit() is None
+        assert model_hashes.implementation_version() == "flux-lora-trainer/unknown"
+    finally:
+        model_hashes.git_commit.cache_clear()

@@ -88,3 +88,26 @@ def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batche
             assert flux_train_network.main(argv) == 0
         losses.append([float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)])
     assert losses[0] and losses[0] == losses[1]
+
+
+def test_validation_runs_at_the_datasets_network_multiplier(tiny_model_files, tmp_path, monkeypatch):
+    """The held-out images are scored with the LoRA at their dataset's multiplier, as they train."""
+    seen = []
+    original = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, batch, step, sample_indices, fixed_sigma=None):
+        seen.append(("validation" if fixed_sigma is not None else "training", ctx.network.multiplier))
+        return original(self, ctx, batch, step, sample_indices, fixed_sigma=fixed_sigma)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    data = dataset(tmp_path, validation_split=0.34)
+    with open(data.dataset_toml, encoding="utf-8") as f:
+        config = f.read().replace("batch_size = 2\n", "batch_size = 2\nnetwork_multiplier = 0.5\n")
+    with open(data.dataset_toml, "w", encoding="utf-8") as f:
+        f.write(config)
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, network_train_unet_only=True,
+                     validate_every_n_steps=1)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    kinds = {kind for kind, _ in seen}
+    assert kinds == {"training", "validation"}
+    assert {m for _, m in seen} == {0.5}
