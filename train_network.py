@@ -534,18 +534,18 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        record_in_log_file(f"error: {e}")
+        record_in_log_file(f"error: {e}", logging.ERROR)
         return 1
     except TrainingInterrupted as e:
         if first_launched_process():  # every process stopped at the same step: one says what was saved
             print(str(e), file=sys.stderr)
-            record_in_log_file(str(e))
+            record_in_log_file(str(e), logging.WARNING)
         return e.exit_code
     except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
         message = ("interrupted while loading, caching or saving: every file written so far is complete (each is "
                    "written under a temporary name), and cache files already made are reused by the next run")
         print(message, file=sys.stderr)
-        record_in_log_file(message)
+        record_in_log_file(message, logging.WARNING)
         return 130
 
 

@@ -77,11 +77,11 @@ def setup_logging(args) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def record_in_log_file(message: str) -> None:
-    """Adds a message printed to the console (the run's outcome: its error, or where it stopped) to the
-    --console_log_file, which otherwise ends without it."""
-    record = logging.makeLogRecord({"name": "train_network", "msg": message, "levelno": logging.ERROR,
-                                    "levelname": "ERROR"})  # fmt: skip
+def record_in_log_file(message: str, level: int = logging.INFO) -> None:
+    """Adds a message printed to the console (the run's outcome: where the LoRA went, its error, or where it
+    stopped) to the --console_log_file, which otherwise ends without it."""
+    record = logging.makeLogRecord({"name": "train_network", "msg": message, "levelno": level,
+                                    "levelname": logging.getLevelName(level)})  # fmt: skip
     for handler in logging.getLogger().handlers:
         if getattr(handler, "flux_trainer", False) and isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -324,6 +324,13 @@ def test_the_console_log_file_is_written_by_the_first_process_and_ends_with_the_
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("error: ")
         assert path.read_text().strip().splitlines()[-1] == f"ERROR train_network: {error}"
+
+        class Trained:
+            def train(self, args):
+                return "out/lora.safetensors"
+
+        assert train_network.main(["--console_log_file", str(path)], trainer=Trained()) == 0
+        assert path.read_text().strip().splitlines()[-1] == "INFO train_network: saved the LoRA to out/lora.safetensors"
     finally:
         setup_logging(Namespace())  # the console handler alone again
 
