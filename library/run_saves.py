@@ -95,9 +95,9 @@ class RunSaves:
         self.accelerator.wait_for_everyone()
         return saved
 
-    def final(self, steps: int, epoch: int) -> str:
+    def final(self, steps: int) -> str:
         # the LoRA first: a state that does not fit on the disk then costs the state alone
-        path = self.model(model_file_name(self.args.output_name, "last", None, self.ext), steps, epoch)
+        path = self.model(model_file_name(self.args.output_name, "last", None, self.ext), steps, self._epoch_of(steps))
         if self.args.save_state or self.args.save_state_on_train_end:
             self.state("last", None, steps)
         self.accelerator.wait_for_everyone()
@@ -139,13 +139,17 @@ class RunSaves:
             # the epoch the last finished step falls in, counted as --resume counts it (run_start.check_resume_step),
             # not the loop's, from which a stop before an epoch's first step or --initial_step without
             # --skip_until_initial_step set it apart
-            progress = TrainProgress(max(1, math.ceil(steps / self.steps_per_epoch)), steps, self.args.seed)
+            progress = TrainProgress(self._epoch_of(steps), steps, self.args.seed)
             with self._writing(path):
                 save_training_state(path, self.network.state_dict(), self.optimizer.optimizer, self.lr_scheduler,
                                     progress, scaler, rng_states)
             logger.info("saved the training state to %s", path)
         self.states.append((steps, path))
         return path
+
+    def _epoch_of(self, steps: int) -> int:
+        """The 1-based epoch the last of ``steps`` steps falls in."""
+        return max(1, math.ceil(steps / self.steps_per_epoch))
 
     def _checkpoint(self, kind: str, number: int, steps: int, epoch: int) -> None:
         self.model(model_file_name(self.args.output_name, kind, number, self.ext), steps, epoch)

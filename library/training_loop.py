@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 import signal
 import zlib
@@ -229,8 +228,7 @@ class TrainingLoop:
                 logger.warning("%s received at the end of the run: it has finished its steps, so it saves its "
                                "final files as usual (skipping any sampling and validation still due)",
                                stop.name)  # fmt: skip
-            # the epoch the last step belongs to
-            return self.saves.final(global_step, math.ceil(global_step / max(self.steps_per_epoch, 1)))
+            return self.saves.final(global_step)
 
     def _epochs(self, first_epoch, global_step, loader, sampler, progress, stop, skip_data) -> int:
         args, accelerator = self.args, self.accelerator
