@@ -273,16 +273,8 @@ def test_te_outputs_cached_without_the_t5_mask_are_encoded_again_with_it(tmp_pat
 def test_on_windows_names_that_differ_in_case_alone_are_refused_one_cache_file(tmp_path, monkeypatch):
     """NTFS ignores case: A.png and a.jpg write one a_flux_te.npz there, and one image trained on the other's
     caption; the check compared the names as written."""
-    make_folder(tmp_path / "img", {"A.png": (32, 32), "a.jpg": (32, 32)}, {"A.png": "red car", "a.jpg": "blue boat"})
     monkeypatch.setattr(os.path, "normcase", str.lower)  # what ntpath.normcase does, case-wise
-    cfg = write_toml(tmp_path / "c.toml", f"""
-        [[datasets]]
-        resolution = 32
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / 'img'}"
-          caption_extension = ".txt"
-        """)
-    g = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+    g = _group(tmp_path, names=("A.png", "a.jpg"))  # captions "caption A" and "caption a"
     with pytest.raises(UserError, match=r"would share the text-encoder cache a_flux_te\.npz with two captions"):
         TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
     with pytest.raises(UserError, match=r"would share the latent cache a_0032x0032_flux\.npz"):
