@@ -58,6 +58,7 @@ from library.lora_formats import (  # noqa: E402
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
     check_output_file,
+    is_comfy_scaled_fp8,
     read_header,
     read_metadata,
     same_file,
@@ -180,6 +181,11 @@ def lora_name_map(keys: list[str], kind: str) -> dict[str, str]:
     return names
 
 
+def _flag(kind: str) -> str:
+    """The option that names a checkpoint of this kind."""
+    return "--flux_model" if kind == "flux" else f"--{kind}"
+
+
 def _model_type(keys) -> str:
     keys = [k[len(FLUX_PREFIX) :] if k.startswith(FLUX_PREFIX) else k for k in keys]
     if any(k.startswith("distilled_guidance_layer.") for k in keys):
@@ -194,11 +200,13 @@ def plan_model_merges(
     """For each checkpoint kind, key -> [(module, ratio, label)]; checks names and shapes first."""
     headers = {kind: read_header(path)[0] for kind, path in targets.items()}
     diffusers_dit = "flux" in headers and any(k.startswith("transformer_blocks.") for k in headers["flux"])
-    if "flux" in headers and any(k.endswith(".scale_weight") for k in headers["flux"]):
-        raise UserError(
-            f"--flux_model {targets['flux']}: a ComfyUI scaled-fp8 checkpoint cannot be merged into; "
-            "merge into the bf16 / fp16 original, then use --save_precision fp8"
-        )
+    for kind, header in headers.items():
+        # its weights count times a per-tensor scale_weight: an update added to them would be rescaled
+        if is_comfy_scaled_fp8(header):
+            raise UserError(
+                f"{_flag(kind)} {targets[kind]}: a ComfyUI scaled-fp8 checkpoint cannot be merged into; "
+                "merge into the bf16 / fp16 original, then use --save_precision fp8"
+            )
     maps = {kind: lora_name_map(list(h), kind) for kind, h in headers.items()}
     plan: dict[str, dict[str, list]] = {kind: {} for kind in targets}
     if diffusers_dit:  # a diffusers-layout DiT: its modules are named as in ai-toolkit files
@@ -223,7 +231,7 @@ def plan_model_merges(
                 )
             plan[kind].setdefault(key, []).append((w, lora.ratio, f"{_stem(lora.path)}:{name}"))
         if len(unmatched) == total:
-            given = ", ".join(f"--{'flux_model' if k == 'flux' else k} {p}" for k, p in targets.items())
+            given = ", ".join(f"{_flag(k)} {p}" for k, p in targets.items())
             raise UserError(
                 f"{lora.path}: none of its {total} modules (e.g. {unmatched[0]}) is in {given}. "
                 "Is it a LoRA for this model? Text-encoder modules need --clip_l / --t5xxl"

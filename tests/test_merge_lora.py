@@ -16,6 +16,7 @@ from library.lora_formats import to_ai_toolkit
 from library.safetensors_io import load_safetensors, read_header, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l, load_t5xxl
 from library.tiny_models import random_model, tiny_flux_params, write_model
+from library.tiny_text_encoders import write_tiny_t5
 from networks import flux_merge_lora
 from networks.lora_flux import create_network, create_network_from_weights
 from tests.test_lora_math import assert_close_to, dit_inputs, randomize_lora
@@ -324,6 +325,8 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("other_input_width", "img_attn_proj changes a 64x32 weight, but double_blocks.0.img_attn.proj.weight in "),
         ("more_ratios", "--ratios: 2 given for 1 --models; give one per LoRA"),
         ("scaled_fp8", "scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged into"),
+        # its update was added to the fp8 numbers, then multiplied by their scale: a tiny part of it merged
+        ("scaled_fp8_t5", "--t5xxl {tmp}/t5_scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged"),
         ("clip_save_to_without_clip", "--clip_l_save_to needs --clip_l: the model to merge into"),
         ("save_to_without_flux_model", "--save_to is the merged DiT's file: give --flux_model too"),
         ("fp8_precision", "--precision fp8: the merge arithmetic needs float, fp16 or bf16"),
@@ -375,6 +378,9 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         weights["double_blocks.0.img_attn.proj.scale_weight"] = torch.tensor(0.5)
         save_safetensors(weights, tmp_path / "scaled.safetensors")
         args = ["--flux_model", tmp_path / "scaled.safetensors", "--save_to", out, "--models", lora]
+    elif case == "scaled_fp8_t5":
+        write_tiny_t5(tmp_path / "t5_scaled.safetensors", fp8="scaled")
+        args = ["--t5xxl", tmp_path / "t5_scaled.safetensors", "--t5xxl_save_to", out, "--models", lora]
     elif case == "clip_save_to_without_clip":
         args = [*flux, "--clip_l_save_to", tmp_path / "te.safetensors", "--models", lora]
     elif case == "save_to_without_flux_model":
