@@ -90,6 +90,17 @@ _AIT_BARE = (
     # BFL's own module paths, as ComfyUI-style peft files name them (diffusion_model.double_blocks.0.img_attn.qkv)
     "double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
 )  # fmt: skip
+_SD_SCRIPTS_PREFIXES = ("lora_unet_", "lora_te")
+_PEFT_MODEL_PREFIX = "base_model.model."  # peft's own adapter files (adapter_model.safetensors)
+_ONETRAINER_DIT_PREFIX = "lora_transformer_"  # diffusers module paths with "_" for "." (OneTrainer)
+_RESPELLED_SUFFIXES = {
+    ".lora_down.weight": ".lora_A.weight",
+    ".lora_up.weight": ".lora_B.weight",
+    ".lora_A.weight": ".lora_A.weight",
+    ".lora_B.weight": ".lora_B.weight",
+    ".alpha": ".alpha",
+}
+_DIFFUSERS_BLOCK_UNDERSCORED = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
 # key markers of adapters that are not plain LoRAs: read as one, they would be applied wrongly
 _UNSUPPORTED_KINDS = {
     "oft_": "OFT (oft_* keys)",
@@ -147,14 +158,56 @@ def refuse_unsupported_kinds(keys: Iterable[str], source: str = "LoRA") -> None:
             raise UserError(f"{source}: {kind} files are not supported; give a LoRA (lora_down/up or lora_A/B keys)")
 
 
-def detect_format(keys: Iterable[str], source: str = "LoRA") -> str:
-    """``sd-scripts`` or ``ai-toolkit`` from the key names; UserError naming ``source`` otherwise."""
+def _diffusers_path(underscored: str) -> str | None:
+    """``transformer_blocks_0_attn_to_q`` -> ``transformer_blocks.0.attn.to_q`` (a FLUX module), or None."""
+    if m := _DIFFUSERS_BLOCK_UNDERSCORED.match(underscored):
+        block, index, part = m.groups()
+        table = DOUBLE_MODULES if block == "transformer_blocks" else SINGLE_MODULES
+        parts = {p.replace(".", "_"): p for names in table.values() for p in names}
+        return f"{block}.{index}.{parts[part]}" if part in parts else None
+    return next((v for v in GLOBAL_MODULES.values() if v.replace(".", "_") == underscored), None)
+
+
+def _respelled_key(key: str) -> str:
+    """One key of another tool's spelling of the two formats, in ai-toolkit's spelling; others unchanged."""
+    suffix = next((s for s in _RESPELLED_SUFFIXES if key.endswith(s)), None)
+    if suffix is None:
+        return key
+    module = key[: -len(suffix)]
+    if module.startswith(_PEFT_MODEL_PREFIX):
+        module = module[len(_PEFT_MODEL_PREFIX) :]
+    elif module.startswith(_ONETRAINER_DIT_PREFIX):
+        path = _diffusers_path(module[len(_ONETRAINER_DIT_PREFIX) :])
+        if path is None:
+            return key
+        module = "transformer." + path
+    elif "." not in module:
+        return key  # sd-scripts' names (lora_unet_*, lora_te1_*) have no dots
+    # only a module the reader knows is renamed: an unknown one is reported under its own key
+    return module + _RESPELLED_SUFFIXES[suffix] if _ait_module_name(module) else key
+
+
+def respelled_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict with other tools' spellings of the two formats renamed to ai-toolkit's, so one reader
+    serves them: peft's ``base_model.model.`` prefix, ``lora_down`` / ``lora_up`` on module paths
+    (ComfyUI's extracted LoRAs: ``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight``), and
+    OneTrainer's ``lora_transformer_<diffusers path with _>``. sd-scripts' names are left as they are."""
+    return {_respelled_key(k): v for k, v in sd.items()}
+
+
+def formats_in(keys: Iterable[str], source: str = "LoRA") -> set[str]:
+    """The formats whose keys a state dict holds (``sd-scripts``, ``ai-toolkit`` or both: OneTrainer names its
+    DiT modules as diffusers does and its text-encoder modules as sd-scripts does); UserError naming ``source``
+    for a file of neither or of another kind of adapter."""
     keys = list(keys)
     refuse_unsupported_kinds(keys, source)
+    found = set()
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return SD_SCRIPTS
+        found.add(SD_SCRIPTS)
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return AI_TOOLKIT
+        found.add(AI_TOOLKIT)
+    if found:
+        return found
     shown = ", ".join(keys[:3]) or "no tensors at all"
     raise UserError(
         f"{source}: not a LoRA in sd-scripts' format (lora_unet_*.lora_down.weight) or ai-toolkit's / "
@@ -360,13 +413,14 @@ def to_sd_scripts(
     A plain module keeps its weights; its alpha is the file's, or the rank (scale 1). The parts of
     a fused projection become one module (see :func:`_fuse`); parts a file lacks stay zero.
     """
-    fmt = detect_format(sd.keys(), source)
-    if fmt == SD_SCRIPTS:
-        return Converted(dict(sd), source_format=SD_SCRIPTS)
+    sd = respelled_keys(sd)
+    if AI_TOOLKIT not in formats_in(sd.keys(), source):
+        return Converted(sd, source_format=SD_SCRIPTS)
     modules, leftover = ai_toolkit_modules(sd, metadata, source)
     groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
-    unsupported = list(leftover)
-    out: dict[str, Tensor] = {}
+    # sd-scripts' own modules beside diffusers' (OneTrainer names text-encoder modules as sd-scripts does)
+    out: dict[str, Tensor] = {k: sd[k] for k in leftover if k.startswith(_SD_SCRIPTS_PREFIXES)}
+    unsupported = [k for k in leftover if k not in out]
     for name, w in modules.items():
         target = ai_toolkit_to_sd_scripts_name(name)
         if target is None and (sds_name := bfl_module_to_sd_scripts_name(name)):
@@ -463,9 +517,12 @@ def to_ai_toolkit(
     sd-scripts modules with no diffusers counterpart (T5 ``lora_te3_*``, unknown names) are
     returned in ``unsupported``.
     """
-    fmt = detect_format(sd.keys(), source)
-    if fmt == AI_TOOLKIT:
-        return Converted(dict(sd), source_format=AI_TOOLKIT)
+    sd = respelled_keys(sd)
+    formats = formats_in(sd.keys(), source)
+    if SD_SCRIPTS not in formats:
+        return Converted(sd, source_format=AI_TOOLKIT)
+    if AI_TOOLKIT in formats:  # both: into one naming first
+        sd = to_sd_scripts(sd, metadata, source).state_dict
     modules, leftover = sd_scripts_modules(sd, source)
     out: dict[str, Tensor] = {}
     unsupported = list(leftover)
@@ -516,9 +573,11 @@ def convert(
 ) -> Converted:
     """Converts between formats; the file's real format must be ``src``."""
     src, dst = canonical_format(src), canonical_format(dst)
-    found = detect_format(sd.keys(), source)
-    if found != src:
-        raise UserError(f"{source} is in {found}'s format, not {src}'s: pass --src {found}")
+    sd = respelled_keys(sd)
+    found = formats_in(sd.keys(), source)
+    if src not in found:
+        (other,) = found
+        raise UserError(f"{source} is in {other}'s format, not {src}'s: pass --src {other}")
     if dst == SD_SCRIPTS:
         converted = to_sd_scripts(sd, metadata, source)
         converted.state_dict = merge_identical_downs(converted.state_dict)

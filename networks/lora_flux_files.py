@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from library.errors import CheckpointError
+from library.lora_formats import PEFT_METADATA_KEY
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
 from library.safetensors_io import (
     load_safetensors,
@@ -23,6 +24,7 @@ from library.safetensors_io import (
 )
 from networks.lora_flux_targets import is_split_target, split_parts
 
+PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
 SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
 
@@ -32,8 +34,10 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
 
     An sd-scripts split_qkv file comes back as this project writes one (:func:`with_trained_split_alpha`),
     so every tool here applies the strength it was trained at."""
+    if os.path.isdir(file):
+        raise CheckpointError(f"{file}: a folder; give the LoRA file in it (a peft adapter's is {PEFT_ADAPTER_FILE})")
     if str(file).endswith(".safetensors"):
-        return with_trained_split_alpha(load_safetensors(file), read_metadata(file))
+        return with_trained_split_alpha(load_safetensors(file), with_peft_config(file, read_metadata(file)))
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: file not found")
     try:
@@ -45,6 +49,20 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{file}: holds a {type(state_dict).__name__}, not a LoRA state dict of tensors")
     return state_dict, {}
+
+
+def with_peft_config(file: str | os.PathLike, metadata: dict[str, str]) -> dict[str, str]:
+    """A peft adapter's metadata with its ``adapter_config.json`` (lora_alpha, alpha_pattern, rsLoRA) added, as
+    diffusers records the same settings inside its files; a file without such a config beside it is unchanged."""
+    config = Path(file).with_name(PEFT_CONFIG_FILE)
+    if Path(file).name != PEFT_ADAPTER_FILE or PEFT_METADATA_KEY in metadata or not config.is_file():
+        return metadata
+    try:
+        text = config.read_text(encoding="utf-8")
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config}: the peft adapter's config cannot be read ({e})") from None
+    return {**metadata, PEFT_METADATA_KEY: text}
 
 
 def check_lora_file(file: str | os.PathLike, flag: str) -> None:

@@ -463,3 +463,70 @@ def test_converting_a_damaged_sd_scripts_lora_names_the_file(tmp_path, capsys):
     assert err[-1].startswith(f"error: {damaged}: module lora_unet_final_layer_linear is damaged: its down is "
                               "(2, 4) and its up (4, 3)")  # fmt: skip
     assert not out.exists()
+
+
+def _respelled(sd: dict, spelling: str, model) -> dict:
+    """An sd-scripts LoRA state dict as another tool writes the same modules."""
+    if spelling == "comfyui":  # ComfyUI's "extract and save LoRA": BFL paths, lora_down / lora_up
+        paths = {"lora_unet_" + name.replace(".", "_"): name for name, _ in model.named_modules()}
+        out = {}
+        for key, value in sd.items():
+            module, _, rest = key.partition(".")
+            out[f"diffusion_model.{paths[module]}.{rest}" if module in paths else key] = value
+        return out
+    ait = to_ai_toolkit(sd).state_dict
+    if spelling == "peft":  # peft's own adapter file: one model, base_model.model. prefix
+        return {"base_model.model." + k.removeprefix("transformer."): v for k, v in ait.items()
+                if k.startswith("transformer.")}  # fmt: skip
+    # OneTrainer: diffusers paths with "_" and lora_down / lora_up; text-encoder modules as sd-scripts names them
+    out = {k: v for k, v in sd.items() if k.startswith("lora_te1_")}
+    for key, value in ait.items():
+        if key.startswith("transformer."):
+            module, _, kind = key.removeprefix("transformer.").partition(".lora_")
+            kind = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
+            out[f"lora_transformer_{module.replace('.', '_')}.{kind}"] = value
+    return out
+
+
+@pytest.mark.parametrize("spelling", ["comfyui", "onetrainer", "peft"])
+def test_other_tools_spellings_of_the_formats_are_read(encoders, tmp_path, spelling):
+    """ComfyUI, OneTrainer and peft write the same modules under other names: they were refused as
+    LoRAs for another model."""
+    model = random_model(tiny_flux_params())
+    source = load_safetensors(write_lora(tmp_path / "lora.safetensors", model, [encoders[0], None], alpha=3.0))
+    respelled = _respelled(source, spelling, model)
+    assert not any(k.startswith(("lora_unet_", "transformer.")) for k in respelled)
+    expected = {k: v for k, v in deltas(source).items() if spelling != "peft" or k.startswith("lora_unet_")}
+    converted = to_sd_scripts(respelled)
+    assert converted.unsupported == []
+    assert_same_changes(expected, deltas(converted.state_dict))
+    # and into diffusers' naming (OneTrainer's text-encoder modules too)
+    assert_same_changes(expected, deltas(to_sd_scripts(to_ai_toolkit(respelled).state_dict).state_dict))
+    # the tools read them too: the LoRA converter with its default --src ai-toolkit
+    save_safetensors(respelled, tmp_path / "other.safetensors")
+    assert convert("ai-toolkit", "sd-scripts", tmp_path / "other.safetensors", tmp_path / "back.safetensors") == 0
+    assert_same_changes(expected, deltas(load_safetensors(tmp_path / "back.safetensors")))
+
+
+def test_a_peft_adapter_reads_its_alpha_from_the_config_beside_it(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_safetensors({"base_model.model.transformer_blocks.0.attn.to_out.0.lora_A.weight": a,
+                      "base_model.model.transformer_blocks.0.attn.to_out.0.lora_B.weight": b},
+                     adapter / "adapter_model.safetensors")  # fmt: skip
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    assert convert("ai-toolkit", "sd-scripts", adapter / "adapter_model.safetensors", tmp_path / "out.safetensors") == 0
+    (delta,) = deltas(load_safetensors(tmp_path / "out.safetensors")).values()
+    torch.testing.assert_close(delta, 2 * (b.double() @ a.double()))  # lora_alpha / r = 2
+
+    # the folder itself is named as one, with the file to give
+    assert convert("ai-toolkit", "sd-scripts", adapter, tmp_path / "folder.safetensors") == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"{adapter}: a folder; give the LoRA file in it (a peft adapter's is adapter_model.safetensors)"
+    )
+    # a config that is no JSON is named
+    (adapter / "adapter_config.json").write_text("{r: 4")
+    assert convert("ai-toolkit", "sd-scripts", adapter / "adapter_model.safetensors", tmp_path / "x.safetensors") == 1
+    assert f"{adapter / 'adapter_config.json'}: the peft adapter's config cannot be read" in capsys.readouterr().err
