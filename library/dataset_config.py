@@ -211,6 +211,23 @@ def _resolve(config: dict, args: argparse.Namespace, source: str) -> list[Datase
     return result
 
 
+def _check_caption_separator(cap: CaptionOptions, r: _Resolver, label: str, source: str) -> None:
+    """An empty caption_separator, as sd-scripts takes it: fine until an option splits the captions by it."""
+    if cap.caption_separator != "":
+        return
+    splitting = {"shuffle_caption": cap.shuffle_caption, "token_warmup_step": cap.token_warmup_step > 0,
+                 "caption_tag_dropout_rate": cap.caption_tag_dropout_rate > 0,
+                 "keep_tokens_separator": cap.keep_tokens_separator != ""}  # fmt: skip
+    splitter = next((key for key, on in splitting.items() if on), None)
+    if splitter is None:
+        return
+    why = f"an empty separator cannot split the captions, which {splitter} (set in {r.origins[splitter]}) splits"
+    origin = r.origins["caption_separator"]
+    if origin == "command line":
+        raise UserError(f"{_cli_flag('caption_separator')} '': {why} in {label}; give a separator such as ','.")
+    raise config_error(source, origin, f"caption_separator = '': {why} in {label}; give a separator such as ','.")
+
+
 def _resolve_subset(sub, ds, general, cli, label, kind, source) -> SubsetConfig:
     r = _Resolver([(label, sub), (label.rsplit(".", 1)[0], ds), ("[general]", general), ("command line", cli)])
     cap = CaptionOptions(**{k: r.get(k, CaptionOptions.__dataclass_fields__[k].default) for k in _CAPTION_FIELDS})
@@ -230,6 +247,7 @@ def _resolve_subset(sub, ds, general, cli, label, kind, source) -> SubsetConfig:
         _range(source, label, key, value, 0.0, 1.0, r.origins.get(key))
     for key in ("keep_tokens", "token_warmup_min", "token_warmup_step", "caption_dropout_every_n_epochs"):
         _range(source, label, key, getattr(cap, key), 0, math.inf, r.origins.get(key))
+    _check_caption_separator(cap, r, label, source)
     face = r.get("face_crop_aug_range")
     if face is not None:
         raise config_error(

@@ -44,12 +44,6 @@ def _str(v):
     raise BadValue("expected a string (in quotes)")
 
 
-def _separator(v):
-    if _str(v) == "":
-        raise BadValue("an empty separator cannot split a caption; leave the key out for the default ','")
-    return v
-
-
 def _table(v):
     if isinstance(v, dict):
         return dict(v)
@@ -92,7 +86,7 @@ SCHEMA: dict[str, tuple[Any, tuple[str, ...], bool]] = {
     "keep_tokens": (_int, ALL3, False),
     "keep_tokens_separator": (_str, ALL3, False),
     "secondary_separator": (_str, ALL3, False),
-    "caption_separator": (_separator, ALL3, False),
+    "caption_separator": (_str, ALL3, False),  # "" only where no caption is split (checked per subset)
     "enable_wildcard": (_bool, ALL3, False),
     "token_warmup_min": (_int, ALL3, False),
     "token_warmup_step": (_float, ALL3, False),

@@ -221,8 +221,6 @@ def test_a_value_out_of_range_names_where_it_was_set(tmp_path, general, sub, cli
 @pytest.mark.parametrize(
     "cli, message",
     [
-        # the file refuses an empty separator; from the command line it split the first batch's captions
-        (["--caption_separator", ""], r"^--caption_separator '': an empty separator cannot split a caption"),
         (["--face_crop_aug_range", "a,b"], r"^--face_crop_aug_range 'a,b': expected two numbers"),
         (["--face_crop_aug_range", "2.0"], r"^--face_crop_aug_range \(2\.0,\): expected \[number, number\]"),
     ],
@@ -231,6 +229,37 @@ def test_command_line_settings_pass_the_files_checks(tmp_path, cli, message):
     cfg = write_toml(tmp_path / "c.toml", '[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "a"\n')
     with pytest.raises(UserError, match=message):
         load_dataset_configs(make_args("--dataset_config", cfg, *cli))
+
+
+@pytest.mark.parametrize(
+    "general, sub, cli, message",
+    [
+        # sd-scripts takes "" as long as no option splits the captions by it (GUIs write it so)
+        ('caption_separator = ""', "", [], None),
+        ("", "", ["--caption_separator", ""], None),
+        ('caption_separator = ""', "", ["--shuffle_caption"], r": \[general\]: caption_separator = '': an empty "
+         r"separator cannot split the captions, which shuffle_caption \(set in command line\) splits in "
+         r"datasets\[0\]\.subsets\[0\]; give a separator such as ','\.$"),
+        ("shuffle_caption = true", "", ["--caption_separator", ""], r"^--caption_separator '': an empty separator "
+         r"cannot split the captions, which shuffle_caption \(set in \[general\]\) splits in datasets\[0\]"),
+        ("", 'caption_separator = ""\ncaption_tag_dropout_rate = 0.1', [], r": datasets\[0\]\.subsets\[0\]: "
+         r"caption_separator = '': .* which caption_tag_dropout_rate \(set in datasets\[0\]\.subsets\[0\]\)"),
+        ("", 'caption_separator = ""\ntoken_warmup_step = 5', [], r"which token_warmup_step"),
+        ("", 'caption_separator = ""\nkeep_tokens_separator = "|||"', [], r"which keep_tokens_separator"),
+        # the command line's "" is only a fallback: a subset with its own separator does not use it
+        ("", 'caption_separator = ";"\nshuffle_caption = true', ["--caption_separator", ""], None),
+    ],
+)
+def test_an_empty_caption_separator_stops_only_where_captions_are_split(tmp_path, general, sub, cli, message):
+    cfg = write_toml(tmp_path / "c.toml", f'[general]\n{general}\n[[datasets]]\nresolution = 64\n'
+                     f'[[datasets.subsets]]\nimage_dir = "a"\n{sub}\n')  # fmt: skip
+    args = make_args("--dataset_config", cfg, *cli)
+    if message is None:
+        (d,) = load_dataset_configs(args)
+        assert d.subsets[0].caption.caption_separator == (";" if "shuffle" in sub else "")
+    else:
+        with pytest.raises(UserError, match=message):
+            load_dataset_configs(args)
 
 
 def test_face_crop_aug_range_is_refused_with_its_origin(tmp_path):

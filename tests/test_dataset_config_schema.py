@@ -130,7 +130,6 @@ def test_cli_only_key_in_config_points_to_the_flag():
         ("resolution", "1024", "expected an integer or [width, height]"),
         ("resolution", [1024, 768, 1], "expected an integer or [width, height]"),
         ("network_multiplier", "x", "expected a number"),
-        ("caption_separator", "", "an empty separator cannot split a caption"),
     ],
 )
 def test_wrong_type_names_the_expected_type(key, value, expected):
