@@ -25,6 +25,7 @@ from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
 from library.network_interop import OWN_NETWORK_MODULES, network_module_name, report_loaded_weights
 from library.run_logging import (
+    HeldRecords,
     first_launched_process,
     loggable_config,
     process_group_kwargs,
@@ -352,6 +353,8 @@ class NetworkTrainer:
                     f"--base_weights_multiplier has {len(args.base_weights_multiplier)} values for "
                     f"{len(args.base_weights)} --base_weights files; give one per file"
                 )
+        if args.base_weights and not all(args.base_weights):
+            raise UserError("--base_weights: an empty file name; give the LoRA files to merge, or leave the option out")
         thumbnail = args.metadata_thumbnail if not (args.metadata_thumbnail or "").startswith("data:") else None
         for flag, paths in (("--network_weights", [args.network_weights]), ("--base_weights", args.base_weights),
                             ("--metadata_thumbnail", [thumbnail])):  # fmt: skip
@@ -522,8 +525,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     parser = parser or setup_parser()
     tolerant_stdout()
     try:
-        args = parse_args_with_config(parser, argv)
+        with HeldRecords() as config_warnings:  # logged where the arguments say, once they are read
+            args = parse_args_with_config(parser, argv)
         setup_logging(args)
+        config_warnings.replay()
         if trainer is None:  # the hooks that load and run a model are a subclass's
             raise UserError("train_network.py holds the generic loop and trains no model by itself: run "
                             "flux_train_network.py with the same arguments")  # fmt: skip

@@ -8,6 +8,7 @@ warn instead of failing, because GUIs write extra keys of their own.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,7 +37,7 @@ def flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-_NOT_A_CHOICE = object()
+_DEFAULT_KEPT = object()  # the key is read as not given: the option keeps its default
 
 
 def _convert(action: argparse.Action, value: Any, path: str) -> Any:
@@ -45,7 +46,7 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
     step count that takes ratios is a ratio: kohya_ss writes its warmup slider's 100% as ``lr_warmup_steps =
     1.0``, the whole run. GUIs write every option they show (kohya_ss writes ``persistent_data_loader_workers
     = 1``): on/off flags take 0 and 1 too, and a value outside an option's choices warns and leaves the
-    default (:data:`_NOT_A_CHOICE`)."""
+    default (:data:`_DEFAULT_KEPT`), as does an empty string for a list option (``network_args = ""``)."""
 
     def bad(v: Any, why: str) -> UserError:
         return UserError(f"{path}: {action.dest} = {v!r}: {why}")
@@ -64,17 +65,19 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
                 raise bad(v, str(e)) from None
         if action.choices is not None and v not in action.choices:
             if action.dest in IGNORED_FOR_FLUX:  # no effect either way (kohya_ss writes max_token_length = 75)
-                return _NOT_A_CHOICE
+                return _DEFAULT_KEPT
             shown = ", ".join(repr(c) for c in action.choices if c is not None)
             logger.warning("%s: %s = %r is not one of %s; the default %r is used", path, action.dest, v, shown,
                            action.default)  # fmt: skip
-            return _NOT_A_CHOICE
+            return _DEFAULT_KEPT
         return v
 
     if action.nargs == 0:  # an on/off flag (store_true): a quoted "false" would be a true string
         if isinstance(value, bool) or value in (0, 1):
             return bool(value)
         raise bad(value, "give true or false, without quotes")
+    if action.nargs in ("*", "+") and value == "":
+        return _DEFAULT_KEPT  # GUIs write an empty list option so; sd-scripts reads it as none given
     if action.nargs in ("*", "+") and not isinstance(value, list):
         value = [value]
     if isinstance(value, list) and action.nargs in (None, "?"):
@@ -83,7 +86,7 @@ def _convert(action: argparse.Action, value: Any, path: str) -> Any:
         raise bad(value, "expected one value, not a list")
     if isinstance(value, list):
         items = [one(v) for v in value]
-        return _NOT_A_CHOICE if _NOT_A_CHOICE in items else items
+        return _DEFAULT_KEPT if _DEFAULT_KEPT in items else items
     return one(value)
 
 
@@ -108,9 +111,19 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
             logger.warning("%s: unknown key %r ignored", path, key)
             continue
         converted = _convert(actions[key], value, path)
-        if converted is not _NOT_A_CHOICE:
+        if converted is not _DEFAULT_KEPT:
             values[key] = converted
     return values
+
+
+def _toml_encoder():
+    """toml's encoder with strings written as JSON writes them (valid TOML basic strings): toml 0.10
+    writes a Windows path such as ``D:\\xl\\out`` with escapes it cannot read back."""
+    import toml
+
+    encoder = toml.TomlEncoder()
+    encoder.dump_funcs[str] = lambda v: json.dumps(v, ensure_ascii=False)
+    return encoder
 
 
 def write_config_file(path: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -135,7 +148,7 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
-            toml.dump(values, f)
+            toml.dump(values, f, encoder=_toml_encoder())
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):

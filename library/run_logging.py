@@ -36,6 +36,39 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class HeldRecords(logging.Handler):
+    """Holds what is logged while the arguments are read (the config file's warnings), before the
+    logging they choose (``console_log_*``, which the config file may set) exists: inside ``with``, the
+    root logger's handlers are this one alone; :meth:`replay` then sends the records where
+    :func:`setup_logging` put the run's logging, from the first process only. Should reading fail,
+    they are replayed at once, to the handlers there were."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> HeldRecords:
+        root = logging.getLogger()
+        self._handlers = root.handlers[:]
+        root.handlers[:] = [self]
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        logging.getLogger().handlers[:] = self._handlers
+        if error_type is not None:
+            self.replay()
+
+    def replay(self) -> None:
+        root = logging.getLogger()
+        records, self.records = self.records, []
+        for record in records:
+            if first_launched_process() and record.levelno >= root.getEffectiveLevel():
+                root.handle(record)
+
+
 def first_launched_process() -> bool:
     """Whether this is the first of the processes ``accelerate launch`` started (or the only process),
     known before the Accelerator exists: for the work one process does before it (messages, clean-up)."""

@@ -1,7 +1,6 @@
 """The trainer run in-process through ``flux_train_network.main(argv)``: resume exactness, learning,
 config files and user errors. (Runs through ``accelerate launch`` are in test_training_launch.py.)"""
 
-import errno
 import json
 import logging
 import os
@@ -11,12 +10,9 @@ import shutil
 
 import numpy as np
 import pytest
-import toml
 import torch
 
 import flux_train_network
-from library.config_file import parse_args_with_config
-from library.errors import UserError
 from library.safetensors_io import load_safetensors, read_metadata
 from library.train_state import read_rng_states
 from tests.training_helpers import base_argv, dataset
@@ -291,6 +287,8 @@ def test_no_metadata_keeps_only_the_minimal_keys(tiny_model_files, tmp_path):
          "--network_dropout 0.1 and --network_args dropout=0.3 disagree: give one of them"),
         # a missing thumbnail was a traceback after the models had loaded
         (None, {"metadata_thumbnail": "missing.png"}, "--metadata_thumbnail missing.png: file not found"),
+        # it was "error: : file not found", after the dataset scan
+        (None, {"base_weights": [""]}, "--base_weights: an empty file name; give the LoRA files to merge"),
         (None, {"lr_scheduler": "cosine", "lr_scheduler_args": ["bogus=1"]},
          "--lr_scheduler cosine with --lr_scheduler_args ['bogus=1']: "),
         # -1 validated every step, 0 never by step; 0 and -1 epochs meant every epoch
@@ -386,135 +384,6 @@ def test_chroma_without_t5_mask_is_refused(tiny_model_files, tmp_path, capsys):
     assert "--model_type chroma needs --apply_t5_attn_mask" in capsys.readouterr().err
 
 
-def test_config_file_sections_are_flattened_and_the_command_line_wins(tmp_path, caplog):
-    config = tmp_path / "run.toml"
-    config.write_text(
-        "[training]\nmax_train_steps = 77\nlearning_rate = 0.5\n[network]\nnetwork_dim = 8\n"
-        "network_args = ['img_attn_dim=4']\n[gui]\nsome_gui_setting = 3\n"
-    )
-    parser = flux_train_network.setup_parser()
-    args = parse_args_with_config(parser, ["--config_file", str(config), "--learning_rate", "0.1"])
-    assert args.max_train_steps == 77
-    assert args.learning_rate == 0.1  # the command line overrides the file
-    assert args.network_dim == 8 and args.network_args == ["img_attn_dim=4"]
-    assert "some_gui_setting" in caplog.text  # unknown keys warn instead of failing
-    assert parser.get_default("max_train_steps") == 1600  # the parser is left as it was
-
-
-@pytest.mark.parametrize("line, message", [
-    ('cache_latents_to_disk = "false"', "cache_latents_to_disk = 'false': give true or false, without quotes"),
-    ("cache_latents_to_disk = 2", "cache_latents_to_disk = 2: give true or false, without quotes"),
-    ("max_train_steps = 1.5", "max_train_steps = 1.5: invalid literal for int()"),
-    ("max_train_steps = true", "max_train_steps = True: expected a value, not true or false"),
-    ("max_train_steps = [2]", "max_train_steps = [2]: expected one value, not a list"),  # was a TypeError later
-])
-def test_config_file_values_that_mean_something_else_stop(tmp_path, line, message):
-    """A quoted "false" would turn a flag on; a fraction of a step has no meaning."""
-    config = tmp_path / "run.toml"
-    config.write_text(line + "\n")
-    with pytest.raises(UserError) as e:
-        parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert str(e.value).startswith(f"{config}: {message}")
-
-
-def test_config_file_values_outside_the_choices_warn_and_keep_the_default(tmp_path, caplog):
-    # GUIs write every option they show: kohya_ss writes dynamo_backend = "no" and an int for a checkbox
-    config = tmp_path / "run.toml"
-    config.write_text('dynamo_backend = "no"\nmixed_precision = "fp32"\nsave_model_as = "bin"\n'
-                      "persistent_data_loader_workers = 1\ncache_latents = 0\ntext_encoder_lr = [1, 2]\n")  # fmt: skip
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert (args.dynamo_backend, args.mixed_precision, args.save_model_as) == ("no", "no", "safetensors")
-    assert "dynamo_backend" not in caplog.text  # "no" is a choice: accelerate's, kohya_ss writes it on every run
-    assert f"{config}: save_model_as = 'bin' is not one of 'ckpt', 'pt', 'safetensors'" in caplog.text
-    assert "mixed_precision = 'fp32' is not one of 'no', 'fp16', 'bf16'; the default 'no' is used" in caplog.text
-    assert args.persistent_data_loader_workers is True and args.cache_latents is False
-    assert args.text_encoder_lr == [1.0, 2.0] and all(type(rate) is float for rate in args.text_encoder_lr)
-
-
-def test_config_file_values_take_the_options_types(tmp_path, caplog):
-    config = tmp_path / "run.toml"
-    config.write_text("max_train_steps = 10.0\nlr_warmup_steps = 1.0\nlr_decay_steps = 20.0\noutput_name = 2024\n"
-                      "learning_rate = 1\n"
-                      "max_token_length = 75\n")  # fmt: skip
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert args.max_train_steps == 10 and type(args.max_train_steps) is int
-    # a float up to 1 is a ratio, as sd-scripts reads it: kohya_ss writes its warmup slider's 100% as 1.0
-    assert args.lr_warmup_steps == 1.0 and type(args.lr_warmup_steps) is float
-    assert args.lr_decay_steps == 20 and type(args.lr_decay_steps) is int  # above 1: steps
-    assert args.output_name == "2024" and args.learning_rate == 1.0 and type(args.learning_rate) is float
-    assert args.max_token_length is None  # not one of sd-scripts' 150, 225: it has no effect for FLUX anyway
-    assert "max_token_length" not in caplog.text  # and kohya_ss writes 75 on every run: no warning
-
-
-def test_config_file_single_values_of_list_options_and_a_name_without_suffix(tmp_path):
-    config = tmp_path / "run.toml"
-    config.write_text('text_encoder_lr = 1e-5\nnetwork_args = "img_attn_dim=4"\n')
-    # sd-scripts adds .toml to a --config_file given without it
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(tmp_path / "run")])
-    assert args.text_encoder_lr == [1e-5] and args.network_args == ["img_attn_dim=4"]  # lists, as on the command line
-
-
-def test_config_file_resolution_may_be_written_as_in_a_dataset_config(tmp_path):
-    config = tmp_path / "run.toml"
-    config.write_text("resolution = [64, 48]\nface_crop_aug_range = [2.0, 4.0]\n")
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert args.resolution == "64,48"  # the command line's form, recorded as such in the metadata
-    assert args.face_crop_aug_range == "2.0,4.0"
-
-
-def test_output_config_into_a_new_folder_creates_it_and_a_blocked_one_is_one_message(tmp_path):
-    config = tmp_path / "configs" / "saved.toml"
-    with pytest.raises(SystemExit):
-        parse_args_with_config(flux_train_network.setup_parser(),
-                               ["--config_file", str(config), "--output_config", "--network_dim", "12"])  # fmt: skip
-    assert toml.load(config) == {"network_dim": 12}
-    (tmp_path / "a_file").write_text("x")
-    blocked = tmp_path / "a_file" / "saved.toml"
-    with pytest.raises(UserError, match=rf"^--output_config: cannot write {re.escape(str(blocked))} \("):
-        parse_args_with_config(flux_train_network.setup_parser(),
-                               ["--config_file", str(blocked), "--output_config"])  # fmt: skip
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "configs"] and os.listdir(tmp_path / "configs") == ["saved.toml"]
-
-
-def test_output_config_under_several_processes_is_written_by_the_first(tmp_path, monkeypatch):
-    """Every process raced to write it: one wrote it, the next stopped with "exists already" (exit 1)."""
-    config = tmp_path / "saved.toml"
-    argv = ["--config_file", str(config), "--output_config", "--network_dim", "12"]
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit) as exited:
-        parse_args_with_config(flux_train_network.setup_parser(), argv)
-    assert exited.value.code == 0 and not config.exists()
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit):
-        parse_args_with_config(flux_train_network.setup_parser(), argv)
-    assert toml.load(config) == {"network_dim": 12}
-
-
-@pytest.mark.parametrize("first_line", ["network_dim = 8", "[network]\nnetwork_dim = 8"])
-def test_config_file_with_a_bom_reads_its_first_key(tmp_path, first_line):
-    config = tmp_path / "bom.toml"
-    config.write_text("\ufeff" + first_line + "\nnetwork_alpha = 8\n", encoding="utf-8")
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert (args.network_dim, args.network_alpha) == (8, 8)
-
-
-def test_output_config_writes_the_arguments(tmp_path, caplog):
-    config = tmp_path / "saved.toml"
-    argv = ["--config_file", str(config), "--output_config", "--network_dim", "12", "--wandb_api_key", "KEY"]
-    with pytest.raises(SystemExit) as done:
-        parse_args_with_config(flux_train_network.setup_parser(), argv)
-    assert done.value.code == 0
-    # what differs from the defaults, and no API key
-    assert toml.load(config) == {"network_dim": 12}
-    assert "wandb_api_key not written" in caplog.text
-    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config)])
-    assert args.network_dim == 12 and args.max_train_steps == 1600
-    # an existing file, hand-written or not, is never replaced
-    with pytest.raises(UserError, match=r"--output_config: .*saved\.toml exists already"):
-        parse_args_with_config(flux_train_network.setup_parser(), [*argv[:3], "--network_dim", "4"])
-    assert toml.load(config) == {"network_dim": 12}
-
-
 def _train(models, tmp_path, **flags) -> dict:
     out = str(tmp_path / "out")
     assert flux_train_network.main(base_argv(models, dataset(tmp_path), out, steps=1, **flags)) == 0
@@ -534,18 +403,3 @@ def test_train_t5xxl_with_network_train_unet_only_says_it_does_nothing(tiny_mode
     assert caplog.text.count("network_args train_t5xxl=True has no effect with --network_train_unet_only") == 1
     assert not any(k.startswith("lora_te") for k in weights)
 
-
-def test_output_config_that_fails_to_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """A full disk part-way through --output_config: one message, and neither the file nor its .tmp."""
-    from library.config_file import parse_args_with_config
-
-    def full_disk(values, f):
-        f.write("network_dim = ")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(toml, "dump", full_disk)
-    config = tmp_path / "saved.toml"
-    with pytest.raises(UserError, match=r"^--output_config: cannot write .*saved\.toml \(No space left on device\)$"):
-        parse_args_with_config(flux_train_network.setup_parser(),
-                               ["--config_file", str(config), "--output_config", "--network_dim", "12"])  # fmt: skip
-    assert os.listdir(tmp_path) == []
