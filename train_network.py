@@ -324,6 +324,7 @@ class NetworkTrainer:
             check_learning_rates,
             check_output_folder,
             warn_about_earlier_outputs,
+            warn_about_unused_text_encoder_rates,
         )
 
         check_counts(args)
@@ -331,7 +332,9 @@ class NetworkTrainer:
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         if args.full_fp16 and args.mixed_precision != "fp16":
             raise UserError("--full_fp16 needs --mixed_precision fp16")
-        check_learning_rates(args, self.text_encoders_with_lora(args))
+        text_encoders_with_lora = self.text_encoders_with_lora(args)
+        check_learning_rates(args, text_encoders_with_lora)
+        warn_about_unused_text_encoder_rates(args, text_encoders_with_lora, parse_network_args(args.network_args))
         if tracker_names(args):
             read_tracker_config(args)
         self.network_module = self.import_network_module(args)

@@ -105,6 +105,32 @@ def check_learning_rates(args, text_encoders_with_lora: list[int] | None = None)
         raise UserError(ZERO_RATES)
 
 
+TEXT_ENCODERS = ("CLIP-L", "T5")  # the order of --text_encoder_lr's two rates
+
+
+def warn_about_unused_text_encoder_rates(args, text_encoders_with_lora: list[int] | None, network_kwargs: dict) -> None:
+    """Text-encoder learning rates that no LoRA module takes (Chroma has no CLIP-L; T5 has modules only with
+    ``train_t5xxl=True``): the run trains as if they were not given, and their metadata says otherwise.
+    ``text_encoders_with_lora`` as for :func:`check_learning_rates`; None says nothing."""
+    if text_encoders_with_lora is None or args.network_train_unet_only:  # the latter is warned about already
+        return
+    rates = args.text_encoder_lr or []
+    # CLIP-L lacks modules only in Chroma, which has none; T5 has them only when asked for
+    why = {0: "Chroma has no CLIP-L", 1: "T5 gets LoRA modules only with --network_args train_t5xxl=True"}
+    if not text_encoders_with_lora:
+        unused = [f"--text_encoder_lr {' '.join(map(str, rates))}"] if rates else []
+        ratio = network_kwargs.get("loraplus_text_encoder_lr_ratio")
+        unused += [f"--network_args loraplus_text_encoder_lr_ratio={ratio}"] if ratio is not None else []
+        for setting in unused:
+            logger.warning("%s is not used: no text encoder gets LoRA modules in this run (%s)", setting,
+                           " and ".join(why.values()))  # fmt: skip
+        return
+    for i in range(len(rates) if len(rates) > 1 else 0):
+        if i not in text_encoders_with_lora:
+            logger.warning("--text_encoder_lr %s: the %s rate (%s) is not used: %s", " ".join(map(str, rates)),
+                           ("first", "second")[i], TEXT_ENCODERS[i], why[i])  # fmt: skip
+
+
 @contextmanager
 def _quiet(*names: str):
     """Lets the rehearsal's info lines and warnings wait for the real build, which prints them."""

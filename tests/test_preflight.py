@@ -195,3 +195,39 @@ def test_an_output_name_folder_that_is_a_file_stops_the_run(tmp_path):
     expected = rf"^--output_dir {out} with --output_name a/lora: {out / 'a'} is a file, not a folder; choose another"
     with pytest.raises(UserError, match=expected):
         check_output_folder(Namespace(output_dir=str(out), output_name="a/lora"))
+
+
+T5_ONLY = "T5 gets LoRA modules only with --network_args train_t5xxl=True"
+
+
+@pytest.mark.parametrize("argv, warnings", [
+    # Chroma has no CLIP-L: without train_t5xxl no text encoder trains, whatever the rates say
+    (["--model_type", "chroma", "--text_encoder_lr", "1e-4", "5e-5"],
+     [f"--text_encoder_lr 0.0001 5e-05 is not used: no text encoder gets LoRA modules in this run (Chroma has no "
+      f"CLIP-L and {T5_ONLY})"]),
+    (["--model_type", "chroma", "--network_args", "loraplus_text_encoder_lr_ratio=4"],
+     ["--network_args loraplus_text_encoder_lr_ratio=4 is not used: no text encoder gets LoRA modules"]),
+    (["--model_type", "chroma", "--network_args", "train_t5xxl=True", "--text_encoder_lr", "1e-4", "5e-5"],
+     ["--text_encoder_lr 0.0001 5e-05: the first rate (CLIP-L) is not used: Chroma has no CLIP-L"]),
+    (["--text_encoder_lr", "1e-4", "5e-5"], [f"--text_encoder_lr 0.0001 5e-05: the second rate (T5) is not used: "
+                                             f"{T5_ONLY}"]),
+    (["--text_encoder_lr", "1e-4"], []),  # one rate for every text encoder that trains
+    (["--text_encoder_lr", "1e-4", "5e-5", "--network_args", "train_t5xxl=True"], []),
+    (["--model_type", "chroma", "--network_args", "train_t5xxl=True", "--text_encoder_lr", "1e-4"], []),
+    (["--model_type", "chroma", "--network_args", "train_t5xxl=True", "loraplus_text_encoder_lr_ratio=4"], []),
+    # the unet-only warning says it already
+    (["--model_type", "chroma", "--network_train_unet_only", "--text_encoder_lr", "1e-4"], []),
+])  # fmt: skip
+def test_text_encoder_rates_no_module_takes_are_named(argv, warnings, caplog):
+    """They were recorded in the metadata (ss_text_encoder_lr) and trained nothing, without a word."""
+    from library.preflight import warn_about_unused_text_encoder_rates
+    from train_network import parse_network_args
+
+    args = parse(*argv)
+    with caplog.at_level(logging.WARNING):
+        warn_about_unused_text_encoder_rates(
+            args, flux_train_network.FluxNetworkTrainer().text_encoders_with_lora(args),
+            parse_network_args(args.network_args),
+        )  # fmt: skip
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == len(warnings) and all(m.startswith(w) for m, w in zip(messages, warnings, strict=True))
