@@ -292,6 +292,8 @@ def load_pipeline(args) -> Pipeline:
     dtype = str_to_dtype(args.dtype, "--dtype")
     compute = torch.bfloat16 if dtype in FP8_DTYPES else dtype
     clip_dtype = str_to_dtype(args.clip_l_dtype, "--clip_l_dtype", dtype)
+    if args.model_type == "chroma" and args.clip_l_dtype is not None:
+        logger.warning("--clip_l_dtype %s is ignored for Chroma, which has no CLIP-L", args.clip_l_dtype)
     t5_dtype = str_to_dtype(args.t5xxl_dtype, "--t5xxl_dtype", dtype)
     ae_dtype = str_to_dtype(args.ae_dtype, "--ae_dtype", dtype)
     flux_dtype = str_to_dtype(args.flux_dtype, "--flux_dtype", dtype)
@@ -303,7 +305,8 @@ def load_pipeline(args) -> Pipeline:
     specs = [parse_lora_spec(s) for s in args.lora_weights]
     fp8_dit = flux_dtype in FP8_DTYPES
     dit_compute = compute if fp8_dit else flux_dtype  # sampling runs in the DiT's own dtype, as in sd-scripts
-    logger.info("dtypes: DiT %s, CLIP-L %s, T5 %s, AE %s; the DiT computes in %s on %s", flux_dtype, clip_dtype,
+    clip_text = f", CLIP-L {clip_dtype}" if args.model_type == "flux" else ""
+    logger.info("dtypes: DiT %s%s, T5 %s, AE %s; the DiT computes in %s on %s", flux_dtype, clip_text,
                 t5_dtype, ae_dtype, dit_compute, device)  # fmt: skip
 
     # an fp8 DiT is loaded on the CPU in the compute dtype, cast, and only then moved to the device

@@ -3,6 +3,7 @@ applied vs merged, Chroma with CFG through the trainer's sampler, interactive pr
 
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_a_lora_without_alpha_tensors_applies_at_scale_one(tiny_model_files, tmp
     assert np.abs(with_alpha - without).max() == 0
 
 
-def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path):
+def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path, caplog):
     from library.flux_sampling import SampleSettings, generate_image, make_encode_prompts
     from library.flux_utils import load_ae, load_flow_model
     from library.text_encoders import FluxTextEncodingStrategy, load_t5xxl
@@ -110,8 +111,13 @@ def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path):
 
     image, text = generate(tiny_model_files, tmp_path, "cfg", "--seed", 5, "--negative_prompt", "blurry",
                            model_type="chroma")  # fmt: skip
-    no_cfg, _ = generate(tiny_model_files, tmp_path, "nocfg", "--seed", 5, "--negative_prompt", "blurry",
-                         "--cfg_scale", "1.0", model_type="chroma")  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        no_cfg, _ = generate(tiny_model_files, tmp_path, "nocfg", "--seed", 5, "--negative_prompt", "blurry",
+                             "--cfg_scale", "1.0", "--clip_l_dtype", "fp16", model_type="chroma")  # fmt: skip
+    # there is no CLIP-L: its dtype was taken in silence, and the log line named one
+    assert "--clip_l_dtype fp16 is ignored for Chroma, which has no CLIP-L" in caplog.text
+    (dtypes,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtypes: ")]
+    assert dtypes.startswith("dtypes: DiT torch.float32, T5 torch.float32, AE")
     assert (text["model"], text["guidance"], text["cfg_scale"], text["negative_prompt"]) == (
         "chroma", "0.0", "4.0", "blurry")  # fmt: skip
     assert np.abs(image - no_cfg).max() > 10, "CFG changes the image"
