@@ -347,11 +347,13 @@ def load_pipeline(args) -> Pipeline:
 def load_loras(specs, dit, text_encoders, *, merge: bool, device, dtype) -> list[LoadedLoRA]:
     """Each ``(path, multiplier)`` as a LoRA network applied to (or merged into) the models."""
     from library.lora_formats import to_sd_scripts
-    from networks.lora_flux import create_network_from_weights, read_lora_file
+    from networks.lora_flux import create_network_from_weights, detect_model_type, read_lora_file
+    from networks.lora_flux_files import base_model_version, warn_if_made_for_another_model
 
     loaded = []
     for path, multiplier in specs:
         sd, metadata = read_lora_file(path)
+        warn_if_made_for_another_model(path, "--lora_weights", base_model_version(detect_model_type(dit)), metadata)
         converted = to_sd_scripts(sd, metadata, source=path)
         if converted.unsupported:
             logger.warning("%s: %d modules this tool cannot apply are skipped: %s", path, len(converted.unsupported),

@@ -139,7 +139,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flux_utils import load_ae, load_flow_model
         from library.fp8 import FP8, dit_load_dtype, quantize_dit_, t5_file_is_plain_fp8
         from library.text_encoders import load_clip_l, load_t5xxl
-        from networks.lora_flux_files import lora_file_keys
+        from networks.lora_flux_files import base_model_version, lora_file_keys
 
         dit_fp8 = args.fp8_base or args.fp8_base_unet
         if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
@@ -173,7 +173,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             if model is not None:
                 model.requires_grad_(False).eval()
         dit.cpu_offload_checkpointing = args.cpu_offload_checkpointing  # used once checkpointing is enabled
-        version = "chroma" if args.model_type == "chroma" else "flux1"
+        version = base_model_version(args.model_type)
         return train_network.TargetModels(version, [clip_l, t5xxl], ae, dit)  # all on the CPU (place_models)
 
     def merge_base_weights(self, ctx, network_module) -> None:

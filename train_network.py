@@ -393,6 +393,8 @@ class NetworkTrainer:
         return prepare_sample_prompts(args)
 
     def create_network(self, ctx: RunContext):
+        from networks.lora_flux_files import warn_if_made_for_another_model
+
         args = ctx.args
         network_module = self.network_module
         text_encoders, dit = self.network_targets(ctx)
@@ -427,20 +429,9 @@ class NetworkTrainer:
             if network_module_name(args) not in OWN_NETWORK_MODULES:  # ours reports what it left out itself
                 report_loaded_weights(args.network_weights, loaded)
             logger.info("loaded --network_weights %s", args.network_weights)
-            self.warn_if_trained_on_another_model(args.network_weights, ctx.models.version)
+            warn_if_made_for_another_model(args.network_weights, "--network_weights", ctx.models.version)
         self.prepare_for_training(ctx, network)
         return network
-
-    @staticmethod
-    def warn_if_trained_on_another_model(path: str, version: str) -> None:
-        """A LoRA of another base model loads when its module names match (a Chroma LoRA on FLUX.1),
-        and trains on from weights made for other activations: say so."""
-        from library.safetensors_io import read_metadata
-
-        trained_on = read_metadata(path).get("ss_base_model_version") if path.endswith(".safetensors") else None
-        if trained_on and trained_on != version:
-            logger.warning("--network_weights %s was trained on %s (ss_base_model_version); this run trains %s",
-                           path, trained_on, version)  # fmt: skip
 
     def after_network_created(self, ctx: RunContext, network) -> None:
         """Model-specific checks of the created network (e.g. T5 LoRA vs. cached outputs)."""
@@ -453,6 +444,7 @@ class NetworkTrainer:
         if not args.base_weights:
             return
         from library.cache_files import file_fingerprint
+        from networks.lora_flux_files import warn_if_made_for_another_model
 
         multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights)
         text_encoders, dit = self.network_targets(ctx)
@@ -462,6 +454,7 @@ class NetworkTrainer:
             )
             module.merge_to(text_encoders, dit, weights_sd, self.merged_weights_dtype(ctx), ctx.accelerator.device)
             logger.info("merged --base_weights %s at %s", path, multiplier)
+            warn_if_made_for_another_model(path, "--base_weights", ctx.models.version)
             if any(k.startswith("lora_te") for k in weights_sd):  # sd-scripts' prefix of text-encoder modules
                 ctx.text_encoder_base_weights.append([file_fingerprint(path), multiplier])
 

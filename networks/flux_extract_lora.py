@@ -57,6 +57,7 @@ from library.safetensors_io import (  # noqa: E402
     same_file,
     warn_unless_safetensors_name,
 )
+from networks.lora_flux_files import base_model_version  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def svd(
     model_type = _model_type(list(org.shapes))
     metadata = {
         "ss_v2": "False",
-        "ss_base_model_version": "chroma" if model_type == "chroma" else "flux1",
+        "ss_base_model_version": base_model_version(model_type),
         "ss_network_module": "networks.lora_flux",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),

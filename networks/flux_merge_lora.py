@@ -65,6 +65,11 @@ from library.safetensors_io import (  # noqa: E402
     warn_unless_safetensors_name,
     write_safetensors_streaming,
 )
+from networks.lora_flux_files import (  # noqa: E402
+    BASE_MODEL_VERSIONS,
+    base_model_version,
+    warn_if_made_for_another_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +304,10 @@ def merge_to_models(args, loras: list[LoadedLoRA], merge_dtype: torch.dtype, sav
     targets = {kind: path for kind, path in given.items() if path}
     outputs = {"flux": args.save_to, "clip_l": args.clip_l_save_to, "t5xxl": args.t5xxl_save_to}
     plan = plan_model_merges(targets, loras)
+    if "flux" in targets:
+        version = base_model_version(_model_type(read_header(targets["flux"])[0]))
+        for lora in loras:
+            warn_if_made_for_another_model(lora.path, "--models", version, lora.metadata)
     written = []
     for kind, src in targets.items():
         metadata = dict(read_metadata(src))
@@ -390,6 +399,10 @@ def save_merged_lora(args, loras: list[LoadedLoRA], save_dtype: torch.dtype | No
         sd = {k: v if k.endswith(".alpha") else v.to(save_dtype) for k, v in sd.items()}
     first = loras[0].metadata
     base_version = first.get("ss_base_model_version") or "flux1"
+    versions = {lora.path: lora.metadata.get("ss_base_model_version") for lora in loras}
+    if len({v for v in versions.values() if v in BASE_MODEL_VERSIONS}) > 1:
+        logger.warning("--models were trained on different base models (%s): their merge is recorded as %s",
+                       ", ".join(f"{p}: {v}" for p, v in versions.items() if v), base_version)  # fmt: skip
     same = lambda values: str(next(iter(values))) if len(set(values)) == 1 else "Dynamic"  # noqa: E731
     metadata = {
         "ss_v2": "False",

@@ -4,6 +4,7 @@ metadata, ModelSpec and sd-scripts' hashes; and the split_qkv alpha convention r
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from library.safetensors_io import (
 )
 from networks.lora_flux_targets import is_split_target, split_parts
 
+logger = logging.getLogger(__name__)
 PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
 SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
@@ -63,6 +65,26 @@ def with_peft_config(file: str | os.PathLike, metadata: dict[str, str]) -> dict[
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config}: the peft adapter's config cannot be read ({e})") from None
     return {**metadata, PEFT_METADATA_KEY: text}
+
+
+BASE_MODEL_VERSIONS = ("flux1", "chroma")  # ss_base_model_version of FLUX.1 (dev, schnell) and Chroma LoRAs
+
+
+def base_model_version(model_type: str | None) -> str:
+    """``ss_base_model_version`` of a model type (``dev``, ``schnell``, ``flux`` or ``chroma``)."""
+    return "chroma" if model_type == "chroma" else "flux1"
+
+
+def warn_if_made_for_another_model(file: str | os.PathLike, flag: str, version: str, metadata=None) -> None:
+    """A LoRA of the other base model (a Chroma LoRA on FLUX.1, or the reverse) loads wherever its module names
+    match and changes the model by what was learnt for other activations: says so, naming ``flag``. Files
+    that record no version, or one of another family, are left alone."""
+    if metadata is None:
+        metadata = read_metadata(file) if str(file).endswith(".safetensors") else {}
+    made_for = metadata.get("ss_base_model_version")
+    if made_for in BASE_MODEL_VERSIONS and made_for != version:
+        logger.warning("%s %s was trained on %s (ss_base_model_version), and this model is %s", flag, file,
+                       made_for, version)  # fmt: skip
 
 
 def check_lora_file(file: str | os.PathLike, flag: str) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 import flux_minimal_inference
 from library.lora_formats import to_ai_toolkit
-from library.safetensors_io import load_safetensors, save_safetensors
+from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l
 from library.tiny_models import TinyModelFiles
 from tests.test_merge_lora import write_lora
@@ -130,6 +130,16 @@ def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path, cap
     settings = SampleSettings("A photo of a cat", "blurry", 64, 80, 3, 5, guidance=0.0, cfg_scale=4.0)
     reference = generate_image(dit, ae, settings, encode_prompts=encode, model_type="chroma", dtype=torch.float32)
     assert np.abs(image - np.asarray(reference).astype(np.int16)).max() <= 1
+
+
+def test_a_lora_of_another_base_model_is_named(tiny_model_files, tmp_path, lora_file, caplog):
+    chroma = str(tmp_path / "chroma_labelled.safetensors")
+    metadata = {**read_metadata(lora_file), "ss_base_model_version": "chroma"}
+    save_safetensors(load_safetensors(lora_file), chroma, metadata)
+    with caplog.at_level(logging.WARNING):
+        generate(tiny_model_files, tmp_path, "other", "--lora_weights", chroma)
+    assert f"--lora_weights {chroma} was trained on chroma (ss_base_model_version), and this model is flux1" in (
+        caplog.messages)
 
 
 def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, monkeypatch, capsys):

@@ -521,3 +521,18 @@ def test_sd_scripts_split_qkv_files_merge_and_convert_at_their_trained_strength(
     parts = [converted[f"{prefix}.{p}.lora_B.weight"] @ converted[f"{prefix}.{p}.lora_A.weight"]
              for p in ("to_q", "to_k", "to_v")]  # fmt: skip
     torch.testing.assert_close(torch.cat(parts), trained[qkv], rtol=1e-5, atol=1e-7)
+
+
+def test_loras_of_another_base_model_are_named(tiny_model_files, dev, tmp_path, caplog):
+    """A Chroma LoRA's module names fit FLUX.1: it was merged into it, or with FLUX.1 LoRAs, in silence."""
+    lora = write_lora(tmp_path / "lora.safetensors", dev)
+    chroma = str(tmp_path / "chroma_labelled.safetensors")
+    save_safetensors(load_safetensors(lora), chroma, {**read_metadata(lora), "ss_base_model_version": "chroma"})
+    with caplog.at_level(logging.WARNING):
+        assert merge("--flux_model", tiny_model_files.flux_dev, "--save_to", tmp_path / "m.safetensors",
+                     "--models", chroma) == 0  # fmt: skip
+        assert merge("--save_to", tmp_path / "l.safetensors", "--models", chroma, lora) == 0
+    assert caplog.messages.count(f"--models {chroma} was trained on chroma (ss_base_model_version), and this model "
+                                 "is flux1") == 1  # fmt: skip
+    assert (f"--models were trained on different base models ({chroma}: chroma, {lora}: flux1): their merge is "
+            "recorded as chroma") in caplog.messages  # fmt: skip

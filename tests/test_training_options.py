@@ -77,18 +77,21 @@ def test_network_weights_continue_and_dim_from_weights_reads_ranks(tiny_model_fi
     assert read_metadata(os.path.join(second, "lora.safetensors"))["ss_network_dim"] == "6"
 
 
-def test_network_weights_of_another_base_model_are_warned_about(tmp_path, caplog):
+@pytest.mark.parametrize("made_for, version, warned", [
+    ("chroma", "flux1", True), ("flux1", "chroma", True), ("chroma", "chroma", False), ("flux1", "flux1", False),
+    (None, "flux1", False), ("sdxl_base_v1-0", "flux1", False),  # no version, or another family's: nothing said
+])  # fmt: skip
+def test_loras_of_another_base_model_are_warned_about(tmp_path, caplog, made_for, version, warned):
     from library.safetensors_io import save_safetensors
-    from train_network import NetworkTrainer
+    from networks.lora_flux_files import warn_if_made_for_another_model
 
-    path = str(tmp_path / "chroma_lora.safetensors")
-    save_safetensors({"lora_unet_x.alpha": torch.tensor(1.0)}, path, {"ss_base_model_version": "chroma"})
+    path = str(tmp_path / "lora.safetensors")
+    save_safetensors({"lora_unet_x.alpha": torch.tensor(1.0)}, path, {"ss_base_model_version": made_for} if made_for
+                     else None)  # fmt: skip
     with caplog.at_level("WARNING"):
-        NetworkTrainer.warn_if_trained_on_another_model(path, "chroma")
-        assert not caplog.records
-        NetworkTrainer.warn_if_trained_on_another_model(path, "flux1")
-    assert caplog.messages == [f"--network_weights {path} was trained on chroma (ss_base_model_version); "
-                               "this run trains flux1"]  # fmt: skip
+        warn_if_made_for_another_model(path, "--network_weights", version)
+    assert caplog.messages == ([f"--network_weights {path} was trained on {made_for} (ss_base_model_version), and "
+                                f"this model is {version}"] if warned else [])  # fmt: skip
 
 
 def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, monkeypatch):
@@ -114,11 +117,18 @@ def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, 
     ]
 
 
-def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path):
+def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path, caplog):
+    from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
+
     first = train(tiny_model_files, tmp_path / "a", network_train_unet_only=True, learning_rate=5e-2)
     base = os.path.join(first, "lora.safetensors")
-    with_base = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True,
-                      base_weights=[base], base_weights_multiplier=[1.0], learning_rate=1e-3)
+    # labelled as a Chroma LoRA: its module names fit FLUX.1, and it was merged without a word
+    save_safetensors(load_safetensors(base), base, {**read_metadata(base), "ss_base_model_version": "chroma"})
+    with caplog.at_level("WARNING"):
+        with_base = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True,
+                          base_weights=[base], base_weights_multiplier=[1.0], learning_rate=1e-3)
+    assert f"--base_weights {base} was trained on chroma (ss_base_model_version), and this model is flux1" in (
+        caplog.messages)
     without = train(tiny_model_files, tmp_path / "c", steps=1, network_train_unet_only=True, learning_rate=1e-3)
     a, b = lora(with_base), lora(without)
     # same seed and data: only the merged base can make the first step's gradients differ
