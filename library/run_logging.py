@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 from library.errors import UserError
 
 SECRET_ARGS = frozenset({"wandb_api_key", "huggingface_token"})  # never logged nor written to a file
@@ -22,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record is emitted (GUIs and tests swap it)."""
+    """Writes to whatever sys.stderr is when a record is emitted (GUIs and tests swap it), through tqdm, which
+    lifts its progress bars out of the way and draws them again below (a line was glued onto the bar)."""
 
     def __init__(self):
         super().__init__(sys.stderr)
@@ -34,6 +37,12 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 class HeldRecords(logging.Handler):

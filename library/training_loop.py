@@ -418,7 +418,8 @@ class TrainingLoop:
         if args.max_validation_steps is not None:
             count = min(count, args.max_validation_steps)
         total, n = 0.0, 0
-        with torch.no_grad(), self.accelerator.autocast():
+        bar = tqdm(total=count * len(VALIDATION_SIGMAS), desc="validation", leave=False)
+        with torch.no_grad(), self.accelerator.autocast(), bar:
             for index in range(count):
                 batch = self.val_group[index]
                 # noise seeded by the image file's name (and its flip), not its place in a batch: the same image
@@ -430,6 +431,7 @@ class TrainingLoop:
                         losses = self.trainer.batch_loss(self.ctx, batch, 0, indices, fixed_sigma=sigma)
                     total += (losses * batch["loss_weights"].to(losses.device)).sum().item()
                     n += len(losses)
+                    bar.update()
         self._set_train_mode()
         average = total / max(n, 1)
         train_average = self._moving_average() if self.recent_losses else average

@@ -99,3 +99,24 @@ def test_log_config_leaves_out_path_options_given_as_bare_names(option):
 
     assert option not in loggable_config(Namespace(**{option: "my_project_v3", "network_dim": 4}))
     assert loggable_config(Namespace(network_dim=4)) == {"network_dim": 4}
+
+
+def test_log_lines_leave_an_open_progress_bar_alone(capsys):
+    """A line logged while the steps bar was open was glued onto the bar's line ("...it/s]INFO ...")."""
+    from tqdm import tqdm
+
+    from library.run_logging import setup_logging
+
+    try:
+        setup_logging(Namespace())
+        bar = tqdm(total=3, desc="steps", file=sys.stderr)
+        bar.update()
+        logging.getLogger("tests").info("validation loss (epoch): 1.0")
+        bar.update()
+        bar.close()
+    finally:
+        setup_logging(Namespace())
+    err = capsys.readouterr().err
+    before, line, after = err.partition("INFO tests: validation loss (epoch): 1.0\n")
+    assert line and before.endswith("\r") and "it/s]" not in before.rsplit("\r", 2)[-1]  # the bar was cleared first
+    assert after.startswith("\rsteps:  33%")  # and drawn again below

@@ -68,7 +68,7 @@ def test_a_schedule_free_optimizer_validates_on_its_eval_weights(tiny_model_file
 
 
 def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batched(tiny_model_files, tmp_path,
-                                                                                  caplog):  # fmt: skip
+                                                                                  caplog, capsys):  # fmt: skip
     """Each image's noise comes from the image, and the average is over images: batch size 1 and 3 give
     the same loss for the same (practically untrained) LoRA."""
     import logging
@@ -77,7 +77,7 @@ def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batche
     data = dataset(tmp_path, validation_split=0.5, batch_size=1)
     with open(data.dataset_toml, encoding="utf-8") as f:
         config = f.read()
-    losses = []
+    losses, bars = [], []
     for batch_size in (1, 3):
         with open(data.dataset_toml, "w", encoding="utf-8") as f:
             f.write(config.replace("batch_size = 1", f"batch_size = {batch_size}"))
@@ -87,7 +87,11 @@ def test_validation_loss_does_not_depend_on_how_the_validation_images_are_batche
                              validate_every_n_steps=1, network_train_unet_only=True)  # fmt: skip
             assert flux_train_network.main(argv) == 0
         losses.append([float(v) for v in re.findall(r"validation loss \([^)]*\): ([0-9.]+)", caplog.text)])
+        # a progress bar over batches x noise levels (there was none: minutes of silence on a large set)
+        bars.append({int(t) for t in re.findall(r"validation: +0%\|[^|]*\| 0/(\d+) ", capsys.readouterr().err)})
     assert losses[0] and losses[0] == losses[1]
+    (one_by_one,), (by_three,) = bars  # one bar a validation, its length the same each time
+    assert one_by_one % 4 == 0 and by_three == 4 * -(-one_by_one // 4 // 3)  # batches x 4 noise levels
 
 
 def test_validation_runs_at_the_datasets_network_multiplier(tiny_model_files, tmp_path, monkeypatch):
