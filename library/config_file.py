@@ -37,6 +37,8 @@ def flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+# a command-line option -> the file's option that would otherwise override it (sd-scripts: epochs beat steps)
+_DISPLACES = {"max_train_steps": "max_train_epochs"}
 _DEFAULT_KEPT = object()  # the key is read as not given: the option keeps its default
 
 
@@ -157,6 +159,17 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     return path
 
 
+def _drop_displaced(defaults: dict[str, Any], command_line: argparse.Namespace, parser) -> None:
+    """Leaves out the file's options that would override one given on the command line (the command line wins
+    over the file, also where one option outranks another: ``--max_train_steps 3`` against the file's
+    ``max_train_epochs = 10``)."""
+    for given, displaced in _DISPLACES.items():
+        value = getattr(command_line, given, None)
+        if displaced in defaults and value != parser.get_default(given) and getattr(command_line, displaced) is None:
+            logger.info("--%s %s on the command line: the file's %s = %s is not used", given, value, displaced,
+                        defaults.pop(displaced))  # fmt: skip
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line on top of ``--config_file``; handles ``--output_config`` (writes, exits 0)."""
     args = parser.parse_args(argv)
@@ -170,6 +183,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             print(f"wrote the arguments to {path}")
         sys.exit(0)
     defaults = read_config_file(args.config_file, parser)
+    _drop_displaced(defaults, args, parser)
     originals = {k: parser.get_default(k) for k in defaults}
     parser.set_defaults(**defaults)
     try:

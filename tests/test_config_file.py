@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import os
 import re
 
@@ -197,3 +198,19 @@ def test_config_file_warnings_reach_the_log_file_from_the_first_process_only(tmp
     monkeypatch.setenv("RANK", "1")
     assert train_network.main(["--config_file", str(config)]) == 1
     assert "foo_bar" not in capsys.readouterr().err and not log.exists()
+
+
+def test_max_train_steps_on_the_command_line_beats_the_files_max_train_epochs(tmp_path, caplog):
+    """The examples set max_train_epochs: a --max_train_steps 3 to try one out was not used (40 steps ran)."""
+    config = tmp_path / "run.toml"
+    config.write_text("max_train_epochs = 10\n")
+
+    def parse(*argv):
+        return parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(config), *argv])
+
+    with caplog.at_level(logging.INFO):
+        args = parse("--max_train_steps", "3")
+    assert (args.max_train_steps, args.max_train_epochs) == (3, None)
+    assert caplog.messages == ["--max_train_steps 3 on the command line: the file's max_train_epochs = 10 is not used"]
+    assert parse().max_train_epochs == 10  # the file alone, or epochs on the command line too: epochs decide
+    assert parse("--max_train_steps", "3", "--max_train_epochs", "2").max_train_epochs == 2
