@@ -44,7 +44,8 @@ def training_command(models, data, output_dir: str, steps: int) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=os.path.join("output", "demo"), help="folder for everything it writes")
+    parser.add_argument("--output", default=os.path.join("output", "demo"),
+                        help="folder for everything it writes (default output/demo)")
     parser.add_argument("--steps", type=int, default=12, help="training steps (default 12)")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)

@@ -52,6 +52,7 @@ from torch import nn
 from library.dtypes import FP8_DTYPES, device_from_name, dtype_from_name
 from library.errors import UserError
 from library.run_logging import tolerant_stdout
+from library.train_args import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ INTERACTIVE_HELP = (
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images with FLUX.1 or Chroma (and LoRAs)")
+    p = argparse.ArgumentParser(description="Generate images with FLUX.1 or Chroma (and LoRAs)",
+                                formatter_class=DefaultsHelpFormatter)
     add = p.add_argument
     add("--ckpt_path", type=str, required=True, help="FLUX.1 / Chroma DiT (.safetensors)")
     add("--model_type", type=str, default="flux", choices=["flux", "chroma"], help="flux (default) or chroma")
@@ -72,8 +74,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--t5xxl", type=str, default=None, help="T5-XXL text encoder")
     add("--ae", type=str, default=None, help="the autoencoder (ae.safetensors)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (required for Chroma)")
-    add("--prompt", type=str, default="A photo of a cat")
-    add("--output_dir", type=str, default=".")
+    add("--prompt", type=str, default="A photo of a cat", help="the prompt")
+    add("--output_dir", type=str, default=".", help="folder for the image (named YYYYmmdd_HHMMSS.png)")
     add("--dtype", type=str, default="bfloat16", help="base dtype: bf16, fp16, fp32 or fp8 (default bfloat16)")
     add("--clip_l_dtype", type=str, default=None, help="dtype of CLIP-L (default --dtype)")
     add("--ae_dtype", type=str, default=None, help="dtype of the AE (default --dtype)")
@@ -82,13 +84,13 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=None, help="random if not given")
     add("--steps", type=int, default=None, help="sampling steps (default 4 for schnell, 50 otherwise)")
     add("--guidance", type=float, default=None, help="embedded guidance (default 3.5; Chroma 0.0)")
-    add("--negative_prompt", type=str, default=None)
+    add("--negative_prompt", type=str, default=None, help="negative prompt (used with --cfg_scale above 1)")
     add("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (default 1.0; Chroma 4.0)")
     add("--offload", action="store_true", help="keep models on the CPU and move each to the device while it runs")
     add("--lora_weights", type=str, nargs="*", default=[], help="LoRA files, each `path;multiplier` (default 1.0)")
     add("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights instead of applying them")
-    add("--width", type=int, default=DEFAULT_WIDTH, help="floored to a multiple of 16, at least 64")
-    add("--height", type=int, default=DEFAULT_HEIGHT, help="floored to a multiple of 16, at least 64")
+    add("--width", type=int, default=DEFAULT_WIDTH, help="image width, floored to a multiple of 16; 64 or more")
+    add("--height", type=int, default=DEFAULT_HEIGHT, help="image height, floored to a multiple of 16; 64 or more")
     add("--interactive", action="store_true", help="read prompts from standard input")
     add("--device", type=str, default=None, help="device to run on (default cuda if available, else cpu)")
     add("--tokenizer_cache_dir", type=str, default=None, help="local copies of the tokenizers (as the trainer)")

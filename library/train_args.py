@@ -89,7 +89,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Base model and tokenizers."""
     add = argument_adder(parser, "model")
     add("--pretrained_model_name_or_path", type=str, default=None,
-        help="DiT checkpoint to train: FLUX.1 dev/schnell or Chroma .safetensors, or a Diffusers FLUX/Chroma directory")
+        help="(required) DiT checkpoint to train: FLUX.1 dev/schnell or Chroma .safetensors, or a Diffusers "
+        "FLUX/Chroma directory")
     add("--tokenizer_cache_dir", type=str, default=None,
         help="directory with local tokenizer copies (for offline training); default: none")  # fmt: skip
 
@@ -227,8 +228,9 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> None:
 def add_saving_arguments(parser: argparse.ArgumentParser) -> None:
     """Output files, checkpoints, state and resume."""
     add = argument_adder(parser, "saving")
-    add("--output_dir", type=str, default=None, help="directory for the trained LoRA")
-    add("--output_name", type=str, default=None, help="file name without extension (default: last / epoch / at)")
+    add("--output_dir", type=str, default=None, help="(required) directory for the trained LoRA")
+    add("--output_name", type=str, default=None, help="file name without extension (default: last.safetensors, "
+        "epoch-000001.safetensors, at-step00000100.safetensors)")
     add("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
         help="file format (default safetensors; ckpt/pt carry no metadata)")
     add("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],

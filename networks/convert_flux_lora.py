@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as `python networks/convert_flux_lora.py`
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import FORMAT_ALIASES, PEFT_METADATA_KEY, SD_SCRIPTS, canonical_format, convert  # noqa: E402
 from library.safetensors_io import check_output_file, same_file, warn_unless_safetensors_name  # noqa: E402
+from library.train_args import DefaultsHelpFormatter  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +44,14 @@ HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Convert a FLUX.1 / Chroma LoRA between formats")
+    parser = argparse.ArgumentParser(description="Convert a FLUX.1 / Chroma LoRA between formats",
+                                     formatter_class=DefaultsHelpFormatter)
     choices = list(FORMAT_ALIASES)
     add = parser.add_argument
     add("--src", type=str, default="ai-toolkit", choices=choices, help="source format (default ai-toolkit)")
     add("--dst", type=str, default="sd-scripts", choices=choices, help="destination format (default sd-scripts)")
-    parser.add_argument("--src_path", type=str, default=None, help="source LoRA file (.safetensors)")
-    parser.add_argument("--dst_path", type=str, default=None, help="destination file (.safetensors)")
+    parser.add_argument("--src_path", type=str, default=None, help="(required) source LoRA file (.safetensors)")
+    parser.add_argument("--dst_path", type=str, default=None, help="(required) destination file (.safetensors)")
     return parser
 
 

@@ -57,6 +57,7 @@ from library.safetensors_io import (  # noqa: E402
     same_file,
     warn_unless_safetensors_name,
 )
+from library.train_args import DefaultsHelpFormatter  # noqa: E402
 from networks.lora_flux_files import base_model_version  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ _DIFFUSERS_BLOCK = re.compile(r"^(?:transformer_blocks|single_transformer_blocks
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Extract a LoRA from the difference of two FLUX.1 / Chroma models")
+    p = argparse.ArgumentParser(description="Extract a LoRA from the difference of two FLUX.1 / Chroma models",
+                                formatter_class=DefaultsHelpFormatter)
     add = p.add_argument
     add("--save_precision", type=str, default=None, choices=["float", "fp16", "bf16"],
         help="precision of the saved LoRA (default float)")  # fmt: skip

@@ -65,6 +65,7 @@ from library.safetensors_io import (  # noqa: E402
     warn_unless_safetensors_name,
     write_safetensors_streaming,
 )
+from library.train_args import DefaultsHelpFormatter  # noqa: E402
 from networks.lora_flux_files import (  # noqa: E402
     BASE_MODEL_VERSIONS,
     base_model_version,
@@ -77,7 +78,8 @@ PREFIXES = {"flux": "lora_unet", "clip_l": "lora_te1", "t5xxl": "lora_te3"}
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Merge LoRAs into FLUX.1 / Chroma models, or into one LoRA")
+    p = argparse.ArgumentParser(description="Merge LoRAs into FLUX.1 / Chroma models, or into one LoRA",
+                                formatter_class=DefaultsHelpFormatter)
     # fmt: off
     p.add_argument("--save_precision", type=str, default=None,
                    help="precision of the saved file(s): float32, fp16, bf16, fp8 (= fp8_e4m3fn), fp8_e5m2; "
@@ -91,7 +93,8 @@ def setup_parser() -> argparse.ArgumentParser:
                    "always streamed one tensor at a time")
     p.add_argument("--loading_device", type=str, default="cpu", help="device tensors are loaded to (default cpu)")
     p.add_argument("--working_device", type=str, default="cpu", help="device the merge is computed on (default cpu)")
-    p.add_argument("--save_to", type=str, default=None, help="output file of the DiT, or of the merged LoRA")
+    p.add_argument("--save_to", type=str, default=None,
+                   help="output file of the DiT, or of the merged LoRA (required without --clip_l / --t5xxl)")
     p.add_argument("--clip_l_save_to", type=str, default=None, help="output file of the merged CLIP-L")
     p.add_argument("--t5xxl_save_to", type=str, default=None, help="output file of the merged T5-XXL")
     p.add_argument("--models", type=str, nargs="*", default=None, help="LoRA files to merge")
