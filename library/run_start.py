@@ -49,7 +49,7 @@ def check_resume_step(args, given_step: int | None, steps_per_epoch: int) -> Non
                         f"{args.max_train_steps} steps; raise --max_train_steps (or --max_train_epochs)")  # fmt: skip
     epoch_here = math.ceil(progress.current_step / steps_per_epoch)
     if progress.current_step > 0 and progress.current_epoch != epoch_here:
-        logger.warning("--resume %s: the state was saved at step %d in epoch %d, but with this run's %d steps an "
+        logger.warning("--resume %s: the state was saved at step %d in epoch %d, but with this run's %d steps per "
                        "epoch that step falls in epoch %d: the dataset, batch size, repeats, gradient accumulation "
                        "or number of processes changed (or the saved run counted its steps from --initial_step or "
                        "a resume without --skip_until_initial_step, as sd-scripts does), so the data order does not "

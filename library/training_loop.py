@@ -156,6 +156,10 @@ def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, de
             p.grad = chunk.view_as(p)
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def step_sample_indices(micro: int, num_processes: int, process_index: int, batch_size: int, stride: int) -> range:
     """The indices, unique within an optimizer step, that seed each sample's noise and σ: every
     micro-batch of every process owns ``stride`` (the largest batch size) of them, so a short last
@@ -214,8 +218,9 @@ class TrainingLoop:
             smoothing=0,
             disable=not accelerator.is_local_main_process,
         )
-        logger.info("start training: %d steps, %d epochs of %d steps, %d process(es)", args.max_train_steps,
-                    self.num_epochs, self.steps_per_epoch, accelerator.num_processes)
+        logger.info("start training: %s in %s of %s, %s", _count(args.max_train_steps, "step"),
+                    _count(self.num_epochs, "epoch"), _count(self.steps_per_epoch, "step"),
+                    _count(accelerator.num_processes, "process", "processes"))  # fmt: skip
         self._set_train_mode()
         if self.triggers.due(0, 0) and first_step == 0:
             self._sample(epoch=0, step=0)

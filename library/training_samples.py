@@ -134,7 +134,8 @@ def sample_images(
         return []
     save_dir = os.path.join(output_dir, SAMPLE_SUBDIR)
     os.makedirs(save_dir, exist_ok=True)
-    logger.info("generating %d sample image(s) at step %d", len(mine), steps)
+    when = f"epoch {epoch} (step {steps})" if epoch is not None else f"step {steps}"  # as the files are named
+    logger.info("generating %d sample image(s) at %s", len(mine), when)
     written = []
     with preserved_rng_state(), eval_mode(flux, ae, *eval_modules), torch.no_grad():
         for prompt in mine:

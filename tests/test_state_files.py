@@ -165,7 +165,7 @@ def test_a_state_whose_step_falls_in_another_epoch_of_this_run_is_said(tmp_path,
     assert not caplog.records
     with caplog.at_level(logging.WARNING):
         check_resume_step(args, None, 2)
-    assert (f"--resume {state}: the state was saved at step 3 in epoch 1, but with this run's 2 steps an epoch that "
+    assert (f"--resume {state}: the state was saved at step 3 in epoch 1, but with this run's 2 steps per epoch that "
             "step falls in epoch 2") in caplog.text
     with pytest.raises(UserError, match="the state is at step 3, and this run has 3 steps"):
         check_resume_step(argparse.Namespace(resume=state, max_train_steps=3), None, 2)

@@ -3,6 +3,7 @@ shared between processes, files are named as sd-scripts names them, and triggers
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -77,12 +78,13 @@ def test_prompts_are_distributed_across_processes(tmp_path):
     assert indices == [1, 3]
 
 
-def test_on_image_callback_and_file_names(tmp_path):
+def test_on_image_callback_and_file_names(tmp_path, caplog):
     prompts = [
         SamplePrompt(0, "a", width=64, height=64, seed=42, sample_steps=1),
         SamplePrompt(1, "b", sample_steps=1, width=64, height=64),
     ]
     logged = []
+    caplog.set_level(logging.INFO)
     paths = sample_images(
         ToyVelocity(),
         ToyAE(),
@@ -98,6 +100,7 @@ def test_on_image_callback_and_file_names(tmp_path):
     assert re.fullmatch(r"my_lora_e000003_00_\d{14}_42\.png", names[0])
     assert re.fullmatch(r"my_lora_e000003_01_\d{14}\.png", names[1])
     assert [(i, size) for i, size, _ in logged] == [(0, (64, 64)), (1, (64, 64))]
+    assert "generating 2 sample image(s) at epoch 3 (step 120)" in caplog.messages  # the files say e000003
     assert not [f for f in os.listdir(tmp_path / "sample") if not f.endswith(".png")]  # no temporary files left
 
 
