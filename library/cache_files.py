@@ -4,10 +4,12 @@ file. What goes into the files is library/caches.py's."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Iterable
 
@@ -88,9 +90,41 @@ def read_record(npz, key: str) -> dict | None:
         return None
 
 
+def _temporary_name(path: str, pid: int) -> str:
+    return f"{path}.{pid}.tmp"
+
+
+_TEMPORARY = re.compile(r"(?P<final>.+)\.(?P<pid>\d+)\.tmp")  # _temporary_name's
+
+
+def remove_abandoned_temporaries(cache_files: Iterable[str]) -> list[str]:
+    """Removes what killed caching runs left beside ``cache_files``: the temporaries of
+    :func:`write_npz_atomic` whose process is gone (they would never become cache files). Call it before
+    this process writes any; returns the paths removed."""
+    from library.train_state import writer_is_gone
+
+    wanted: dict[str, set[str]] = {}
+    for path in cache_files:
+        wanted.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    removed = []
+    for folder, names in wanted.items():
+        try:
+            entries = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry)
+            if match and match["final"] in names and writer_is_gone(int(match["pid"])):
+                path = os.path.join(folder, entry)
+                with contextlib.suppress(OSError):  # another process cleaned it first
+                    os.remove(path)
+                    removed.append(path)
+    return removed
+
+
 def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
     """np.savez to a temporary name in the same folder, then os.replace."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = _temporary_name(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

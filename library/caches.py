@@ -48,6 +48,7 @@ from library.cache_files import (
     npz_keys,
     owned_paths,
     read_record,
+    remove_abandoned_temporaries,
     reso_suffix,
     rewrite_record,
     same_image,
@@ -78,6 +79,12 @@ def _same_source(old: dict | None, new: dict) -> bool:
     interpolation too when the image keeps its size, which ``new`` records as None)."""
     ignored = ("flip_aug", "alpha_mask") + (("interpolation",) if new.get("interpolation") is None else ())
     return old is not None and all(old.get(k) == v for k, v in new.items() if k not in ignored)
+
+
+def _clean_up_after_killed_runs(cache_files: Iterable[str]) -> None:
+    removed = remove_abandoned_temporaries(cache_files)
+    if removed:
+        logger.info("removed %d half-written cache file(s) of a killed run (e.g. %s)", len(removed), removed[0])
 
 
 def _device_dtype(encoder) -> tuple[torch.device, torch.dtype]:
@@ -237,6 +244,7 @@ class LatentCacher:
             for e in entries:
                 e.latents_npz = latent_npz_path(canonical_path(e.path), e.size)
             _refuse_shared_slots(entries)
+            _clean_up_after_killed_runs(e.latents_npz for e in entries)
             mine = owned_paths((canonical_path(e.path) for e in entries), self.process_index, self.num_processes)
             todo = []
             for e in tqdm(entries, desc="checking latent caches", unit="img", disable=len(entries) < 200):
@@ -448,6 +456,7 @@ class TextEncoderCacher:
             users.setdefault(unit, []).append(e)
         todo = list(texts)
         if self.to_disk:
+            _clean_up_after_killed_runs(todo)
             mine = owned_paths(todo, self.process_index, self.num_processes)
             stats.other_processes = len(todo) - len(mine)
             todo = []

@@ -74,7 +74,7 @@ def remove_path(path: str) -> None:
 _TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.tmp-(?P<pid>\d+)(?P<old>\.old)?")
 
 
-def _abandoned(pid: int) -> bool:
+def writer_is_gone(pid: int) -> bool:
     """Whether the process that wrote a temporary is gone. Called before this run writes anything, so
     a temporary named after this very process is a leftover of an earlier one that had its number."""
     if pid == os.getpid():
@@ -127,7 +127,7 @@ def remove_abandoned_temporaries(output_dir: str, output_name: str | None) -> li
     cleaned = []
     for entry in sorted(os.listdir(folder)):
         match = _TEMPORARY_NAME.fullmatch(entry)
-        if not (match and ours.fullmatch(match["final"]) and _abandoned(int(match["pid"]))):
+        if not (match and ours.fullmatch(match["final"]) and writer_is_gone(int(match["pid"]))):
             continue
         path, final = os.path.join(folder, entry), os.path.join(folder, match["final"])
         if match["old"] and not os.path.exists(final):  # killed between moving the old state aside and renaming

@@ -295,3 +295,27 @@ def test_images_with_a_newer_latent_file_are_not_decoded_before_the_models_load(
     later = time.time() + 100
     os.utime(tmp_path / "img" / "b.png", (later, later))  # edited since its latents were made
     assert images_to_decode(entries, latents_on_disk=True) == [str(tmp_path / "img" / "b.png")]
+
+
+def test_half_written_cache_files_of_a_killed_run_are_removed(tmp_path, monkeypatch):
+    """A caching run killed mid-write left <cache file>.<pid>.tmp beside the images for good. Those of a live
+    process (another GPU's, writing now) and files that only look alike are left alone."""
+    import subprocess
+    import sys
+
+    g = _group(tmp_path)
+    folder = tmp_path / "img"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getppid()
+    left = {
+        f"a_0032x0032_flux.npz.{dead}.tmp": False,  # a killed run's: removed
+        f"b_flux_te.npz.{dead}.tmp": False,
+        f"b_0032x0032_flux.npz.{alive}.tmp": True,  # a live process's: kept
+        f"other_flux.npz.{dead}.tmp": True,  # no image of this run is named so: not this run's to judge
+        "a.png.tmp": True,
+    }
+    for name in left:
+        (folder / name).write_bytes(b"partial")
+    LatentCacher(StandInEncoder(), "ae", True).cache([g])
+    TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+    assert {name: (folder / name).exists() for name in left} == left
