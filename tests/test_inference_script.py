@@ -284,6 +284,8 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, monkeypatch, extra, model_type,
                                   message):  # fmt: skip
+    import huggingface_hub.constants
+
     import library.flux_utils
 
     def refuse(*args, **kwargs):
@@ -294,7 +296,10 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
              "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors",
              "dict_pt": tmp_path / "dict.pt", "tmp": tmp_path}
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network retries for the tokenizer that is not there
+    # no network retries for the tokenizer that is not there (4 minutes here): huggingface_hub reads the
+    # variable when it is imported, so its constant is set too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     weights = load_safetensors(lora_file)  # lora_up's rank is not lora_down's: it was "made for other widths"
     weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
     save_safetensors(weights, files["damaged"])
