@@ -362,9 +362,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
             for encoder in trained_text_encoders(ctx.models.text_encoders, network):
                 checkpoint_text_encoder(encoder)
         dit.train(args.gradient_checkpointing)  # checkpointing only runs in train mode; no dropout in the DiT
-        from library import flux_layers
+        from library import flux_attention
 
-        flux_layers.use_cudnn_attention(args.cudnn_attention)  # before compiling: traced blocks keep their kernels
+        flux_attention.use_cudnn_attention(args.cudnn_attention)  # before compiling: traced blocks keep their kernels
         if args.cudnn_attention:
             logger.info("attention uses cuDNN's fused kernel first where the GPU has it (--cudnn_attention)")
         if args.torch_compile:  # the block call, checkpointing included; the blocks themselves stay as they are

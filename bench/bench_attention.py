@@ -6,7 +6,7 @@ FLUX.1 at 1024² attends over 4608 tokens (4096 image + 512 text) with 24 heads 
 is one SDPA backend (flash, efficient, cudnn, math) and one q/k layout:
 
     contiguous   q, k, v each (B, L, H, D), as diffusers lays them out
-    strided      q and k views into one (B, L, 2, H, D) buffer, as library.flux_layers writes them
+    strided      q and k views into one (B, L, 2, H, D) buffer, as library.flux_attention writes them
 
 Each case first checks its output and gradients against the math kernel at 1024 tokens, then
 times forward + backward at --tokens (median of --steps). On CUDA every case runs in its own

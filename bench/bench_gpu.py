@@ -106,9 +106,9 @@ def build_ours(params: FluxParams, device, setting: dict, tiny: bool, dtype: tor
         torch.set_default_dtype(previous)
     dit.requires_grad_(False)
     if setting.get("cudnn"):
-        from library import flux_layers
+        from library import flux_attention
 
-        flux_layers.use_cudnn_attention(True)  # as --cudnn_attention
+        flux_attention.use_cudnn_attention(True)  # as --cudnn_attention
     if setting.get("fp8"):
         quantize_dit_(dit, dtype, scaled=setting.get("scaled", False))
     swap = setting.get("swap")
@@ -151,7 +151,7 @@ def build_diffusers(params: FluxParams, device, setting: dict, dtype: torch.dtyp
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
-    # without "cudnn", the attention kernels ours uses (library.flux_layers leaves cuDNN's out)
+    # without "cudnn", the attention kernels ours uses (library.flux_attention leaves cuDNN's out)
     torch.backends.cuda.enable_cudnn_sdp(bool(setting.get("cudnn")))
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIFFUSERS_TARGETS))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -193,9 +193,9 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
               "device": describe_device(device),
               "torch": torch.__version__, "img_tokens": side * side, "txt_tokens": txt_tokens}  # fmt: skip
     model = None
-    from library import flux_layers
+    from library import flux_attention
 
-    backends = flux_layers.ATTENTION_BACKENDS  # "bc" changes them for its own run
+    backends = flux_attention.ATTENTION_BACKENDS  # "bc" changes them for its own run
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -246,7 +246,7 @@ def run_setting(name: str, args, params: FluxParams, device: torch.device) -> di
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
         result["traceback"] = traceback.format_exc(limit=4)[-2000:]
     finally:
-        flux_layers.ATTENTION_BACKENDS = backends
+        flux_attention.ATTENTION_BACKENDS = backends
         model = forward = trainable = optimizer = x = loss = None  # noqa: F841
         gc.collect()
         if device.type == "cuda":

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import bench_gpu  # noqa: E402
-from library.flux_layers import FUSED_ATTENTION_OPS  # noqa: E402
+from library.flux_attention import FUSED_ATTENTION_OPS  # noqa: E402
 from library.flux_models import configs  # noqa: E402
 
 SETTINGS = ("a", "b", "bk", "c", "ck", "ref")  # bench_gpu's settings that run on one device without swapping

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from library.flux_layers import FUSED_ATTENTION_OPS  # noqa: E402
+from library.flux_attention import FUSED_ATTENTION_OPS  # noqa: E402
 from library.flux_utils import prepare_img_ids  # noqa: E402
 from library.tiny_models import random_model, tiny_flux_params, write_model, write_tiny_models  # noqa: E402
 from networks import lora_flux  # noqa: E402
@@ -130,11 +130,11 @@ def check_swap(device) -> dict:
     accumulates with atomics and differs from run to run (``floor``: two runs without swapping)."""
     from torch.nn.attention import SDPBackend
 
-    from library import flux_layers
+    from library import flux_attention
 
     x = mid_inputs(mid_params(), device)
-    backends = flux_layers.ATTENTION_BACKENDS
-    flux_layers.ATTENTION_BACKENDS = [SDPBackend.MATH]
+    backends = flux_attention.ATTENTION_BACKENDS
+    flux_attention.ATTENTION_BACKENDS = [SDPBackend.MATH]
     try:
         cases = []
         for fp8 in (False, True):
@@ -147,7 +147,7 @@ def check_swap(device) -> dict:
                 cases.append(dict(fp8=fp8, checkpointing=checkpointing, equal=equal, max_grad_diff=worst,
                                   floor_equal=floor_equal, floor=floor, loss=reference[-1][0].item()))  # fmt: skip
     finally:
-        flux_layers.ATTENTION_BACKENDS = backends
+        flux_attention.ATTENTION_BACKENDS = backends
     return dict(ok=all(c["equal"] for c in cases), cases=cases)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from library.flux_attention import text_key_mask
 from library.flux_layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -22,7 +23,6 @@ from library.flux_layers import (
     MLPEmbedder,
     RMSNorm,
     SingleStreamBlock,
-    text_key_mask,
     timestep_embedding,
 )
 from library.flux_models import Flux, FluxParams, block_counts, default_axes_dim, parse_axes_dim

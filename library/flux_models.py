@@ -21,14 +21,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.flux_ae import AutoEncoder, AutoEncoderParams  # noqa: F401  (sd-scripts' import path)
+from library.flux_attention import FUSED_ATTENTION_OPS, text_key_mask
 from library.flux_layers import (
-    FUSED_ATTENTION_OPS,
     DoubleStreamBlock,
     EmbedND,
     LastLayer,
     MLPEmbedder,
     SingleStreamBlock,
-    text_key_mask,
     timestep_embedding,
 )
 from library.fp8 import keep_dequantized_weights

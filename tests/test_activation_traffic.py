@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from bench import bench_traffic
 from bench.bench_traffic import TrafficCounter, cuda_autocast_rules
-from library.flux_layers import ModulationOut, _attention_inputs_composed, attention_inputs, norm_and_modulate
+from library.flux_attention import _attention_inputs_composed, attention_inputs
+from library.flux_layers import ModulationOut, norm_and_modulate
 from library.flux_models import Flux
 from library.tiny_models import tiny_flux_params
 from networks import lora_flux

@@ -7,13 +7,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from library.flux_layers import (
-    DoubleStreamBlock,
-    QKNorm,
-    SingleStreamBlock,
-    _attention_inputs_composed,
-    attention_inputs,
-)
+from library.flux_attention import _attention_inputs_composed, attention_inputs
+from library.flux_layers import DoubleStreamBlock, QKNorm, SingleStreamBlock
 from library.flux_models import Flux
 from library.flux_utils import prepare_img_ids
 from library.tiny_models import randomize_, tiny_flux_params

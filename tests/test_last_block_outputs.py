@@ -5,7 +5,8 @@ skips is really skipped."""
 import pytest
 import torch
 
-from library.flux_layers import SingleStreamBlock, _attention_inputs_composed, attention_inputs
+from library.flux_attention import _attention_inputs_composed, attention_inputs
+from library.flux_layers import SingleStreamBlock
 from library.tiny_models import random_model, randomize_, tiny_chroma_params, tiny_flux_params
 from tests.test_compiled_blocks import block_inputs, streams
 from tests.test_flux_models import chroma_mask, dit_inputs

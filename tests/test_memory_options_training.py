@@ -196,24 +196,24 @@ def test_cudnn_attention_puts_cudnns_kernel_first_for_the_run(deeper_models, dat
     """The CPU has no cuDNN attention, so SDPA takes the next kernel: the same LoRA as without the flag."""
     from torch.nn.attention import SDPBackend
 
-    from library import flux_layers
+    from library import flux_attention
 
     asked = []
-    real_sdpa_kernel = flux_layers.sdpa_kernel
+    real_sdpa_kernel = flux_attention.sdpa_kernel
 
     def recorded(backends, **kwargs):
         asked.append(tuple(backends))
         return real_sdpa_kernel(backends, **kwargs)
 
-    monkeypatch.setattr(flux_layers, "sdpa_kernel", recorded)
+    monkeypatch.setattr(flux_attention, "sdpa_kernel", recorded)
     with caplog.at_level(logging.INFO):
         with_cudnn = train(deeper_models, data, tmp_path / "cudnn", cudnn_attention=True)
     assert "attention uses cuDNN's fused kernel first" in caplog.text
-    cudnn_first = (SDPBackend.CUDNN_ATTENTION, *flux_layers.DEFAULT_ATTENTION_BACKENDS)
+    cudnn_first = (SDPBackend.CUDNN_ATTENTION, *flux_attention.DEFAULT_ATTENTION_BACKENDS)
     assert asked and set(asked) == {cudnn_first}
     asked.clear()
     plain = train(deeper_models, data, tmp_path / "plain")
-    assert asked and set(asked) == {flux_layers.DEFAULT_ATTENTION_BACKENDS}  # the next run leaves it out again
+    assert asked and set(asked) == {flux_attention.DEFAULT_ATTENTION_BACKENDS}  # the next run leaves it out again
     assert_same(plain, with_cudnn)
 
 

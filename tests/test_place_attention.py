@@ -5,7 +5,7 @@ gradients as the cat, eager and in the form written out for torch.compile."""
 import pytest
 import torch
 
-from library.flux_layers import _attention_inputs_composed, attention_inputs, place_attention
+from library.flux_attention import _attention_inputs_composed, attention_inputs, place_attention
 from tests.test_compiled_blocks import streams
 
 
