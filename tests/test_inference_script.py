@@ -111,6 +111,7 @@ def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path, cap
 
     image, text = generate(tiny_model_files, tmp_path, "cfg", "--seed", 5, "--negative_prompt", "blurry",
                            model_type="chroma")  # fmt: skip
+    caplog.clear()  # the first run's lines too, where an earlier test left the root logger at INFO
     with caplog.at_level(logging.INFO):
         no_cfg, _ = generate(tiny_model_files, tmp_path, "nocfg", "--seed", 5, "--negative_prompt", "blurry",
                              "--cfg_scale", "1.0", "--clip_l_dtype", "fp16", model_type="chroma")  # fmt: skip
