@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from library.flux_attention import text_key_mask
+from library.flux_attention import without_hidden_text
 from library.flux_layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -126,10 +126,11 @@ class Chroma(Flux):
         img_offset = 3 * n_single
         txt_offset = img_offset + 6 * n_double
 
+        txt, txt_ids, attn_mask = without_hidden_text(txt, txt_ids, txt_attention_mask, img.shape[1],
+                                                      extra_tokens=CHROMA_ATTN_PADDING)  # fmt: skip
         img = self.img_in(img)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        attn_mask = text_key_mask(txt_attention_mask, img.shape[1], extra_tokens=CHROMA_ATTN_PADDING)
 
         self.prepare_block_swap_before_forward()
         for i in range(len(self.double_blocks)):

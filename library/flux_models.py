@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from library.flux_ae import AutoEncoder, AutoEncoderParams  # noqa: F401  (sd-scripts' import path)
-from library.flux_attention import FUSED_ATTENTION_OPS, text_key_mask
+from library.flux_attention import FUSED_ATTENTION_OPS, without_hidden_text
 from library.flux_layers import (
     DoubleStreamBlock,
     EmbedND,
@@ -188,10 +188,10 @@ class Flux(nn.Module):
                 raise ValueError("this is a guidance-distilled (dev) model: pass a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(vec.dtype))
         vec = vec + self.vector_in(y)
+        txt, txt_ids, attn_mask = without_hidden_text(txt, txt_ids, txt_attention_mask, img.shape[1])
         txt = self.txt_in(txt)
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        attn_mask = text_key_mask(txt_attention_mask, img.shape[1])
 
         self.prepare_block_swap_before_forward()
         for i in range(len(self.double_blocks)):

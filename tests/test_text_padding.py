@@ -1,0 +1,90 @@
+"""T5 padding that the attention hides is cut before the blocks run (library.flux_attention.without_hidden_text):
+the output and the gradients are those of the full padded sequence, the blocks see the shorter one, and
+where nothing is left to hide they get no mask (so SDPA may pick its flash kernel)."""
+
+import pytest
+import torch
+
+from library import chroma_models, flux_attention, flux_models
+from library.flux_attention import text_key_mask
+from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
+from networks.lora_flux import create_network
+from tests.test_lora_math import dit_inputs, randomize_lora
+
+EXTRA = {"flux": 0, "chroma": chroma_models.CHROMA_ATTN_PADDING}  # Chroma attends to one padding token
+
+
+def uncut(txt, txt_ids, txt_attention_mask, num_img_tokens, extra_tokens=0):
+    """The forward before the cut: every token, the padding hidden by the mask alone."""
+    return txt, txt_ids, text_key_mask(txt_attention_mask, num_img_tokens, extra_tokens)
+
+
+def padded_inputs(p, lengths: list[int], txt_len: int = 12) -> dict:
+    x = dit_inputs(p, batch=len(lengths), txt_len=txt_len)
+    x["txt_attention_mask"] = (torch.arange(txt_len)[None] < torch.tensor(lengths)[:, None]).long()
+    x["timesteps"] = torch.full((len(lengths),), 0.6)
+    if "guidance" in x:
+        x["guidance"] = torch.full((len(lengths),), 3.5)
+    return x
+
+
+def loss_and_grads(model, network, x):
+    inputs = {**x, "img": x["img"].clone().requires_grad_(True)}
+    loss = model(**inputs).square().mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in network.named_parameters()}
+    network.zero_grad()
+    return loss.detach(), inputs["img"].grad, grads
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+@pytest.mark.parametrize("lengths", [[3], [3, 7], [12, 2]], ids=["one", "two", "one_full"])
+def test_cut_padding_leaves_the_output_and_the_gradients_as_they_were(kind, lengths, monkeypatch):
+    p = tiny_chroma_params() if kind == "chroma" else tiny_flux_params()
+    model = random_model(p, seed=3).requires_grad_(False)
+    network = create_network(1.0, 4, 4.0, None, [None, None], model)
+    network.apply_to([None, None], model, apply_text_encoder=False, apply_unet=True)
+    randomize_lora(network)
+    x = padded_inputs(p, lengths)
+    cut = loss_and_grads(model, network, x)
+    module = chroma_models if kind == "chroma" else flux_models
+    monkeypatch.setattr(module, "without_hidden_text", uncut)
+    full = loss_and_grads(model, network, x)
+    torch.testing.assert_close(cut[0], full[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(cut[1], full[1], rtol=1e-5, atol=1e-7)
+    for name, grad in full[2].items():
+        torch.testing.assert_close(cut[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+@pytest.mark.parametrize("lengths, tokens, masked", [
+    ([3], 3, False),  # one prompt: nothing left to hide, no mask
+    ([3, 3], 3, False),
+    ([3, 7], 7, True),  # the shorter prompt's padding is still hidden
+    ([12, 2], 12, True),  # a prompt that fills the sequence: nothing to cut
+])  # fmt: skip
+def test_the_blocks_see_the_tokens_up_to_the_longest_prompt(kind, lengths, tokens, masked, monkeypatch):
+    p = tiny_chroma_params() if kind == "chroma" else tiny_flux_params()
+    model = random_model(p, seed=3).requires_grad_(False)
+    seen = []
+    real_sdpa = flux_attention.sdpa
+
+    def recording(q, k, v, attn_mask=None):
+        seen.append((k.shape[2], attn_mask is not None))
+        return real_sdpa(q, k, v, attn_mask)
+
+    monkeypatch.setattr(flux_attention, "sdpa", recording)
+    x = padded_inputs(p, lengths)
+    with torch.no_grad():
+        model(**x)
+    visible = min(tokens + EXTRA[kind], 12)
+    img_tokens = x["img"].shape[1]
+    assert seen and set(seen) == {(visible + img_tokens, masked)}
+
+
+def test_a_batch_without_visible_text_keeps_one_hidden_token():
+    """A mask of zeros (FLUX, no padding seen): the text is cut to one token, hidden; the image still attends."""
+    txt, ids = torch.randn(2, 5, 8), torch.zeros(2, 5, 3)
+    cut_txt, cut_ids, mask = flux_attention.without_hidden_text(txt, ids, torch.zeros(2, 5), 4)
+    assert cut_txt.shape == (2, 1, 8) and cut_ids.shape == (2, 1, 3)
+    assert mask.shape == (2, 1, 1, 5) and not mask[..., 0].any() and mask[..., 1:].all()
