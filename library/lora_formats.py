@@ -28,6 +28,16 @@ import torch
 from torch import Tensor
 
 from library.errors import UserError
+from library.lora_names import (
+    AIT_BLOCK,
+    SD_SCRIPTS_PREFIXES,
+    SWAPPED,
+    ai_toolkit_to_sd_scripts_name,
+    ait_module_name,
+    bfl_module_to_sd_scripts_name,
+    respelled_keys,
+    sd_scripts_to_ai_toolkit_names,
+)
 
 SD_SCRIPTS = "sd-scripts"
 AI_TOOLKIT = "ai-toolkit"
@@ -35,72 +45,6 @@ FORMATS = (AI_TOOLKIT, SD_SCRIPTS)
 FORMAT_ALIASES = {"diffusers": AI_TOOLKIT, AI_TOOLKIT: AI_TOOLKIT, SD_SCRIPTS: SD_SCRIPTS}
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LoraConfig kwargs, as JSON
 
-# sd-scripts module suffix -> the diffusers module(s) it covers, in BFL's concatenation order
-DOUBLE_MODULES = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-    "img_mod_lin": ("norm1.linear",),
-    "txt_mod_lin": ("norm1_context.linear",),
-}
-SINGLE_MODULES = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-# conditioning layers (in_dims) and the final layer; diffusers stores norm_out as (scale, shift)
-GLOBAL_MODULES = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer_linear": "proj_out",
-    "final_layer_adaLN_modulation_1": "norm_out.linear",
-}
-SWAPPED = {"final_layer_adaLN_modulation_1"}
-CLIP_MODULES = {
-    "self_attn_q_proj": "self_attn.q_proj",
-    "self_attn_k_proj": "self_attn.k_proj",
-    "self_attn_v_proj": "self_attn.v_proj",
-    "self_attn_out_proj": "self_attn.out_proj",
-    "mlp_fc1": "mlp.fc1",
-    "mlp_fc2": "mlp.fc2",
-}
-
-_SDS_BLOCK = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+)$")
-_SDS_CLIP = re.compile(r"^lora_te1_text_model_encoder_layers_(\d+)_(.+)$")
-_AIT_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
-_AIT_CLIP = re.compile(r"^text_encoder\.(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)$")
-_AIT_PREFIXES = (
-    ("transformer.", "transformer."),
-    ("diffusion_model.", "transformer."),
-    ("text_encoder.", "text_encoder."),
-)
-_AIT_BARE = (
-    "transformer_blocks.", "single_transformer_blocks.", *(f"{v}." for v in GLOBAL_MODULES.values()),
-    # BFL's own module paths, as ComfyUI-style peft files name them (diffusion_model.double_blocks.0.img_attn.qkv)
-    "double_blocks.", "single_blocks.", "final_layer.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
-)  # fmt: skip
-_SD_SCRIPTS_PREFIXES = ("lora_unet_", "lora_te")
-_PEFT_MODEL_PREFIX = "base_model.model."  # peft's own adapter files (adapter_model.safetensors)
-_ONETRAINER_DIT_PREFIX = "lora_transformer_"  # diffusers module paths with "_" for "." (OneTrainer)
-_RESPELLED_SUFFIXES = {
-    ".lora_down.weight": ".lora_A.weight",
-    ".lora_up.weight": ".lora_B.weight",
-    ".lora_A.weight": ".lora_A.weight",
-    ".lora_B.weight": ".lora_B.weight",
-    ".alpha": ".alpha",
-}
-_DIFFUSERS_BLOCK_UNDERSCORED = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
 # key markers of adapters that are not plain LoRAs: read as one, they would be applied wrongly
 _UNSUPPORTED_KINDS = {
     "oft_": "OFT (oft_* keys)",
@@ -158,43 +102,6 @@ def refuse_unsupported_kinds(keys: Iterable[str], source: str = "LoRA") -> None:
             raise UserError(f"{source}: {kind} files are not supported; give a LoRA (lora_down/up or lora_A/B keys)")
 
 
-def _diffusers_path(underscored: str) -> str | None:
-    """``transformer_blocks_0_attn_to_q`` -> ``transformer_blocks.0.attn.to_q`` (a FLUX module), or None."""
-    if m := _DIFFUSERS_BLOCK_UNDERSCORED.match(underscored):
-        block, index, part = m.groups()
-        table = DOUBLE_MODULES if block == "transformer_blocks" else SINGLE_MODULES
-        parts = {p.replace(".", "_"): p for names in table.values() for p in names}
-        return f"{block}.{index}.{parts[part]}" if part in parts else None
-    return next((v for v in GLOBAL_MODULES.values() if v.replace(".", "_") == underscored), None)
-
-
-def _respelled_key(key: str) -> str:
-    """One key of another tool's spelling of the two formats, in ai-toolkit's spelling; others unchanged."""
-    suffix = next((s for s in _RESPELLED_SUFFIXES if key.endswith(s)), None)
-    if suffix is None:
-        return key
-    module = key[: -len(suffix)]
-    if module.startswith(_PEFT_MODEL_PREFIX):
-        module = module[len(_PEFT_MODEL_PREFIX) :]
-    elif module.startswith(_ONETRAINER_DIT_PREFIX):
-        path = _diffusers_path(module[len(_ONETRAINER_DIT_PREFIX) :])
-        if path is None:
-            return key
-        module = "transformer." + path
-    elif "." not in module:
-        return key  # sd-scripts' names (lora_unet_*, lora_te1_*) have no dots
-    # only a module the reader knows is renamed: an unknown one is reported under its own key
-    return module + _RESPELLED_SUFFIXES[suffix] if _ait_module_name(module) else key
-
-
-def respelled_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict with other tools' spellings of the two formats renamed to ai-toolkit's, so one reader
-    serves them: peft's ``base_model.model.`` prefix, ``lora_down`` / ``lora_up`` on module paths
-    (ComfyUI's extracted LoRAs: ``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight``), and
-    OneTrainer's ``lora_transformer_<diffusers path with _>``. sd-scripts' names are left as they are."""
-    return {_respelled_key(k): v for k, v in sd.items()}
-
-
 def formats_in(keys: Iterable[str], source: str = "LoRA") -> set[str]:
     """The formats whose keys a state dict holds (``sd-scripts``, ``ai-toolkit`` or both: OneTrainer names its
     DiT modules as diffusers does and its text-encoder modules as sd-scripts does); UserError naming ``source``
@@ -245,15 +152,6 @@ def sd_scripts_modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> tuple[
     return modules, [k for k in sd if k not in used]
 
 
-def _ait_module_name(module: str) -> str | None:
-    for prefix, canonical in _AIT_PREFIXES:
-        if module.startswith(prefix):
-            return canonical + module[len(prefix) :]
-    if (module + ".").startswith(_AIT_BARE):  # the prefixes end in "." and a module may be one ("img_in")
-        return "transformer." + module
-    return None
-
-
 def _peft_alphas(metadata: Mapping[str, str] | None):
     """A function (module, rank) -> alpha from diffusers' ``lora_adapter_metadata``, or None."""
     raw = (metadata or {}).get(PEFT_METADATA_KEY)
@@ -291,7 +189,7 @@ def ai_toolkit_modules(
             continue
         raw = key[: -len(".lora_A.weight")]
         up_key, alpha_key = f"{raw}.lora_B.weight", f"{raw}.alpha"
-        name = _ait_module_name(raw)
+        name = ait_module_name(raw)
         if up_key not in sd or name is None:
             continue
         down, up = checked_lora_pair(sd[key], sd[up_key], raw, source)
@@ -300,65 +198,11 @@ def ai_toolkit_modules(
             alpha = float(torch.as_tensor(alpha).float().item())
         elif peft_alpha is not None:
             alpha = peft_alpha(name, down.shape[0])
+        if name in modules:  # e.g. transformer.x_embedder and a bare x_embedder: one would replace the other
+            raise UserError(f"{source}: {name} is in it twice, under two spellings; keep one of them")
         modules[name] = LoRAWeights(down, up, alpha)
         used.update((key, up_key, alpha_key))
     return modules, [k for k in sd if k not in used]
-
-
-# ---- names --------------------------------------------------------------------------------
-
-
-def sd_scripts_to_ai_toolkit_names(name: str) -> tuple[str, ...] | None:
-    """The diffusers module(s) an sd-scripts module covers (several for fused ones), or None."""
-    if m := _SDS_BLOCK.match(name):
-        kind, index, suffix = m.groups()
-        double = kind == "double"
-        table = DOUBLE_MODULES if double else SINGLE_MODULES
-        block = "transformer_blocks" if double else "single_transformer_blocks"
-        if suffix in table:
-            return tuple(f"transformer.{block}.{index}.{part}" for part in table[suffix])
-        return None
-    if name.startswith("lora_unet_") and name[len("lora_unet_") :] in GLOBAL_MODULES:
-        return (f"transformer.{GLOBAL_MODULES[name[len('lora_unet_') :]]}",)
-    if (m := _SDS_CLIP.match(name)) and m.group(2) in CLIP_MODULES:
-        return (f"text_encoder.text_model.encoder.layers.{m.group(1)}.{CLIP_MODULES[m.group(2)]}",)
-    return None
-
-
-def _reverse(table: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, int, int]]:
-    return {part: (suffix, i, len(parts)) for suffix, parts in table.items() for i, part in enumerate(parts)}
-
-
-_DOUBLE_REVERSE = _reverse(DOUBLE_MODULES)
-_SINGLE_REVERSE = _reverse(SINGLE_MODULES)
-_GLOBAL_REVERSE = {v: k for k, v in GLOBAL_MODULES.items()}
-_CLIP_REVERSE = {v: k for k, v in CLIP_MODULES.items()}
-
-
-def ai_toolkit_to_sd_scripts_name(module: str) -> tuple[str, int, int] | None:
-    """(sd-scripts module, part index, number of parts) of a diffusers module, or None."""
-    if m := _AIT_BLOCK.match(module):
-        block, index, part = m.groups()
-        double = block == "transformer_blocks"
-        found = (_DOUBLE_REVERSE if double else _SINGLE_REVERSE).get(part)
-        if found is None:
-            return None
-        suffix, i, n = found
-        return f"lora_unet_{'double' if double else 'single'}_blocks_{index}_{suffix}", i, n
-    if module.startswith("transformer.") and module[len("transformer.") :] in _GLOBAL_REVERSE:
-        return f"lora_unet_{_GLOBAL_REVERSE[module[len('transformer.') :]]}", 0, 1
-    if (m := _AIT_CLIP.match(module)) and m.group(2) in _CLIP_REVERSE:
-        return f"lora_te1_text_model_encoder_layers_{m.group(1)}_{_CLIP_REVERSE[m.group(2)]}", 0, 1
-    return None
-
-
-def bfl_module_to_sd_scripts_name(module: str) -> str | None:
-    """The sd-scripts module of a peft module named by BFL's path (``transformer.double_blocks.0.img_attn.qkv``,
-    read from ``diffusion_model.*`` keys), or None. Its weights already have sd-scripts' layout."""
-    if not module.startswith("transformer."):
-        return None
-    name = "lora_unet_" + module[len("transformer.") :].replace(".", "_")
-    return name if sd_scripts_to_ai_toolkit_names(name) is not None else None
 
 
 # ---- conversion ---------------------------------------------------------------------------
@@ -376,7 +220,7 @@ def _mlp_hidden_hint(modules: Mapping[str, LoRAWeights]) -> int | None:
             return w.up.shape[0]
         if name.endswith(("ff.net.2", "ff_context.net.2")):
             return w.down.shape[1]
-        if _AIT_BLOCK.match(name) and name.endswith(".proj_out"):
+        if AIT_BLOCK.match(name) and name.endswith(".proj_out"):
             return w.down.shape[1] - w.up.shape[0]
     return None
 
@@ -413,17 +257,18 @@ def to_sd_scripts(
     A plain module keeps its weights; its alpha is the file's, or the rank (scale 1). The parts of
     a fused projection become one module (see :func:`_fuse`); parts a file lacks stay zero.
     """
-    sd = respelled_keys(sd)
+    sd = respelled_keys(sd, source)
     if AI_TOOLKIT not in formats_in(sd.keys(), source):
         return Converted(sd, source_format=SD_SCRIPTS)
     modules, leftover = ai_toolkit_modules(sd, metadata, source)
     groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
     # sd-scripts' own modules beside diffusers' (OneTrainer names text-encoder modules as sd-scripts does)
-    out: dict[str, Tensor] = {k: sd[k] for k in leftover if k.startswith(_SD_SCRIPTS_PREFIXES)}
+    out: dict[str, Tensor] = {k: sd[k] for k in leftover if k.startswith(SD_SCRIPTS_PREFIXES)}
     unsupported = [k for k in leftover if k not in out]
     for name, w in modules.items():
         target = ai_toolkit_to_sd_scripts_name(name)
         if target is None and (sds_name := bfl_module_to_sd_scripts_name(name)):
+            _refuse_twice(out, sds_name, name, source)
             out[f"{sds_name}.lora_down.weight"], out[f"{sds_name}.lora_up.weight"] = w.down, w.up
             out[f"{sds_name}.alpha"] = torch.tensor(w.alpha or float(w.rank), dtype=torch.float32)
             continue
@@ -442,6 +287,7 @@ def to_sd_scripts(
         else:
             w = _fuse(parts, n, mlp_hidden)
             fused += 1
+        _refuse_twice(out, sds_name, " / ".join(sd_scripts_to_ai_toolkit_names(sds_name)), source)
         out[f"{sds_name}.lora_down.weight"] = w.down
         out[f"{sds_name}.lora_up.weight"] = w.up
         out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
@@ -451,7 +297,15 @@ def to_sd_scripts(
             f"(e.g. {next(iter(unsupported), 'none')}) is a "
             "FLUX.1 / Chroma module in diffusers' or BFL's naming"
         )
-    return Converted(out, sorted(unsupported), AI_TOOLKIT, fused)
+    mixed = any(k.startswith(SD_SCRIPTS_PREFIXES) for k in sd)  # OneTrainer's text-encoder modules
+    source_format = f"{AI_TOOLKIT} and {SD_SCRIPTS}" if mixed else AI_TOOLKIT
+    return Converted(out, sorted(unsupported), source_format, fused)
+
+
+def _refuse_twice(out: Mapping[str, Tensor], sds_name: str, other_name: str, source: str) -> None:
+    """A module a file holds in both namings (sd-scripts' and another): one would silently replace the other."""
+    if f"{sds_name}.lora_down.weight" in out:
+        raise UserError(f"{source}: {sds_name} and {other_name} are one module in two namings; keep one of them")
 
 
 def _fold_scale(scale: float) -> tuple[float, float]:
@@ -517,15 +371,17 @@ def to_ai_toolkit(
     sd-scripts modules with no diffusers counterpart (T5 ``lora_te3_*``, unknown names) are
     returned in ``unsupported``.
     """
-    sd = respelled_keys(sd)
+    sd = respelled_keys(sd, source)
     formats = formats_in(sd.keys(), source)
     if SD_SCRIPTS not in formats:
         return Converted(sd, source_format=AI_TOOLKIT)
+    unsupported = []
     if AI_TOOLKIT in formats:  # both: into one naming first
-        sd = to_sd_scripts(sd, metadata, source).state_dict
+        first = to_sd_scripts(sd, metadata, source)
+        sd, unsupported = first.state_dict, list(first.unsupported)
     modules, leftover = sd_scripts_modules(sd, source)
     out: dict[str, Tensor] = {}
-    unsupported = list(leftover)
+    unsupported += leftover
     for name, w in modules.items():
         names = sd_scripts_to_ai_toolkit_names(name)
         if names is None:
@@ -573,7 +429,7 @@ def convert(
 ) -> Converted:
     """Converts between formats; the file's real format must be ``src``."""
     src, dst = canonical_format(src), canonical_format(dst)
-    sd = respelled_keys(sd)
+    sd = respelled_keys(sd, source)
     found = formats_in(sd.keys(), source)
     if src not in found:
         (other,) = found

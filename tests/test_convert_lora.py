@@ -530,3 +530,37 @@ def test_a_peft_adapter_reads_its_alpha_from_the_config_beside_it(tmp_path, caps
     (adapter / "adapter_config.json").write_text("{r: 4")
     assert convert("ai-toolkit", "sd-scripts", adapter / "adapter_model.safetensors", tmp_path / "x.safetensors") == 1
     assert f"{adapter / 'adapter_config.json'}: the peft adapter's config cannot be read" in capsys.readouterr().err
+
+
+def test_a_mixed_file_lists_what_it_cannot_convert_in_either_direction():
+    """OneTrainer's files hold both namings: into diffusers' naming, a module of neither was dropped unnamed."""
+    a, b = torch.ones(4, 8), torch.ones(8, 4)
+    sd = {"lora_transformer_transformer_blocks_0_attn_to_out_0.lora_down.weight": a,
+          "lora_transformer_transformer_blocks_0_attn_to_out_0.lora_up.weight": b,
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": a,
+          "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": b,
+          "transformer.distilled_guidance_layer.layers.0.linear_1.lora_A.weight": a,
+          "transformer.distilled_guidance_layer.layers.0.linear_1.lora_B.weight": b}  # fmt: skip
+    unknown = "transformer.distilled_guidance_layer.layers.0.linear_1"
+    for converted in (to_sd_scripts(sd), to_ai_toolkit(sd)):
+        assert converted.unsupported == [unknown]
+    assert to_sd_scripts(sd).source_format == "ai-toolkit and sd-scripts"
+
+
+@pytest.mark.parametrize("sd, message", [
+    ({"base_model.model.x_embedder.lora_A.weight": torch.ones(4, 6), "transformer.x_embedder.lora_A.weight":
+      torch.ones(4, 6)}, "base_model.model.x_embedder.lora_A.weight and transformer.x_embedder.lora_A.weight are "
+                         "one tensor (transformer.x_embedder.lora_A.weight) in two spellings"),
+    ({"x_embedder.lora_A.weight": torch.ones(4, 6), "x_embedder.lora_B.weight": torch.ones(8, 4),
+      "transformer.x_embedder.lora_A.weight": torch.ones(4, 6), "transformer.x_embedder.lora_B.weight":
+      torch.ones(8, 4)}, "transformer.x_embedder is in it twice, under two spellings"),
+    ({"lora_unet_img_in.lora_down.weight": torch.ones(4, 6), "lora_unet_img_in.lora_up.weight": torch.ones(8, 4),
+      "transformer.x_embedder.lora_A.weight": torch.ones(4, 6), "transformer.x_embedder.lora_B.weight":
+      torch.ones(8, 4)}, "lora_unet_img_in and transformer.x_embedder are one module in two namings"),
+])  # fmt: skip
+def test_one_module_in_two_namings_is_refused(sd, message):
+    """One would have replaced the other in silence."""
+    from library.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(f"twice.safetensors: {message}")):
+        to_sd_scripts(sd, source="twice.safetensors")
