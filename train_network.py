@@ -523,8 +523,10 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     try:
         with HeldRecords() as config_warnings:  # logged where the arguments say, once they are read
             args = parse_args_with_config(parser, argv)
-        setup_logging(args)
-        config_warnings.replay()
+        try:
+            setup_logging(args)
+        finally:  # to the console at least, should the log file be unwritable
+            config_warnings.replay()
         if trainer is None:  # the hooks that load and run a model are a subclass's
             raise UserError("train_network.py holds the generic loop and trains no model by itself: run "
                             "flux_train_network.py with the same arguments")  # fmt: skip

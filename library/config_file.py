@@ -159,13 +159,16 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
     return path
 
 
-def _drop_displaced(defaults: dict[str, Any], command_line: argparse.Namespace, parser) -> None:
+def _drop_displaced(defaults: dict[str, Any], argv: list[str] | None, parser) -> None:
     """Leaves out the file's options that would override one given on the command line (the command line wins
     over the file, also where one option outranks another: ``--max_train_steps 3`` against the file's
     ``max_train_epochs = 10``)."""
+    # argparse fills in a default only where the namespace lacks the attribute: what is still a marker was not typed
+    dests = [d for pair in _DISPLACES.items() for d in pair]
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, _DEFAULT_KEPT)))
     for given, displaced in _DISPLACES.items():
-        value = getattr(command_line, given, None)
-        if displaced in defaults and value != parser.get_default(given) and getattr(command_line, displaced) is None:
+        value = getattr(typed, given, _DEFAULT_KEPT)
+        if displaced in defaults and value is not _DEFAULT_KEPT and getattr(typed, displaced) is _DEFAULT_KEPT:
             logger.info("--%s %s on the command line: the file's %s = %s is not used", given, value, displaced,
                         defaults.pop(displaced))  # fmt: skip
 
@@ -183,7 +186,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             print(f"wrote the arguments to {path}")
         sys.exit(0)
     defaults = read_config_file(args.config_file, parser)
-    _drop_displaced(defaults, args, parser)
+    _drop_displaced(defaults, argv, parser)
     originals = {k: parser.get_default(k) for k in defaults}
     parser.set_defaults(**defaults)
     try:

@@ -61,12 +61,15 @@ class HeldRecords(logging.Handler):
 
     def __enter__(self) -> HeldRecords:
         root = logging.getLogger()
-        self._handlers = root.handlers[:]
+        self._handlers, self._level = root.handlers[:], root.level
         root.handlers[:] = [self]
+        root.setLevel(logging.NOTSET)  # every record is held: the level the run asks for filters the replay
         return self
 
     def __exit__(self, error_type, *_) -> None:
-        logging.getLogger().handlers[:] = self._handlers
+        root = logging.getLogger()
+        root.handlers[:] = self._handlers
+        root.setLevel(self._level)
         if error_type is not None:
             self.replay()
 

@@ -214,3 +214,37 @@ def test_max_train_steps_on_the_command_line_beats_the_files_max_train_epochs(tm
     assert caplog.messages == ["--max_train_steps 3 on the command line: the file's max_train_epochs = 10 is not used"]
     assert parse().max_train_epochs == 10  # the file alone, or epochs on the command line too: epochs decide
     assert parse("--max_train_steps", "3", "--max_train_epochs", "2").max_train_epochs == 2
+    # typed, not merely other than the default
+    assert parse("--max_train_steps", "1600").max_train_epochs is None
+    assert parse("--max_train_steps=1600").max_train_epochs is None
+
+
+def test_the_files_info_lines_reach_the_run_log_too(tmp_path, capsys):
+    """Held until the run's logging existed, they met the root logger's default WARNING level and were dropped."""
+    import train_network
+
+    log = tmp_path / "log.txt"
+    config = tmp_path / "run.toml"
+    config.write_text(f"max_train_epochs = 10\nconsole_log_file = {json.dumps(str(log))}\n")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # a fresh process's, whatever earlier tests left
+    try:
+        assert train_network.main(["--config_file", str(config), "--max_train_steps", "3"]) == 1  # trains no model
+    finally:
+        root.setLevel(level)
+    message = "--max_train_steps 3 on the command line: the file's max_train_epochs = 10 is not used"
+    assert f"INFO library.config_file: {message}" in log.read_text().splitlines()
+    assert message in capsys.readouterr().err
+
+
+def test_the_files_warnings_are_shown_when_the_log_file_cannot_be_written(tmp_path, capsys, caplog):
+    """They were held for the run's logging, which then failed to start: they were lost."""
+    import train_network
+
+    (tmp_path / "a_file").write_text("x")
+    config = tmp_path / "run.toml"
+    config.write_text(f"foo_bar = 1\nconsole_log_file = {json.dumps(str(tmp_path / 'a_file' / 'log.txt'))}\n")
+    assert train_network.main(["--config_file", str(config)]) == 1
+    assert "error: --console_log_file" in capsys.readouterr().err
+    assert f"{config}: unknown key 'foo_bar' ignored" in caplog.messages  # where the handlers there are put it

@@ -107,6 +107,8 @@ def test_log_lines_leave_an_open_progress_bar_alone(capsys):
 
     from library.run_logging import setup_logging
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     try:
         setup_logging(Namespace())
         bar = tqdm(total=3, desc="steps", file=sys.stderr)
@@ -115,8 +117,10 @@ def test_log_lines_leave_an_open_progress_bar_alone(capsys):
         bar.update()
         bar.close()
     finally:
-        setup_logging(Namespace())
+        root.handlers[:] = handlers
+        root.setLevel(level)
     err = capsys.readouterr().err
     before, line, after = err.partition("INFO tests: validation loss (epoch): 1.0\n")
-    assert line and before.endswith("\r") and "it/s]" not in before.rsplit("\r", 2)[-1]  # the bar was cleared first
-    assert after.startswith("\rsteps:  33%")  # and drawn again below
+    # the bar's line was blanked ("\r" + spaces + "\r") before the message was written on it
+    assert line and before.endswith("\r") and before.rsplit("\r", 2)[-2].strip() == ""
+    assert after.startswith("\rsteps:  33%")  # and the bar drawn again below
