@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import time
 import zipfile
 from collections.abc import Iterable
 
@@ -97,16 +98,21 @@ def _temporary_name(path: str, pid: int) -> str:
 _TEMPORARY = re.compile(r"(?P<final>.+)\.(?P<pid>\d+)\.tmp")  # _temporary_name's
 
 
-def remove_abandoned_temporaries(cache_files: Iterable[str]) -> list[str]:
+# a temporary is written in milliseconds: one this old whose process is gone here is a killed run's, also
+# where the folder is shared with other machines (whose process numbers mean nothing here)
+HALF_WRITTEN_AFTER_S = 600
+
+
+def remove_half_written_caches(cache_files: Iterable[str]) -> list[str]:
     """Removes what killed caching runs left beside ``cache_files``: the temporaries of
-    :func:`write_npz_atomic` whose process is gone (they would never become cache files). Call it before
-    this process writes any; returns the paths removed."""
+    :func:`write_npz_atomic` whose process is gone and that are older than ``HALF_WRITTEN_AFTER_S`` (they
+    would never become cache files). Call it before this process writes any; returns the paths removed."""
     from library.train_state import writer_is_gone
 
     wanted: dict[str, set[str]] = {}
     for path in cache_files:
         wanted.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
-    removed = []
+    removed, now = [], time.time()
     for folder, names in wanted.items():
         try:
             entries = os.listdir(folder or ".")
@@ -114,12 +120,19 @@ def remove_abandoned_temporaries(cache_files: Iterable[str]) -> list[str]:
             continue
         for entry in entries:
             match = _TEMPORARY.fullmatch(entry)
-            if match and match["final"] in names and writer_is_gone(int(match["pid"])):
-                path = os.path.join(folder, entry)
+            path = os.path.join(folder, entry)
+            if match and match["final"] in names and writer_is_gone(int(match["pid"])) and _older_than(path, now):
                 with contextlib.suppress(OSError):  # another process cleaned it first
                     os.remove(path)
                     removed.append(path)
     return removed
+
+
+def _older_than(path: str, now: float) -> bool:
+    try:
+        return now - os.path.getmtime(path) > HALF_WRITTEN_AFTER_S
+    except OSError:
+        return False
 
 
 def write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:

@@ -48,7 +48,7 @@ from library.cache_files import (
     npz_keys,
     owned_paths,
     read_record,
-    remove_abandoned_temporaries,
+    remove_half_written_caches,
     reso_suffix,
     rewrite_record,
     same_image,
@@ -82,7 +82,7 @@ def _same_source(old: dict | None, new: dict) -> bool:
 
 
 def _clean_up_after_killed_runs(cache_files: Iterable[str]) -> None:
-    removed = remove_abandoned_temporaries(cache_files)
+    removed = remove_half_written_caches(cache_files)
     if removed:
         logger.info("removed %d half-written cache file(s) of a killed run (e.g. %s)", len(removed), removed[0])
 

@@ -299,7 +299,8 @@ def test_images_with_a_newer_latent_file_are_not_decoded_before_the_models_load(
 
 def test_half_written_cache_files_of_a_killed_run_are_removed(tmp_path, monkeypatch):
     """A caching run killed mid-write left <cache file>.<pid>.tmp beside the images for good. Those of a live
-    process (another GPU's, writing now) and files that only look alike are left alone."""
+    process (another GPU's, writing now), fresh ones (another machine's, on a shared disk: its process numbers
+    mean nothing here) and files that only look alike are left alone."""
     import subprocess
     import sys
 
@@ -313,9 +314,16 @@ def test_half_written_cache_files_of_a_killed_run_are_removed(tmp_path, monkeypa
         f"b_0032x0032_flux.npz.{alive}.tmp": True,  # a live process's: kept
         f"other_flux.npz.{dead}.tmp": True,  # no image of this run is named so: not this run's to judge
         "a.png.tmp": True,
+        f"c_flux_te.npz.{dead}.tmp": True,  # written a minute ago
     }
+    old = time.time() - cache_files.HALF_WRITTEN_AFTER_S - 60
     for name in left:
         (folder / name).write_bytes(b"partial")
+        if not name.startswith("c_"):
+            os.utime(folder / name, (old, old))
     LatentCacher(StandInEncoder(), "ae", True).cache([g])
     TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
     assert {name: (folder / name).exists() for name in left} == left
+    os.utime(folder / f"c_flux_te.npz.{dead}.tmp", (old, old))  # later, when it has grown old
+    TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
+    assert not (folder / f"c_flux_te.npz.{dead}.tmp").exists()
