@@ -152,10 +152,10 @@ def write_config_file(path: str, args: argparse.Namespace, parser: argparse.Argu
         with open(tmp, "w", encoding="utf-8") as f:
             toml.dump(values, f, encoder=_toml_encoder())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, UnicodeEncodeError) as e:  # a path of undecodable bytes has no UTF-8 form to write
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"--output_config: cannot write {path} ({e.strerror or e})") from None
+        raise UserError(f"--output_config: cannot write {path} ({getattr(e, 'strerror', None) or e})") from None
     return path
 
 

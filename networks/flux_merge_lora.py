@@ -94,7 +94,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--loading_device", type=str, default="cpu", help="device tensors are loaded to (default cpu)")
     p.add_argument("--working_device", type=str, default="cpu", help="device the merge is computed on (default cpu)")
     p.add_argument("--save_to", type=str, default=None,
-                   help="output file of the DiT, or of the merged LoRA (required without --clip_l / --t5xxl)")
+                   help="output file of the merged DiT (with --flux_model), or of the merged LoRA (without models)")
     p.add_argument("--clip_l_save_to", type=str, default=None, help="output file of the merged CLIP-L")
     p.add_argument("--t5xxl_save_to", type=str, default=None, help="output file of the merged T5-XXL")
     p.add_argument("--models", type=str, nargs="*", default=None, help="LoRA files to merge")
@@ -401,7 +401,7 @@ def save_merged_lora(args, loras: list[LoadedLoRA], save_dtype: torch.dtype | No
     if save_dtype is not None:  # alphas stay fp32: bf16 would store a concatenated alpha of 257 as 256
         sd = {k: v if k.endswith(".alpha") else v.to(save_dtype) for k, v in sd.items()}
     first = loras[0].metadata
-    base_version = first.get("ss_base_model_version") or "flux1"
+    base_version = first.get("ss_base_model_version") or base_model_version(None)
     versions = {lora.path: lora.metadata.get("ss_base_model_version") for lora in loras}
     if len({v for v in versions.values() if v in BASE_MODEL_VERSIONS}) > 1:
         logger.warning("--models were trained on different base models (%s): their merge is recorded as %s",

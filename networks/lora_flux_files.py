@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 PEFT_ADAPTER_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"  # peft's save_pretrained
 SPLIT_QKV_METADATA_KEY = "ss_split_qkv_convention"
 SPLIT_QKV_CONVENTION = "fused_alpha_x_splits"  # fused alpha = per-chunk alpha x number of chunks
+BASE_MODEL_VERSIONS = ("flux1", "chroma")  # ss_base_model_version of FLUX.1 (dev, schnell) and Chroma LoRAs
 
 
 def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -65,9 +66,6 @@ def with_peft_config(file: str | os.PathLike, metadata: dict[str, str]) -> dict[
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config}: the peft adapter's config cannot be read ({e})") from None
     return {**metadata, PEFT_METADATA_KEY: text}
-
-
-BASE_MODEL_VERSIONS = ("flux1", "chroma")  # ss_base_model_version of FLUX.1 (dev, schnell) and Chroma LoRAs
 
 
 def base_model_version(model_type: str | None) -> str:

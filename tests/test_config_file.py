@@ -248,3 +248,12 @@ def test_the_files_warnings_are_shown_when_the_log_file_cannot_be_written(tmp_pa
     assert train_network.main(["--config_file", str(config)]) == 1
     assert "error: --console_log_file" in capsys.readouterr().err
     assert f"{config}: unknown key 'foo_bar' ignored" in caplog.messages  # where the handlers there are put it
+
+
+def test_output_config_of_a_path_with_undecodable_bytes_is_one_message(tmp_path):
+    """Such a path (bytes of another encoding in a POSIX name) has no UTF-8 form: it was a traceback."""
+    config = tmp_path / "saved.toml"
+    with pytest.raises(UserError, match=r"^--output_config: cannot write .*saved\.toml \("):
+        argv = ["--config_file", str(config), "--output_config", "--output_dir", "out\udcff"]
+        parse_args_with_config(flux_train_network.setup_parser(), argv)
+    assert os.listdir(tmp_path) == []
