@@ -53,6 +53,7 @@ from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import
     SPLIT_QKV_CONVENTION,
     SPLIT_QKV_METADATA_KEY,
     read_lora_file,
+    read_lora_file_as_sd_scripts,
     write_lora_file,
 )
 from networks.lora_flux_params import param_groups, text_encoder_lrs
@@ -120,11 +121,11 @@ def create_network_from_weights(
     """A network shaped like a LoRA file: ranks and alphas per module, in_dims and T5 modules as found.
 
     Weights are not loaded (call ``load_weights`` or ``merge_to``). Returns ``(network, weights_sd)``.
-    A ``weights_sd`` given instead of the file is taken as :func:`read_lora_file` returns it.
+    A ``weights_sd`` given instead of the file is taken as :func:`read_lora_file_as_sd_scripts` returns it.
     """
     check_known_args(kwargs)
     if weights_sd is None:
-        weights_sd, _ = read_lora_file(file)
+        weights_sd, _ = read_lora_file_as_sd_scripts(file)
     refuse_unsupported_kinds(weights_sd, str(file))
     modules_dim, modules_alpha = {}, {}
     for key, value in weights_sd.items():
@@ -404,7 +405,7 @@ class LoRANetwork(nn.Module):
 
     def load_weights(self, file: str | os.PathLike):
         """Loads a LoRA file into this network (split_qkv modules re-split); returns missing/unexpected keys."""
-        weights_sd, metadata = read_lora_file(file)
+        weights_sd, _ = read_lora_file_as_sd_scripts(file)
         check_weights_fit(
             file, weights_sd, self, "Give the file's rank as --network_dim / network_args, or add --dim_from_weights"
         )

@@ -54,6 +54,20 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     return state_dict, {}
 
 
+def read_lora_file_as_sd_scripts(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """:func:`read_lora_file`, in sd-scripts' naming whatever the file's (ai-toolkit / diffusers, ComfyUI,
+    OneTrainer, peft): what the trainer's own network reads. Modules without an sd-scripts name are warned
+    about and left out."""
+    from library.lora_formats import to_sd_scripts
+
+    state_dict, metadata = read_lora_file(file)
+    converted = to_sd_scripts(state_dict, metadata, str(file))
+    if converted.unsupported:
+        logger.warning("%s: %d keys are no FLUX.1 / Chroma LoRA module and are left out: %s", file,
+                       len(converted.unsupported), ", ".join(converted.unsupported))  # fmt: skip
+    return converted.state_dict, metadata
+
+
 def with_peft_config(file: str | os.PathLike, metadata: dict[str, str]) -> dict[str, str]:
     """A peft adapter's metadata with its ``adapter_config.json`` (lora_alpha, alpha_pattern, rsLoRA) added, as
     diffusers records the same settings inside its files; a file without such a config beside it is unchanged."""

@@ -249,3 +249,31 @@ def test_a_file_without_alphas_loads_at_scale_1_whichever_way_it_is_loaded(flux,
     from_file, _ = create_network_from_weights(1.0, path, None, [None, None], flux)
     assert {lora.scale for lora in from_file.all_loras()} == {1.0}
     assert all(torch.equal(network.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_the_trainer_reads_a_lora_in_another_tools_format_as_the_sd_scripts_file(tmp_path):
+    """--base_weights and --network_weights (with --dim_from_weights) read through the same network code: an
+    ai-toolkit / diffusers file stopped there as "not a LoRA in sd-scripts' format"."""
+    import copy
+
+    from library.lora_formats import to_ai_toolkit
+    from library.safetensors_io import load_safetensors, save_safetensors
+    from networks.lora_flux import create_network_from_weights
+    from tests.test_merge_lora import write_lora
+
+    model = random_model(tiny_flux_params(), seed=2)
+    ours = write_lora(tmp_path / "ours.safetensors", model, alpha=2.0)
+    theirs = str(tmp_path / "theirs.safetensors")
+    save_safetensors(to_ai_toolkit(load_safetensors(ours)).state_dict, theirs)
+    merged = []
+    for file in (ours, theirs):
+        target = copy.deepcopy(model)
+        network, weights = create_network_from_weights(1.0, file, None, [None, None], target, for_inference=True)
+        network.merge_to([None, None], target, weights)
+        merged.append(target.state_dict())
+        info = network.load_weights(file)  # as --network_weights with --dim_from_weights
+        assert not info.missing_keys and not info.unexpected_keys
+    assert merged[0].keys() == merged[1].keys()
+    assert any(not torch.equal(value, model.state_dict()[key]) for key, value in merged[0].items())
+    for key, value in merged[0].items():
+        torch.testing.assert_close(merged[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
