@@ -292,6 +292,9 @@ def to_sd_scripts(
         out[f"{sds_name}.lora_up.weight"] = w.up
         out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
     if not out:
+        halves = [k for k in sd if k.endswith(".lora_A.weight") and k.replace(".lora_A.", ".lora_B.") not in sd]
+        if halves:  # not "no FLUX module": the module is one, its lora_B is missing
+            raise UserError(f"{source}: {halves[0]} has no lora_B beside it; the file is incomplete")
         raise UserError(
             f"{source}: none of its {sum(k.endswith('.lora_A.weight') for k in sd)} LoRA modules "
             f"(e.g. {next(iter(unsupported), 'none')}) is a "

@@ -403,6 +403,9 @@ def test_loading_a_file_of_another_rank_names_the_fix(tmp_path):
     create_network(1.0, 8, 1, None, [None, None], model).save_weights(file, None, None)
     with pytest.raises(UserError, match="--dim_from_weights"):
         create_network(1.0, 4, 1, None, [None, None], model).load_weights(file)
+    save_safetensors({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 64)}, file)  # half a module
+    with pytest.raises(UserError, match=r"x_embedder\.lora_A\.weight has no lora_B beside it; the file is incomplete"):
+        create_network(1.0, 4, 1, None, [None, None], model).load_weights(file)
 
 
 @pytest.mark.parametrize("for_inference", [True, False])
@@ -417,9 +420,10 @@ def test_a_network_from_a_file_for_other_widths_is_refused_naming_the_file(tmp_p
 
 def test_loading_a_file_with_nothing_for_this_network_is_refused(tmp_path):
     model = random_model(tiny_flux_params())
-    file = tmp_path / "diffusers_format.safetensors"
-    save_safetensors({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 64)}, file)
-    with pytest.raises(UserError, match="none of its weights"):
+    file = tmp_path / "diffusers_format.safetensors"  # img_in: a module this network (no in_dims) lacks
+    save_safetensors({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 64),
+                      "transformer.x_embedder.lora_B.weight": torch.zeros(model.img_in.weight.shape[0], 4)}, file)
+    with pytest.raises(UserError, match=r"diffusers_format\.safetensors: none of its weights belongs to this network"):
         create_network(1.0, 4, 1, None, [None, None], model).load_weights(file)
 
 
