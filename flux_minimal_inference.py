@@ -284,7 +284,7 @@ def load_pipeline(args) -> Pipeline:
     from library.fp8 import store_linears_in_fp8
     from library.text_encoders import FluxTextEncodingStrategy, load_clip_l, load_t5xxl
     from library.tokenizers_flux import FluxTokenizeStrategy
-    from networks.lora_flux_files import lora_files_have_modules
+    from networks.lora_flux_files import TEXT_ENCODER_KEYS, lora_files_have_modules
 
     dit_params = check_args(args)
     # the tokenizers now, before the models: an offline machine without them stops in seconds, not minutes
@@ -316,8 +316,7 @@ def load_pipeline(args) -> Pipeline:
                                       "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
     dit.requires_grad_(False).eval()
     # a LoRA merged into an fp8 encoder goes into its wide weights (on the CPU), which are then stored in fp8
-    text_encoder_modules = ("lora_te", "text_encoder.")  # sd-scripts' and diffusers' names
-    merge_first = args.merge_lora_weights and lora_files_have_modules([p for p, _ in specs], text_encoder_modules)
+    merge_first = args.merge_lora_weights and lora_files_have_modules([p for p, _ in specs], TEXT_ENCODER_KEYS)
     te_dtypes = {"clip_l": clip_dtype, "t5xxl": t5_dtype}
     wide_first = {name: merge_first and d in FP8_DTYPES for name, d in te_dtypes.items()}
     te_load = {name: (compute, "cpu") if wide_first[name] else (d, loading_device) for name, d in te_dtypes.items()}

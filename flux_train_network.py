@@ -139,7 +139,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         from library.flux_utils import load_ae, load_flow_model
         from library.fp8 import FP8, dit_load_dtype, quantize_dit_, t5_file_is_plain_fp8
         from library.text_encoders import load_clip_l, load_t5xxl
-        from networks.lora_flux_files import base_model_version, lora_file_keys
+        from networks.lora_flux_files import DIT_KEYS, TEXT_ENCODER_KEYS, base_model_version, lora_file_keys
 
         dit_fp8 = args.fp8_base or args.fp8_base_unet
         if dit_fp8 and weight_dtype == torch.float32:  # fp16 on a CPU (resolve_dtypes warned)
@@ -149,8 +149,8 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         # base weights merge into the wide weights, which are then stored in fp8: Q(W + dW), not Q(Q(W) + dW),
         # which rounds away most of a LoRA whose change is a few percent of the weight
         base_keys = lora_file_keys(args.base_weights or [])  # read once (a .pt file is loaded whole)
-        self.fp8_after_merge = {"dit": dit_fp8 and any(k.startswith("lora_unet") for k in base_keys),
-                                "text_encoders": te_fp8 and any(k.startswith("lora_te") for k in base_keys)}
+        self.fp8_after_merge = {"dit": dit_fp8 and any(k.startswith(DIT_KEYS) for k in base_keys),
+                                "text_encoders": te_fp8 and any(k.startswith(TEXT_ENCODER_KEYS) for k in base_keys)}
         te_dtype = FP8 if te_fp8 and not self.fp8_after_merge["text_encoders"] else weight_dtype
         t5_dtype = te_dtype
         if te_dtype == weight_dtype != torch.float32 and not any(k.startswith("lora_te3") for k in base_keys) \

@@ -89,7 +89,7 @@ def _diffusers_path(underscored: str) -> str | None:
     return next((v for v in GLOBAL_MODULES.values() if v.replace(".", "_") == underscored), None)
 
 
-def _respelled_key(key: str) -> str:
+def respelled_key(key: str) -> str:
     """One key of another tool's spelling of the two formats, in ai-toolkit's spelling; others unchanged."""
     suffix = next((s for s in _RESPELLED_SUFFIXES if key.endswith(s)), None)
     if suffix is None:
@@ -117,7 +117,7 @@ def respelled_keys(sd: Mapping[str, Tensor], source: str = "LoRA") -> dict[str, 
     two keys that name one tensor stop with a UserError naming ``source``."""
     out, spelled = {}, {}
     for key, value in sd.items():
-        new = _respelled_key(key)
+        new = respelled_key(key)
         if new in out:
             raise UserError(f"{source}: {spelled[new]} and {key} are one tensor ({new}) in two spellings; "
                             "keep one of them")  # fmt: skip

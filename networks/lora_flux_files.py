@@ -13,6 +13,7 @@ from torch import Tensor
 
 from library.errors import CheckpointError
 from library.lora_formats import PEFT_METADATA_KEY
+from library.lora_names import respelled_key
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
 from library.safetensors_io import (
     load_safetensors,
@@ -111,16 +112,21 @@ def check_lora_file(file: str | os.PathLike, flag: str) -> None:
         raise CheckpointError(f"{flag} {e}") from None
 
 
+DIT_KEYS = ("lora_unet", "transformer.")  # a DiT module's key, in sd-scripts' and in diffusers' naming
+TEXT_ENCODER_KEYS = ("lora_te", "text_encoder.")
+
+
 def lora_files_have_modules(paths, prefixes: str | tuple[str, ...]) -> bool:
-    """Whether any LoRA among ``paths`` has a key starting with one of ``prefixes``."""
+    """Whether any LoRA among ``paths`` has a key starting with one of ``prefixes`` (as :func:`lora_file_keys`)."""
     return any(k.startswith(prefixes) for k in lora_file_keys(paths))
 
 
 def lora_file_keys(paths) -> list[str]:
-    """The keys of the LoRA files ``paths``: a ``.safetensors`` file's header is read, a ``.pt`` / ``.ckpt``
-    one (a pickle has no header; LoRAs are small) loaded."""
-    return [k for path in paths for k in (read_keys(path) if str(path).endswith(".safetensors")
-                                          else read_lora_file(path)[0])]  # fmt: skip
+    """The keys of the LoRA files ``paths``, other tools' spellings in diffusers' (``diffusion_model.*``,
+    ``lora_transformer_*`` are ``transformer.*`` keys): a ``.safetensors`` file's header is read, a ``.pt``
+    / ``.ckpt`` one (a pickle has no header; LoRAs are small) loaded."""
+    return [respelled_key(k) for path in paths for k in (read_keys(path) if str(path).endswith(".safetensors")
+                                                         else read_lora_file(path)[0])]  # fmt: skip
 
 
 def with_trained_split_alpha(

@@ -21,6 +21,7 @@ from library.fp8 import (
     quantize_weight,
     row_scales,
 )
+from library.lora_formats import to_ai_toolkit
 from library.safetensors_io import save_safetensors
 from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
 from networks import lora_flux
@@ -258,8 +259,10 @@ def test_fp8_loads_of_a_diffusers_file_and_a_comfy_scaled_file_equal_the_bfl_fil
             assert got[key].dtype == value.dtype and torch.equal(got[key].float(), value.float()), (file, key)
 
 
-@pytest.mark.parametrize("scaled, ext", [(False, ".safetensors"), (True, ".safetensors"), (False, ".pt")],
-                         ids=["fp8", "fp8_scaled", "pt_file"])  # (a .pt file was not looked into: merged into fp8)
+@pytest.mark.parametrize("scaled, ext", [(False, ".safetensors"), (True, ".safetensors"), (False, ".pt"),
+                                         (False, "_ai_toolkit.safetensors")],
+                         ids=["fp8", "fp8_scaled", "pt_file", "ai_toolkit"])  # (a .pt file was not looked into,
+# nor a file of diffusers' names: they merged into fp8)
 def test_base_weights_merge_into_the_wide_weights_before_they_are_stored_in_fp8(tiny_model_files, tmp_path, scaled,
                                                                                  ext):  # fmt: skip
     """Q(W + dW), not Q(Q(W) + dW): a change of a few percent of a weight is mostly rounded away by the latter."""
@@ -276,6 +279,8 @@ def test_base_weights_merge_into_the_wide_weights_before_they_are_stored_in_fp8(
     base = str(tmp_path / f"base{ext}")
     if ext == ".pt":
         torch.save(network.state_dict(), base)
+    elif "ai_toolkit" in ext:
+        save_safetensors(to_ai_toolkit(network.state_dict()).state_dict, base)
     else:
         save_safetensors(network.state_dict(), base)
 
