@@ -127,7 +127,7 @@ class Chroma(Flux):
         txt_offset = img_offset + 6 * n_double
 
         txt, txt_ids, attn_mask = without_hidden_text(txt, txt_ids, txt_attention_mask, img.shape[1],
-                                                      extra_tokens=CHROMA_ATTN_PADDING)  # fmt: skip
+                                                      CHROMA_ATTN_PADDING, self.compiled_block_call is not None)
         img = self.img_in(img)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))

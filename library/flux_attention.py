@@ -331,16 +331,24 @@ def _visible_text(txt_attention_mask: Tensor, extra_tokens: int) -> Tensor:
 
 
 def without_hidden_text(
-    txt: Tensor, txt_ids: Tensor, txt_attention_mask: Tensor | None, num_img_tokens: int, extra_tokens: int = 0
+    txt: Tensor,
+    txt_ids: Tensor,
+    txt_attention_mask: Tensor | None,
+    num_img_tokens: int,
+    extra_tokens: int = 0,
+    compiled: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(txt, txt_ids, key mask) for the joint attention, the text tokens after the last one any sample of
     the batch lets the attention see cut off. No query sees those as keys and the model's output is the
     image tokens', so they change nothing but the cost: T5 pads to 512 tokens where a prompt is often 30
     to 100. The mask is None where nothing is left to hide (one prompt, or prompts of one length), which
     lets SDPA use its flash kernel, as it cannot with a mask. Without a mask nothing is cut: then the
-    padding is seen."""
-    if txt_attention_mask is None:
-        return txt, txt_ids, None
+    padding is seen. Nor for ``compiled`` blocks: a graph is traced for a mask and for none, and for a text
+    length dynamo specialises (1) or finds equal to another size (the batch, the head width), which with
+    several buckets and a last short batch ran past dynamo's recompile limit, after which blocks run
+    uncompiled."""
+    if txt_attention_mask is None or compiled:
+        return txt, txt_ids, text_key_mask(txt_attention_mask, num_img_tokens, extra_tokens)
     visible = _visible_text(txt_attention_mask, extra_tokens)
     seen = visible.any(dim=0).nonzero()
     keep = max(int(seen.max()) + 1, 1) if seen.numel() else 1

@@ -188,7 +188,8 @@ class Flux(nn.Module):
                 raise ValueError("this is a guidance-distilled (dev) model: pass a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(vec.dtype))
         vec = vec + self.vector_in(y)
-        txt, txt_ids, attn_mask = without_hidden_text(txt, txt_ids, txt_attention_mask, img.shape[1])
+        txt, txt_ids, attn_mask = without_hidden_text(txt, txt_ids, txt_attention_mask, img.shape[1],
+                                                      compiled=self.compiled_block_call is not None)  # fmt: skip
         txt = self.txt_in(txt)
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))

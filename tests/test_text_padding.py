@@ -14,7 +14,7 @@ from tests.test_lora_math import dit_inputs, randomize_lora
 EXTRA = {"flux": 0, "chroma": chroma_models.CHROMA_ATTN_PADDING}  # Chroma attends to one padding token
 
 
-def uncut(txt, txt_ids, txt_attention_mask, num_img_tokens, extra_tokens=0):
+def uncut(txt, txt_ids, txt_attention_mask, num_img_tokens, extra_tokens=0, compiled=False):
     """The forward before the cut: every token, the padding hidden by the mask alone."""
     return txt, txt_ids, text_key_mask(txt_attention_mask, num_img_tokens, extra_tokens)
 
@@ -88,3 +88,27 @@ def test_a_batch_without_visible_text_keeps_one_hidden_token():
     cut_txt, cut_ids, mask = flux_attention.without_hidden_text(txt, ids, torch.zeros(2, 5), 4)
     assert cut_txt.shape == (2, 1, 8) and cut_ids.shape == (2, 1, 3)
     assert mask.shape == (2, 1, 1, 5) and not mask[..., 0].any() and mask[..., 1:].all()
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_compiled_blocks_trace_no_more_graphs_for_the_cut_text(kind, monkeypatch):
+    """A mask or none, and text lengths dynamo specialises, are graphs of their own: with buckets and a last
+    short batch the cut text ran past dynamo's recompile limit (blocks then run uncompiled). Compiled, the text
+    is not cut: no more graphs than before."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    p = tiny_chroma_params() if kind == "chroma" else tiny_flux_params()
+    frames = {}
+    for name in ("cut", "uncut"):
+        if name == "uncut":
+            monkeypatch.setattr(chroma_models if kind == "chroma" else flux_models, "without_hidden_text", uncut)
+        model = random_model(p, seed=3).requires_grad_(False)
+        model.txt_in.requires_grad_(True)
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        model.compile_blocks(backend=counter)
+        for lengths in ([3, 7], [1, 1], [4]):  # unequal prompts, empty captions, a last batch of one
+            model(**padded_inputs(p, lengths)).square().mean().backward()
+        frames[name] = counter.frame_count
+    assert 0 < frames["cut"] == frames["uncut"], frames
