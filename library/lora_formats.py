@@ -276,7 +276,10 @@ def to_sd_scripts(
             unsupported.append(name)
             continue
         sds_name, index, n = target
-        groups.setdefault(sds_name, (n, {}))[1][index] = w
+        parts = groups.setdefault(sds_name, (n, {}))[1]
+        if index in parts:  # text_encoder.text_model.encoder... and text_encoder.encoder...: one module
+            raise UserError(f"{source}: {name} is in it twice, under two spellings; keep one of them")
+        parts[index] = w
     mlp_hidden = _mlp_hidden_hint(modules)
     fused = 0
     for sds_name, (n, parts) in groups.items():

@@ -554,6 +554,9 @@ def test_a_mixed_file_lists_what_it_cannot_convert_in_either_direction():
     ({"x_embedder.lora_A.weight": torch.ones(4, 6), "x_embedder.lora_B.weight": torch.ones(8, 4),
       "transformer.x_embedder.lora_A.weight": torch.ones(4, 6), "transformer.x_embedder.lora_B.weight":
       torch.ones(8, 4)}, "transformer.x_embedder is in it twice, under two spellings"),
+    ({f"text_encoder.{path}encoder.layers.0.mlp.fc1.lora_{ab}.weight": torch.ones(4, 8) if ab == "A" else
+      torch.ones(8, 4) for path in ("text_model.", "") for ab in "AB"},
+     "text_encoder.encoder.layers.0.mlp.fc1 is in it twice, under two spellings"),
     ({"lora_unet_img_in.lora_down.weight": torch.ones(4, 6), "lora_unet_img_in.lora_up.weight": torch.ones(8, 4),
       "transformer.x_embedder.lora_A.weight": torch.ones(4, 6), "transformer.x_embedder.lora_B.weight":
       torch.ones(8, 4)}, "lora_unet_img_in and transformer.x_embedder are one module in two namings"),
