@@ -64,8 +64,7 @@ def read_lora_file_as_sd_scripts(file: str | os.PathLike) -> tuple[dict[str, Ten
     state_dict, metadata = read_lora_file(file)
     converted = to_sd_scripts(state_dict, metadata, str(file))
     if converted.unsupported:
-        logger.warning("%s: %d keys are no FLUX.1 / Chroma LoRA module and are left out: %s", file,
-                       len(converted.unsupported), ", ".join(converted.unsupported))  # fmt: skip
+        logger.warning("%s: left out, as no FLUX.1 / Chroma LoRA module: %s", file, ", ".join(converted.unsupported))
     return converted.state_dict, metadata
 
 
