@@ -257,3 +257,30 @@ def test_output_config_of_a_path_with_undecodable_bytes_is_one_message(tmp_path)
         argv = ["--config_file", str(config), "--output_config", "--output_dir", "out\udcff"]
         parse_args_with_config(flux_train_network.setup_parser(), argv)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_files_warnings_are_shown_when_reading_the_arguments_fails(tmp_path, caplog):
+    """A value that stops the run after a warning: the warning was held, and lost with the error."""
+    import train_network
+
+    config = tmp_path / "run.toml"
+    config.write_text('foo_bar = 1\nlearning_rate = "abc"\n')
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # a fresh process's
+    try:
+        assert train_network.main(["--config_file", str(config)]) == 1
+        assert root.level == logging.WARNING  # and the root logger is as it was (GUIs call main again)
+    finally:
+        root.setLevel(level)
+    assert f"{config}: unknown key 'foo_bar' ignored" in caplog.messages
+
+
+def test_held_lines_below_the_console_log_level_stay_unshown(tmp_path, capsys):
+    import train_network
+
+    config = tmp_path / "run.toml"
+    config.write_text("max_train_epochs = 10\n")
+    argv = ["--config_file", str(config), "--max_train_steps", "3", "--console_log_level", "WARNING"]
+    assert train_network.main(argv) == 1  # train_network.py trains no model
+    assert "is not used" not in capsys.readouterr().err

@@ -245,6 +245,7 @@ def test_command_line_settings_pass_the_files_checks(tmp_path, cli, message):
         ("", 'caption_separator = ""\ncaption_tag_dropout_rate = 0.1', [], r": datasets\[0\]\.subsets\[0\]: "
          r"caption_separator = '': .* which caption_tag_dropout_rate \(set in datasets\[0\]\.subsets\[0\]\)"),
         ("", 'caption_separator = ""\ntoken_warmup_step = 5', [], r"which token_warmup_step"),
+        ("", 'caption_separator = ""\ntoken_warmup_step = 0.5', [], r"which token_warmup_step"),  # half the run
         ("", 'caption_separator = ""\nkeep_tokens_separator = "|||"', [], r"which keep_tokens_separator"),
         # the command line's "" is only a fallback: a subset with its own separator does not use it
         ("", 'caption_separator = ";"\nshuffle_caption = true', ["--caption_separator", ""], None),

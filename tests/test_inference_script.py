@@ -141,6 +141,12 @@ def test_a_lora_of_another_base_model_is_named(tiny_model_files, tmp_path, lora_
         generate(tiny_model_files, tmp_path, "other", "--lora_weights", chroma)
     assert f"--lora_weights {chroma} was trained on chroma (ss_base_model_version), and this model is flux1" in (
         caplog.messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and the other way: a FLUX.1 LoRA on Chroma
+        generate(tiny_model_files, tmp_path, "other_way", "--lora_weights", lora_file, model_type="chroma")
+    assert f"--lora_weights {lora_file} was trained on flux1 (ss_base_model_version), and this model is chroma" in (
+        caplog.messages)
+    assert "--clip_l_dtype" not in caplog.text  # not given: nothing to say about it
 
 
 def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, monkeypatch, capsys):

@@ -536,3 +536,9 @@ def test_loras_of_another_base_model_are_named(tiny_model_files, dev, tmp_path, 
                                  "is flux1") == 1  # fmt: skip
     assert (f"--models were trained on different base models ({chroma}: chroma, {lora}: flux1): their merge is "
             "recorded as chroma") in caplog.messages  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and the other way: a FLUX.1 LoRA into Chroma
+        assert merge("--flux_model", tiny_model_files.chroma, "--save_to", tmp_path / "c.safetensors",
+                     "--models", lora) == 0  # fmt: skip
+    assert f"--models {lora} was trained on flux1 (ss_base_model_version), and this model is chroma" in (
+        caplog.messages)

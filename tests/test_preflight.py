@@ -231,3 +231,15 @@ def test_text_encoder_rates_no_module_takes_are_named(argv, warnings, caplog):
         )  # fmt: skip
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == len(warnings) and all(m.startswith(w) for m, w in zip(messages, warnings, strict=True))
+
+
+def test_the_trainer_names_unused_text_encoder_rates_before_loading(tiny_model_files, tmp_path, caplog):
+    """The check above, as the trainer runs it: Chroma with --text_encoder_lr trains no text encoder."""
+    from tests.training_helpers import base_argv, dataset
+
+    args = parse(*base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), model_type="chroma",
+                            text_encoder_lr="1e-4"))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        flux_train_network.FluxNetworkTrainer().check_inputs_before_loading(args)
+    assert any(m.startswith("--text_encoder_lr 0.0001 is not used: no text encoder gets LoRA modules")
+               for m in caplog.messages), caplog.messages  # fmt: skip

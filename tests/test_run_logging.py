@@ -124,3 +124,19 @@ def test_log_lines_leave_an_open_progress_bar_alone(capsys):
     # the bar's line was blanked ("\r" + spaces + "\r") before the message was written on it
     assert line and before.endswith("\r") and before.rsplit("\r", 2)[-2].strip() == ""
     assert after.startswith("\rsteps:  33%")  # and the bar drawn again below
+
+
+def test_a_closed_console_does_not_end_the_run(monkeypatch):
+    """A GUI that closed the pipe it read stderr from: logging a line raised OSError in the training loop."""
+    from library.run_logging import _StderrHandler
+
+    class Closed:
+        def write(self, text):
+            raise OSError(32, "Broken pipe")
+
+        def flush(self):
+            raise OSError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # as in a run: logging reports nothing more
+    _StderrHandler().emit(logging.makeLogRecord({"msg": "saved", "levelno": logging.INFO}))

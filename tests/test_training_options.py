@@ -95,6 +95,12 @@ def test_loras_of_another_base_model_are_warned_about(tmp_path, caplog, made_for
                                 f"this model is {version}"] if warned else [])  # fmt: skip
 
 
+def test_the_base_model_of_a_model_type_is_named_as_sd_scripts_names_it():
+    from networks.lora_flux_files import base_model_version
+
+    assert [base_model_version(t) for t in (None, "flux", "dev", "schnell", "chroma")] == ["flux1"] * 4 + ["chroma"]
+
+
 def test_earlier_outputs_under_the_same_name_are_warned_about(tmp_path, caplog, monkeypatch):
     from argparse import Namespace
 
@@ -126,10 +132,11 @@ def test_base_weights_are_merged_before_training(tiny_model_files, tmp_path, cap
     # labelled as a Chroma LoRA: its module names fit FLUX.1, and it was merged without a word
     save_safetensors(load_safetensors(base), base, {**read_metadata(base), "ss_base_model_version": "chroma"})
     with caplog.at_level("WARNING"):
-        with_base = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True,
+        with_base = train(tiny_model_files, tmp_path / "b", steps=1, network_train_unet_only=True, network_weights=base,
                           base_weights=[base], base_weights_multiplier=[1.0], learning_rate=1e-3)
-    assert f"--base_weights {base} was trained on chroma (ss_base_model_version), and this model is flux1" in (
-        caplog.messages)
+    for flag in ("--base_weights", "--network_weights"):
+        assert f"{flag} {base} was trained on chroma (ss_base_model_version), and this model is flux1" in (
+            caplog.messages)
     without = train(tiny_model_files, tmp_path / "c", steps=1, network_train_unet_only=True, learning_rate=1e-3)
     a, b = lora(with_base), lora(without)
     # same seed and data: only the merged base can make the first step's gradients differ
