@@ -324,7 +324,7 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         # the output width fits; the input width does not
         ("other_input_width", "img_attn_proj changes a 64x32 weight, but double_blocks.0.img_attn.proj.weight in "),
         ("more_ratios", "--ratios: 2 given for 1 --models; give one per LoRA"),
-        ("scaled_fp8", "scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged into"),
+        ("scaled_fp8", "--flux_model {tmp}/scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged into"),
         # its update was added to the fp8 numbers, then multiplied by their scale: a tiny part of it merged
         ("scaled_fp8_t5", "--t5xxl {tmp}/t5_scaled.safetensors: a ComfyUI scaled-fp8 checkpoint cannot be merged"),
         ("clip_save_to_without_clip", "--clip_l_save_to needs --clip_l: the model to merge into"),
