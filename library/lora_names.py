@@ -79,14 +79,21 @@ _RESPELLED_SUFFIXES = {
     ".alpha": ".alpha",
 }
 _DIFFUSERS_BLOCK_UNDERSCORED = re.compile(r"^(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)$")
+# diffusers module paths with "_" for "." -> the paths (OneTrainer's names)
+_UNDERSCORED_PARTS = {
+    block: {p.replace(".", "_"): p for names in table.values() for p in names}
+    for block, table in (("transformer_blocks", DOUBLE_MODULES), ("single_transformer_blocks", SINGLE_MODULES))
+}
+_UNDERSCORED_GLOBALS = {v.replace(".", "_"): v for v in GLOBAL_MODULES.values()}
+
+
 def _diffusers_path(underscored: str) -> str | None:
     """``transformer_blocks_0_attn_to_q`` -> ``transformer_blocks.0.attn.to_q`` (a FLUX module), or None."""
     if m := _DIFFUSERS_BLOCK_UNDERSCORED.match(underscored):
         block, index, part = m.groups()
-        table = DOUBLE_MODULES if block == "transformer_blocks" else SINGLE_MODULES
-        parts = {p.replace(".", "_"): p for names in table.values() for p in names}
-        return f"{block}.{index}.{parts[part]}" if part in parts else None
-    return next((v for v in GLOBAL_MODULES.values() if v.replace(".", "_") == underscored), None)
+        path = _UNDERSCORED_PARTS[block].get(part)
+        return f"{block}.{index}.{path}" if path else None
+    return _UNDERSCORED_GLOBALS.get(underscored)
 
 
 def respelled_key(key: str) -> str:
@@ -126,6 +133,8 @@ def respelled_keys(sd: Mapping[str, Tensor], source: str = "LoRA") -> dict[str, 
 
 
 def ait_module_name(module: str) -> str | None:
+    """A diffusers-style module path under its canonical component prefix (``transformer.*`` for the DiT,
+    ``diffusion_model.*`` and bare paths included; ``text_encoder.*``), or None for any other."""
     for prefix, canonical in _AIT_PREFIXES:
         if module.startswith(prefix):
             return canonical + module[len(prefix) :]
