@@ -263,8 +263,9 @@ def to_sd_scripts(
     modules, leftover = ai_toolkit_modules(sd, metadata, source)
     groups: dict[str, tuple[int, dict[int, LoRAWeights]]] = {}
     # sd-scripts' own modules beside diffusers' (OneTrainer names text-encoder modules as sd-scripts does)
-    out: dict[str, Tensor] = {k: sd[k] for k in leftover if k.startswith(SD_SCRIPTS_PREFIXES)}
-    unsupported = [k for k in leftover if k not in out]
+    native = {k: sd[k] for k in leftover if k.startswith(SD_SCRIPTS_PREFIXES)}
+    out: dict[str, Tensor] = dict(native)
+    unsupported = [k for k in leftover if k not in native]
     for name, w in modules.items():
         target = ai_toolkit_to_sd_scripts_name(name)
         if target is None and (sds_name := bfl_module_to_sd_scripts_name(name)):
@@ -303,8 +304,7 @@ def to_sd_scripts(
             f"(e.g. {next(iter(unsupported), 'none')}) is a "
             "FLUX.1 / Chroma module in diffusers' or BFL's naming"
         )
-    mixed = any(k.startswith(SD_SCRIPTS_PREFIXES) for k in sd)  # OneTrainer's text-encoder modules
-    source_format = f"{AI_TOOLKIT} and {SD_SCRIPTS}" if mixed else AI_TOOLKIT
+    source_format = f"{AI_TOOLKIT} and {SD_SCRIPTS}" if native else AI_TOOLKIT
     return Converted(out, sorted(unsupported), source_format, fused)
 
 
