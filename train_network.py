@@ -37,7 +37,7 @@ from library.run_logging import (
     tracker_init_kwargs,
     tracker_names,
 )
-from library.run_start import check_resume_step, initial_step, run_length, starting_point
+from library.run_start import check_resume_step, initial_step, run_length, seed_each_process, starting_point
 from library.train_args import DEFAULT_MAX_TRAIN_STEPS, DefaultsHelpFormatter, add_train_network_arguments
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,7 @@ class NetworkTrainer:
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
 
+        seed_each_process(args.seed, accelerator.process_index, accelerator.num_processes)  # a resume restores it
         first_step, skip_data = starting_point(args, given_step, network, optimizer, lr_scheduler, accelerator)
 
         metadata = self.training_metadata(ctx, train_group, val_group, optimizer_name, optimizer_args, num_epochs,

@@ -1,5 +1,6 @@
 """Where a run starts and how long it is: --max_train_epochs / --max_train_steps, --initial_step /
---initial_epoch, and a --resume state's step, checked against this run's steps and epochs."""
+--initial_epoch, a --resume state's step, checked against this run's steps and epochs, and each
+process's random state for the steps."""
 
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ def initial_step(args, steps_per_epoch: int) -> int | None:
                 "skipping the batches before it" if args.skip_until_initial_step else "data from the epoch start",
                 "the lr schedule is the state's" if args.resume else "the lr schedule starts at its beginning")
     return step
+
+
+def seed_each_process(seed: int, process_index: int, num_processes: int) -> None:
+    """Gives each of several processes its own random stream for what it draws while training (LoRA
+    dropout, rank and module dropout), derived from (seed, process index). Called once the LoRA
+    exists, which every process initialises alike from the shared seed. With one seed for all, as
+    sd-scripts has, every process dropped the same ranks and modules at every step. One process
+    keeps its stream as it is."""
+    if num_processes > 1:
+        import numpy as np
+        from accelerate.utils import set_seed
+
+        set_seed(int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]))
 
 
 def check_resume_step(args, given_step: int | None, steps_per_epoch: int) -> None:

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import flux_train_network
+from library.run_start import seed_each_process
 from library.safetensors_io import load_safetensors, read_metadata
+from library.train_state import read_rng_states
 from tests.training_helpers import base_argv, dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,8 @@ def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, t
     assert sorted(os.listdir(two_out)) == ["lora-state", "lora.safetensors"]  # only the main process wrote
     state_files = sorted(os.listdir(os.path.join(two_out, "lora-state")))
     assert [f for f in state_files if f.startswith("random_states")] == ["random_states_0.pkl", "random_states_1.pkl"]
+    ranks = [read_rng_states(os.path.join(two_out, "lora-state", f"random_states_{i}.pkl")) for i in (0, 1)]
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # each process drew its own dropout masks
     two = load_safetensors(os.path.join(two_out, "lora.safetensors"))
     one = load_safetensors(os.path.join(one_out, "lora.safetensors"))
     assert two.keys() == one.keys()
@@ -67,6 +71,28 @@ def test_two_processes_equal_one_process_with_accumulation_2(tiny_model_files, t
         stem = os.path.splitext(image)[0]
         assert os.path.isfile(os.path.join(two_data.image_dir, stem + "_flux_te.npz"))
         assert any(f.startswith(stem + "_") and f.endswith("_flux.npz") for f in os.listdir(two_data.image_dir))
+
+
+def test_each_process_draws_its_own_dropout_masks_from_the_shared_seed():
+    from networks.lora_modules import LoRAModule
+
+    def outputs(process_index: int | None, processes: int = 2) -> list[torch.Tensor]:
+        torch.manual_seed(7)  # the shared seed, as set_seed leaves it
+        base = torch.nn.Linear(8, 8)
+        lora = LoRAModule("lora_unet_x", base, lora_dim=4, alpha=4, rank_dropout=0.5)
+        torch.nn.init.ones_(lora.lora_up.weight)  # (zero at first: no mask would show)
+        lora.apply_to()
+        if process_index is not None:
+            seed_each_process(7, process_index, processes)
+        with torch.no_grad():
+            return [base(torch.ones(2, 8)) for _ in range(3)]
+
+    first, second = outputs(0), outputs(1)
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # the ranks dropped other ranks
+    for a, b in zip(first, outputs(0), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # and each its own reproducible stream
+    for a, b in zip(outputs(None), outputs(0, processes=1), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # one process keeps its stream as it was
 
 
 class ThreadedAllReduce:
