@@ -400,6 +400,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         import torch.nn.functional as F
 
         from library.flow_matching import (
+            NUM_TRAIN_TIMESTEPS,
             TRAIN_STREAM,
             VALIDATION_STREAM,
             noisy_input,
@@ -432,12 +433,15 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         guidance = torch.full((b,), float(args.guidance_scale), device=device)  # fp32, as sd-scripts: 1000·g exact
         use_guidance = models.dit.params.guidance_embed or args.model_type == "chroma"
         img_ids = prepare_img_ids(b, h // 2, w // 2).to(device)  # fp32, as the sampler: bf16 holds whole numbers to 256
+        # as sd-scripts (spec §d.9): t = 1000·σ rounded to the weights' dtype, divided by 1000 in that dtype (the
+        # DiT multiplies by 1000 again), so in bf16 the model embeds the t sd-scripts' LoRAs were trained on
+        timesteps = noise.timesteps.to(dtype) / NUM_TRAIN_TIMESTEPS
 
         def velocity(rows, conditions):
             pooled, txt, ids, txt_mask = conditions
             packed = models.dit(
                 img=pack_latents(x_t[rows].to(dtype)), img_ids=img_ids[rows], txt=txt[rows], txt_ids=ids[rows],
-                timesteps=noise.sigmas[rows].to(dtype), y=pooled[rows],
+                timesteps=timesteps[rows], y=pooled[rows],
                 guidance=guidance[rows] if use_guidance else None,
                 txt_attention_mask=txt_mask[rows] if args.apply_t5_attn_mask else None,
             )  # fmt: skip
@@ -450,7 +454,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         mask = None
         if batch.get("alpha_masks") is not None:
             mask = F.interpolate(batch["alpha_masks"].to(device, non_blocking=True)[:, None], size=(h, w), mode="area")
-        return per_sample_loss(prediction, latents, noise, x_t, config, target=target, mask=mask)
+        return per_sample_loss(prediction, latents, noise, config, target=target, mask=mask)
 
     def preservation_target(self, ctx, batch, velocity, latents, noise, conditions):
         """Differential output preservation (spec §d.7): samples whose subset sets

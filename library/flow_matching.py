@@ -163,10 +163,11 @@ class FlowMatchingConfig:
                 raise UserError(f"{flag} {value!r} is not one of: {', '.join(choices)}.")
         if self.discrete_flow_shift <= 0:
             raise UserError(f"--discrete_flow_shift must be > 0 (got {self.discrete_flow_shift}); 3.0 is the default.")
-        if self.sigmoid_scale <= 0:
-            raise UserError(f"--sigmoid_scale must be > 0 (got {self.sigmoid_scale}); 1.0 is the default.")
-        if self.logit_std <= 0:
-            raise UserError(f"--logit_std must be > 0 (got {self.logit_std}); 1.0 is the default.")
+        # 0 is a fixed noise level, as in sd-scripts (sigmoid(0) = 0.5, sigmoid(logit_mean)); below 0 is no spread
+        if self.sigmoid_scale < 0:
+            raise UserError(f"--sigmoid_scale must be >= 0 (got {self.sigmoid_scale}); 1.0 is the default.")
+        if self.logit_std < 0:
+            raise UserError(f"--logit_std must be >= 0 (got {self.logit_std}); 1.0 is the default.")
         if self.ip_noise_gamma is not None and self.ip_noise_gamma < 0:
             raise UserError(f"--ip_noise_gamma must be >= 0 (got {self.ip_noise_gamma}); about 0.1 is usual.")
         if self.loss_type in ("huber", "smooth_l1"):
@@ -358,31 +359,26 @@ def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(sigmas)
 
 
-def apply_prediction_type(
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
-    noisy_model_input: torch.Tensor,
-    sigmas: torch.Tensor,
-    prediction_type: str,
-    weighting_scheme: str = "uniform",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Map the model output and the target velocity to the quantities the loss compares.
+def prediction_error(
+    model_pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """pred − target as the loss compares them after the prediction type's map, in float32.
 
-    Returns ``(pred, target, weighting)``; ``weighting`` is per sample (B,) for ``sigma_scaled``
-    and None otherwise. ``target`` is normally :func:`flow_velocity`; with differential output
-    preservation it is the base model's output, which goes through the same map.
+    ``raw``: v̂ − v. ``sigma_scaled``: x̂0 − x0, the clean-image estimates x_t − σ·v̂ and x_t − σ·v,
+    that is −σ·(v̂ − v). ``additive``: ε̂ − ε, the noise estimates x_t + (1 − σ)·v̂ and
+    x_t + (1 − σ)·v, that is (1 − σ)·(v̂ − v). Written as differences of the velocities, where x_t
+    cancels: subtracting two estimates that are both about x_t (sd-scripts does) loses their
+    difference to rounding at σ ≲ 1e-6, which ``sigma_sqrt`` weights by up to 10¹². ``target`` is
+    normally :func:`flow_velocity`; with differential output preservation it is the base model's
+    output, which goes through the same map.
     """
-    pred, target = model_pred.float(), target.float()
-    x_t = noisy_model_input.float()
-    s = _bcast(sigmas, pred)
+    error = model_pred.float() - target.float()
     if prediction_type == "raw":
-        return pred, target, None
+        return error
     if prediction_type == "sigma_scaled":
-        # clean-image estimates x̂0 = x_t − σ·v
-        return x_t - s * pred, x_t - s * target, loss_weighting(weighting_scheme, sigmas).to(pred.device)
+        return error * -_bcast(sigmas, error)
     if prediction_type == "additive":
-        # noise estimates ε̂ = x_t + (1 − σ)·v
-        return x_t + (1 - s) * pred, x_t + (1 - s) * target, None
+        return error * (1 - _bcast(sigmas, error))
     raise UserError(f"--model_prediction_type {prediction_type!r} is not one of: {', '.join(PREDICTION_TYPES)}.")
 
 
@@ -407,15 +403,12 @@ def huber_c_schedule(
     )
 
 
-def conditional_loss(
-    pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Elementwise loss of d = pred − target (no reduction), computed in float32.
+def loss_of_error(d: torch.Tensor, loss_type: str, huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise loss of the error d = pred − target (no reduction).
 
     l2: d²;  l1: |d|;  huber: 2c(√(d² + c²) − c);  smooth_l1: 2(√(d² + c²) − c).
     ``huber_c`` is per sample (B,), broadcast over the other dimensions.
     """
-    d = pred.float() - target.float()
     if loss_type == "l2":
         return d**2
     if loss_type == "l1":
@@ -433,7 +426,6 @@ def per_sample_loss(
     model_pred: torch.Tensor,
     latents: torch.Tensor,
     sample: NoiseSample,
-    noisy_model_input: torch.Tensor,
     cfg: FlowMatchingConfig,
     *,
     target: torch.Tensor | None = None,
@@ -447,13 +439,11 @@ def per_sample_loss(
     """
     if target is None:
         target = flow_velocity(latents, sample.noise.to(latents.device))
-    pred, tgt, weighting = apply_prediction_type(
-        model_pred, target, noisy_model_input, sample.sigmas, cfg.model_prediction_type, cfg.weighting_scheme
-    )
+    error = prediction_error(model_pred, target, sample.sigmas.to(model_pred.device), cfg.model_prediction_type)
     c = huber_c_schedule(cfg.loss_type, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, sample.sigmas)
-    loss = conditional_loss(pred, tgt, cfg.loss_type, None if c is None else c.to(pred.device))
-    if weighting is not None:
-        loss = loss * _bcast(weighting, loss)
+    loss = loss_of_error(error, cfg.loss_type, None if c is None else c.to(error.device))
+    if cfg.model_prediction_type == "sigma_scaled":  # (raw and additive ignore the weighting scheme, as sd-scripts)
+        loss = loss * _bcast(loss_weighting(cfg.weighting_scheme, sample.sigmas).to(loss.device), loss)
     if mask is not None:
         loss = loss * mask.to(loss.device, loss.dtype)
     return loss.mean(dim=tuple(range(1, loss.ndim)))

@@ -50,6 +50,18 @@ def test_sigmoid_sampling_is_sigmoid_of_scaled_normal():
     assert_cdf_matches(s, lambda q: torch.sigmoid(k * probit(q)))
 
 
+def test_a_zero_spread_fixes_the_noise_level_as_in_sd_scripts():
+    assert draw_sigmas(cfg(timestep_sampling="sigmoid", sigmoid_scale=0.0), n=50).unique().tolist() == [0.5]
+    shifted = draw_sigmas(cfg(timestep_sampling="shift", sigmoid_scale=0.0, discrete_flow_shift=3.0), n=50)
+    assert shifted.unique().tolist() == [pytest.approx(0.75)]  # shift(0.5) = 3·0.5 / (1 + 2·0.5)
+    fixed = draw_sigmas(cfg(weighting_scheme="logit_normal", logit_mean=0.5, logit_std=0.0), n=50).unique()
+    assert len(fixed) == 1 and torch.isin(fixed, fm.discrete_flow_sigmas(3.0)).all()
+    assert fixed.item() == pytest.approx(shift(torch.sigmoid(torch.tensor(-0.5)), 3.0).item(), abs=2e-3)
+    for flag in ("sigmoid_scale", "logit_std"):
+        with pytest.raises(UserError, match=f"--{flag} must be >= 0 \\(got -1.0\\)"):
+            cfg(**{flag: -1.0})
+
+
 def test_shift_sampling_shifts_the_sigmoid_by_discrete_flow_shift():
     S, k = 3.1582, 0.8
     s = draw_sigmas(cfg(timestep_sampling="shift", discrete_flow_shift=S, sigmoid_scale=k))
@@ -207,13 +219,22 @@ def test_noisy_input_interpolates_latents_and_noise():
     ],
 )
 def test_prediction_types_on_hand_computed_tensors(ptype, pred_t, target_t, l2):
-    x_t = fm.noisy_input(X0, SAMPLE)
-    p, t, w = fm.apply_prediction_type(PRED, fm.flow_velocity(X0, EPS), x_t, SIGMA, ptype)
-    assert p.flatten().tolist() == pred_t
-    assert t.flatten().tolist() == target_t
-    assert (w is None) == (ptype != "sigma_scaled")
-    loss = fm.per_sample_loss(PRED, X0, SAMPLE, x_t, cfg(model_prediction_type=ptype))
+    error = fm.prediction_error(PRED, fm.flow_velocity(X0, EPS), SIGMA, ptype)
+    assert error.flatten().tolist() == [p - t for p, t in zip(pred_t, target_t, strict=True)]
+    loss = fm.per_sample_loss(PRED, X0, SAMPLE, cfg(model_prediction_type=ptype))
     assert loss.item() == pytest.approx(l2)
+
+
+def test_sigma_scaled_keeps_its_precision_at_tiny_sigma():
+    # sigma_sqrt weights σ⁻²: the loss is (pred − v)², however small σ, and the clean-image estimates
+    # x_t − σ·pred and x_t − σ·v, both about x_t, must not be subtracted (their difference, about
+    # 2e-6 here, is near the rounding step of numbers around 3 in fp32)
+    x0 = torch.tensor([3.0, -2.5, 1.7, 0.3]).view(1, 1, 2, 2)
+    eps = torch.tensor([0.9, -1.2, 2.2, -0.4]).view(1, 1, 2, 2)
+    sample = fm.NoiseSample(noise=eps, sigmas=torch.tensor([2e-6]))
+    pred = fm.flow_velocity(x0, eps) + torch.tensor([1.0, -0.5, 0.25, 2.0]).view(1, 1, 2, 2)
+    weighted = cfg(model_prediction_type="sigma_scaled", weighting_scheme="sigma_sqrt")
+    assert fm.per_sample_loss(pred, x0, sample, weighted).item() == pytest.approx((1 + 0.25 + 0.0625 + 4) / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -221,23 +242,22 @@ def test_prediction_types_on_hand_computed_tensors(ptype, pred_t, target_t, l2):
 )
 def test_sigma_scaled_weighting_schemes(scheme, weight):
     assert fm.loss_weighting(scheme, SIGMA).item() == pytest.approx(weight)
-    x_t = fm.noisy_input(X0, SAMPLE)
-    loss = fm.per_sample_loss(PRED, X0, SAMPLE, x_t, cfg(model_prediction_type="sigma_scaled", weighting_scheme=scheme))
+    loss = fm.per_sample_loss(PRED, X0, SAMPLE, cfg(model_prediction_type="sigma_scaled", weighting_scheme=scheme))
     assert loss.item() == pytest.approx(0.3125 * weight)
     # raw ignores the weighting scheme, as in sd-scripts
-    raw = fm.per_sample_loss(PRED, X0, SAMPLE, x_t, cfg(model_prediction_type="raw", weighting_scheme=scheme))
+    raw = fm.per_sample_loss(PRED, X0, SAMPLE, cfg(model_prediction_type="raw", weighting_scheme=scheme))
     assert raw.item() == pytest.approx(5.0)
 
 
 def test_loss_types_on_hand_computed_differences():
     pred, target = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, -3.0]])  # d = [-1, 3]
     c = torch.tensor([0.1])
-    assert fm.conditional_loss(pred, target, "l2").tolist() == [[1.0, 9.0]]
-    assert fm.conditional_loss(pred, target, "l1").tolist() == [[1.0, 3.0]]
+    assert fm.loss_of_error(pred - target, "l2").tolist() == [[1.0, 9.0]]
+    assert fm.loss_of_error(pred - target, "l1").tolist() == [[1.0, 3.0]]
     huber = [2 * 0.1 * (math.sqrt(d * d + 0.01) - 0.1) for d in (-1, 3)]
     smooth = [2 * (math.sqrt(d * d + 0.01) - 0.1) for d in (-1, 3)]
-    assert fm.conditional_loss(pred, target, "huber", c).flatten().tolist() == pytest.approx(huber)
-    assert fm.conditional_loss(pred, target, "smooth_l1", c).flatten().tolist() == pytest.approx(smooth)
+    assert fm.loss_of_error(pred - target, "huber", c).flatten().tolist() == pytest.approx(huber)
+    assert fm.loss_of_error(pred - target, "smooth_l1", c).flatten().tolist() == pytest.approx(smooth)
 
 
 def test_per_sample_loss_applies_mask_and_reduces_per_sample():
@@ -246,13 +266,13 @@ def test_per_sample_loss_applies_mask_and_reduces_per_sample():
     sample = fm.NoiseSample(noise=eps, sigmas=torch.tensor([0.5, 0.5]))
     pred = torch.tensor([[1.0, 3.0], [0.0, 1.0]]).view(2, 1, 1, 2)  # d = [0, 2], [-1, 0]
     mask = torch.tensor([1.0, 0.5]).view(1, 1, 1, 2)
-    loss = fm.per_sample_loss(pred, x0, sample, fm.noisy_input(x0, sample), cfg(model_prediction_type="raw"), mask=mask)
+    loss = fm.per_sample_loss(pred, x0, sample, cfg(model_prediction_type="raw"), mask=mask)
     assert loss.tolist() == [pytest.approx((0 + 4 * 0.5) / 2), pytest.approx((1 + 0) / 2)]
 
 
-def _loss_at(pred, ptype, loss_type, sample, x0, x_t):
+def _loss_at(pred, ptype, loss_type, sample, x0):
     c = cfg(model_prediction_type=ptype, loss_type=loss_type, huber_schedule="exponential", weighting_scheme="cosmap")
-    return fm.per_sample_loss(pred, x0, sample, x_t, c).sum()
+    return fm.per_sample_loss(pred, x0, sample, c).sum()
 
 
 @pytest.mark.parametrize("loss_type", ["l2", "l1", "huber", "smooth_l1"])
@@ -261,17 +281,16 @@ def test_every_prediction_type_is_minimised_by_the_flow_velocity(ptype, loss_typ
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 4, 4, 4, generator=g)
     sample = fm.sample_noise_and_sigmas(cfg(timestep_sampling="uniform", ip_noise_gamma=0.1), (4, 4, 4), [1, 2, 3])
-    x_t = fm.noisy_input(x0, sample)  # IP-perturbed input; the velocity still uses the plain noise
-    v = fm.flow_velocity(x0, sample.noise)
+    v = fm.flow_velocity(x0, sample.noise)  # (an IP-perturbed input; the velocity uses the plain noise)
 
     at_v = v.clone().requires_grad_(True)
-    loss = _loss_at(at_v, ptype, loss_type, sample, x0, x_t)
+    loss = _loss_at(at_v, ptype, loss_type, sample, x0)
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-5)
     assert at_v.grad.abs().max().item() < 1e-4
 
     for delta in (0.05, -0.3):
-        off = _loss_at(v + delta, ptype, loss_type, sample, x0, x_t)
+        off = _loss_at(v + delta, ptype, loss_type, sample, x0)
         assert off.item() > 1e-6
 
 
@@ -279,13 +298,12 @@ def test_sigma_scaled_descends_to_the_velocity_not_to_sd_scripts_optimum():
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 2, 2, 2, generator=g)
     sample = fm.sample_noise_and_sigmas(cfg(timestep_sampling="uniform"), (2, 2, 2), [5, 6])
-    x_t = fm.noisy_input(x0, sample)
     pred = torch.zeros_like(x0, requires_grad=True)
     opt = torch.optim.SGD([pred], lr=2.0)
     c = cfg(model_prediction_type="sigma_scaled", weighting_scheme="sigma_sqrt")
     for _ in range(200):
         opt.zero_grad()
-        fm.per_sample_loss(pred, x0, sample, x_t, c).sum().backward()
+        fm.per_sample_loss(pred, x0, sample, c).sum().backward()
         opt.step()
     torch.testing.assert_close(pred.detach(), fm.flow_velocity(x0, sample.noise), atol=1e-4, rtol=0)
 

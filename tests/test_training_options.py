@@ -195,22 +195,35 @@ def test_a_run_without_save_state_leaves_the_states_in_its_folder_alone(tiny_mod
 
 
 def test_accumulation_checkpointing_clipping_workers_and_bf16_run(tiny_model_files, tmp_path, monkeypatch):
+    from library import flow_matching
     from library.flux_models import Flux
 
-    inputs, forward = [], Flux.forward
+    inputs, forward, sigmas, draw = [], Flux.forward, [], flow_matching.sample_noise_and_sigmas
 
     def recording(self, *args, **kwargs):
         inputs.append((kwargs["timesteps"], kwargs["guidance"]))
         return forward(self, *args, **kwargs)
 
+    def drawing(*args, **kwargs):
+        noise = draw(*args, **kwargs)
+        sigmas.append(noise.sigmas)
+        return noise
+
     monkeypatch.setattr(Flux, "forward", recording)
+    monkeypatch.setattr(flow_matching, "sample_noise_and_sigmas", drawing)
     out = train(tiny_model_files, tmp_path, steps=2, gradient_accumulation_steps=2, gradient_checkpointing=True,
                 max_grad_norm=0.5, max_data_loader_n_workers=1, persistent_data_loader_workers=True,
                 mixed_precision="bf16", network_train_unet_only=True, save_precision="bf16", guidance_scale=3.5)
     weights = lora(out)
     assert all(v.dtype == torch.bfloat16 for v in weights.values())
-    # as sd-scripts (spec §d.5, §d.9): σ rounded to bf16, the guidance in fp32, so that 1000·3.5 is 3500, not 3504
+    # as sd-scripts (spec §d.5, §d.9): t = 1000·σ rounded to bf16 and divided by 1000 in bf16, the guidance in
+    # fp32, so that 1000·3.5 is 3500, not 3504
     assert inputs and all(t.dtype == torch.bfloat16 and g.dtype == torch.float32 for t, g in inputs)
+    assert len(sigmas) == len(inputs)
+    for (t, _), sigma in zip(inputs, sigmas, strict=True):
+        assert torch.equal(t, (sigma * 1000).to(torch.bfloat16) / 1000)
+    rounded_once = [torch.equal(t, sigma.to(torch.bfloat16)) for (t, _), sigma in zip(inputs, sigmas, strict=True)]
+    assert not all(rounded_once)  # (σ in bf16 differs for some of these draws: the check can tell them apart)
     assert all(bool((g == 3.5).all()) for _, g in inputs)
     assert read_metadata(os.path.join(out, "lora.safetensors"))["ss_gradient_accumulation_steps"] == "2"
 
