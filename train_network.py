@@ -257,7 +257,7 @@ class NetworkTrainer:
         from library.lr_schedulers import get_scheduler_fix
 
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
-        optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer, args)
+        optimizer_train, optimizer_eval = get_optimizer_train_eval_fn(optimizer)
 
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
         if args.save_n_epoch_ratio:

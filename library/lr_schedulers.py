@@ -222,6 +222,8 @@ def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int,
     if kind == SchedulerType.COSINE_WITH_RESTARTS:
         return schedule_func(optimizer, num_cycles=num_cycles, **common, **kwargs)
     if kind == SchedulerType.POLYNOMIAL:
+        if warmup == total:  # no step left to decay, and transformers divides by their number after the last one
+            return TYPE_TO_SCHEDULER_FUNCTION[SchedulerType.CONSTANT_WITH_WARMUP](optimizer, num_warmup_steps=warmup)
         return schedule_func(optimizer, power=power, **common, **kwargs)
     if kind in (SchedulerType.COSINE_WITH_MIN_LR, SchedulerType.COSINE_WARMUP_WITH_MIN_LR):
         if min_lr_ratio is None and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:

@@ -137,6 +137,19 @@ def _group_lrs(trainable_params: Any, lr: float | None) -> tuple[float | None, i
     return lr, 1
 
 
+# the D-Adaptation and Prodigy classes that raise at their first step when parameter groups have
+# different learning rates other than 0 (they step with the largest); the rest read the first group's
+_ONE_RATE_OPTIMIZERS = frozenset({"prodigy", "dadaptation", "dadaptadampreprint", "dadaptadam", "dadaptlion",
+                                  "dadaptsgd"})  # fmt: skip
+
+
+def _one_rate(groups: list[dict], lr: float | None) -> tuple[list[dict], float]:
+    """The parameter groups with every learning rate but 0 raised to the largest, and that rate."""
+    rates = [g.get("lr", lr) or 0.0 for g in groups]
+    top = max(rates)
+    return [{**g, "lr": top if rate else 0.0} for g, rate in zip(groups, rates, strict=True)], top
+
+
 def _prepare_adafactor(args, trainable_params: Any, kwargs: dict[str, Any], lr: float | None) -> float | None:
     """sd-scripts' Adafactor handling; returns the lr to pass to the optimizer.
 
@@ -245,13 +258,19 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
 
     if key.startswith("dadapt") or key == "prodigy":
         actual_lr, lr_count = _group_lrs(trainable_params, lr)
+        if lr_count > 1 and key in _ONE_RATE_OPTIMIZERS:
+            trainable_params, actual_lr = _one_rate(trainable_params, lr)
+            logger.warning("%s takes one learning rate for all parameter groups (or 0, which leaves a group "
+                           "untrained), and stops at its first step otherwise: every group trains at %s, and the "
+                           "other rates (--unet_lr / --text_encoder_lr, LoRA+ ratios, network_reg_lrs) are not used",
+                           optimizer_type, actual_lr)  # fmt: skip
+        elif lr_count > 1:
+            logger.warning("D-Adaptation/Prodigy with several learning rates: only the first (%s) matters", actual_lr)
         if actual_lr is not None and actual_lr <= 0.1:
             logger.warning(
                 "learning rate %s is low for D-Adaptation/Prodigy, which expect about 1.0 (--learning_rate 1.0)",
                 actual_lr,
             )
-        if lr_count > 1:
-            logger.warning("D-Adaptation/Prodigy with several learning rates: only the first (%s) matters", actual_lr)
 
     if key in _BUILTIN:
         module, attr, pip_name = _BUILTIN[key]
@@ -272,7 +291,7 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
     except (TypeError, ValueError, IndexError, KeyError) as e:  # an unknown argument, or a value the class refuses
         raise UserError(f"--optimizer_args {kwargs} do not fit {optimizer_class.__name__}: {e}") from None
 
-    if is_schedulefree_optimizer(optimizer, args):
+    if has_train_and_eval_modes(optimizer):
         optimizer.train()  # schedule-free optimizers must be in train mode to step
 
     name = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
@@ -283,28 +302,60 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
 
 
 def is_schedulefree_optimizer(optimizer: Any, args=None) -> bool:
-    """True for schedule-free optimizers, which must be switched to eval mode for sampling,
-    validation and saving: names ending in ScheduleFree, or any optimizer with ``train``/``eval``
-    methods (e.g. ``prodigyplus.ProdigyPlusScheduleFree`` given as a class path)."""
+    """True for schedule-free optimizers, which schedule their own learning rate: by name, as
+    sd-scripts decides (an ``--optimizer_type`` ending in ScheduleFree), or by the class's name
+    (``prodigyplus.ProdigyPlusScheduleFree`` given as a class path). Having ``train``/``eval``
+    modes is not enough: an EMA optimizer (``pytorch_optimizer.SPlus``) has them and takes a schedule."""
     name = (getattr(args, "optimizer_type", None) or "").lower() if args is not None else ""
-    if name.endswith("schedulefree"):
-        return True
-    # accelerate's (and DeepSpeed's) wrappers define train/eval for every optimizer and forward
-    # them when the wrapped one has them: look through the wrappers at what they wrap
-    opt, depth = optimizer, 0
-    while opt is not None and depth < 4:
-        if type(opt).__module__.split(".")[0] not in ("accelerate", "deepspeed"):
-            if callable(getattr(opt, "train", None)) and callable(getattr(opt, "eval", None)):
-                return True
-        opt, depth = getattr(opt, "optimizer", None), depth + 1
-    return False
+    inner = _innermost(optimizer)
+    return name.endswith("schedulefree") or "schedulefree" in type(inner).__name__.lower()
 
 
-def get_optimizer_train_eval_fn(optimizer: Any, args=None) -> tuple[Callable[[], None], Callable[[], None]]:
-    """``(train_fn, eval_fn)`` switching a schedule-free optimizer's mode; no-ops for others."""
-    if not is_schedulefree_optimizer(optimizer, args):
+def has_train_and_eval_modes(optimizer: Any) -> bool:
+    """Whether the optimizer must be switched to eval mode for sampling, validation and saving, and
+    back to train mode to step: schedule-free optimizers, and others with ``train``/``eval`` methods
+    (SPlus evaluates on its averaged weights)."""
+    inner = _innermost(optimizer)
+    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's (and DeepSpeed's) wrappers, which define train/eval for every
+    optimizer and forward them when the wrapped one has them."""
+    for _ in range(4):
+        if type(optimizer).__module__.split(".")[0] not in ("accelerate", "deepspeed"):
+            break
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+    return optimizer
+
+
+def get_optimizer_train_eval_fn(optimizer: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(train_fn, eval_fn)`` switching the optimizer's mode (:func:`has_train_and_eval_modes`);
+    no-ops for others.
+
+    ``eval_fn`` keeps a copy of the train-mode weights, which ``train_fn`` puts back after switching:
+    a schedule-free optimizer computes them back from the eval weights, which rounds, so a save,
+    sample or validation changed the run by a rounding (the weights of a resumed run, and on several
+    processes those of the main process, which alone samples and validates, drifted from the others')."""
+    if not has_train_and_eval_modes(optimizer):
         return (lambda: None), (lambda: None)
-    return optimizer.train, optimizer.eval
+    kept: list[torch.Tensor] = []
+
+    def eval_fn() -> None:
+        if not kept:  # (a second eval_fn before train_fn must not keep the eval weights)
+            kept.extend(p.detach().clone() for group in optimizer.param_groups for p in group["params"])
+        optimizer.eval()
+
+    def train_fn() -> None:
+        optimizer.train()
+        if kept:
+            with torch.no_grad():
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                for p, weights in zip(params, kept, strict=True):
+                    p.copy_(weights)
+            kept.clear()
+
+    return train_fn, eval_fn
 
 
 def is_dadapt_or_prodigy(optimizer_type: str) -> bool:

@@ -240,7 +240,8 @@ def check_state_dir(state_dir: str) -> None:
                         f"{state_dir}.")  # fmt: skip
     if not os.path.isdir(state_dir):
         raise UserError(f"--resume {state_dir}: no such directory. Give a '...-state' folder written by --save_state.")
-    needed = ("model.safetensors", "optimizer.bin", "scheduler.bin", TRAIN_STATE_FILE)
+    # (scheduler.bin may be missing: sd-scripts writes none with a schedule-free optimizer)
+    needed = ("model.safetensors", "optimizer.bin", TRAIN_STATE_FILE)
     missing = [n for n in needed if not os.path.exists(os.path.join(state_dir, n))]
     if missing:
         raise UserError(
@@ -396,7 +397,12 @@ def load_training_state(
         # torch takes any optimizer's state whose group sizes match: one of another optimizer is stopped before
         # loading by its record (check_state_optimizer), or at the first step without one (TrainingLoop)
         optimizer.load_state_dict(_load_torch(state_dir, "optimizer.bin"))
-        lr_scheduler.load_state_dict(_load_torch(state_dir, "scheduler.bin"))
+        if os.path.exists(os.path.join(state_dir, "scheduler.bin")):
+            lr_scheduler.load_state_dict(_load_torch(state_dir, "scheduler.bin"))
+        elif lr_scheduler.state_dict():  # a schedule to continue (a schedule-free optimizer's stand-in has none)
+            raise UserError(f"--resume {state_dir}: the state has no scheduler.bin, as sd-scripts saves it for a "
+                            "schedule-free optimizer, and this run's optimizer has a learning-rate schedule to "
+                            "continue. Resume with the optimizer the state was saved with.")  # fmt: skip
     except (ValueError, KeyError) as e:  # torch: "... parameter group that doesn't match the size of ..."
         raise UserError(
             f"--resume {state_dir}: its optimizer or scheduler state does not fit this run ({e}). Resume with the "

@@ -347,7 +347,7 @@ class TrainingLoop:
             self.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:  # (fp16's scaler skips a step that overflowed)
             self.unchecked_state = None
-        self.lr_scheduler.step()
+            self.lr_scheduler.step()  # the schedule counts the steps taken, as accelerate's wrapper in sd-scripts
         self.optimizer.zero_grad(set_to_none=True)
         logs = {}
         if args.scale_weight_norms:

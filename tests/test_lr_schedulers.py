@@ -78,6 +78,15 @@ def test_polynomial_uses_power():
     assert schedule(11, lr_scheduler="polynomial", lr_scheduler_power=2.0) == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr"])
+def test_a_warmup_as_long_as_the_run_warms_up_and_steps_past_the_end(name):
+    # the trainer steps the schedule after the last step too: polynomial divided by its 0 decay steps there
+    args = make_args(lr_scheduler=name, lr_warmup_steps=1.0, max_train_steps=4, lr_scheduler_min_lr_ratio=0.1)
+    scheduler = get_scheduler_fix(args, sgd())
+    assert lrs(scheduler, 4) == pytest.approx([0, 0.25, 0.5, 0.75])
+    scheduler.step()  # (after the fourth, last step; the lr it gives is never used)
+
+
 def test_cosine_with_min_lr_ends_at_the_ratio():
     expected = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(11)]
     got = schedule(11, lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.1)

@@ -224,22 +224,27 @@ def test_adafactor_without_the_recipe_warns(caplog):
 def test_schedule_free_optimizers_start_in_train_mode_and_switch():
     _, _, optimizer = get_optimizer(make_args(optimizer_type="AdamWScheduleFree"), make_params())
     assert optimizer.param_groups[0]["train_mode"] is True
-    train_fn, eval_fn = get_optimizer_train_eval_fn(optimizer, make_args(optimizer_type="AdamWScheduleFree"))
+    train_fn, eval_fn = get_optimizer_train_eval_fn(optimizer)
     eval_fn()
     assert optimizer.param_groups[0]["train_mode"] is False
     train_fn()
     assert optimizer.param_groups[0]["train_mode"] is True
     _, _, adamw = get_optimizer(make_args(), make_params())
-    noop_train, noop_eval = get_optimizer_train_eval_fn(adamw, make_args())
+    noop_train, noop_eval = get_optimizer_train_eval_fn(adamw)
     assert noop_train() is None and noop_eval() is None and not hasattr(adamw, "eval")
 
 
-def test_prodigy_low_learning_rate_and_multiple_lrs_warn(caplog):
-    params = make_params()
-    groups = [{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 2e-4}]
+def test_prodigy_low_learning_rate_warns_and_several_rates_become_one(caplog):
+    params = [*make_params(), torch.nn.Parameter(torch.ones(3))]
+    groups = [{"params": [p], "lr": lr} for p, lr in zip(params, (1e-4, 2e-4, 0), strict=True)]
     with caplog.at_level(logging.WARNING):
-        get_optimizer(make_args(optimizer_type="Prodigy", learning_rate=1e-4), groups)
-    assert "about 1.0" in caplog.text and "only the first" in caplog.text
+        _, _, optimizer = get_optimizer(make_args(optimizer_type="Prodigy", learning_rate=1e-4), groups)
+    assert "about 1.0" in caplog.text
+    assert "Prodigy takes one learning rate for all parameter groups" in caplog.text
+    assert "every group trains at 0.0002" in caplog.text
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 2e-4, 0.0]  # as Prodigy steps: the largest, or 0
+    assert [g["lr"] for g in groups] == [1e-4, 2e-4, 0]  # (the caller's groups are left as they were)
+    assert step_changes_params(optimizer, params[:2])  # it raised "only supported for values of 0" at step 1
 
 
 @pytest.mark.parametrize(
@@ -284,3 +289,38 @@ def test_schedule_free_detection_looks_through_accelerate_wrappers():
     train_fn, eval_fn = get_optimizer_train_eval_fn(wrapped(sf))
     eval_fn()
     assert sf.param_groups[0]["train_mode"] is False
+
+
+class AveragingSGD(torch.optim.SGD):
+    """An optimizer with train/eval modes that is not schedule-free (as pytorch_optimizer's SPlus,
+    which evaluates on averaged weights): its modes switch, and it takes the asked schedule."""
+
+    def train(self) -> None:
+        self.mode = "train"
+
+    def eval(self) -> None:
+        self.mode = "eval"
+
+
+def test_an_optimizer_with_modes_is_switched_but_keeps_the_lr_schedule():
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from library.lr_schedulers import get_scheduler_fix
+    from library.optimizers import has_train_and_eval_modes, is_schedulefree_optimizer
+
+    args = make_args(optimizer_type="tests.test_optimizers.AveragingSGD", learning_rate=0.1, lr_scheduler="cosine",
+                     lr_warmup_steps=2, max_train_steps=8)  # fmt: skip
+    _, _, optimizer = get_optimizer(args, make_params())
+    assert has_train_and_eval_modes(optimizer) and not is_schedulefree_optimizer(optimizer, args)
+    assert optimizer.mode == "train"  # switched on creation, as a schedule-free one
+    train_fn, eval_fn = get_optimizer_train_eval_fn(optimizer)
+    eval_fn()
+    assert optimizer.mode == "eval"
+    train_fn()
+    scheduler = get_scheduler_fix(args, optimizer)
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 2, 8)
+    for _ in range(8):
+        assert scheduler.get_last_lr() == pytest.approx(reference.get_last_lr())
+        optimizer.step(), scheduler.step(), reference.optimizer.step(), reference.step()
+    # the class's name says schedule-free when the option does not (a class path)
+    assert is_schedulefree_optimizer(type("ProdigyPlusScheduleFree", (AveragingSGD,), {})(make_params()), None)

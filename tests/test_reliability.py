@@ -275,7 +275,9 @@ def test_disk_full_while_saving_is_one_clear_error_and_earlier_files_survive(tin
 
 def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     """The first step after --resume may overflow in fp16 and be skipped: the state is known to fit only once
-    a step has run, so a later KeyError still gets the --resume message, not a traceback."""
+    a step has run, so a later KeyError still gets the --resume message, not a traceback. A skipped step
+    leaves the learning-rate schedule where it was (accelerate's scheduler wrapper, which sd-scripts
+    steps, does the same)."""
     import types
 
     from accelerate import Accelerator
@@ -303,10 +305,12 @@ def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
         def optimizer_step_was_skipped(self):
             return optimizer.step_was_skipped
 
+    ticks = []
     loop = types.SimpleNamespace(
         args=types.SimpleNamespace(max_grad_norm=0, scale_weight_norms=None), accelerator=Accelerated(),
         network=torch.nn.ParameterList([weight]), optimizer=optimizer,
-        lr_scheduler=types.SimpleNamespace(step=lambda: None, get_last_lr=lambda: [1e-3]), lr_descriptions=["unet"],
+        lr_scheduler=types.SimpleNamespace(step=lambda: ticks.append(1), get_last_lr=lambda: [1e-3]),
+        lr_descriptions=["unet"],
         adapts_step_size=False, unchecked_state="lora-state",
     )  # fmt: skip
     loop._checking_resumed_state = types.MethodType(TrainingLoop._checking_resumed_state, loop)
@@ -314,6 +318,7 @@ def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     weight.grad = torch.full((2, 2), float("inf"))  # overflows: the scaler skips the step
     TrainingLoop._optimizer_step(loop)
     assert optimizer.step_was_skipped and loop.unchecked_state == "lora-state"
+    assert ticks == []
     scaler.scale(torch.tensor(1.0))
     weight.grad = torch.ones(2, 2)
     with pytest.raises(UserError, match=r"--resume lora-state: its optimizer state does not fit this run's optimizer"):

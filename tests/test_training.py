@@ -58,6 +58,33 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tiny_model_files, tmp_
 
 
 
+def test_a_schedule_free_state_without_scheduler_bin_resumes_exactly(tiny_model_files, tmp_path, capsys):
+    # sd-scripts writes no scheduler.bin with a schedule-free optimizer (accelerate saves no stand-in scheduler)
+    data = dataset(tmp_path, batch_size=1)
+    options = dict(optimizer_type="AdamWScheduleFree", network_train_unet_only=True)
+    straight = str(tmp_path / "straight")
+    assert run(base_argv(tiny_model_files, data, straight, steps=4, save_every_n_steps=2, save_state=True,
+                         **options)) == 0  # fmt: skip
+    state = os.path.join(straight, "lora-step00000002-state")
+    os.remove(os.path.join(state, "scheduler.bin"))
+    resumed = str(tmp_path / "resumed")
+    assert run(base_argv(tiny_model_files, data, resumed, steps=4, resume=state, **options)) == 0
+    a = load_safetensors(os.path.join(straight, "lora.safetensors"))
+    b = load_safetensors(os.path.join(resumed, "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # a schedule to continue, and none saved: named, not a silent restart of the schedule
+    adamw = str(tmp_path / "adamw")
+    assert run(base_argv(tiny_model_files, data, adamw, steps=2, save_state_on_train_end=True, lr_scheduler="cosine",
+                         network_train_unet_only=True)) == 0  # fmt: skip
+    os.remove(os.path.join(adamw, "lora-state", "scheduler.bin"))
+    capsys.readouterr()
+    assert run(base_argv(tiny_model_files, data, str(tmp_path / "c"), steps=4, resume=os.path.join(adamw, "lora-state"),
+                         lr_scheduler="cosine", network_train_unet_only=True)) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "lora-state: the state has no scheduler.bin, as sd-scripts saves it for a schedule-free optimizer" in err
+    assert "Traceback" not in err
+
+
 def test_a_resume_without_seed_continues_with_the_saved_runs_seed(tiny_model_files, tmp_path, caplog):
     """Without --seed each run draws one; the state records it, so the resumed run keeps the data order,
     the noise and the validation split (a new seed would hold out images the first part trained on)."""

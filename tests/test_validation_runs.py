@@ -25,9 +25,9 @@ def lora(out: str) -> dict:
 
 @pytest.mark.parametrize("flags, atol", [
     ({"network_dropout": 0.3, "network_args": ["rank_dropout=0.2", "module_dropout=0.1"]}, 0),  # train mode restored
-    # validated on its eval weights, then switched back: that round trip of lerps rounds (1.5e-8 here);
-    # without the switch to eval weights the LoRA moves by 2.6e-4
-    ({"optimizer_type": "AdamWScheduleFree"}, 1e-6),
+    # validated on its eval weights, then switched back to the train weights kept (the optimizer's own
+    # round trip of lerps rounds, 1.5e-8 here); without the switch to eval weights the LoRA moves by 2.6e-4
+    ({"optimizer_type": "AdamWScheduleFree"}, 0),
 ])  # fmt: skip
 def test_validation_leaves_the_training_unchanged(tiny_model_files, tmp_path, flags, atol):
     outs = []
