@@ -292,11 +292,12 @@ def recompute_in_backward(call, block: nn.Module, *args):
     save (about 45 a block) through Python pack and unpack hooks: about 40% of a checkpointed
     step's host time, which on a fast GPU is time the GPU waits (``bench/RESULTS.md``). The
     reentrant form sends gradients to the parameters only through its backward, which runs only
-    if one of its inputs needs a gradient: an empty one that does stands in when none of the
-    block's inputs do (a first block behind frozen embedders, as in Chroma)."""
+    if one of its inputs needs a gradient, and fails there when none of its outputs does. A block
+    none of whose inputs needs a gradient (the first behind frozen embedders, as in Chroma or with
+    --network_train_unet_only), with or without a LoRA in it, takes the non-reentrant form: one
+    block of a forward, whose hooks cost little."""
     if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return checkpoint(_run_after_anchor, call, block, torch.empty(0, requires_grad=True), *args,
-                          use_reentrant=True)  # fmt: skip
+        return checkpoint(call, block, None, *args, use_reentrant=False, context_fn=_recompute_contexts)
     return checkpoint(_run_recomputed, call, block, *args, use_reentrant=True)
 
 
@@ -305,10 +306,6 @@ def _run_recomputed(call, block: nn.Module, *args):
     # fp8 weights dequantized for the backward that follows it
     with keep_dequantized_weights() if torch.is_grad_enabled() else contextlib.nullcontext():
         return call(block, None, *args)
-
-
-def _run_after_anchor(call, block: nn.Module, anchor: Tensor, *args):
-    return _run_recomputed(call, block, *args)
 
 
 def _recompute_contexts():

@@ -54,6 +54,21 @@ def test_lora_gradients_equal_those_without_checkpointing(kind, dropout):
     assert first_block and all(g.abs().max() > 0 for g in first_block)
 
 
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+@pytest.mark.parametrize("train_blocks", ["single", "double_from_1"])
+def test_blocks_without_a_lora_and_without_inputs_needing_a_gradient_are_checkpointed(kind, train_blocks):
+    # a LoRA on the single blocks alone (or double blocks from 1), no gradient into the embedders (unet-only):
+    # the first double block's outputs need no gradient either, where torch's reentrant checkpoint stopped
+    # the backward ("none of output has requires_grad=True")
+    options = {"train_blocks": "single"} if train_blocks == "single" else {"train_double_block_indices": "1"}
+    model, network = lora_dit(kind, **options)
+    plain = lora_gradients(model, network, kind, checkpointing=False)
+    checkpointed = lora_gradients(model, network, kind, checkpointing=True)
+    assert checkpointed.keys() == plain.keys() and not any("double_blocks_0_" in name for name in plain)
+    for name, grad in checkpointed.items():
+        assert grad is not None and torch.equal(grad, plain[name]), name
+
+
 def test_a_checkpointed_block_keeps_only_its_inputs_for_backward():
     model, _ = lora_dit("flux")
     p = model.params
