@@ -156,6 +156,12 @@ def average_gradients(params: list[torch.Tensor], all_reduce, processes: int, de
             p.grad = chunk.view_as(p)
 
 
+def all_finite(tensors) -> bool:
+    """Whether every element of the given tensors (None for a parameter without a gradient) is finite."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return not checks or bool(torch.stack(checks).all())
+
+
 def _count(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
 
@@ -338,9 +344,13 @@ class TrainingLoop:
         params = [p for p in network.parameters() if p.requires_grad]
         if accelerator.num_processes > 1:
             average_gradients(params, torch.distributed.all_reduce, accelerator.num_processes, accelerator.device)
+        ggpo, scaler = hasattr(network, "update_grad_norms"), getattr(accelerator, "scaler", None)
         if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        if hasattr(network, "update_grad_norms"):  # GGPO's perturbation follows the norms
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)  # (fp16's gradients are unscaled first)
+        elif ggpo and scaler is not None:
+            accelerator.unscale_gradients()  # GGPO reads the gradients' norms, not the loss scale's
+        # GGPO's perturbation follows the norms; a step fp16's scaler skips (inf or NaN gradients) keeps the last ones
+        if ggpo and (scaler is None or all_finite(p.grad for p in params)):
             network.update_grad_norms()
             network.update_norms()
         with self._checking_resumed_state():

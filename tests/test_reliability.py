@@ -324,6 +324,60 @@ def test_a_foreign_state_is_still_named_after_an_fp16_step_the_scaler_skipped():
     with pytest.raises(UserError, match=r"--resume lora-state: its optimizer state does not fit this run's optimizer"):
         TrainingLoop._optimizer_step(loop)
 
+@pytest.mark.parametrize("max_grad_norm", [0, 1e9])
+def test_ggpo_reads_unscaled_gradients_and_keeps_its_norms_through_a_skipped_fp16_step(max_grad_norm):
+    """GGPO's perturbation follows the gradients' norms: under fp16 they are read unscaled (with or without
+    clipping, which unscales too), and a step the scaler skips for inf gradients leaves the last norms (the
+    inf ones made every later loss NaN)."""
+    import types
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from library.training_loop import TrainingLoop
+
+    weight = torch.nn.Parameter(torch.zeros(2, 2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=1e-3), device_placement=False, scaler=scaler)
+    seen = []
+
+    class Network(torch.nn.ParameterList):
+        def update_grad_norms(self):
+            seen.append(weight.grad.clone())
+
+        def update_norms(self):
+            pass
+
+    class Accelerated(types.SimpleNamespace):
+        num_processes = 1
+
+        def clip_grad_norm_(self, params, max_norm):  # as accelerate's under fp16: unscaled, then clipped
+            self.unscale_gradients()
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        def unscale_gradients(self):
+            scaler.unscale_(optimizer.optimizer)
+
+        @property
+        def optimizer_step_was_skipped(self):
+            return optimizer.step_was_skipped
+
+    loop = types.SimpleNamespace(
+        args=types.SimpleNamespace(max_grad_norm=max_grad_norm, scale_weight_norms=None),
+        accelerator=Accelerated(scaler=scaler), network=Network([weight]), optimizer=optimizer,
+        lr_scheduler=types.SimpleNamespace(step=lambda: None, get_last_lr=lambda: [1e-3]), lr_descriptions=["unet"],
+        adapts_step_size=False, unchecked_state=None,
+    )  # fmt: skip
+    loop._checking_resumed_state = types.MethodType(TrainingLoop._checking_resumed_state, loop)
+    scaler.scale(torch.tensor(1.0))  # as a scaled loss would
+    weight.grad = torch.full((2, 2), 3.0) * 2.0**16  # a true gradient of 3, scaled
+    TrainingLoop._optimizer_step(loop)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.full((2, 2), 3.0))
+    scaler.scale(torch.tensor(1.0))
+    weight.grad = torch.full((2, 2), float("inf"))  # overflows: the scaler skips the step
+    TrainingLoop._optimizer_step(loop)
+    assert optimizer.step_was_skipped and len(seen) == 1
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_with_data_loader_workers_still_saves(tiny_model_files, tmp_path):
     """`timeout`, a terminal's Ctrl+C or a launcher signal the whole process group, DataLoader workers included:
