@@ -390,9 +390,9 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         else:
             outs = [cached["l_pooled"], cached["t5_out"], cached["txt_ids"], cached["t5_attn_mask"]]
         l_pooled, t5_out, txt_ids, t5_mask = outs
-        # (batch tensors are in pinned memory on a GPU machine: the copies need not wait for the GPU)
-        return tuple(t.to(device, dtype, non_blocking=True) for t in (l_pooled, t5_out, txt_ids)) + (
-            t5_mask.to(device, non_blocking=True),)
+        # (batch tensors are in pinned memory on a GPU machine: the copies need not wait for the GPU); the mask
+        # stays on the host, where the DiT decides how much T5 padding to cut without waiting for the device
+        return tuple(t.to(device, dtype, non_blocking=True) for t in (l_pooled, t5_out, txt_ids)) + (t5_mask.cpu(),)
 
     # ---- the loss of one batch -------------------------------------------------------------------
     def batch_loss(self, ctx, batch, step, sample_indices, fixed_sigma=None):

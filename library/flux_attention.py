@@ -346,13 +346,17 @@ def without_hidden_text(
     padding is seen. Nor for ``compiled`` blocks: a graph is traced for a mask and for none, and for a text
     length dynamo specialises (1) or finds equal to another size (the batch, the head width), which with
     several buckets and a last short batch ran past dynamo's recompile limit, after which blocks run
-    uncompiled."""
+    uncompiled.
+
+    The cut is decided where the mask is: the trainer and the sampler keep it on the host, so that
+    deciding costs the device no wait (a mask on the GPU costs three); the key mask goes to txt's device."""
     if txt_attention_mask is None or compiled:
-        return txt, txt_ids, text_key_mask(txt_attention_mask, num_img_tokens, extra_tokens)
+        mask = text_key_mask(txt_attention_mask, num_img_tokens, extra_tokens)
+        return txt, txt_ids, None if mask is None else mask.to(txt.device, non_blocking=True)
     visible = _visible_text(txt_attention_mask, extra_tokens)
     seen = visible.any(dim=0).nonzero()
     keep = max(int(seen.max()) + 1, 1) if seen.numel() else 1
     visible, txt, txt_ids = visible[:, :keep], txt[:, :keep], txt_ids[:, :keep]
     if bool(visible.all()):
         return txt, txt_ids, None
-    return txt, txt_ids, text_key_mask(visible, num_img_tokens)
+    return txt, txt_ids, text_key_mask(visible, num_img_tokens).to(txt.device, non_blocking=True)

@@ -86,7 +86,8 @@ class TextConditions:
         return TextConditions(*(None if t is None else t[i : i + 1] for t in self._tensors()))
 
     def to(self, device: torch.device | str | None, dtype: torch.dtype | None = None) -> TextConditions:
-        """Moves to ``device``; floating tensors other than the ids also to ``dtype`` (the mask keeps its type)."""
+        """Moves to ``device``; floating tensors other than the ids also to ``dtype``. The mask keeps its type
+        and goes to the host, where the DiT decides how much T5 padding to cut without waiting for the device."""
 
         def move(t: Tensor | None, cast: bool) -> Tensor | None:
             if t is None:
@@ -94,7 +95,8 @@ class TextConditions:
             return t.to(device=device, dtype=dtype if cast and dtype is not None else t.dtype)
 
         l_pooled, t5_out, txt_ids, mask = self._tensors()
-        return TextConditions(move(l_pooled, True), move(t5_out, True), move(txt_ids, False), move(mask, False))
+        return TextConditions(move(l_pooled, True), move(t5_out, True), move(txt_ids, False),
+                              None if mask is None else mask.cpu())
 
     @staticmethod
     def cat(conds: Sequence[TextConditions]) -> TextConditions:

@@ -112,3 +112,52 @@ def test_compiled_blocks_trace_no_more_graphs_for_the_cut_text(kind, monkeypatch
             model(**padded_inputs(p, lengths)).square().mean().backward()
         frames[name] = counter.frame_count
     assert 0 < frames["cut"] == frames["uncut"], frames
+
+
+class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that make the host wait for the device they read from (a CUDA sync), by device."""
+
+    WAITING = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
+               torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.WAITING:
+            self.devices.append(args[0].device.type)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_the_cut_is_decided_on_the_host_mask_and_the_key_mask_goes_to_the_text_device(extra):
+    # txt on another device than the mask ("meta" stands in for the GPU): the decision reads the host mask only
+    txt, txt_ids = torch.empty(2, 12, 8, device="meta"), torch.empty(2, 12, 3, device="meta")
+    mask = (torch.arange(12)[None] < torch.tensor([3, 7])[:, None]).long()
+    with DeviceWaits() as waits:
+        cut, cut_ids, key_mask = flux_attention.without_hidden_text(txt, txt_ids, mask, 5, extra)
+    assert waits.devices and set(waits.devices) == {"cpu"}
+    assert cut.shape == (2, 7 + extra, 8) and cut_ids.shape == (2, 7 + extra, 3) and cut.device.type == "meta"
+    assert key_mask.device.type == "meta" and key_mask.shape == (2, 1, 1, 7 + extra + 5)
+    compiled = flux_attention.without_hidden_text(txt, txt_ids, mask, 5, extra, compiled=True)[2]
+    assert compiled.device.type == "meta" and compiled.shape == (2, 1, 1, 12 + 5)
+
+
+def test_the_trainer_and_the_sampler_give_the_dit_the_t5_mask_on_the_host():
+    import types
+
+    import flux_train_network
+    from library.flux_sampling import TextConditions
+
+    mask = torch.ones(2, 6, dtype=torch.long)
+    cached = {"l_pooled": torch.zeros(2, 4), "t5_out": torch.zeros(2, 6, 4), "txt_ids": torch.zeros(2, 6, 3),
+              "t5_attn_mask": mask}  # fmt: skip
+    ctx = types.SimpleNamespace(accelerator=types.SimpleNamespace(device=torch.device("meta")),
+                                weight_dtype=torch.bfloat16, train_text_encoder=False)  # fmt: skip
+    l_pooled, t5_out, txt_ids, t5_mask = flux_train_network.FluxNetworkTrainer().text_conditions(
+        ctx, {"text_encoder_outputs": cached})
+    assert {t.device.type for t in (l_pooled, t5_out, txt_ids)} == {"meta"} and t5_mask.device.type == "cpu"
+    moved = TextConditions(*cached.values()).to("meta", torch.bfloat16)
+    assert moved.t5_out.device.type == "meta" and moved.t5_attn_mask.device.type == "cpu"
+    assert torch.equal(moved.t5_attn_mask, mask)
