@@ -91,6 +91,14 @@ class _BeforeBackward(torch.autograd.Function):
         return (None, *grads)
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: accelerate's one-process device has no index, the tensors placed
+    on it report one, and ``cuda != cuda:0``, so no swap buffer was ever found to be on the device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _linears(block: nn.Module) -> list[nn.Linear]:
     return [m for m in block.modules() if isinstance(m, nn.Linear)]
 
@@ -119,7 +127,7 @@ class ModelOffloader:
         self.num_swap = int(num_swap)
         if self.num_swap < 0 or (self.num_swap > 0 and self.num_swap >= self.n):
             raise ValueError(f"cannot swap {num_swap} of {self.n} {name} blocks")
-        self.device = torch.device(device)
+        self.device = _with_index(torch.device(device))
         self.cuda = self.device.type == "cuda"
         self.simulate = simulate and not self.cuda
         self.log: list[tuple[str, int]] | None = [] if record else None
@@ -133,6 +141,9 @@ class ModelOffloader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         for i in self.swappable:
             self.host[i] = [self._to_host(lin.weight.data) for lin in self.linears[i]]
+            for lin, host in zip(self.linears[i], self.host[i], strict=True):
+                if lin.weight.device.type == "cpu":  # the loaded weights go as their pinned copies come, not at the end
+                    lin.weight.data = host
             self.placed[i] = _pointers(lin.weight.data for lin in self.linears[i])
 
     # ---- the layout -------------------------------------------------------------------------------
@@ -209,6 +220,9 @@ class ModelOffloader:
         current = [lin.weight.data for lin in linears]
         if _pointers(current) != self.placed[i]:  # replaced from outside since we placed them: adopt
             self.host[i] = [self._to_host(t) for t in current]
+        event = self.pending.pop(i, None)
+        if event is not None:  # an upload into these buffers may still run: nothing reuses or frees them before it ends
+            torch.cuda.current_stream(self.device).wait_event(event)
         if reuse_buffers and self.cuda and all(t.device == self.device for t in current):
             self.free_buffers.append(current)  # the next upload copies into them
         targets = [torch.full_like(h, float("nan")) for h in self.host[i]] if self.simulate else self.host[i]
@@ -216,7 +230,6 @@ class ModelOffloader:
             lin.weight.data = t
         self.placed[i] = _pointers(targets)
         self.resident[i] = False
-        self.pending.pop(i, None)
         self._note("offload", i)
 
     def _upload(self, i: int) -> None:

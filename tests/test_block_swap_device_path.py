@@ -1,0 +1,210 @@
+"""Block swapping on its CUDA code path, run on the CPU: streams and events are fakes, host copies are
+separate tensors (as pinned copies are), and uploads copy into reused device buffers. Loss and LoRA
+gradients equal those without swapping bit for bit, later steps allocate no device buffers, the loaded
+weights are bound to their host copies as these are made, a buffer whose upload may still run is waited
+for before it is reused, and an index-less ``cuda`` device gets the current index."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from library import offloading
+from library.offloading import ModelOffloader
+from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
+from tests.test_block_swap import attach_lora
+from tests.test_flux_models import chroma_mask, dit_inputs
+
+
+class FakeEvent:
+    """Records nothing on a device; each is a distinct object, and it remembers the stream it was recorded on."""
+
+    stream = None
+
+    def record(self, stream=None):
+        self.stream = stream
+
+
+class FakeStream:
+    """Its ``wait_event`` calls go to a log shared by all streams, so that their order can be checked."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def wait_event(self, event):
+        self.log.append(("wait", self, event))
+
+
+class FakeCuda:
+    def __init__(self):
+        self.log = []
+        self.current = FakeStream(self.log)  # what torch.cuda.current_stream returns
+
+    def current_waits(self):
+        return [event for what, stream, event in (e for e in self.log if e[0] == "wait") if stream is self.current]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    cuda = FakeCuda()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: FakeStream(cuda.log))
+    monkeypatch.setattr(torch.cuda, "Event", lambda *args, **kwargs: FakeEvent())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: cuda.current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return cuda
+
+
+class CudaPathOffloader(ModelOffloader):
+    """A ``ModelOffloader`` that takes its CUDA path with the CPU as the device. Off the device the weights
+    are NaN (``simulate``): a block run while not resident, or a backward reading a buffer since reused for
+    another block, poisons the result."""
+
+    def __init__(self, name, blocks, num_swap, device="cpu"):
+        super().__init__(name, blocks, num_swap, device)
+        self.cuda, self.simulate, self.stream = True, True, torch.cuda.Stream(self.device)
+
+    def _to_host(self, t):
+        return t.detach().clone()  # a copy, as the pinned one is
+
+
+def params(kind):
+    return (tiny_flux_params if kind == "flux" else tiny_chroma_params)(depth=4, depth_single=6)
+
+
+def extra_inputs(kind):
+    return {"guidance": torch.tensor([3.5, 3.5])} if kind == "flux" else {"txt_attention_mask": chroma_mask([3, 7], 7)}
+
+
+def enable_swap(model, double, single):
+    model.offloaders = (CudaPathOffloader("double", model.double_blocks, double),
+                        CudaPathOffloader("single", model.single_blocks, single))  # fmt: skip
+    # model.to(device) makes new tensors, as a move to a GPU does: to the CPU it would keep the resident
+    # blocks' host copies as their device weights, and uploads would copy into other blocks' host copies
+    model.to = lambda device: model._apply(torch.clone)
+    model.move_to_device_except_swap_blocks("cpu")
+    del model.to
+    return model.offloaders
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """One entry per upload on the CUDA path: whether it found free device buffers to copy into."""
+    reused = []
+    buffers_like = ModelOffloader._buffers_like
+
+    def counting(self, hosts):
+        free = len(self.free_buffers)
+        buffers = buffers_like(self, hosts)
+        reused.append(len(self.free_buffers) < free)
+        return buffers
+
+    monkeypatch.setattr(ModelOffloader, "_buffers_like", counting)
+    return reused
+
+
+def step(model, lora, x, extra, between=False):
+    lora.zero_grad(set_to_none=True)
+    out = model(**x, **extra)
+    if between:  # validation or DOP's base pass: a forward without backward before the graded one's backward
+        with torch.no_grad():
+            lora.set_multiplier(0.0)
+            model(**x, **extra)
+            lora.set_multiplier(1.0)
+    loss = out.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind, checkpointing, between", [
+    ("flux", False, False), ("flux", True, False), ("chroma", False, False), ("chroma", True, False),
+    ("flux", False, True),
+], ids=["flux", "flux-checkpointing", "chroma", "chroma-checkpointing", "flux-no_grad_forward_between"])  # fmt: skip
+def test_loss_and_gradients_on_the_cuda_path_equal_those_without_swap(fake_cuda, uploads, kind, checkpointing, between):
+    plain = random_model(params(kind), seed=5).train().requires_grad_(False)
+    swapped = copy.deepcopy(plain)
+    double, single = enable_swap(swapped, 1, 4)  # what --blocks_to_swap 3 gives at this depth
+    for offloader in (double, single):
+        # the CUDA path indeed: device weights apart from the host copies, NaN while on the host
+        assert all(lin.weight.isnan().all() for lin in offloader.host_resident_linears())
+        hosts = {h.data_ptr() for i in offloader.host for h in offloader.host[i]}
+        assert not hosts & {lin.weight.data_ptr() for i in offloader.swappable if offloader.resident[i]
+                            for lin in offloader.linears[i]}  # fmt: skip
+    if checkpointing:
+        plain.enable_gradient_checkpointing()
+        swapped.enable_gradient_checkpointing()
+    x, extra = dit_inputs(plain.params), extra_inputs(kind)
+    loss_plain, grads_plain = step(plain, attach_lora(plain), x, extra)  # a no-grad forward would not change it
+    lora = attach_lora(swapped)
+    for n in range(2):
+        uploads.clear()
+        loss, grads = step(swapped, lora, x, extra, between)
+        assert torch.isfinite(loss) and torch.equal(loss, loss_plain), n
+        assert grads.keys() == grads_plain.keys() and grads
+        for name in grads:
+            assert torch.equal(grads[name], grads_plain[name]), (n, name)
+    # every upload of the second step copied into buffers freed by an offload: none was allocated
+    assert uploads and all(uploads)
+
+
+def test_the_loaded_weights_are_bound_to_their_host_copies_as_these_are_made(fake_cuda):
+    model = random_model(params("flux"), seed=5)
+    loaded = {lin: (lin.weight.data_ptr(), lin.weight.detach().clone()) for lin in model.modules()
+              if isinstance(lin, nn.Linear)}  # fmt: skip
+    offloaders = (CudaPathOffloader("double", model.double_blocks, 1),
+                  CudaPathOffloader("single", model.single_blocks, 4))  # fmt: skip
+    # no move_to_device_except_swap_blocks yet: a loaded block must not outlive its copy until then, or the
+    # host holds the model twice at setup
+    for offloader in offloaders:
+        assert offloader.swappable
+        for i, linears in enumerate(offloader.linears):
+            for k, lin in enumerate(linears):
+                pointer, values = loaded[lin]
+                if i in offloader.swappable:
+                    host = offloader.host[i][k]
+                    assert lin.weight.data_ptr() == host.data_ptr() != pointer, (offloader.name, i, k)
+                    assert torch.equal(host, values)
+                else:
+                    assert lin.weight.data_ptr() == pointer  # (double blocks 1 and 2) not copied: kept
+
+
+def test_offloading_a_block_whose_upload_is_pending_waits_for_that_upload_first(fake_cuda):
+    model = random_model(params("flux"), seed=5)
+    double, _ = enable_swap(model, 1, 2)
+    assert double.placement() == "DDDH"
+    order = fake_cuda.log
+
+    class FreeBuffers(list):  # its appends go to the log of the streams' waits
+        def append(self, buffers):
+            order.append(("free", offloading._pointers(buffers)))
+            super().append(buffers)
+
+    double.free_buffers = FreeBuffers()
+    double.after_forward(0)  # block 0's buffers are freed, block 3 is uploaded into them on the side stream
+    upload = double.pending[3]
+    assert isinstance(upload, FakeEvent) and upload.stream is double.stream
+    buffers = offloading._pointers(lin.weight.data for lin in double.linears[3])
+    order.clear()
+    # a forward that comes before block 3 ran (its backward skipped, say) moves block 3 out again: its
+    # buffers go back to free_buffers, and the upload of block 0 copies into them; on a GPU the copy
+    # into them may still run, so the current stream must wait on exactly that upload's event first
+    double.prepare_block_swap_before_forward()
+    assert order[:2] == [("wait", fake_cuda.current, upload), ("free", buffers)]
+    assert fake_cuda.current_waits() == [upload] and 3 not in double.pending
+    # an upload already waited for (the block ran) is not waited for again when the block leaves
+    order.clear()
+    double.wait_for_block(0)
+    double.after_forward(0)
+    assert len(fake_cuda.current_waits()) == 1 and fake_cuda.current_waits()[0] is not upload
+
+
+def test_an_index_less_cuda_device_gets_the_current_index(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert offloading._with_index(torch.device("cuda")) == torch.device("cuda", 1)
+    assert offloading._with_index(torch.device("cuda", 2)) == torch.device("cuda", 2)
+    assert offloading._with_index(torch.device("cpu")) == torch.device("cpu")
+    # the offloader keeps a block's buffers for reuse only if they are on its device, and tensors on
+    # accelerate's one-process device "cuda" report "cuda:<current>"
+    blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+    assert CudaPathOffloader("blocks", blocks, 1, device="cuda").device == torch.device("cuda", 1)
