@@ -541,6 +541,8 @@ class LoRANetwork(nn.Module):
             org = lora.org_module
             if not hasattr(org, "_lora_org_weight"):
                 org._lora_org_weight = org.weight.detach().clone()
+                scale = org._buffers.get("weight_scale")  # (--fp8_scaled: the merge gives the rows new scales)
+                org._lora_org_scale = None if scale is None else scale.clone()
                 org._lora_restored = True
 
     def restore_weights(self) -> None:
@@ -548,14 +550,16 @@ class LoRANetwork(nn.Module):
             org = lora.org_module
             if not getattr(org, "_lora_restored", True):
                 org.weight.data = org._lora_org_weight.clone()
+                if org._lora_org_scale is not None:
+                    org.weight_scale = org._lora_org_scale.clone()
                 org._lora_restored = True
             lora.enabled = True
 
     @torch.no_grad()
     def pre_calculation(self) -> None:
-        """Adds each update to its base weight and disables the LoRA path (undo with restore_weights)."""
+        """Adds each update to its base weight and disables the LoRA path (undo with restore_weights);
+        an fp8 base (plain or row-scaled) gets the update in fp32 and is quantized again, as merge_to does."""
         for lora in self.all_loras():
-            org = lora.org_module
-            org.weight.data = org.weight + lora.get_weight().to(org.weight.device, org.weight.dtype)
-            org._lora_restored = False
+            lora.merge_to()
+            lora.org_module._lora_restored = False
             lora.enabled = False

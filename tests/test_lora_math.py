@@ -488,9 +488,15 @@ def test_network_from_weights_refuses_files_for_other_models(tmp_path, caplog):
         create_network_from_weights(1.0, "foreign.safetensors", None, [None, None], model, foreign)
 
 
-def test_restorable_merge_for_inference():
+@pytest.mark.parametrize("fp8", [None, "plain", "scaled"])
+def test_restorable_merge_for_inference(fp8):
+    from library.fp8 import quantize_dit_
+
     p = tiny_flux_params()
     model = random_model(p)
+    if fp8:  # (adding an update to an fp8 weight in its own dtype is not implemented: "add ... Float8_e4m3fn")
+        quantize_dit_(model, torch.float32, scaled=fp8 == "scaled")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
     source = create_network(1.0, 4, 1, None, [None, None], model)
     randomize_lora(source)
     network, weights = create_network_from_weights(1.0, None, None, [None, None], model, source.state_dict(), True)
@@ -504,5 +510,8 @@ def test_restorable_merge_for_inference():
         precalculated = model(**x)
         network.restore_weights()
         restored = model(**x)
-    torch.testing.assert_close(precalculated, applied, rtol=0, atol=1e-5 * applied.abs().max().item())
+    # the merged weights are rounded to fp8 again: 0.4% of the output, where the LoRA's share is 1.5%
+    tolerance = 1e-5 if fp8 is None else 6e-3
+    torch.testing.assert_close(precalculated, applied, rtol=0, atol=tolerance * applied.abs().max().item())
     assert torch.equal(restored, applied)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())  # the weights (and row scales) back
