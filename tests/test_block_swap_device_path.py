@@ -2,7 +2,8 @@
 separate tensors (as pinned copies are), and uploads copy into reused device buffers. Loss and LoRA
 gradients equal those without swapping bit for bit, later steps allocate no device buffers, the loaded
 weights are bound to their host copies as these are made, a buffer whose upload may still run is waited
-for before it is reused, and an index-less ``cuda`` device gets the current index."""
+for before it is reused, an index-less ``cuda`` device gets the current index, and the host copies are
+packed into slabs whose size torch's pinned allocator does not round up."""
 
 import contextlib
 import copy
@@ -208,3 +209,38 @@ def test_an_index_less_cuda_device_gets_the_current_index(fake_cuda, monkeypatch
     # accelerate's one-process device "cuda" report "cuda:<current>"
     blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
     assert CudaPathOffloader("blocks", blocks, 1, device="cuda").device == torch.device("cuda", 1)
+
+
+def test_host_copies_are_packed_first_fit_into_slabs_of_a_power_of_two():
+    # torch rounds each pinned allocation up to a power of two: one per weight cost a third more RAM
+    sizes = []
+
+    def allocate(n):
+        sizes.append(n)
+        return torch.empty(n, dtype=torch.uint8)  # (pinned on a GPU machine)
+
+    arena = offloading.PinnedArena(slab_bytes=1024, allocate=allocate)
+    g = torch.Generator().manual_seed(0)
+    originals = [torch.randn(10, 10, generator=g), torch.randn(100, generator=g).bfloat16(),
+                 torch.randn(300, generator=g).to(torch.float8_e4m3fn), torch.randn(300, generator=g),
+                 torch.randn(10, 10, generator=g)]  # 400, 200, 300, 1200 (more than a slab) and 400 bytes
+    copies = [arena.copy_of(t) for t in originals]
+    assert sizes == [1024, 1024, 1200]
+    for original, copy_ in zip(originals, copies, strict=True):
+        assert copy_.dtype == original.dtype and copy_.shape == original.shape
+        assert torch.equal(copy_.view(torch.uint8), original.view(torch.uint8))
+        assert copy_.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+    slab = [c.untyped_storage().data_ptr() for c in copies]
+    assert slab[0] == slab[1] and slab[2] == slab[4] and len({slab[0], slab[2], slab[3]}) == 3  # the last fills a tail
+    offsets = [c.storage_offset() * c.element_size() for c in copies]
+    assert offsets == [0, 512, 0, 0, 512]  # each copy on a 512-byte boundary
+
+
+def test_the_cuda_path_copies_weights_to_the_host_through_the_arena():
+    offloader = ModelOffloader.__new__(ModelOffloader)
+    offloader.cuda = True
+    offloader.arena = offloading.PinnedArena(slab_bytes=4096, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    weight = torch.randn(8, 8)
+    host = offloader._to_host(weight)
+    assert torch.equal(host, weight) and host.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+    assert host.untyped_storage().data_ptr() == offloader.arena.slabs[0][0].untyped_storage().data_ptr()
