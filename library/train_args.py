@@ -180,7 +180,8 @@ def add_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr_scheduler_timescale", type=int, default=None,
         help="timescale for inverse_sqrt (default: the warmup steps)")
     add("--lr_scheduler_min_lr_ratio", type=float, default=None,
-        help="final lr / initial lr for cosine_with_min_lr and warmup_stable_decay")  # fmt: skip
+        help="final lr / initial lr for cosine_with_min_lr, cosine_warmup_with_min_lr and "
+             "warmup_stable_decay")  # fmt: skip
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
