@@ -115,12 +115,12 @@ def test_step_size_adapting_optimizers_are_recognised():
         assert not is_dadapt_or_prodigy(name), name
 
 
-def test_prodigy_learning_rate_warnings_read_the_first_group(caplog):
+def test_prodigy_learning_rate_warnings_read_the_rate_it_trains_at(caplog):
     params = [torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))]
-    groups = [{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.01}]
+    groups = [{"params": [params[0]], "lr": 0.01}, {"params": [params[1]], "lr": 1.0}]
     with caplog.at_level(logging.WARNING):
         get_optimizer(opt_args(optimizer_type="Prodigy", learning_rate=0.01), groups)
-    assert "only the first (1.0) matters" in caplog.text and "is low" not in caplog.text
+    assert "every group trains at 1.0" in caplog.text and "is low" not in caplog.text  # (the largest, not the first)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         get_optimizer(opt_args(optimizer_type="Prodigy", learning_rate=0.1), [torch.nn.Parameter(torch.zeros(2))])
