@@ -40,6 +40,11 @@ def test_wildcard_double_braces_are_literal():
     assert run("{{x}} {a|a}", enable_wildcard=True) == "{x} a"
 
 
+def test_double_braces_around_alternatives_stay_literal():
+    # (the braces escape the alternatives too: no choice is drawn inside them)
+    assert {run("{{red|blue}} {x|x}", seed=s, enable_wildcard=True) for s in range(20)} == {"{red|blue} x"}
+
+
 def test_shuffle_keeps_first_keep_tokens_in_place():
     cap = "sks, dog, red, blue, green, tall"
     outs = [run(cap, seed=s, shuffle_caption=True, keep_tokens=2) for s in range(20)]
@@ -59,6 +64,11 @@ def test_keep_tokens_separator_fixes_prefix_and_suffix_parts():
         assert parts[:2] == ["sks", "dog"] and parts[-2:] == ["best quality", "4k"]
         assert sorted(parts[2:5]) == ["blue", "green", "red"]
     assert len(outs) > 1
+
+
+def test_keep_tokens_separator_drops_empty_tags_in_every_part():
+    got = run("a, , b ||| c, , d ||| , e", keep_tokens_separator="|||", shuffle_caption=True, seed=3)
+    assert got.startswith("a, b, ") and got.endswith(", e") and sorted(got.split(", ")[2:4]) == ["c", "d"]
 
 
 def test_keep_tokens_separator_is_removed_even_without_shuffling():
@@ -106,6 +116,28 @@ def test_token_warmup_grows_the_flexible_tags():
     # a non-whole count is floored: n = floor(step * (8 - 1) / 4) + 1, i.e. 1.75 -> 2 and 5.25 -> 6 tags
     got = [run(cap, step=s, keep_tokens=1, token_warmup_min=1, token_warmup_step=4) for s in (1, 3)]
     assert got == ["k, a, b", "k, a, b, c, d, e, f"]
+
+
+def test_token_warmup_keeps_the_first_tags_then_shuffles_them():
+    cap = "a, b, c, d, e, f, g, h"  # n = floor(2 * (8 - 1) / 5) + 1 = 3 tags at step 2 of 5: a, b and c, in any order
+    kept = {frozenset(run(cap, seed=s, step=2, shuffle_caption=True, token_warmup_step=5).split(", "))
+            for s in range(30)}  # fmt: skip
+    assert kept == {frozenset("abc")}
+
+
+def test_token_warmup_step_1_is_one_step_not_the_whole_run():
+    cap = "a, b, c, d, e"  # (a fraction is below 1: 1 is a step count, as in sd-scripts)
+    assert run(cap, step=0, max_steps=10, token_warmup_step=1) == "a"
+    assert run(cap, step=1, max_steps=10, token_warmup_step=1) == cap
+
+
+def test_a_caption_nothing_reorders_keeps_its_spacing():
+    assert run("a,b ,  c") == "a,b ,  c"  # (only a shuffle, warm-up, tag dropout or separator rejoins it)
+
+
+def test_caption_dropout_drops_the_prefix_and_suffix_too():
+    assert run("a cat", caption_prefix="sks", caption_suffix="4k", caption_dropout_rate=1.0) == ""
+    assert run("a cat", epoch=2, caption_prefix="sks", caption_dropout_every_n_epochs=2) == ""
 
 
 def test_token_warmup_fraction_of_max_train_steps():
