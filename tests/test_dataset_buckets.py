@@ -6,6 +6,7 @@ Every expected list is worked out by hand in the comments from spec §c.5's rule
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 
@@ -121,6 +122,50 @@ def test_no_upscale_rounds_half_up_to_the_step():
     assert (c.bucket, c.resized) == ((64, 64), (64, 65))
 
 
+def spec_selection(width: int, height: int, area: int, steps: int, buckets: list, no_upscale: bool):
+    """Spec §c.5's selection, written out step by step: (bucket, resized, aspect error)."""
+    aspect = width / height
+    if not no_upscale:
+        if (width, height) in buckets:
+            bucket = (width, height)
+        else:  # the first of the nearest aspects in the sorted list (numpy's argmin)
+            errors = [abs(w / h - aspect) for w, h in buckets]
+            bucket = buckets[errors.index(min(errors))]
+        scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
+        resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+    else:
+        def to_steps(x):  # int(x + 0.5), floored to a multiple of the step
+            return int(x + 0.5) // steps * steps
+
+        resized = (width, height)
+        if width * height > area:
+            area_width = math.sqrt(area * aspect)
+            by_width = to_steps(area_width)
+            by_height = to_steps(area / area_width)
+            width_first_error = abs(by_width / to_steps(by_width / aspect) - aspect)
+            height_first_error = abs(to_steps(by_height * aspect) / by_height - aspect)
+            if width_first_error < height_first_error:
+                resized = (by_width, int(by_width / aspect + 0.5))
+            else:
+                resized = (int(by_height * aspect + 0.5), by_height)
+        bucket = (resized[0] // steps * steps, resized[1] // steps * steps)
+    return bucket, resized, bucket[0] / bucket[1] - aspect
+
+
+@pytest.mark.parametrize("no_upscale", [False, True])
+def test_every_image_size_gets_the_buckets_of_the_spec(no_upscale):
+    # a grid of sizes around the buckets' edges: ties of aspect, exact buckets, rounding at .5, tiny and huge images
+    buckets = make_bucket_resolutions((96, 64), 32, 160, 16)
+    selector = BucketSelector((96, 64), 16, None if no_upscale else buckets, no_upscale=no_upscale)
+    # (24x256 has exactly the area: not resized, where resizing it to the area would change its bucket)
+    sizes = [(w, h) for w in range(20, 400, 7) for h in range(20, 400, 11)] + buckets + [(79, 80), (104, 32), (24, 256)]
+    for w, h in sizes:
+        choice = selector.select(w, h)
+        bucket, resized, error = spec_selection(w, h, 96 * 64, 16, buckets, no_upscale)
+        assert (choice.bucket, choice.resized) == (bucket, resized), (w, h)
+        assert choice.ar_error == pytest.approx(error, abs=1e-12), (w, h)
+
+
 def test_crop_ltrb_floors_both_offsets_as_sd_scripts():
     # get_crop_ltrb: a 32x40 image in a 32x32 bucket is 25.6 wide there; left = (32 - 25.6) // 2 = 3.0, not 3.2
     assert crop_ltrb((32, 32), (32, 40)) == (3.0, 0, 28.6, 32)
@@ -152,6 +197,7 @@ def test_min_max_are_rounded_to_steps_with_a_warning_and_checked(caplog):
     with caplog.at_level(logging.WARNING):
         assert adjust_min_max_reso((512, 512), 256, 1024, 64, "d") == (256, 1024)
     assert not caplog.records
+    assert adjust_min_max_reso((512, 1024), 512, 1024, 64, "d") == (512, 1024)  # the bounds may equal the sides
     # below one step: one step, not 0 (whose bucket list divided by zero)
     assert adjust_min_max_reso((512, 512), 32, 1024, 64, "d") == (64, 1024)
     assert (64, 1024) in make_bucket_resolutions((512, 512), 64, 1024, 64)
