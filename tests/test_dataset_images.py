@@ -74,6 +74,29 @@ def test_exif_orientation_is_applied(tmp_path):
     assert arr[0, 3].mean() > 200  # top-left pixel moved to the top-right corner
 
 
+@pytest.mark.parametrize("orientation, size", [(1, (6, 4)), (2, (6, 4)), (3, (6, 4)), (4, (6, 4)), (5, (4, 6)),
+                                               (6, (4, 6)), (7, (4, 6)), (8, (4, 6))])  # fmt: skip
+def test_every_exif_orientation_that_turns_the_image_swaps_its_sides(tmp_path, orientation, size):
+    # 5 and 7 mirror and turn by 90 degrees (transpose, transverse): turned, as 6 and 8 are
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(tmp_path / "o.jpg", Image.new("RGB", (6, 4)), exif=exif.tobytes())
+    assert read_image_size(path) == size
+    assert load_image(path)[0].shape[:2] == size[::-1]
+
+
+def test_bad_images_are_listed_twenty_at_most():
+    from library.images import stop_for_bad_images
+
+    problems = [f"{i}.png: broken" for i in range(21)]
+    with pytest.raises(UserError) as stopped:
+        stop_for_bad_images(problems[:20])
+    assert str(stopped.value).splitlines() == ["20 images cannot be used:", *(f"  {p}" for p in problems[:20])]
+    with pytest.raises(UserError) as stopped:
+        stop_for_bad_images(problems)
+    assert str(stopped.value).splitlines()[1:] == [*(f"  {p}" for p in problems[:20]), "  ... and 1 more"]
+
+
 def test_unreadable_image_stops_with_its_path(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
