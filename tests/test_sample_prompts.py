@@ -92,6 +92,18 @@ def test_the_prompt_itself_is_never_read_as_an_option():
     assert d == {"prompt": "w 5 wolves", "height": 64}
 
 
+def test_options_start_at_space_dash_dash_and_values_are_trimmed():
+    # a "--" inside a word is part of the prompt; spaces around the prompt and each value go
+    d = line_to_prompt_dict("  a red--blue ball   --n  ugly, blurry   --w 64")
+    assert d == {"prompt": "a red--blue ball", "negative_prompt": "ugly, blurry", "width": 64}
+
+
+def test_seeds_take_all_64_bits():
+    assert line_to_prompt_dict(f"p --d {2**64 - 1}")["seed"] == 2**64 - 1  # (torch's generators take them)
+    with pytest.raises(UserError, match=r"the seed must be below 2\*\*64, not 18446744073709551616"):
+        line_to_prompt_dict(f"p --d {2**64}")
+
+
 def test_ignored_options_are_accepted_and_warn_once_each(caplog):
     with caplog.at_level(logging.WARNING):
         d = line_to_prompt_dict("p --ss euler_a --cn img.png --ctr 0.25 --rcfg 1.0 --fs 3.0 --ss ddim")
