@@ -225,6 +225,18 @@ def test_to_dict_uses_sd_scripts_keys():
         "scale": 2.0,
         "guidance_scale": 0.0,
     }
+    # what was not given is left out; options FLUX ignores are kept, as the file gave them
+    assert SamplePrompt(0, "y", seed=7, ignored={"sample_sampler": "euler"}).to_dict() == {
+        "prompt": "y", "enum": 0, "seed": 7, "sample_sampler": "euler"}  # fmt: skip
+
+
+def test_a_value_may_span_lines_and_dict_seeds_take_64_bits(tmp_path):
+    assert line_to_prompt_dict("p --n ugly\nblurry --w 64") == {"prompt": "p", "negative_prompt": "ugly\nblurry",
+                                                                "width": 64}  # fmt: skip
+    largest = load_prompts(write(tmp_path, "ok.json", json.dumps([{"prompt": "a", "seed": 2**64 - 1}])))
+    assert largest[0].seed == 2**64 - 1
+    with pytest.raises(UserError, match=r"the seed must be below 2\*\*64"):
+        load_prompts(write(tmp_path, "big.json", json.dumps([{"prompt": "a", "seed": 2**64}])))
 
 
 def test_utf8_prompts_round_trip(tmp_path):
