@@ -62,6 +62,15 @@ def test_16_bit_grayscale_is_scaled_to_8_bit(tmp_path):
     assert arr[0, 0, 0] == 0 and arr[1, 1, 0] == 255
 
 
+def test_16_bit_and_float_images_are_scaled_to_8_bit_by_their_range(tmp_path):
+    arr16 = np.array([[0, 32768, 65535]], np.uint16)  # mid-grey stays mid-grey: 32768 / 65535 · 255 = 127.5 -> 128
+    assert load_image(_save(tmp_path / "g16.png", Image.fromarray(arr16)))[0][0, :, 0].tolist() == [0, 128, 255]
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")  # a [0, 1] image, its maximum exactly 1
+    assert load_image(_save(tmp_path / "unit.tiff", unit))[0][0, :, 0].tolist() == [0, 128, 255]
+    counts = Image.fromarray(np.array([[0.0, 100.0, 200.0]], np.float32), "F")  # values on the 0-255 scale
+    assert load_image(_save(tmp_path / "counts.tiff", counts))[0][0, :, 0].tolist() == [0, 100, 200]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (6, 4), (0, 0, 0))
     img.putpixel((0, 0), (255, 255, 255))
@@ -138,6 +147,37 @@ def test_a_link_to_a_missing_image_stops_with_its_path(tmp_path):
     os.symlink(tmp_path / "gone" / "b.png", tmp_path / "b.png")
     with pytest.raises(UserError, match=r"b\.png: a link to .*gone/b\.png, which does not exist; mount or restore"):
         list_images(str(tmp_path))
+
+
+def test_each_interpolation_name_is_its_pillow_filter():
+    arr = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for name, pillow in (("lanczos", Image.Resampling.LANCZOS), ("nearest", Image.Resampling.NEAREST),
+                         ("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC),
+                         ("area", Image.Resampling.BOX)):  # fmt: skip
+        for size in ((20, 14), (80, 60)):  # down and up
+            assert np.array_equal(resize(arr, size, name), np.array(Image.fromarray(arr).resize(size, pillow))), name
+
+
+def test_crops_reach_every_offset_and_centre_odd_excesses():
+    from library.images import choose_crop
+
+    windows = {(c.left, c.top) for c in (choose_crop((69, 67), (64, 64), random.Random(s)) for s in range(300))}
+    assert {left for left, _ in windows} == set(range(6)) and {top for _, top in windows} == set(range(4))
+    centre = choose_crop((69, 67), (64, 64), None)
+    assert (centre.left, centre.top) == (2, 1)  # excess 5 and 3, floored halves as sd-scripts
+
+
+def test_the_alpha_mask_is_resized_and_cropped_with_the_image(tmp_path):
+    # alpha equal to the red channel: wherever the crop window lands, the mask is the red channel / 255
+    red = np.random.default_rng(3).integers(0, 256, (40, 90), dtype=np.uint8)
+    rgba = np.stack([red, np.zeros_like(red), np.zeros_like(red), red], axis=-1)
+    path = _save(tmp_path / "a.png", Image.fromarray(rgba, "RGBA"))
+    for seed in range(5):
+        rgb, mask, _, _ = prepare_image(path, (64, 32), (80, 36), "lanczos", random.Random(seed), True)
+        assert mask.shape == (32, 64) and np.array_equal(mask, rgb[:, :, 0].astype(np.float32) / 255.0)
+    _, ones, _, _ = prepare_image(_save(tmp_path / "o.png", Image.new("RGB", (90, 40))), (64, 32), (80, 36),
+                                  "bicubic", None, True)  # fmt: skip
+    assert ones.shape == (32, 64) and ones.min() == 1.0  # (a non-square bucket: height by width)
 
 
 def test_interpolation_aliases_resize_identically():
