@@ -248,7 +248,7 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
     Returns ``(name, args_str, optimizer)``: ``name`` is ``module.Class`` and ``args_str`` the
     parsed ``--optimizer_args`` as ``k=v,k=v`` (both go into ``ss_optimizer``). Like
     sd-scripts, Adafactor with ``relative_step`` rewrites ``args.lr_scheduler`` (and clears
-    ``args.learning_rate``); schedule-free optimizers are returned in train mode.
+    ``args.learning_rate``); optimizers with train/eval modes (schedule-free ones) are returned in train mode.
     """
     optimizer_type = resolve_optimizer_type(args)
     key = optimizer_type.lower()
@@ -292,7 +292,7 @@ def get_optimizer(args, trainable_params: Any) -> tuple[str, str, torch.optim.Op
         raise UserError(f"--optimizer_args {kwargs} do not fit {optimizer_class.__name__}: {e}") from None
 
     if has_train_and_eval_modes(optimizer):
-        optimizer.train()  # schedule-free optimizers must be in train mode to step
+        optimizer.train()  # (schedule-free optimizers must be in train mode to step)
 
     name = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
     # nesterov is implied by the SGDNesterov names; sd-scripts does not list it

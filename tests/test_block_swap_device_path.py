@@ -16,7 +16,8 @@ from library import offloading
 from library.offloading import ModelOffloader
 from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
 from tests.test_block_swap import attach_lora
-from tests.test_flux_models import chroma_mask, dit_inputs
+from tests.test_checkpoint_recompute import extra_inputs
+from tests.test_flux_models import dit_inputs
 
 
 class FakeEvent:
@@ -72,10 +73,6 @@ class CudaPathOffloader(ModelOffloader):
 
 def params(kind):
     return (tiny_flux_params if kind == "flux" else tiny_chroma_params)(depth=4, depth_single=6)
-
-
-def extra_inputs(kind):
-    return {"guidance": torch.tensor([3.5, 3.5])} if kind == "flux" else {"txt_attention_mask": chroma_mask([3, 7], 7)}
 
 
 def enable_swap(model, double, single):

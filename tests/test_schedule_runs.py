@@ -15,15 +15,11 @@ from transformers.optimization import (
     get_cosine_with_min_lr_schedule_with_warmup_lr_rate,
 )
 
-import flux_train_network
 from library.errors import UserError
 from library.lr_schedulers import get_scheduler_fix
 from library.safetensors_io import load_safetensors
+from tests.test_training import run
 from tests.training_helpers import base_argv, dataset, logged_scalars
-
-
-def run(argv) -> int:
-    return flux_train_network.main(argv)
 
 
 def logged_after_each_step(make_schedule, base_lr: float, steps: int) -> dict[int, float]:
