@@ -24,6 +24,23 @@ from library.train_state import capture_rng_states
 logger = logging.getLogger(__name__)
 
 
+def validation_noise_names(paths) -> dict[str, str]:
+    """Each image path's shortest trailing run of path components that no other path ends with: the base name
+    where that is unique, else as many folders as tell it apart. Validation noise is seeded from these, so it does
+    not change when the dataset moves and two images that share a file name still get different noise."""
+    parts = {path: tuple(os.path.normpath(os.path.abspath(path)).split(os.sep)) for path in set(paths)}
+    files = set(parts.values())  # one file given in two spellings is one image
+    names, pending, depth = {}, set(files), 1
+    while pending:
+        counts = collections.Counter(file[-depth:] for file in files)
+        for file in list(pending):
+            if counts[file[-depth:]] == 1 or depth >= len(file):
+                names[file] = "/".join(file[-depth:])
+                pending.discard(file)
+        depth += 1
+    return {path: names[file] for path, file in parts.items()}
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """(position in the epoch, batch index) of the batches this process visits in the current epoch,
     from ``start`` (changed between epochs). The dataset reads the step a batch trains at from its
@@ -433,13 +450,14 @@ class TrainingLoop:
         if args.max_validation_steps is not None:
             count = min(count, args.max_validation_steps)
         total, n = 0.0, 0
+        names = validation_noise_names(e.path for e in self.val_group.entries())
         bar = tqdm(total=count * len(VALIDATION_SIGMAS), desc="validation", leave=False)
         with torch.no_grad(), self.accelerator.autocast(), bar:
             for index in range(count):
                 batch = self.val_group[index]
-                # noise seeded by the image file's name (and its flip), not its place in a batch: the same image
+                # noise seeded by the image's name (and its flip), not its place in a batch: the same image
                 # gets the same noise at any batch size, and the average is over images, so batching changes nothing
-                indices = [zlib.crc32(f"{os.path.basename(path)}|{flipped}".encode()) for path, flipped
+                indices = [zlib.crc32(f"{names[path]}|{flipped}".encode()) for path, flipped
                            in zip(batch["image_paths"], batch["flippeds"], strict=True)]  # fmt: skip
                 for sigma in VALIDATION_SIGMAS:
                     with dataset_multiplier(self.network, batch):

@@ -115,3 +115,46 @@ def test_validation_runs_at_the_datasets_network_multiplier(tiny_model_files, tm
     kinds = {kind for kind, _ in seen}
     assert kinds == {"training", "validation"}
     assert {m for _, m in seen} == {0.5}
+
+
+def test_validation_noise_names_are_the_shortest_path_ends_that_tell_images_apart(tmp_path, monkeypatch):
+    from library.training_loop import validation_noise_names
+
+    paths = [str(tmp_path / "a" / "x" / "1.png"), str(tmp_path / "b" / "x" / "1.png"), str(tmp_path / "a" / "2.png"),
+             str(tmp_path / "c" / "1.jpg")]  # fmt: skip
+    assert validation_noise_names(paths + paths[:1]) == {
+        paths[0]: "a/x/1.png", paths[1]: "b/x/1.png", paths[2]: "2.png", paths[3]: "1.jpg",
+    }  # fmt: skip
+    # a unique base name is the name, as before (a moved dataset keeps its noise); relative spellings resolve first
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert validation_noise_names(["1.png", os.path.join("x", "1.png"), os.path.join("..", "a", "1.png")]) == {
+        "1.png": "a/1.png", os.path.join("x", "1.png"): "x/1.png", os.path.join("..", "a", "1.png"): "a/1.png",
+    }  # fmt: skip
+
+
+def test_validation_images_that_share_a_file_name_get_different_noise(tiny_model_files, tmp_path, monkeypatch):
+    """Two subsets whose folders hold the same file names: each validation image gets noise of its own (they all
+    shared the noise of their base name)."""
+    import shutil
+
+    seen = {}
+    original = flux_train_network.FluxNetworkTrainer.batch_loss
+
+    def recording(self, ctx, batch, step, sample_indices, fixed_sigma=None):
+        if fixed_sigma is not None:
+            seen.update(zip(zip(batch["image_paths"], batch["flippeds"], strict=True), sample_indices, strict=True))
+        return original(self, ctx, batch, step, sample_indices, fixed_sigma=fixed_sigma)
+
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "batch_loss", recording)
+    data = dataset(tmp_path, validation_split=0.5)
+    twin = data.image_dir + "_twin"
+    shutil.copytree(data.image_dir, twin)
+    with open(data.dataset_toml, "a", encoding="utf-8") as f:
+        f.write(f"\n  [[datasets.subsets]]\n  image_dir = '{twin}'\n")
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, network_train_unet_only=True,
+                     validate_every_n_steps=1)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    names = [os.path.basename(path) for path, _ in seen]
+    assert len(set(names)) < len(names)  # the split held out some of the same names from both folders
+    assert len(set(seen.values())) == len(seen)
