@@ -244,6 +244,14 @@ def test_utf8_prompts_round_trip(tmp_path):
     assert load_prompts(path) == [SamplePrompt(0, "夏の森の神社", "低品質")]
 
 
+@pytest.mark.parametrize("name, text", [("P.TXT", "a cat --w 64\n# b\n"), ("P.Toml", '[prompt]\nwidth = 64\n'
+                                        '[[prompt.subset]]\nprompt = "a cat"\n'), ("P.JSON", '["a cat --w 64"]')])
+def test_the_extension_chooses_the_format_in_any_case(tmp_path, name, text):
+    """Windows users' upper-case extensions read as their format (a .TXT file is not a JSON list)."""
+    (prompt,) = load_prompts(write(tmp_path, name, text))
+    assert (prompt.prompt, prompt.width) == ("a cat", 64)
+
+
 def test_missing_file_is_a_user_error_naming_it(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(UserError, match=r"--sample_prompts .*nope\.txt: the file does not exist"):
