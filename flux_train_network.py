@@ -215,15 +215,18 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
     @staticmethod
     def _named_nan_to_zero(latents, batch: dict):
-        """sd-scripts zeroes NaN latents without naming the image: name it, then do the same."""
+        """sd-scripts zeroes NaN latents without naming the image: name it, then do the same (to inf too)."""
         import torch
 
-        if not torch.isnan(latents).any():
+        from library.caches import non_finite
+
+        if torch.isfinite(latents).all():
             return latents
-        broken = [path for path, lat in zip(batch["image_paths"], latents, strict=True) if torch.isnan(lat).any()]
-        logger.warning("NaN in the latents of %s (its latent cache, or the AE in this precision: try --no_half_vae); "
-                       "trained on as zeros", ", ".join(broken))  # fmt: skip
-        return torch.nan_to_num(latents, nan=0.0)
+        finite = torch.isfinite(latents).flatten(1).all(1).tolist()
+        broken = [path for path, ok in zip(batch["image_paths"], finite, strict=True) if not ok]
+        logger.warning("%s in the latents of %s (its latent cache, or the AE in this precision: try --no_half_vae); "
+                       "trained on as zeros", non_finite(latents), ", ".join(broken))  # fmt: skip
+        return torch.nan_to_num(latents, nan=0.0, posinf=0.0, neginf=0.0)
 
     def sai_model_type(self, ctx) -> str:
         if ctx.models.version == "chroma":

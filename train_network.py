@@ -211,10 +211,12 @@ class NetworkTrainer:
         if args.debug_dataset:
             self.debug_dataset(args, train_group, steps_per_epoch)
             return ""
-        from library.cache_files import images_to_decode
+        from library.cache_files import check_cache_folders_writable, images_to_decode
         from library.images import verify_images
 
-        verify_images(images_to_decode([e for group in groups for e in group.entries()], args.cache_latents_to_disk))
+        entries = [e for group in groups for e in group.entries()]
+        verify_images(images_to_decode(entries, args.cache_latents_to_disk))
+        check_cache_folders_writable(entries, args.cache_latents_to_disk, args.cache_text_encoder_outputs_to_disk)
         self.prepare_before_loading(args, train_group, val_group)
         from library.preflight import rehearse_optimizer_and_schedule
 

@@ -179,11 +179,33 @@ def images_to_decode(entries: list, latents_on_disk: bool) -> list[str]:
     paths = sorted({e.path for e in entries})
     if not latents_on_disk:
         return paths
-    cached = set()
-    for e in entries:
-        try:
-            if os.stat(latent_npz_path(canonical_path(e.path), e.size)).st_mtime_ns >= os.stat(e.path).st_mtime_ns:
-                cached.add(e.path)
-        except OSError:  # no cache file yet
-            pass
+    cached = {e.path for e in entries if _has_newer_latent_file(e)}
     return [p for p in paths if p not in cached]
+
+
+def _has_newer_latent_file(entry) -> bool:
+    try:
+        return os.stat(latent_npz_path(canonical_path(entry.path), entry.size)).st_mtime_ns >= \
+            os.stat(entry.path).st_mtime_ns  # fmt: skip
+    except OSError:  # no cache file yet
+        return False
+
+
+def check_cache_folders_writable(entries: list, latents_on_disk: bool, te_on_disk: bool) -> None:
+    """Before the models load: an image folder that must take new cache files and cannot (a read-only share,
+    no permission) stops the run, naming the folder and the flag. The first write used to fail after minutes
+    of loading. Folders whose cache files all exist are only read, so a read-only dataset cached once trains."""
+    from library.safetensors_io import output_folder_problem
+
+    folders: dict[str, str] = {}  # folder -> the flag that writes there
+    for e in entries:
+        folder = os.path.dirname(canonical_path(e.path))
+        if latents_on_disk and not _has_newer_latent_file(e):
+            folders.setdefault(folder, "--cache_latents_to_disk")
+        if te_on_disk and not os.path.exists(te_npz_path(canonical_path(e.path))):
+            folders.setdefault(folder, "--cache_text_encoder_outputs_to_disk")
+    for folder, flag in sorted(folders.items()):
+        problem = output_folder_problem(folder)
+        if problem:
+            raise UserError(f"{flag} writes cache files beside the images, but {problem}. Make the folder writable, "
+                            f"or cache in RAM only (drop {flag}).")  # fmt: skip

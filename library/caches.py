@@ -58,7 +58,7 @@ from library.cache_files import (
 from library.captions import caption_for_cache
 from library.datasets import DatasetGroup, ImageEntry
 from library.errors import UserError
-from library.images import canonical_path, prepare_image
+from library.images import canonical_path, is_turned_by_exif, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ def _device_dtype(encoder) -> tuple[torch.device, torch.dtype]:
 
 def _all_entries(groups) -> list[ImageEntry]:
     return [e for g in groups if g is not None for e in (g.entries() if isinstance(g, DatasetGroup) else g)]
+
+
+def non_finite(values) -> str:
+    """'NaN' or 'inf': what a tensor or array that is not all finite holds, for messages."""
+    return "NaN" if bool((values != values).any()) else "inf"
 
 
 # --- latents ------------------------------------------------------------------------------------
@@ -213,8 +218,12 @@ class LatentCacher:
         )
         if not needed <= keys:
             return False
-        if self.skip_cache_check or "cache_record" + sfx not in keys:
-            return True  # sd-scripts' checks only: its files have no record
+        if self.skip_cache_check:
+            return True
+        if "cache_record" + sfx not in keys:  # sd-scripts' checks only: its files have no record
+            # but sd-scripts encodes the stored pixels: its latents of an image EXIF turns (upside down, mirrored,
+            # or square) have the right size and the wrong picture
+            return not is_turned_by_exif(e.path)
         try:
             with np.load(path) as npz:
                 rec = read_record(npz, "cache_record" + sfx)
@@ -319,8 +328,10 @@ class LatentCacher:
             lat = self.encoder.encode(x).float().cpu()
             flipped = self.encoder.encode(torch.flip(x, dims=[3])).float().cpu() if batch[0].subset.flip_aug else None
         for i, e in enumerate(batch):
-            if torch.isnan(lat[i]).any() or (flipped is not None and torch.isnan(flipped[i]).any()):
-                raise UserError(f"NaN in the latents of {e.path}; check the AE weights and --mixed_precision.")
+            for latents in (lat[i], flipped[i] if flipped is not None else lat[i]):
+                if not torch.isfinite(latents).all():  # an fp16 AE overflows to inf as well
+                    raise UserError(f"{non_finite(latents)} in the latents of {e.path}; check the AE weights and "
+                                    "--mixed_precision (or --no_half_vae).")  # fmt: skip
             mask = loaded[i][1]
             if not self.to_disk:
                 e.latents = lat[i].clone()
@@ -484,6 +495,13 @@ class TextEncoderCacher:
                     raise ValueError(f"encode_captions returned {len(outs)} results for {len(chunk)} captions")
                 for unit, out in zip(chunk, outs, strict=True):
                     arrays = _te_arrays(out)
+                    for key in ("l_pooled", "t5_out"):
+                        if not np.isfinite(arrays[key]).all():  # T5 overflows in fp16; a cache must not keep that
+                            raise UserError(
+                                f"{non_finite(arrays[key])} in the text-encoder output {key} of the caption "
+                                f"{texts[unit]!r} ({users[unit][0].path}); check the text encoder weights and "
+                                "--mixed_precision (T5 overflows in fp16: use bf16)."
+                            )
                     if self.to_disk:
                         arrays["apply_t5_attn_mask"] = np.array(self.apply_t5_attn_mask)
                         arrays["cache_record"] = np.array(json.dumps(self._record(texts[unit]), sort_keys=True))

@@ -80,14 +80,23 @@ def list_images(directory: str) -> tuple[list[str], list[str]]:
     return images, sorted(skipped)
 
 
-def read_image_size(path: str) -> tuple[int, int]:
-    """(W, H) after EXIF orientation, from the header only. Stops with the path if unreadable."""
+def _size_and_orientation(path: str) -> tuple[int, int, int]:
+    """(W, H, EXIF orientation) as stored, from the header only. Stops with the path if unreadable."""
     try:
         with Image.open(path) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
+            return *img.size, img.getexif().get(0x0112, 1)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read this image ({e}); fix or remove the file.") from None
+
+
+def is_turned_by_exif(path: str) -> bool:
+    """Whether the image's EXIF orientation turns or mirrors its pixels (values 2-8), from the header only."""
+    return _size_and_orientation(path)[2] not in (1, None)
+
+
+def read_image_size(path: str) -> tuple[int, int]:
+    """(W, H) after EXIF orientation, from the header only. Stops with the path if unreadable."""
+    w, h, orientation = _size_and_orientation(path)
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         w, h = h, w
     if w <= 0 or h <= 0:

@@ -21,6 +21,7 @@ from library.errors import UserError
 from library.images import prepare_image
 from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
 from tests.test_dataset_caches import FP, _group
+from tests.training_helpers import base_argv, dataset
 
 
 def test_a_mask_left_in_the_file_is_not_the_loss_mask_of_a_subset_without_alpha_mask(tmp_path):
@@ -327,3 +328,89 @@ def test_half_written_cache_files_of_a_killed_run_are_removed(tmp_path, monkeypa
     os.utime(folder / f"c_flux_te.npz.{dead}.tmp", (old, old))  # later, when it has grown old
     TextEncoderCacher(FakeTextEncoder(), FP, False, True).cache([g])
     assert not (folder / f"c_flux_te.npz.{dead}.tmp").exists()
+
+
+@pytest.mark.parametrize("orientation, reused", [(1, True), (3, False), (2, False), (6, False)])
+def test_an_sd_scripts_latent_file_of_an_image_exif_turns_is_encoded_again(tmp_path, orientation, reused):
+    """sd-scripts encodes the stored pixels; here the EXIF orientation is applied. Turned by 180 degrees or
+    mirrored (or square, as here, at any turn) the image keeps its size, so sd-scripts' file has the right name
+    and keys and the wrong picture: it is encoded again, once. An image that is not turned keeps the file."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    folder = tmp_path / "img"
+    make_image(folder / "a.jpg", (32, 32), exif=exif.tobytes())
+    cfg = write_toml(tmp_path / "c.toml", f"""
+        [[datasets]]
+        resolution = 32
+          [[datasets.subsets]]
+          image_dir = "{folder}"
+        """)
+    train = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)[0]
+    (e,) = train.entries()
+    np.savez(cache_files.latent_npz_path(e.path, e.size), latents_4x4=np.zeros((16, 4, 4), np.float32),
+             original_size_4x4=np.array([32, 32]), crop_ltrb_4x4=np.array([0, 0, 32, 32]))  # sd-scripts', no record
+    assert LatentCacher(StandInEncoder(), "ae", True).cache([train]).reused == int(reused)
+    with np.load(e.latents_npz) as npz:
+        assert ("cache_record_4x4" in npz.files) is not reused  # re-encoded files carry a record: once only
+    assert LatentCacher(StandInEncoder(), "ae", True, skip_cache_check=True).cache([train]).reused == 1
+
+
+@pytest.mark.parametrize("value, flipped_only", [(float("inf"), False), (float("-inf"), True), (float("nan"), True)])
+def test_latents_that_are_not_finite_are_refused_naming_the_image(tmp_path, value, flipped_only):
+    """An fp16 AE overflows to inf as well as NaN, in the flipped pass as well: no such cache is written."""
+    class Overflowing(StandInEncoder):
+        def encode(self, x):
+            out = super().encode(x)
+            if not flipped_only or len(self.calls) % 2 == 0:  # the second call of a batch is the flipped one
+                out[-1, 0, 0, 0] = value
+            return out
+
+    word = "NaN" if value != value else "inf"
+    with pytest.raises(UserError, match=rf"^{word} in the latents of .*c\.png; check the AE weights"):
+        LatentCacher(Overflowing(), "ae", True, batch_size=3).cache([_group(tmp_path, "flip_aug = true")])
+    assert not (tmp_path / "img" / "c_0032x0032_flux.npz").exists()
+
+
+@pytest.mark.parametrize("key, value", [("t5_out", float("inf")), ("l_pooled", float("nan"))])
+def test_text_encoder_outputs_that_are_not_finite_are_refused_naming_the_caption(tmp_path, key, value):
+    """T5 in fp16 overflows to inf: a cache of that would be reused after the precision is fixed, and the run
+    would stop at a NaN loss naming nothing. It stops at caching instead, naming the caption and its image."""
+    fake = FakeTextEncoder()
+
+    def overflowing(captions):
+        outs = fake(captions)
+        outs[-1][key] = outs[-1][key].copy()
+        outs[-1][key].flat[0] = value
+        return outs
+
+    word = "NaN" if value != value else "inf"
+    with pytest.raises(UserError, match=rf"^{word} in the text-encoder output {key} of the caption 'caption c' "
+                                        r"\(.*c\.png\); check the text encoder weights"):  # fmt: skip
+        TextEncoderCacher(overflowing, FP, False, to_disk=True, batch_size=3).cache([_group(tmp_path)])
+    assert not (tmp_path / "img" / "c_flux_te.npz").exists()
+
+
+def test_a_read_only_image_folder_stops_disk_caching_before_the_models_load(tiny_model_files, tmp_path, monkeypatch,
+                                                                            capsys):  # fmt: skip
+    """A read-only dataset (a share, another user's folder) failed at the first cache write, after every model had
+    loaded. It stops first, naming the folder and the flag; once its caches exist, it trains from them."""
+    import flux_train_network
+
+    data = dataset(tmp_path, batch_size=1)
+    folder = os.path.realpath(data.image_dir)
+    read_only = lambda path, mode: os.path.realpath(path) != folder  # noqa: E731
+    flags = dict(network_train_unet_only=True, cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True)
+    for flag in ("cache_latents_to_disk", "cache_text_encoder_outputs_to_disk"):
+        with monkeypatch.context() as m:
+            m.setattr(os, "access", read_only)
+            m.setattr(flux_train_network.FluxNetworkTrainer, "load_target_model", lambda *a: pytest.fail("loaded"))
+            argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, **{**flags, flag: False})
+            assert flux_train_network.main(argv) == 1
+        other = "--cache_text_encoder_outputs_to_disk" if flag == "cache_latents_to_disk" else "--cache_latents_to_disk"
+        assert (f"{other} writes cache files beside the images, but cannot write in {folder} (no permission, or a "
+                f"read-only disk). Make the folder writable, or cache in RAM only (drop {other})."
+                ) in capsys.readouterr().err  # fmt: skip
+    assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "cached"), steps=1, **flags)) == 0
+    with monkeypatch.context() as m:  # every cache there: the folder is only read
+        m.setattr(os, "access", read_only)
+        assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=1, **flags)) == 0

@@ -220,8 +220,10 @@ def test_nan_latents_of_an_image_are_named_and_trained_on_as_zeros(tiny_model_fi
     for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
         assert torch.isfinite(tensor).all()
 
-def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, tmp_path, caplog):
-    """A cache file this trainer did not write (this one refuses NaN when it caches) is checked on the CPU."""
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("-inf"), "inf")])
+def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, tmp_path, caplog, value, word):
+    """A cache file this trainer did not write (this one refuses NaN and inf when it caches) is checked on the
+    CPU; inf is zeroed too (it made the loss NaN)."""
     import numpy as np
 
     data = dataset(tmp_path, batch_size=1)
@@ -233,14 +235,14 @@ def test_nan_in_a_latent_cache_written_elsewhere_is_named_too(tiny_model_files, 
         arrays = dict(npz)
     key = next(k for k in arrays if k.startswith("latents_"))
     arrays[key] = arrays[key].copy()
-    arrays[key].flat[0] = np.nan
+    arrays[key].flat[0] = value
     np.savez(path, **arrays)
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING):
         assert flux_train_network.main(base_argv(tiny_model_files, data, out, steps=6, **flags)) == 0
-    warnings = [r.getMessage() for r in caplog.records if "NaN in the latents of" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "in the latents of" in r.getMessage()]
     image = re.sub(r"_\d+x\d+_flux\.npz$", ".png", cache)  # sd-scripts' cache name: <stem>_<W>x<H>_flux.npz
-    assert warnings and all(f"NaN in the latents of {os.path.join(data.image_dir, image)} (" in w for w in warnings)
+    assert warnings and all(f"{word} in the latents of {os.path.join(data.image_dir, image)} (" in w for w in warnings)
     for tensor in load_safetensors(os.path.join(out, "lora.safetensors")).values():
         assert torch.isfinite(tensor).all()
 
