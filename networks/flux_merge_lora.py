@@ -343,10 +343,13 @@ def merge_lora_models(
 ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, int]]:
     """One LoRA state dict from several; returns (state dict, alpha per module, rank per module).
 
-    Sum: up = sum(sqrt(|ratio| * alpha_k / alpha_0) * up_k), down likewise with the ratio's sign,
-    keeping the first LoRA's alpha; each LoRA's own term is exactly ratio * delta W_k, plus cross
-    terms where several LoRAs share a module. Concat: each LoRA's scale ratio * alpha_k / rank_k is
-    split between its up and down, alpha = the new rank, so the result is exactly the sum.
+    Sum: the first LoRA's rank and alpha. A module one LoRA changes gets sqrt(|ratio| * alpha_k / alpha_0)
+    on its up and down (the ratio's sign on down): exactly ratio * delta W_k. A module several LoRAs change
+    gets the best approximation of that rank to the exact sum of ratio * delta W_k (Eckart-Young, computed
+    from the factors); it is exact when the sum has no higher rank (one LoRA twice, LoRAs that share their
+    downs), and how much of the sum is lost otherwise is logged. Concat: each LoRA's scale
+    ratio * alpha_k / rank_k is split between its up and down, alpha = the new rank, so the result is
+    exactly the sum.
     """
     ups: dict[str, list[Tensor]] = {}
     downs: dict[str, list[Tensor]] = {}
@@ -375,14 +378,15 @@ def merge_lora_models(
             magnitude = math.sqrt(abs(factor))
             ups.setdefault(name, []).append(w.up.float() * magnitude)
             downs.setdefault(name, []).append(w.down.float() * math.copysign(magnitude, factor))
-    merged, alphas, ranks = {}, {}, {}
+    merged, alphas, ranks, lost = {}, {}, {}, {}
     for name in ups:
+        up, down = torch.cat(ups[name], dim=1), torch.cat(downs[name], dim=0)
         if concat:
-            up, down = torch.cat(ups[name], dim=1), torch.cat(downs[name], dim=0)
             alpha = float(down.shape[0])  # scale 1: the factors carry every LoRA's own scale
         else:
-            up, down = sum(ups[name]), sum(downs[name])
             alpha = base[name][0]
+            if len(ups[name]) > 1:
+                up, down, lost[name] = truncated_product(up, down, base[name][1])
         if shuffle:
             perm = torch.randperm(down.shape[0])
             up, down = up[:, perm], down[perm]
@@ -390,7 +394,34 @@ def merge_lora_models(
         merged[f"{name}.lora_up.weight"] = up.contiguous()
         merged[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         alphas[name], ranks[name] = alpha, down.shape[0]
+    lossy = {name: share for name, share in lost.items() if share > 1e-6}
+    if lossy:
+        worst = max(lossy, key=lossy.get)
+        logger.warning(
+            "%d module(s) are changed by several LoRAs whose summed change has a higher rank than the first "
+            "LoRA's; the merged file keeps the closest change of that rank (%s loses the most: %.1f%% of the "
+            "sum's norm). --concat keeps the sum exactly, at the summed rank.",
+            len(lossy), worst, 100 * lossy[worst],
+        )  # fmt: skip
     return merged, alphas, ranks
+
+
+def truncated_product(up: Tensor, down: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """(up', down', share lost): the rank-``rank`` factors closest to up @ down in norm, and the share of its
+    Frobenius norm they leave out. QR of both thin factors first, so only an R x R matrix is decomposed
+    (R = up's columns): a 3072 x 21504 delta never exists."""
+    q_up, r_up = torch.linalg.qr(up.flatten(1).double())
+    q_down, r_down = torch.linalg.qr(down.flatten(1).double().T)
+    u, s, vh = torch.linalg.svd(r_up @ r_down.T, full_matrices=False)
+    root = s[:rank].sqrt()
+    new_up, new_down = q_up @ (u[:, :rank] * root), (root[:, None] * vh[:rank]) @ q_down.T
+    missing = rank - len(root)  # a weight narrower than the rank: zero rows keep the rank, so alpha / rank holds
+    new_up = torch.cat([new_up, new_up.new_zeros(new_up.shape[0], missing)], 1)
+    new_down = torch.cat([new_down, new_down.new_zeros(missing, new_down.shape[1])])
+    new_up, new_down = new_up.reshape(up.shape[0], -1, *up.shape[2:]), new_down.reshape(-1, *down.shape[1:])
+    total = float(s.square().sum())
+    share = math.sqrt(float(s[rank:].square().sum()) / total) if total > 0 else 0.0
+    return new_up.float(), new_down.float(), share
 
 
 def save_merged_lora(args, loras: list[LoadedLoRA], save_dtype: torch.dtype | None) -> str:

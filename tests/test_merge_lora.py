@@ -12,7 +12,6 @@ import torch
 import convert_flux_lora
 from library.flux_key_mapping import bfl_to_diffusers
 from library.flux_utils import load_flow_model
-from library.lora_formats import to_ai_toolkit
 from library.safetensors_io import load_safetensors, read_header, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l, load_t5xxl
 from library.tiny_models import random_model, tiny_flux_params, write_model
@@ -43,12 +42,6 @@ def deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def merge(*args) -> int:
     return flux_merge_lora.main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def dev(tiny_model_files):
-    _, model = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
-    return model
 
 
 def run(model, x):
@@ -219,88 +212,6 @@ def test_two_loras_merged_into_the_dit_both_apply_with_their_ratios(tiny_model_f
         torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item(), msg=name)
     untouched = set(base) - {names[name] for name in da}
     assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-def test_concatenated_alpha_is_saved_exactly_in_any_precision(tmp_path, precision):
-    """--concat's alpha is the summed rank (here 17 + 18 = 35): bf16 and fp8 cannot hold it, so alphas stay fp32."""
-    paths = []
-    for rank in (17, 18):
-        paths.append(tmp_path / f"rank{rank}.safetensors")
-        save_safetensors({"lora_unet_img_in.lora_down.weight": torch.full((rank, 6), 0.25),
-                          "lora_unet_img_in.lora_up.weight": torch.full((8, rank), 0.5)}, paths[-1])  # fmt: skip
-    out = tmp_path / "concat.safetensors"
-    assert merge("--save_to", out, "--models", *paths, "--concat", "--save_precision", precision) == 0
-    merged = load_safetensors(out)
-    alpha = merged["lora_unet_img_in.alpha"]
-    assert alpha.dtype == torch.float32 and alpha.item() == 35.0
-    assert merged["lora_unet_img_in.lora_up.weight"].dtype == flux_merge_lora.str_to_dtype(precision, "")
-
-
-def test_concat_merges_loras_exactly_with_each_ratio_once(dev, tmp_path):
-    a = write_lora(tmp_path / "a.safetensors", dev, dim=4, alpha=2.0, seed=1)
-    b = write_lora(tmp_path / "b.safetensors", dev, dim=2, alpha=8.0, seed=2, in_dims="[2,0,0,0,2]")
-    out = tmp_path / "ab.safetensors"
-    assert merge("--save_to", out, "--models", a, b, "--ratios", 0.5, -1.2, "--concat") == 0
-    merged = deltas(load_safetensors(out))
-    da, db = deltas(load_safetensors(a)), deltas(load_safetensors(b))
-    assert merged.keys() == da.keys() | db.keys()
-    for name, delta in merged.items():
-        expected = 0.5 * da.get(name, 0) - 1.2 * db.get(name, 0)
-        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7, msg=name)
-    metadata = read_metadata(out)
-    assert metadata["ss_network_module"] == "networks.lora_flux"
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("Dynamic", "Dynamic")
-    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
-    assert metadata["modelspec.merged_from"] == "a, b"
-    network, _ = create_network_from_weights(1.0, str(out), None, [None, None], dev, for_inference=True)
-    assert network.lora_unet_img_in.lora_dim == 2 and network.lora_unet_single_blocks_0_linear1.lora_dim == 6
-
-
-@pytest.mark.parametrize("ratio", [0.5, -0.7])
-def test_one_lora_merged_alone_is_scaled_by_its_ratio_once(dev, tmp_path, ratio):
-    a = write_lora(tmp_path / "a.safetensors", dev, alpha=3.0)
-    out = tmp_path / "scaled.safetensors"
-    assert merge("--save_to", out, "--models", a, "--ratios", ratio) == 0
-    merged, original = deltas(load_safetensors(out)), deltas(load_safetensors(a))
-    assert merged.keys() == original.keys()
-    for name in merged:
-        torch.testing.assert_close(merged[name], ratio * original[name], rtol=1e-5, atol=1e-7)
-
-
-def test_summed_loras_on_different_modules_add_exactly(dev, tmp_path):
-    a = write_lora(tmp_path / "a.safetensors", dev, alpha=1.0, train_blocks="double")
-    b = write_lora(tmp_path / "b.safetensors", dev, alpha=4.0, seed=3, train_blocks="single")
-    out = tmp_path / "sum.safetensors"
-    assert merge("--save_to", out, "--models", a, b, "--ratios", 0.3, 2.0, "--shuffle") == 0
-    merged, da, db = deltas(load_safetensors(out)), deltas(load_safetensors(a)), deltas(load_safetensors(b))
-    assert merged.keys() == da.keys() | db.keys() and not da.keys() & db.keys()
-    for name, delta in merged.items():
-        torch.testing.assert_close(delta, 0.3 * da[name] if name in da else 2.0 * db[name], rtol=1e-5, atol=1e-7)
-    assert read_metadata(out)["ss_network_dim"] == "4"
-
-
-def test_an_output_name_other_than_safetensors_is_warned_about(dev, tmp_path, caplog):
-    lora = write_lora(tmp_path / "a.safetensors", dev)
-    out = tmp_path / "merged.ckpt"
-    with caplog.at_level(logging.WARNING):
-        assert merge("--save_to", out, "--models", lora) == 0
-    assert deltas(load_safetensors(out)).keys() == deltas(load_safetensors(lora)).keys()
-    (record,) = [r for r in caplog.records if "whatever its name" in r.getMessage()]
-    assert record.getMessage().startswith(f"--save_to {out}: the file is written in safetensors format")
-
-
-def test_ai_toolkit_loras_merge_into_one_lora(dev, tmp_path):
-    a = write_lora(tmp_path / "a.safetensors", dev, alpha=2.0)
-    converted = to_ai_toolkit(load_safetensors(a)).state_dict
-    ait = str(tmp_path / "a_ait.safetensors")
-    save_safetensors(converted, ait)
-    out = tmp_path / "twice.safetensors"
-    assert merge("--save_to", out, "--models", ait, a, "--ratios", 1.0, 1.0, "--concat") == 0
-    merged, original = deltas(load_safetensors(out)), deltas(load_safetensors(a))
-    assert merged.keys() == original.keys()
-    for name in merged:
-        torch.testing.assert_close(merged[name], 2 * original[name], rtol=1e-5, atol=1e-7)
 
 
 def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
