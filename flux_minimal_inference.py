@@ -12,9 +12,9 @@ any device. Each PNG carries the prompt, seed, steps, sizes, guidance and LoRAs 
 
 ``--interactive`` reads prompts from standard input, one per line, until an empty line or end of
 input: ``--w`` width, ``--h`` height, ``--s`` steps, ``--g`` guidance, ``--l`` or ``--c`` CFG scale
-(these stay set for later prompts, as in sd-scripts), ``--d`` seed and ``--n`` negative prompt
-(``-`` for none; these apply to one prompt), ``--m`` one multiplier per LoRA (not with
-``--merge_lora_weights``).
+(these stay set for later prompts, as in sd-scripts), ``--d`` seed (else ``--seed``, else a random one)
+and ``--n`` negative prompt (``-`` for none; these apply to one prompt), ``--m`` one multiplier per
+LoRA (not with ``--merge_lora_weights``).
 
 Differences from sd-scripts, on purpose:
 
@@ -424,8 +424,9 @@ def parse_interactive_line(line: str) -> tuple[dict, list[float] | None]:
     return prompt, multipliers
 
 
-def interactive(pipeline: Pipeline, base, stdin=None) -> list[str]:
-    """Generates an image per line of ``stdin`` until an empty line or its end; returns the paths."""
+def interactive(pipeline: Pipeline, base, stdin=None, seed: int | None = None) -> list[str]:
+    """Generates an image per line of ``stdin`` until an empty line or its end; returns the paths. A line
+    without ``--d`` takes ``seed`` (``--seed``), else a random one."""
     from library.flux_sampling import random_seed
 
     stdin = stdin or sys.stdin
@@ -452,7 +453,7 @@ def interactive(pipeline: Pipeline, base, stdin=None) -> list[str]:
                 sticky,
                 prompt=prompt["prompt"],
                 negative_prompt=prompt.get("negative_prompt", base.negative_prompt),
-                seed=prompt["seed"] if prompt.get("seed") is not None else random_seed(),
+                seed=prompt["seed"] if prompt.get("seed") is not None else seed if seed is not None else random_seed(),
             )
             written.append(pipeline.save(pipeline.generate(settings), settings))
             print(written[-1], flush=True)
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = load_pipeline(args)
         settings = default_settings(args, pipeline.is_schnell)
         if args.interactive:
-            interactive(pipeline, settings)
+            interactive(pipeline, settings, seed=args.seed)
         else:
             logger.info("prompt %r, seed %d, %d steps", settings.prompt, settings.seed, settings.steps)
             print(pipeline.save(pipeline.generate(settings), settings))

@@ -245,8 +245,8 @@ class TrainingLoop:
                     _count(self.num_epochs, "epoch"), _count(self.steps_per_epoch, "step"),
                     _count(accelerator.num_processes, "process", "processes"))  # fmt: skip
         self._set_train_mode()
-        if self.triggers.due(0, 0) and first_step == 0:
-            self._sample(epoch=0, step=0)
+        if self.triggers.due(0, 0):  # a resumed run too, as sd-scripts; named by the step its LoRA is at
+            self._sample(epoch=0 if first_step == 0 else None, step=first_step)
         with GracefulStop() as stop:  # a signal during the final save waits for it too
             try:
                 global_step = self._epochs(first_epoch, global_step, loader, sampler, progress, stop, skip_data)

@@ -157,12 +157,14 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
         "a tree --d 18446744073709551616",  # a seed past 64 bits: reported too
         "a house --d 5 --c 1.0 --n - --m 1,2",  # two multipliers for one LoRA: reported
         "a house --d 5 --g 1.5",
+        "a bird",  # no --d: --seed (it was a random seed each line)
         "",
         "never read",
     ]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     out = str(tmp_path / "interactive")
-    args = argv(tiny_model_files, out, "--interactive", "--lora_weights", lora_file, "--negative_prompt", "ugly")
+    args = argv(tiny_model_files, out, "--interactive", "--lora_weights", lora_file, "--negative_prompt", "ugly",
+                "--seed", "11")  # fmt: skip
     assert flux_minimal_inference.main(args) == 0
     texts = []
     for file in sorted(os.listdir(out)):
@@ -172,6 +174,7 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
     shown = [(t["prompt"], t["seed"], t["width"], t["height"], t["steps"], t["negative_prompt"], t["cfg_scale"],
               t["guidance"], json.loads(t["loras"])[0]["multiplier"]) for t in texts]  # fmt: skip
     assert shown == [
+        ("a bird", "11", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
         ("a cat", "3", "80", "64", "2", "ugly", "1.0", "3.5", 0.25),
         ("a dog", "4", "80", "64", "2", "blurry", "2.5", "3.5", 0.25),
         ("a house", "5", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),

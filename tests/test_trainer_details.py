@@ -380,6 +380,18 @@ def test_skipping_to_an_initial_step_trains_what_the_full_run_trained_from_there
     assert sorted(os.listdir(tmp_path / "skip")) == ["lora-step00000005.safetensors", "lora.safetensors"]
 
 
+def test_sample_at_first_samples_a_run_that_starts_later_named_by_its_step(tiny_model_files, tmp_path):
+    """sd-scripts samples before the loop on resumed runs too; here --sample_at_first did nothing once the run
+    started past step 0. The set is named by the step the LoRA is at (sd-scripts names it e000000)."""
+    data = dataset(tmp_path, batch_size=1)
+    out = tmp_path / "out"
+    argv = base_argv(tiny_model_files, data, str(out), steps=3, initial_step=2, network_train_unet_only=True,
+                     sample_at_first=True, sample_prompts=data.sample_prompts)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    (name,) = os.listdir(out / "sample")
+    assert name.startswith("lora_000002_00_") and name.endswith("_42.png")  # the prompt sets --d 42
+
+
 def test_the_trainer_warns_about_a_timestep_option_its_sampling_never_reads(tiny_model_files, tmp_path, caplog):
     trainer = flux_train_network.FluxNetworkTrainer()
     args = trainer.parser.parse_args(base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"),
