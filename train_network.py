@@ -19,6 +19,7 @@ import math
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
@@ -160,6 +161,7 @@ class NetworkTrainer:
     # ---- the run ---------------------------------------------------------------------------
     def train(self, args) -> str | None:
         """Trains and returns the path of the final LoRA file (None on the processes that did not write it)."""
+        self.training_started_at = time.time()  # ss_training_started_at: before loading and caching, as sd-scripts
         import torch
         from accelerate import Accelerator
         from accelerate.utils import broadcast_object_list, set_seed
@@ -281,7 +283,7 @@ class NetworkTrainer:
                                           len(process_batches))
         if accelerator.is_main_process and tracker_names(args):
             init_kwargs = tracker_init_kwargs(args)
-            config = loggable_config(args) if args.log_config else {}
+            config = loggable_config(args) if args.log_config else None  # {} made TensorBoard write empty hparams
             accelerator.init_trackers(args.log_tracker_name or "network_train", config=config,
                                       init_kwargs=init_kwargs)
 
@@ -477,6 +479,7 @@ class NetworkTrainer:
 
         args, network = ctx.args, ctx.network
         run = dict(
+            training_started_at=getattr(self, "training_started_at", None) or time.time(),
             num_train_images=train_group.num_train_images,
             num_validation_images=sum(1 for _ in val_group.entries()) if val_group else 0,
             num_reg_images=train_group.num_reg_images,

@@ -41,6 +41,7 @@ class ImageRecord:
     path: str  # absolute image path
     caption: str  # raw caption (several lines when enable_wildcard)
     size: tuple[int, int] | None = None  # (W, H) after EXIF orientation
+    tags: str | None = None  # a metadata file's "tags" (what ss_tag_frequency counts there); None in folders
 
 
 def split_train_val(items: list[T], validation_split: float, seed: int) -> tuple[list[T], list[T]]:
@@ -248,6 +249,7 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
         for name, value in (("caption", caption), ("tags", tags)):
             if not isinstance(value, str):
                 raise UserError(f"{sub.metadata_file}: entry {key!r}: {name} is {type(value).__name__}, not text")
+        raw_tags = tags
         if not caption.strip():  # a tagger's entry without a caption: its tags are the caption
             caption, tags = tags, ""
         if sub.caption.enable_wildcard and tags:
@@ -257,7 +259,7 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
             caption = (caption + sep if caption else "") + tags
         # ``image_size`` is not read: sd-scripts' tools write the size before EXIF orientation, which
         # the images are loaded with, so a rotated photo would be bucketed for the other shape
-        records.append(ImageRecord(_resolve_image_path(key, sub), caption, None))
+        records.append(ImageRecord(_resolve_image_path(key, sub), caption, None, raw_tags))
     return records
 
 

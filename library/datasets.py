@@ -89,6 +89,7 @@ class ImageEntry:
     latents_npz: str | None = None  # disk cache
     te_outputs: dict[str, np.ndarray] | None = None
     te_npz: str | None = None
+    tags: str | None = None  # a metadata file's tags; None for images in folders
 
     @property
     def is_reg(self) -> bool:
@@ -448,9 +449,9 @@ def build_dataset_groups(
             records: list[ImageRecord] = scan_subset(sub)
             tr, va = split_subset(records, sub, split_seed)
             (reg if sub.is_reg else train).extend(
-                ImageEntry(r.path, r.caption, sub, sub.num_repeats, r.size) for r in tr
+                ImageEntry(r.path, r.caption, sub, sub.num_repeats, r.size, tags=r.tags) for r in tr
             )
-            val.extend(ImageEntry(r.path, r.caption, sub, 1, r.size) for r in va)
+            val.extend(ImageEntry(r.path, r.caption, sub, 1, r.size, tags=r.tags) for r in va)
         if reg and not train and not val:
             raise UserError(f"{cfg.where}: only regularisation images (is_reg = true); they are used beside training "
                             "images, so add a subset of training images or set is_reg = false.")  # fmt: skip

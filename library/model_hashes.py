@@ -140,6 +140,11 @@ def _data_url(path: str) -> str:
         return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
 
 
+def modelspec_date(timestamp: float) -> str:
+    """``modelspec.date``: the local time in ISO format, to the second."""
+    return datetime.datetime.fromtimestamp(int(timestamp)).isoformat()
+
+
 def build_modelspec(
     model_type: str,
     *,
@@ -171,7 +176,7 @@ def build_modelspec(
         "modelspec.implementation": IMPLEMENTATIONS[model_type],
         "modelspec.title": title if title is not None else f"LoRA@{timestamp}",
         "modelspec.resolution": _resolution(resolution),
-        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.date": modelspec_date(timestamp),
         "modelspec.implementation_version": implementation_version(),
     }
     optional = {

@@ -49,7 +49,8 @@ class RunSaves:
 
     # ---- what the loop saves when -------------------------------------------------------------
     def at_step(self, step: int, epoch: int) -> None:
-        """The save of ``--save_every_n_steps`` after ``step`` (in the 1-based ``epoch``), and the pruning."""
+        """The save of ``--save_every_n_steps`` after ``step``, and the pruning. ``epoch`` (recorded as ss_epoch)
+        is the 0-based epoch the step falls in, i.e. the whole epochs before it, as sd-scripts records step saves."""
         args = self.args
         if not (args.save_every_n_steps and step % args.save_every_n_steps == 0):
             return

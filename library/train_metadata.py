@@ -97,7 +97,8 @@ def as_metadata_value(value: Any) -> str:
 def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future]:
     """All ``ss_*`` keys known at the start of training.
 
-    ``run`` carries what is computed rather than given: num_train_images, num_validation_images,
+    ``run`` carries what is computed rather than given: training_started_at (when ``train`` began, as
+    sd-scripts takes it; now if left out), num_train_images, num_validation_images,
     num_reg_images, num_batches_per_epoch, num_epochs, max_train_steps, optimizer, base_model_version,
     network_dim, network_alpha, network_args, text_encoder_lr, dataset keys (``dataset_metadata``),
     model file name and hashes (a hash may be a Future, kept as one until ``per_save_metadata``),
@@ -105,7 +106,7 @@ def build_training_metadata(args, run: dict[str, Any]) -> dict[str, str | Future
     """
     md: dict[str, Any] = {
         "ss_session_id": uuid.uuid4().int % (2**31),
-        "ss_training_started_at": time.time(),
+        "ss_training_started_at": run.get("training_started_at", time.time()),
         "ss_output_name": args.output_name,
         # the commit of the code that trained (this project's; sd-scripts writes its own), as sd-scripts words it
         "ss_sd_scripts_commit_hash": git_commit() or "(unknown)",
@@ -191,12 +192,13 @@ def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
     """The dataset keys of sd-scripts: with a dataset TOML ``ss_datasets`` (every dataset and subset
     setting), ``ss_tag_frequency`` and ``ss_dataset_dirs``; without one, the flat keys of the
     command-line options. Tag counts are per image, of the comma-separated, lower-cased tags of
-    its caption, per folder (GUIs and civitai show them as the LoRA's tags)."""
+    its caption (of its "tags" in a metadata file, as sd-scripts counts them), per folder (GUIs and
+    civitai show them as the LoRA's tags)."""
     if not from_toml and len(datasets) == 1:
         (dataset,) = datasets
         cfg, subsets = dataset.config, _subset_entries(dataset)
         return {
-            "ss_resolution": args.resolution,
+            "ss_resolution": str(tuple(cfg.resolution)) if cfg.resolution else args.resolution,  # sd-scripts' (W, H)
             "ss_color_aug": bool(args.color_aug),
             "ss_flip_aug": bool(args.flip_aug),
             "ss_random_crop": bool(args.random_crop),
@@ -265,8 +267,9 @@ def _tag_frequency(subsets: list[tuple[Any, list]]) -> dict[str, dict[str, int]]
     frequency: dict[str, Counter] = {}
     for subset, entries in subsets:
         counts = frequency.setdefault(_folder(subset), Counter())
-        for entry in entries:
-            counts.update(tag.strip().lower() for tag in (entry.caption or "").split(",") if tag.strip())
+        for entry in entries:  # a metadata file's tags, as sd-scripts counts them there; else the caption's parts
+            text = entry.tags if entry.tags is not None else entry.caption
+            counts.update(tag.strip().lower() for tag in (text or "").split(",") if tag.strip())
     return {folder: dict(counts) for folder, counts in frequency.items()}
 
 
@@ -302,8 +305,11 @@ def minimal_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def per_save_metadata(metadata: dict[str, str | Future], steps: int, epoch: int) -> dict[str, str]:
-    """The metadata of one save: its step and epoch, and background hashes waited for (a hash
-    that failed, e.g. an unreadable file, is left out)."""
+    """The metadata of one save: its step, epoch, time (``modelspec.date`` too, as sd-scripts dates each file),
+    and background hashes waited for (a hash that failed, e.g. an unreadable file, is left out)."""
+    from library.model_hashes import modelspec_date
+
+    now = time.time()
     resolved = {}
     for key, value in metadata.items():
         if isinstance(value, Future):
@@ -311,4 +317,6 @@ def per_save_metadata(metadata: dict[str, str | Future], steps: int, epoch: int)
                 continue
             value = value.result()
         resolved[key] = value
-    return dict(resolved, ss_training_finished_at=str(time.time()), ss_steps=str(steps), ss_epoch=str(epoch))
+    if "modelspec.date" in resolved:
+        resolved["modelspec.date"] = modelspec_date(now)
+    return dict(resolved, ss_training_finished_at=str(now), ss_steps=str(steps), ss_epoch=str(epoch))

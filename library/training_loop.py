@@ -290,7 +290,7 @@ class TrainingLoop:
                             # a stop between micro-batches keeps the last finished step: a launcher may not wait
                             # out a whole accumulation (torch elastic kills its workers 30 s after a signal)
                             if stop.requested(accelerator):
-                                self._stop(stop, global_step, epoch + 1, window_rng)
+                                self._stop(stop, global_step, epoch, window_rng)
                             continue
                         step_loss = self._step_loss(window, accum, global_step)
                         window = []
@@ -310,14 +310,14 @@ class TrainingLoop:
                         if stopping or global_step >= args.max_train_steps:
                             break
                 if stopping and not epoch_done and global_step < args.max_train_steps:
-                    self._stop(stop, global_step, epoch + 1)
+                    self._stop(stop, global_step, epoch)
                 self._after_epoch(epoch, global_step, stopping)
                 if global_step >= args.max_train_steps:  # a stop at the last step ends the run as finished
                     break
                 if stopping or stop.requested(accelerator):
-                    self._stop(stop, global_step, epoch + 1)
+                    self._stop(stop, global_step, epoch)
         except _BatchError as e:  # a batch that cannot be read: the steps trained so far are kept
-            saved = self._save_before_failing(global_step, epoch + 1, window_rng if window else None)
+            saved = self._save_before_failing(global_step, epoch, window_rng if window else None)
             raise UserError(f"{e}{saved}") from None
         return global_step
 
@@ -406,7 +406,7 @@ class TrainingLoop:
         args = self.args
         if self.triggers.due(None, step) and not stopping:
             self._sample(epoch=None, step=step)
-        self.saves.at_step(step, epoch + 1)
+        self.saves.at_step(step, epoch)  # ss_epoch: the whole epochs before this one, as sd-scripts records it
         if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0 and not stopping:
             logs |= self._validate("step")
         self._log(logs, step, epoch)

@@ -2,12 +2,14 @@
 without a dataset TOML, tag frequencies, base-model hashes, values taken from the command line,
 and what --no_metadata keeps."""
 
+import datetime
 import glob
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import time
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -86,7 +88,7 @@ def test_folder_run_without_a_toml_records_the_flat_keys(tiny_model_files, tmp_p
     assert json.loads(md["ss_dataset_dirs"]) == {"3_sks shape": {"n_repeats": 3, "img_count": 6}}
     assert json.loads(md["ss_reg_dataset_dirs"]) == {"1_shape": {"n_repeats": 1, "img_count": reg_count}}
     assert (md["ss_resolution"], md["ss_flip_aug"], md["ss_color_aug"], md["ss_enable_bucket"]) == (
-        "64", "True", "False", "False")  # fmt: skip
+        "(64, 64)", "True", "False", "False")  # fmt: skip  (sd-scripts' parsed (W, H))
     assert "buckets" in json.loads(md["ss_bucket_info"])
     # the reg images as configured (each once), not as repeated to match the 18 training samples
     assert md["ss_prior_loss_weight"] == "0.25" and md["ss_num_reg_images"] == str(reg_count) != "18"
@@ -284,3 +286,48 @@ def test_a_failed_git_command_gives_no_commit_whatever_it_printed(monkeypatch):
         assert model_hashes.implementation_version() == "flux-lora-trainer/unknown"
     finally:
         model_hashes.git_commit.cache_clear()
+
+
+def test_metadata_file_subsets_count_their_tags_not_the_captions_words(tmp_path):
+    """sd-scripts counts a metadata file's "tags" (GUIs show them as the LoRA's tags), not the pieces of a
+    prose caption split at its commas."""
+    from library.train_metadata import dataset_metadata
+    from tests.dataset_helpers import make_folder
+
+    make_folder(tmp_path / "img", {"a.png": (64, 64), "b.png": (64, 64), "c.png": (64, 64)})
+    entries = {"a.png": {"caption": "a photo of a cat, sitting in the sun", "tags": "Cat, sun"},
+               "b.png": {"tags": "dog, grass"}, "c.png": {"caption": "plain words, no tags"}}  # fmt: skip
+    (tmp_path / "meta.json").write_text(json.dumps({str(tmp_path / "img" / k): v for k, v in entries.items()}))
+    group, args = _toml_group(tmp_path, f"""
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "img"}'
+        metadata_file = '{tmp_path / "meta.json"}'
+    """)
+    md = dataset_metadata(group.datasets, True, args)
+    assert json.loads(md["ss_tag_frequency"]) == {"meta.json": {"cat": 1, "sun": 1, "dog": 1, "grass": 1}}
+
+
+def test_a_runs_files_record_sd_scripts_epochs_dates_and_start(tiny_model_files, tmp_path, monkeypatch):
+    """Step saves record the whole epochs before the step's epoch (sd-scripts passes its 0-based loop epoch), the
+    final file the epochs run; each file is dated when saved; the start is taken before the models load; and
+    TensorBoard gets no empty hparams record without --log_config."""
+    loaded_at = []
+    load = flux_train_network.FluxNetworkTrainer.load_target_model
+    monkeypatch.setattr(flux_train_network.FluxNetworkTrainer, "load_target_model",
+                        lambda self, *a: loaded_at.append(time.time()) or load(self, *a))  # fmt: skip
+    data = dataset(tmp_path, batch_size=1, num_images=3)  # 3 steps an epoch
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = base_argv(tiny_model_files, data, str(out), steps=4, save_every_n_steps=2, network_train_unet_only=True,
+                     log_with="tensorboard", logging_dir=str(logs))  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    saved = {name: read_metadata(str(out / name)) for name in sorted(os.listdir(out))}
+    assert {md["ss_num_batches_per_epoch"] for md in saved.values()} == {"3"}
+    epochs = {name: (md["ss_steps"], md["ss_epoch"]) for name, md in saved.items()}
+    assert epochs == {"lora-step00000002.safetensors": ("2", "0"), "lora-step00000004.safetensors": ("4", "1"),
+                      "lora.safetensors": ("4", "2")}  # fmt: skip
+    for md in saved.values():
+        finished = float(md["ss_training_finished_at"])
+        assert md["modelspec.date"] == datetime.datetime.fromtimestamp(int(finished)).isoformat()
+        assert float(md["ss_training_started_at"]) < loaded_at[0]
+    assert glob.glob(str(logs / "**" / "events.out.tfevents.*"), recursive=True)
+    assert not glob.glob(str(logs / "**" / "hparams.yml"), recursive=True)
