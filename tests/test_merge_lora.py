@@ -341,6 +341,8 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
         ("device", "--working_device gpu0: not a device name"),
+        # it passed the check, then the merge crashed with "Cannot copy out of meta tensor"
+        ("meta_device", "--loading_device meta: the meta device holds no data; give a device to compute on"),
         ("unknown_dtype", "tensor 'extra' has the dtype 'F4', which this torch"),
         ("outputs_collide", "--clip_l_save_to {out} is also --save_to; give each result its own file"),
         ("t5_output_collides", "--t5xxl_save_to {te} is also --clip_l_save_to"),
@@ -394,6 +396,8 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         args += ["--concat"] if case.endswith("concat") else []
     elif case == "device":
         args = [*flux, "--models", lora, "--working_device", "gpu0"]
+    elif case == "meta_device":
+        args = [*flux, "--models", lora, "--loading_device", "meta"]
     elif case == "overwrite":
         args = ["--save_to", lora, "--models", lora]
     elif case == "clip_without_save_to":
