@@ -315,12 +315,13 @@ def _refuse_twice(out: Mapping[str, Tensor], sds_name: str, other_name: str, sou
 
 
 def _fold_scale(scale: float) -> tuple[float, float]:
-    """sd-scripts' split of alpha / rank between down and up (their product is the scale)."""
-    scale_down, scale_up = scale, 1.0
+    """sd-scripts' split of alpha / rank between down and up (their product is the scale). The split is of
+    its size: a negative alpha's sign goes to down (sd-scripts' loop never ends on a negative scale)."""
+    scale_down, scale_up = abs(scale), 1.0
     while scale_down * 2 < scale_up:
         scale_down *= 2
         scale_up /= 2
-    return scale_down, scale_up
+    return (-scale_down if scale < 0 else scale_down), scale_up
 
 
 def _times(t: Tensor, factor: float) -> Tensor:

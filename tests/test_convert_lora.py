@@ -145,6 +145,8 @@ def test_ai_toolkit_file_to_sd_scripts_golden_keys(tmp_path):
     (2.0, 16, 0.25, 0.5),  # scale 1/8: balance is not reached exactly; down keeps the smaller share
     (16.0, 16, 1.0, 1.0),
     (32.0, 16, 2.0, 1.0),  # a scale above 1 stays on down
+    (-1.0, 16, -0.25, 0.25),  # a negative scale is split by its size, its sign on down (sd-scripts hangs)
+    (-32.0, 16, -2.0, 1.0),
 ])  # fmt: skip
 def test_the_scale_is_split_between_a_and_b_as_sd_scripts_splits_it(alpha, rank, down_factor, up_factor):
     """Their product is what matters to a loader, but the split is what sd-scripts writes: files compare equal."""
@@ -155,6 +157,34 @@ def test_the_scale_is_split_between_a_and_b_as_sd_scripts_splits_it(alpha, rank,
     part = "transformer.transformer_blocks.0.attn.to_out.0"
     assert torch.equal(out[f"{part}.lora_A.weight"], down * down_factor)
     assert torch.equal(out[f"{part}.lora_B.weight"], up * up_factor)
+
+
+def test_negative_alpha_modules_convert_both_ways_with_their_weight_change(tmp_path):
+    """A negative alpha (a LoRA that subtracts) made the conversion loop forever; plain and fused modules,
+    split_qkv-style and plain on the fused Linear, keep delta W = alpha / rank * up @ down, sign included."""
+    g = torch.Generator().manual_seed(4)
+    h, r = 16, 4
+    shapes = {"lora_unet_double_blocks_0_img_attn_proj": (h, h, r, -2.0),
+              "lora_unet_double_blocks_0_img_attn_qkv": (h, 3 * h, 3 * r, -3.0),  # block-diagonal up
+              "lora_unet_single_blocks_0_linear1": (h, 3 * h + 4 * h, r, -0.5),  # plain LoRA on the fused Linear
+              "lora_unet_final_layer_adaLN_modulation_1": (h, 2 * h, r, -8.0)}  # fmt: skip
+    sd = {}
+    for name, (in_features, out_features, rank, alpha) in shapes.items():
+        up = torch.randn(out_features, rank, generator=g)
+        if name.endswith("qkv"):
+            up = torch.block_diag(*(torch.randn(h, r, generator=g) for _ in range(3)))
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = torch.randn(rank, in_features, generator=g), up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    src, ait, back = (tmp_path / f"{n}.safetensors" for n in ("src", "ait", "back"))
+    save_safetensors(sd, src)
+    assert convert("sd-scripts", "ai-toolkit", src, ait) == 0
+    assert convert("ai-toolkit", "sd-scripts", ait, back) == 0
+    assert_same_changes(deltas(sd), deltas(load_safetensors(back)))
+    converted = load_safetensors(ait)
+    a, b = (converted[f"transformer.transformer_blocks.0.attn.to_out.0.lora_{x}.weight"].double() for x in "AB")
+    torch.testing.assert_close(b @ a, deltas(sd)["lora_unet_double_blocks_0_img_attn_proj"])
+    to_k = [converted[f"transformer.transformer_blocks.0.attn.to_k.lora_{x}.weight"].double() for x in "AB"]
+    torch.testing.assert_close(to_k[1] @ to_k[0], deltas(sd)["lora_unet_double_blocks_0_img_attn_qkv"][h : 2 * h])
 
 
 def test_diffusers_lora_alpha_metadata_is_honoured():

@@ -182,8 +182,9 @@ def test_ai_toolkit_lora_merges_into_all_19_double_blocks(tmp_path):
     assert changed == list(range(19))
 
 
-def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_path, caplog):
-    lora = write_lora(tmp_path / "a.safetensors", dev, split_qkv="True", in_dims="[2,2,2,2,2]")
+@pytest.mark.parametrize("alpha", [2.0, -2.0])  # a negative alpha hung the conversion to diffusers' names
+def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_path, caplog, alpha):
+    lora = write_lora(tmp_path / "a.safetensors", dev, alpha=alpha, split_qkv="True", in_dims="[2,2,2,2,2]")
     diffusers_file = tmp_path / "dev_diffusers.safetensors"
     save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
     bfl_out, diffusers_out = tmp_path / "bfl_merged.safetensors", tmp_path / "diffusers_merged.safetensors"
