@@ -493,3 +493,44 @@ def test_converting_a_damaged_sd_scripts_lora_names_the_file(tmp_path, capsys):
     assert err[-1].startswith(f"error: {damaged}: module lora_unet_final_layer_linear is damaged: its down is "
                               "(2, 4) and its up (4, 3)")  # fmt: skip
     assert not out.exists()
+
+
+@pytest.mark.parametrize("module, rows, message", [
+    # linear1's parts were cut at 64, 64, 64 and the rest: 150 rows gave to_v 22 rows and proj_mlp none, exit 0
+    ("single_blocks_0_linear1", 150, "its up has 150 rows, but a linear1 of input width 64 has more than 192 "
+                                     "(q, k, v of 64 each and the MLP input)"),
+    ("single_blocks_0_linear1", 192, "its up has 192 rows, but a linear1 of input width 64 has more than 192 "
+                                     "(q, k, v of 64 each and the MLP input)"),
+    ("double_blocks_0_img_attn_qkv", 100, "its up has 100 rows, but a q, k, v projection of input width 64 has "
+                                          "192 (64 each)"),
+])  # fmt: skip
+def test_a_damaged_fused_module_stops_the_conversion_naming_file_and_module(tmp_path, capsys, module, rows, message):
+    name = f"lora_unet_{module}"
+    src, out = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    save_safetensors({f"{name}.lora_down.weight": torch.randn(4, 64), f"{name}.lora_up.weight": torch.randn(rows, 4),
+                      "lora_unet_img_in.lora_down.weight": torch.randn(4, 64),
+                      "lora_unet_img_in.lora_up.weight": torch.randn(64, 4)}, src)  # fmt: skip
+    assert convert("sd-scripts", "ai-toolkit", src, out) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {src}: module {name} is damaged: {message}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("to_v, shapes", [
+    ((64, 50), "to_v 64 -> 50"),  # written as a qkv of 178 rows, exit 0
+    ((32, 64), "to_v 32 -> 64"),  # a RuntimeError from torch.cat
+])  # fmt: skip
+def test_damaged_parts_of_a_fused_module_stop_the_conversion_naming_file_and_module(tmp_path, capsys, to_v, shapes):
+    attn = "transformer.single_transformer_blocks.0.attn"
+    sd = {f"{attn}.{part}.lora_{ab}.weight": torch.randn(4, 64) if ab == "A" else torch.randn(64, 4)
+          for part in ("to_q", "to_k") for ab in "AB"}  # fmt: skip
+    sd[f"{attn}.to_v.lora_A.weight"] = torch.randn(4, to_v[0])
+    sd[f"{attn}.to_v.lora_B.weight"] = torch.randn(to_v[1], 4)
+    src, out = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    save_safetensors(sd, src)
+    assert convert("ai-toolkit", "sd-scripts", src, out) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {src}: module lora_unet_single_blocks_0_linear1 is damaged: its parts are {attn}.to_q 64 -> 64, "
+        f"{attn}.to_k 64 -> 64, {attn}.{shapes} (inputs -> outputs), but they must share one input width and q, k, v "
+        "must give out as many as they take in"
+    )
+    assert not out.exists()
