@@ -44,7 +44,9 @@ def device_from_name(name: str, flag: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UserError(f"{flag} {name}: not a device name (e.g. cpu, cuda, cuda:1)") from None
-    if device.type in ("cpu", "meta"):
+    if device.type == "meta":  # shapes only: the first tensor read from it fails deep inside the work
+        raise UserError(f"{flag} {name}: the meta device holds no data; give a device to compute on (cpu, cuda)")
+    if device.type == "cpu":
         return device
     backend = getattr(torch, device.type, None)
     if backend is None or not backend.is_available():

@@ -225,14 +225,22 @@ def _mlp_hidden_hint(modules: Mapping[str, LoRAWeights]) -> int | None:
     return None
 
 
-def _fuse(parts: dict[int, LoRAWeights], n: int, mlp_hidden: int | None) -> LoRAWeights:
-    """One sd-scripts module from the parts of a fused projection (missing parts stay zero).
+def _fuse(parts: dict[int, LoRAWeights], n: int, mlp_hidden: int | None, name: str, source: str) -> LoRAWeights:
+    """The sd-scripts module ``name`` from the parts of a fused projection (missing parts stay zero).
 
     down = concatenated downs, up = block-diagonal of the ups each times its part's scale, and
-    alpha = the total rank (scale 1): the same weight change, part by part.
+    alpha = the total rank (scale 1): the same weight change, part by part. Parts of other input widths,
+    or a q, k or v part whose output is not that width, stop naming ``source`` and the module.
     """
     any_part = next(iter(parts.values()))
     hidden = any_part.down.shape[1]
+    part_names = sd_scripts_to_ai_toolkit_names(name)
+    if any(w.down.shape[1] != hidden or (i < 3 and w.up.shape[0] != hidden) for i, w in parts.items()):
+        shapes = ", ".join(f"{part_names[i]} {w.down.shape[1]} -> {w.up.shape[0]}" for i, w in sorted(parts.items()))
+        raise UserError(
+            f"{source}: module {name} is damaged: its parts are {shapes} (inputs -> outputs), but they must share one "
+            "input width and q, k, v must give out as many as they take in"
+        )
     outs = [hidden] * 3 + ([mlp_hidden or 4 * hidden] if n == 4 else [])
     for i, w in parts.items():
         outs[i] = w.up.shape[0]
@@ -289,7 +297,7 @@ def to_sd_scripts(
             up = _swap_halves(w.up) if sds_name[len("lora_unet_") :] in SWAPPED else w.up
             w = LoRAWeights(w.down, up, w.alpha if w.alpha else float(w.rank))
         else:
-            w = _fuse(parts, n, mlp_hidden)
+            w = _fuse(parts, n, mlp_hidden, sds_name, source)
             fused += 1
         _refuse_twice(out, sds_name, " / ".join(sd_scripts_to_ai_toolkit_names(sds_name)), source)
         out[f"{sds_name}.lora_down.weight"] = w.down
@@ -315,12 +323,13 @@ def _refuse_twice(out: Mapping[str, Tensor], sds_name: str, other_name: str, sou
 
 
 def _fold_scale(scale: float) -> tuple[float, float]:
-    """sd-scripts' split of alpha / rank between down and up (their product is the scale)."""
-    scale_down, scale_up = scale, 1.0
+    """sd-scripts' split of alpha / rank between down and up (their product is the scale). The split is of
+    its size: a negative alpha's sign goes to down (sd-scripts' loop never ends on a negative scale)."""
+    scale_down, scale_up = abs(scale), 1.0
     while scale_down * 2 < scale_up:
         scale_down *= 2
         scale_up /= 2
-    return scale_down, scale_up
+    return (-scale_down if scale < 0 else scale_down), scale_up
 
 
 def _times(t: Tensor, factor: float) -> Tensor:
@@ -348,12 +357,21 @@ def _diagonal_blocks(up: Tensor, outs: list[int]) -> list[tuple[int, int]] | Non
     return ranges if covered == up.shape[1] else None
 
 
-def _split_fused(w: LoRAWeights, names: tuple[str, ...]) -> dict[str, tuple[Tensor, Tensor]]:
-    """(A, B) per diffusers part of a fused sd-scripts module, scale folded in."""
-    hidden = w.down.shape[1]
-    outs = [hidden] * 3 + ([w.up.shape[0] - 3 * hidden] if len(names) == 4 else [])
-    if sum(outs) != w.up.shape[0]:
-        raise UserError(f"{names[0]}: a fused LoRA output of {w.up.shape[0]} does not split into {outs}")
+def _split_fused(w: LoRAWeights, name: str, names: tuple[str, ...], source: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """(A, B) per diffusers part of the fused sd-scripts module ``name``, scale folded in; a module whose
+    output is not q, k, v (and an MLP input) of its input width stops naming ``source`` and the module."""
+    hidden, rows = w.down.shape[1], w.up.shape[0]
+    if len(names) == 4 and rows <= 3 * hidden:
+        raise UserError(
+            f"{source}: module {name} is damaged: its up has {rows} rows, but a linear1 of input width {hidden} "
+            f"has more than {3 * hidden} (q, k, v of {hidden} each and the MLP input)"
+        )
+    if len(names) == 3 and rows != 3 * hidden:
+        raise UserError(
+            f"{source}: module {name} is damaged: its up has {rows} rows, but a q, k, v projection of input width "
+            f"{hidden} has {3 * hidden} ({hidden} each)"
+        )
+    outs = [hidden] * 3 + ([rows - 3 * hidden] if len(names) == 4 else [])
     scale_down, scale_up = _fold_scale(w.scale)
     down, up = _times(w.down, scale_down), _times(w.up, scale_up)
     ranges = _diagonal_blocks(w.up, outs)
@@ -398,7 +416,7 @@ def to_ai_toolkit(
             up = _swap_halves(w.up) if name[len("lora_unet_") :] in SWAPPED else w.up
             pairs = {names[0]: (_times(w.down, scale_down), _times(up, scale_up))}
         else:
-            pairs = _split_fused(w, names)
+            pairs = _split_fused(w, name, names, source)
         for part, (a, b) in pairs.items():
             out[f"{part}.lora_A.weight"] = a
             out[f"{part}.lora_B.weight"] = b

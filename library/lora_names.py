@@ -1,8 +1,8 @@
 """Names of FLUX.1 / Chroma LoRA modules in each tool's spelling: sd-scripts' (``lora_unet_double_blocks_0_
 img_attn_qkv``), diffusers' / ai-toolkit's (``transformer.transformer_blocks.0.attn.to_q``), BFL's module
 paths (ComfyUI), and the respellings other tools write (peft's ``base_model.model.``, OneTrainer's
-``lora_transformer_*``, ComfyUI's ``lora_down`` on module paths). :mod:`library.lora_formats` reads and
-converts the weights by these names."""
+``lora_transformer_*`` and ``lora_transformer.*`` (OMI), ComfyUI's ``lora_down`` on module paths).
+:mod:`library.lora_formats` reads and converts the weights by these names."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ _AIT_BARE = (
 SD_SCRIPTS_PREFIXES = ("lora_unet_", "lora_te")
 _PEFT_MODEL_PREFIX = "base_model.model."  # peft's own adapter files (adapter_model.safetensors)
 _ONETRAINER_DIT_PREFIX = "lora_transformer_"  # diffusers module paths with "_" for "." (OneTrainer)
+# OneTrainer's OMI format: BFL module paths under lora_transformer. (transformer. in later versions), a fused
+# projection's parts numbered (qkv.0-2: q, k, v; linear1.0-3: q, k, v, MLP input), x_embedder as img_in.proj;
+# CLIP-L's and T5's module paths under lora_clip_l. / clip_l. and lora_t5. / t5.
+_OMI_PREFIXES = (("lora_transformer.", "transformer."), ("lora_clip_l.", "text_encoder."), ("clip_l.", "text_encoder."))
+_OMI_NUMBERED_PART = re.compile(r"^transformer\.(double|single)_blocks\.(\d+)\.((?:img|txt)_attn\.qkv|linear1)\.(\d+)$")
+_OMI_T5_PREFIXES = ("lora_t5.", "t5.")
+_T5_MODULE = re.compile(r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi_[01]|wo))$")
+# OneTrainer's legacy names of T5 modules: lora_te2_ (FLUX.1, where CLIP-L is lora_te1_) and lora_te_ (Chroma);
+# sd-scripts' are lora_te3_. encoder_block_ is T5's own path (CLIP's are text_model_encoder_layers_, SDXL's CLIP-G
+# lora_te2_ ones too), so these names are T5 modules whichever tool wrote them.
+_ONETRAINER_T5_PREFIXES = ("lora_te2_encoder_block_", "lora_te_encoder_block_")
+_SD_SCRIPTS_SUFFIXES = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
 _RESPELLED_SUFFIXES = {
     ".lora_down.weight": ".lora_A.weight",
     ".lora_up.weight": ".lora_B.weight",
@@ -96,13 +108,40 @@ def _diffusers_path(underscored: str) -> str | None:
     return _UNDERSCORED_GLOBALS.get(underscored)
 
 
+def _sd_scripts_t5_name(module: str) -> str | None:
+    """sd-scripts' name of a T5 module OneTrainer names ``lora_t5.encoder.block.0.layer.0.SelfAttention.q``
+    (OMI) or ``lora_te2_encoder_block_0_layer_0_SelfAttention_q`` (legacy), or None for any other module."""
+    for prefix in _OMI_T5_PREFIXES:
+        if module.startswith(prefix) and _T5_MODULE.match(module[len(prefix) :]):
+            return "lora_te3_" + module[len(prefix) :].replace(".", "_")
+    prefix = next((p for p in _ONETRAINER_T5_PREFIXES if module.startswith(p)), None)
+    return "lora_te3_encoder_block_" + module[len(prefix) :] if prefix else None
+
+
+def _omi_dit_module(module: str) -> str | None:
+    """A DiT module of OneTrainer's OMI naming (``transformer.double_blocks.0.img_attn.qkv.1``, ``transformer.img_in.
+    proj``) as the diffusers part or BFL module it is; None for a numbered part FLUX has not; others unchanged."""
+    if module == "transformer.img_in.proj":
+        return "transformer.img_in"
+    if not (m := _OMI_NUMBERED_PART.match(module)):
+        return module
+    kind, index, fused, part = m.groups()
+    parts = sd_scripts_to_ai_toolkit_names(f"lora_unet_{kind}_blocks_{index}_{fused.replace('.', '_')}")
+    return parts[int(part)] if parts and int(part) < len(parts) else None
+
+
 def respelled_key(key: str) -> str:
-    """One key of another tool's spelling of the two formats, in ai-toolkit's spelling; others unchanged."""
+    """One key of another tool's spelling of the two formats, in ai-toolkit's spelling (a T5 module's in
+    sd-scripts', which has the only T5 naming); others unchanged."""
     suffix = next((s for s in _RESPELLED_SUFFIXES if key.endswith(s)), None)
     if suffix is None:
         return key
     module = key[: -len(suffix)]
-    if module.startswith(_PEFT_MODEL_PREFIX):
+    if t5 := _sd_scripts_t5_name(module):
+        return t5 + _SD_SCRIPTS_SUFFIXES.get(suffix, suffix)
+    if omi := next((p for p in _OMI_PREFIXES if module.startswith(p[0])), None):
+        module = omi[1] + module[len(omi[0]) :]
+    elif module.startswith(_PEFT_MODEL_PREFIX):
         module = module[len(_PEFT_MODEL_PREFIX) :]
     elif module.startswith(_ONETRAINER_DIT_PREFIX):
         path = _diffusers_path(module[len(_ONETRAINER_DIT_PREFIX) :])
@@ -113,6 +152,7 @@ def respelled_key(key: str) -> str:
         return key  # sd-scripts' names (lora_unet_*, lora_te1_*) have no dots
     # only a module the reader knows is renamed (to its canonical name): an unknown one keeps its own key
     canonical = ait_module_name(module)
+    canonical = _omi_dit_module(canonical) if canonical else None
     return canonical + _RESPELLED_SUFFIXES[suffix] if canonical else key
 
 
@@ -120,8 +160,9 @@ def respelled_keys(sd: Mapping[str, Tensor], source: str = "LoRA") -> dict[str, 
     """A state dict with other tools' spellings of the two formats renamed to ai-toolkit's, so one reader
     serves them: peft's ``base_model.model.`` prefix, ``lora_down`` / ``lora_up`` on module paths
     (ComfyUI's extracted LoRAs: ``diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight``), and
-    OneTrainer's ``lora_transformer_<diffusers path with _>``. sd-scripts' names are left as they are;
-    two keys that name one tensor stop with a UserError naming ``source``."""
+    OneTrainer's: ``lora_transformer_<diffusers path with _>`` and T5's ``lora_te2_`` (legacy), BFL paths with
+    numbered parts (OMI; :data:`_OMI_PREFIXES`). sd-scripts' names are left as they are; two keys that name
+    one tensor stop with a UserError naming ``source``."""
     out, spelled = {}, {}
     for key, value in sd.items():
         new = respelled_key(key)

@@ -145,6 +145,8 @@ def test_ai_toolkit_file_to_sd_scripts_golden_keys(tmp_path):
     (2.0, 16, 0.25, 0.5),  # scale 1/8: balance is not reached exactly; down keeps the smaller share
     (16.0, 16, 1.0, 1.0),
     (32.0, 16, 2.0, 1.0),  # a scale above 1 stays on down
+    (-1.0, 16, -0.25, 0.25),  # a negative scale is split by its size, its sign on down (sd-scripts hangs)
+    (-32.0, 16, -2.0, 1.0),
 ])  # fmt: skip
 def test_the_scale_is_split_between_a_and_b_as_sd_scripts_splits_it(alpha, rank, down_factor, up_factor):
     """Their product is what matters to a loader, but the split is what sd-scripts writes: files compare equal."""
@@ -155,6 +157,34 @@ def test_the_scale_is_split_between_a_and_b_as_sd_scripts_splits_it(alpha, rank,
     part = "transformer.transformer_blocks.0.attn.to_out.0"
     assert torch.equal(out[f"{part}.lora_A.weight"], down * down_factor)
     assert torch.equal(out[f"{part}.lora_B.weight"], up * up_factor)
+
+
+def test_negative_alpha_modules_convert_both_ways_with_their_weight_change(tmp_path):
+    """A negative alpha (a LoRA that subtracts) made the conversion loop forever; plain and fused modules,
+    split_qkv-style and plain on the fused Linear, keep delta W = alpha / rank * up @ down, sign included."""
+    g = torch.Generator().manual_seed(4)
+    h, r = 16, 4
+    shapes = {"lora_unet_double_blocks_0_img_attn_proj": (h, h, r, -2.0),
+              "lora_unet_double_blocks_0_img_attn_qkv": (h, 3 * h, 3 * r, -3.0),  # block-diagonal up
+              "lora_unet_single_blocks_0_linear1": (h, 3 * h + 4 * h, r, -0.5),  # plain LoRA on the fused Linear
+              "lora_unet_final_layer_adaLN_modulation_1": (h, 2 * h, r, -8.0)}  # fmt: skip
+    sd = {}
+    for name, (in_features, out_features, rank, alpha) in shapes.items():
+        up = torch.randn(out_features, rank, generator=g)
+        if name.endswith("qkv"):
+            up = torch.block_diag(*(torch.randn(h, r, generator=g) for _ in range(3)))
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = torch.randn(rank, in_features, generator=g), up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    src, ait, back = (tmp_path / f"{n}.safetensors" for n in ("src", "ait", "back"))
+    save_safetensors(sd, src)
+    assert convert("sd-scripts", "ai-toolkit", src, ait) == 0
+    assert convert("ai-toolkit", "sd-scripts", ait, back) == 0
+    assert_same_changes(deltas(sd), deltas(load_safetensors(back)))
+    converted = load_safetensors(ait)
+    a, b = (converted[f"transformer.transformer_blocks.0.attn.to_out.0.lora_{x}.weight"].double() for x in "AB")
+    torch.testing.assert_close(b @ a, deltas(sd)["lora_unet_double_blocks_0_img_attn_proj"])
+    to_k = [converted[f"transformer.transformer_blocks.0.attn.to_k.lora_{x}.weight"].double() for x in "AB"]
+    torch.testing.assert_close(to_k[1] @ to_k[0], deltas(sd)["lora_unet_double_blocks_0_img_attn_qkv"][h : 2 * h])
 
 
 def test_diffusers_lora_alpha_metadata_is_honoured():
@@ -462,4 +492,45 @@ def test_converting_a_damaged_sd_scripts_lora_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {damaged}: module lora_unet_final_layer_linear is damaged: its down is "
                               "(2, 4) and its up (4, 3)")  # fmt: skip
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("module, rows, message", [
+    # linear1's parts were cut at 64, 64, 64 and the rest: 150 rows gave to_v 22 rows and proj_mlp none, exit 0
+    ("single_blocks_0_linear1", 150, "its up has 150 rows, but a linear1 of input width 64 has more than 192 "
+                                     "(q, k, v of 64 each and the MLP input)"),
+    ("single_blocks_0_linear1", 192, "its up has 192 rows, but a linear1 of input width 64 has more than 192 "
+                                     "(q, k, v of 64 each and the MLP input)"),
+    ("double_blocks_0_img_attn_qkv", 100, "its up has 100 rows, but a q, k, v projection of input width 64 has "
+                                          "192 (64 each)"),
+])  # fmt: skip
+def test_a_damaged_fused_module_stops_the_conversion_naming_file_and_module(tmp_path, capsys, module, rows, message):
+    name = f"lora_unet_{module}"
+    src, out = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    save_safetensors({f"{name}.lora_down.weight": torch.randn(4, 64), f"{name}.lora_up.weight": torch.randn(rows, 4),
+                      "lora_unet_img_in.lora_down.weight": torch.randn(4, 64),
+                      "lora_unet_img_in.lora_up.weight": torch.randn(64, 4)}, src)  # fmt: skip
+    assert convert("sd-scripts", "ai-toolkit", src, out) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {src}: module {name} is damaged: {message}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("to_v, shapes", [
+    ((64, 50), "to_v 64 -> 50"),  # written as a qkv of 178 rows, exit 0
+    ((32, 64), "to_v 32 -> 64"),  # a RuntimeError from torch.cat
+])  # fmt: skip
+def test_damaged_parts_of_a_fused_module_stop_the_conversion_naming_file_and_module(tmp_path, capsys, to_v, shapes):
+    attn = "transformer.single_transformer_blocks.0.attn"
+    sd = {f"{attn}.{part}.lora_{ab}.weight": torch.randn(4, 64) if ab == "A" else torch.randn(64, 4)
+          for part in ("to_q", "to_k") for ab in "AB"}  # fmt: skip
+    sd[f"{attn}.to_v.lora_A.weight"] = torch.randn(4, to_v[0])
+    sd[f"{attn}.to_v.lora_B.weight"] = torch.randn(to_v[1], 4)
+    src, out = tmp_path / "bad.safetensors", tmp_path / "out.safetensors"
+    save_safetensors(sd, src)
+    assert convert("ai-toolkit", "sd-scripts", src, out) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {src}: module lora_unet_single_blocks_0_linear1 is damaged: its parts are {attn}.to_q 64 -> 64, "
+        f"{attn}.to_k 64 -> 64, {attn}.{shapes} (inputs -> outputs), but they must share one input width and q, k, v "
+        "must give out as many as they take in"
+    )
     assert not out.exists()

@@ -27,6 +27,14 @@ def test_a_malformed_device_name_is_named(name):
         device_from_name(name, "--working_device")
 
 
+@pytest.mark.parametrize("name", ["meta", "meta:0"])
+def test_the_meta_device_is_refused_naming_the_flag(name):
+    """It passed the check, and the merge then crashed with "Cannot copy out of meta tensor"."""
+    with pytest.raises(UserError, match=rf"^--working_device {name}: the meta device holds no data; give a device "
+                                        r"to compute on \(cpu, cuda\)$"):  # fmt: skip
+        device_from_name(name, "--working_device")
+
+
 def test_a_device_this_machine_lacks_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"^--device cuda: this machine \(or its torch build\) has no cuda device$"):

@@ -122,15 +122,16 @@ def test_one_module_in_two_namings_is_refused(sd, message):
 
 def test_onetrainer_names_of_whole_modules_and_t5_modules_beside_them_are_read():
     """Its conditioning and final-layer modules (lora_transformer_x_embedder ...) were never applied, and its
-    T5 modules (sd-scripts' names) are kept beside the converted DiT modules."""
+    T5 modules (lora_te2_ in its legacy names, sd-scripts' lora_te3_) are kept beside the converted DiT modules."""
     sd = {"lora_transformer_x_embedder.lora_down.weight": torch.ones(4, 64),
           "lora_transformer_x_embedder.lora_up.weight": torch.ones(32, 4),
-          "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.ones(4, 8),
-          "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.ones(8, 4)}  # fmt: skip
+          "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.ones(4, 8),
+          "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.ones(8, 4)}  # fmt: skip
     converted = to_sd_scripts(sd)
     assert set(converted.state_dict) == {"lora_unet_img_in.lora_down.weight", "lora_unet_img_in.lora_up.weight",
                                          "lora_unet_img_in.alpha",
-                                         *(k for k in sd if k.startswith("lora_te3"))}  # fmt: skip
+                                         "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+                                         "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"}  # fmt: skip
     assert converted.unsupported == [] and converted.source_format == "ai-toolkit and sd-scripts"
 
 

@@ -175,8 +175,9 @@ def test_ai_toolkit_lora_merges_into_all_19_double_blocks(tmp_path):
     assert changed == list(range(19))
 
 
-def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_path, caplog):
-    lora = write_lora(tmp_path / "a.safetensors", dev, split_qkv="True", in_dims="[2,2,2,2,2]")
+@pytest.mark.parametrize("alpha", [2.0, -2.0])  # a negative alpha hung the conversion to diffusers' names
+def test_a_diffusers_layout_dit_gets_the_same_merge(tiny_model_files, dev, tmp_path, caplog, alpha):
+    lora = write_lora(tmp_path / "a.safetensors", dev, alpha=alpha, split_qkv="True", in_dims="[2,2,2,2,2]")
     diffusers_file = tmp_path / "dev_diffusers.safetensors"
     save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
     bfl_out, diffusers_out = tmp_path / "bfl_merged.safetensors", tmp_path / "diffusers_merged.safetensors"
@@ -252,6 +253,8 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("loras_of_other_widths", "img_attn_proj changes a 96x96 weight but"),
         ("loras_of_other_widths_concat", "the LoRAs are for different models"),
         ("device", "--working_device gpu0: not a device name"),
+        # it passed the check, then the merge crashed with "Cannot copy out of meta tensor"
+        ("meta_device", "--loading_device meta: the meta device holds no data; give a device to compute on"),
         ("unknown_dtype", "tensor 'extra' has the dtype 'F4', which this torch"),
         ("outputs_collide", "--clip_l_save_to {out} is also --save_to; give each result its own file"),
         ("t5_output_collides", "--t5xxl_save_to {te} is also --clip_l_save_to"),
@@ -259,6 +262,8 @@ def test_unmatched_modules_are_listed(tiny_model_files, dev, tmp_path, caplog):
         ("save_to_under_a_file", "--save_to {lora}/m.safetensors: {lora} is a file, not a folder"),
         ("damaged", "lora.safetensors: module lora_unet_double_blocks_0_img_attn_proj is damaged: its down is (4, 64)"),
         ("damaged_lora_merge", "module lora_unet_double_blocks_0_img_attn_proj is damaged"),
+        ("fused_damaged_into_diffusers_dit", "lora.safetensors: module lora_unet_single_blocks_0_linear1 is damaged: "
+                                             "its up has 150 rows, but a linear1 of input width 64 has more than 192"),
         # an SDXL LoRA has no diffusers name: into a diffusers-layout DiT it matched nothing, with an IndexError
         ("sdxl_into_diffusers_dit", "none of its 1 modules (e.g. lora_unet_input_blocks_4_1_proj_in) is in"),
     ],
@@ -305,6 +310,8 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         args += ["--concat"] if case.endswith("concat") else []
     elif case == "device":
         args = [*flux, "--models", lora, "--working_device", "gpu0"]
+    elif case == "meta_device":
+        args = [*flux, "--models", lora, "--loading_device", "meta"]
     elif case == "overwrite":
         args = ["--save_to", lora, "--models", lora]
     elif case == "clip_without_save_to":
@@ -346,14 +353,18 @@ def test_user_errors_stop_before_writing(tiny_model_files, dev, tmp_path, capsys
         weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
         save_safetensors(weights, lora)
         args = [*(flux if case == "damaged" else ["--save_to", out]), "--models", lora]
-    elif case == "sdxl_into_diffusers_dit":
+    elif case.endswith("into_diffusers_dit"):
         diffusers_file = tmp_path / "dev_diffusers.safetensors"
         save_safetensors(bfl_to_diffusers(load_safetensors(tiny_model_files.flux_dev)), diffusers_file)
-        sdxl = tmp_path / "sdxl.safetensors"
-        name = "lora_unet_input_blocks_4_1_proj_in"
-        save_safetensors({f"{name}.lora_down.weight": torch.ones(4, 8), f"{name}.lora_up.weight": torch.ones(8, 4),
-                          f"{name}.alpha": torch.tensor(2.0)}, sdxl)  # fmt: skip
-        args = ["--flux_model", diffusers_file, "--save_to", out, "--models", sdxl]
+        if case.startswith("sdxl"):
+            lora, name = tmp_path / "sdxl.safetensors", "lora_unet_input_blocks_4_1_proj_in"
+            weights = {f"{name}.lora_down.weight": torch.ones(4, 8), f"{name}.lora_up.weight": torch.ones(8, 4),
+                       f"{name}.alpha": torch.tensor(2.0)}  # fmt: skip
+        else:  # linear1's split was q, k, v of 64 rows and the rest: to_v got 22 rows and proj_mlp none
+            weights = load_safetensors(lora)
+            weights["lora_unet_single_blocks_0_linear1.lora_up.weight"] = torch.ones(150, 4)
+        save_safetensors(weights, lora)
+        args = ["--flux_model", diffusers_file, "--save_to", out, "--models", lora]
     else:
         save_safetensors(
             {"oft_unet_double_blocks_0_img_attn_qkv.oft_blocks": torch.zeros(2, 2)}, tmp_path / "o.safetensors"
