@@ -263,22 +263,10 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if not args.cache_text_encoder_outputs:
             move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # they encode every batch
             return
-        from library.cache_files import file_fingerprint
         from library.caches import TextEncoderCacher, check_disk_caches_complete
 
-        fingerprint = {
-            "t5xxl": file_fingerprint(args.t5xxl),
-            "clip_l": file_fingerprint(args.clip_l) if args.clip_l else None,
-            "t5xxl_max_token_length": self.t5_max_length,
-            "model_type": args.model_type,
-        }
-        # these keys only when needed, so that other runs' caches stay valid
-        if ctx.text_encoder_base_weights:
-            fingerprint["base_weights"] = ctx.text_encoder_base_weights
-        if args.fp8_base and not args.fp8_base_unet:  # encoders stored in fp8 give outputs of their own
-            fingerprint["encoders_in_fp8"] = True
         encode = functools.partial(self.encode_captions_to_numpy, ctx)
-        cacher = TextEncoderCacher(encode, fingerprint, args.apply_t5_attn_mask,
+        cacher = TextEncoderCacher(encode, self.text_cache_fingerprint(ctx), args.apply_t5_attn_mask,
                                    args.cache_text_encoder_outputs_to_disk, args.text_encoder_batch_size,
                                    args.skip_cache_check, ctx.accelerator.process_index, ctx.accelerator.num_processes)
         with torch.no_grad():
@@ -294,6 +282,28 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
                 texts = texts_to_encode(ctx.sample_prompts, args.model_type)
                 self.sample_conditions = encode_texts(texts, lambda t: self.encode_captions(ctx, t))
         move_text_encoders(ctx.models.text_encoders, "cpu")  # the GPU is the DiT's now (a trained CLIP-L returns)
+
+    def text_cache_fingerprint(self, ctx) -> dict:
+        """What text-encoder outputs depend on beyond the caption and the mask, recorded in their cache files."""
+        from library.cache_files import file_fingerprint
+
+        args = ctx.args
+        fingerprint = {
+            "t5xxl": file_fingerprint(args.t5xxl),
+            "clip_l": file_fingerprint(args.clip_l) if args.clip_l else None,
+            "t5xxl_max_token_length": self.t5_max_length,
+            "model_type": args.model_type,
+        }
+        # these keys only when needed, so that other runs' caches stay valid
+        if ctx.text_encoder_base_weights:
+            fingerprint["base_weights"] = ctx.text_encoder_base_weights
+        if args.fp8_base and not args.fp8_base_unet:  # encoders stored in fp8 give outputs of their own
+            fingerprint["encoders_in_fp8"] = True
+        if args.mixed_precision == "fp16":  # T5 overflows in fp16 (clamped, so finite): not to be reused in bf16
+            fingerprint["encoded_in_fp16"] = True
+        if args.model_type == "flux":  # captions cleaned for CLIP-L as its own tokenizer does (earlier caches: not)
+            fingerprint["clip_l_text"] = "ftfy"
+        return fingerprint
 
     def encode_captions(self, ctx, captions: list[str]) -> list:
         move_text_encoders(ctx.models.text_encoders, ctx.accelerator.device)  # cached runs move them only to encode

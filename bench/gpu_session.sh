@@ -7,11 +7,11 @@
 #
 #   OUT=dir bash bench/gpu_session.sh      (default OUT: bench/gpu_out)
 #
-# diffusers must be importable for the reference setting and toml for the trainer check. The lent
-# H100 machine has neither; fetch them as wheels here first (into an ignored .whl/ folder):
+# diffusers must be importable for the reference setting, and toml and ftfy for the trainer check. The lent
+# H100 machine has none of them; fetch them as wheels here first (into an ignored .whl/ folder):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata toml
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata toml ftfy==6.1.1 wcwidth
 #
 # and start the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

@@ -124,6 +124,15 @@ def _save_atomically(tokenizer, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def clip_text(text: str) -> str:
+    """A caption as CLIP's own (slow) tokenizer sees it, which sd-scripts uses: ftfy's fix_text first, so curly
+    quotes, HTML entities, full-width characters and ligatures give the ids CLIP-L was trained on. transformers
+    5 has only the fast tokenizer, which skips this step (its whitespace and case handling are the same)."""
+    import ftfy
+
+    return ftfy.fix_text(text)
+
+
 class FluxTokenizeStrategy:
     """Captions to CLIP-L and T5 ids (sd-scripts' ``FluxTokenizeStrategy``).
 
@@ -155,7 +164,8 @@ class FluxTokenizeStrategy:
         clip_ids = None
         if self.clip_l is not None:
             clip_ids = self.clip_l(
-                text, max_length=CLIP_MAX_LENGTH, padding="max_length", truncation=True, return_tensors="pt"
+                [clip_text(t) for t in text], max_length=CLIP_MAX_LENGTH, padding="max_length", truncation=True,
+                return_tensors="pt",
             )["input_ids"]
         t5 = self.t5xxl(
             text, max_length=self.t5xxl_max_length, padding="max_length", truncation=True, return_tensors="pt"

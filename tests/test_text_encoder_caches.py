@@ -185,3 +185,25 @@ def test_batch_captions_are_the_cached_captions_for_a_clip_l_trained_beside_cach
             for path, caption in zip(batch["image_paths"], batch["captions"], strict=True):
                 entry = next(e for e in g.entries() if e.path == path)
                 assert caption == caption_for_cache(entry.caption, entry.subset.caption, canonical_path(path)) != ""
+
+
+@pytest.mark.parametrize("model_type, precision, added", [
+    ("flux", "bf16", {"clip_l_text": "ftfy"}),
+    ("flux", "no", {"clip_l_text": "ftfy"}),
+    ("flux", "fp16", {"clip_l_text": "ftfy", "encoded_in_fp16": True}),
+    ("chroma", "bf16", {}),  # no CLIP-L: nothing about its text
+])  # fmt: skip
+def test_the_cache_record_names_what_made_the_outputs_differ(tiny_model_files, model_type, precision, added):
+    """fp16 outputs (T5 overflows, clamped to finite values) are not reused by a bf16 run, and FLUX caches made
+    before captions were cleaned for CLIP-L are encoded again; other runs' caches keep their records."""
+    from types import SimpleNamespace
+
+    import flux_train_network
+
+    trainer = flux_train_network.FluxNetworkTrainer()
+    trainer.t5_max_length = 512
+    args = SimpleNamespace(t5xxl=tiny_model_files.t5xxl, clip_l=None, model_type=model_type, fp8_base=False,
+                           fp8_base_unet=False, mixed_precision=precision)  # fmt: skip
+    fingerprint = trainer.text_cache_fingerprint(SimpleNamespace(args=args, text_encoder_base_weights=None))
+    base = {"t5xxl", "clip_l", "t5xxl_max_token_length", "model_type"}
+    assert set(fingerprint) - base == set(added) and {k: fingerprint[k] for k in added} == added

@@ -13,6 +13,7 @@ from library.tokenizers_flux import (
     CLIP_L_TOKENIZER_ID,
     T5_XXL_TOKENIZER_ID,
     FluxTokenizeStrategy,
+    clip_text,
     load_tokenizer,
     placeholder_reason,
     tokenizer_cache_path,
@@ -224,6 +225,21 @@ def test_tokenize_pads_truncates_and_masks(tiny):
 
     one = strategy.tokenize("a photo of a cat")
     assert one[0].shape == (1, 77) and one[1].shape == (1, L)
+
+
+def test_clip_reads_captions_cleaned_as_clips_own_tokenizer_cleans_them(tiny):
+    """sd-scripts' slow CLIPTokenizer runs ftfy first; transformers 5's fast one does not, so curly quotes, HTML
+    entities, full-width letters and ligatures became other ids than CLIP-L was trained on. T5 reads the caption as
+    given, as its fast tokenizer does in sd-scripts."""
+    root, _ = tiny
+    strategy = FluxTokenizeStrategy(L, tokenizer_cache_dir=root)
+    for raw, clean in [("the dog’s “house”", "the dog's \"house\""), ("cat &amp; dog", "cat & dog"),
+                       ("ｔｈｅ　ｃａｔ", "the cat"), ("ﬁne", "fine"), ("cafÃ©", "café")]:  # fmt: skip
+        assert clip_text(raw) == clean
+        raw_ids, clean_ids = strategy.tokenize(raw), strategy.tokenize(clean)
+        assert raw_ids[0].tolist() == clean_ids[0].tolist(), raw
+        assert raw_ids[0].tolist() != strategy.clip_l([raw], max_length=77, padding="max_length")["input_ids"], raw
+        assert raw_ids[1].tolist() == strategy.t5xxl([raw], max_length=L, padding="max_length")["input_ids"]
 
 
 def test_chroma_tokenizes_without_clip(tiny, monkeypatch):
