@@ -20,12 +20,14 @@ def describe_checkpoint(keys: Sequence[str]) -> str:
 
     if has("lora_down") or has("lora_up") or has(".lora_A.") or has(".lora_B."):
         return "a LoRA file, not a base model"
+    if has("vision_model."):  # before CLIP text: a vision tower has self_attn.q_proj too
+        return "a CLIP vision model, not a text encoder"
+    if has("embed_tokens.weight") or (has("self_attn.q_proj.weight") and not has("encoder.layers.")):
+        return "a large language model's text encoder (Qwen, Llama, Gemma ...), which FLUX.1 and Chroma do not use"
     if has("embeddings.token_embedding.weight") or has("self_attn.q_proj.weight"):
         return "a CLIP text encoder (give it as --clip_l)"
     if has("SelfAttention.q.weight") or has("encoder.block.0."):
         return "a T5 text encoder (give it as --t5xxl)"
-    if has("vision_model."):
-        return "a CLIP vision model, not a text encoder"
     if has("distilled_guidance_layer."):
         return "a Chroma DiT (the main model: --pretrained_model_name_or_path with --model_type chroma)"
     if has("double_blocks.") or has("single_transformer_blocks."):

@@ -181,3 +181,19 @@ def test_a_shard_of_single_blocks_is_named_as_part_of_a_dit():
     expected = "a part of a FLUX or Chroma DiT (single blocks only: one shard of a split checkpoint?)"
     assert describe_checkpoint(keys) == expected
     assert describe_checkpoint(["model.diffusion_model." + k for k in keys]) == expected
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"], "a large language model's text encoder"),
+    (["model.layers.7.self_attn.q_proj.weight", "model.layers.7.mlp.gate_proj.weight"],
+     "a large language model's text encoder"),  # one shard of several
+    (["vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+     "a CLIP vision model, not a text encoder"),  # ComfyUI's clip_vision_l
+    (["text_model.encoder.layers.0.self_attn.q_proj.weight", "text_model.embeddings.token_embedding.weight"],
+     "a CLIP text encoder (give it as --clip_l)"),
+    (["encoder.layers.11.self_attn.q_proj.weight"], "a CLIP text encoder (give it as --clip_l)"),  # a later shard
+])  # fmt: skip
+def test_text_encoders_flux_does_not_use_are_not_sent_to_clip_l(keys, expected):
+    """A vision tower and Qwen / Llama / Gemma files were "a CLIP text encoder (give it as --clip_l)", and --clip_l
+    then said the file was a CLIP text encoder without its embeddings."""
+    assert describe_checkpoint(keys).startswith(expected)
