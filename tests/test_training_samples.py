@@ -164,3 +164,35 @@ def test_samples_go_to_wandb_as_sd_scripts_logs_them(monkeypatch):
     # no wandb tracker (tensorboard only, or a process without trackers): nothing to log to
     assert wandb_sample_logger(types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard")])) is None
     assert wandb_sample_logger(types.SimpleNamespace(trackers=[])) is None
+
+
+@pytest.mark.parametrize(
+    "model_type, flags",
+    [("flux", {"network_dropout": 0.3}), ("chroma", {"cache_text_encoder_outputs": True})],
+    ids=["dev_dropout", "chroma_cached_te"],
+)
+def test_sampling_during_a_run_leaves_the_trained_lora_exactly_as_without(tiny_model_files, tmp_path, model_type,
+                                                                          flags):
+    """Samples before the first step and after every step draw nothing from the run's RNG (dropout masks,
+    noise, timesteps) and leave every module as it was: the LoRA is bit-identical to the run without."""
+    import flux_train_network
+    from library.safetensors_io import load_safetensors
+    from tests.training_helpers import base_argv, dataset
+
+    data = dataset(tmp_path)
+    weights = {}
+    for name, sampling in (("with", True), ("without", False)):
+        out = tmp_path / name
+        more = dict(sample_prompts=data.sample_prompts, sample_every_n_steps=1, sample_at_first=True)
+        argv = base_argv(tiny_model_files, data, str(out), model_type=model_type, steps=2, **flags,
+                         **(more if sampling else {}))
+        assert flux_train_network.main(argv) == 0
+        weights[name] = load_safetensors(str(out / "lora.safetensors"))
+    # sd-scripts names the set before the first step by epoch 0, the others by step
+    names = sorted(re.sub(r"_\d{14}_", "_<time>_", f) for f in os.listdir(tmp_path / "with" / "sample"))
+    assert names == [f"lora_{n}_00_<time>_42.png" for n in ("000001", "000002", "e000000")]
+    assert not (tmp_path / "without" / "sample").exists()
+    assert weights["with"].keys() == weights["without"].keys()
+    assert any(v.any() for k, v in weights["with"].items() if k.endswith("lora_up.weight"))  # it did train
+    for key, value in weights["without"].items():
+        assert torch.equal(weights["with"][key], value), key
