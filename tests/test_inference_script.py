@@ -334,3 +334,13 @@ def test_a_negative_seed_is_a_seed(tiny_model_files, tmp_path):
     negative, text = generate(tiny_model_files, tmp_path, "neg", "--seed", -1)
     wrapped, _ = generate(tiny_model_files, tmp_path, "wrapped", "--seed", 2**64 - 1)
     assert text["seed"] == "-1" and np.array_equal(negative, wrapped)
+
+
+def test_sizes_are_floored_to_multiples_of_16(tiny_model_files, tmp_path):
+    """--width 100 --height 90 draws at 96x80 (what sd-scripts' sampler does), not a resized 96x80 picture."""
+    floored, text = generate(tiny_model_files, tmp_path, "odd", "--seed", 2, "--width", 100, "--height", 90)
+    exact, _ = generate(tiny_model_files, tmp_path, "exact", "--seed", 2, "--width", 96, "--height", 80)
+    assert floored.shape == (80, 96, 3) and (text["width"], text["height"]) == ("96", "80")
+    assert "Size: 96x80," in text["parameters"]
+    assert np.array_equal(floored, exact)
+
