@@ -1,5 +1,6 @@
 """networks/flux_merge_lora.py on checkpoints of other layouts: a diffusers-layout DiT gets exactly the merge of
-the BFL file, module kind by module kind (fused qkv and linear1 split, the final modulation's halves swapped).
+the BFL file, module kind by module kind (fused qkv and linear1 split, the final modulation's halves swapped), and
+a plain fp8 checkpoint is merged in float, then saved in float32 or, asked to, in fp8.
 
 The LoRAs are written by hand (sd-scripts key names, random factors), so they can reach modules the trainer's
 network does not (the embedders and the modulations)."""
@@ -78,3 +79,28 @@ def test_a_diffusers_layout_checkpoint_gets_the_bfl_merge_of_every_module_kind(
         assert torch.equal(merged_diffusers["norm_out.linear.weight"], torch.cat([scale, shift]))
     assert read_metadata(bfl_out)["modelspec.architecture"] == architecture
 
+
+@pytest.mark.parametrize("precision", [None, "fp8"])
+def test_a_plain_fp8_checkpoint_is_merged_in_float_and_saved_as_float32_or_fp8(tiny_model_files, tmp_path,
+                                                                                precision):
+    base = load_safetensors(tiny_model_files.flux_dev)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in base.items()}
+    fp8_file = tmp_path / "fp8.safetensors"
+    save_safetensors(fp8, fp8_file)
+    module = "double_blocks.0.img_attn.qkv"
+    lora = hand_written_lora(tmp_path / "lora.safetensors", base, [module], "flux1", rank=4, alpha=4.0)
+    out = tmp_path / "merged.safetensors"
+    assert merge("--flux_model", fp8_file, "--save_to", out, "--models", lora,
+                 *(["--save_precision", precision] if precision else [])) == 0  # fmt: skip
+    merged = load_safetensors(out)
+    assert merged.keys() == base.keys()
+    change = deltas(load_safetensors(lora))["lora_unet_" + module.replace(".", "_")]
+    expected = fp8[f"{module}.weight"].double() + change
+    if precision is None:  # every tensor float32, the fp8 ones widened exactly, the update not rounded to fp8
+        assert {v.dtype for v in merged.values()} == {torch.float32}
+        assert_within_an_ulp(merged[f"{module}.weight"], expected, module)
+        assert all(torch.equal(merged[k], fp8[k].float()) for k in fp8 if k != f"{module}.weight")
+    else:  # every float tensor cast, norms and biases too; the merged weight is the float sum then cast
+        assert {v.dtype for v in merged.values()} == {torch.float8_e4m3fn}
+        assert torch.equal(merged[f"{module}.weight"].float(), expected.float().to(torch.float8_e4m3fn).float())
+        assert all(torch.equal(merged[k], fp8[k].to(torch.float8_e4m3fn)) for k in fp8 if k != f"{module}.weight")
