@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from collections import Counter
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from library.caches import LatentCacher, TextEncoderCacher
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups, collate_first, sample_rng
-from tests.dataset_helpers import make_args, make_folder, make_image, write_toml
+from tests.dataset_helpers import FakeTextEncoder, StandInEncoder, make_args, make_folder, make_image, write_toml
 
 
 def _build(tmp_path, subsets: str, dataset: str = "", seed: int = 0, *argv, resolution: int = 32):
@@ -125,6 +127,40 @@ def test_dataloader_with_workers_gives_the_same_batches(tmp_path):
     direct = [train[i]["flippeds"] for i in range(len(train))]
     loader = torch.utils.data.DataLoader(train, batch_size=1, shuffle=False, collate_fn=collate_first, num_workers=2)
     assert [b["flippeds"] for b in loader] == direct
+
+
+def test_dataloader_workers_reading_disk_caches_give_the_main_process_batches_and_flips(tmp_path):
+    """Workers load the latent and text-encoder files themselves: same latents, flips and T5 outputs as the
+    main process, each the file's flipped or unflipped array as the flip says."""
+    names = {f"{i}.png": (32, 32) if i % 2 else (64, 16) for i in range(12)}
+    make_folder(tmp_path / "a", names, {n: f"cap {n}" for n in names})
+    buckets = "enable_bucket = true\nbucket_reso_steps = 16\nmin_bucket_reso = 16\nmax_bucket_reso = 64"
+    train, _ = _build(tmp_path, f'[[datasets.subsets]]\nimage_dir = "{tmp_path / "a"}"\ncaption_extension = ".txt"\n'
+                                "flip_aug = true", buckets, 3)  # fmt: skip
+    LatentCacher(StandInEncoder(), "ae", True).cache([train])
+    TextEncoderCacher(FakeTextEncoder(), {"x": 1}, False, True).cache([train])
+    assert all(e.latents is None and e.te_outputs is None for e in train.entries())  # read from disk per batch
+    train.set_current_epoch(2)
+    direct = [train[i] for i in range(len(train))]
+    loader = torch.utils.data.DataLoader(train, batch_size=1, shuffle=False, collate_fn=collate_first, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == len(direct) == 4  # buckets 32x32 and 64x16, 6 images each, batches of 4
+    flips = []
+    for a, b in zip(direct, batches, strict=True):
+        assert a["image_keys"] == b["image_keys"] and a["flippeds"] == b["flippeds"]
+        assert torch.equal(a["latents"], b["latents"])
+        assert torch.equal(a["text_encoder_outputs"]["t5_out"], b["text_encoder_outputs"]["t5_out"])
+        for key, lat, t5, flipped in zip(b["image_keys"], b["latents"], b["text_encoder_outputs"]["t5_out"],
+                                         b["flippeds"], strict=True):  # fmt: skip
+            stem = os.path.splitext(key)[0]
+            (lat_file,) = glob.glob(stem + "_*x*_flux.npz")
+            with np.load(lat_file) as z:
+                name = next(k for k in z.files if k.startswith("latents_flipped_" if flipped else "latents_"))
+                assert torch.equal(lat, torch.from_numpy(z[name]))
+            with np.load(stem + "_flux_te.npz") as z:
+                assert torch.equal(t5, torch.from_numpy(z["t5_out"]))
+            flips.append(flipped)
+    assert len(flips) == 12 and 0 < sum(flips) < 12
 
 
 def test_shared_counters_drive_epoch_and_step(tmp_path):

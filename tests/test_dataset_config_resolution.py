@@ -424,6 +424,36 @@ def test_text_encoder_caching_refuses_the_four_random_caption_options(tmp_path, 
     assert "in datasets[0].subsets[1] (b) (set in datasets[0].subsets[1])" in msg
 
 
+@pytest.mark.parametrize("cache_flag", ["--cache_text_encoder_outputs", "--cache_text_encoder_outputs_to_disk"])
+@pytest.mark.parametrize(
+    "general, cli, option, value, origin",
+    [
+        ("shuffle_caption = true", [], "shuffle_caption", "True", "[general]"),
+        ("caption_dropout_rate = 0.1", [], "caption_dropout_rate", "0.1", "[general]"),
+        (None, ["--shuffle_caption"], "shuffle_caption", "True", "command line"),
+        (None, ["--caption_dropout_rate", "0.1"], "caption_dropout_rate", "0.1", "command line"),
+    ],
+)
+def test_text_encoder_caching_refuses_random_captions_set_in_general_or_on_the_command_line(
+    tmp_path, cache_flag, general, cli, option, value, origin
+):
+    """The refusal reads resolved values, so a [general] key or a --train_data_dir run's flag is caught too."""
+    folder = make_folder(tmp_path / "train" / "1_cls", {"a.png": (32, 32)}, {"a.png": "x, y, z"})
+    if general is None:
+        argv = ["--train_data_dir", str(tmp_path / "train"), "--resolution", "32", *cli]
+    else:
+        toml = f'[general]\n{general}\n[[datasets]]\nresolution = 32\n[[datasets.subsets]]\nimage_dir = "{folder}"\n'
+        argv = ["--dataset_config", write_toml(tmp_path / "c.toml", toml)]
+    args = make_args(*argv, cache_flag, "--cache_latents")
+    with pytest.raises(UserError) as ei:
+        check_caching(load_dataset_configs(args), args)
+    assert str(ei.value) == (
+        f"--cache_text_encoder_outputs cannot be used with {option} = {value} in datasets[0].subsets[0] ({folder}) "
+        f"(set in {origin}): the captions are encoded once, so a caption that changes every step cannot be "
+        f"cached. Remove {option} for this subset or drop --cache_text_encoder_outputs."
+    )
+
+
 def test_text_encoder_caching_warns_about_wildcards_and_dropout_every_n_epochs(tmp_path, caplog):
     cfg = write_toml(
         tmp_path / "c.toml",

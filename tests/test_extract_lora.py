@@ -279,3 +279,45 @@ def test_an_extraction_that_fails_to_write_is_one_error_line(tiny_model_files, t
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"error: [Errno 28] No space left on device: '{out}'"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers", "diffusers_original"])
+@pytest.mark.parametrize("model_type", ["flux", "chroma"])
+def test_dim_1_recovers_rank_1_changes_and_names_the_model_of_either_file_in_diffusers_layout(
+    tiny_model_files, tmp_path, model_type, layout
+):
+    """A rank-1 change and a constant shift (rank 1 too) come back at --dim 1; with the tuned model or the original
+    in diffusers' layout, the LoRA is still recorded as one for the FLUX dev / Chroma model it is."""
+    from library.flux_key_mapping import bfl_to_diffusers
+    from library.safetensors_io import save_safetensors
+
+    base_file = tiny_model_files.chroma if model_type == "chroma" else tiny_model_files.flux_dev
+    base = load_safetensors(base_file)
+    g = torch.Generator().manual_seed(1)
+    linear1, qkv = "single_blocks.0.linear1.weight", "double_blocks.1.txt_attn.qkv.weight"
+    (rows, columns) = base[linear1].shape
+    tuned = dict(base)
+    tuned[linear1] = base[linear1] + torch.randn(rows, 1, generator=g) @ torch.randn(1, columns, generator=g) * 0.01
+    tuned[qkv] = base[qkv] + 0.001
+    tuned_file = tmp_path / "tuned.safetensors"
+    save_safetensors(bfl_to_diffusers(tuned) if layout == "diffusers" else tuned, tuned_file)
+    original_file = base_file
+    if layout == "diffusers_original":
+        original_file = tmp_path / "original_diffusers.safetensors"
+        save_safetensors(bfl_to_diffusers(base), original_file)
+    out = tmp_path / "extracted.safetensors"
+    assert extract(original_file, tuned_file, out, "--dim", 1, "--clamp_quantile", "1.0") == 0
+
+    sd = load_safetensors(out)
+    names = ["lora_unet_double_blocks_1_txt_attn_qkv", "lora_unet_single_blocks_0_linear1"]
+    assert sorted(sd) == sorted(f"{n}.{p}" for n in names for p in ("alpha", "lora_down.weight", "lora_up.weight"))
+    assert all(sd[f"{n}.lora_down.weight"].shape[0] == 1 for n in names)
+    extracted = deltas(sd)
+    # changes of up to 1e-3 and 0.1: the fp32 rounding of the tuned weights (not rank 1) and the SVD's are left
+    for name, key, atol in zip(names, (qkv, linear1), (1e-7, 1e-6), strict=True):
+        torch.testing.assert_close(extracted[name], (tuned[key] - base[key]).double(), rtol=0, atol=atol, msg=name)
+    metadata = read_metadata(out)
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("1", "1.0")
+    chroma = model_type == "chroma"
+    assert metadata["ss_base_model_version"] == ("chroma" if chroma else "flux1")
+    assert metadata["modelspec.architecture"] == ("chroma/lora" if chroma else "flux-1-dev/lora")

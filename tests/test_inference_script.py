@@ -334,3 +334,42 @@ def test_a_negative_seed_is_a_seed(tiny_model_files, tmp_path):
     negative, text = generate(tiny_model_files, tmp_path, "neg", "--seed", -1)
     wrapped, _ = generate(tiny_model_files, tmp_path, "wrapped", "--seed", 2**64 - 1)
     assert text["seed"] == "-1" and np.array_equal(negative, wrapped)
+
+
+def test_sizes_are_floored_to_multiples_of_16(tiny_model_files, tmp_path):
+    """--width 100 --height 90 draws at 96x80 (what sd-scripts' sampler does), not a resized 96x80 picture."""
+    floored, text = generate(tiny_model_files, tmp_path, "odd", "--seed", 2, "--width", 100, "--height", 90)
+    exact, _ = generate(tiny_model_files, tmp_path, "exact", "--seed", 2, "--width", 96, "--height", 80)
+    assert floored.shape == (80, 96, 3) and (text["width"], text["height"]) == ("96", "80")
+    assert "Size: 96x80," in text["parameters"]
+    assert np.array_equal(floored, exact)
+
+
+@pytest.fixture(scope="module")
+def chroma_lora_file(tiny_model_files, tmp_path_factory):
+    """A LoRA on the tiny Chroma DiT, strong enough to change the image visibly."""
+    from library.flux_utils import load_flow_model
+
+    _, dit = load_flow_model(tiny_model_files.chroma, torch.float32, "cpu", model_type="chroma")
+    path = str(tmp_path_factory.mktemp("inference_chroma_lora") / "chroma_style.safetensors")
+    return write_lora(path, dit, [None, None], dim=4, alpha=4.0, seed=11, std=0.3)
+
+
+def test_chroma_png_records_the_applied_lora_and_two_halves_equal_the_whole(tiny_model_files, tmp_path,
+                                                                             chroma_lora_file):
+    def chroma(name, *extra):
+        return generate(tiny_model_files, tmp_path, name, "--seed", 1, *extra, model_type="chroma")
+
+    base, _ = chroma("base")
+    applied, text = chroma("applied", "--lora_weights", f"{chroma_lora_file};0.7")
+    assert np.abs(applied - base).max() > 20, "the LoRA changes the image"
+    assert json.loads(text["loras"]) == [{"name": "chroma_style", "multiplier": 0.7}]
+    assert text["lora_merged"] == "False" and text["model"] == "chroma"
+    assert text["parameters"].endswith(", Model: chroma, Lora: chroma_style:0.7")
+
+    copy = str(tmp_path / "copy.safetensors")
+    save_safetensors(load_safetensors(chroma_lora_file), copy)
+    whole, _ = chroma("whole", "--lora_weights", chroma_lora_file)
+    halves, text = chroma("halves", "--lora_weights", f"{chroma_lora_file};0.5", f"{copy};0.5")
+    assert text["parameters"].endswith(", Lora: chroma_style:0.5, Lora: copy:0.5")
+    assert np.abs(whole - halves).max() <= 1 and np.abs(whole - applied).max() > 5

@@ -164,3 +164,94 @@ def test_samples_go_to_wandb_as_sd_scripts_logs_them(monkeypatch):
     # no wandb tracker (tensorboard only, or a process without trackers): nothing to log to
     assert wandb_sample_logger(types.SimpleNamespace(trackers=[types.SimpleNamespace(name="tensorboard")])) is None
     assert wandb_sample_logger(types.SimpleNamespace(trackers=[])) is None
+
+
+@pytest.mark.parametrize(
+    "model_type, flags",
+    [("flux", {"network_dropout": 0.3}), ("chroma", {"cache_text_encoder_outputs": True})],
+    ids=["dev_dropout", "chroma_cached_te"],
+)
+def test_sampling_during_a_run_leaves_the_trained_lora_exactly_as_without(tiny_model_files, tmp_path, model_type,
+                                                                          flags):
+    """Samples before the first step and after every step draw nothing from the run's RNG (dropout masks,
+    noise, timesteps) and leave every module as it was: the LoRA is bit-identical to the run without."""
+    import flux_train_network
+    from library.safetensors_io import load_safetensors
+    from tests.training_helpers import base_argv, dataset
+
+    data = dataset(tmp_path)
+    weights = {}
+    for name, sampling in (("with", True), ("without", False)):
+        out = tmp_path / name
+        more = dict(sample_prompts=data.sample_prompts, sample_every_n_steps=1, sample_at_first=True)
+        argv = base_argv(tiny_model_files, data, str(out), model_type=model_type, steps=2, **flags,
+                         **(more if sampling else {}))
+        assert flux_train_network.main(argv) == 0
+        weights[name] = load_safetensors(str(out / "lora.safetensors"))
+    # sd-scripts names the set before the first step by epoch 0, the others by step
+    names = sorted(re.sub(r"_\d{14}_", "_<time>_", f) for f in os.listdir(tmp_path / "with" / "sample"))
+    assert names == [f"lora_{n}_00_<time>_42.png" for n in ("000001", "000002", "e000000")]
+    assert not (tmp_path / "without" / "sample").exists()
+    assert weights["with"].keys() == weights["without"].keys()
+    assert any(v.any() for k, v in weights["with"].items() if k.endswith("lora_up.weight"))  # it did train
+    for key, value in weights["without"].items():
+        assert torch.equal(weights["with"][key], value), key
+
+
+PROMPTS_TOML = """
+[prompt]
+width = 100
+height = 72
+sample_steps = 2
+[[prompt.subset]]
+prompt = "a cat"
+seed = 5
+[[prompt.subset]]
+prompt = "a dog"
+negative_prompt = "blurry"
+scale = 3.0
+width = 130
+height = 90
+seed = 6
+"""
+PROMPTS_JSON = (
+    '["a cat --w 90 --h 130 --s 2 --d 0", '
+    '{"prompt": "x", "seed": 18446744073709551615, "sample_steps": 2, "width": 64, "height": 64}]'
+)
+
+
+@pytest.mark.parametrize("model_type", ["flux", "chroma"])
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        # shared 100x72 floors to 96x64; the second subset's own 130x90 to 128x80
+        ("p.toml", PROMPTS_TOML, [("00", "_5", (96, 64), "5"), ("01", "_6", (128, 80), "6")]),
+        # JSON: a prompt line floored the same way, and the largest seed a generator takes, named in full
+        ("p.json", PROMPTS_JSON, [("00", "_0", (80, 128), "0"), ("01", f"_{2**64 - 1}", (64, 64), str(2**64 - 1))]),
+    ],
+    ids=["toml", "json"],
+)
+def test_prompt_files_give_sample_images_of_floored_sizes_named_by_their_seeds(
+    tiny_model_files, tmp_path, model_type, name, text, expected
+):
+    from PIL import Image
+
+    from library.flux_utils import load_ae, load_flow_model
+    from library.sample_prompts import load_prompts
+
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    checkpoint = {"flux": tiny_model_files.flux_dev, "chroma": tiny_model_files.chroma}[model_type]
+    _, dit = load_flow_model(checkpoint, torch.float32, "cpu", model_type=model_type)
+    ae = load_ae(tiny_model_files.ae, torch.float32, "cpu")
+    paths = sample_images(dit, ae, load_prompts(str(path)), output_dir=str(tmp_path / "out"), output_name="lora",
+                          epoch=None, steps=12, encode_prompts=fake_encoder(chroma=model_type == "chroma"),
+                          model_type=model_type, apply_t5_attn_mask=model_type == "chroma")  # fmt: skip
+    assert len(paths) == len(expected)
+    for written, (index, suffix, size, seed) in zip(paths, expected, strict=True):
+        assert re.fullmatch(rf"lora_000012_{index}_\d{{14}}{suffix}\.png", os.path.basename(written)), written
+        with Image.open(written) as image:
+            assert image.size == size
+            assert (image.text["width"], image.text["height"], image.text["seed"]) == (*map(str, size), seed)
+            assert image.text["steps"] == "2"
+            assert f"Seed: {seed}, Size: {size[0]}x{size[1]}," in image.text["parameters"]
