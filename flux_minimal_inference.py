@@ -311,9 +311,12 @@ def load_pipeline(args) -> Pipeline:
     logger.info("dtypes: DiT %s%s, T5 %s, AE %s; the DiT computes in %s on %s", flux_dtype, clip_text,
                 t5_dtype, ae_dtype, dit_compute, device)  # fmt: skip
 
-    # an fp8 DiT is loaded on the CPU in the compute dtype, cast, and only then moved to the device
+    # an fp8 DiT is loaded on the CPU and only then moved to the device; its block Linears are stored in e4m3fn as
+    # they are read (never the whole file in the compute dtype), unless a merged LoRA or e5m2 needs them wide first
+    narrow_on_load = flux_dtype == torch.float8_e4m3fn and not args.merge_lora_weights
     is_schnell, dit = load_flow_model(args.ckpt_path, compute if fp8_dit else flux_dtype,
-                                      "cpu" if fp8_dit else loading_device, model_type=args.model_type)  # fmt: skip
+                                      "cpu" if fp8_dit else loading_device, model_type=args.model_type,
+                                      fp8_block_linears=narrow_on_load)  # fmt: skip
     dit.requires_grad_(False).eval()
     # a LoRA merged into an fp8 encoder goes into its wide weights (on the CPU), which are then stored in fp8
     merge_first = args.merge_lora_weights and lora_files_have_modules([p for p, _ in specs], TEXT_ENCODER_KEYS)

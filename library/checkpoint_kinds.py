@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 FLUX_PREFIX = "model.diffusion_model."
+# the other parts of a file that holds a whole model beside its DiT (ComfyUI's checkpoint format)
+ALL_IN_ONE_PARTS = ("first_stage_model.", "vae.", "text_encoders.", "cond_stage_model.", "conditioner.")
 
 
 def strip_prefix(keys: Iterable[str], prefix: str = FLUX_PREFIX) -> list[str]:
@@ -20,14 +22,19 @@ def describe_checkpoint(keys: Sequence[str]) -> str:
 
     if has("lora_down") or has("lora_up") or has(".lora_A.") or has(".lora_B."):
         return "a LoRA file, not a base model"
+    if has("input_blocks.") or has("joint_blocks.") or has("down_blocks.1.attentions."):  # not an AE: no attentions
+        return "a Stable Diffusion model (SD 1.x, SDXL or SD3), not FLUX.1 or Chroma"
+    if has(FLUX_PREFIX) and any(has(p) for p in ALL_IN_ONE_PARTS):
+        return ("a whole FLUX checkpoint (DiT, autoencoder and text encoders in one file, as ComfyUI saves them); "
+                "give it as --pretrained_model_name_or_path, and --ae, --clip_l, --t5xxl may name it too")
     if has("vision_model."):  # before CLIP text: a vision tower has self_attn.q_proj too
         return "a CLIP vision model, not a text encoder"
+    if has("SelfAttention.q.weight") or has("encoder.block.0."):  # before language models: T5 has embed_tokens
+        return "a T5 text encoder (give it as --t5xxl)"
     if has("embed_tokens.weight") or (has("self_attn.q_proj.weight") and not has("encoder.layers.")):
         return "a large language model's text encoder (Qwen, Llama, Gemma ...), which FLUX.1 and Chroma do not use"
     if has("embeddings.token_embedding.weight") or has("self_attn.q_proj.weight"):
         return "a CLIP text encoder (give it as --clip_l)"
-    if has("SelfAttention.q.weight") or has("encoder.block.0."):
-        return "a T5 text encoder (give it as --t5xxl)"
     if has("distilled_guidance_layer."):
         return "a Chroma DiT (the main model: --pretrained_model_name_or_path with --model_type chroma)"
     if has("double_blocks.") or has("single_transformer_blocks."):

@@ -19,17 +19,12 @@ from torch import Tensor, nn
 
 from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint, incomplete_checkpoint, not_the_expected_kind
 from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
+from library.comfy_fp8 import comfy_scale_keys, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8
 from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, FluxParams, infer_flux_params
-from library.safetensors_io import (
-    SafetensorsReader,
-    dequantize_comfy_scaled_fp8,
-    is_comfy_scale_key,
-    is_comfy_scaled_fp8,
-    read_header,
-)
+from library.safetensors_io import SafetensorsReader, read_header
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
@@ -71,35 +66,37 @@ _BLOCK_GROUP = re.compile(r"^(?:double_blocks|single_blocks|transformer_blocks|s
 def _block_group(key: str) -> str:
     """The block a (prefix-stripped) key belongs to ("" outside the blocks): tensors are read, converted
     and cast one such group at a time."""
-    m = _BLOCK_GROUP.match(key[len(FLUX_PREFIX) :] if key.startswith(FLUX_PREFIX) else key)
+    m = _BLOCK_GROUP.match(key)
     return m.group(0) if m else ""
 
 
 def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_keys=frozenset(),
-                  convert=None) -> dict[str, Tensor]:  # fmt: skip
-    """Reads every tensor, without ``model.diffusion_model.``, one block at a time: applies ComfyUI's
-    fp8 scales, ``convert`` (e.g. diffusers' keys to BFL's) and then casts each result to
-    ``dtype_of(key)`` if that gives a dtype, else to ``dtype``; one named in ``scaled_fp8_keys`` is
-    quantized to e4m3fn with per-row scales, stored beside it as ``<name>_scale``. So the peak stays
-    near the size of the result plus one block as the file stores it."""
+                  convert=None, prefix: str = FLUX_PREFIX) -> dict[str, Tensor]:  # fmt: skip
+    """Reads every tensor, without ``prefix``, one block at a time: applies ComfyUI's fp8 scales, ``convert``
+    (e.g. diffusers' keys to BFL's) and then casts each result to ``dtype_of(key)`` if that gives a dtype, else
+    to ``dtype``; one named in ``scaled_fp8_keys`` is quantized to e4m3fn with per-row scales, stored beside it
+    as ``<name>_scale``. So the peak stays near the size of the result plus one block as the file stores it.
+    A file with keys under ``prefix`` holds other models too (ComfyUI's whole checkpoints): only those are read."""
     from contextlib import ExitStack
 
     where: dict[str, SafetensorsReader] = {}
-    groups: dict[str, list[str]] = {}
     with ExitStack() as stack:
         for file in files:
             reader = stack.enter_context(SafetensorsReader(file))
-            for key in reader.keys():
-                where[key] = reader
-                groups.setdefault(_block_group(key), []).append(key)
+            where.update((key, reader) for key in reader.keys())
+        if prefix and any(key.startswith(prefix) for key in where):
+            where = {key: reader for key, reader in where.items() if key.startswith(prefix)}
+        groups: dict[str, list[str]] = {}
+        for key in where:
+            groups.setdefault(_block_group(key[len(prefix) :] if key.startswith(prefix) else key), []).append(key)
         scaled_fp8 = is_comfy_scaled_fp8(where)
         device = torch.device(device)
         sd: dict[str, Tensor] = {}
         for keys in groups.values():
             group = {key: where[key].get(key) for key in keys}
             if scaled_fp8:
-                group = dequantize_comfy_scaled_fp8(group, dtype or torch.float32)
-            group = _strip(group)
+                group = dequantize_comfy_scaled_fp8(group, dtype or torch.float32, files[0])
+            group = _strip(group, prefix)
             if convert is not None:
                 group = convert(group)
             while group:  # each source tensor is dropped as its cast is made: about one block alive at a time
@@ -142,6 +139,8 @@ def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict,
         raise CheckpointError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
     files = checkpoint_files(ckpt_path)
     shapes, metadata = _read_shapes(files)
+    if any(k.startswith(FLUX_PREFIX) for k in shapes):  # a whole checkpoint: its DiT only
+        shapes = {k: v for k, v in shapes.items() if k.startswith(FLUX_PREFIX)}
     shapes = _strip(shapes)
     diffusers = is_diffusers_state_dict(shapes)
     if not diffusers and "img_in.weight" not in shapes:
@@ -161,14 +160,15 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
     FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
     _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
     if diffusers:
-        row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale"))
+        row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale") and k not in comfy_scale_keys(shapes))
         if row_scaled:  # per-row scales of diffusers' separate q, k, v would have to be fused with them
             raise CheckpointError(
                 f"{ckpt_path}: a diffusers-layout DiT with per-row fp8 scales ({row_scaled[0]}, ...) is not "
                 "supported; give the BFL-layout file (flux1-dev.safetensors) or one without weight_scale tensors"
             )
         # ComfyUI's fp8 scales are applied before the keys are mapped
-        stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not is_comfy_scale_key(k)}
+        scale_keys = comfy_scale_keys(shapes)
+        stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if k not in scale_keys}
         try:
             shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
         except KeyError as e:
@@ -179,11 +179,42 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
                 f"{ckpt_path}: expected a FLUX.1 or Chroma DiT, but this file looks like {kind}"
             ) from None
     try:
-        return infer_chroma_params(shapes, metadata) if chroma else infer_flux_params(shapes, metadata)
+        params = infer_chroma_params(shapes, metadata) if chroma else infer_flux_params(shapes, metadata)
     except (KeyError, ValueError) as e:
         raise CheckpointError(
             f"{ckpt_path}: incomplete DiT checkpoint (no {e}); the file is damaged or cut short"
         ) from None
+    _check_against_model(ckpt_path, shapes, params, chroma)
+    return params
+
+
+_NOT_FLOAT = ("I8", "U8", "I16", "I32", "I64", "BOOL")
+
+
+def _check_against_model(ckpt_path: str, shapes: dict, params, chroma: bool) -> None:
+    """Every tensor the model the header describes needs is there, in its shape and as floats; else the load
+    would stop after reading the whole file (a missing tensor) or with torch's own error (int8, NF4)."""
+    entries = {}
+    for file in checkpoint_files(ckpt_path):
+        entries.update(read_header(file)[0])
+    packed = sorted(k for k, e in entries.items() if e["dtype"] in _NOT_FLOAT and k.endswith(".weight"))
+    if packed:
+        raise CheckpointError(
+            f"{ckpt_path}: {packed[0]} is stored as {entries[packed[0]]['dtype']}: an int8 or 4-bit quantized file "
+            "(bitsandbytes, NF4), which this trainer does not read; give a bf16, fp16 or fp8 file (--fp8_base "
+            "quantizes on load)"
+        )
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in (Chroma(params) if chroma else Flux(params)).state_dict().items()}
+    missing = expected.keys() - shapes.keys()
+    if missing:
+        raise CheckpointError(incomplete_checkpoint(ckpt_path, missing))
+    wrong = [k for k in sorted(expected) if tuple(shapes[k]) != expected[k]]
+    if wrong:
+        raise CheckpointError(
+            f"{ckpt_path}: {len(wrong)} tensors are not of the shape the rest of the file gives them, e.g. {wrong[0]} "
+            f"{list(shapes[wrong[0]])} where {list(expected[wrong[0]])}: a damaged or repacked (quantized) file"
+        )
 
 
 def load_flow_model(
@@ -244,9 +275,18 @@ def load_flow_model(
     return is_schnell, model
 
 
+AE_PREFIXES = ("first_stage_model.", "vae.")  # the autoencoder inside a whole checkpoint (ComfyUI's)
+
+
+def _ae_prefix(shapes) -> str:
+    return next((p for p in AE_PREFIXES if f"{p}encoder.conv_in.weight" in shapes), "")
+
+
 def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
     """The autoencoder's widths and depths from the header alone; a file that is no FLUX AE stops here."""
     shapes, _ = _read_shapes([ckpt_path])
+    if prefix := _ae_prefix(shapes):
+        shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
     for anchor in ("encoder.conv_in.weight", "decoder.conv_in.weight"):
         if anchor not in shapes:
             raise CheckpointError(not_the_expected_kind(ckpt_path, "the FLUX autoencoder (ae.safetensors)",
@@ -275,10 +315,11 @@ def check_ae_file(ckpt_path: str) -> AutoEncoderParams:
 def load_ae(
     ckpt_path: str, dtype: torch.dtype | None, device: str | torch.device, disable_mmap: bool = False
 ) -> AutoEncoder:
-    """Loads ``ae.safetensors`` (BFL keys), widths and depths read from the file."""
+    """Loads ``ae.safetensors`` (BFL keys), or the autoencoder of a whole checkpoint; widths and depths read
+    from the file."""
     del disable_mmap
     params = check_ae_file(ckpt_path)
-    sd = _load_tensors([ckpt_path], device, dtype)
+    sd = _load_tensors([ckpt_path], device, dtype, prefix=_ae_prefix(_read_shapes([ckpt_path])[0]))
     with torch.device("meta"):
         ae = AutoEncoder(params)
     assign_state_dict(ae, sd, ckpt_path)

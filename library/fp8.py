@@ -219,8 +219,9 @@ def dit_load_dtype(ckpt_path: str, compute_dtype: torch.dtype) -> torch.dtype | 
     narrowed again; everything else, ComfyUI's scaled fp8 files included (their scales are
     applied on load), loads in ``compute_dtype``.
     """
+    from library.comfy_fp8 import is_comfy_scaled_fp8
     from library.flux_utils import checkpoint_files
-    from library.safetensors_io import is_comfy_scaled_fp8, read_header
+    from library.safetensors_io import read_header
 
     entries: dict = {}
     for file in checkpoint_files(ckpt_path):
@@ -237,7 +238,8 @@ T5_LINEAR_WEIGHTS = (".q.weight", ".k.weight", ".v.weight", ".o.weight", ".wi_0.
 def t5_file_is_plain_fp8(path: str) -> bool:
     """Whether a T5 file stores its Linear weights in e4m3 fp8 without scales (``t5xxl_fp8_e4m3fn``).
     Such weights can stay fp8: widened inside autocast, they give the same outputs as widened on load."""
-    from library.safetensors_io import is_comfy_scaled_fp8, read_header
+    from library.comfy_fp8 import is_comfy_scaled_fp8
+    from library.safetensors_io import read_header
 
     entries = read_header(path)[0]
     weights = [e["dtype"] for k, e in entries.items() if k.endswith(T5_LINEAR_WEIGHTS)]

@@ -337,30 +337,3 @@ def write_torch_file(obj, path: str | os.PathLike) -> None:
     torch.save(obj, buffer)
     with open(path, "wb") as f:
         f.write(buffer.getbuffer())
-
-
-def dequantize_comfy_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Applies ComfyUI's per-tensor fp8 scales (``<layer>.scale_weight``) in place.
-
-    Such files carry a ``scaled_fp8`` marker tensor; ``weight * scale_weight`` is the real
-    weight. ``scale_input`` entries only matter to fp8 matmul kernels and are dropped.
-    """
-    for key in [k for k in state_dict if k == "scaled_fp8" or k.endswith(".scaled_fp8")]:  # the marker, any prefix
-        del state_dict[key]
-    for key in [k for k in state_dict if k.endswith(".scale_weight")]:
-        scale = state_dict.pop(key)
-        weight_key = key[: -len("scale_weight")] + "weight"
-        if weight_key in state_dict:  # in fp32, rounded once: a bf16 scale would shift every weight
-            state_dict[weight_key] = (state_dict[weight_key].float() * scale.float()).to(dtype)
-    for key in [k for k in state_dict if k.endswith(".scale_input")]:
-        del state_dict[key]
-    return state_dict
-
-
-def is_comfy_scale_key(key: str) -> bool:
-    """A key of ComfyUI's scaled fp8 format that holds no weight: the marker or a per-tensor scale."""
-    return key == "scaled_fp8" or key.endswith((".scaled_fp8", ".scale_weight", ".scale_input"))
-
-
-def is_comfy_scaled_fp8(keys: Iterable[str]) -> bool:
-    return any(k == "scaled_fp8" or k.endswith((".scaled_fp8", ".scale_weight")) for k in keys)

@@ -29,14 +29,10 @@ import torch
 from torch import nn
 
 from library.checkpoint_kinds import incomplete_checkpoint, not_the_expected_kind
+from library.comfy_fp8 import comfy_scale_keys, dequantize_comfy_scaled_fp8
 from library.dtypes import FP8_DTYPES
 from library.errors import CheckpointError
-from library.safetensors_io import (
-    dequantize_comfy_scaled_fp8,
-    is_comfy_scale_key,
-    load_safetensors,
-    read_header,
-)
+from library.safetensors_io import load_safetensors, read_header
 
 if TYPE_CHECKING:  # transformers is imported when a model is built: it costs seconds
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -365,10 +361,11 @@ def _load_into(
     """
     _refuse_missing_keys(path, key_map, file_keys)
     used = set(key_map.values())
-    scaled = any(is_comfy_scale_key(k) for k in file_keys)
+    scale_keys = comfy_scale_keys(file_keys)
+    scaled = bool(scale_keys)
     ignored, unexpected = [], []
     for k in file_keys:
-        if k in used or (scaled and is_comfy_scale_key(k)):
+        if k in used or k in scale_keys:
             continue
         inner = k[len(prefix) :]
         if inner in _TIED_COPIES:
@@ -385,7 +382,7 @@ def _load_into(
         shown = ", ".join(unexpected[:10]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
         logger.warning("%s: %d unexpected keys, ignored: %s", path, len(unexpected), shown)
 
-    wanted = [k for k in file_keys if k in used or (scaled and is_comfy_scale_key(k))]
+    wanted = [k for k in file_keys if k in used or k in scale_keys]
     if state_dict is not None:
         tensors = {k: state_dict[k].to(device) for k in wanted}
     else:
@@ -399,7 +396,8 @@ def _load_into(
         )
     if scaled:
         # Scales multiply in the precision the weights will compute in, as ComfyUI does.
-        tensors = dequantize_comfy_scaled_fp8(tensors, compute_dtype if dtype is None or dtype in FP8_DTYPES else dtype)
+        tensors = dequantize_comfy_scaled_fp8(tensors, compute_dtype if dtype is None or dtype in FP8_DTYPES else dtype,
+                                              path)
         if fp8_storage is not None:
             logger.info(
                 "%s: scaled fp8 weights are dequantized, then stored as %s (a plain fp8 file's precision)",

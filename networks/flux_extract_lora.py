@@ -46,13 +46,13 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
+from library.comfy_fp8 import comfy_scale_keys, comfy_weight_scale_key  # noqa: E402
 from library.dtypes import device_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict  # noqa: E402
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
     check_output_file,
-    is_comfy_scale_key,
     read_header,
     same_file,
     warn_unless_safetensors_name,
@@ -144,8 +144,9 @@ class DitWeights:
         self.source: dict[str, str] = {}  # BFL key -> its file key (BFL) or its block's key prefix (diffusers)
         self._block: tuple[str, dict[str, Tensor]] = ("", {})
         if not self.diffusers:
+            scale_keys = comfy_scale_keys(self.header)
             for key, entry in self.header.items():
-                if not is_comfy_scale_key(key):
+                if key not in scale_keys:
                     name = key.removeprefix(FLUX_PREFIX)
                     self.shapes[name], self.source[name] = entry["shape"], key
             return
@@ -269,10 +270,10 @@ def extract_modules(org: DitWeights, tuned: DitWeights, dim: int, device: str | 
 
 
 def read_weight(reader: SafetensorsReader, key: str, header: dict) -> Tensor:
-    """A tensor in fp32; a weight of a ComfyUI scaled-fp8 file times its ``scale_weight``."""
+    """A tensor in fp32; a weight of a ComfyUI scaled-fp8 file times its per-tensor scale."""
     tensor = reader.get(key).float()
-    scale_key = key.removesuffix("weight") + "scale_weight"
-    if key.endswith(".weight") and scale_key in header:
+    scale_key = comfy_weight_scale_key(key, header) if key.endswith(".weight") else None
+    if scale_key is not None:
         tensor = tensor * reader.get(scale_key).float()
     return tensor
 

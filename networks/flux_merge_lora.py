@@ -46,6 +46,7 @@ from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from library.checkpoint_kinds import FLUX_PREFIX  # noqa: E402
+from library.comfy_fp8 import is_comfy_scaled_fp8  # noqa: E402
 from library.dtypes import device_from_name, dtype_from_name  # noqa: E402
 from library.errors import UserError  # noqa: E402
 from library.lora_formats import (  # noqa: E402
@@ -58,7 +59,6 @@ from library.lora_formats import (  # noqa: E402
 from library.safetensors_io import (  # noqa: E402
     SafetensorsReader,
     check_output_file,
-    is_comfy_scaled_fp8,
     read_header,
     read_metadata,
     same_file,

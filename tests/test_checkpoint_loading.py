@@ -1,5 +1,6 @@
 """Loading DiT and AE files in every layout users have, and the errors for files that cannot be used."""
 
+import json
 import logging
 import os
 
@@ -87,20 +88,37 @@ def test_fp8_file_is_cast_to_the_requested_dtype(tmp_path, dev_model):
     assert kept.img_in.weight.dtype == torch.float8_e4m3fn
 
 
-@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
-def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model, prefix, caplog):
-    sd = {}
-    scales = {}
-    for key, value in dev_model.state_dict().items():
+def comfy_quant_marker(fmt: str = "float8_e4m3fn") -> torch.Tensor:
+    """comfy-kitchen's per-layer marker: the layer's format as UTF-8 JSON in a uint8 tensor."""
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def comfy_scaled(sd: dict, layout: str) -> tuple[dict, dict]:
+    """(file tensors, scale per weight key): 2-D weights in e4m3fn with a per-tensor scale, in ComfyUI's older
+    layout (``scale_weight``, a ``scaled_fp8`` marker) or comfy-kitchen's (``weight_scale`` + ``comfy_quant``)."""
+    out, scales = {}, {}
+    for key, value in sd.items():
         if key.endswith(".weight") and value.ndim == 2:
-            scale = value.abs().max() / 448.0
-            sd[key] = (value / scale).to(torch.float8_e4m3fn)
-            sd[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
-            sd[key[: -len("weight")] + "scale_input"] = torch.tensor(1.0)
-            scales[key] = scale
+            layer, scale = key[: -len(".weight")], value.abs().max() / 448.0
+            out[key], scales[key] = (value / scale).to(torch.float8_e4m3fn), scale
+            if layout == "scale_weight":
+                out[f"{layer}.scale_weight"], out[f"{layer}.scale_input"] = scale.reshape(()), torch.tensor(1.0)
+            else:
+                out[f"{layer}.weight_scale"], out[f"{layer}.input_scale"] = scale.reshape(()), torch.tensor(1.0)
+                out[f"{layer}.comfy_quant"] = comfy_quant_marker()
         else:
-            sd[key] = value
-    sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+            out[key] = value
+    if layout == "scale_weight":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out, scales
+
+
+@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant"])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model, prefix, layout, caplog):
+    """comfy-kitchen's layout (weight_scale beside a comfy_quant marker) crashed with an IndexError: its scalar
+    weight_scale was taken for this project's per-row scales."""
+    sd, scales = comfy_scaled(dev_model.state_dict(), layout)
     save_safetensors({prefix + k: v for k, v in sd.items()}, tmp_path / "scaled.safetensors")
     with caplog.at_level(logging.WARNING):
         _, model = load_flow_model(str(tmp_path / "scaled.safetensors"), torch.float32, "cpu")
@@ -113,6 +131,16 @@ def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model, prefix, capl
     assert torch.equal(weight, expected)
     # ignoring the scale would leave weights hundreds of times too large
     assert (weight - original).abs().max() < 0.1 * original.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "int8_blockwise"])
+def test_other_comfy_quant_formats_stop_naming_the_layer(tmp_path, dev_model, fmt):
+    sd, _ = comfy_scaled(dev_model.state_dict(), "comfy_quant")
+    sd["double_blocks.0.img_attn.qkv.comfy_quant"] = comfy_quant_marker(fmt)
+    save_safetensors(sd, tmp_path / "quantized.safetensors")
+    with pytest.raises(CheckpointError, match=rf"quantized\.safetensors: double_blocks\.0\.img_attn\.qkv is "
+                                              rf"quantized as {fmt} \(ComfyUI's quantized layout\)"):  # fmt: skip
+        load_flow_model(str(tmp_path / "quantized.safetensors"), torch.float32, "cpu")
 
 
 def test_chroma_file_as_flux_says_which_model_type_to_use(tmp_path):
@@ -153,15 +181,18 @@ def test_missing_file_is_named(tmp_path):
         load_flow_model(str(tmp_path / "nowhere.safetensors"), None, "cpu")
 
 
-def test_missing_keys_are_listed(tmp_path, dev_model):
+def test_missing_keys_are_listed_from_the_header(tmp_path, dev_model, monkeypatch):
+    """Found from the header, before any tensor is read (the load read the whole file first)."""
+    from library import flux_utils
+
     sd = dev_model.state_dict()
     del sd["double_blocks.1.txt_mlp.2.bias"], sd["single_blocks.0.norm.key_norm.scale"]
     save_safetensors(sd, tmp_path / "partial.safetensors")
+    monkeypatch.setattr(flux_utils.SafetensorsReader, "get", lambda *a: pytest.fail("a tensor was read"))
     with pytest.raises(CheckpointError) as error:
         load_flow_model(str(tmp_path / "partial.safetensors"), None, "cpu")
-    message = str(error.value)
-    assert "partial.safetensors: missing keys" in message
-    assert "double_blocks.1.txt_mlp.2.bias" in message and "single_blocks.0.norm.key_norm.scale" in message
+    assert str(error.value) == (f"{tmp_path / 'partial.safetensors'}: incomplete checkpoint, missing keys: "
+                                "double_blocks.1.txt_mlp.2.bias, single_blocks.0.norm.key_norm.scale")  # fmt: skip
 
 
 def test_unexpected_keys_are_warned_once(tmp_path, dev_model, caplog):

@@ -217,6 +217,23 @@ def test_fp8_dit_and_text_encoders_compute_in_the_compute_dtype(tiny_model_files
 
 
 
+@pytest.mark.parametrize("extra, narrow", [((), True), (("--merge_lora_weights",), False),
+                                           (("--flux_dtype", "fp8_e5m2"), False)])  # fmt: skip
+def test_an_fp8_dit_is_stored_in_fp8_as_it_is_read(tiny_model_files, tmp_path, lora_file, monkeypatch, extra, narrow):
+    """The whole DiT was read in the compute dtype (twice an fp8 file's size in bf16) and only then cast; a merged
+    LoRA and e5m2 storage still need the wide weights first."""
+    from library import flux_utils
+
+    calls = []
+    load = flux_utils.load_flow_model
+    monkeypatch.setattr(flux_utils, "load_flow_model", lambda *a, **k: calls.append(k) or load(*a, **k))
+    args = argv(tiny_model_files, str(tmp_path / "p"), "--flux_dtype", "fp8", "--lora_weights", lora_file, *extra)
+    pipeline = flux_minimal_inference.load_pipeline(flux_minimal_inference.setup_parser().parse_args(args))
+    assert [c["fp8_block_linears"] for c in calls] == [narrow]
+    stored = {m.weight.dtype for b in pipeline.dit.single_blocks for m in b.modules() if isinstance(m, torch.nn.Linear)}
+    assert stored == {torch.float8_e5m2 if "fp8_e5m2" in extra else torch.float8_e4m3fn}
+
+
 def test_a_lora_merged_into_fp8_text_encoders_goes_into_their_wide_weights(tiny_model_files, tmp_path, lora_file):
     """--merge_lora_weights with an fp8 CLIP-L / T5: Q(W + dW), as the DiT gets, not Q(Q(W) + dW)."""
     from library.fp8 import store_linears_in_fp8

@@ -197,3 +197,68 @@ def test_text_encoders_flux_does_not_use_are_not_sent_to_clip_l(keys, expected):
     """A vision tower and Qwen / Llama / Gemma files were "a CLIP text encoder (give it as --clip_l)", and --clip_l
     then said the file was a CLIP text encoder without its embeddings."""
     assert describe_checkpoint(keys).startswith(expected)
+
+
+# ---- whole checkpoints and files the model cannot take ------------------------------------------
+
+
+def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tensors(tmp_path, monkeypatch):
+    """ComfyUI's whole checkpoints hold the DiT, the AE and the text encoders: the DiT load read (and cast and held)
+    every tensor, and --ae could not read the file at all."""
+    from library import flux_utils
+    from library.flux_utils import load_ae
+    from library.tiny_models import tiny_ae_params
+
+    dit, ae = random_model(tiny_flux_params(True), seed=3), random_model(tiny_ae_params(), seed=4)
+    whole = {f"model.diffusion_model.{k}": v for k, v in dit.state_dict().items()}
+    whole |= {f"vae.{k}": v for k, v in ae.state_dict().items()}
+    whole["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(8, 4)
+    save_safetensors(whole, tmp_path / "flux1-dev-whole.safetensors")
+    read = []
+    get = flux_utils.SafetensorsReader.get
+    monkeypatch.setattr(flux_utils.SafetensorsReader, "get", lambda self, key: read.append(key) or get(self, key))
+    _, loaded = load_flow_model(str(tmp_path / "flux1-dev-whole.safetensors"), torch.float32, "cpu")
+    assert read and all(k.startswith("model.diffusion_model.") for k in read)
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in loaded.state_dict().items())
+    read.clear()
+    loaded_ae = load_ae(str(tmp_path / "flux1-dev-whole.safetensors"), torch.float32, "cpu")
+    assert read and all(k.startswith("vae.") for k in read)
+    assert all(torch.equal(v, ae.state_dict()[k]) for k, v in loaded_ae.state_dict().items())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("int8", r"double_blocks\.0\.img_attn\.qkv\.weight is stored as I8: an int8 or 4-bit quantized file"),
+    ("packed", r"1 tensors are not of the shape the rest of the file gives them, e\.g\. single_blocks\.0\.linear2\."
+               r"weight \[\d+, \d+\] where \[\d+, \d+\]: a damaged or repacked \(quantized\) file"),
+])  # fmt: skip
+def test_a_dit_the_model_cannot_take_stops_before_a_tensor_is_read(tmp_path, monkeypatch, case, message):
+    """bitsandbytes' int8 weights and repacked 4-bit ones passed the header check and stopped with torch's own
+    error after the whole file was read."""
+    from library import flux_utils
+    from library.errors import CheckpointError
+
+    sd = random_model(tiny_flux_params(True), seed=5).state_dict()
+    if case == "int8":
+        sd["double_blocks.0.img_attn.qkv.weight"] = sd["double_blocks.0.img_attn.qkv.weight"].to(torch.int8)
+        sd["double_blocks.0.img_attn.qkv.SCB"] = torch.ones(sd["double_blocks.0.img_attn.qkv.weight"].shape[0])
+    else:
+        w = sd["single_blocks.0.linear2.weight"]
+        sd["single_blocks.0.linear2.weight"] = w.reshape(-1, w.shape[1] // 2)[: w.numel() // 4]
+    save_safetensors(sd, tmp_path / "odd.safetensors")
+    monkeypatch.setattr(flux_utils.SafetensorsReader, "get", lambda *a: pytest.fail("a tensor was read"))
+    with pytest.raises(CheckpointError, match=message):
+        load_flow_model(str(tmp_path / "odd.safetensors"), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (["shared.weight", "encoder.embed_tokens.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"],
+     "a T5 text encoder (give it as --t5xxl)"),  # T5 has embed_tokens too: it is no language model
+    (["model.diffusion_model.img_in.weight", "vae.encoder.conv_in.weight", "text_encoders.clip_l.transformer.x"],
+     "a whole FLUX checkpoint (DiT, autoencoder and text encoders in one file"),
+    (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight"],
+     "a Stable Diffusion model (SD 1.x, SDXL or SD3)"),  # a whole SD checkpoint has the same parts
+    (["input_blocks.0.0.weight", "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+      ".weight"], "a Stable Diffusion model (SD 1.x, SDXL or SD3), not FLUX.1 or Chroma"),
+])  # fmt: skip
+def test_whole_checkpoints_and_t5_files_are_named_as_what_they_are(keys, expected):
+    assert describe_checkpoint(keys).startswith(expected)

@@ -13,6 +13,7 @@ from transformers.activations import QuickGELUActivation
 
 from library.checkpoint_kinds import describe_checkpoint
 from library.errors import CheckpointError
+from library.safetensors_io import save_safetensors
 from library.text_encoders import (
     infer_clip_l_config,
     infer_t5xxl_config,
@@ -368,11 +369,24 @@ def test_plain_fp8_file_is_cast_to_the_requested_dtype(tmp_path):
         torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, want, rtol=0, atol=1e-6)
 
 
-def test_scaled_fp8_file_has_its_scales_applied(tmp_path):
+@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant"])
+def test_scaled_fp8_file_has_its_scales_applied(tmp_path, layout, caplog):
+    """comfy-kitchen's layout (weight_scale beside a comfy_quant marker) loaded its weights unscaled, hundreds of
+    times too large, with a warning about unexpected keys."""
     path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
     tensors = write_tiny_t5(path, fp8="scaled", **_tiny_t5_kwargs())
     assert "scaled_fp8" in tensors and "encoder.block.0.layer.0.SelfAttention.q.scale_weight" in tensors
-    model = load_t5xxl(path, torch.float32, "cpu")
+    if layout == "comfy_quant":
+        from tests.test_checkpoint_loading import comfy_quant_marker
+
+        kitchen = {k: v for k, v in tensors.items() if k != "scaled_fp8" and not k.endswith(".scale_weight")}
+        for key in [k for k in tensors if k.endswith(".scale_weight")]:
+            layer = key[: -len(".scale_weight")]
+            kitchen[f"{layer}.weight_scale"], kitchen[f"{layer}.comfy_quant"] = tensors[key], comfy_quant_marker()
+        save_safetensors(kitchen, path)
+    with caplog.at_level(logging.WARNING):
+        model = load_t5xxl(path, torch.float32, "cpu")
+    assert "unexpected" not in caplog.text
 
     key = "encoder.block.0.layer.1.DenseReluDense.wo"
     scale = tensors[key + ".scale_weight"]
