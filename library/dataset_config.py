@@ -392,7 +392,7 @@ def check_caching(datasets: list[DatasetConfig], args: argparse.Namespace) -> No
                         f"--cache_text_encoder_outputs cannot be used with {opt} = {getattr(cap, opt)} in "
                         f"{sub.describe()} (set in {sub.origins.get(opt)}): the captions are encoded once, so a "
                         f"caption that changes every step cannot be cached. Remove {opt} for this subset or "
-                        "drop --cache_text_encoder_outputs."
+                        "drop --cache_text_encoder_outputs / --cache_text_encoder_outputs_to_disk."
                     )
             if cap.enable_wildcard:
                 logger.warning(

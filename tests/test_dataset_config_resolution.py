@@ -450,7 +450,8 @@ def test_text_encoder_caching_refuses_random_captions_set_in_general_or_on_the_c
     assert str(ei.value) == (
         f"--cache_text_encoder_outputs cannot be used with {option} = {value} in datasets[0].subsets[0] ({folder}) "
         f"(set in {origin}): the captions are encoded once, so a caption that changes every step cannot be "
-        f"cached. Remove {option} for this subset or drop --cache_text_encoder_outputs."
+        f"cached. Remove {option} for this subset or drop --cache_text_encoder_outputs / "
+        "--cache_text_encoder_outputs_to_disk."  # both: dropping only the flag not given changed nothing
     )
 
 
