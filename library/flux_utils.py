@@ -9,6 +9,7 @@ model on the meta device and assigns the loaded tensors (weights are never alloc
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -32,23 +33,45 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = ("flux", "chroma")
 
 
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
+
+
 def checkpoint_files(ckpt_path: str) -> list[str]:
-    """The safetensors file(s) behind a path: a file, a sharded file's first shard, or a diffusers folder."""
-    if os.path.isdir(ckpt_path):
+    """The safetensors file(s) behind a path: a file, any shard of a sharded file, a diffusers folder, or the
+    ``.safetensors.index.json`` of a sharded file. A missing shard stops here, named."""
+    if ckpt_path.endswith(".index.json") and os.path.isfile(ckpt_path):
+        try:
+            with open(ckpt_path, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt_path}: not a safetensors index (no readable weight_map: {e})") from None
+        files = [os.path.join(os.path.dirname(ckpt_path), name) for name in names]
+    elif os.path.isdir(ckpt_path):
         for folder in (os.path.join(ckpt_path, "transformer"), ckpt_path):
             files = sorted(glob.glob(os.path.join(glob.escape(folder), "diffusion_pytorch_model*.safetensors")))
             if files:
-                return files
-        raise CheckpointError(
-            f"{ckpt_path}: a folder without diffusion_pytorch_model*.safetensors (or transformer/ holding them); "
-            "give a .safetensors file or a diffusers model folder"
-        )
-    shard = re.search(r"-(\d{5})-of-(\d{5})\.safetensors$", ckpt_path)
-    if shard:
-        total = int(shard.group(2))
-        stem = ckpt_path[: shard.start()]
-        return [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-    return [ckpt_path]
+                break
+        else:
+            raise CheckpointError(
+                f"{ckpt_path}: a folder without diffusion_pytorch_model*.safetensors (or transformer/ holding them); "
+                "give a .safetensors file or a diffusers model folder"
+            )
+        if shard := _SHARD.search(files[-1]):  # every shard the names count, present or not
+            files = _shards(files[-1][: shard.start()], int(shard.group(2)))
+    elif shard := _SHARD.search(ckpt_path):
+        files = _shards(ckpt_path[: shard.start()], int(shard.group(2)))
+    else:
+        return [ckpt_path]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        names = ", ".join(os.path.basename(f) for f in missing)
+        raise CheckpointError(f"{ckpt_path}: {len(missing)} of {len(files)} shards are missing: {names}; download or "
+                              "copy them too")  # fmt: skip
+    return files
+
+
+def _shards(stem: str, total: int) -> list[str]:
+    return [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
 
 
 def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -66,6 +67,18 @@ def test_diffusers_file_folder_and_shards_load(tmp_path, dev_model):
     assert_same_weights(from_folder, dev_model)
     _, from_shard = load_flow_model(str(folder / "diffusion_pytorch_model-00001-of-00002.safetensors"), None, "cpu")
     assert_same_weights(from_shard, dev_model)
+    # the index diffusers writes beside its shards (it was "not a .safetensors file, or a damaged one")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: f"diffusion_pytorch_model-0000{1 if k in keys[:half] else 2}-of-00002.safetensors" for k in keys}}))
+    _, from_index = load_flow_model(str(index), None, "cpu")
+    assert_same_weights(from_index, dev_model)
+    # a shard that is not there is named (it was "incomplete DiT checkpoint (no 'double_blocks.0...')")
+    os.remove(folder / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    for given in (tmp_path / "FLUX.1-dev [fp32]", folder / "diffusion_pytorch_model-00002-of-00002.safetensors", index):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(given))}: 1 of 2 shards are missing: "
+                                                  r"diffusion_pytorch_model-00001-of-00002\.safetensors; download"):
+            load_flow_model(str(given), None, "cpu")
 
 
 def test_chroma_file_loads(tmp_path):
