@@ -342,6 +342,9 @@ def _refuse_missing_keys(path: str, key_map: dict[str, str], file_keys: list[str
         raise CheckpointError(incomplete_checkpoint(path, missing))
 
 
+_SCALE_SUFFIXES = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+
+
 def _load_into(
     model: nn.Module,
     key_map: dict[str, str],
@@ -394,16 +397,18 @@ def _load_into(
         fp8_storage = next(
             (tensors[key_map[k]].dtype for k in sorted(linear_weights) if tensors[key_map[k]].dtype in FP8_DTYPES), None
         )
-    if scaled:
-        # Scales multiply in the precision the weights will compute in, as ComfyUI does.
-        tensors = dequantize_comfy_scaled_fp8(tensors, compute_dtype if dtype is None or dtype in FP8_DTYPES else dtype,
-                                              path)
-        if fp8_storage is not None:
-            logger.info(
-                "%s: scaled fp8 weights are dequantized, then stored as %s (a plain fp8 file's precision)",
-                path,
-                fp8_storage,
-            )
+    if scaled and fp8_storage is not None:
+        logger.info("%s: scaled fp8 weights are dequantized, then stored as %s (a plain fp8 file's precision)",
+                    path, fp8_storage)  # fmt: skip
+    scale_dtype = compute_dtype if dtype is None or dtype in FP8_DTYPES else dtype  # as ComfyUI multiplies them
+
+    def take(file_key: str) -> torch.Tensor:
+        """The file's tensor, times its scale when it has one: one weight widened at a time."""
+        if not scaled:
+            return tensors.pop(file_key)
+        layer = file_key.removesuffix(".weight")
+        part = {k: tensors.pop(k) for k in [file_key, *(layer + s for s in _SCALE_SUFFIXES)] if k in tensors}
+        return dequantize_comfy_scaled_fp8(part, scale_dtype, path)[file_key]
 
     def cast(model_key: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
@@ -419,7 +424,7 @@ def _load_into(
     converted = {}
     for model_key, file_key in key_map.items():
         if file_key not in by_file_key:
-            by_file_key[file_key] = cast(model_key, tensors.pop(file_key))
+            by_file_key[file_key] = cast(model_key, take(file_key))
         converted[model_key] = by_file_key[file_key]
     model.load_state_dict(converted, strict=True, assign=True)
 

@@ -370,7 +370,7 @@ def test_plain_fp8_file_is_cast_to_the_requested_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant"])
-def test_scaled_fp8_file_has_its_scales_applied(tmp_path, layout, caplog):
+def test_scaled_fp8_file_has_its_scales_applied(tmp_path, layout, caplog, monkeypatch):
     """comfy-kitchen's layout (weight_scale beside a comfy_quant marker) loaded its weights unscaled, hundreds of
     times too large, with a warning about unexpected keys."""
     path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
@@ -384,9 +384,17 @@ def test_scaled_fp8_file_has_its_scales_applied(tmp_path, layout, caplog):
             layer = key[: -len(".scale_weight")]
             kitchen[f"{layer}.weight_scale"], kitchen[f"{layer}.comfy_quant"] = tensors[key], comfy_quant_marker()
         save_safetensors(kitchen, path)
+    import library.text_encoders as text_encoders
+
+    calls = []
+    dequantize = text_encoders.dequantize_comfy_scaled_fp8
+    monkeypatch.setattr(text_encoders, "dequantize_comfy_scaled_fp8",
+                        lambda part, *a: calls.append(sorted(part)) or dequantize(part, *a))  # fmt: skip
     with caplog.at_level(logging.WARNING):
         model = load_t5xxl(path, torch.float32, "cpu")
     assert "unexpected" not in caplog.text
+    # one weight widened at a time (the whole model was, then narrowed again: 3.3x its size at the peak)
+    assert calls and all(len([k for k in part if k.endswith(".weight")]) <= 1 for part in calls)
 
     key = "encoder.block.0.layer.1.DenseReluDense.wo"
     scale = tensors[key + ".scale_weight"]
