@@ -219,8 +219,8 @@ CASES = [
         e.models.ae, "ae_cut.safetensors", drop=["decoder.norm_out.weight"])),
          ("--ae", "ae_cut.safetensors", "incomplete checkpoint", "decoder.norm_out.weight")),
     Case("an autoencoder saved under a key prefix", lambda e: e.replace(e.argv(), "--ae", e.edited(
-        e.models.ae, "ae_prefixed.safetensors", rename=lambda k: "first_stage_model." + k)),
-         ("--ae", "ae_prefixed.safetensors", "keys begin with 'first_stage_model.'", "without that prefix")),
+        e.models.ae, "ae_prefixed.safetensors", rename=lambda k: "autoencoder." + k)),  # whole checkpoints' load
+         ("--ae", "ae_prefixed.safetensors", "keys begin with 'autoencoder.'", "without that prefix")),
     Case("a CLIP-L file without its final norm", lambda e: e.replace(e.argv(), "--clip_l", e.edited(
         e.models.clip_l, "clip_cut.safetensors", drop=["text_model.final_layer_norm."])),
          ("--clip_l", "clip_cut.safetensors", "incomplete checkpoint", "text_model.final_layer_norm.weight")),

@@ -202,7 +202,8 @@ def test_text_encoders_flux_does_not_use_are_not_sent_to_clip_l(keys, expected):
 # ---- whole checkpoints and files the model cannot take ------------------------------------------
 
 
-def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tensors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ae_prefix", ["vae.", "first_stage_model."])
+def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tensors(tmp_path, monkeypatch, ae_prefix):
     """ComfyUI's whole checkpoints hold the DiT, the AE and the text encoders: the DiT load read (and cast and held)
     every tensor, and --ae could not read the file at all."""
     from library import flux_utils
@@ -211,7 +212,7 @@ def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tens
 
     dit, ae = random_model(tiny_flux_params(True), seed=3), random_model(tiny_ae_params(), seed=4)
     whole = {f"model.diffusion_model.{k}": v for k, v in dit.state_dict().items()}
-    whole |= {f"vae.{k}": v for k, v in ae.state_dict().items()}
+    whole |= {f"{ae_prefix}{k}": v for k, v in ae.state_dict().items()}
     whole["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(8, 4)
     save_safetensors(whole, tmp_path / "flux1-dev-whole.safetensors")
     read = []
@@ -222,7 +223,7 @@ def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tens
     assert all(torch.equal(v, dit.state_dict()[k]) for k, v in loaded.state_dict().items())
     read.clear()
     loaded_ae = load_ae(str(tmp_path / "flux1-dev-whole.safetensors"), torch.float32, "cpu")
-    assert read and all(k.startswith("vae.") for k in read)
+    assert read and all(k.startswith(ae_prefix) for k in read)
     assert all(torch.equal(v, ae.state_dict()[k]) for k, v in loaded_ae.state_dict().items())
 
 
