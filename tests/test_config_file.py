@@ -284,3 +284,18 @@ def test_held_lines_below_the_console_log_level_stay_unshown(tmp_path, capsys):
     argv = ["--config_file", str(config), "--max_train_steps", "3", "--console_log_level", "WARNING"]
     assert train_network.main(argv) == 1  # train_network.py trains no model
     assert "is not used" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, steps", [
+    ("[a]\nmax_train_steps = 5\n[b]\nmax_train_steps = 9\n", 9),  # a later section wins
+    ("[a]\n[a.b]\nmax_train_steps = 7\n", 7),  # nested sections flatten too (sd-scripts flattens one level)
+])  # fmt: skip
+def test_sections_flatten_and_the_later_one_wins(tmp_path, text, steps):
+    (tmp_path / "r.toml").write_text(text)
+    args = parse_args_with_config(flux_train_network.setup_parser(), ["--config_file", str(tmp_path / "r.toml")])
+    assert args.max_train_steps == steps
+
+
+def test_output_config_needs_config_file():
+    with pytest.raises(UserError, match="--output_config needs --config_file"):
+        parse_args_with_config(flux_train_network.setup_parser(), ["--output_config"])

@@ -294,3 +294,79 @@ def test_cache_info_that_cannot_be_written_warns_and_the_run_goes_on(tmp_path, m
     # each process writes its own temporary file (several processes list one folder at once)
     assert renamed == [f"metadata_cache.json.{os.getpid()}.tmp"]
     assert sorted(os.listdir(folder)) == ["a.png", "a.txt"]
+
+
+# ---- read straight from the subset (a mutation round found these unpinned) -------------------------
+
+
+def _subset(tmp_path, **kw):
+    from library.captions import CaptionOptions
+    from library.dataset_config import SubsetConfig
+
+    caption = CaptionOptions(**{k: kw.pop(k) for k in list(kw) if k in CaptionOptions.__dataclass_fields__})
+    return SubsetConfig("datasets[0].subsets[0]", kw.pop("kind", "dreambooth"), str(tmp_path / "img"),
+                        caption=caption, **kw)  # fmt: skip
+
+
+def _metadata_subset(tmp_path, name, content, **kw):
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    (tmp_path / name).write_text(content)
+    return _subset(tmp_path, kind="finetune", metadata_file=str(tmp_path / name), **kw)
+
+
+def test_a_wildcard_caption_file_keeps_every_line(tmp_path):
+    from library.dataset_sources import scan_subset
+
+    make_folder(tmp_path / "img", {"a.png": (32, 32)}, {"a.png": "red\nblue\n"})
+    (record,) = scan_subset(_subset(tmp_path, caption_extension=".txt", enable_wildcard=True))
+    assert record.caption == "red\nblue"
+
+
+@pytest.mark.parametrize("content, kw, caption", [
+    ('{"a.png": {"caption": "x\\ny", "tags": "t1\\nt2"}}', {"enable_wildcard": True}, "x,t1,t2\ny,t1,t2"),
+    ('{"a.png": {"caption": "x", "tags": "t"}}', {"caption_separator": ";"}, "x;t"),
+])  # fmt: skip
+def test_metadata_tags_join_each_wildcard_line_with_the_caption_separator(tmp_path, content, kw, caption):
+    from library.dataset_sources import scan_subset
+
+    (record,) = scan_subset(_metadata_subset(tmp_path, "m.json", content, **kw))
+    assert record.caption == caption
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("m.jsonl", '{"caption": "x"}\n', 'line 1 has no "image_path"'),
+    ("m.json", "{}", "holds no images"),
+])  # fmt: skip
+def test_metadata_without_images_is_one_message(tmp_path, name, content, message):
+    from library.dataset_sources import scan_subset
+
+    with pytest.raises(UserError, match=message):
+        scan_subset(_metadata_subset(tmp_path, name, content))
+
+
+def test_cache_info_measures_an_image_whose_byte_count_changed_under_the_same_mtime(tmp_path):
+    from library.dataset_sources import scan_subset
+    from tests.dataset_helpers import make_image
+
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    subset = _subset(tmp_path, cache_info=True)
+    scan_subset(subset)
+    path = str(tmp_path / "img" / "a.png")
+    before = os.stat(path)
+    make_image(path, (48, 32))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size != before.st_size
+    (record,) = scan_subset(subset)
+    assert record.size == (48, 32)
+
+
+def test_cache_info_of_an_unchanged_folder_is_not_rewritten(tmp_path, monkeypatch):
+    import library.dataset_sources as sources
+
+    make_folder(tmp_path / "img", {"a.png": (32, 32)})
+    subset = _subset(tmp_path, cache_info=True)
+    sources.scan_subset(subset)
+    replaced = []
+    monkeypatch.setattr(sources.os, "replace", lambda *a: replaced.append(a))
+    sources.scan_subset(subset)
+    assert replaced == []
