@@ -115,3 +115,10 @@ def test_a_split_of_0_or_1_keeps_the_order_and_does_not_warn(caplog):
         assert split_subset(records, SubsetConfig("s", "dreambooth", "/x", validation_split=0.0), 1) == (records, [])
         train, val = split_subset(records, SubsetConfig("s", "dreambooth", "/x", validation_split=1.0), 1)
     assert (len(train), len(val)) == (0, 5) and "validation_split" not in caplog.text
+
+
+@pytest.mark.parametrize("given, kept", [('"txt"', ".txt"), ('".txt"', ".txt"), ('""', "")])
+def test_a_caption_extension_gets_its_dot_and_an_empty_one_stays_empty(tmp_path, given, kept):
+    """An empty extension names caption files by the image's stem alone, as in sd-scripts (not '<stem>.')."""
+    (d,) = load(tmp_path, ONE_DATASET + f"caption_extension = {given}\n")
+    assert d.subsets[0].caption_extension == kept
