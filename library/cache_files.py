@@ -192,9 +192,10 @@ def _has_newer_latent_file(entry) -> bool:
 
 
 def check_cache_folders_writable(entries: list, latents_on_disk: bool, te_on_disk: bool) -> None:
-    """Before the models load: an image folder that must take new cache files and cannot (a read-only share,
-    no permission) stops the run, naming the folder and the flag. The first write used to fail after minutes
-    of loading. Folders whose cache files all exist are only read, so a read-only dataset cached once trains."""
+    """Before the models load: an image folder with images that have no cache file yet (or a latent file older
+    than the image) and that cannot be written (a read-only share, no permission) stops the run, naming the
+    folder and the flag. The first write used to fail after minutes of loading. A folder whose cache files all
+    exist passes; one of them that proves stale (another setting) is found only when caching."""
     from library.safetensors_io import output_folder_problem
 
     folders: dict[str, str] = {}  # folder -> the flag that writes there

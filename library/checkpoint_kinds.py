@@ -27,7 +27,7 @@ def describe_checkpoint(keys: Sequence[str]) -> str:
     if has(FLUX_PREFIX) and any(has(p) for p in ALL_IN_ONE_PARTS):
         return ("a whole FLUX checkpoint (DiT, autoencoder and text encoders in one file, as ComfyUI saves them); "
                 "give it as --pretrained_model_name_or_path, and --ae, --clip_l, --t5xxl may name it too")
-    if has("vision_model."):  # before CLIP text: a vision tower has self_attn.q_proj too
+    if has("vision_model.") and not has("text_model."):  # a vision tower has self_attn.q_proj too
         return "a CLIP vision model, not a text encoder"
     if has("SelfAttention.q.weight") or has("encoder.block.0."):  # before language models: T5 has embed_tokens
         return "a T5 text encoder (give it as --t5xxl)"

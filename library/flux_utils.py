@@ -103,22 +103,24 @@ def _load_tensors(files: list[str], device, dtype, dtype_of=None, scaled_fp8_key
     from contextlib import ExitStack
 
     where: dict[str, SafetensorsReader] = {}
+    metadata: dict[str, str] = {}
     with ExitStack() as stack:
         for file in files:
             reader = stack.enter_context(SafetensorsReader(file))
             where.update((key, reader) for key in reader.keys())
+            metadata.update(reader.metadata)
         if prefix and any(key.startswith(prefix) for key in where):
             where = {key: reader for key, reader in where.items() if key.startswith(prefix)}
         groups: dict[str, list[str]] = {}
         for key in where:
             groups.setdefault(_block_group(key[len(prefix) :] if key.startswith(prefix) else key), []).append(key)
-        scaled_fp8 = is_comfy_scaled_fp8(where)
+        scaled_fp8 = is_comfy_scaled_fp8(where, metadata)
         device = torch.device(device)
         sd: dict[str, Tensor] = {}
         for keys in groups.values():
             group = {key: where[key].get(key) for key in keys}
             if scaled_fp8:
-                group = dequantize_comfy_scaled_fp8(group, dtype or torch.float32, files[0])
+                group = dequantize_comfy_scaled_fp8(group, dtype or torch.float32, files[0], metadata)
             group = _strip(group, prefix)
             if convert is not None:
                 group = convert(group)
@@ -183,14 +185,14 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
     FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
     _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
     if diffusers:
-        row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale") and k not in comfy_scale_keys(shapes))
+        scale_keys = comfy_scale_keys(shapes, metadata)
+        row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale") and k not in scale_keys)
         if row_scaled:  # per-row scales of diffusers' separate q, k, v would have to be fused with them
             raise CheckpointError(
                 f"{ckpt_path}: a diffusers-layout DiT with per-row fp8 scales ({row_scaled[0]}, ...) is not "
                 "supported; give the BFL-layout file (flux1-dev.safetensors) or one without weight_scale tensors"
             )
         # ComfyUI's fp8 scales are applied before the keys are mapped
-        scale_keys = comfy_scale_keys(shapes)
         stand_ins = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if k not in scale_keys}
         try:
             shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl(stand_ins).items()}
@@ -207,28 +209,31 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
         raise CheckpointError(
             f"{ckpt_path}: incomplete DiT checkpoint (no {e}); the file is damaged or cut short"
         ) from None
-    _check_against_model(ckpt_path, shapes, params, chroma)
+    _check_against_model(ckpt_path, shapes, params, chroma, diffusers)
     return params
 
 
 _NOT_FLOAT = ("I8", "U8", "I16", "I32", "I64", "BOOL")
 
 
-def _check_against_model(ckpt_path: str, shapes: dict, params, chroma: bool) -> None:
+def _check_against_model(ckpt_path: str, shapes: dict, params, chroma: bool, diffusers: bool) -> None:
     """Every tensor the model the header describes needs is there, in its shape and as floats; else the load
     would stop after reading the whole file (a missing tensor) or with torch's own error (int8, NF4)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in (Chroma(params) if chroma else Flux(params)).state_dict().items()}
     entries = {}
     for file in checkpoint_files(ckpt_path):
         entries.update(read_header(file)[0])
-    packed = sorted(k for k, e in entries.items() if e["dtype"] in _NOT_FLOAT and k.endswith(".weight"))
+    if any(k.startswith(FLUX_PREFIX) for k in entries):  # a whole checkpoint: its text encoders are not asked for
+        entries = {k[len(FLUX_PREFIX) :]: e for k, e in entries.items() if k.startswith(FLUX_PREFIX)}
+    packed = sorted(k for k, e in entries.items() if e["dtype"] in _NOT_FLOAT and k.endswith(".weight")
+                    and (diffusers or k in expected))  # fmt: skip
     if packed:
         raise CheckpointError(
             f"{ckpt_path}: {packed[0]} is stored as {entries[packed[0]]['dtype']}: an int8 or 4-bit quantized file "
             "(bitsandbytes, NF4), which this trainer does not read; give a bf16, fp16 or fp8 file (--fp8_base "
             "quantizes on load)"
         )
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in (Chroma(params) if chroma else Flux(params)).state_dict().items()}
     missing = expected.keys() - shapes.keys()
     if missing:
         raise CheckpointError(incomplete_checkpoint(ckpt_path, missing))

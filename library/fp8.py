@@ -223,10 +223,12 @@ def dit_load_dtype(ckpt_path: str, compute_dtype: torch.dtype) -> torch.dtype | 
     from library.flux_utils import checkpoint_files
     from library.safetensors_io import read_header
 
-    entries: dict = {}
+    entries, metadata = {}, {}
     for file in checkpoint_files(ckpt_path):
-        entries.update(read_header(file)[0])
-    if is_comfy_scaled_fp8(entries):
+        header, file_metadata, _ = read_header(file)
+        entries.update(header)
+        metadata.update(file_metadata)
+    if is_comfy_scaled_fp8(entries, metadata):
         return compute_dtype
     weights = [e["dtype"] for k, e in entries.items() if "blocks." in k and k.endswith(".weight")]
     return None if weights and all(d == "F8_E4M3" for d in weights) else compute_dtype
@@ -241,9 +243,9 @@ def t5_file_is_plain_fp8(path: str) -> bool:
     from library.comfy_fp8 import is_comfy_scaled_fp8
     from library.safetensors_io import read_header
 
-    entries = read_header(path)[0]
+    entries, metadata, _ = read_header(path)
     weights = [e["dtype"] for k, e in entries.items() if k.endswith(T5_LINEAR_WEIGHTS)]
-    return bool(weights) and all(d == "F8_E4M3" for d in weights) and not is_comfy_scaled_fp8(entries)
+    return bool(weights) and all(d == "F8_E4M3" for d in weights) and not is_comfy_scaled_fp8(entries, metadata)
 
 
 def check_fp8_args(args) -> None:

@@ -364,7 +364,8 @@ def _load_into(
     """
     _refuse_missing_keys(path, key_map, file_keys)
     used = set(key_map.values())
-    scale_keys = comfy_scale_keys(file_keys)
+    metadata = read_header(path)[1] if state_dict is None else None  # may list ComfyUI's quantized layers
+    scale_keys = comfy_scale_keys(file_keys, metadata)
     scaled = bool(scale_keys)
     ignored, unexpected = [], []
     for k in file_keys:
@@ -408,7 +409,7 @@ def _load_into(
             return tensors.pop(file_key)
         layer = file_key.removesuffix(".weight")
         part = {k: tensors.pop(k) for k in [file_key, *(layer + s for s in _SCALE_SUFFIXES)] if k in tensors}
-        return dequantize_comfy_scaled_fp8(part, scale_dtype, path)[file_key]
+        return dequantize_comfy_scaled_fp8(part, scale_dtype, path, metadata)[file_key]
 
     def cast(model_key: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():

@@ -137,14 +137,14 @@ class DitWeights:
 
     def __init__(self, path: str, flag: str) -> None:
         self.path = path
-        self.header = read_header(path)[0]
+        self.header, self.metadata, _ = read_header(path)
         self.reader = SafetensorsReader(path)
         self.diffusers = is_diffusers_state_dict(self.header)
         self.shapes: dict[str, list[int]] = {}
         self.source: dict[str, str] = {}  # BFL key -> its file key (BFL) or its block's key prefix (diffusers)
         self._block: tuple[str, dict[str, Tensor]] = ("", {})
         if not self.diffusers:
-            scale_keys = comfy_scale_keys(self.header)
+            scale_keys = comfy_scale_keys(self.header, self.metadata)
             for key, entry in self.header.items():
                 if key not in scale_keys:
                     name = key.removeprefix(FLUX_PREFIX)
@@ -168,7 +168,7 @@ class DitWeights:
 
     def get(self, name: str) -> Tensor:
         if not self.diffusers:
-            return read_weight(self.reader, self.source[name], self.header)
+            return read_weight(self.reader, self.source[name], self.header, self.metadata)
         prefix = self.source[name]
         if self._block[0] != prefix or not self._block[1]:
             keys = self._diffusers_blocks()[prefix]
@@ -269,10 +269,10 @@ def extract_modules(org: DitWeights, tuned: DitWeights, dim: int, device: str | 
     return lora_sd
 
 
-def read_weight(reader: SafetensorsReader, key: str, header: dict) -> Tensor:
+def read_weight(reader: SafetensorsReader, key: str, header: dict, metadata: dict | None = None) -> Tensor:
     """A tensor in fp32; a weight of a ComfyUI scaled-fp8 file times its per-tensor scale."""
     tensor = reader.get(key).float()
-    scale_key = comfy_weight_scale_key(key, header) if key.endswith(".weight") else None
+    scale_key = comfy_weight_scale_key(key, header, metadata) if key.endswith(".weight") else None
     if scale_key is not None:
         tensor = tensor * reader.get(scale_key).float()
     return tensor

@@ -206,11 +206,12 @@ def plan_model_merges(
     targets: dict[str, str], loras: list[LoadedLoRA]
 ) -> dict[str, dict[str, list[tuple[LoRAWeights, float, str]]]]:
     """For each checkpoint kind, key -> [(module, ratio, label)]; checks names and shapes first."""
-    headers = {kind: read_header(path)[0] for kind, path in targets.items()}
+    read = {kind: read_header(path) for kind, path in targets.items()}
+    headers, metadata = {kind: r[0] for kind, r in read.items()}, {kind: r[1] for kind, r in read.items()}
     diffusers_dit = "flux" in headers and any(k.startswith("transformer_blocks.") for k in headers["flux"])
     for kind, header in headers.items():
         # its weights count times a per-tensor scale_weight: an update added to them would be rescaled
-        if is_comfy_scaled_fp8(header):
+        if is_comfy_scaled_fp8(header, metadata[kind]):
             raise UserError(
                 f"{_flag(kind)} {targets[kind]}: a ComfyUI scaled-fp8 checkpoint cannot be merged into; "
                 "merge into the bf16 / fp16 original, then use --save_precision fp8"

@@ -126,13 +126,19 @@ def comfy_scaled(sd: dict, layout: str) -> tuple[dict, dict]:
     return out, scales
 
 
-@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant"])
+@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant", "quantization_metadata"])
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_comfyui_scaled_fp8_scales_are_applied(tmp_path, dev_model, prefix, layout, caplog):
-    """comfy-kitchen's layout (weight_scale beside a comfy_quant marker) crashed with an IndexError: its scalar
-    weight_scale was taken for this project's per-row scales."""
-    sd, scales = comfy_scaled(dev_model.state_dict(), layout)
-    save_safetensors({prefix + k: v for k, v in sd.items()}, tmp_path / "scaled.safetensors")
+    """comfy-kitchen's layout (weight_scale beside a comfy_quant marker, or its layers listed in the file's
+    _quantization_metadata) crashed with an IndexError: its scalar weight_scale was taken for this project's
+    per-row scales."""
+    sd, scales = comfy_scaled(dev_model.state_dict(), "scale_weight" if layout == "scale_weight" else "comfy_quant")
+    metadata = None
+    if layout == "quantization_metadata":
+        layers = {prefix + k[: -len(".comfy_quant")]: {"format": "float8_e4m3fn"} for k in sd if k.endswith("_quant")}
+        sd = {k: v for k, v in sd.items() if not k.endswith(".comfy_quant")}
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    save_safetensors({prefix + k: v for k, v in sd.items()}, tmp_path / "scaled.safetensors", metadata=metadata)
     with caplog.at_level(logging.WARNING):
         _, model = load_flow_model(str(tmp_path / "scaled.safetensors"), torch.float32, "cpu")
     assert "unexpected" not in caplog.text  # the marker tensor is not a weight to complain about

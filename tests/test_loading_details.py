@@ -227,6 +227,17 @@ def test_a_whole_checkpoint_gives_its_dit_and_its_ae_reading_only_their_own_tens
     assert all(torch.equal(v, ae.state_dict()[k]) for k, v in loaded_ae.state_dict().items())
 
 
+def test_int8_tensors_outside_the_dit_do_not_refuse_it(tmp_path):
+    """Only the DiT's own weights are looked at: a whole checkpoint's int8 text encoder is not the DiT's."""
+    dit = random_model(tiny_flux_params(True), seed=6)
+    whole = {f"model.diffusion_model.{k}": v for k, v in dit.state_dict().items()}
+    whole["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight"] = torch.zeros(4, 4).char()
+    whole["model.diffusion_model.extra.index.weight"] = torch.zeros(3, dtype=torch.int64)  # no tensor of the DiT
+    save_safetensors(whole, tmp_path / "whole.safetensors")
+    _, loaded = load_flow_model(str(tmp_path / "whole.safetensors"), torch.float32, "cpu")
+    assert all(torch.equal(v, dit.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 @pytest.mark.parametrize("case, message", [
     ("int8", r"double_blocks\.0\.img_attn\.qkv\.weight is stored as I8: an int8 or 4-bit quantized file"),
     ("packed", r"1 tensors are not of the shape the rest of the file gives them, e\.g\. single_blocks\.0\.linear2\."
@@ -260,6 +271,8 @@ def test_a_dit_the_model_cannot_take_stops_before_a_tensor_is_read(tmp_path, mon
      "a Stable Diffusion model (SD 1.x, SDXL or SD3)"),  # a whole SD checkpoint has the same parts
     (["input_blocks.0.0.weight", "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj"
       ".weight"], "a Stable Diffusion model (SD 1.x, SDXL or SD3), not FLUX.1 or Chroma"),
+    (["text_model.embeddings.token_embedding.weight", "vision_model.encoder.layers.0.self_attn.q_proj.weight"],
+     "a CLIP text encoder (give it as --clip_l)"),  # OpenAI's whole CLIP (text and vision), which --clip_l reads
 ])  # fmt: skip
 def test_whole_checkpoints_and_t5_files_are_named_as_what_they_are(keys, expected):
     assert describe_checkpoint(keys).startswith(expected)

@@ -369,21 +369,27 @@ def test_plain_fp8_file_is_cast_to_the_requested_dtype(tmp_path):
         torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant"])
+@pytest.mark.parametrize("layout", ["scale_weight", "comfy_quant", "quantization_metadata"])
 def test_scaled_fp8_file_has_its_scales_applied(tmp_path, layout, caplog, monkeypatch):
     """comfy-kitchen's layout (weight_scale beside a comfy_quant marker) loaded its weights unscaled, hundreds of
     times too large, with a warning about unexpected keys."""
     path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
     tensors = write_tiny_t5(path, fp8="scaled", **_tiny_t5_kwargs())
     assert "scaled_fp8" in tensors and "encoder.block.0.layer.0.SelfAttention.q.scale_weight" in tensors
-    if layout == "comfy_quant":
+    if layout != "scale_weight":  # comfy-kitchen's: markers as tensors, or the layers listed in the metadata
+        import json
+
         from tests.test_checkpoint_loading import comfy_quant_marker
 
         kitchen = {k: v for k, v in tensors.items() if k != "scaled_fp8" and not k.endswith(".scale_weight")}
-        for key in [k for k in tensors if k.endswith(".scale_weight")]:
-            layer = key[: -len(".scale_weight")]
-            kitchen[f"{layer}.weight_scale"], kitchen[f"{layer}.comfy_quant"] = tensors[key], comfy_quant_marker()
-        save_safetensors(kitchen, path)
+        layers = [k[: -len(".scale_weight")] for k in tensors if k.endswith(".scale_weight")]
+        for layer in layers:
+            kitchen[f"{layer}.weight_scale"] = tensors[f"{layer}.scale_weight"]
+            if layout == "comfy_quant":
+                kitchen[f"{layer}.comfy_quant"] = comfy_quant_marker()
+        listed = {layer: {"format": "float8_e4m3fn"} for layer in layers}
+        save_safetensors(kitchen, path, metadata=None if layout == "comfy_quant" else {
+            "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": listed})})  # fmt: skip
     import library.text_encoders as text_encoders
 
     calls = []
