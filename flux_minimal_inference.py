@@ -29,6 +29,8 @@ Differences from sd-scripts, on purpose:
 * ai-toolkit / diffusers LoRAs load too (converted by ``library.lora_formats``).
 * ``--offload`` also moves the DiT off the device while the AE decodes; no image is overwritten:
   a second image in the same second gets a ``_1`` suffix.
+* ``--interactive`` lines without ``--d`` take ``--seed`` when it is given (sd-scripts draws a random seed per
+  line), so a prompt can be tried again with the same noise.
 * Extra options: ``--device``, ``--tokenizer_cache_dir`` and ``--t5xxl_max_token_length``.
 """
 
