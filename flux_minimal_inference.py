@@ -72,8 +72,8 @@ def setup_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--ckpt_path", type=str, required=True, help="FLUX.1 / Chroma DiT (.safetensors)")
     add("--model_type", type=str, default="flux", choices=["flux", "chroma"], help="flux (default) or chroma")
-    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (FLUX.1 only)")
-    add("--t5xxl", type=str, default=None, help="T5-XXL text encoder")
+    add("--clip_l", type=str, default=None, help="CLIP-L text encoder (FLUX.1 only; a file or a diffusers folder)")
+    add("--t5xxl", type=str, default=None, help="T5-XXL text encoder (a file, shards or a diffusers folder)")
     add("--ae", type=str, default=None, help="the autoencoder (ae.safetensors)")
     add("--apply_t5_attn_mask", action="store_true", help="mask T5 padding (required for Chroma)")
     add("--prompt", type=str, default="A photo of a cat", help="the prompt")

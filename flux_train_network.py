@@ -286,11 +286,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
     def text_cache_fingerprint(self, ctx) -> dict:
         """What text-encoder outputs depend on beyond the caption and the mask, recorded in their cache files."""
         from library.cache_files import file_fingerprint
+        from library.text_encoders import clip_l_files, t5xxl_files
 
         args = ctx.args
-        fingerprint = {
-            "t5xxl": file_fingerprint(args.t5xxl),
-            "clip_l": file_fingerprint(args.clip_l) if args.clip_l else None,
+        fingerprint = {  # a single file's entry as before sharded files were read, so that its caches stay valid
+            "t5xxl": file_fingerprint(t5xxl_files(args.t5xxl)),
+            "clip_l": file_fingerprint(clip_l_files(args.clip_l)) if args.clip_l else None,
             "t5xxl_max_token_length": self.t5_max_length,
             "model_type": args.model_type,
         }

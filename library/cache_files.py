@@ -39,8 +39,10 @@ def reso_suffix(bucket: tuple[int, int]) -> str:
     return f"_{bucket[1] // 8}x{bucket[0] // 8}"
 
 
-def file_fingerprint(path: str) -> str:
-    """A cheap identity of a model file (name, size, mtime) for cache records."""
+def file_fingerprint(path: str | list[str]) -> str:
+    """A cheap identity of a model file (name, size, mtime) for cache records; of each shard, for a list."""
+    if isinstance(path, list):
+        return "|".join(file_fingerprint(file) for file in path)
     st = os.stat(path)
     return f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"
 

@@ -22,8 +22,10 @@ def add_flux_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the FLUX / Chroma options: model files, T5 length and mask, guidance, timestep
     sampling, prediction type, flow shift and model type."""
     add = argument_adder(parser, "FLUX / Chroma")
-    add("--clip_l", type=str, help="CLIP-L text encoder .safetensors (needed for flux, ignored for chroma)")
-    add("--t5xxl", type=str, help="T5-XXL text encoder .safetensors (fp16, or fp8_e4m3fn)")
+    add("--clip_l", type=str, help="CLIP-L text encoder .safetensors, or a diffusers FLUX.1 folder (its "
+        "text_encoder/); needed for flux, ignored for chroma")
+    add("--t5xxl", type=str, help="T5-XXL text encoder .safetensors (fp16, or fp8_e4m3fn), or sharded files: any "
+        "shard, their .index.json, or a diffusers FLUX.1 folder (its text_encoder_2/)")
     add("--ae", type=str, help="FLUX autoencoder .safetensors (ae.safetensors; the same for Chroma)")
     add("--controlnet_model_name_or_path", type=str, default=None,
         help="ControlNet checkpoint (not used by LoRA training)")
@@ -77,7 +79,7 @@ def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path"):
     found = {}
     for flag, check in (("--clip_l", check_clip_l_file), ("--t5xxl", check_t5xxl_file), ("--ae", check_ae_file)):
         if getattr(args, flag[2:]):
-            found[flag] = _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=False)
+            found[flag] = _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=flag != "--ae")
     # an encoder of another width (CLIP-G as --clip_l, say) would fail only at the first step, after caching
     widths = (("--clip_l", "hidden_size", dit.vec_in_dim, "CLIP-L (clip_l.safetensors)"),
               ("--t5xxl", "d_model", dit.context_in_dim, "T5-XXL (t5xxl_fp16.safetensors)"))  # fmt: skip

@@ -8,10 +8,7 @@ model on the meta device and assigns the loaded tensors (weights are never alloc
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import os
 import re
 
 import torch
@@ -25,7 +22,7 @@ from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, FluxParams, infer_flux_params
-from library.safetensors_io import SafetensorsReader, read_header
+from library.safetensors_io import SafetensorsReader, checkpoint_files, read_header, read_headers  # noqa: F401
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
@@ -33,54 +30,9 @@ logger = logging.getLogger(__name__)
 MODEL_TYPES = ("flux", "chroma")
 
 
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
-
-
-def checkpoint_files(ckpt_path: str) -> list[str]:
-    """The safetensors file(s) behind a path: a file, any shard of a sharded file, a diffusers folder, or the
-    ``.safetensors.index.json`` of a sharded file. A missing shard stops here, named."""
-    if ckpt_path.endswith(".index.json") and os.path.isfile(ckpt_path):
-        try:
-            with open(ckpt_path, encoding="utf-8") as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{ckpt_path}: not a safetensors index (no readable weight_map: {e})") from None
-        files = [os.path.join(os.path.dirname(ckpt_path), name) for name in names]
-    elif os.path.isdir(ckpt_path):
-        for folder in (os.path.join(ckpt_path, "transformer"), ckpt_path):
-            files = sorted(glob.glob(os.path.join(glob.escape(folder), "diffusion_pytorch_model*.safetensors")))
-            if files:
-                break
-        else:
-            raise CheckpointError(
-                f"{ckpt_path}: a folder without diffusion_pytorch_model*.safetensors (or transformer/ holding them); "
-                "give a .safetensors file or a diffusers model folder"
-            )
-        if shard := _SHARD.search(files[-1]):  # every shard the names count, present or not
-            files = _shards(files[-1][: shard.start()], int(shard.group(2)))
-    elif shard := _SHARD.search(ckpt_path):
-        files = _shards(ckpt_path[: shard.start()], int(shard.group(2)))
-    else:
-        return [ckpt_path]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        names = ", ".join(os.path.basename(f) for f in missing)
-        raise CheckpointError(f"{ckpt_path}: {len(missing)} of {len(files)} shards are missing: {names}; download or "
-                              "copy them too")  # fmt: skip
-    return files
-
-
-def _shards(stem: str, total: int) -> list[str]:
-    return [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
-
-
 def _read_shapes(files: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    shapes, metadata = {}, {}
-    for file in files:
-        header, file_metadata, _ = read_header(file)
-        shapes.update({name: tuple(entry["shape"]) for name, entry in header.items()})
-        metadata.update(file_metadata)
-    return shapes, metadata
+    entries, metadata = read_headers(files)
+    return {name: tuple(entry["shape"]) for name, entry in entries.items()}, metadata
 
 
 _BLOCK_GROUP = re.compile(r"^(?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.")
@@ -221,9 +173,7 @@ def _check_against_model(ckpt_path: str, shapes: dict, params, chroma: bool, dif
     would stop after reading the whole file (a missing tensor) or with torch's own error (int8, NF4)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in (Chroma(params) if chroma else Flux(params)).state_dict().items()}
-    entries = {}
-    for file in checkpoint_files(ckpt_path):
-        entries.update(read_header(file)[0])
+    entries = read_headers(checkpoint_files(ckpt_path))[0]
     if any(k.startswith(FLUX_PREFIX) for k in entries):  # a whole checkpoint: its text encoders are not asked for
         entries = {k[len(FLUX_PREFIX) :]: e for k, e in entries.items() if k.startswith(FLUX_PREFIX)}
     packed = sorted(k for k, e in entries.items() if e["dtype"] in _NOT_FLOAT and k.endswith(".weight")

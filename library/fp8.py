@@ -220,14 +220,9 @@ def dit_load_dtype(ckpt_path: str, compute_dtype: torch.dtype) -> torch.dtype | 
     applied on load), loads in ``compute_dtype``.
     """
     from library.comfy_fp8 import is_comfy_scaled_fp8
-    from library.flux_utils import checkpoint_files
-    from library.safetensors_io import read_header
+    from library.safetensors_io import checkpoint_files, read_headers
 
-    entries, metadata = {}, {}
-    for file in checkpoint_files(ckpt_path):
-        header, file_metadata, _ = read_header(file)
-        entries.update(header)
-        metadata.update(file_metadata)
+    entries, metadata = read_headers(checkpoint_files(ckpt_path))
     if is_comfy_scaled_fp8(entries, metadata):
         return compute_dtype
     weights = [e["dtype"] for k, e in entries.items() if "blocks." in k and k.endswith(".weight")]
@@ -241,9 +236,10 @@ def t5_file_is_plain_fp8(path: str) -> bool:
     """Whether a T5 file stores its Linear weights in e4m3 fp8 without scales (``t5xxl_fp8_e4m3fn``).
     Such weights can stay fp8: widened inside autocast, they give the same outputs as widened on load."""
     from library.comfy_fp8 import is_comfy_scaled_fp8
-    from library.safetensors_io import read_header
+    from library.safetensors_io import read_headers
+    from library.text_encoders import t5xxl_files
 
-    entries, metadata, _ = read_header(path)
+    entries, metadata = read_headers(t5xxl_files(path))
     weights = [e["dtype"] for k, e in entries.items() if k.endswith(T5_LINEAR_WEIGHTS)]
     return bool(weights) and all(d == "F8_E4M3" for d in weights) and not is_comfy_scaled_fp8(entries, metadata)
 

@@ -326,8 +326,7 @@ _BLOCK_KEY = re.compile(r"(?:^|\.)(double_blocks|transformer_blocks|single_block
 
 def checkpoint_block_counts(ckpt_path: str) -> tuple[int, int]:
     """(double, single) block counts of a DiT file, shards or diffusers folder, from its header only."""
-    from library.flux_utils import checkpoint_files
-    from library.safetensors_io import read_keys
+    from library.safetensors_io import checkpoint_files, read_keys
 
     found: dict[str, int] = {}
     for file in checkpoint_files(ckpt_path):

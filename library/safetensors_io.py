@@ -9,6 +9,7 @@ on top of the copies). Writes go to a temporary name and are renamed into place.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import math
@@ -123,6 +124,58 @@ def read_keys(path: str | os.PathLike) -> list[str]:
     return list(read_header(path)[0])
 
 
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def checkpoint_files(path: str, subfolder: str = "transformer", stem: str = "diffusion_pytorch_model") -> list[str]:
+    """The safetensors file(s) behind a path: a file, any shard of a sharded file, the
+    ``.safetensors.index.json`` of a sharded file, or a diffusers folder: ``stem*.safetensors`` in
+    ``path/subfolder`` (a whole diffusers model) or in ``path`` itself. A missing shard stops here, named."""
+    if path.endswith(".index.json") and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors index (no readable weight_map: {e})") from None
+        files = [os.path.join(os.path.dirname(path), name) for name in names]
+    elif os.path.isdir(path):
+        for folder in (os.path.join(path, subfolder), path):
+            files = sorted(glob.glob(os.path.join(glob.escape(folder), f"{stem}*.safetensors")))
+            if files:
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: a folder without {stem}*.safetensors (or {subfolder}/ holding them); "
+                "give a .safetensors file or a diffusers model folder"
+            )
+        if shard := _SHARD.search(files[-1]):  # every shard the names count, present or not
+            files = _shards(files[-1][: shard.start()], int(shard.group(2)))
+    elif shard := _SHARD.search(path):
+        files = _shards(path[: shard.start()], int(shard.group(2)))
+    else:
+        return [path]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        names = ", ".join(os.path.basename(f) for f in missing)
+        raise CheckpointError(f"{path}: {len(missing)} of {len(files)} shards are missing: {names}; download or "
+                              "copy them too")  # fmt: skip
+    return files
+
+
+def _shards(stem: str, total: int) -> list[str]:
+    return [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+
+
+def read_headers(files: Iterable[str | os.PathLike]) -> tuple[dict, dict[str, str]]:
+    """``(tensor_entries, metadata)`` of several files (a sharded checkpoint's) taken together."""
+    entries, metadata = {}, {}
+    for file in files:
+        header, file_metadata, _ = read_header(file)
+        entries.update(header)
+        metadata.update(file_metadata)
+    return entries, metadata
+
+
 class SafetensorsReader:
     """Reads tensors one at a time from a safetensors file whose header is parsed once."""
 
@@ -182,6 +235,18 @@ def load_safetensors(
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             result[name] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
+    return result
+
+
+def load_sharded(files: list[str], keys: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Loads ``keys`` from the shards ``files`` of one checkpoint, each from the file that holds it."""
+    keys = set(keys)
+    result = {}
+    for file in files:
+        with SafetensorsReader(file) as reader:
+            for name in keys.intersection(reader.keys()):
+                tensor = reader.get(name)
+                result[name] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
     return result
 
 

@@ -32,7 +32,7 @@ from library.checkpoint_kinds import incomplete_checkpoint, not_the_expected_kin
 from library.comfy_fp8 import comfy_scale_keys, dequantize_comfy_scaled_fp8
 from library.dtypes import FP8_DTYPES
 from library.errors import CheckpointError
-from library.safetensors_io import load_safetensors, read_header
+from library.safetensors_io import checkpoint_files, load_sharded, read_headers
 
 if TYPE_CHECKING:  # transformers is imported when a model is built: it costs seconds
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -120,12 +120,27 @@ def infer_clip_l_config(
     )
 
 
+def clip_l_files(path: str) -> list[str]:
+    """The file(s) behind a ``--clip_l`` path: a file, or a diffusers model's ``text_encoder`` folder
+    (or that model's own folder)."""
+    return checkpoint_files(path, "text_encoder", "model")
+
+
+def t5xxl_files(path: str) -> list[str]:
+    """The file(s) behind a ``--t5xxl`` path: a file, any shard or the ``.safetensors.index.json`` of a
+    sharded one, or a diffusers model's ``text_encoder_2`` folder (or that model's own folder)."""
+    return checkpoint_files(path, "text_encoder_2", "model")
+
+
+_ENCODER_FILES = {"--clip_l": clip_l_files, "--t5xxl": t5xxl_files}
+
+
 def _encoder_keys(
     path: str, state_dict, anchor: str, wanted: str, flag: str
 ) -> tuple[list, str, dict, dict[str, str]]:
     """(the file's keys, the prefix before ``anchor``, the shapes under that prefix without it, the
     metadata) from the header alone; a file with no key ending in ``anchor`` is not ``wanted``."""
-    file_shapes, metadata = _shapes_of(path, state_dict)
+    file_shapes, metadata = _shapes_of(_ENCODER_FILES[flag](path), state_dict)
     file_keys = list(file_shapes)
     prefix = _first_prefix(file_keys, anchor)
     if prefix is None:
@@ -179,9 +194,9 @@ def load_clip_l(
     """
     path = str(ckpt_path)
     file_keys, prefix, config, model, key_map = _clip_l_model(path, state_dict)
-    _load_into(
-        model, key_map, prefix, path, state_dict, file_keys, dtype, compute_dtype, device, disable_mmap, _CLIP_EXTRAS
-    )
+    source = state_dict if state_dict is not None else clip_l_files(path)
+    _load_into(model, key_map, prefix, path, source, file_keys, dtype, compute_dtype, device, _CLIP_EXTRAS)
+    del disable_mmap  # accepted for sd-scripts' signature: files are never memory-mapped
     # position_ids is a non-persistent buffer that meta construction left empty; some old files
     # carry a float copy of it, which is ignored (those copies are known to drift).
     positions = torch.arange(config.max_position_embeddings, device=device).expand((1, -1))
@@ -286,9 +301,9 @@ def load_t5xxl(
     """
     path = str(ckpt_path)
     file_keys, prefix, config, model, key_map = _t5xxl_model(path, state_dict)
-    _load_into(
-        model, key_map, prefix, path, state_dict, file_keys, dtype, compute_dtype, device, disable_mmap, _T5_EXTRAS
-    )
+    source = state_dict if state_dict is not None else t5xxl_files(path)
+    _load_into(model, key_map, prefix, path, source, file_keys, dtype, compute_dtype, device, _T5_EXTRAS)
+    del disable_mmap  # accepted for sd-scripts' signature: files are never memory-mapped
     model.encoder.set_input_embeddings(model.shared)
     _check_materialized(model, path)
     if model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype in FP8_DTYPES:
@@ -328,11 +343,11 @@ def _gated_ff_forward_fp8(self, hidden_states: torch.Tensor) -> torch.Tensor:
 # Shared loading
 
 
-def _shapes_of(path: str, state_dict: dict[str, torch.Tensor] | None) -> tuple[dict, dict[str, str]]:
-    """(shapes, metadata) of the file, from its header only (or from ``state_dict``)."""
+def _shapes_of(files: list[str], state_dict: dict[str, torch.Tensor] | None) -> tuple[dict, dict[str, str]]:
+    """(shapes, metadata) of the file or shards, from their headers only (or from ``state_dict``)."""
     if state_dict is not None:
         return {k: list(v.shape) for k, v in state_dict.items()}, {}
-    header, metadata, _ = read_header(path)
+    header, metadata = read_headers(files)
     return {k: e["shape"] for k, e in header.items()}, metadata
 
 
@@ -350,21 +365,22 @@ def _load_into(
     key_map: dict[str, str],
     prefix: str,
     path: str,
-    state_dict: dict[str, torch.Tensor] | None,
+    source: dict[str, torch.Tensor] | list[str],
     file_keys: list[str],
     dtype: torch.dtype | None,
     compute_dtype: torch.dtype,
     device: str | torch.device,
-    disable_mmap: bool,
     extras: tuple[str, ...],
 ) -> None:
     """Checks keys, reads the needed tensors, casts them and assigns them to the meta ``model``.
 
-    ``key_map`` maps each model key to the file key holding it (several may share one).
+    ``key_map`` maps each model key to the file key holding it (several may share one). ``source`` is
+    a state dict, or the file(s) to read (``path``, or its shards).
     """
     _refuse_missing_keys(path, key_map, file_keys)
     used = set(key_map.values())
-    metadata = read_header(path)[1] if state_dict is None else None  # may list ComfyUI's quantized layers
+    state_dict = source if isinstance(source, dict) else None
+    metadata = read_headers(source)[1] if state_dict is None else None  # may list ComfyUI's quantized layers
     scale_keys = comfy_scale_keys(file_keys, metadata)
     scaled = bool(scale_keys)
     ignored, unexpected = [], []
@@ -390,7 +406,7 @@ def _load_into(
     if state_dict is not None:
         tensors = {k: state_dict[k].to(device) for k in wanted}
     else:
-        tensors = load_safetensors(path, device=device, disable_mmap=disable_mmap, keys=wanted)
+        tensors = load_sharded(source, wanted, device)
 
     linear_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     fp8_storage = dtype if dtype in FP8_DTYPES else None

@@ -226,7 +226,7 @@ CASES = [
          ("--clip_l", "clip_cut.safetensors", "incomplete checkpoint", "text_model.final_layer_norm.weight")),
     Case("the second of two T5 shards given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.edited(
         e.models.t5xxl, "model-00002-of-00002.safetensors", drop=["shared.", "encoder.block.0."])),
-         ("--t5xxl", "model-00002-of-00002.safetensors", "one part of a model saved in several files")),
+         ("--t5xxl", "model-00002-of-00002", "1 of 2 shards are missing: model-00001-of-00002.safetensors")),
     Case("a diffusers-layout LoRA given as the DiT", lambda e: e.replace(
         e.argv(), "--pretrained_model_name_or_path", e.tensors("peft_lora.safetensors", {
             "transformer_blocks.0.attn.to_q.lora_A.weight": (4, 32),
@@ -240,8 +240,10 @@ CASES = [
         e.argv(), "--pretrained_model_name_or_path", e.tensors("sd3.safetensors", {
             "pos_embed.proj.weight": (32, 16, 2, 2), "transformer_blocks.0.ff.net.2.weight": (32, 64)})),
          ("sd3.safetensors", "not FLUX.1 or Chroma")),
-    Case("a folder given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.tmp),
-         ("--t5xxl", "a folder; give the .safetensors file itself")),
+    Case("a folder without T5 files given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.tmp),
+         ("--t5xxl", "a folder without model*.safetensors (or text_encoder_2/ holding them)")),
+    Case("a folder given as --ae", lambda e: e.replace(e.argv(), "--ae", e.tmp),
+         ("--ae", "a folder; give the .safetensors file itself")),
     Case("--ae file missing", lambda e: e.replace(e.argv(), "--ae", os.path.join(e.tmp, "nope.safetensors")),
          ("--ae ", "nope.safetensors")),
     Case("Chroma file without --model_type chroma nor --clip_l",
