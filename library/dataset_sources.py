@@ -249,7 +249,8 @@ def _scan_finetune(sub: SubsetConfig) -> list[ImageRecord]:
         for name, value in (("caption", caption), ("tags", tags)):
             if not isinstance(value, str):
                 raise UserError(f"{sub.metadata_file}: entry {key!r}: {name} is {type(value).__name__}, not text")
-        raw_tags = tags
+        # what ss_tag_frequency counts: the tags, on one line where wildcard captions put them on each line
+        raw_tags = tags.replace("\n", sep) if sub.caption.enable_wildcard else tags
         if not caption.strip():  # a tagger's entry without a caption: its tags are the caption
             caption, tags = tags, ""
         if sub.caption.enable_wildcard and tags:

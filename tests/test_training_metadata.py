@@ -307,6 +307,25 @@ def test_metadata_file_subsets_count_their_tags_not_the_captions_words(tmp_path)
     assert json.loads(md["ss_tag_frequency"]) == {"meta.json": {"cat": 1, "sun": 1, "dog": 1, "grass": 1}}
 
 
+def test_wildcard_metadata_tags_on_several_lines_count_as_separate_tags(tmp_path):
+    """With enable_wildcard the tags go on one line after each caption line, their line breaks turned into the
+    caption separator; sd-scripts counts them after that turn, so "red\nround" is two tags."""
+    from library.train_metadata import dataset_metadata
+    from tests.dataset_helpers import make_folder
+
+    make_folder(tmp_path / "img", {"a.png": (64, 64)})
+    entry = {"caption": "a ball\na toy", "tags": "Red\nround"}
+    (tmp_path / "meta.json").write_text(json.dumps({str(tmp_path / "img" / "a.png"): entry}))
+    group, args = _toml_group(tmp_path, f"""
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "img"}'
+        metadata_file = '{tmp_path / "meta.json"}'
+        enable_wildcard = true
+    """)
+    md = dataset_metadata(group.datasets, True, args)
+    assert json.loads(md["ss_tag_frequency"]) == {"meta.json": {"red": 1, "round": 1}}
+
+
 def test_a_runs_files_record_sd_scripts_epochs_dates_and_start(tiny_model_files, tmp_path, monkeypatch):
     """Step saves record the whole epochs before the step's epoch (sd-scripts passes its 0-based loop epoch), the
     final file the epochs run; each file is dated when saved; the start is taken before the models load; and
