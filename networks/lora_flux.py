@@ -14,7 +14,8 @@ modules drive this one. Differences from sd-scripts, on purpose (docs/flux_train
   so plain loaders apply the trained strength (sd-scripts' apply 1/3 or 1/4 of it, §k.7); the
   convention is recorded under ``ss_split_qkv_convention``. Max-norm regularisation and GGPO
   work on split modules too (§k.15, §k.17).
-* GGPO scales the update's norm by alpha/rank (sd-scripts computes and drops it, §k.15).
+* GGPO scales the update's norm by alpha/rank (sd-scripts computes and drops it, §k.15), and adds no
+  perturbation at multiplier 0 (differential output preservation's base-model pass; sd-scripts adds it).
 * A module's scale always follows the alpha it holds, including after ``load_weights`` (§k.16).
 * ``create_network_from_weights`` honours the learning-rate, dropout and GGPO args and
   ``split_qkv``; args that choose ranks are reported as having no effect there.
@@ -47,11 +48,14 @@ from networks.lora_flux_args import (  # noqa: F401  (validate_network_args is p
     parse_int,
     parse_regex_pairs,
     rank_value,
+    refuse_zero_loraplus,
     validate_network_args,
 )
 from networks.lora_flux_files import (  # noqa: F401  (re-exported: tools import them from here)
     SPLIT_QKV_CONVENTION,
     SPLIT_QKV_METADATA_KEY,
+    check_weights_fit,
+    nothing_fits_message,
     read_lora_file,
     read_lora_file_as_sd_scripts,
     write_lora_file,
@@ -187,22 +191,6 @@ def create_network_from_weights(
     if any(r is not None for r in loraplus_ratios(kwargs)):
         network.set_loraplus_lr_ratio(*loraplus_ratios(kwargs))
     return network, weights_sd
-
-
-def check_weights_fit(file, weights_sd: dict[str, Tensor], network: nn.Module, hint: str) -> None:
-    """Stops, naming the file and its first misfits, when a tensor's shape differs from the network's."""
-    expected = network.state_dict()
-    mismatched = [
-        f"{k} {tuple(v.shape)} (network {tuple(expected[k].shape)})"
-        for k, v in weights_sd.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if mismatched:
-        raise UserError(
-            f"{file} does not fit this network: {'; '.join(mismatched[:3])}"
-            + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
-            + f". {hint}"
-        )
 
 
 def detect_model_type(flux: nn.Module | None) -> str | None:
@@ -418,10 +406,8 @@ class LoRANetwork(nn.Module):
             logger.info(f"{file}: {len(without_alpha)} modules have no alpha: alpha = rank (scale 1), as saved")
         info = self.load_state_dict(weights_sd, strict=False)
         if weights_sd and len(info.unexpected_keys) == len(weights_sd):
-            raise UserError(
-                f"{file}: none of its weights belongs to this network (e.g. {next(iter(weights_sd))}); "
-                "give a FLUX/Chroma LoRA in sd-scripts' format trained on this model"
-            )
+            raise UserError(nothing_fits_message(file, list(weights_sd), bool(self.unet_loras),
+                                                 bool(self.text_encoder_loras)))  # fmt: skip
         if info.unexpected_keys:
             logger.warning(f"{file}: {len(info.unexpected_keys)} weights have no module here and are ignored")
         missing = {k.split(".")[0] for k in info.missing_keys}
@@ -466,6 +452,9 @@ class LoRANetwork(nn.Module):
         Groups whose learning rate is 0 or None are left out: those LoRAs are not trained.
         """
         text_encoder_lr = text_encoder_lrs(text_encoder_lr, default_lr)
+        ratios = (self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio)
+        refuse_zero_loraplus(ratios, [part for part, loras in (("DiT", self.unet_loras),
+                                                               ("text encoders", self.text_encoder_loras)) if loras])
         self.requires_grad_(True)
         all_params, descriptions = [], []
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio

@@ -77,18 +77,34 @@ def rank_value(value: str) -> int:
     return rank
 
 
+IN_DIM_LAYERS = ("img_in", "time_in", "vector_in", "guidance_in", "txt_in")
+
+
 def parse_in_dims(value) -> list[int]:
-    """``"[a,b,c,d,e]"`` or ``"a,b,c,d,e"``: ranks for img_in, time_in, vector_in, guidance_in, txt_in."""
+    """``"[a,b,c,d,e]"`` or ``"a,b,c,d,e"``: ranks for img_in, time_in, vector_in, guidance_in, txt_in.
+
+    Every entry must be a whole number (0 disables its layer): an empty one is a typo, not a rank of 0."""
     if isinstance(value, (list, tuple)):
         items = list(value)
     else:
-        items = [v for v in str(value).strip().removeprefix("[").removesuffix("]").split(",")]
+        items = str(value).strip().removeprefix("[").removesuffix("]").split(",")
+    expected = f"expected 5 ranks ({', '.join(IN_DIM_LAYERS)}), e.g. in_dims=[4,2,2,2,4]"
     if len(items) != 5:
-        raise UserError(
-            f"--network_args in_dims={value}: expected 5 ranks (img_in, time_in, vector_in, guidance_in, txt_in), "
-            f"e.g. in_dims=[4,2,2,2,4]"
-        )
-    return [parse_int("in_dims", v) or 0 for v in items]
+        raise UserError(f"--network_args in_dims={value}: {expected}")
+    ranks = []
+    for position, (item, layer) in enumerate(zip(items, IN_DIM_LAYERS, strict=True), start=1):
+        text = str(item).strip()
+        try:
+            rank = int(text)
+        except ValueError:
+            what = "is empty" if not text else f"{text!r} is not a whole number"
+            raise UserError(f"--network_args in_dims={value}: entry {position} ({layer}) {what}; {expected} "
+                            "(0 disables a layer)") from None  # fmt: skip
+        if rank < 0:
+            raise UserError(f"--network_args in_dims={value}: entry {position} ({layer}) {text} is negative: "
+                            "a rank is 0 (no LoRA on that layer) or more")  # fmt: skip
+        ranks.append(rank)
+    return ranks
 
 
 def parse_block_selection(key: str, value: str, total: int) -> list[bool]:
@@ -158,17 +174,36 @@ def check_known_args(kwargs: dict) -> None:
         )
 
 
+LORAPLUS_PARTS = {"DiT": "the DiT's", "text encoders": "the text encoders'"}  # part: its possessive
+
+
 def loraplus_ratios(kwargs: dict) -> tuple[float | None, float | None, float | None]:
+    """(general, DiT, text encoders) LoRA+ ratios. Ratios that give every part's lora_up learning rate 0
+    stop here; a part that ends at 0 while another does not is checked once the parts with modules are known
+    (:func:`refuse_zero_loraplus`, when the optimizer groups are made)."""
     keys = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
     ratios = tuple(parse_float(k, kwargs.get(k)) for k in keys)
-    general, unet, text_encoder = ratios
-    # a part's ratio of 0 falls back to the general one (sd-scripts' `or`); a ratio that ends at 0 would give
-    # lora_up, which starts at zero, learning rate 0: that part of the LoRA would never change
-    for part, ratio in (("DiT", unet or general), ("text encoders", text_encoder or general)):
-        if ratio == 0:
-            raise UserError(f"--network_args loraplus_lr_ratio=0 gives the {part}' lora_up learning rate 0, so the "
-                            "LoRA would not change: leave it out for no LoRA+, or give a ratio above 0 (e.g. 16)")
+    if len(zero_loraplus_parts(ratios, LORAPLUS_PARTS)) == len(LORAPLUS_PARTS):
+        refuse_zero_loraplus(ratios, LORAPLUS_PARTS)
     return ratios
+
+
+def zero_loraplus_parts(ratios, parts) -> list[str]:
+    """The parts among ``parts`` whose lora_up learning rate LoRA+ sets to 0: a part's ratio of 0 (or none)
+    falls back to the general one (sd-scripts' ``or``), which may be 0."""
+    general, unet, text_encoder = ratios
+    ends_at = {"DiT": unet or general, "text encoders": text_encoder or general}
+    return [part for part in parts if ends_at[part] == 0]
+
+
+def refuse_zero_loraplus(ratios, parts) -> None:
+    """Stops when LoRA+ gives the lora_up (which starts at zero) of one of ``parts`` (the parts that have
+    modules) learning rate 0: that part of the LoRA would never change."""
+    zero = zero_loraplus_parts(ratios, parts)
+    if zero:
+        owners = " and ".join(LORAPLUS_PARTS[part] for part in zero)
+        raise UserError(f"--network_args loraplus_lr_ratio=0 gives {owners} lora_up learning rate 0, so the "
+                        "LoRA would not change: leave it out for no LoRA+, or give a ratio above 0 (e.g. 16)")
 
 
 def ggpo_args(kwargs: dict) -> tuple[float | None, float | None]:
@@ -206,7 +241,9 @@ def validate_network_args(neuron_dropout: float | None = None, **kwargs) -> None
 def network_options(kwargs: dict, neuron_dropout, n_double: int | None, n_single: int | None) -> dict:
     """``LoRANetwork`` keyword arguments from ``--network_args`` (raises UserError on a bad one)."""
     check_known_args(kwargs)
-    if not is_unset(kwargs.get("conv_dim")) or not is_unset(kwargs.get("conv_alpha")):
+    conv_dim = parse_int("conv_dim", kwargs.get("conv_dim"))  # parsed all the same: a typo is a mistake
+    conv_alpha = parse_float("conv_alpha", kwargs.get("conv_alpha"))
+    if conv_dim is not None or conv_alpha is not None:
         if n_double is not None:  # warn once, when the network is built
             logger.warning("network args conv_dim / conv_alpha have no effect: FLUX and Chroma have no convolutions")
     type_dims = [parse_int(k, kwargs.get(k)) for k in TYPE_DIM_KEYS]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from library.errors import CheckpointError
+from library.errors import CheckpointError, UserError
 from library.lora_formats import PEFT_METADATA_KEY
 from library.lora_names import respelled_key
 from library.model_hashes import build_modelspec, precalculate_safetensors_hashes
@@ -41,7 +41,8 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     if os.path.isdir(file):
         raise CheckpointError(f"{file}: a folder; give the LoRA file in it (a peft adapter's is {PEFT_ADAPTER_FILE})")
     if str(file).endswith(".safetensors"):
-        return with_trained_split_alpha(load_safetensors(file), with_peft_config(file, read_metadata(file)))
+        state_dict = with_scalar_alphas(load_safetensors(file))
+        return with_trained_split_alpha(state_dict, with_peft_config(file, read_metadata(file)))
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: file not found")
     try:
@@ -52,7 +53,14 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
         ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{file}: holds a {type(state_dict).__name__}, not a LoRA state dict of tensors")
-    return state_dict, {}
+    return with_scalar_alphas(state_dict), {}
+
+
+def with_scalar_alphas(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Alphas saved as one-element tensors (shape [1], as some tools write them) as the 0-dim tensors a network
+    holds: loaders read an alpha as a number (ComfyUI's ``.item()``), so such files are valid."""
+    return {k: v.reshape(()) if k.endswith(".alpha") and v.dim() and v.numel() == 1 else v
+            for k, v in state_dict.items()}  # fmt: skip
 
 
 def read_lora_file_as_sd_scripts(file: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -183,3 +191,53 @@ def _atomic_torch_save(state_dict: dict[str, Tensor], file: str | os.PathLike) -
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_weights_fit(file, weights_sd: dict[str, Tensor], network: torch.nn.Module, hint: str) -> None:
+    """Stops, naming the file and its first misfits, when a tensor's shape differs from the network's; where
+    split_qkv on one side only explains every misfit, the message says so instead of ``hint``."""
+    expected = network.state_dict()
+    misfits = [k for k, v in weights_sd.items() if k in expected and v.shape != expected[k].shape]
+    if misfits:
+        listed = [f"{k} {tuple(weights_sd[k].shape)} (network {tuple(expected[k].shape)})" for k in misfits[:3]]
+        raise UserError(
+            f"{file} does not fit this network: {'; '.join(listed)}"
+            + (f" and {len(misfits) - 3} more" if len(misfits) > 3 else "")
+            + f". {split_qkv_hint(weights_sd, network, misfits) or hint}"
+        )
+
+
+def split_qkv_hint(weights_sd: dict[str, Tensor], network: torch.nn.Module, misfits: list[str]) -> str | None:
+    """Why the file misfits, when only fused projections (qkv, linear1) misfit and by split_qkv's factor:
+    a plain file (rank r) for a split_qkv network (chunks x r), or the reverse; None otherwise."""
+    modules = [network._modules.get(key.partition(".")[0]) for key in misfits]
+    if not all(m is not None and hasattr(m, "split_dims") and is_split_target(m.lora_name) for m in modules):
+        return None
+    ranks = {}  # module: (the file's rank, this network's fused rank, chunks)
+    for module in modules:
+        down = weights_sd.get(f"{module.lora_name}.lora_down.weight")
+        if down is None or down.dim() != 2 or down.shape[1] != module.org_module.in_features:
+            return None
+        chunks = split_parts(module.lora_name)
+        ranks[module] = (down.shape[0], module.lora_dim * (chunks if module.split_dims else 1), chunks)
+    if all(m.split_dims and file * chunks == own for m, (file, own, chunks) in ranks.items()):
+        return ("The file was not trained with split_qkv (its fused projections hold one LoRA, not one per "
+                "q/k/v part): remove split_qkv=True from --network_args to continue it")
+    if all(not m.split_dims and file == own * chunks for m, (file, own, chunks) in ranks.items()):
+        return ("The file was trained with split_qkv=True (its fused projections hold one LoRA per part): add "
+                "split_qkv=True to --network_args to continue it")
+    return None
+
+
+def nothing_fits_message(file, keys: list[str], has_dit_modules: bool, has_text_encoder_modules: bool) -> str:
+    """Why none of a file's ``keys`` belongs to a network: the part the file is for has no modules in this run,
+    or the file is for another model."""
+    if all(k.startswith("lora_unet") for k in keys) and not has_dit_modules:
+        return (f"{file} holds DiT modules only (lora_unet_*), and this network has none: the DiT is not trained "
+                "in this run (--network_train_text_encoder_only); train the DiT too, or leave out the file")
+    if all(k.startswith("lora_te") for k in keys) and not has_text_encoder_modules:
+        return (f"{file} holds text-encoder modules only (lora_te*), and this network has none: no text encoder "
+                "is trained in this run (--network_train_unet_only, or Chroma without train_t5xxl=True); train "
+                "the text encoders too, or leave out the file")
+    return (f"{file}: none of its weights belongs to this network (e.g. {keys[0]}); "
+            "give a FLUX/Chroma LoRA in sd-scripts' format trained on this model")

@@ -199,7 +199,8 @@ class LoRAModule(nn.Module):
         self.org_module.forward = self.forward
 
     def forward(self, x: Tensor) -> Tensor:
-        # multiplier 0 (DOP's base-model pass) must give exactly the base output, perturbation included
+        # multiplier 0 (DOP's base-model pass) gives exactly the base output: no update and no GGPO
+        # perturbation (sd-scripts adds the perturbation whatever the multiplier; docs §17.4)
         if not self.enabled or self.multiplier == 0:
             return self.org_forward(x)
         drop_module = self.training and self.module_dropout

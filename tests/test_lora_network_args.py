@@ -353,7 +353,7 @@ def test_a_part_loraplus_ratio_of_0_falls_back_and_one_that_ends_at_0_is_refused
     plain = build(flux, encoders, loraplus_unet_lr_ratio="0")  # 0 and no general ratio: no LoRA+
     _, descriptions = plain.prepare_optimizer_params_with_multiple_te_lrs(1e-4, 1e-3, 1e-3)
     assert descriptions == ["textencoder 1 ", "unet"]
-    with pytest.raises(UserError, match="loraplus_lr_ratio=0 gives the DiT' lora_up learning rate 0"):
+    with pytest.raises(UserError, match="loraplus_lr_ratio=0 gives the DiT's and the text encoders' lora_up learning"):
         build(flux, encoders, loraplus_lr_ratio="0")  # lora_up would never train
 
 
