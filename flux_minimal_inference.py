@@ -277,7 +277,29 @@ def check_args(args):
         raise UserError(f"--output_dir {args.output_dir}: {problem}; choose another folder")
     for path, _ in (parse_lora_spec(s) for s in args.lora_weights):
         check_lora_file(path, "--lora_weights")
+    check_loras_fit(args, dit_params)
     return dit_params
+
+
+def check_loras_fit(args, dit_params) -> None:
+    """Each LoRA against the models as their files describe them, built on the meta device (no weight is read):
+    a LoRA for another model or of a wrong shape stops in seconds, not after the models have loaded."""
+    from library.chroma_models import Chroma
+    from library.flux_models import Flux
+    from library.run_logging import quiet_loggers
+    from library.text_encoders import clip_l_on_meta, t5xxl_on_meta
+
+    if not args.lora_weights:
+        return
+    with torch.device("meta"):
+        dit = Chroma(dit_params) if args.model_type == "chroma" else Flux(dit_params)
+    text_encoders = [clip_l_on_meta(args.clip_l) if args.clip_l else None, t5xxl_on_meta(args.t5xxl)]
+    for path, multiplier in (parse_lora_spec(s) for s in args.lora_weights):
+        try:
+            with quiet_loggers("networks.lora_flux"):  # its warnings come when the LoRA is loaded
+                lora_network(path, multiplier, dit, text_encoders)
+        except UserError as e:
+            raise UserError(f"--lora_weights {e}") from None
 
 
 def load_pipeline(args) -> Pipeline:
@@ -350,23 +372,32 @@ def load_pipeline(args) -> Pipeline:
     return pipeline
 
 
+def lora_network(path: str, multiplier: float, dit, text_encoders, read=None):
+    """The LoRA network the file ``path`` (or its ``read`` ``(state_dict, metadata)``) makes for the models, and
+    its weights in sd-scripts' names; modules this tool cannot apply are named and skipped."""
+    from library.lora_formats import to_sd_scripts
+    from networks.lora_flux import create_network_from_weights, read_lora_file
+
+    sd, metadata = read or read_lora_file(path)
+    converted = to_sd_scripts(sd, metadata, source=path)
+    if converted.unsupported and read is not None:  # said once, when loading (not again when checking)
+        logger.warning("%s: %d modules this tool cannot apply are skipped: %s", path, len(converted.unsupported),
+                       ", ".join(converted.unsupported))  # fmt: skip
+    return create_network_from_weights(
+        multiplier, path, None, text_encoders, dit, weights_sd=converted.state_dict, for_inference=True
+    )
+
+
 def load_loras(specs, dit, text_encoders, *, merge: bool, device, dtype) -> list[LoadedLoRA]:
     """Each ``(path, multiplier)`` as a LoRA network applied to (or merged into) the models."""
-    from library.lora_formats import to_sd_scripts
-    from networks.lora_flux import create_network_from_weights, detect_model_type, read_lora_file
+    from networks.lora_flux import detect_model_type, read_lora_file
     from networks.lora_flux_files import base_model_version, warn_if_made_for_another_model
 
     loaded = []
     for path, multiplier in specs:
         sd, metadata = read_lora_file(path)
         warn_if_made_for_another_model(path, "--lora_weights", base_model_version(detect_model_type(dit)), metadata)
-        converted = to_sd_scripts(sd, metadata, source=path)
-        if converted.unsupported:
-            logger.warning("%s: %d modules this tool cannot apply are skipped: %s", path, len(converted.unsupported),
-                           ", ".join(converted.unsupported))  # fmt: skip
-        network, weights = create_network_from_weights(
-            multiplier, path, None, text_encoders, dit, weights_sd=converted.state_dict, for_inference=True
-        )
+        network, weights = lora_network(path, multiplier, dit, text_encoders, (sd, metadata))
         name = os.path.splitext(os.path.basename(path))[0]
         if merge:
             network.merge_to(text_encoders, dit, weights, device=device)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from contextlib import contextmanager
 
 from library.errors import UserError
-from library.run_logging import first_launched_process
+from library.run_logging import first_launched_process, quiet_loggers
 from library.safetensors_io import output_folder_problem
 
 logger = logging.getLogger(__name__)
@@ -131,20 +130,6 @@ def warn_about_unused_text_encoder_rates(args, text_encoders_with_lora: list[int
                            ("first", "second")[i], TEXT_ENCODERS[i], why[i])  # fmt: skip
 
 
-@contextmanager
-def _quiet(*names: str):
-    """Lets the rehearsal's info lines and warnings wait for the real build, which prints them."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
     """Builds the optimizer and the lr schedule once, on one stand-in parameter: an unknown
     ``--optimizer_type``, a missing package, ``--optimizer_args`` that do not fit the class, or a
@@ -159,7 +144,7 @@ def rehearse_optimizer_and_schedule(args, max_train_steps: int) -> str:
 
     trial = copy.copy(args)  # Adafactor rewrites the learning rate and the scheduler in the arguments it gets
     trial.max_train_steps = max_train_steps
-    with _quiet("library.optimizers", "library.lr_schedulers"):
+    with quiet_loggers("library.optimizers", "library.lr_schedulers"):  # the real build says it
         # 2-D, as every LoRA weight is (Muon takes matrices only); a custom scheduler's arguments may be per
         # parameter group, which only the real optimizer has: its class is checked, not built
         _, _, optimizer = get_optimizer(trial, [torch.nn.Parameter(torch.zeros(1, 1))])

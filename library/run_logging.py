@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -21,6 +22,21 @@ PATH_ARGS = frozenset({
     "log_tracker_config", "metadata_thumbnail", "console_log_file",
 })  # fmt: skip
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def quiet_loggers(*names: str):
+    """Holds back the info lines and warnings of the loggers ``names`` (errors still show): for a rehearsal
+    or a check whose real run prints them once."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -168,6 +168,11 @@ def _clip_l_model(path: str, state_dict: dict[str, torch.Tensor] | None = None):
     return file_keys, prefix, config, model, {k: prefix + k for k in model.state_dict()}
 
 
+def clip_l_on_meta(path: str) -> CLIPTextModel:
+    """The CLIP text model the file describes, on the meta device (shapes only: no weight is read)."""
+    return _clip_l_model(path)[3]
+
+
 def check_clip_l_file(path: str) -> CLIPTextConfig:
     """The checks :func:`load_clip_l` makes before reading any weight (milliseconds); the config."""
     file_keys, _, config, _, key_map = _clip_l_model(path)
@@ -275,6 +280,11 @@ def _t5xxl_model(path: str, state_dict: dict[str, torch.Tensor] | None = None):
     embed_key = "shared.weight" if "shared.weight" in shapes else "encoder.embed_tokens.weight"
     key_map["shared.weight"] = key_map["encoder.embed_tokens.weight"] = prefix + embed_key
     return file_keys, prefix, config, model, key_map
+
+
+def t5xxl_on_meta(path: str) -> T5EncoderModel:
+    """The T5 encoder the file(s) describe, on the meta device (shapes only: no weight is read)."""
+    return _t5xxl_model(path)[3]
 
 
 def check_t5xxl_file(path: str) -> T5Config:

@@ -133,6 +133,20 @@ def test_chroma_with_cfg_is_the_trainers_sampler(tiny_model_files, tmp_path, cap
     assert np.abs(image - np.asarray(reference).astype(np.int16)).max() <= 1
 
 
+def test_a_lora_checked_before_loading_warns_once_about_modules_without_target(tiny_model_files, tmp_path,
+                                                                               lora_file, caplog):  # fmt: skip
+    """The LoRAs are checked against the models' headers before the models load, then built again on the loaded
+    models: what building one warns about is said once."""
+    extra = str(tmp_path / "extra.safetensors")
+    save_safetensors({**load_safetensors(lora_file), "lora_unet_gone.lora_down.weight": torch.ones(4, 8),
+                      "lora_unet_gone.lora_up.weight": torch.ones(8, 4)}, extra)  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        generate(tiny_model_files, tmp_path, "extra", "--lora_weights", extra)
+    assert [m for m in caplog.messages if "have no target" in m] == [
+        f"{extra}: 1 LoRA modules have no target and are ignored, e.g. ['lora_unet_gone']"
+    ]
+
+
 def test_a_lora_of_another_base_model_is_named(tiny_model_files, tmp_path, lora_file, caplog):
     chroma = str(tmp_path / "chroma_labelled.safetensors")
     metadata = {**read_metadata(lora_file), "ss_base_model_version": "chroma"}
@@ -303,10 +317,16 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
         (["--lora_weights", "{text}"], "flux", "--lora_weights {text}: not a LoRA file: neither .safetensors nor"),
         (["--lora_weights", "{list_pt}"], "flux", "--lora_weights {list_pt}: holds a list, not a LoRA state dict"),
         (["--lora_weights", "{dict_pt}"], "flux", "--lora_weights {dict_pt}: holds a dict, not a LoRA state dict"),
-        # found after the DiT, CLIP-L, T5 and the AE had loaded: minutes with the real files
         (["--tokenizer_cache_dir", "{tmp}/no_tokenizers"], "flux", "Could not load the tokenizer"),
-        (["--lora_weights", "{damaged}"], "flux-loading", "{damaged}: module lora_unet_double_blocks_0_img_attn_proj "
-                                                          "is damaged: its down is (4, 64) and its up (64, 3)"),
+        # found after the DiT, CLIP-L, T5 and the AE had loaded (minutes with the real files): now from the headers
+        (["--lora_weights", "{damaged}"], "flux", "--lora_weights {damaged}: module "
+                                                  "lora_unet_double_blocks_0_img_attn_proj is damaged: its down is "
+                                                  "(4, 64) and its up (64, 3)"),
+        (["--lora_weights", "{wide}"], "flux", "--lora_weights {wide} does not fit this network: "
+                                               "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight (4, 96) "
+                                               "(network (4, 64)). The LoRA was made for a model of other widths"),
+        (["--lora_weights", "{sdxl}"], "flux", "--lora_weights {sdxl}: none of its 1 LoRA modules (e.g. "
+                                               "lora_unet_input_blocks_1_1_proj_in) exists in the models given"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, monkeypatch, extra, model_type,
@@ -322,7 +342,8 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
         monkeypatch.setattr(library.flux_utils, "load_flow_model", refuse)
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
              "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors",
-             "dict_pt": tmp_path / "dict.pt", "tmp": tmp_path}
+             "dict_pt": tmp_path / "dict.pt", "tmp": tmp_path, "wide": tmp_path / "w.safetensors",
+             "sdxl": tmp_path / "sdxl.safetensors"}
     # no network retries for the tokenizer that is not there (4 minutes here): huggingface_hub reads the
     # variable when it is imported, so its constant is set too
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -330,6 +351,11 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     weights = load_safetensors(lora_file)  # lora_up's rank is not lora_down's: it was "made for other widths"
     weights["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.ones(64, 3)
     save_safetensors(weights, files["damaged"])
+    weights = load_safetensors(lora_file)  # for a DiT 96 wide
+    weights["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = torch.ones(4, 96)
+    save_safetensors(weights, files["wide"])
+    save_safetensors({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(4, 320),
+                      "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(320, 4)}, files["sdxl"])
     with open(lora_file, "rb") as f:
         (tmp_path / "t.safetensors").write_bytes(f.read()[:6])
     (tmp_path / "notes.txt").write_text("a LoRA? no")
