@@ -188,6 +188,7 @@ class FlowMatchingConfig:
         density = self.timestep_sampling == "sigma"
         used = {
             "sigmoid_scale": self.timestep_sampling in ("sigmoid", "shift", "flux_shift"),
+            "discrete_flow_shift": self.timestep_sampling in ("sigma", "shift"),
             "weighting_scheme": (density and self.weighting_scheme in ("logit_normal", "mode"))
             or (self.model_prediction_type == "sigma_scaled" and self.weighting_scheme in ("sigma_sqrt", "cosmap"))
             or self.weighting_scheme == "none",

@@ -415,6 +415,12 @@ def test_options_the_chosen_methods_never_read_are_named(options, unused):
 
 @pytest.mark.parametrize("options, unused", [
     ({"timestep_sampling": "flux_shift", "sigmoid_scale": 2.0}, []),  # flux_shift draws sigmoid(scale · z) too
+    # the shift is read by shift and by the default sigma sampling; flux_shift computes its own from the image size
+    ({"timestep_sampling": "flux_shift", "discrete_flow_shift": 3.1582}, ["discrete_flow_shift"]),
+    ({"timestep_sampling": "uniform", "discrete_flow_shift": 1.0}, ["discrete_flow_shift"]),
+    ({"timestep_sampling": "sigmoid", "discrete_flow_shift": 2.0}, ["discrete_flow_shift"]),
+    ({"timestep_sampling": "shift", "discrete_flow_shift": 3.1582}, []),
+    ({"discrete_flow_shift": 1.0}, []),
     ({"weighting_scheme": "none"}, []),  # sd-scripts' name for no weighting: read, as uniform is
     # sigma_sqrt and cosmap weight only the sigma_scaled prediction's loss
     ({"timestep_sampling": "shift", "weighting_scheme": "sigma_sqrt", "model_prediction_type": "raw"},
