@@ -86,7 +86,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=None, help="random if not given")
     add("--steps", type=int, default=None, help="sampling steps (default 4 for schnell, 50 otherwise)")
     add("--guidance", type=float, default=None, help="embedded guidance (default 3.5; Chroma 0.0)")
-    add("--negative_prompt", type=str, default=None, help="negative prompt (used with --cfg_scale above 1)")
+    add("--negative_prompt", type=str, default=None, help="negative prompt (used when --cfg_scale is not 1)")
     add("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (default 1.0; Chroma 4.0)")
     add("--offload", action="store_true", help="keep models on the CPU and move each to the device while it runs")
     add("--lora_weights", type=str, nargs="*", default=[], help="LoRA files, each `path;multiplier` (default 1.0)")
