@@ -55,9 +55,10 @@ class ScheduleFreeDummyScheduler:
         pass
 
 
-def resolve_step_count(value: int | float | str | None, total_steps: int, flag: str) -> int:
-    """Steps for ``--lr_warmup_steps``-style values: an int as is, a float < 1 or ``"N%"`` as a
-    fraction of ``total_steps`` (rounded down). Strings come from config files, which bypass argparse."""
+def resolve_step_count(value: int | float | str | None, total_steps: int, flag: str, step_ticks: int = 1) -> int:
+    """Steps for ``--lr_warmup_steps``-style values: an int (or its text) times ``step_ticks``, a float ≤ 1 or
+    ``"N%"`` as a fraction of ``total_steps`` (rounded down). A prepared scheduler ticks once per process and
+    optimizer step, so the trainer passes the process count as ``step_ticks`` and counts ``total_steps`` in ticks."""
     if value is None:
         return 0
     bad = f"{flag} {value!r} is not a step count, a ratio below 1 or a percentage like 10%."
@@ -74,7 +75,7 @@ def resolve_step_count(value: int | float | str | None, total_steps: int, flag: 
         return int(value * total_steps)
     if value < 0:
         raise UserError(f"{flag} must not be negative (got {value}).")
-    return value
+    return value * step_ticks
 
 
 def custom_scheduler_class(type_name: str) -> type:
@@ -139,10 +140,9 @@ def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int,
     total = max_train_steps * num_processes
     warmup_value = getattr(args, "lr_warmup_steps", 0)
     decay_value = getattr(args, "lr_decay_steps", 0)
-    # integers are optimizer steps: scale them to scheduler ticks; ratios already use `total`
-    scale = lambda v: num_processes if isinstance(v, int) and not isinstance(v, bool) else 1  # noqa: E731
-    warmup = resolve_step_count(warmup_value, total, "--lr_warmup_steps") * scale(warmup_value)
-    decay = resolve_step_count(decay_value, total, "--lr_decay_steps") * scale(decay_value)
+    # whole numbers are optimizer steps, scaled to scheduler ticks; ratios are of `total`, in ticks already
+    warmup = resolve_step_count(warmup_value, total, "--lr_warmup_steps", num_processes)
+    decay = resolve_step_count(decay_value, total, "--lr_decay_steps", num_processes)
     num_cycles = getattr(args, "lr_scheduler_num_cycles", 1)
     power = getattr(args, "lr_scheduler_power", 1.0)
     timescale = getattr(args, "lr_scheduler_timescale", None)
@@ -229,7 +229,11 @@ def _build_scheduler(args, optimizer: torch.optim.Optimizer, num_processes: int,
         if min_lr_ratio is None and "min_lr" not in kwargs and "min_lr_rate" not in kwargs:
             raise UserError(f"--lr_scheduler {name} needs --lr_scheduler_min_lr_ratio (for example 0.1).")
         if min_lr_ratio is not None:
-            kwargs.setdefault("min_lr_rate", min_lr_ratio)
+            given = [f"{k}={kwargs[k]}" for k in ("min_lr", "min_lr_rate") if k in kwargs]
+            if given:  # sd-scripts passes both on, and the schedule refuses them with a traceback
+                raise UserError(f"--lr_scheduler_min_lr_ratio {min_lr_ratio} and --lr_scheduler_args {given[0]} both "
+                                f"set the floor of --lr_scheduler {name}: give one of them")  # fmt: skip
+            kwargs["min_lr_rate"] = min_lr_ratio
         return schedule_func(optimizer, num_cycles=num_cycles / 2, **common, **kwargs)
     if kind in (SchedulerType.LINEAR, SchedulerType.COSINE):
         return schedule_func(optimizer, **common, **kwargs)

@@ -165,7 +165,7 @@ def test_warmup_as_steps_ratio_or_percent(warmup):
     assert schedule(4, lr_scheduler="constant_with_warmup", lr_warmup_steps=warmup) == [0, 0.5, 1, 1]
 
 
-@pytest.mark.parametrize("warmup", [2, 0.2])
+@pytest.mark.parametrize("warmup", [2, 0.2, "2", "20%"])  # "2" as text (a value that bypassed argparse): steps too
 def test_step_counts_mean_optimizer_steps_on_any_number_of_processes(warmup):
     # accelerate ticks a prepared scheduler once per process per optimizer step
     one = schedule(11, lr_scheduler="linear", lr_warmup_steps=warmup)
@@ -278,3 +278,15 @@ def test_inverse_sqrt_timescale_counts_optimizer_steps_on_any_number_of_processe
     kw = dict(lr_scheduler="inverse_sqrt", lr_warmup_steps=4, lr_scheduler_timescale=8)
     one, two = schedule(13, **kw), schedule(13, num_processes=2, **kw)
     assert two == pytest.approx(one) and two[12] == pytest.approx(1 / math.sqrt((12 + 4) / 8))
+
+
+@pytest.mark.parametrize("floor", ["min_lr_rate=0.2", "min_lr=0.001"])
+def test_a_floor_given_twice_is_refused_naming_both(floor):
+    args = make_args(lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.1, lr_scheduler_args=[floor])
+    with pytest.raises(UserError, match=f"--lr_scheduler_min_lr_ratio 0.1 and --lr_scheduler_args {floor} both set "
+                                        "the floor of --lr_scheduler cosine_with_min_lr: give one of them"):
+        get_scheduler_fix(args, sgd())
+    # either alone is the floor (the optimizer's lr is 1)
+    assert schedule(11, lr_scheduler="cosine_with_min_lr", lr_scheduler_args=["min_lr_rate=0.2"])[-1] == (
+        pytest.approx(0.2))
+    assert schedule(11, lr_scheduler="cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.1)[-1] == pytest.approx(0.1)
