@@ -332,6 +332,17 @@ def _split_qkv(g, alpha=0.75, ranks=(4, 4, 4)):
     return name, sd
 
 
+def test_a_qkv_module_with_more_rows_than_q_k_v_is_damaged():
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    sd = {f"{name}.lora_down.weight": torch.ones(4, H), f"{name}.lora_up.weight": torch.ones(3 * H + 1, 4)}
+    with pytest.raises(UserError) as e:
+        to_ai_toolkit(sd, source="q.safetensors")
+    assert str(e.value) == (
+        f"q.safetensors: module {name} is damaged: its up has {3 * H + 1} rows, but a q, k, v projection of input "
+        f"width {H} has {3 * H} ({H} each)"
+    )
+
+
 def test_a_fused_modules_scale_is_split_as_sd_scripts_splits_it():
     """alpha / rank = 0.75 / 12 = 1/16: a quarter on each part's A and B, as for a plain module."""
     name, sd = _split_qkv(torch.Generator().manual_seed(7))
@@ -361,6 +372,8 @@ def test_split_parts_are_written_to_a_file_as_tensors_of_their_own(tmp_path):
     plain = {f"{name}.lora_down.weight": _rand(g, 4, H), f"{name}.lora_up.weight": _rand(g, 3 * H + MLP, 4)}
     for sd in (plain, _split_qkv(g, alpha=12.0)[1]):  # scale 1: nothing is copied by scaling
         out = to_ai_toolkit(sd).state_dict
+        source = sd[next(k for k in sd if k.endswith("lora_down.weight"))].untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() != source for t in out.values())  # no view of the input
         save_safetensors(out, tmp_path / "parts.safetensors")
         back = load_safetensors(tmp_path / "parts.safetensors")
         assert back.keys() == out.keys() and all(torch.equal(back[k], out[k]) for k in out)
