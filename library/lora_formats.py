@@ -352,7 +352,8 @@ def _diagonal_blocks(up: Tensor, outs: list[int]) -> list[tuple[int, int]] | Non
         column = end
     if column != up.shape[1]:
         return None
-    # every column must belong to exactly one block for the chunks to reproduce the product
+    # blocks that tile the columns split the rank exactly (sd-scripts' split_qkv layout); otherwise the module
+    # is split the other way, which reproduces the product too
     covered = sum(end - start for start, end in ranges)
     return ranges if covered == up.shape[1] else None
 
