@@ -22,7 +22,7 @@ from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
 from library.flux_key_mapping import diffusers_to_bfl, is_diffusers_state_dict
 from library.flux_models import Flux, FluxParams, infer_flux_params
-from library.safetensors_io import SafetensorsReader, checkpoint_files, read_header, read_headers  # noqa: F401
+from library.safetensors_io import SafetensorsReader, checkpoint_files, read_headers
 from library.text_encoders import load_clip_l, load_t5xxl  # noqa: F401  (sd-scripts' import path)
 
 logger = logging.getLogger(__name__)
