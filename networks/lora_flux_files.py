@@ -210,7 +210,8 @@ def check_weights_fit(file, weights_sd: dict[str, Tensor], network: torch.nn.Mod
 def split_qkv_hint(weights_sd: dict[str, Tensor], network: torch.nn.Module, misfits: list[str]) -> str | None:
     """Why the file misfits, when only fused projections (qkv, linear1) misfit and by split_qkv's factor:
     a plain file (rank r) for a split_qkv network (chunks x r), or the reverse; None otherwise."""
-    modules = [network._modules.get(key.partition(".")[0]) for key in misfits]
+    children = dict(network.named_children())  # a network's LoRA modules are its children, by lora_name
+    modules = [children.get(key.partition(".")[0]) for key in misfits]
     if not all(m is not None and hasattr(m, "split_dims") and is_split_target(m.lora_name) for m in modules):
         return None
     ranks = {}  # module: (the file's rank, this network's fused rank, chunks)
