@@ -235,11 +235,14 @@ def dataset_metadata(datasets, from_toml: bool, args) -> dict[str, Any]:
         })
         for folder, tags in frequency.items():  # a folder in several datasets counts once
             tag_frequency.setdefault(folder, tags)
-        for name, info in _dirs([(s, e) for s, e in subsets if not s.is_reg]).items():
-            unique, n = name, 2  # the same folder in several datasets: "name (2)", ...
+        for subset, entries in subsets:
+            if subset.is_reg:
+                continue
+            name = _folder(subset)
+            unique, n = name, 2  # folders of one name, in one dataset or several: "name (2)", ...
             while unique in dataset_dirs:
                 unique, n = f"{name} ({n})", n + 1
-            dataset_dirs[unique] = info
+            dataset_dirs[unique] = {"n_repeats": subset.num_repeats, "img_count": len(entries)}
     return {
         "ss_datasets": json.dumps(datasets_info),
         "ss_tag_frequency": json.dumps(tag_frequency),

@@ -350,3 +350,26 @@ def test_a_runs_files_record_sd_scripts_epochs_dates_and_start(tiny_model_files,
         assert float(md["ss_training_started_at"]) < loaded_at[0]
     assert glob.glob(str(logs / "**" / "events.out.tfevents.*"), recursive=True)
     assert not glob.glob(str(logs / "**" / "hparams.yml"), recursive=True)
+
+
+def test_same_named_folders_in_one_dataset_are_listed_apart(tmp_path):
+    """sd-scripts names each subset's folder in ss_dataset_dirs, "img (2)" for the second of one name, in one
+    dataset as across datasets; their tag counts add up under the one name, as sd-scripts counts them."""
+    from library.train_metadata import dataset_metadata
+    from tests.dataset_helpers import make_folder
+
+    for side, n in (("a", 1), ("b", 2)):
+        make_folder(tmp_path / side / "img", {f"{i}.png": (64, 64) for i in range(n)})
+        for i in range(n):
+            (tmp_path / side / "img" / f"{i}.txt").write_text("red")
+    group, args = _toml_group(tmp_path, f"""
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "a" / "img"}'
+        num_repeats = 3
+        [[datasets.subsets]]
+        image_dir = '{tmp_path / "b" / "img"}'
+    """)
+    md = dataset_metadata(group.datasets, True, args)
+    assert json.loads(md["ss_dataset_dirs"]) == {"img": {"n_repeats": 3, "img_count": 1},
+                                                 "img (2)": {"n_repeats": 1, "img_count": 2}}  # fmt: skip
+    assert json.loads(md["ss_tag_frequency"]) == {"img": {"red": 3}}
