@@ -55,6 +55,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
     def __init__(self, parser: argparse.ArgumentParser | None = None):
         self.parser = parser or setup_parser()
         self.is_schnell = False
+        self.dit_params = None  # the DiT's hyper-parameters, read from its header by check_args
         self.sample_conditions = None  # sample prompts encoded before the text encoders were freed
         self.fp8_after_merge = {"dit": False, "text_encoders": False}  # stored in fp8 once --base_weights merged
         self.uses_dop = self.uses_network_multiplier = False  # set from the dataset by prepare_before_loading
@@ -80,7 +81,7 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
 
         # schnell (no guidance embedder) is known from the header: its T5 length is chosen before loading;
         # the files first, so that a missing or damaged one is named by its flag
-        dit_params = check_model_files(args)
+        self.dit_params = dit_params = check_model_files(args)
         check_fp8_args(args)
         check_offload_args(args)
         if args.torch_compile:
@@ -349,8 +350,12 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         return bool(args.dim_from_weights and args.network_weights and not args.network_train_unet_only
                     and lora_files_have_modules([args.network_weights], "lora_te3"))  # fmt: skip
 
-    def after_network_created(self, ctx, network) -> None:
-        args = ctx.args
+    def rehearse_network(self, args) -> None:
+        from library.network_rehearsal import rehearse_network
+
+        rehearse_network(self, args, self.dit_params)
+
+    def after_network_created(self, args, network) -> None:
         if getattr(network, "train_t5xxl", False) and args.cache_text_encoder_outputs and \
                 not args.network_train_unet_only:  # fmt: skip  (a .pt file's modules are known only now)
             raise UserError(T5_WEIGHTS_WITH_CACHE.format(file=args.network_weights) if args.dim_from_weights
@@ -358,11 +363,11 @@ class FluxNetworkTrainer(train_network.NetworkTrainer):
         if not hasattr(network, "set_multiplier"):  # the oldest network interface
             if self.uses_dop:
                 raise UserError(f"custom_attributes diff_output_preservation needs a network that can be "
-                                f"switched off (set_multiplier); --network_module {ctx.args.network_module} has "
+                                f"switched off (set_multiplier); --network_module {args.network_module} has "
                                 "none")  # fmt: skip
             if self.uses_network_multiplier:
                 logger.warning("the dataset's network_multiplier is not applied: --network_module %s has no "
-                               "set_multiplier", ctx.args.network_module)  # fmt: skip
+                               "set_multiplier", args.network_module)  # fmt: skip
 
     def prepare_for_training(self, ctx, network) -> None:
         args = ctx.args

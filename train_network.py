@@ -224,6 +224,7 @@ class NetworkTrainer:
 
         args.max_train_steps = run_length(args, steps_per_epoch)
         optimizer_class = rehearse_optimizer_and_schedule(args, args.max_train_steps)
+        self.rehearse_network(args)
         given_step = initial_step(args, steps_per_epoch)
         if args.resume:
             from library.train_state import check_state_optimizer
@@ -244,20 +245,9 @@ class NetworkTrainer:
 
         network = self.create_network(ctx)
         ctx.network = network
-        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn, network_param_groups
+        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn, trainable_param_groups
 
-        params, lr_descriptions = network_param_groups(network, args)
-        if not (ctx.train_unet or ctx.train_text_encoder):  # (both --*_only flags were refused before loading)
-            from library.preflight import NO_TEXT_ENCODER_LORA
-
-            raise UserError(NO_TEXT_ENCODER_LORA)  # known only now: a third-party module, or --dim_from_weights
-        if not any(p.requires_grad for p in network.parameters()):
-            raise UserError(f"nothing to train: the network has no LoRA module (--network_dim {args.network_dim}, "
-                            "and no network_args give a layer a rank)")  # fmt: skip
-        if not any(group["params"] if isinstance(group, dict) else True for group in params):
-            from library.preflight import ZERO_RATES
-
-            raise UserError(ZERO_RATES)  # network_reg_lrs of 0 for every module, say
+        params, lr_descriptions = trainable_param_groups(network, args, ctx.train_unet, ctx.train_text_encoder)
         from library.lr_schedulers import get_scheduler_fix
 
         optimizer_name, optimizer_args, optimizer = get_optimizer(args, params)
@@ -397,40 +387,22 @@ class NetworkTrainer:
 
         return prepare_sample_prompts(args)
 
+    def rehearse_network(self, args) -> None:
+        """Builds the network once before the models load, where the trainer can do that without them (the
+        FLUX trainer does, on the meta device), so that what only the network shows stops the run now."""
+
     def create_network(self, ctx: RunContext):
         from networks.lora_flux_files import warn_if_made_for_another_model
 
         args = ctx.args
-        network_module = self.network_module
         text_encoders, dit = self.network_targets(ctx)
-        net_kwargs = parse_network_args(args.network_args)
-        if args.network_dropout is not None:
-            net_kwargs.setdefault("dropout", args.network_dropout)
-        if args.dim_from_weights:
-            if not args.network_weights:
-                raise UserError("--dim_from_weights needs --network_weights")
-            network, _ = network_module.create_network_from_weights(
-                1.0, args.network_weights, ctx.models.ae, text_encoders, dit, **net_kwargs
-            )
-        else:
-            network = network_module.create_network(
-                1.0, args.network_dim, args.network_alpha, ctx.models.ae, text_encoders, dit,
-                neuron_dropout=args.network_dropout, **net_kwargs,
-            )
-        if network is None:
-            raise UserError(f"--network_module {args.network_module} created no network")
-        self.after_network_created(ctx, network)
-        if hasattr(network, "prepare_network"):
-            network.prepare_network(args)
+        network, ctx.train_text_encoder, loaded = self.build_network(
+            args, ctx.models.ae, text_encoders, dit, ctx.train_text_encoder, ctx.train_unet
+        )
         if args.scale_weight_norms and not hasattr(network, "apply_max_norm_regularization"):
             logger.warning("--scale_weight_norms: the network module has no max-norm support; ignored")
             args.scale_weight_norms = None
-        if hasattr(network, "all_loras"):  # e.g. Chroma trains a text encoder only with train_t5xxl=True
-            has_text_encoder_modules = any(lora.lora_name.startswith("lora_te") for lora in network.all_loras())
-            ctx.train_text_encoder = ctx.train_text_encoder and has_text_encoder_modules
-        network.apply_to(text_encoders, dit, ctx.train_text_encoder, ctx.train_unet)
         if args.network_weights:
-            loaded = network.load_weights(args.network_weights)
             if network_module_name(args) not in OWN_NETWORK_MODULES:  # ours reports what it left out itself
                 report_loaded_weights(args.network_weights, loaded)
             logger.info("loaded --network_weights %s", args.network_weights)
@@ -438,7 +410,37 @@ class NetworkTrainer:
         self.prepare_for_training(ctx, network)
         return network
 
-    def after_network_created(self, ctx: RunContext, network) -> None:
+    def build_network(self, args, ae, text_encoders, dit, train_text_encoder: bool, train_unet: bool):
+        """The network that --network_module, --network_dim / --network_alpha, --network_args and
+        --network_weights make for these models, applied to them, the file's weights loaded. Returns it, whether
+        a text encoder trains (not without text-encoder modules) and what ``load_weights`` returned."""
+        net_kwargs = parse_network_args(args.network_args)
+        if args.network_dropout is not None:
+            net_kwargs.setdefault("dropout", args.network_dropout)
+        if args.dim_from_weights:
+            if not args.network_weights:
+                raise UserError("--dim_from_weights needs --network_weights")
+            network, _ = self.network_module.create_network_from_weights(
+                1.0, args.network_weights, ae, text_encoders, dit, **net_kwargs
+            )
+        else:
+            network = self.network_module.create_network(
+                1.0, args.network_dim, args.network_alpha, ae, text_encoders, dit,
+                neuron_dropout=args.network_dropout, **net_kwargs,
+            )
+        if network is None:
+            raise UserError(f"--network_module {args.network_module} created no network")
+        self.after_network_created(args, network)
+        if hasattr(network, "prepare_network"):
+            network.prepare_network(args)
+        if hasattr(network, "all_loras"):  # e.g. Chroma trains a text encoder only with train_t5xxl=True
+            has_text_encoder_modules = any(lora.lora_name.startswith("lora_te") for lora in network.all_loras())
+            train_text_encoder = train_text_encoder and has_text_encoder_modules
+        network.apply_to(text_encoders, dit, train_text_encoder, train_unet)
+        loaded = network.load_weights(args.network_weights) if args.network_weights else None
+        return network, train_text_encoder, loaded
+
+    def after_network_created(self, args, network) -> None:
         """Model-specific checks of the created network (e.g. T5 LoRA vs. cached outputs)."""
 
     def prepare_for_training(self, ctx: RunContext, network) -> None:

@@ -237,6 +237,22 @@ def network_param_groups(network, args) -> tuple[list, list[str]]:
     return params, descriptions
 
 
+def trainable_param_groups(network, args, train_unet: bool, train_text_encoder: bool) -> tuple[list, list[str]]:
+    """:func:`network_param_groups`, refused when they would train nothing: neither part trains, the network
+    has no LoRA module, or every group's learning rate is 0."""
+    from library.preflight import NO_TEXT_ENCODER_LORA, ZERO_RATES
+
+    params, descriptions = network_param_groups(network, args)
+    if not (train_unet or train_text_encoder):  # (both --*_only flags were refused before loading)
+        raise UserError(NO_TEXT_ENCODER_LORA)  # known only from the network: a third-party module, --dim_from_weights
+    if not any(p.requires_grad for p in network.parameters()):
+        raise UserError(f"nothing to train: the network has no LoRA module (--network_dim {args.network_dim}, "
+                        "and no network_args give a layer a rank)")  # fmt: skip
+    if not any(group["params"] if isinstance(group, dict) else True for group in params):
+        raise UserError(ZERO_RATES)  # network_reg_lrs of 0 for every module, say
+    return params, descriptions
+
+
 def optimizer_arg_names(args) -> list[str]:
     """The hyper-parameters ``--optimizer_args`` sets, in the order given."""
     return list(parse_kv_literals(getattr(args, "optimizer_args", None), "--optimizer_args"))

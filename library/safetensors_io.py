@@ -206,7 +206,7 @@ class SafetensorsReader:
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
         entry = self.header[key]
         begin, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=self.dtype(key))
+        tensor = torch.empty(entry["shape"], dtype=self.dtype(key), device="cpu")  # whatever the current device
         if end > begin:
             self._file.seek(self._data_start + begin)
             if self._file.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:

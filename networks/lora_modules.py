@@ -353,7 +353,11 @@ class LoRAModule(nn.Module):
 
     @torch.no_grad()
     def initialize_norm_cache(self, org_weight: Tensor) -> None:
-        """Mean row norm of the base weight, estimated from up to 1000 random rows."""
+        """Mean row norm of the base weight, estimated from up to 1000 random rows (none for a module on a meta
+        model, as the trainer builds one before loading: there is no weight to measure, and it never trains)."""
+        if org_weight.is_meta:
+            self.org_weight_norm_estimate = None
+            return
         rows = torch.randperm(org_weight.shape[0])[:1000]
         self.org_weight_norm_estimate = org_weight[rows.to(org_weight.device)].float().norm(dim=1).mean().item()
 
