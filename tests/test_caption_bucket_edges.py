@@ -6,13 +6,17 @@ library/buckets.py found unpinned. Expected values come from spec §c.5/§c.6 an
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
 
 from library.buckets import BucketSelector, adjust_min_max_reso, crop_ltrb, make_bucket_resolutions
 from library.captions import CaptionOptions, caption_for_cache, process_caption, read_caption_file
+from library.dataset_config import load_dataset_configs
+from library.datasets import build_dataset_groups
 from library.errors import UserError
+from tests.dataset_helpers import make_args, make_folder, write_toml
 
 
 def run(caption, seed=0, epoch=1, step=0, max_steps=0, **opts):
@@ -58,6 +62,16 @@ def test_the_cached_caption_is_never_shuffled_nor_thinned():
     )
     for key in ("a.png", "b.png", "c.png", "d.png"):
         assert caption_for_cache("sks ||| a, b, c, d, e, f", wild, key) == "sks, a, b, c, d, e, f"
+
+
+def test_the_cached_wildcard_choice_is_seeded_by_the_file_names_bytes():
+    # one draw from random.Random("wildcard:" + name), the name as its bytes on disk: a Latin-1 name that is not
+    # UTF-8 (Python keeps its byte as a surrogate) seeds with that byte, so two such names differ
+    wild = CaptionOptions(enable_wildcard=True)
+    for name, raw in (("img3.png", b"img3.png"), ("caf\udce9.png", b"caf\xe9.png"), ("caf\udce8.png", b"caf\xe8.png")):
+        want = random.Random(b"wildcard:" + raw).choice("abcdefghijklmnop")
+        assert caption_for_cache("{" + "|".join("abcdefghijklmnop") + "}", wild, name) == want
+    assert random.Random(b"wildcard:caf\xe9.png").random() != random.Random(b"wildcard:caf\xe8.png").random()
 
 
 def test_an_empty_prefix_adds_no_space():
@@ -224,3 +238,83 @@ def test_crop_box_of_an_image_with_the_buckets_own_aspect_takes_sd_scripts_width
     for image in ((176, 240), (88, 120), (528, 720)):
         assert crop_ltrb((176, 240), image) == (0, (240 - height) // 2, 176, (240 - height) // 2 + height)
     assert crop_ltrb((176, 240), (176, 240))[1] == -1.0
+
+
+# --- buckets in a dataset --------------------------------------------------------------------------
+
+
+def _dataset(tmp_path, sizes, extra="", repeats=1, batch=1, seed=5):
+    make_folder(tmp_path / "img", sizes)
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f"""
+        [[datasets]]
+        resolution = 64
+        enable_bucket = true
+        min_bucket_reso = 32
+        max_bucket_reso = 128
+        bucket_reso_steps = 16
+        batch_size = {batch}
+        {extra}
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+          num_repeats = {repeats}
+        """,
+    )
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
+    return train.datasets[0]
+
+
+def test_bucket_info_lists_buckets_sorted_with_repeats_counted_and_the_mean_absolute_aspect_error(tmp_path):
+    # buckets of (64,64) in 32..128 by 16: a.png 100x50 (aspect 2) -> (80,48), error 5/3 - 2 = -1/3;
+    # b.png 50x100 (aspect 0.5) -> (48,80), error 0.6 - 0.5 = +0.1. sd-scripts sorts the buckets, counts each
+    # image num_repeats times, and averages the absolute errors (not the signed ones, nor their maximum)
+    ds = _dataset(tmp_path, {"a.png": (100, 50), "b.png": (50, 100)}, repeats=3)
+    info = ds.bucket_info()
+    assert info["buckets"] == {0: {"resolution": (48, 80), "count": 3}, 1: {"resolution": (80, 48), "count": 3}}
+    assert info["mean_img_ar_error"] == pytest.approx((1 / 3 + 0.1) / 2)
+
+
+def test_images_in_a_bucket_are_reshuffled_every_epoch(tmp_path):
+    # one bucket, one batch of 6: only the shuffle inside the bucket can change the order from epoch to epoch
+    ds = _dataset(tmp_path / "a", {f"{i}.png": (64, 64) for i in range(6)}, batch=6)
+    orders = [tuple(e.path for e in ds.epoch_batches(epoch)[0]) for epoch in range(1, 7)]
+    assert len(set(orders)) > 1
+    # the order of an epoch is a function of (seed, epoch), whichever epoch the dataset was asked for before
+    fresh = _dataset(tmp_path / "b", {f"{i}.png": (64, 64) for i in range(6)}, batch=6)
+    for epoch in (3, 1, 2):
+        assert [os.path.basename(e.path) for e in fresh.epoch_batches(epoch)[0]] == [
+            os.path.basename(p) for p in orders[epoch - 1]
+        ]
+
+
+def test_five_images_that_fit_no_bucket_are_all_named_without_a_count_of_more(tmp_path):
+    sizes = {f"{i}.png": (300, 4) for i in range(5)}
+    with pytest.raises(UserError, match=r"5 image\(s\) fit no bucket") as err:
+        _dataset(tmp_path / "a", sizes | {"ok.png": (64, 64)}, "bucket_no_upscale = true")
+    assert "more" not in str(err.value) and str(err.value).count("(300x4)") == 5
+    with pytest.raises(UserError, match=r"6 image\(s\) fit no bucket.* and 1 more\. Remove"):
+        _dataset(tmp_path / "b", {f"{i}.png": (300, 4) for i in range(6)}, "bucket_no_upscale = true")
+
+
+def test_a_resolution_whose_height_alone_is_no_multiple_of_16_is_refused_without_buckets(tmp_path):
+    make_folder(tmp_path / "img", {"a.png": (64, 40)})
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f'[[datasets]]\nresolution = [64, 40]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n',
+    )
+    with pytest.raises(UserError, match=r"resolution \(64, 40\) is not a multiple of 16"):
+        build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+
+
+def test_without_buckets_every_image_covers_the_single_resolution_in_a_dataset(tmp_path):
+    # one bucket, the resolution; each image scaled to cover it: 100x50 by 64/50 -> (128, 64),
+    # 30x100 by 64/30 -> (64, int(213.33 + 0.5)) = (64, 213); no aspect bucket of a bucket list is used
+    make_folder(tmp_path / "img", {"a.png": (100, 50), "b.png": (30, 100), "c.png": (64, 64)})
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img"}"\n',
+    )
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=0)
+    got = {os.path.basename(e.path): (e.bucket, e.resized) for e in train.datasets[0].entries}
+    assert got == {"a.png": ((64, 64), (128, 64)), "b.png": ((64, 64), (64, 213)), "c.png": ((64, 64), (64, 64))}
