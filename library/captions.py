@@ -115,12 +115,13 @@ def _split_tokens(caption: str, opts: CaptionOptions) -> tuple[list[str], list[s
     return [], tokens, []
 
 
-def warmup_steps(opts: CaptionOptions, max_train_steps: int) -> int:
-    """token_warmup_step below 1 is a fraction of the run, as in sd-scripts."""
+def warmup_steps(opts: CaptionOptions, max_train_steps: int) -> float:
+    """token_warmup_step below 1 is a fraction of the run, as in sd-scripts; from 1 up it is used as given,
+    a fractional 2.5 included (sd-scripts compares the step with it and divides by it unrounded)."""
     step = opts.token_warmup_step
     if step < 1:
         return math.floor(step * max_train_steps)
-    return int(step)
+    return step
 
 
 def process_caption(
