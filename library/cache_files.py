@@ -175,7 +175,7 @@ def owned_paths(paths: Iterable[str], process_index: int, num_processes: int) ->
 
 def images_to_decode(entries: list, latents_on_disk: bool) -> list[str]:
     """The images to decode before the models load, so that a damaged one stops the run in seconds: all
-    of them, except, when latents are cached to disk, those whose cache file is newer than the image
+    of them, except, when latents are cached to disk, those whose cache file is not older than the image
     (training reads the file, not the image; one that proves stale is encoded, and so decoded, during
     caching, which names a damaged image too). Decoding 20,000 photos took minutes on every run."""
     paths = sorted({e.path for e in entries})
