@@ -105,3 +105,31 @@ class FakeTextEncoder:
                 }
             )
         return outs
+
+
+def bucketed_group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5, subset_extra=""):
+    """The training group of one bucketed dataset (resolution 64, buckets 32-128 in steps of 16) over a folder of
+    images of ``sizes``; ``extra`` and ``subset_extra`` add TOML lines to the dataset and its subset."""
+    from library.dataset_config import load_dataset_configs
+    from library.datasets import build_dataset_groups
+
+    make_folder(tmp_path / "img", sizes)
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        f"""
+        [[datasets]]
+        resolution = 64
+        enable_bucket = true
+        min_bucket_reso = 32
+        max_bucket_reso = 128
+        bucket_reso_steps = 16
+        batch_size = {batch}
+        {extra}
+          [[datasets.subsets]]
+          image_dir = "{tmp_path / "img"}"
+          num_repeats = {repeats}
+          {subset_extra}
+        """,
+    )
+    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
+    return train

@@ -16,7 +16,7 @@ from library.captions import CaptionOptions, caption_for_cache, process_caption,
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
-from tests.dataset_helpers import make_args, make_folder, write_toml
+from tests.dataset_helpers import bucketed_group, make_args, make_folder, write_toml
 
 
 def run(caption, seed=0, epoch=1, step=0, max_steps=0, **opts):
@@ -244,25 +244,7 @@ def test_crop_box_of_an_image_with_the_buckets_own_aspect_takes_sd_scripts_width
 
 
 def _dataset(tmp_path, sizes, extra="", repeats=1, batch=1, seed=5):
-    make_folder(tmp_path / "img", sizes)
-    cfg = write_toml(
-        tmp_path / "c.toml",
-        f"""
-        [[datasets]]
-        resolution = 64
-        enable_bucket = true
-        min_bucket_reso = 32
-        max_bucket_reso = 128
-        bucket_reso_steps = 16
-        batch_size = {batch}
-        {extra}
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / "img"}"
-          num_repeats = {repeats}
-        """,
-    )
-    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
-    return train.datasets[0]
+    return bucketed_group(tmp_path, sizes, extra, repeats, batch, seed).datasets[0]
 
 
 def test_bucket_info_lists_buckets_sorted_with_repeats_counted_and_the_mean_absolute_aspect_error(tmp_path):

@@ -22,7 +22,7 @@ from library.buckets import (
 from library.dataset_config import load_dataset_configs
 from library.datasets import build_dataset_groups
 from library.errors import UserError
-from tests.dataset_helpers import make_args, make_folder, write_toml
+from tests.dataset_helpers import bucketed_group, make_args, make_folder, write_toml
 
 
 def test_bucket_list_256_area_steps_64():
@@ -207,31 +207,8 @@ def test_min_max_are_rounded_to_steps_with_a_warning_and_checked(caplog):
         adjust_min_max_reso((1024, 1024), 256, 512, 64, "d")
 
 
-def _group(tmp_path, sizes, extra="", repeats=1, batch=2, seed=5, subset_extra=""):
-    make_folder(tmp_path / "img", sizes)
-    cfg = write_toml(
-        tmp_path / "c.toml",
-        f"""
-        [[datasets]]
-        resolution = 64
-        enable_bucket = true
-        min_bucket_reso = 32
-        max_bucket_reso = 128
-        bucket_reso_steps = 16
-        batch_size = {batch}
-        {extra}
-          [[datasets.subsets]]
-          image_dir = "{tmp_path / "img"}"
-          num_repeats = {repeats}
-          {subset_extra}
-        """,
-    )
-    train, _ = build_dataset_groups(load_dataset_configs(make_args("--dataset_config", cfg)), seed=seed)
-    return train
-
-
 def test_dataset_assigns_each_image_its_bucket(tmp_path):
-    train = _group(tmp_path, {"wide.png": (100, 50), "tall.png": (30, 100), "sq.png": (20, 20)})
+    train = bucketed_group(tmp_path, {"wide.png": (100, 50), "tall.png": (30, 100), "sq.png": (20, 20)})
     got = {os.path.basename(e.path): (e.bucket, e.resized) for e in train.entries()}
     assert got == {"wide.png": ((80, 48), (96, 48)), "tall.png": ((32, 112), (34, 112)), "sq.png": ((64, 64), (64, 64))}
 
@@ -273,7 +250,7 @@ SIZES = {
 
 
 def test_batches_never_mix_buckets_and_each_sample_appears_num_repeats_times(tmp_path):
-    train = _group(tmp_path, SIZES, repeats=3, batch=2)
+    train = bucketed_group(tmp_path, SIZES, repeats=3, batch=2)
     ds = train.datasets[0]
     # buckets: 3 wide (80x48) x3 repeats = 9 -> 5 batches; 2 square x3 = 6 -> 3; 1 tall (32x112) x3 = 3 -> 2
     assert len(train) == 10
@@ -285,7 +262,7 @@ def test_batches_never_mix_buckets_and_each_sample_appears_num_repeats_times(tmp
 
 def test_epoch_order_is_a_function_of_seed_and_epoch(tmp_path):
     def order(seed, epoch, sub):
-        train = _group(tmp_path / sub, SIZES, repeats=2, batch=1, seed=seed)
+        train = bucketed_group(tmp_path / sub, SIZES, repeats=2, batch=1, seed=seed)
         train.set_current_epoch(epoch)
         return [train[i]["image_keys"][0].rsplit("/", 1)[1] for i in range(len(train))]
 
@@ -323,9 +300,9 @@ def test_images_that_fit_no_bucket_without_upscaling_are_listed_together(tmp_pat
     # kept at their area, 8x200 and 4x300 would be under one 16-pixel step wide
     with pytest.raises(UserError, match=r"datasets\[0\]: 2 image\(s\) fit no bucket with bucket_no_upscale: .*"
                                         r"a\.png \(8x200\), .*b\.png \(4x300\)\. Remove or upscale"):
-        _group(tmp_path, {"a.png": (8, 200), "b.png": (4, 300), "c.png": (64, 64)}, "bucket_no_upscale = true")
+        bucketed_group(tmp_path, {"a.png": (8, 200), "b.png": (4, 300), "c.png": (64, 64)}, "bucket_no_upscale = true")
 
 
 def test_a_dataset_of_regularisation_images_only_says_so(tmp_path):
     with pytest.raises(UserError, match=r"datasets\[0\]: only regularisation images \(is_reg = true\)"):
-        _group(tmp_path, {"a.png": (64, 64)}, subset_extra="is_reg = true")
+        bucketed_group(tmp_path, {"a.png": (64, 64)}, subset_extra="is_reg = true")
