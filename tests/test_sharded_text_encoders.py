@@ -125,3 +125,17 @@ def test_a_run_trains_from_the_diffusers_folder_alone(tiny_model_files, diffuser
     assert outputs["files"].keys() == outputs["folder"].keys()
     for key, tensor in outputs["files"].items():
         torch.testing.assert_close(outputs["folder"][key], tensor, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_sharded_fp8_t5_is_known_as_plain_fp8_from_its_headers(tiny_model_files, tmp_path):
+    """--fp8_base keeps a plain fp8 T5 in fp8 as stored: told from the shards' headers, not the first file's."""
+    from library.fp8 import T5_LINEAR_WEIGHTS, t5_file_is_plain_fp8
+
+    t5 = load_safetensors(tiny_model_files.t5xxl)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k.endswith(T5_LINEAR_WEIGHTS) else v for k, v in t5.items()}
+    first = {k: v for k, v in fp8.items() if k == "shared.weight"}  # no Linear weight in the first shard
+    save_safetensors(first, str(tmp_path / SHARDS[0]))
+    save_safetensors({k: v for k, v in fp8.items() if k not in first}, str(tmp_path / SHARDS[1]))
+    assert t5_file_is_plain_fp8(str(tmp_path)) and t5_file_is_plain_fp8(str(tmp_path / SHARDS[0]))
+    save_safetensors({k: v for k, v in t5.items() if k not in first}, str(tmp_path / SHARDS[1]))  # fp16/32 again
+    assert not t5_file_is_plain_fp8(str(tmp_path))
