@@ -146,7 +146,7 @@ def sd_scripts_modules(sd: Mapping[str, Tensor], source: str = "LoRA") -> tuple[
         if up_key not in sd:
             continue
         alpha = sd.get(alpha_key)
-        alpha = None if alpha is None else float(torch.as_tensor(alpha).float().item())
+        alpha = None if alpha is None else float(alpha)
         modules[name] = LoRAWeights(*checked_lora_pair(sd[key], sd[up_key], name, source), alpha)
         used.update((key, up_key, alpha_key))
     return modules, [k for k in sd if k not in used]
@@ -195,7 +195,7 @@ def ai_toolkit_modules(
         down, up = checked_lora_pair(sd[key], sd[up_key], raw, source)
         alpha = sd.get(alpha_key)
         if alpha is not None:
-            alpha = float(torch.as_tensor(alpha).float().item())
+            alpha = float(alpha)
         elif peft_alpha is not None:
             alpha = peft_alpha(name, down.shape[0])
         if name in modules:  # e.g. transformer.x_embedder and a bare x_embedder: one would replace the other
@@ -279,7 +279,7 @@ def to_sd_scripts(
         if target is None and (sds_name := bfl_module_to_sd_scripts_name(name)):
             _refuse_twice(out, sds_name, name, source)
             out[f"{sds_name}.lora_down.weight"], out[f"{sds_name}.lora_up.weight"] = w.down, w.up
-            out[f"{sds_name}.alpha"] = torch.tensor(w.alpha or float(w.rank), dtype=torch.float32)
+            out[f"{sds_name}.alpha"] = torch.tensor(w.alpha or float(w.rank), dtype=torch.float32, device="cpu")
             continue
         if target is None:
             unsupported.append(name)
@@ -302,7 +302,7 @@ def to_sd_scripts(
         _refuse_twice(out, sds_name, " / ".join(sd_scripts_to_ai_toolkit_names(sds_name)), source)
         out[f"{sds_name}.lora_down.weight"] = w.down
         out[f"{sds_name}.lora_up.weight"] = w.up
-        out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
+        out[f"{sds_name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32, device="cpu")
     if not out:
         halves = [k for k in sd if k.endswith(".lora_A.weight") and k.replace(".lora_A.", ".lora_B.") not in sd]
         if halves:  # not "no FLUX module": the module is one, its lora_B is missing
@@ -445,7 +445,7 @@ def merge_identical_downs(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         up = torch.cat([w.up[sum(outs[:i]) : sum(outs[: i + 1]), s:e] for i, (s, e) in enumerate(ranges)], dim=0)
         sd[f"{name}.lora_down.weight"] = downs[0].contiguous()
         sd[f"{name}.lora_up.weight"] = up
-        sd[f"{name}.alpha"] = torch.tensor(float(w.alpha or w.rank) / len(names), dtype=torch.float32)
+        sd[f"{name}.alpha"] = torch.tensor(float(w.alpha or w.rank) / len(names), dtype=torch.float32, device="cpu")
     return sd
 
 

@@ -402,7 +402,8 @@ class LoRANetwork(nn.Module):
         downs = {k.removesuffix(suffix): v for k, v in weights_sd.items() if k.endswith(suffix)}
         without_alpha = [name for name in downs if f"{name}.alpha" not in weights_sd and name in self._modules]
         if without_alpha:
-            weights_sd = weights_sd | {f"{n}.alpha": torch.tensor(float(downs[n].shape[0])) for n in without_alpha}
+            rank_alphas = {f"{n}.alpha": torch.tensor(float(downs[n].shape[0]), device="cpu") for n in without_alpha}
+            weights_sd = weights_sd | rank_alphas
             logger.info(f"{file}: {len(without_alpha)} modules have no alpha: alpha = rank (scale 1), as saved")
         info = self.load_state_dict(weights_sd, strict=False)
         if weights_sd and len(info.unexpected_keys) == len(weights_sd):

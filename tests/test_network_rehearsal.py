@@ -96,3 +96,21 @@ def test_a_lora_that_fits_trains_on_and_its_build_warnings_are_said_once(tiny_mo
                                  "convolutions") == 1  # fmt: skip
     assert caplog.messages.count(f"loaded --network_weights {rank_4_lora}") == 1
     assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+@pytest.mark.parametrize("metadata", [{}, {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 4}'}])
+def test_another_tools_lora_shapes_the_network_with_dim_from_weights(tiny_model_files, tmp_path, rank_4_lora,
+                                                                     metadata):  # fmt: skip
+    """Converting another tool's file (diffusers names; alphas from the rank, or from peft's metadata) makes its
+    alphas anew: on the CPU, where the meta build can read them."""
+    from library.lora_formats import to_ai_toolkit
+
+    converted = to_ai_toolkit(load_safetensors(rank_4_lora)).state_dict
+    other = str(tmp_path / "diffusers_lora.safetensors")
+    save_safetensors({k: v.contiguous() for k, v in converted.items()}, other, metadata)
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1, network_weights=other,
+                     dim_from_weights=True)  # fmt: skip
+    assert flux_train_network.main(argv) == 0
+    trained = load_safetensors(str(tmp_path / "out" / "lora.safetensors"))
+    assert trained["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"].shape == (4, 64)
+    assert trained["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 64)  # q, k, v fused
