@@ -140,12 +140,12 @@ def checkpoint_files(path: str, subfolder: str = "transformer", stem: str = "dif
         files = [os.path.join(os.path.dirname(path), name) for name in names]
     elif os.path.isdir(path):
         for folder in (os.path.join(path, subfolder), path):
-            files = sorted(glob.glob(os.path.join(glob.escape(folder), f"{stem}*.safetensors")))
+            files = _diffusers_checkpoint(folder, stem)
             if files:
                 break
         else:
             raise CheckpointError(
-                f"{path}: a folder without {stem}*.safetensors (or {subfolder}/ holding them); "
+                f"{path}: a folder without {stem}.safetensors or its shards (nor a {subfolder}/ holding them); "
                 "give a .safetensors file or a diffusers model folder"
             )
         if shard := _SHARD.search(files[-1]):  # every shard the names count, present or not
@@ -160,6 +160,22 @@ def checkpoint_files(path: str, subfolder: str = "transformer", stem: str = "dif
         raise CheckpointError(f"{path}: {len(missing)} of {len(files)} shards are missing: {names}; download or "
                               "copy them too")  # fmt: skip
     return files
+
+
+def _diffusers_checkpoint(folder: str, stem: str) -> list[str]:
+    """The files of the one checkpoint a diffusers folder holds under ``stem``: ``stem.safetensors``, or its
+    shards, or one variant of them (``stem.fp16.safetensors``); two checkpoints there stop, named (their
+    tensors would be read together). Other files starting with ``stem`` (``model_t5xxl_fp16.safetensors``) are
+    not diffusers' and are ignored."""
+    named = re.compile(rf"{re.escape(stem)}(\.[\w]+)?(-\d{{5}}-of-\d{{5}})?\.safetensors")
+    checkpoints: dict[str, list[str]] = {}  # variant -> its files
+    for file in sorted(glob.glob(os.path.join(glob.escape(folder), f"{stem}*.safetensors"))):
+        if m := named.fullmatch(os.path.basename(file)):
+            checkpoints.setdefault(m.group(1) or "", []).append(file)
+    if len(checkpoints) > 1:
+        names = ", ".join(os.path.basename(files[0]) for files in checkpoints.values())
+        raise CheckpointError(f"{folder}: holds {len(checkpoints)} checkpoints ({names}); give the file of one")
+    return next(iter(checkpoints.values()), [])
 
 
 def _shards(stem: str, total: int) -> list[str]:

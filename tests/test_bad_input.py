@@ -241,7 +241,7 @@ CASES = [
             "pos_embed.proj.weight": (32, 16, 2, 2), "transformer_blocks.0.ff.net.2.weight": (32, 64)})),
          ("sd3.safetensors", "not FLUX.1 or Chroma")),
     Case("a folder without T5 files given as --t5xxl", lambda e: e.replace(e.argv(), "--t5xxl", e.tmp),
-         ("--t5xxl", "a folder without model*.safetensors (or text_encoder_2/ holding them)")),
+         ("--t5xxl", "a folder without model.safetensors or its shards (nor a text_encoder_2/ holding them)")),
     Case("a folder given as --ae", lambda e: e.replace(e.argv(), "--ae", e.tmp),
          ("--ae", "a folder; give the .safetensors file itself")),
     Case("--ae file missing", lambda e: e.replace(e.argv(), "--ae", os.path.join(e.tmp, "nope.safetensors")),

@@ -81,7 +81,8 @@ def test_a_missing_shard_is_named(diffusers_folder, tmp_path):
     with pytest.raises(CheckpointError, match=f"1 of 2 shards are missing: {SHARDS[1]}; download or copy them too"):
         load_t5xxl(str(partial / SHARDS[0]), torch.float32, "cpu")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"empty: a folder without model\*\.safetensors \(or text_encoder_2/"):
+    with pytest.raises(CheckpointError, match=r"empty: a folder without model\.safetensors or its shards \(nor a "
+                                              r"text_encoder_2/ holding them\)"):
         load_t5xxl(str(tmp_path / "empty"), torch.float32, "cpu")
 
 
@@ -139,3 +140,20 @@ def test_a_sharded_fp8_t5_is_known_as_plain_fp8_from_its_headers(tiny_model_file
     assert t5_file_is_plain_fp8(str(tmp_path)) and t5_file_is_plain_fp8(str(tmp_path / SHARDS[0]))
     save_safetensors({k: v for k, v in t5.items() if k not in first}, str(tmp_path / SHARDS[1]))  # fp16/32 again
     assert not t5_file_is_plain_fp8(str(tmp_path))
+
+
+def test_a_folder_of_other_files_named_model_is_no_checkpoint_and_two_checkpoints_are_named(tiny_model_files,
+                                                                                          tmp_path):  # fmt: skip
+    """Only diffusers' names make a folder's checkpoint: a user's model_clip_l.safetensors and
+    model_t5xxl_fp16.safetensors are not one model in two files, and a folder holding two checkpoints (a full and
+    an fp16 variant) stops naming both, where their tensors used to be read together."""
+    shutil.copy(tiny_model_files.clip_l, tmp_path / "model_clip_l.safetensors")
+    shutil.copy(tiny_model_files.t5xxl, tmp_path / "model_t5xxl_fp16.safetensors")
+    with pytest.raises(CheckpointError, match="a folder without model.safetensors or its shards"):
+        t5xxl_files(str(tmp_path))
+    shutil.copy(tiny_model_files.t5xxl, tmp_path / "model.safetensors")
+    assert t5xxl_files(str(tmp_path)) == [str(tmp_path / "model.safetensors")]
+    shutil.copy(tiny_model_files.t5xxl, tmp_path / "model.fp16.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds 2 checkpoints \(model.fp16.safetensors, model.safetensors\); "
+                                              "give the file of one"):
+        load_t5xxl(str(tmp_path), torch.float32, "cpu")
