@@ -14,8 +14,8 @@ from library.safetensors_io import output_folder_problem
 logger = logging.getLogger(__name__)
 
 ZERO_RATES = (
-    "nothing to train: every parameter group has learning rate 0 (check --learning_rate, --unet_lr and "
-    "--text_encoder_lr)"
+    "nothing to train: every parameter group has learning rate 0 (check --learning_rate, --unet_lr, "
+    "--text_encoder_lr and network_args network_reg_lrs)"
 )
 
 # Counts with no meaning below a bound: (flag, smallest value, what it counts). An option left out

@@ -74,7 +74,8 @@ def test_a_lora_for_another_model_width_stops_before_the_models_load(tiny_model_
     (["train_double_block_indices=none", "train_single_block_indices=none"],
      "error: nothing to train: the network has no LoRA module (--network_dim 4, and no network_args give a layer "
      "a rank)"),
-    (["network_reg_lrs=.*=0"], "error: nothing to train: every parameter group has learning rate 0"),
+    (["network_reg_lrs=.*=0"], "error: nothing to train: every parameter group has learning rate 0 (check "
+                               "--learning_rate, --unet_lr, --text_encoder_lr and network_args network_reg_lrs)"),
 ])  # fmt: skip
 def test_network_args_that_leave_nothing_to_train_stop_before_the_models_load(tiny_model_files, tmp_path,
                                                                               never_loaded, capsys, network_args,
