@@ -284,16 +284,12 @@ def check_args(args):
 def check_loras_fit(args, dit_params) -> None:
     """Each LoRA against the models as their files describe them, built on the meta device (no weight is read):
     a LoRA for another model or of a wrong shape stops in seconds, not after the models have loaded."""
-    from library.chroma_models import Chroma
-    from library.flux_models import Flux
+    from library.network_rehearsal import models_on_meta
     from library.run_logging import quiet_loggers
-    from library.text_encoders import clip_l_on_meta, t5xxl_on_meta
 
     if not args.lora_weights:
         return
-    with torch.device("meta"):
-        dit = Chroma(dit_params) if args.model_type == "chroma" else Flux(dit_params)
-    text_encoders = [clip_l_on_meta(args.clip_l) if args.clip_l else None, t5xxl_on_meta(args.t5xxl)]
+    dit, text_encoders = models_on_meta(args, dit_params)
     for path, multiplier in (parse_lora_spec(s) for s in args.lora_weights):
         try:
             with quiet_loggers("networks.lora_flux"):  # its warnings come when the LoRA is loaded

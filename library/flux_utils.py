@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from library.checkpoint_kinds import FLUX_PREFIX, describe_checkpoint, incomplete_checkpoint, not_the_expected_kind
-from library.chroma_models import Chroma, infer_chroma_params, is_chroma_state_dict
+from library.chroma_models import Chroma, ChromaParams, infer_chroma_params, is_chroma_state_dict
 from library.comfy_fp8 import comfy_scale_keys, dequantize_comfy_scaled_fp8, is_comfy_scaled_fp8
 from library.errors import CheckpointError
 from library.flux_ae import AutoEncoder, AutoEncoderParams, infer_ae_params
@@ -109,16 +109,24 @@ def assign_state_dict(model: nn.Module, sd: dict[str, Tensor], source: str) -> N
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=True, assign=True)
 
 
-def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict, bool, bool]:
-    """(files, shapes without prefix, metadata, is diffusers layout, is Chroma) from the headers alone;
-    a file that is no DiT, or not of ``model_type``, stops here."""
+def dit_on_meta(params: FluxParams) -> Flux:
+    """The DiT ``params`` describe (Chroma for ``ChromaParams``) on the meta device: shapes, no memory."""
+    with torch.device("meta"):
+        return Chroma(params) if isinstance(params, ChromaParams) else Flux(params)
+
+
+def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict, dict, bool, bool]:
+    """(files, shapes and dtypes without prefix, metadata, is diffusers layout, is Chroma) from the headers
+    alone; a file that is no DiT, or not of ``model_type``, stops here."""
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, not {model_type!r}")
     files = checkpoint_files(ckpt_path)
-    shapes, metadata = _read_shapes(files)
-    if any(k.startswith(FLUX_PREFIX) for k in shapes):  # a whole checkpoint: its DiT only
-        shapes = {k: v for k, v in shapes.items() if k.startswith(FLUX_PREFIX)}
-    shapes = _strip(shapes)
+    entries, metadata = read_headers(files)
+    if any(k.startswith(FLUX_PREFIX) for k in entries):  # a whole checkpoint: its DiT only
+        entries = {k: e for k, e in entries.items() if k.startswith(FLUX_PREFIX)}
+    entries = _strip(entries)
+    shapes = {k: tuple(e["shape"]) for k, e in entries.items()}
+    dtypes = {k: e["dtype"] for k, e in entries.items()}
     diffusers = is_diffusers_state_dict(shapes)
     if not diffusers and "img_in.weight" not in shapes:
         raise CheckpointError(not_the_expected_kind(ckpt_path, "a FLUX.1 or Chroma DiT", list(shapes),
@@ -128,14 +136,19 @@ def _dit_layout(ckpt_path: str, model_type: str) -> tuple[list[str], dict, dict,
         raise CheckpointError(f"{ckpt_path} is a Chroma model: add --model_type chroma (and --apply_t5_attn_mask)")
     if not chroma and model_type == "chroma":
         raise CheckpointError(f"{ckpt_path} is a FLUX.1 model, not Chroma: use --model_type flux (the default)")
-    return files, shapes, metadata, diffusers, chroma
+    return files, shapes, dtypes, metadata, diffusers, chroma
 
 
 def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParams:
     """The checks :func:`load_flow_model` makes before reading any weight (milliseconds); returns
     the model's hyper-parameters, read from the header. A diffusers file whose keys are not all
     FLUX's (another model, a LoRA) or a file without a tensor the model needs stops here."""
-    _, shapes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
+    return _checked_dit(ckpt_path, model_type)[1]
+
+
+def _checked_dit(ckpt_path: str, model_type: str) -> tuple[list[str], FluxParams, bool]:
+    """(files, hyper-parameters in BFL's names whatever the layout, is diffusers layout) of a checked DiT."""
+    files, shapes, dtypes, metadata, diffusers, chroma = _dit_layout(ckpt_path, model_type)
     if diffusers:
         scale_keys = comfy_scale_keys(shapes, metadata)
         row_scaled = sorted(k for k in shapes if k.endswith(".weight_scale") and k not in scale_keys)
@@ -161,26 +174,23 @@ def check_flow_model_file(ckpt_path: str, model_type: str = "flux") -> FluxParam
         raise CheckpointError(
             f"{ckpt_path}: incomplete DiT checkpoint (no {e}); the file is damaged or cut short"
         ) from None
-    _check_against_model(ckpt_path, shapes, params, chroma, diffusers)
-    return params
+    _check_against_model(ckpt_path, shapes, dtypes, params, diffusers)
+    return files, params, diffusers
 
 
 _NOT_FLOAT = ("I8", "U8", "I16", "I32", "I64", "BOOL")
 
 
-def _check_against_model(ckpt_path: str, shapes: dict, params, chroma: bool, diffusers: bool) -> None:
+def _check_against_model(ckpt_path: str, shapes: dict, dtypes: dict, params, diffusers: bool) -> None:
     """Every tensor the model the header describes needs is there, in its shape and as floats; else the load
-    would stop after reading the whole file (a missing tensor) or with torch's own error (int8, NF4)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in (Chroma(params) if chroma else Flux(params)).state_dict().items()}
-    entries = read_headers(checkpoint_files(ckpt_path))[0]
-    if any(k.startswith(FLUX_PREFIX) for k in entries):  # a whole checkpoint: its text encoders are not asked for
-        entries = {k[len(FLUX_PREFIX) :]: e for k, e in entries.items() if k.startswith(FLUX_PREFIX)}
-    packed = sorted(k for k, e in entries.items() if e["dtype"] in _NOT_FLOAT and k.endswith(".weight")
+    would stop after reading the whole file (a missing tensor) or with torch's own error (int8, NF4).
+    ``shapes`` are in BFL's names, ``dtypes`` in the file's."""
+    expected = {k: tuple(v.shape) for k, v in dit_on_meta(params).state_dict().items()}
+    packed = sorted(k for k, d in dtypes.items() if d in _NOT_FLOAT and k.endswith(".weight")
                     and (diffusers or k in expected))  # fmt: skip
     if packed:
         raise CheckpointError(
-            f"{ckpt_path}: {packed[0]} is stored as {entries[packed[0]]['dtype']}: an int8 or 4-bit quantized file "
+            f"{ckpt_path}: {packed[0]} is stored as {dtypes[packed[0]]}: an int8 or 4-bit quantized file "
             "(bitsandbytes, NF4), which this trainer does not read; give a bf16, fp16 or fp8 file (--fp8_base "
             "quantizes on load)"
         )
@@ -214,15 +224,13 @@ def load_flow_model(
     read (``--fp8_scaled``). Weights stored in fp8 in the file are kept as they are.
     """
     del disable_mmap  # the reader never memory-maps
-    files, _, _, diffusers, chroma = _dit_layout(ckpt_path, model_type)
-    params = check_flow_model_file(ckpt_path, model_type)  # from the header, in BFL's names whatever the layout
+    files, params, diffusers = _checked_dit(ckpt_path, model_type)
+    chroma = model_type == "chroma"  # (the file's kind was checked against it)
     dtype_of, scaled_keys = None, frozenset()
     if fp8_block_linears:
         from library.fp8 import FP8, block_linears
 
-        with torch.device("meta"):
-            skeleton = Chroma(params) if chroma else Flux(params)
-        fp8_keys = {f"{name}.weight" for name, _ in block_linears(skeleton)}
+        fp8_keys = {f"{name}.weight" for name, _ in block_linears(dit_on_meta(params))}
 
         def dtype_of(key: str) -> torch.dtype | None:
             return FP8 if key in fp8_keys else None
@@ -231,8 +239,7 @@ def load_flow_model(
             scaled_keys = frozenset(fp8_keys)
     sd = _load_tensors(files, device, dtype, dtype_of, scaled_keys, diffusers_to_bfl if diffusers else None)
     scales = {k[: -len("_scale")]: sd.pop(k) for k in [k for k in sd if k.endswith(".weight_scale")]}
-    with torch.device("meta"):
-        model = Chroma(params) if chroma else Flux(params)
+    model = dit_on_meta(params)
     assign_state_dict(model, sd, ckpt_path)
     if scales:
         from library.fp8 import attach_scaled_weight

@@ -19,24 +19,29 @@ from library.run_logging import quiet_loggers
 _BUILD_LOGGERS = ("networks", "library.network_interop", "library.optimizers", "train_network")
 
 
-def rehearse_network(trainer, args, dit_params) -> None:
-    """Builds the network as ``trainer`` will (``build_network``), and its parameter groups, on meta models:
-    the DiT from ``dit_params``, CLIP-L and T5 from their file headers. This project's own network module only:
-    a third-party one may not build on the meta device."""
-    from library.chroma_models import Chroma
-    from library.flux_models import Flux
-    from library.optimizers import trainable_param_groups
+def models_on_meta(args, dit_params) -> tuple[object, list]:
+    """(DiT, [CLIP-L or None, T5]) on the meta device, as ``dit_params`` and the text encoders' file headers
+    describe them: what a network can be built on without reading a weight."""
+    from library.flux_utils import dit_on_meta
     from library.text_encoders import clip_l_on_meta, t5xxl_on_meta
+
+    return dit_on_meta(dit_params), [clip_l_on_meta(args.clip_l) if args.clip_l else None, t5xxl_on_meta(args.t5xxl)]
+
+
+def rehearse_network(trainer, args, dit_params) -> None:
+    """Builds the network as ``trainer`` will (``build_network``), and its parameter groups, on
+    :func:`models_on_meta`. This project's own network module only: a third-party one may not build on the meta
+    device."""
+    from library.optimizers import trainable_param_groups
 
     module_name = network_module_name(args)
     if module_name not in OWN_NETWORK_MODULES:
         return
-    encoders = [clip_l_on_meta(args.clip_l) if args.clip_l else None, t5xxl_on_meta(args.t5xxl)]
+    dit, encoders = models_on_meta(args, dit_params)
     train_unet, train_text_encoder = not args.network_train_text_encoder_only, not args.network_train_unet_only
     with torch.device("meta"), quiet_loggers(*_BUILD_LOGGERS), warnings.catch_warnings():
         # loading the file's tensors into meta parameters checks their names and shapes and copies nothing
         warnings.filterwarnings("ignore", message=r".*meta parameter.*")
-        dit = Chroma(dit_params) if args.model_type == "chroma" else Flux(dit_params)
         network, train_text_encoder, _ = trainer.build_network(
             args, None, text_encoders_for(module_name, encoders), dit, train_text_encoder, train_unet
         )

@@ -261,8 +261,7 @@ def load_sharded(files: list[str], keys: Iterable[str], device: str | torch.devi
     for file in files:
         with SafetensorsReader(file) as reader:
             for name in keys.intersection(reader.keys()):
-                tensor = reader.get(name)
-                result[name] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
+                result[name] = reader.get(name, device)
     return result
 
 
