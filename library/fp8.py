@@ -253,13 +253,8 @@ def check_fp8_args(args) -> None:
     if fp8 and args.mixed_precision not in ("bf16", "fp16"):
         raise UserError(f"{flag} stores weights in fp8 and computes in the mixed-precision dtype: "
                         "add --mixed_precision bf16 (or fp16)")  # fmt: skip
-    if not getattr(args, "fp8_scaled", False):
-        return
-    if not fp8:
+    if getattr(args, "fp8_scaled", False) and not fp8:
         raise UserError("--fp8_scaled chooses how fp8 weights are stored: use it with --fp8_base or --fp8_base_unet")
-    if any(str(a).split("=", 1)[0].strip().startswith("ggpo_") for a in getattr(args, "network_args", None) or []):
-        raise UserError("GGPO (network_args ggpo_sigma / ggpo_beta) reads the base weights' norms, which "
-                        "--fp8_scaled stores divided by their scales: drop --fp8_scaled (plain --fp8_base works)")
 
 
 @torch.no_grad()

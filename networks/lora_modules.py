@@ -166,7 +166,7 @@ class LoRAModule(nn.Module):
         self.weight_norms: Tensor | None = None
         if ggpo_sigma is not None and ggpo_beta is not None:
             self.perturbation_norm_factor = 1.0 / math.sqrt(out_dim)
-            self.initialize_norm_cache(org_module.weight)
+            self.initialize_norm_cache(org_module.weight, org_module._buffers.get("weight_scale"))
 
         if self.split_dims is not None:
             self.register_state_dict_post_hook(_fuse_split_state)
@@ -352,14 +352,18 @@ class LoRAModule(nn.Module):
     # ---- GGPO (LoRA-GGPO: gradient-guided perturbation), spec §g.9 with §k.15 fixed -------
 
     @torch.no_grad()
-    def initialize_norm_cache(self, org_weight: Tensor) -> None:
+    def initialize_norm_cache(self, org_weight: Tensor, row_scale: Tensor | None = None) -> None:
         """Mean row norm of the base weight, estimated from up to 1000 random rows (none for a module on a meta
-        model, as the trainer builds one before loading: there is no weight to measure, and it never trains)."""
+        model, as the trainer builds one before loading: there is no weight to measure, and it never trains).
+        ``row_scale``: the per-row scales of a scaled-fp8 weight, which stores W / scale; the rows measured are W's."""
         if org_weight.is_meta:
             self.org_weight_norm_estimate = None
             return
-        rows = torch.randperm(org_weight.shape[0])[:1000]
-        self.org_weight_norm_estimate = org_weight[rows.to(org_weight.device)].float().norm(dim=1).mean().item()
+        rows = torch.randperm(org_weight.shape[0])[:1000].to(org_weight.device)
+        weight_rows = org_weight[rows].float()
+        if row_scale is not None:
+            weight_rows = weight_rows * row_scale[rows.to(row_scale.device)].to(weight_rows)[:, None]
+        self.org_weight_norm_estimate = weight_rows.norm(dim=1).mean().item()
 
     @torch.no_grad()
     def update_norms(self) -> None:

@@ -129,6 +129,25 @@ def test_ggpo_leaves_the_base_output_exact_at_multiplier_0_and_perturbs_it_at_1(
     assert (perturbed - plain).abs().max().item() > 1e-3  # the perturbation is there, in training only
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_ggpo_measures_the_rows_of_an_fp8_weight_as_dequantized(scaled):
+    """A scaled-fp8 weight stores W / scale (rows of size ~448): GGPO's norm estimate is W's, the same as for
+    the weight widened to fp32, and so is the perturbation it scales."""
+    from library.fp8 import dequantize_weight, make_fp8_linear
+
+    torch.manual_seed(0)
+    stored = make_fp8_linear(torch.nn.Linear(64, 40), scaled=scaled)
+    widened = torch.nn.Linear(64, 40)
+    widened.weight.data = dequantize_weight(stored.weight, stored._buffers.get("weight_scale"), torch.float32)
+    estimates = []
+    for linear in (stored, widened):
+        torch.manual_seed(1)  # the same rows sampled
+        estimates.append(LoRAModule("x", linear, 1.0, 4, 1.0, ggpo_sigma=0.03, ggpo_beta=0.01).org_weight_norm_estimate)
+    true_norm = widened.weight.norm(dim=1).mean().item()  # 40 rows: the estimate reads them all
+    assert estimates[0] == pytest.approx(true_norm, rel=1e-6)
+    assert estimates[1] == pytest.approx(true_norm, rel=1e-6)
+
+
 # ---- one-element alphas ------------------------------------------------------------------------------
 
 

@@ -61,3 +61,18 @@ def test_ggpo_logs_the_mean_norms_of_the_updates(tiny_model_files, tmp_path):
     for tag in ("norm/avg_grad_norm", "norm/avg_combined_norm"):
         assert all(math.isfinite(v) and v > 0 for v in scalars[tag].values()), tag
     assert scalars["norm/avg_combined_norm"][2] > scalars["norm/avg_key_norm"][2]  # base rows + update
+
+
+def test_ggpo_measures_scaled_fp8_base_weights_as_the_weights_they_store(tiny_model_files, tmp_path):
+    """--fp8_scaled stores each row divided by its scale; GGPO's base norms are those of the weights, within
+    fp8 rounding of a run that keeps them wide (norm/avg_combined_norm is base rows + update, the base dominating)."""
+    data = dataset(tmp_path)
+    combined = []
+    for name, fp8 in (("wide", {}), ("scaled", {"fp8_base": True, "fp8_scaled": True})):
+        logs = tmp_path / f"logs_{name}"
+        argv = base_argv(tiny_model_files, data, str(tmp_path / name), steps=2, network_train_unet_only=True,
+                         mixed_precision="bf16", logging_dir=str(logs),
+                         network_args=["ggpo_sigma=0.03", "ggpo_beta=0.01"], **fp8)  # fmt: skip
+        assert flux_train_network.main(argv) == 0
+        combined.append(logged_scalars(logs)["norm/avg_combined_norm"][2])
+    assert combined[1] == pytest.approx(combined[0], rel=0.05)
