@@ -245,7 +245,12 @@ class NetworkTrainer:
 
         network = self.create_network(ctx)
         ctx.network = network
-        from library.optimizers import get_optimizer, get_optimizer_train_eval_fn, trainable_param_groups
+        from library.optimizers import (
+            freeze_parameters_left_out,
+            get_optimizer,
+            get_optimizer_train_eval_fn,
+            trainable_param_groups,
+        )
 
         params, lr_descriptions = trainable_param_groups(network, args, ctx.train_unet, ctx.train_text_encoder)
         from library.lr_schedulers import get_scheduler_fix
@@ -265,6 +270,7 @@ class NetworkTrainer:
         network.to(accelerator.device)
         if hasattr(network, "prepare_grad_etc"):
             network.prepare_grad_etc(*self.network_targets(ctx))
+        freeze_parameters_left_out(network, optimizer)
 
         seed_each_process(args.seed, accelerator.process_index, accelerator.num_processes)  # a resume restores it
         first_step, skip_data = starting_point(args, given_step, network, optimizer, lr_scheduler, accelerator)

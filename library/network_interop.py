@@ -10,8 +10,10 @@ project's own ``networks.lora_flux`` handles both itself and gets the models as 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from collections.abc import Callable
 
 from torch import nn
 
@@ -54,6 +56,25 @@ def text_encoders_for(network_module_name: str, text_encoders: list) -> list:
         else:
             adapted.append(encoder)
     return adapted
+
+
+def network_hook(network, name: str, text_encoders: list, dit: nn.Module) -> Callable[[], None]:
+    """The network's ``on_epoch_start`` / ``on_step_start`` as sd-scripts calls them, ``(text_encoder, unet)``,
+    bound to their arguments; a no-op for a network without it. A hook declaring fewer parameters gets the last
+    ones (LyCORIS: ``on_epoch_start(unet)``, ``on_step_start()``), which sd-scripts' call would refuse."""
+    hook = getattr(network, name, None)
+    if hook is None:
+        return lambda: None
+    targets = (text_encoders, dit)
+    try:
+        parameters = list(inspect.signature(hook).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as sd-scripts does
+        return lambda: hook(*targets)
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return lambda: hook(*targets)
+    takes = sum(1 for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    given = targets[len(targets) - min(takes, len(targets)) :]
+    return lambda: hook(*given)
 
 
 def report_loaded_weights(path: str | os.PathLike, info) -> None:

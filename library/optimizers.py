@@ -253,6 +253,20 @@ def trainable_param_groups(network, args, train_unet: bool, train_text_encoder: 
     return params, descriptions
 
 
+def freeze_parameters_left_out(network, optimizer) -> None:
+    """Stops the network's parameters that the optimizer does not hold (a learning rate of 0 leaves a group
+    out) from taking gradients: no optimizer would clear them, so they would grow every step inside the gradient
+    clipping's norm (shrinking the trained parameters' steps) and the averaging across processes. Called after
+    the network's ``prepare_grad_etc``, which (ours, LyCORIS') makes every parameter trainable again."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    left_out = [p for p in network.parameters() if p.requires_grad and id(p) not in held]
+    for p in left_out:
+        p.requires_grad_(False)
+    if left_out:
+        logger.info("%d network parameters are in no optimizer group (learning rate 0): they take no gradients",
+                    len(left_out))  # fmt: skip
+
+
 def optimizer_arg_names(args) -> list[str]:
     """The hyper-parameters ``--optimizer_args`` sets, in the order given."""
     return list(parse_kv_literals(getattr(args, "optimizer_args", None), "--optimizer_args"))

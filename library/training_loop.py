@@ -16,6 +16,7 @@ from tqdm import tqdm
 from library.errors import TrainingInterrupted, UserError
 from library.flow_matching import VALIDATION_SIGMAS
 from library.interrupts import HANDLED, GracefulStop
+from library.network_interop import network_hook
 from library.optimizers import is_dadapt_or_prodigy, resolve_optimizer_type
 from library.run_saves import RunSaves
 from library.sample_prompts import SampleTriggers
@@ -226,6 +227,10 @@ class TrainingLoop:
         self.recent_losses: collections.deque[float] = collections.deque(maxlen=max(steps_per_epoch, 1))
         self.adapts_step_size = is_dadapt_or_prodigy(resolve_optimizer_type(self.args))
         self.unchecked_state = self.args.resume  # a state's optimizer moments are known to fit after one step
+        # the network's own hooks, as sd-scripts calls them: each epoch's start, and each micro-batch's
+        targets = trainer.network_targets(ctx)
+        self.network_epoch_start = network_hook(self.network, "on_epoch_start", *targets)
+        self.network_step_start = network_hook(self.network, "on_step_start", *targets)
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, first_step: int, skip_data: bool = True) -> str:
@@ -266,6 +271,7 @@ class TrainingLoop:
                 if global_step >= args.max_train_steps:
                     break
                 self.train_group.set_current_epoch(epoch + 1)
+                self.network_epoch_start()
                 skip = (global_step - epoch * self.steps_per_epoch) * accum if skip_data else 0
                 skip_data = False  # later epochs start at their beginning
                 sampler.indices, sampler.start = self.process_batches[skip:], skip
@@ -279,6 +285,7 @@ class TrainingLoop:
                         micro = position % accum
                         if micro == 0 and accum > 1 and args.save_state:  # a stop inside this window saves its start's
                             window_rng = capture_rng_states()
+                        self.network_step_start()
                         with dataset_multiplier(self.network, batch):
                             loss = self._micro_step(batch, global_step, micro) / accum
                             if _lora_switched_off(batch):  # zero gradients, not none: fp16's scaler and the
@@ -303,18 +310,16 @@ class TrainingLoop:
                         progress.set_postfix(loss=f"{step_loss:.4f}", avr_loss=f"{logs['loss/average']:.4f}")
                         # a stop still makes the saves due at this step, not its sampling and validation (a launcher
                         # may not wait for them); a signal during those is acted on before another step runs
-                        stopping = stop.requested(accelerator)
-                        self._after_step(epoch, global_step, logs, stopping)
-                        stopping = stopping or stop.requested(accelerator)
+                        stopping = self._after_step(epoch, global_step, logs, stop)
                         epoch_done = position == len(self.process_batches) - 1
                         if stopping or global_step >= args.max_train_steps:
                             break
                 if stopping and not epoch_done and global_step < args.max_train_steps:
                     self._stop(stop, global_step, epoch)
-                self._after_epoch(epoch, global_step, stopping)
+                stopping = self._after_epoch(epoch, global_step, stop)
                 if global_step >= args.max_train_steps:  # a stop at the last step ends the run as finished
                     break
-                if stopping or stop.requested(accelerator):
+                if stopping:
                     self._stop(stop, global_step, epoch)
         except _BatchError as e:  # a batch that cannot be read: the steps trained so far are kept
             saved = self._save_before_failing(global_step, epoch, window_rng if window else None)
@@ -381,16 +386,14 @@ class TrainingLoop:
             keys_scaled, mean_norm, max_norm = network.apply_max_norm_regularization(
                 args.scale_weight_norms, accelerator.device
             )
-            logs |= {
-                "max_norm/keys_scaled": keys_scaled,
-                "max_norm/average_key_norm": mean_norm,
-                "max_norm/max_key_norm": max_norm,
-            }
+            # sd-scripts' tags; with GGPO on too, its avg_key_norm is this one (the update norms after the cap)
+            logs |= {"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_norm,
+                     "norm/avg_key_norm": mean_norm}  # fmt: skip
         if hasattr(network, "grad_norms"):
             norms = {key: values.mean() for key, values in (("norm/avg_key_norm", network.weight_norms()),
                                                             ("norm/avg_grad_norm", network.grad_norms()),
                                                             ("norm/avg_combined_norm", network.combined_weight_norms()))
-                     if values is not None}  # fmt: skip
+                     if values is not None and key not in logs}  # fmt: skip
             if norms:  # read in one transfer
                 logs |= dict(zip(norms, torch.stack(list(norms.values())).tolist(), strict=True))
         groups = self.optimizer.param_groups
@@ -401,15 +404,20 @@ class TrainingLoop:
         return logs
 
     # ---- between steps and epochs --------------------------------------------------------------
-    def _after_step(self, epoch: int, step: int, logs: dict, stopping: bool = False) -> None:
-        """Sampling, saves and validation due after ``step``; the saves alone when ``stopping``."""
-        args = self.args
+    def _after_step(self, epoch: int, step: int, logs: dict, stop: GracefulStop) -> bool:
+        """Sampling, saves and validation due after ``step``: the saves alone once a stop is requested,
+        before or during the others. Returns whether one was (every process takes the same path)."""
+        args, accelerator = self.args, self.accelerator
+        stopping = stop.requested(accelerator)
         if self.triggers.due(None, step) and not stopping:
             self._sample(epoch=None, step=step)
+            stopping = stop.requested(accelerator)
         self.saves.at_step(step, epoch)  # ss_epoch: the whole epochs before this one, as sd-scripts records it
         if self.val_group and args.validate_every_n_steps and step % args.validate_every_n_steps == 0 and not stopping:
             logs |= self._validate("step")
+            stopping = stop.requested(accelerator)
         self._log(logs, step, epoch)
+        return stopping or stop.requested(accelerator)  # (a signal during the save)
 
     def _log(self, logs: dict, step: int, epoch: int) -> None:
         """``accelerator.log``, where wandb's values also carry ``global_step`` and ``epoch`` (1-based), as
@@ -420,21 +428,25 @@ class TrainingLoop:
             values = logs | {"global_step": step, "epoch": epoch + 1} if tracker.name == "wandb" else logs
             tracker.log(values, step=step)
 
-    def _after_epoch(self, epoch: int, step: int, stopping: bool = False) -> None:
-        """Validation, saves and sampling due at an epoch's end; the saves alone when ``stopping``."""
-        args = self.args
+    def _after_epoch(self, epoch: int, step: int, stop: GracefulStop) -> bool:
+        """Validation, saves and sampling due at an epoch's end: the saves alone once a stop is requested,
+        before or during the others. Returns whether one was."""
+        args, accelerator = self.args, self.accelerator
+        stopping = stop.requested(accelerator)
         logs = {}
         if self.epoch_losses:
             logs["loss/epoch_average"] = sum(self.epoch_losses) / len(self.epoch_losses)
         every = args.validate_every_n_epochs or 1
         if self.val_group and (epoch + 1) % every == 0 and not stopping:
             logs |= self._validate("epoch")
+            stopping = stop.requested(accelerator)
         if logs:
             self._log(logs, step, epoch)
         if epoch + 1 < self.num_epochs:  # the last epoch's save is the final one
             self.saves.at_epoch_end(epoch + 1, step)
         if self.triggers.due(epoch + 1, step) and not stopping:
             self._sample(epoch=epoch + 1, step=step)
+        return stopping or stop.requested(accelerator)
 
     def _validate(self, kind: str) -> dict:
         """Mean loss over the validation batches at σ = 0.2, 0.4, 0.6, 0.8 with fixed noise (main process)."""

@@ -168,3 +168,45 @@ def test_a_batch_that_cannot_be_read_keeps_the_steps_trained_before_it(tiny_mode
     flags = dict(FLAGS, save_state=False)
     assert flux_train_network.main(base_argv(tiny_model_files, data, str(tmp_path / "first"), steps=4, **flags)) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("(add --save_state to be able to resume).")
+
+
+@pytest.fixture
+def validations(monkeypatch, recorded):
+    """The kinds of validation run ("step", "epoch"); ("validate", kind) in ``signal_at`` sends SIGINT during one."""
+    from library.training_loop import TrainingLoop
+
+    validate, log = TrainingLoop._validate, []
+
+    def recording(self, kind):
+        log.append(kind)
+        if ("validate", kind) in recorded["signal_at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        return validate(self, kind)
+
+    monkeypatch.setattr(TrainingLoop, "_validate", recording)
+    return log
+
+
+def test_a_signal_during_a_steps_sampling_skips_the_validation_after_it(tiny_model_files, tmp_path, recorded,
+                                                                        validations):  # fmt: skip
+    """The validation due at the same step ran after the signal: time a launcher that kills 30 s after
+    passing the signal on may not give."""
+    data = dataset(tmp_path, batch_size=1, num_images=4, validation_split=0.5)
+    recorded["signal_at"].add(("sample", 1))
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=4, sample_prompts=data.sample_prompts,
+                     sample_every_n_steps=1, validate_every_n_steps=1, **FLAGS)  # fmt: skip
+    assert flux_train_network.main(argv) == 128 + signal.SIGINT
+    assert recorded["samples"] == [1] and validations == []
+    assert sorted(os.listdir(tmp_path / "out")) == ["lora-step00000001-state", "lora-step00000001.safetensors",
+                                                     "sample"]  # fmt: skip
+
+
+def test_a_signal_during_an_epochs_validation_skips_its_sampling_and_keeps_its_save(tiny_model_files, tmp_path,
+                                                                                    recorded, validations):  # fmt: skip
+    data = dataset(tmp_path, batch_size=1, num_images=4, validation_split=0.5)  # 2 training images: 2 steps an epoch
+    recorded["signal_at"].add(("validate", "epoch"))
+    argv = base_argv(tiny_model_files, data, str(tmp_path / "out"), steps=4, sample_prompts=data.sample_prompts,
+                     sample_every_n_epochs=1, save_every_n_epochs=1, **FLAGS)  # fmt: skip
+    assert flux_train_network.main(argv) == 128 + signal.SIGINT
+    assert validations == ["epoch"] and recorded["samples"] == []
+    assert sorted(os.listdir(tmp_path / "out")) == ["lora-000001-state", "lora-000001.safetensors"]

@@ -24,12 +24,16 @@ def update_norms(weights: dict[str, torch.Tensor]) -> dict[str, float]:
     return norms
 
 
-def test_scale_weight_norms_caps_every_saved_update_and_logs_it(tiny_model_files, tmp_path):
+@pytest.mark.parametrize("ggpo", [False, True])
+def test_scale_weight_norms_caps_every_saved_update_and_logs_it(tiny_model_files, tmp_path, ggpo):
+    """With GGPO on too, norm/avg_key_norm stays the capped updates' mean, as in sd-scripts (where the cap
+    takes the tag); GGPO's other norms are logged beside it."""
     data = dataset(tmp_path)
     out, logs = str(tmp_path / "out"), tmp_path / "logs"
     cap = 1e-4  # far below what a step at lr 1e-2 gives every module
     argv = base_argv(tiny_model_files, data, out, steps=2, learning_rate=1e-2, network_train_unet_only=True,
-                     scale_weight_norms=cap, logging_dir=str(logs))  # fmt: skip
+                     scale_weight_norms=cap, logging_dir=str(logs),
+                     network_args=["ggpo_sigma=0.03", "ggpo_beta=0.01"] if ggpo else None)  # fmt: skip
     assert flux_train_network.main(argv) == 0
     norms = update_norms(load_safetensors(os.path.join(out, "lora.safetensors")))
     assert len(norms) > 10
@@ -38,7 +42,9 @@ def test_scale_weight_norms_caps_every_saved_update_and_logs_it(tiny_model_files
     for step in (1, 2):
         assert scalars["max_norm/keys_scaled"][step] == len(norms)
         assert scalars["max_norm/max_key_norm"][step] == pytest.approx(cap, rel=1e-3)
-        assert scalars["max_norm/average_key_norm"][step] == pytest.approx(cap, rel=1e-3)
+        assert scalars["norm/avg_key_norm"][step] == pytest.approx(cap, rel=1e-3)  # sd-scripts' tag
+    assert "max_norm/average_key_norm" not in scalars
+    assert ("norm/avg_grad_norm" in scalars) == ggpo
 
 
 def test_ggpo_logs_the_mean_norms_of_the_updates(tiny_model_files, tmp_path):
