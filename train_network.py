@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             record_in_log_file(str(e), logging.WARNING)
         return e.exit_code
     except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
-        message = ("interrupted while loading, caching or saving: every file written so far is complete (each is "
+        message = ("interrupted while loading, caching, sampling or saving: every file written so far is complete (each is "
                    "written under a temporary name), and cache files already made are reused by the next run")
         print(message, file=sys.stderr)
         record_in_log_file(message, logging.WARNING)

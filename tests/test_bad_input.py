@@ -403,7 +403,7 @@ def test_ctrl_c_while_loading_is_a_message_not_a_traceback(env, capsys, monkeypa
     monkeypatch.setattr(library.flux_utils, "load_flow_model", interrupted)
     assert flux_train_network.main(env.argv()) == 130
     err = capsys.readouterr().err
-    assert "interrupted while loading, caching or saving" in err and "Traceback" not in err
+    assert "interrupted while loading, caching, sampling or saving" in err and "Traceback" not in err
 
 
 LAUNCHED = ["unknown key", "truncated model file", "T5 file given as --ae", "network_args typo",
