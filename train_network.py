@@ -559,8 +559,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             record_in_log_file(str(e), logging.WARNING)
         return e.exit_code
     except KeyboardInterrupt:  # outside the training steps, which stop at a step boundary themselves
-        message = ("interrupted while loading, caching, sampling or saving: every file written so far is complete (each is "
-                   "written under a temporary name), and cache files already made are reused by the next run")
+        message = ("interrupted while loading, caching, sampling or saving: every file written so far is complete "
+                   "(each is written under a temporary name), and cache files already made are reused by the next run")
         print(message, file=sys.stderr)
         record_in_log_file(message, logging.WARNING)
         return 130
