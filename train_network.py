@@ -24,7 +24,12 @@ from dataclasses import dataclass, field
 
 from library.dataset_args import add_dataset_arguments
 from library.errors import TrainingInterrupted, UserError
-from library.network_interop import OWN_NETWORK_MODULES, network_module_name, report_loaded_weights
+from library.network_interop import (
+    OWN_NETWORK_MODULES,
+    missing_network_module,
+    network_module_name,
+    report_loaded_weights,
+)
 from library.run_logging import (
     HeldRecords,
     first_launched_process,
@@ -381,7 +386,7 @@ class NetworkTrainer:
         try:
             return importlib.import_module(name)
         except ImportError as e:
-            raise UserError(f"--network_module {name}: cannot import it ({e}); is it installed?") from None
+            raise UserError(missing_network_module(name, e)) from None
 
     def prepare_before_loading(self, args, train_group, val_group) -> None:
         """Model-specific settings that depend on the dataset, and anything cheap to load before the models

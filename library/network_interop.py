@@ -25,6 +25,33 @@ DEFAULT_NETWORK_MODULE = "networks.lora_flux"
 OWN_NETWORK_MODULES = (DEFAULT_NETWORK_MODULE,)
 
 
+# sd-scripts' network modules that this project does not have: GUIs write them (kohya_ss's LoRA types "Flux1 OFT",
+# "Standard", "LoRA-FA", "Kohya DyLoRA"), where "cannot import it; is it installed?" would send the user looking
+# for a package that does not exist. Module name -> the model family it is for (None: FLUX's OFT).
+SD_SCRIPTS_MODULES_NOT_HERE = {
+    "networks.oft_flux": None,
+    "networks.lora": "Stable Diffusion and SDXL",
+    "networks.lora_fa": "Stable Diffusion and SDXL",
+    "networks.dylora": "Stable Diffusion and SDXL",
+    "networks.oft": "Stable Diffusion and SDXL",
+    "networks.lora_sd3": "SD3",
+    "networks.lora_lumina": "Lumina",
+}
+
+
+def missing_network_module(name: str, error: ImportError) -> str:
+    """Why ``--network_module name`` cannot be imported, and what to give instead."""
+    if name not in SD_SCRIPTS_MODULES_NOT_HERE:
+        return f"--network_module {name}: cannot import it ({error}); is it installed?"
+    family = SD_SCRIPTS_MODULES_NOT_HERE[name]
+    if family is None:
+        return (f"--network_module {name} is sd-scripts' OFT for FLUX, which this project does not train: it trains "
+                "LoRAs (--network_module networks.lora_flux). LyCORIS (pip install lycoris-lora, --network_module "
+                "lycoris.kohya) has OFT algorithms of its own")  # fmt: skip
+    return (f"--network_module {name} is sd-scripts' network for {family}, which finds nothing to adapt in FLUX: "
+            "FLUX.1 and Chroma LoRAs take --network_module networks.lora_flux (in kohya_ss, LoRA type 'Flux1')")
+
+
 def network_module_name(args) -> str:
     """``--network_module``, or this project's LoRA when it is left out."""
     return getattr(args, "network_module", None) or DEFAULT_NETWORK_MODULE

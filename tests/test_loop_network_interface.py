@@ -113,3 +113,25 @@ def test_a_network_without_parameters_left_out_keeps_them_all_trainable(tiny_mod
     (with_grad, held, count), = gradients_at_each_step
     assert len(held) == count and len(with_grad) == count
     assert "in no optimizer group" not in caplog.text
+
+
+@pytest.mark.parametrize("module, says", [
+    ("networks.oft_flux", "--network_module networks.oft_flux is sd-scripts' OFT for FLUX, which this project does "
+                          "not train: it trains LoRAs (--network_module networks.lora_flux)"),
+    ("networks.lora", "--network_module networks.lora is sd-scripts' network for Stable Diffusion and SDXL, "
+                      "which finds nothing to adapt in FLUX: FLUX.1 and Chroma LoRAs take --network_module "
+                      "networks.lora_flux"),
+    ("no_such_network_xyz", "--network_module no_such_network_xyz: cannot import it (No module named "
+                            "'no_such_network_xyz'); is it installed?"),
+])  # fmt: skip
+def test_a_network_module_that_cannot_be_imported_is_named_with_what_to_use(tiny_model_files, tmp_path, capsys,
+                                                                           module, says):  # fmt: skip
+    """kohya_ss writes networks.oft_flux for its "Flux1 OFT" type and networks.lora for "Standard": no package to
+    install would help, as the message used to suggest."""
+    argv = base_argv(tiny_model_files, dataset(tmp_path), str(tmp_path / "out"), steps=1)
+    argv[argv.index("networks.lora_flux")] = module
+    assert flux_train_network.main(argv) == 1
+    err = capsys.readouterr().err
+    assert says in err
+    assert ("is it installed" in err) == (module == "no_such_network_xyz")
+    assert not (tmp_path / "out").exists()  # stopped before any work
