@@ -8,7 +8,7 @@ Three file formats (spec §i.1):
 - ``.json``: a list whose items are prompt lines (strings) or dicts.
 
 A prompt line is the prompt followed by options, split on ``" --"``; letters are case-insensitive:
-``--w`` width, ``--h`` height, ``--d`` seed, ``--s`` steps (clamped to 1..1000), ``--l`` CFG
+``--w`` width, ``--h`` height, ``--d`` seed (-1: random), ``--s`` steps (clamped to 1..1000), ``--l`` CFG
 scale, ``--g`` embedded guidance, ``--n`` negative prompt (the rest of its segment). ``--ss``,
 ``--cn``, ``--ctr``, ``--rcfg`` and ``--fs`` belong to other models or samplers: they are
 accepted and ignored with one warning each. Dict entries use sd-scripts' keys: ``prompt``,
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SAMPLE_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes 64 bits
+RANDOM_SEED = "-1"  # a seed of -1: none fixed, as in A1111 (whose prompts users bring)
 
 # option letter -> sd-scripts' prompt-dict key
 _INT_OPTIONS = {"w": "width", "h": "height", "d": "seed", "s": "sample_steps"}
@@ -140,6 +141,8 @@ def line_to_prompt_dict(line: str, where: str = "sample prompt", warnings: _Warn
         option = f"--{letter}"
         if letter == "n":
             result["negative_prompt"] = value
+        elif letter == "d" and value == RANDOM_SEED:  # A1111's "random"; sd-scripts reads no seed from it either
+            result.pop("seed", None)
         elif letter in _INT_OPTIONS:
             number = _parse_int(value, where, option)
             if letter == "s":
@@ -177,6 +180,8 @@ def _from_dict(entry: Mapping[str, Any], index: int, where: str, warnings: _Warn
                 f"key:{key}",
                 f"{where}: unknown key '{key}' is ignored (known keys: {', '.join(sorted(_DICT_KEYS))})",
             )
+        elif key == "seed" and str(value) == RANDOM_SEED:
+            continue
         elif key == "negative_prompt":
             if not isinstance(value, str):
                 raise _bad(where, f"'negative_prompt' must be a string, not {value!r}")

@@ -104,6 +104,18 @@ def test_seeds_take_all_64_bits():
         line_to_prompt_dict(f"p --d {2**64}")
 
 
+def test_a_seed_of_minus_1_is_random_as_in_a1111(tmp_path):
+    """Prompts copied from A1111 say --d -1 for a random seed (sd-scripts' pattern reads no seed from it): the run
+    stopped on it. Other negative seeds still do; in a TOML file -1 overrides the shared seed."""
+    assert line_to_prompt_dict("p --d 5 --d -1 --w 64") == {"prompt": "p", "width": 64}
+    with pytest.raises(UserError, match=r"--d needs a whole number of 0 or more, not '-2'"):
+        line_to_prompt_dict("p --d -2")
+    toml = write(tmp_path, "p.toml", '[prompt]\nseed = 9\n[[prompt.subset]]\nprompt = "a"\nseed = -1\n'
+                 '[[prompt.subset]]\nprompt = "b"\n')
+    assert [p.seed for p in load_prompts(toml)] == [None, 9]
+    assert load_prompts(write(tmp_path, "p.json", json.dumps([{"prompt": "a", "seed": -1}])))[0].seed is None
+
+
 def test_ignored_options_are_accepted_and_warn_once_each(caplog):
     with caplog.at_level(logging.WARNING):
         d = line_to_prompt_dict("p --ss euler_a --cn img.png --ctr 0.25 --rcfg 1.0 --fs 3.0 --ss ddim")
