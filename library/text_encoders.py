@@ -51,9 +51,9 @@ _TIED_COPIES = ("shared.weight", "encoder.embed_tokens.weight")  # T5 files may 
 Shapes = Mapping[str, Sequence[int]]
 
 
-def _first_prefix(keys: Sequence[str], anchor: str) -> str | None:
-    """What precedes ``anchor`` in the first key ending with it (``None`` if no key does)."""
-    return next((k[: -len(anchor)] for k in keys if k.endswith(anchor)), None)
+def _prefixes(keys: Sequence[str], anchor: str) -> list[str]:
+    """What precedes ``anchor`` in each key ending with it, in file order: one per encoder the file holds."""
+    return list(dict.fromkeys(k[: -len(anchor)] for k in keys if k.endswith(anchor)))
 
 
 def _wrong_kind(path: str, wanted: str, keys: Sequence[str], flag: str, anchor: str) -> CheckpointError:
@@ -142,9 +142,17 @@ def _encoder_keys(
     metadata) from the header alone; a file with no key ending in ``anchor`` is not ``wanted``."""
     file_shapes, metadata = _shapes_of(_ENCODER_FILES[flag](path), state_dict)
     file_keys = list(file_shapes)
-    prefix = _first_prefix(file_keys, anchor)
-    if prefix is None:
+    prefixes = _prefixes(file_keys, anchor)
+    if not prefixes:
         raise _wrong_kind(path, wanted, file_keys, flag, anchor)
+    if len(prefixes) > 1:  # a whole pipeline's file (SD3's clip_g, clip_l, t5xxl): the one named for the flag
+        named = [p for p in prefixes if flag.removeprefix("--") in p.lower()]
+        if len(named) != 1:
+            raise CheckpointError(f"{path} holds {len(prefixes)} text encoders (keys under "
+                                  f"{', '.join(repr(p) for p in prefixes)}) and none is named for {flag}: give "
+                                  f"{flag} a file of {wanted.split(' (')[0]} alone")  # fmt: skip
+        prefixes = named
+    prefix = prefixes[0]
     shapes = {k[len(prefix) :]: v for k, v in file_shapes.items() if k.startswith(prefix)}
     return file_keys, prefix, shapes, metadata
 

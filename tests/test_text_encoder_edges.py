@@ -362,3 +362,27 @@ def test_more_than_ten_unexpected_keys_are_shown_ten_and_counted(tmp_path, caplo
     assert f"{count} unexpected keys, ignored: text_model.adapter_00.weight" in warning
     assert warning.count("adapter_") == 10
     assert warning.endswith(" ... (11 in all)" if count == 11 else "text_model.adapter_09.weight")
+
+
+def test_a_file_of_several_text_encoders_gives_the_one_named_for_the_flag(tmp_path):
+    """An SD3-style file (clip_g, clip_l and t5xxl under one roof) given as --clip_l loaded CLIP-G, the first
+    tower in the header; towers none of which is named for the flag are refused, naming them."""
+    small = write_tiny_clip_l(tmp_path / "l.safetensors", layers=2, hidden=32, vocab=64)
+    large = write_tiny_clip_l(tmp_path / "g.safetensors", layers=3, hidden=64, heads=1, vocab=64)
+
+    def towers(names, path):
+        weights = {}
+        for name, tensors in zip(names, (large, small), strict=True):
+            weights |= {f"text_encoders.{name}.transformer.{k}": v for k, v in tensors.items()}
+        save_file(weights, str(path), metadata={"num_attention_heads": "2"})
+        return path
+
+    model = load_clip_l(towers(["clip_g", "clip_l"], tmp_path / "sd3.safetensors"), torch.float32, "cpu")
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (2, 32)
+    torch.testing.assert_close(model.get_input_embeddings().weight,
+                               small["text_model.embeddings.token_embedding.weight"])
+    with pytest.raises(CheckpointError, match=re.escape(
+            "holds 2 text encoders (keys under 'text_encoders.a.transformer.text_model.', "
+            "'text_encoders.b.transformer.text_model.') and none is named for --clip_l: give --clip_l a file of "
+            "a CLIP-L text encoder alone")):  # fmt: skip
+        load_clip_l(towers(["a", "b"], tmp_path / "two.safetensors"), torch.float32, "cpu")
