@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from library.dtypes import FP8_DTYPES, autocast_dtype
+from library.dtypes import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,14 @@ def compute_dtype_for(x: Tensor) -> torch.dtype:
     return autocast_dtype(x.device.type) or x.dtype
 
 
+SMALLEST_SCALE = 2.0**-24  # fp16's smallest step: a smaller scale would round to 0 in fp16 and zero its row
+
+
 def row_scales(weight: Tensor) -> Tensor:
-    """Per-output-row power-of-two scales (fp32) that map each row's max |w| into (224, 448]."""
+    """Per-output-row power-of-two scales (fp32) that map each row's max |w| into (224, 448] (into less, for rows
+    under 448 * 2**-24 ~ 2.7e-5, whose scale stays one that fp16 compute can hold)."""
     amax = weight.detach().float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    return torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX))).clamp(min=SMALLEST_SCALE)
 
 
 def quantize_weight(weight: Tensor, scaled: bool) -> tuple[Tensor, Tensor | None]:
@@ -137,10 +141,6 @@ def fp8_matmul_plus(self: nn.Linear, x: Tensor, addend: Tensor) -> Tensor:
 def _check_frozen(linear: nn.Linear) -> None:
     if linear.weight.requires_grad:
         raise RuntimeError("an fp8-stored Linear weight cannot be trained; it is part of the frozen base model")
-
-
-def is_fp8_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.weight.dtype in FP8_DTYPES
 
 
 @torch.no_grad()

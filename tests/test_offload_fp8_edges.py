@@ -217,10 +217,22 @@ def test_row_scales_put_each_rows_largest_magnitude_in_the_top_binade_and_keep_z
     scales = fp8.row_scales(weight)
     assert torch.isfinite(scales).all() and (scales > 0).all()
     assert torch.equal(torch.log2(scales), torch.log2(scales).round())  # powers of two
-    top = weight.abs().amax(dim=1)[[0, 1, 3]] / scales[[0, 1, 3]]
+    top = weight.abs().amax(dim=1)[[0, 1]] / scales[[0, 1]]
     assert ((top > 224) & (top <= 448)).all(), top
+    assert scales[3] == 2.0**-24  # a row too small for the top binade keeps a scale fp16 can hold
     quantized, _ = fp8.quantize_weight(weight, scaled=True)
     assert torch.equal(quantized[2].float(), torch.zeros(2)) and not quantized.float().isnan().any()
+
+
+def test_a_row_of_tiny_weights_dequantizes_in_fp16_as_in_fp32():
+    """Its scale (2**-29) rounded to 0 in fp16, zeroing the row, where fp16 holds its values."""
+    linear = torch.nn.Linear(4, 2, bias=False)
+    linear.weight.data = torch.tensor([[1e-5, 5e-6, -8e-6, 2e-6], [0.5, 0.1, -0.2, 0.3]])
+    fp8.make_fp8_linear(linear, scaled=True)
+    half = fp8.dequantize_weight(linear.weight, linear.weight_scale, torch.float16)
+    wide = fp8.dequantize_weight(linear.weight, linear.weight_scale, torch.float32)
+    assert torch.equal(half, wide.half())
+    torch.testing.assert_close(wide[0], torch.tensor([1e-5, 5e-6, -8e-6, 2e-6]), rtol=0.07, atol=0)
 
 
 def test_keeping_dequantized_weights_nests():
