@@ -149,7 +149,8 @@ def _encoder_keys(
         named = [p for p in prefixes if flag.removeprefix("--") in p.lower()]
         if len(named) != 1:
             raise CheckpointError(f"{path} holds {len(prefixes)} text encoders (keys under "
-                                  f"{', '.join(repr(p) for p in prefixes)}) and none is named for {flag}: give "
+                                  f"{', '.join(repr(p) for p in prefixes)}) and {'more than one' if named else 'none'} "
+                                  f"is named for {flag}: give "
                                   f"{flag} a file of {wanted.split(' (')[0]} alone")  # fmt: skip
         prefixes = named
     prefix = prefixes[0]
