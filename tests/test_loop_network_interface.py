@@ -24,27 +24,33 @@ class Recorder:
 def test_a_hook_gets_sd_scripts_arguments_or_the_last_ones_it_declares():
     text_encoders, dit = ["clip", "t5"], nn.Linear(1, 1)
 
-    class Network(Recorder):
-        def on_epoch_start(self, text_encoder, unet):  # sd-scripts' own networks
+    class SdScripts(Recorder):  # sd-scripts' own networks
+        def on_epoch_start(self, text_encoder, unet):
             self.calls.append(("epoch", text_encoder, unet))
 
-        def on_step_start(self):  # LyCORIS
-            self.calls.append(("step",))
+        def on_step_start(self, text_encoder, unet):
+            self.calls.append(("step", text_encoder, unet))
 
     class Lycoris(Recorder):
         def on_epoch_start(self, unet):
             self.calls.append(("epoch", unet))
 
+        def on_step_start(self):
+            self.calls.append(("step",))
+
+    class Variadic(Recorder):
         def on_step_start(self, *args):
             self.calls.append(("step", *args))
 
-    network, lycoris = Network(), Lycoris()
-    for target in (network, lycoris):
+    networks = SdScripts(), Lycoris(), Variadic()
+    for network in networks:
         for name in ("on_epoch_start", "on_step_start"):
-            network_hook(target, name, text_encoders, dit)()
-    assert network.calls == [("epoch", text_encoders, dit), ("step",)]
-    assert lycoris.calls == [("epoch", dit), ("step", text_encoders, dit)]
-    network_hook(object(), "on_step_start", text_encoders, dit)()  # a network without it: nothing to call
+            network_hook(network, name, text_encoders, dit)()  # Variadic has no on_epoch_start: nothing to call
+    assert [n.calls for n in networks] == [
+        [("epoch", text_encoders, dit), ("step", text_encoders, dit)],
+        [("epoch", dit), ("step",)],
+        [("step", text_encoders, dit)],
+    ]
 
 
 HOOKED = MODULE.replace("PREPARE_OPTIMIZER_PARAMS", NAMED + textwrap.indent(textwrap.dedent('''
