@@ -20,3 +20,11 @@ def dev(tiny_model_files):
 
     _, model = load_flow_model(tiny_model_files.flux_dev, torch.float32, "cpu")
     return model
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA stream and event API faked on a CPU machine, recording what is waited on and recorded."""
+    from tests.cuda_fakes import install_fake_cuda
+
+    return install_fake_cuda(monkeypatch)

@@ -5,7 +5,6 @@ weights are bound to their host copies as these are made, a buffer whose upload 
 for before it is reused, an index-less ``cuda`` device gets the current index, and the host copies are
 packed into slabs whose size torch's pinned allocator does not round up."""
 
-import contextlib
 import copy
 
 import pytest
@@ -15,47 +14,10 @@ from torch import nn
 from library import offloading
 from library.offloading import ModelOffloader
 from library.tiny_models import random_model, tiny_chroma_params, tiny_flux_params
+from tests.cuda_fakes import FakeEvent
 from tests.test_block_swap import attach_lora
 from tests.test_checkpoint_recompute import extra_inputs
 from tests.test_flux_models import dit_inputs
-
-
-class FakeEvent:
-    """Records nothing on a device; each is a distinct object, and it remembers the stream it was recorded on."""
-
-    stream = None
-
-    def record(self, stream=None):
-        self.stream = stream
-
-
-class FakeStream:
-    """Its ``wait_event`` calls go to a log shared by all streams, so that their order can be checked."""
-
-    def __init__(self, log):
-        self.log = log
-
-    def wait_event(self, event):
-        self.log.append(("wait", self, event))
-
-
-class FakeCuda:
-    def __init__(self):
-        self.log = []
-        self.current = FakeStream(self.log)  # what torch.cuda.current_stream returns
-
-    def current_waits(self):
-        return [event for what, stream, event in (e for e in self.log if e[0] == "wait") if stream is self.current]
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    cuda = FakeCuda()
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: FakeStream(cuda.log))
-    monkeypatch.setattr(torch.cuda, "Event", lambda *args, **kwargs: FakeEvent())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: cuda.current)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    return cuda
 
 
 class CudaPathOffloader(ModelOffloader):

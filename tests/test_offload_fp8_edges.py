@@ -3,7 +3,6 @@
 offloader's bounds and safety nets, its CUDA path's stream order and buffer reuse, the header-only depth
 check, fp8 scales and conversions, and the recognition of ComfyUI's markers."""
 
-import contextlib
 import json
 from types import SimpleNamespace
 
@@ -16,7 +15,8 @@ from library.errors import CheckpointError, UserError
 from library.offloading import ModelOffloader, PinnedArena, move_to_device_except_swapped
 from library.safetensors_io import save_safetensors
 from library.tiny_models import random_model, tiny_flux_params
-from tests.test_block_swap_device_path import CudaPathOffloader, FakeCuda, FakeEvent, FakeStream
+from tests.cuda_fakes import FakeEvent
+from tests.test_block_swap_device_path import CudaPathOffloader
 
 FP8 = torch.float8_e4m3fn
 
@@ -31,17 +31,6 @@ class Holder(nn.Module):
     def __init__(self, blocks):
         super().__init__()
         self.blocks = blocks
-
-
-@pytest.fixture
-def cuda_fakes(monkeypatch):
-    """torch.cuda's streams and events as the fakes of tests/test_block_swap_device_path.py."""
-    cuda = FakeCuda()
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *args, **kwargs: FakeStream(cuda.log))
-    monkeypatch.setattr(torch.cuda, "Event", lambda *args, **kwargs: FakeEvent())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: cuda.current)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    return cuda
 
 
 def cuda_path(blocks, num_swap):
@@ -88,7 +77,7 @@ def test_a_block_used_while_on_the_host_is_uploaded_on_the_spot():
     assert offloader.log == [("offload", 0)] and offloader.placement() == "HDDD"
 
 
-def test_placing_the_model_never_puts_a_host_block_on_the_device_nor_keeps_its_buffers(cuda_fakes):
+def test_placing_the_model_never_puts_a_host_block_on_the_device_nor_keeps_its_buffers(fake_cuda):
     blocks = linear_blocks(*[(4, 4)] * 4)
     holder = Holder(blocks)
     offloader = CudaPathOffloader("blocks", blocks, 1)
@@ -111,18 +100,18 @@ def test_placing_the_model_never_puts_a_host_block_on_the_device_nor_keeps_its_b
     assert {i: offloading._pointers(offloader.host[i]) for i in offloader.swappable} == hosts  # nothing adopted
 
 
-def test_an_upload_waits_on_the_side_stream_for_the_buffers_last_users(cuda_fakes):
+def test_an_upload_waits_on_the_side_stream_for_the_buffers_last_users(fake_cuda):
     offloader = cuda_path(linear_blocks(*[(4, 4)] * 4), 1)
-    cuda_fakes.log.clear()
+    fake_cuda.log.clear()
     offloader.after_forward(0)  # block 0 leaves, block 3 is uploaded into its buffers
-    side_waits = [(stream, event) for what, stream, event in cuda_fakes.log if stream is offloader.stream]
+    side_waits = [(stream, event) for what, stream, event in fake_cuda.log if stream is offloader.stream]
     assert len(side_waits) == 1
     ready = side_waits[0][1]
-    assert isinstance(ready, FakeEvent) and ready.stream is cuda_fakes.current  # recorded on the compute stream
+    assert isinstance(ready, FakeEvent) and ready.stream is fake_cuda.current  # recorded on the compute stream
     assert offloader.pending[3] is not ready and offloader.pending[3].stream is offloader.stream
 
 
-def test_freed_buffers_are_reused_only_by_a_block_of_the_same_shapes(cuda_fakes):
+def test_freed_buffers_are_reused_only_by_a_block_of_the_same_shapes(fake_cuda):
     blocks = linear_blocks((4, 4), (4, 4), (4, 8))
     host = blocks[2][0].weight.clone()
     offloader = cuda_path(blocks, 1)
