@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from library.dtypes import autocast_dtype, autocast_off
 from library.errors import UserError
-from library.fp8 import fp8_linear_forward, fp8_matmul_plus
+from library.fp8 import dequantize_weight, fp8_linear_forward, fp8_matmul_plus
 
 
 def resolve_alpha(alpha: float | Tensor | None, rank: int) -> float:
@@ -324,9 +324,8 @@ class LoRAModule(nn.Module):
             up = sd["lora_up.weight"].to(compute_device, torch.float32)
             delta = (up @ down) * (resolve_alpha(sd.get("alpha"), down.shape[0]) / down.shape[0])
         row_scale = self.org_module._buffers.get("weight_scale")  # --fp8_scaled: the weight is W / scale
-        wide = weight.to(compute_device, torch.float32)
-        if row_scale is not None:
-            wide = wide * row_scale.to(compute_device, torch.float32)[:, None]
+        wide = dequantize_weight(weight.to(compute_device), None if row_scale is None else row_scale.to(compute_device),
+                                 torch.float32)  # fmt: skip
         merged = wide + self.multiplier * delta
         if row_scale is not None:  # the merged rows get scales of their own
             from library.fp8 import quantize_weight
@@ -360,9 +359,8 @@ class LoRAModule(nn.Module):
             self.org_weight_norm_estimate = None
             return
         rows = torch.randperm(org_weight.shape[0])[:1000].to(org_weight.device)
-        weight_rows = org_weight[rows].float()
-        if row_scale is not None:
-            weight_rows = weight_rows * row_scale[rows.to(row_scale.device)].to(weight_rows)[:, None]
+        scales = None if row_scale is None else row_scale[rows.to(row_scale.device)].to(org_weight.device)
+        weight_rows = dequantize_weight(org_weight[rows], scales, torch.float32)
         self.org_weight_norm_estimate = weight_rows.norm(dim=1).mean().item()
 
     @torch.no_grad()
