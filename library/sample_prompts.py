@@ -54,7 +54,7 @@ _DICT_KEYS = {"prompt", "negative_prompt", *_INT_OPTIONS.values(), *_FLOAT_OPTIO
 # written by sd-scripts itself into prompt dicts; harmless in user files
 _BOOKKEEPING_KEYS = {"enum", "subset"}
 
-_INT_RE = re.compile(r"\d+")
+_INT_RE = re.compile(r"(\d+)(?:\.0*)?")  # 1024.0, as GUIs' number fields write it, is 1024
 _FLOAT_RE = re.compile(r"\d+(\.\d*)?|\.\d+")
 _OPTION_RE = re.compile(r"([A-Za-z]+)(?:\s+(.*))?", re.DOTALL)
 
@@ -112,7 +112,7 @@ def _bad(where: str, what: str) -> UserError:
 def _parse_int(value: str, where: str, option: str) -> int:
     if not _INT_RE.fullmatch(value):
         raise _bad(where, f"{option} needs a whole number of 0 or more, not {value!r}")
-    return int(value)
+    return int(_INT_RE.fullmatch(value).group(1))
 
 
 def _parse_float(value: str, where: str, option: str) -> float:
@@ -207,14 +207,17 @@ def _from_dict(entry: Mapping[str, Any], index: int, where: str, warnings: _Warn
 def _number(key: str, value: Any, where: str) -> int | float:
     is_int_key = key in _INT_OPTIONS.values()
     # bool is an int subclass: `width = true` is a mistake, not 1
-    ok = isinstance(value, int) if is_int_key else isinstance(value, (int, float))
+    # 1024.0 is a whole number (a GUI's number field may write it so); 64.5 is not
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    ok = whole if is_int_key else isinstance(value, (int, float))
     # inf and nan pass JSON and TOML, and made every sample black
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value < 0:
         kind = "a whole number" if is_int_key else "a number"
         raise _bad(where, f"'{key}' must be {kind} of 0 or more, not {value!r}")
-    if key == "sample_steps":
-        return max(1, min(MAX_SAMPLE_STEPS, value))
-    return value if is_int_key else float(value)
+    if not is_int_key:
+        return float(value)
+    value = int(value)
+    return max(1, min(MAX_SAMPLE_STEPS, value)) if key == "sample_steps" else value
 
 
 def _from_line(line: str, index: int, where: str, warnings: _Warnings) -> SamplePrompt:

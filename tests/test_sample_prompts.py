@@ -116,6 +116,27 @@ def test_a_seed_of_minus_1_is_random_as_in_a1111(tmp_path):
     assert load_prompts(write(tmp_path, "p.json", json.dumps([{"prompt": "a", "seed": -1}])))[0].seed is None
 
 
+def test_whole_numbers_written_with_a_point_are_whole_numbers(tmp_path):
+    """A GUI's number field writes 1024.0; sd-scripts' pattern reads it as 1024, and it stopped the run here.
+    A fraction is still refused, in lines and in JSON and TOML files."""
+    d = line_to_prompt_dict("p --w 1024.0 --h 768. --d 42.00 --s 20.0")
+    assert d == {"prompt": "p", "width": 1024, "height": 768, "seed": 42, "sample_steps": 20}
+    assert all(type(d[k]) is int for k in ("width", "height", "seed", "sample_steps"))
+    assert line_to_prompt_dict("p --s 5000.0")["sample_steps"] == 1000
+    with pytest.raises(UserError, match=r"--w needs a whole number of 0 or more, not '1024\.5'"):
+        line_to_prompt_dict("p --w 1024.5")
+    with pytest.raises(UserError, match=r"bad\.json, item 0: 'width' must be a whole number of 0 or more, not 64\.5"):
+        load_prompts(write(tmp_path, "bad.json", json.dumps([{"prompt": "a", "width": 64.5}])))
+    with pytest.raises(UserError, match=r"the seed must be below 2\*\*64, not 18446744073709551616"):
+        load_prompts(write(tmp_path, "big.json", json.dumps([{"prompt": "a", "seed": 2.0**64}])))
+    entry = {"prompt": "a", "width": 512.0, "seed": 7.0, "sample_steps": 3000.0}
+    (prompt,) = load_prompts(write(tmp_path, "p.json", json.dumps([entry])))
+    assert (prompt.width, prompt.seed, prompt.sample_steps) == (512, 7, 1000)
+    assert type(prompt.width) is int and type(prompt.seed) is int
+    toml = write(tmp_path, "p.toml", '[prompt]\nwidth = 256.0\n[[prompt.subset]]\nprompt = "a"\n')
+    assert load_prompts(toml)[0].width == 256
+
+
 def test_ignored_options_are_accepted_and_warn_once_each(caplog):
     with caplog.at_level(logging.WARNING):
         d = line_to_prompt_dict("p --ss euler_a --cn img.png --ctr 0.25 --rcfg 1.0 --fs 3.0 --ss ddim")
