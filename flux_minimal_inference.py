@@ -21,8 +21,7 @@ Differences from sd-scripts, on purpose:
 * Chroma defaults to guidance 0 and CFG 4.0 with an empty negative prompt (the trainer's sample
   defaults; sd-scripts uses FLUX's 3.5 / 1.0). CFG runs whenever the CFG scale is not 1, with an
   empty negative prompt if none is given (sd-scripts needs a non-empty one).
-* Sizes are floored to a multiple of 16 (sd-scripts rounds the latent up); schnell is recognised
-  from the weights (sd-scripts looks for "schnell" in the file name).
+* Sizes are floored to a multiple of 16, as training samples are (sd-scripts rounds the latent up).
 * fp8 ``--flux_dtype`` / ``--clip_l_dtype`` / ``--t5xxl_dtype`` store the Linear weights in fp8 and
   compute in ``--dtype`` (bf16 when ``--dtype`` itself is fp8), so fp8 also works on CPUs; an fp8
   ``--ae_dtype`` is not honoured (the AE is small and convolutional): it runs in the compute dtype.
@@ -31,6 +30,8 @@ Differences from sd-scripts, on purpose:
   a second image in the same second gets a ``_1`` suffix.
 * ``--interactive`` lines without ``--d`` take ``--seed`` when it is given (sd-scripts draws a random seed per
   line), so a prompt can be tried again with the same noise.
+* Weights in a LoRA file that no module takes (ComfyUI's bias diffs ``.diff_b``, say) are named in a
+  warning and ignored (sd-scripts stops on them).
 * Extra options: ``--device``, ``--tokenizer_cache_dir`` and ``--t5xxl_max_token_length``.
 """
 
@@ -51,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from library.dtypes import FP8_DTYPES, device_from_name, dtype_from_name
+from library.dtypes import FP8_DTYPES, device_from_name, dtype_from_name, preferred_device
 from library.errors import UserError
 from library.run_logging import tolerant_stdout
+from library.sample_prompts import MAX_SEED
 from library.train_args import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def setup_parser() -> argparse.ArgumentParser:
     add("--width", type=int, default=DEFAULT_WIDTH, help="image width, floored to a multiple of 16; 64 or more")
     add("--height", type=int, default=DEFAULT_HEIGHT, help="image height, floored to a multiple of 16; 64 or more")
     add("--interactive", action="store_true", help="read prompts from standard input")
-    add("--device", type=str, default=None, help="device to run on (default cuda if available, else cpu)")
+    add("--device", type=str, default=None, help="device to run on (default cuda, xpu or mps if any, else cpu)")
     add("--tokenizer_cache_dir", type=str, default=None, help="local copies of the tokenizers (as the trainer)")
     add("--t5xxl_max_token_length", type=int, default=None, help="T5 tokens (default 256 for schnell, 512 otherwise)")
     return p
@@ -254,12 +256,11 @@ def check_args(args):
     from library.flux_sampling import MIN_SAMPLE_SIZE
     from library.flux_train_utils import check_model_files
     from library.safetensors_io import output_folder_problem
-    from library.sample_prompts import MAX_SEED
     from networks.lora_flux_files import check_lora_file
 
-    dit_params = check_model_files(args, "--ckpt_path")
-    if args.seed is not None and not -(2**63) <= args.seed < MAX_SEED:  # what torch.Generator.manual_seed takes
-        raise UserError(f"--seed {args.seed}: a seed is a whole number from -2**63 to 2**64 - 1")
+    dit_params = check_model_files(args, "--ckpt_path", fp8_flag="--flux_dtype fp8")
+    if args.seed is not None:
+        _seed(str(args.seed), f"--seed {args.seed}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps {args.steps}: at least 1 step is needed")
     if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
@@ -322,7 +323,7 @@ def load_pipeline(args) -> Pipeline:
     if ae_dtype in FP8_DTYPES:
         logger.warning("--ae_dtype %s: the autoencoder runs in %s (fp8 is not used for it)", ae_dtype, compute)
         ae_dtype = compute
-    device = device_from_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    device = device_from_name(args.device or preferred_device(), "--device")
     loading_device = "cpu" if args.offload else device
     specs = [parse_lora_spec(s) for s in args.lora_weights]
     fp8_dit = flux_dtype in FP8_DTYPES
@@ -394,6 +395,10 @@ def load_loras(specs, dit, text_encoders, *, merge: bool, device, dtype) -> list
         sd, metadata = read_lora_file(path)
         warn_if_made_for_another_model(path, "--lora_weights", base_model_version(detect_model_type(dit)), metadata)
         network, weights = lora_network(path, multiplier, dit, text_encoders, (sd, metadata))
+        unused = sorted(weights.keys() - network.state_dict().keys())  # e.g. bias diffs (.diff_b) no module takes
+        if unused:
+            logger.warning("%s: %d weights have no module here and are ignored: %s", path, len(unused),
+                           ", ".join(unused))  # fmt: skip
         name = os.path.splitext(os.path.basename(path))[0]
         if merge:
             network.merge_to(text_encoders, dit, weights, device=device)
@@ -433,15 +438,30 @@ def default_settings(args, is_schnell: bool):
     )
 
 
+def _seed(text: str, where: str) -> int:
+    """A seed as torch.Generator.manual_seed takes it: a whole number from -2**63 to 2**64 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = None
+    if seed is None or not -(2**63) <= seed < MAX_SEED:
+        raise UserError(f"{where}: a seed is a whole number from -2**63 to 2**64 - 1")
+    return seed
+
+
 def parse_interactive_line(line: str) -> tuple[dict, list[float] | None]:
     """(sd-scripts prompt dict, LoRA multipliers or None) of one interactive line."""
     from library.sample_prompts import line_to_prompt_dict
 
+    if line.startswith("--"):  # options only: an empty prompt, as in sd-scripts (which splits at every "--")
+        line = " " + line
     segments = line.split(" --")
-    kept, multipliers = [segments[0]], None
+    kept, multipliers, seed = [segments[0]], None, None
     for segment in segments[1:]:
         letter, _, value = segment.strip().partition(" ")
-        if letter.lower() == "m":
+        if letter.lower() == "d":  # any seed --seed takes (sd-scripts: int()), not only the prompt files' 0 or more
+            seed = _seed(value.strip(), f"--d {value.strip()}")
+        elif letter.lower() == "m":
             try:
                 multipliers = [float(v) for v in value.replace(" ", "").split(",") if v]
             except ValueError:
@@ -451,6 +471,8 @@ def parse_interactive_line(line: str) -> tuple[dict, list[float] | None]:
         else:
             kept.append(segment)
     prompt = line_to_prompt_dict(" --".join(kept), where="interactive prompt")
+    if seed is not None:
+        prompt["seed"] = seed
     if prompt.get("negative_prompt") == "-":
         prompt["negative_prompt"] = ""
     return prompt, multipliers

@@ -56,6 +56,15 @@ def device_from_name(name: str, flag: str) -> torch.device:
     return device
 
 
+def preferred_device() -> str:
+    """The device a script runs on when none is named: CUDA, else Intel's XPU, else Apple's MPS, else the CPU."""
+    for name, backend in (("cuda", torch.cuda), ("xpu", getattr(torch, "xpu", None)),
+                          ("mps", getattr(torch.backends, "mps", None))):  # fmt: skip
+        if backend is not None and backend.is_available():
+            return name
+    return "cpu"
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs matmuls in on this device type; None while it is off, or where the
     device has no autocast (the meta device of shape inference)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 
 from library.errors import UserError
 from library.train_args import argument_adder
@@ -65,21 +66,30 @@ def check_model_file_args(args) -> None:
         raise UserError("--clip_l is required for FLUX.1: the CLIP-L text encoder (clip_l.safetensors)")
 
 
-def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path"):
+TRAINER_DIT_FLAG = "--pretrained_model_name_or_path"
+
+
+def check_model_files(args, dit_flag: str = TRAINER_DIT_FLAG, fp8_flag: str = "--fp8_base"):
     """What each model file is, from its header alone (milliseconds, not the minutes of loading
     24 GB): a missing, truncated or foreign file, a folder where a file belongs, or a file given to
     the wrong flag stops the run here, naming the flag. The DiT goes first: a Chroma file without
     ``--model_type chroma`` is named as such before CLIP-L is asked for. Returns the DiT's
-    hyper-parameters, read from its header."""
+    hyper-parameters, read from its header.
+
+    ``dit_flag`` and ``fp8_flag`` are the script's names for the DiT and for loading it as fp8: the
+    messages, which name the trainer's, name these instead."""
     from library.flux_utils import check_ae_file, check_flow_model_file
     from library.text_encoders import check_clip_l_file, check_t5xxl_file
 
-    dit = _check_file(dit_flag, getattr(args, dit_flag[2:]), lambda path: check_flow_model_file(path, args.model_type))
+    renames = {TRAINER_DIT_FLAG: dit_flag, "--fp8_base": fp8_flag}
+    dit = _check_file(dit_flag, getattr(args, dit_flag[2:]), lambda path: check_flow_model_file(path, args.model_type),
+                      renames=renames)  # fmt: skip
     check_model_file_args(args)
     found = {}
     for flag, check in (("--clip_l", check_clip_l_file), ("--t5xxl", check_t5xxl_file), ("--ae", check_ae_file)):
         if getattr(args, flag[2:]):
-            found[flag] = _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=flag != "--ae")
+            found[flag] = _check_file(flag, getattr(args, flag[2:]), check, folder_allowed=flag != "--ae",
+                                      renames=renames)  # fmt: skip
     # an encoder of another width (CLIP-G as --clip_l, say) would fail only at the first step, after caching
     widths = (("--clip_l", "hidden_size", dit.vec_in_dim, "CLIP-L (clip_l.safetensors)"),
               ("--t5xxl", "d_model", dit.context_in_dim, "T5-XXL (t5xxl_fp16.safetensors)"))  # fmt: skip
@@ -97,10 +107,13 @@ def check_model_files(args, dit_flag: str = "--pretrained_model_name_or_path"):
     return dit
 
 
-def _check_file(flag: str, path: str, check, folder_allowed: bool = True):
+def _check_file(flag: str, path: str, check, folder_allowed: bool = True, renames: dict[str, str] | None = None):
     if not folder_allowed and os.path.isdir(path):
         raise UserError(f"{flag} {path}: a folder; give the .safetensors file itself")
     try:
         return check(path)
     except UserError as e:
-        raise UserError(f"{flag} {e}") from None
+        message = str(e)
+        for trainer_flag, own_flag in (renames or {}).items():
+            message = re.sub(rf"{re.escape(trainer_flag)}\b", own_flag, message)
+        raise UserError(f"{flag} {message}") from None

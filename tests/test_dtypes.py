@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from library.dtypes import device_from_name, dtype_from_name
+from library.dtypes import device_from_name, dtype_from_name, preferred_device
 from library.errors import UserError
 
 
@@ -47,6 +47,18 @@ def test_a_device_index_beyond_the_count_is_named(monkeypatch):
     assert device_from_name("cuda:1", "--device") == torch.device("cuda", 1)
     with pytest.raises(UserError, match=r"^--device cuda:2: there are only 2 cuda devices$"):
         device_from_name("cuda:2", "--device")
+
+
+@pytest.mark.parametrize(
+    ("available", "device"),
+    [({"cuda", "xpu", "mps"}, "cuda"), ({"xpu", "mps"}, "xpu"), ({"mps"}, "mps"), (set(), "cpu")],
+)
+def test_the_preferred_device_is_cuda_then_xpu_then_mps(monkeypatch, available, device):
+    """As sd-scripts' get_preferred_device: a Mac or an Intel GPU was passed over for the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: "cuda" in available)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: "xpu" in available)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: "mps" in available)
+    assert preferred_device() == device
 
 
 def test_full_fp16_gradients_are_unscaled_and_stepped():

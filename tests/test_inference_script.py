@@ -172,6 +172,8 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
         "a house --d 5 --c 1.0 --n - --m 1,2",  # two multipliers for one LoRA: reported
         "a house --d 5 --g 1.5",
         "a bird",  # no --d: --seed (it was a random seed each line)
+        "a fox --d -7",  # any seed --seed takes (the prompt files' 0 or more refused it)
+        "--w 96 --d 6",  # options only: an empty prompt, as in sd-scripts (the line was taken as the prompt)
         "",
         "never read",
     ]
@@ -184,18 +186,20 @@ def test_interactive_prompts_from_stdin(tiny_model_files, tmp_path, lora_file, m
     for file in sorted(os.listdir(out)):
         with Image.open(os.path.join(out, file)) as image:
             texts.append(dict(image.text))
-    texts.sort(key=lambda t: (t["seed"], t["prompt"]))
+    texts.sort(key=lambda t: (int(t["seed"]), t["prompt"]))
     shown = [(t["prompt"], t["seed"], t["width"], t["height"], t["steps"], t["negative_prompt"], t["cfg_scale"],
               t["guidance"], json.loads(t["loras"])[0]["multiplier"]) for t in texts]  # fmt: skip
     assert shown == [
-        ("a bird", "11", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
+        ("a fox", "-7", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
         ("a cat", "3", "80", "64", "2", "ugly", "1.0", "3.5", 0.25),
         ("a dog", "4", "80", "64", "2", "blurry", "2.5", "3.5", 0.25),
         ("a house", "5", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
+        ("", "6", "96", "64", "2", "ugly", "2.5", "1.5", 0.25),
+        ("a bird", "11", "80", "64", "2", "ugly", "2.5", "1.5", 0.25),
     ]
     printed = capsys.readouterr().out
     assert "error: interactive prompt: --s needs a whole number" in printed
-    assert "error: interactive prompt: the seed must be below 2**64, not 18446744073709551616" in printed
+    assert "error: --d 18446744073709551616: a seed is a whole number from -2**63 to 2**64 - 1" in printed
     assert "error: --m: 2 multipliers given for 1 LoRAs" in printed
 
 
@@ -327,6 +331,12 @@ def test_schnell_defaults_to_four_linear_steps(tiny_model_files, tmp_path):
                                                "(network (4, 64)). The LoRA was made for a model of other widths"),
         (["--lora_weights", "{sdxl}"], "flux", "--lora_weights {sdxl}: none of its 1 LoRA modules (e.g. "
                                                "lora_unet_input_blocks_1_1_proj_in) exists in the models given"),
+        # the checks' messages named the trainer's flags (--pretrained_model_name_or_path, --fp8_base)
+        (["--ae", "{dev}"], "flux", "a FLUX DiT (the main model: --ckpt_path)"),
+        (["--ckpt_path", "{int8}"], "flux", "--ckpt_path {int8}: double_blocks.0.img_attn.qkv.weight is stored as "
+                                            "I8: an int8 or 4-bit quantized file (bitsandbytes, NF4), which this "
+                                            "trainer does not read; give a bf16, fp16 or fp8 file (--flux_dtype fp8 "
+                                            "quantizes on load)"),
     ],
 )
 def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys, monkeypatch, extra, model_type,
@@ -343,7 +353,11 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     files = {"lora": lora_file, "chroma": tiny_model_files.chroma, "truncated": tmp_path / "t.safetensors",
              "text": tmp_path / "notes.txt", "list_pt": tmp_path / "list.pt", "damaged": tmp_path / "d.safetensors",
              "dict_pt": tmp_path / "dict.pt", "tmp": tmp_path, "wide": tmp_path / "w.safetensors",
-             "sdxl": tmp_path / "sdxl.safetensors"}
+             "sdxl": tmp_path / "sdxl.safetensors", "dev": tiny_model_files.flux_dev,
+             "int8": tmp_path / "i8.safetensors"}
+    dit = load_safetensors(tiny_model_files.flux_dev)
+    dit["double_blocks.0.img_attn.qkv.weight"] = dit["double_blocks.0.img_attn.qkv.weight"].to(torch.int8)
+    save_safetensors(dit, files["int8"])
     # no network retries for the tokenizer that is not there (4 minutes here): huggingface_hub reads the
     # variable when it is imported, so its constant is set too
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -372,7 +386,31 @@ def test_user_errors_are_one_line(tiny_model_files, tmp_path, lora_file, capsys,
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_a_negative_seed_is_a_seed(tiny_model_files, tmp_path):
+def test_weights_no_module_takes_are_named(tiny_model_files, tmp_path, lora_file, caplog):
+    """ComfyUI applies bias diffs (.diff_b) and full diffs (.diff) some LoRA files carry; no module here takes them,
+    and they were dropped without a word."""
+    weights = load_safetensors(lora_file)
+    weights["lora_unet_double_blocks_0_img_attn_proj.diff_b"] = torch.ones(64)
+    weights["lora_unet_final_layer_linear.diff"] = torch.ones(16, 64)
+    path = str(tmp_path / "diffs.safetensors")
+    save_safetensors(weights, path)
+    for mode in ([], ["--merge_lora_weights"]):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            with_diffs, _ = generate(tiny_model_files, tmp_path, f"diffs{len(mode)}", "--seed", 3,
+                                     "--lora_weights", path, *mode)  # fmt: skip
+        assert (f"{path}: 2 weights have no module here and are ignored: lora_unet_double_blocks_0_img_attn_proj"
+                ".diff_b, lora_unet_final_layer_linear.diff") in caplog.messages
+        plain, _ = generate(tiny_model_files, tmp_path, f"plain{len(mode)}", "--seed", 3, "--lora_weights", lora_file,
+                            *mode)  # fmt: skip
+        assert np.array_equal(with_diffs, plain)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        generate(tiny_model_files, tmp_path, "clean", "--seed", 3, "--lora_weights", lora_file)
+    assert not any("no module here" in m for m in caplog.messages)
+
+
+
     """torch takes seeds from -2**63 (sd-scripts too): -1 is the same noise as 2**64 - 1."""
     negative, text = generate(tiny_model_files, tmp_path, "neg", "--seed", -1)
     wrapped, _ = generate(tiny_model_files, tmp_path, "wrapped", "--seed", 2**64 - 1)
