@@ -168,10 +168,10 @@ def _diffusers_checkpoint(folder: str, stem: str) -> list[str]:
     tensors would be read together). Other files starting with ``stem`` (``model_t5xxl_fp16.safetensors``) are
     not diffusers' and are ignored."""
     named = re.compile(rf"{re.escape(stem)}(\.[\w]+)?(-\d{{5}}-of-\d{{5}})?\.safetensors")
-    checkpoints: dict[str, list[str]] = {}  # variant -> its files
+    checkpoints: dict[tuple[str, bool], list[str]] = {}  # (variant, sharded) -> its files
     for file in sorted(glob.glob(os.path.join(glob.escape(folder), f"{stem}*.safetensors"))):
-        if m := named.fullmatch(os.path.basename(file)):
-            checkpoints.setdefault(m.group(1) or "", []).append(file)
+        if m := named.fullmatch(os.path.basename(file)):  # a whole file beside shards is a second checkpoint
+            checkpoints.setdefault((m.group(1) or "", m.group(2) is not None), []).append(file)
     if len(checkpoints) > 1:
         names = ", ".join(os.path.basename(files[0]) for files in checkpoints.values())
         raise CheckpointError(f"{folder}: holds {len(checkpoints)} checkpoints ({names}); give the file of one")

@@ -157,3 +157,9 @@ def test_a_folder_of_other_files_named_model_is_no_checkpoint_and_two_checkpoint
     with pytest.raises(CheckpointError, match=r"holds 2 checkpoints \(model.fp16.safetensors, model.safetensors\); "
                                               "give the file of one"):
         load_t5xxl(str(tmp_path), torch.float32, "cpu")
+    # a whole file beside its shards: two checkpoints too (all three files were read, the last one's tensors kept)
+    os.remove(tmp_path / "model.fp16.safetensors")
+    save_safetensors(load_safetensors(tiny_model_files.t5xxl), str(tmp_path / "model-00001-of-00001.safetensors"))
+    with pytest.raises(CheckpointError, match=r"holds 2 checkpoints \(model-00001-of-00001.safetensors, "
+                                              r"model.safetensors\); give the file of one"):
+        t5xxl_files(str(tmp_path))
