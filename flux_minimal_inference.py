@@ -460,7 +460,7 @@ def parse_interactive_line(line: str) -> tuple[dict, list[float] | None]:
     for segment in segments[1:]:
         letter, _, value = segment.strip().partition(" ")
         if letter.lower() == "d":  # any seed --seed takes (sd-scripts: int()), not only the prompt files' 0 or more
-            seed = _seed(value.strip(), f"--d {value.strip()}")
+            seed = _seed(value.strip(), f"--d {value.strip()}".rstrip())
         elif letter.lower() == "m":
             try:
                 multipliers = [float(v) for v in value.replace(" ", "").split(",") if v]

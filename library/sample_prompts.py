@@ -110,9 +110,9 @@ def _bad(where: str, what: str) -> UserError:
 
 
 def _parse_int(value: str, where: str, option: str) -> int:
-    if not _INT_RE.fullmatch(value):
+    if not (whole := _INT_RE.fullmatch(value)):
         raise _bad(where, f"{option} needs a whole number of 0 or more, not {value!r}")
-    return int(_INT_RE.fullmatch(value).group(1))
+    return int(whole.group(1))
 
 
 def _parse_float(value: str, where: str, option: str) -> float:
