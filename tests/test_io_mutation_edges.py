@@ -83,17 +83,6 @@ def test_the_furthest_tensor_not_the_last_listed_decides_whether_a_file_is_trunc
         read_header(path)
 
 
-@pytest.mark.parametrize("entry, why", [
-    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "shape [2.0]"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}, "data_offsets [0, 4, 8]"),
-])
-def test_a_shape_of_floats_or_three_offsets_is_a_damaged_entry(tmp_path, entry, why):
-    path = _raw_file(tmp_path / "bad.safetensors", {"w": entry}, bytes(8))
-    with pytest.raises(CheckpointError) as e:
-        load_safetensors(path)
-    assert str(e.value) == f"{path}: damaged header, tensor 'w': {why}; download or copy the file again"
-
-
 def test_an_empty_tensor_is_read(tmp_path):
     save_file({"e": torch.zeros(0, 3), "w": torch.ones(2)}, str(tmp_path / "f.safetensors"))
     loaded = load_safetensors(tmp_path / "f.safetensors")

@@ -40,6 +40,8 @@ def test_every_dtype_the_package_writes_is_read_the_same(tmp_path, dtype):
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}, "its 16 bytes of data are not the 8 of shape [2] in F32"),
     ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "shape [-4]"),
     ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "data_offsets [16, 0]"),
+    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "shape [2.0]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}, "data_offsets [0, 4, 8]"),
 ])
 def test_a_damaged_tensor_entry_names_the_file_and_the_tensor(tmp_path, entry, why):
     path = _raw_file(tmp_path / "bad.safetensors", {"w": entry}, bytes(16))
