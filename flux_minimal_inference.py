@@ -109,9 +109,9 @@ def str_to_dtype(name: str | None, flag: str, default: torch.dtype | None = None
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path;multiplier`` (multiplier optional, default 1.0)."""
+    """``path;multiplier`` (multiplier optional, default 1.0). A file whose own name holds a ``;`` is that file."""
     path, sep, multiplier = spec.rpartition(";")
-    if not sep:
+    if not sep or os.path.isfile(spec):
         return spec, 1.0
     try:
         return path, float(multiplier)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import flux_minimal_inference
+from library.errors import UserError
 from library.lora_formats import to_ai_toolkit
 from library.safetensors_io import load_safetensors, read_metadata, save_safetensors
 from library.text_encoders import load_clip_l
@@ -410,7 +411,17 @@ def test_weights_no_module_takes_are_named(tiny_model_files, tmp_path, lora_file
     assert not any("no module here" in m for m in caplog.messages)
 
 
+def test_a_lora_file_with_a_semicolon_in_its_name_is_that_file(tmp_path):
+    odd = tmp_path / "style;v2.safetensors"
+    odd.write_bytes(b"")
+    assert flux_minimal_inference.parse_lora_spec(str(odd)) == (str(odd), 1.0)
+    assert flux_minimal_inference.parse_lora_spec(f"{odd};0.5") == (str(odd), 0.5)
+    assert flux_minimal_inference.parse_lora_spec(f"{tmp_path}/a.safetensors;-1") == (f"{tmp_path}/a.safetensors", -1.0)
+    with pytest.raises(UserError, match=r"v3\.safetensors: the multiplier after ';' must be a number"):
+        flux_minimal_inference.parse_lora_spec(str(tmp_path / "style;v3.safetensors"))
 
+
+def test_a_negative_seed_is_a_seed(tiny_model_files, tmp_path):
     """torch takes seeds from -2**63 (sd-scripts too): -1 is the same noise as 2**64 - 1."""
     negative, text = generate(tiny_model_files, tmp_path, "neg", "--seed", -1)
     wrapped, _ = generate(tiny_model_files, tmp_path, "wrapped", "--seed", 2**64 - 1)
