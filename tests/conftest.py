@@ -22,6 +22,12 @@ def dev(tiny_model_files):
     return model
 
 
+@pytest.fixture(scope="module")
+def dev_file(tiny_model_files, dev):
+    """(path, model) of the tiny FLUX.1-dev DiT: the session's file and the model loaded from it."""
+    return tiny_model_files.flux_dev, dev
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """The CUDA stream and event API faked on a CPU machine, recording what is waited on and recorded."""

@@ -475,16 +475,6 @@ def test_color_aug_gamma_rounds_to_the_nearest_value():
 # ---- the loaders ----
 
 
-@pytest.fixture(scope="module")
-def dev_file(tmp_path_factory):
-    from library.tiny_models import random_model, tiny_flux_params, write_model
-
-    path = tmp_path_factory.mktemp("dev") / "dev.safetensors"
-    model = random_model(tiny_flux_params(True), seed=4)
-    write_model(model, str(path))
-    return str(path), model
-
-
 def test_tensors_are_converted_one_block_at_a_time_and_integers_are_not_cast(tmp_path, dev_file):
     from library.flux_utils import _load_tensors
 

@@ -9,16 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from library.errors import CheckpointError
-from library.tiny_models import random_model, tiny_ae_params, tiny_chroma_params, tiny_flux_params, write_model
-
-
-@pytest.fixture(scope="module")
-def dev_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dev") / "dev.safetensors"
-    model = random_model(tiny_flux_params(True), seed=6)
-    write_model(model, str(path))
-    return str(path), model
-
+from library.tiny_models import random_model, tiny_ae_params, tiny_chroma_params, tiny_flux_params
 
 # ---- the DiT loader ----
 
